@@ -1,0 +1,67 @@
+"""Celery configuration shared by the producer (which only sends) and the worker (which runs tasks).
+
+The producer never imports the worker's task functions: it sends by task name to the task type's queue.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from shared.models import TaskType
+from shared.settings import Settings, get_settings
+
+#: Celery task name == queue name, one per task type.
+TASK_NAMES: dict[TaskType, str] = {t: f"pagedq.{t.value}" for t in TaskType}
+QUEUES: dict[TaskType, str] = dict(TASK_NAMES)
+#: Redis priority steps: kombu maps priorities 0..9 onto this many sub-queues per queue.
+PRIORITY_STEPS = [0, 3, 6, 9]
+
+
+def celery_priority(priority: int) -> int:
+    """Map a pagedq priority (-100..100, lower first) onto kombu's Redis priority 0..9 (lower first)."""
+    return max(0, min(9, round((priority + 100) * 9 / 200)))
+
+
+def celery_config(settings: Settings) -> dict[str, object]:
+    worst_case_s = settings.limits.max_timeout_s
+    return {
+        "broker_url": settings.redis_url,
+        "result_backend": settings.backend_url,
+        # JSON only, never pickle: messages and results are pydantic models dumped to JSON.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # At-least-once: ack after the task ran, one message prefetched per thread, requeue if the worker dies.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # Redis redelivers unacked messages after this, even to a live worker: keep it above the worst case.
+        "broker_transport_options": {
+            "visibility_timeout": max(settings.visibility_timeout_s, int(worst_case_s * 2)),
+            "priority_steps": PRIORITY_STEPS,
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        },
+        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        "result_expires": settings.result_ttl_s,
+        "result_extended": True,
+        "task_track_started": True,
+        # Events for Flower.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        # One queue per task type, routed by task name.
+        "task_queues": [Queue(q) for q in QUEUES.values()],
+        "task_routes": {TASK_NAMES[t]: {"queue": QUEUES[t]} for t in TaskType},
+        "task_default_queue": QUEUES[TaskType.CLASSIFY],
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "enable_utc": True,
+    }
+
+
+def make_celery(settings: Settings | None = None, main: str = "pagedq") -> Celery:
+    app = Celery(main)
+    app.conf.update(celery_config(settings or get_settings()))
+    return app

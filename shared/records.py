@@ -1,0 +1,57 @@
+"""Task records in Redis: what was submitted, when, and whether a user asked to cancel it.
+
+Celery reports PENDING for any id it has never seen, so the producer writes a record at submission and
+an id without one is a 404. The worker adds `started_at`; the Celery result backend holds the outcome.
+Records expire with the results (`PAGEDQ_RESULT_TTL_S`).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import redis
+
+from shared.models import TaskType
+
+KEY_PREFIX = "pagedq:task:"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class TaskRecords:
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self.redis = client
+        self.ttl_s = ttl_s
+
+    @classmethod
+    def from_url(cls, url: str, ttl_s: int) -> TaskRecords:
+        return cls(redis.Redis.from_url(url, decode_responses=True, socket_timeout=5), ttl_s)
+
+    def _key(self, task_id: str) -> str:
+        return KEY_PREFIX + task_id
+
+    def create(self, task_id: str, task: TaskType, model: str, priority: int, deadline: datetime | None) -> None:
+        fields = {"type": task.value, "model": model, "priority": priority, "created_at": now().isoformat()}
+        if deadline is not None:
+            fields["deadline"] = deadline.isoformat()
+        pipe = self.redis.pipeline()
+        pipe.hset(self._key(task_id), mapping=fields)
+        pipe.expire(self._key(task_id), self.ttl_s)
+        pipe.execute()
+
+    def get(self, task_id: str) -> dict[str, str] | None:
+        data = self.redis.hgetall(self._key(task_id))
+        return data or None
+
+    def mark(self, task_id: str, **fields: str) -> None:
+        """Set fields on an existing record (started_at, worker, cancel_requested...)."""
+        key = self._key(task_id)
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, self.ttl_s)
+        pipe.execute()
+
+    def cancel_requested(self, task_id: str) -> bool:
+        return bool(self.redis.hget(self._key(task_id), "cancel_requested"))

@@ -1,0 +1,71 @@
+"""Settings for every pagedq process, read from the environment with the `PAGEDQ_` prefix.
+
+Example: `PAGEDQ_REDIS_URL=redis://redis:6379/0 PAGEDQ_RESULT_TTL_S=3600`. Lists are JSON
+(`PAGEDQ_API_KEYS='["k1","k2"]'`) or comma-separated.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Limits(BaseModel):
+    """Input limits enforced by the request models (client, API and worker alike)."""
+
+    max_text_chars: int = Field(10_000, gt=0, description="Longest `text` or `question`, in characters.")
+    max_context_chars: int = Field(100_000, gt=0, description="Longest QA `context`, in characters.")
+    max_new_tokens: int = Field(512, gt=0, description="Largest `max_new_tokens` a request may ask for.")
+    max_beams: int = Field(8, gt=0, description="Largest `num_beams`.")
+    max_timeout_s: float = Field(3_600.0, gt=0, description="Longest `timeout_s` a request may ask for.")
+    max_bulk: int = Field(10_000, gt=0, description="Most inputs in one bulk submission.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PAGEDQ_", env_nested_delimiter="__", extra="ignore")
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker and result backend.")
+    result_redis_url: str | None = Field(None, description="Result backend, if not `redis_url`.")
+    result_ttl_s: int = Field(24 * 3600, gt=0, description="How long results and task records are kept.")
+    visibility_timeout_s: int = Field(
+        2 * 3600, gt=0, description="Redis redelivers an unacked message after this; keep it above the worst-case task."
+    )
+    default_timeout_s: float = Field(600.0, gt=0, description="Deadline of a request that names none.")
+    limits: Limits = Field(default_factory=Limits)
+
+    registry_path: Path | None = Field(None, description="Model registry file (TOML); see README.")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Accepted API keys.")
+    auth_enabled: bool = Field(True, description="Require `X-API-Key` on the HTTP API.")
+
+    worker_concurrency: int = Field(64, gt=0, description="Celery threads per worker (>= 2x the largest batch).")
+    metrics_port: int = Field(9464, ge=0, description="Worker Prometheus port; 0 disables.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (models may override).")
+    max_batch_tokens: int = Field(4096, gt=0, description="Engine token budget per step.")
+    max_running_requests: int = Field(64, gt=0, description="Engine cap on requests in one step.")
+    kv_cache_bytes: int | None = Field(None, gt=0, description="KV pool size in bytes (default: a share of memory).")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                import json
+
+                return json.loads(value)
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @property
+    def backend_url(self) -> str:
+        return self.result_redis_url or self.redis_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

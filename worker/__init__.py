@@ -1,0 +1,1 @@
+"""pagedq worker: Celery tasks, model registry loading and the inference engine."""

@@ -1,0 +1,113 @@
+"""The contract between the engine loop and the per-model executors.
+
+One `Engine` (worker/engine/service.py) per worker process owns one thread. Celery task threads call
+`Engine.submit(EngineRequest) -> Future`. The engine thread hands each request to the `ModelExecutor` of
+its model and calls `step()` on every executor that has work, round-robin. An executor micro-batches
+everything it holds under the token budget of `EngineConfig` -- never one forward per request -- and
+completes each request's future with a result model (`ClassifyResult`, `TranslateResult`, `QAResult`)
+or an exception from `shared.errors`.
+
+Invariants:
+- executors are touched only from the engine thread (no locks inside them);
+- a request's future is completed exactly once (use `EngineRequest.finish` / `.fail`);
+- `abort` frees everything the request holds (KV blocks, queue slots) before it returns.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.models import TaskRequest, TaskType
+from shared.registry import ModelSpec
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Scheduling and memory knobs of one engine (from `shared.settings.Settings`)."""
+
+    max_batch_tokens: int = 4096  # token budget of one step, summed over the requests in it
+    max_running_requests: int = 64  # cap on requests in one step
+    block_size: int = 16  # tokens per KV block
+    kv_cache_bytes: int | None = None  # KV pool per model; None: a default share of memory
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class LoadedModel:
+    """A model loaded once per worker process by `worker.registry`, with what executors need."""
+
+    spec: ModelSpec
+    model: Any  # a transformers PreTrainedModel, in eval mode, on `device`
+    tokenizer: Any  # a transformers tokenizer
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    """One task inside the engine. `deadline` is a `time.time()` epoch; None means no deadline."""
+
+    id: str
+    task: TaskType
+    payload: TaskRequest
+    model: str
+    priority: int = 0
+    deadline: float | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    future: Future[Any] = field(default_factory=Future)
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (now if now is not None else time.time()) >= self.deadline
+
+    def finish(self, result: Any) -> bool:
+        """Complete with a result; False if the future was already completed (e.g. cancelled)."""
+        try:
+            self.future.set_result(result)
+            return True
+        except InvalidStateError:
+            return False
+
+    def fail(self, error: BaseException) -> bool:
+        try:
+            self.future.set_exception(error)
+            return True
+        except InvalidStateError:
+            return False
+
+
+class ModelExecutor(ABC):
+    """Runs the requests of one loaded model. Only the engine thread calls these methods."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.loaded = loaded
+        self.config = config
+
+    @abstractmethod
+    def add(self, request: EngineRequest) -> None:
+        """Accept a request; it is scheduled by later `step()` calls (priority first, then arrival)."""
+
+    @abstractmethod
+    def abort(self, request_id: str, error: BaseException) -> bool:
+        """Drop a request wherever it is, free what it holds, fail its future with `error`.
+
+        Returns False if the executor does not hold this request."""
+
+    @abstractmethod
+    def has_work(self) -> bool:
+        """True while any request is waiting or running."""
+
+    @abstractmethod
+    def step(self) -> None:
+        """Run one batched model step under `config.max_batch_tokens`; complete finished requests.
+
+        A failure that concerns one request fails that request's future only; an exception that
+        escapes `step()` fails every request the executor holds (the engine loop does that)."""
+
+    def stats(self) -> dict[str, float]:
+        """Gauges and counters for metrics: num_requests_running, num_requests_waiting,
+        kv_cache_usage_perc, prefix_cache_queries, prefix_cache_hits, num_preemptions, ..."""
+        return {}
