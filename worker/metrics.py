@@ -1,0 +1,88 @@
+"""Prometheus metrics of a worker, in the vocabulary operators already alert on (vLLM's names).
+
+Histograms and outcome counters are observed by the task threads; engine gauges and counters are read
+from `Engine.stats()` at scrape time by a collector, so the engine's hot loop does no metrics work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from worker.engine.service import Engine
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+E2E_LATENCY = Histogram("pagedq_e2e_request_latency_seconds", "Submission to result, per task.",
+                        ["task"], buckets=LATENCY_BUCKETS)
+QUEUE_TIME = Histogram("pagedq_request_queue_time_seconds", "Submission to start on a worker.",
+                       ["task"], buckets=LATENCY_BUCKETS)
+TASKS = Counter("pagedq_tasks", "Tasks finished on this worker, by outcome.", ["task", "outcome"])
+
+#: engine stats key -> (metric name, help, kind)
+ENGINE_METRICS = {
+    "num_requests_running": ("pagedq_num_requests_running", "Requests in the engine's running set.", "gauge"),
+    "num_requests_waiting": ("pagedq_num_requests_waiting", "Requests waiting in the engine.", "gauge"),
+    "kv_cache_usage_perc": ("pagedq_kv_cache_usage_perc", "Share of KV blocks in use (0..1).", "gauge"),
+    "prefix_cache_queries": ("pagedq_prefix_cache_queries", "Tokens looked up in the prefix cache.", "counter"),
+    "prefix_cache_hits": ("pagedq_prefix_cache_hits", "Tokens found in the prefix cache.", "counter"),
+    "num_preemptions": ("pagedq_num_preemptions", "Requests preempted to free KV blocks.", "counter"),
+    "generated_tokens": ("pagedq_generation_tokens", "Tokens generated.", "counter"),
+    "steps": ("pagedq_engine_steps", "Batched model steps run.", "counter"),
+}
+
+
+class _Outcome:
+    def __init__(self) -> None:
+        self.value = "failed"
+
+    def succeeded(self) -> None:
+        self.value = "succeeded"
+
+
+@contextmanager
+def observe_task(task: str, message: dict[str, Any]) -> Iterator[_Outcome]:
+    """Observe queue time now and end-to-end latency and outcome when the task ends."""
+    submitted = message.get("submitted_at") if isinstance(message, dict) else None
+    if isinstance(submitted, int | float):
+        QUEUE_TIME.labels(task).observe(max(0.0, time.time() - submitted))
+    outcome = _Outcome()
+    try:
+        yield outcome
+    except Exception as exc:
+        outcome.value = type(exc).__name__
+        raise
+    finally:
+        TASKS.labels(task, outcome.value).inc()
+        if isinstance(submitted, int | float):
+            E2E_LATENCY.labels(task).observe(max(0.0, time.time() - submitted))
+
+
+class EngineCollector(Collector):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        models = self.engine.stats()["models"]
+        for key, (name, doc, kind) in ENGINE_METRICS.items():
+            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, labels=["model"])
+            for model, stats in models.items():
+                if key in stats:
+                    family.add_metric([model], float(stats[key]))
+            yield family
+
+
+def start_metrics(engine: Engine, port: int) -> EngineCollector:
+    """Register the engine collector and serve /metrics on `port` (0: register only)."""
+    collector = EngineCollector(engine)
+    REGISTRY.register(collector)
+    if port:
+        start_http_server(port)
+    return collector

@@ -1,0 +1,66 @@
+"""Load the registry's models once per worker process, through the transformers Auto classes.
+
+Called after the worker process has started (the threads pool never forks, so CUDA is safe to use).
+A model entry's `source` is a hub id or a local directory saved with `save_pretrained`; both go through
+`from_pretrained`, so real hub ids work wherever a network or a local cache exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
+
+from shared.registry import ModelSpec, Registry
+from worker.engine.executor import LoadedModel
+
+log = logging.getLogger(__name__)
+
+AUTO_CLASSES = {
+    "sequence-classification": AutoModelForSequenceClassification,
+    "question-answering": AutoModelForQuestionAnswering,
+    "seq2seq": AutoModelForSeq2SeqLM,
+    "causal-lm": AutoModelForCausalLM,
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    """`auto` (or None) is the first CUDA device when there is one, else the CPU."""
+    if requested in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {requested!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+    """`auto`: fp32 on CPU (exact scores), bf16 on CUDA when the card supports it."""
+    if spec.dtype != "auto":
+        return DTYPES[spec.dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_model(spec: ModelSpec, registry: Registry, device: str | None = None) -> LoadedModel:
+    source = registry.resolve_source(spec)
+    target = resolve_device(spec.device or device)
+    dtype = resolve_dtype(spec, target)
+    assert spec.architecture is not None  # filled by ModelSpec's validator
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision)
+    model = AUTO_CLASSES[spec.architecture].from_pretrained(source, revision=spec.revision, dtype=dtype)
+    model.to(target).eval()
+    log.info("loaded %s (%s, %s) on %s as %s in %.1fs", spec.name, spec.architecture, source, target, dtype,
+             time.perf_counter() - started)
+    return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, device=target, dtype=dtype)

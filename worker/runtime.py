@@ -1,0 +1,65 @@
+"""What one worker process holds: settings, registry, task records, the engine and its metrics.
+
+Built by the `EngineStep` bootstep when the worker starts (after the process exists, so CUDA is safe),
+and reached by tasks through `current_runtime(app)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from celery import Celery
+
+from shared.records import TaskRecords
+from shared.registry import Registry
+from shared.settings import Settings
+from worker.engine.executor import EngineConfig
+from worker.engine.service import Engine, make_executor
+from worker.registry import load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerRuntime:
+    settings: Settings
+    registry: Registry
+    records: TaskRecords
+    engine: Engine
+
+    @classmethod
+    def start(cls, settings: Settings) -> WorkerRuntime:
+        if settings.registry_path is None:
+            raise RuntimeError("PAGEDQ_REGISTRY_PATH is not set: the worker needs a model registry file")
+        registry = Registry.load(Path(settings.registry_path))
+        config = EngineConfig(
+            max_batch_tokens=settings.max_batch_tokens,
+            max_running_requests=settings.max_running_requests,
+            kv_cache_bytes=settings.kv_cache_bytes,
+        )
+        executors = {}
+        for name, spec in registry.models.items():
+            loaded = load_model(spec, registry, settings.device)
+            spec_config = config if spec.prefix_caching else _without_prefix_cache(config)
+            executors[name] = make_executor(loaded, spec_config)
+        engine = Engine(executors).start()
+        records = TaskRecords.from_url(settings.backend_url, settings.result_ttl_s)
+        return cls(settings=settings, registry=registry, records=records, engine=engine)
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+
+def _without_prefix_cache(config: EngineConfig) -> EngineConfig:
+    from dataclasses import replace
+
+    return replace(config, enable_prefix_caching=False)
+
+
+def current_runtime(app: Celery) -> WorkerRuntime:
+    runtime: WorkerRuntime | None = getattr(app, "pagedq_runtime", None)
+    if runtime is None:
+        raise RuntimeError("the pagedq engine is not running in this process (EngineStep did not start)")
+    return runtime
