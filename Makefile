@@ -1,0 +1,37 @@
+# pagedq: `make demo` runs the whole stack once; `make test` runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build by default. On a GPU host: `make install TORCH_SPEC=torch` (or a CUDA-specific index).
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo up test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: install
+	$(PY) -m scripts.demo
+
+up: install
+	$(PY) -m scripts.up
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check shared producer worker scripts tests bench
+	$(VENV)/bin/mypy shared producer
+
+bench: install
+	$(PY) bench/engine.py
+
+clean:
+	rm -rf .demo .models .pytest_cache
