@@ -1,0 +1,221 @@
+"""Tiny random-weight demo models for tests, demos and local development (no hub, no network).
+
+`build_demo_models(out_dir)` saves five real transformers architectures with RANDOM weights -- their
+outputs are meaningless -- plus offline tokenizers (`worker._demo_tokenizers`), and writes
+`out_dir/registry.toml` (format: `shared.registry`) with relative `source = "./<name>"` paths:
+
+| name            | architecture                                   | task      |
+|-----------------|------------------------------------------------|-----------|
+| demo-classifier | BertForSequenceClassification, 3 labels         | classify  |
+| demo-multilabel | DistilBertForSequenceClassification, multi-label | classify  |
+| demo-qa         | BertForQuestionAnswering (extractive)           | qa        |
+| demo-translator | MarianMTModel en->de                            | translate |
+| demo-llm        | LlamaForCausalLM (generative QA, GQA)           | qa        |
+
+Invariants: the build is deterministic (fixed seeds) and idempotent -- a complete build is marked by
+`BUILD_MARKER` holding `DEMO_MODELS_VERSION`, written last; a directory with that marker is returned as is.
+Bump the version whenever what is built changes.
+
+CLI: `python -m worker.demo_models OUT_DIR` prints the registry path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertTokenizer,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    DistilBertTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MarianConfig,
+    MarianMTModel,
+)
+from transformers.utils import logging as hf_logging
+
+from worker import _demo_tokenizers as toks
+
+log = logging.getLogger(__name__)
+
+DEMO_MODELS_VERSION = "1"
+BUILD_MARKER = ".demo-models-complete"
+REGISTRY_FILE = "registry.toml"
+SEED = 1234
+MAX_POSITIONS = 512
+LLM_MAX_POSITIONS = 2048
+DEMO_MAX_NEW_TOKENS = 32  # keeps random-weight generation (which rarely emits EOS) short
+SENTIMENT_LABELS = ("negative", "neutral", "positive")
+TOPIC_LABELS = ("business", "politics", "sports", "technology")
+LLM_PROMPT = "Answer the question using the context.\nContext: {context}\nQuestion: {question}\nAnswer:"
+
+# Shared shape of the tiny encoders: a few hundred thousand parameters each.
+_BERT_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+
+
+def _labels(names: tuple[str, ...]) -> dict[str, Any]:
+    return {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def _build_classifier(out: Path) -> dict[str, Any]:
+    tokenizer = toks.build_wordpiece(BertTokenizer, out)
+    config = BertConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=MAX_POSITIONS, **_BERT_SHAPE, **_labels(SENTIMENT_LABELS)
+    )
+    BertForSequenceClassification(config).save_pretrained(out)
+    return {"task": "classify"}
+
+
+def _build_multilabel(out: Path) -> dict[str, Any]:
+    tokenizer = toks.build_wordpiece(DistilBertTokenizer, out)
+    config = DistilBertConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=MAX_POSITIONS,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        hidden_dim=128,
+        problem_type="multi_label_classification",
+        **_labels(TOPIC_LABELS),
+    )
+    DistilBertForSequenceClassification(config).save_pretrained(out)
+    return {"task": "classify"}
+
+
+def _build_qa(out: Path) -> dict[str, Any]:
+    tokenizer = toks.build_wordpiece(BertTokenizer, out)
+    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=MAX_POSITIONS, **_BERT_SHAPE)
+    BertForQuestionAnswering(config).save_pretrained(out)
+    return {"task": "qa", "mode": "extractive"}
+
+
+def _build_translator(out: Path) -> dict[str, Any]:
+    _, vocab = toks.build_marian(out, SEED)
+    pad, eos = vocab["<pad>"], vocab["</s>"]
+    config = MarianConfig(
+        vocab_size=len(vocab),
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=MAX_POSITIONS,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        decoder_start_token_id=pad,  # as in every OPUS-MT checkpoint
+        forced_eos_token_id=eos,
+    )
+    model = MarianMTModel(config)
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=pad,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        forced_eos_token_id=eos,
+        bad_words_ids=[[pad]],
+        max_length=DEMO_MAX_NEW_TOKENS + 1,  # decoder length, counting the start token
+        num_beams=1,
+    )
+    model.save_pretrained(out)
+    return {"task": "translate", "languages": ["en-de"]}
+
+
+def _build_llm(out: Path) -> dict[str, Any]:
+    tokenizer = toks.build_byte_level_bpe(out, SEED)
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention, as in current Llama checkpoints
+        max_position_embeddings=LLM_MAX_POSITIONS,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, max_new_tokens=DEMO_MAX_NEW_TOKENS
+    )
+    model.save_pretrained(out)
+    return {"task": "qa", "mode": "generative", "architecture": "causal-lm", "prompt_template": LLM_PROMPT}
+
+
+BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
+    "demo-classifier": _build_classifier,
+    "demo-multilabel": _build_multilabel,
+    "demo-qa": _build_qa,
+    "demo-translator": _build_translator,
+    "demo-llm": _build_llm,
+}
+DEFAULTS = {"classify": "demo-classifier", "translate": "demo-translator", "qa": "demo-qa"}
+
+
+def _toml_value(value: Any) -> str:
+    # JSON strings and lists of strings are valid TOML basic strings / arrays.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _registry_toml(entries: dict[str, dict[str, Any]]) -> str:
+    lines = ["# Random-weight demo models written by worker.demo_models: their outputs are meaningless.", ""]
+    lines += ["[defaults]", *(f"{task} = {_toml_value(name)}" for task, name in DEFAULTS.items()), ""]
+    for name, fields in entries.items():
+        lines.append(f"[models.{name}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in fields.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def build_demo_models(out_dir: Path) -> Path:
+    """Build (once) the demo models into `out_dir`; return the path of its `registry.toml`."""
+    out_dir = Path(out_dir)
+    registry = out_dir / REGISTRY_FILE
+    marker = out_dir / BUILD_MARKER
+    if marker.is_file() and marker.read_text().strip() == DEMO_MODELS_VERSION and registry.is_file():
+        return registry
+    log.info("Building random-weight demo models in %s (their outputs are meaningless)", out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars for kilobyte files are noise
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' advisories about random-weight configs
+            for name, build in BUILDERS.items():
+                torch.manual_seed(SEED)
+                fields = build(out_dir / name)
+                entries[name] = {"source": f"./{name}", **fields, "dtype": "float32"}
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    registry.write_text(_registry_toml(entries), encoding="utf-8")
+    marker.write_text(DEMO_MODELS_VERSION)
+    return registry
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m worker.demo_models OUT_DIR", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    print(build_demo_models(Path(argv[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
