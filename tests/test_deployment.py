@@ -1,0 +1,53 @@
+"""compose.yaml and the Dockerfile cannot run here (no Docker engine): check what they promise by reading."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from shared.celery_config import QUEUES
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
+DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()
+
+
+def test_every_service_is_there_with_a_healthcheck() -> None:
+    services = COMPOSE["services"]
+    assert set(services) == {"redis", "api", "worker", "flower"}
+    for name, service in services.items():
+        assert "healthcheck" in service, name
+
+
+def test_redis_keeps_messages() -> None:
+    command = COMPOSE["services"]["redis"]["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "redis-data:/data" in COMPOSE["services"]["redis"]["volumes"]
+
+
+def test_worker_reserves_a_gpu_and_waits_for_redis() -> None:
+    worker = COMPOSE["services"]["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert worker["environment"]["PAGEDQ_REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_build_targets_exist_and_worker_runs_the_threads_pool_on_every_queue() -> None:
+    targets = set(re.findall(r"^FROM \S+ AS (\w+)", DOCKERFILE, flags=re.M))
+    for name in ("api", "worker", "flower"):
+        assert COMPOSE["services"][name]["build"]["target"] in targets
+    worker_cmd = DOCKERFILE.split("AS worker")[1].split("FROM")[0]
+    assert '"-P", "threads"' in worker_cmd
+    assert ",".join(QUEUES.values()) in worker_cmd
+    assert 'pip install ".[api]"' in DOCKERFILE.split("AS api")[1].split("FROM")[0]  # no torch in the API image
+
+
+def test_secrets_are_required_not_defaulted() -> None:
+    api_env = COMPOSE["services"]["api"]["environment"]
+    assert api_env["PAGEDQ_AUTH_ENABLED"] == "true"
+    assert api_env["PAGEDQ_API_KEYS"].startswith("${PAGEDQ_API_KEYS:?")
+    assert COMPOSE["services"]["flower"]["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
