@@ -1,0 +1,204 @@
+"""End to end with real parts: a private redis-server, real Celery worker processes (threads pool) running
+the engine over tiny random-weight models loaded from disk, the real HTTP API (uvicorn) and Flower.
+Results are compared with what transformers computes directly on the same model and input."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from scripts.stack import Stack
+from shared.registry import Registry
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # Short visibility timeout so a killed worker's unacked tasks come back within seconds (see test below).
+    env = {"PAGEDQ_VISIBILITY_TIMEOUT_S": "8", "PAGEDQ_LIMITS__MAX_TIMEOUT_S": "4", "PAGEDQ_METRICS_PORT": "0"}
+    with Stack(registry_path=demo_models, log_dir=tmp_path_factory.mktemp("logs"), worker_concurrency=8,
+               extra_env=env) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.api_url, headers={"X-API-Key": stack.api_key}, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def registry(demo_models: Path) -> Registry:
+    return Registry.load(demo_models)
+
+
+def submit(http: httpx.Client, kind: str, body: dict[str, Any]) -> str:
+    r = http.post(f"/v1/{kind}", json=body)
+    assert r.status_code == 202, r.text
+    task_id: str = r.json()["id"]
+    assert r.headers["location"].endswith(f"/v1/tasks/{task_id}")
+    return task_id
+
+
+def wait(http: httpx.Client, task_id: str, timeout_s: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status: dict[str, Any] = http.get(f"/v1/tasks/{task_id}").json()
+        if status["state"] not in ("queued", "running"):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"task {task_id} did not finish in {timeout_s}s: {status}")
+
+
+def queued_messages(stack: Stack) -> int:
+    client = redis.Redis.from_url(stack.redis_url or "")
+    return sum(client.llen(k) for k in client.scan_iter("pagedq.*"))
+
+
+def test_classify_matches_the_transformers_pipeline(http: httpx.Client, registry: Registry) -> None:
+    from transformers import pipeline
+
+    texts = ["a good film", "slow service and cold food", "it was fine, nothing special at all"]
+    ids = [submit(http, "classify", {"text": t, "top_k": None}) for t in texts]
+    spec = registry.models[registry.defaults["classify"]]
+    reference = pipeline("text-classification", model=registry.resolve_source(spec), top_k=None)
+    for task_id, text in zip(ids, texts, strict=True):
+        status = wait(http, task_id)
+        assert status["state"] == "succeeded", status
+        got = {s["label"]: s["score"] for s in status["result"]["scores"]}
+        want = {s["label"]: s["score"] for s in reference(text)}
+        assert got.keys() == want.keys()
+        assert all(abs(got[k] - want[k]) < 1e-4 for k in want)
+        assert status["result"]["label"] == max(want, key=want.get)
+
+
+def test_translate_matches_generate(http: httpx.Client, registry: Registry) -> None:
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    spec = registry.models[registry.defaults["translate"]]
+    source = registry.resolve_source(spec)
+    tok, model = AutoTokenizer.from_pretrained(source), AutoModelForSeq2SeqLM.from_pretrained(source).eval()
+    texts = ["hello world", "the weather is nice today and we go out"]
+    ids = [submit(http, "translate", {"text": t, "source_lang": "en", "target_lang": "de",
+                                      "generation": {"max_new_tokens": 12}}) for t in texts]
+    for task_id, text in zip(ids, texts, strict=True):
+        status = wait(http, task_id)
+        assert status["state"] == "succeeded", status
+        out = model.generate(**tok(text, return_tensors="pt"), max_new_tokens=12, do_sample=False)
+        assert status["result"]["translation"] == tok.decode(out[0], skip_special_tokens=True)
+
+
+def test_extractive_qa_matches_the_pipeline(http: httpx.Client, registry: Registry) -> None:
+    from transformers import pipeline
+
+    spec = registry.models[registry.defaults["qa"]]
+    reference = pipeline("question-answering", model=registry.resolve_source(spec))
+    context = "The Eiffel Tower in Paris was completed in 1889. " * 4
+    task_id = submit(http, "qa", {"question": "When was it completed?", "context": context})
+    status = wait(http, task_id)
+    assert status["state"] == "succeeded", status
+    want = reference(question="When was it completed?", context=context)
+    got = status["result"]
+    assert (got["answer"], got["start"], got["end"]) == (want["answer"], want["start"], want["end"])
+    assert abs(got["score"] - want["score"]) < 1e-4
+    assert context[got["start"]:got["end"]] == got["answer"]
+
+
+def test_generative_qa_runs_through_the_engine(http: httpx.Client, registry: Registry) -> None:
+    spec = next(s for s in registry.models.values() if s.mode == "generative")
+    task_id = submit(http, "qa", {"question": "who?", "context": "Ada wrote the first program.", "mode": "generative",
+                                  "generation": {"max_new_tokens": 8}})
+    status = wait(http, task_id)
+    assert status["state"] == "succeeded", status
+    assert status["model"] == spec.name and status["result"]["mode"] == "generative"
+    assert 1 <= status["result"]["output_tokens"] <= 8
+
+
+def test_unknown_id_is_404(http: httpx.Client) -> None:
+    r = http.get("/v1/tasks/00000000-0000-4000-8000-000000000000")
+    assert r.status_code == 404 and "message" in r.text
+
+
+@pytest.mark.parametrize(("kind", "body", "status"), [
+    ("classify", {"text": ""}, 422),
+    ("classify", {"text": "x" * 10_001}, 422),
+    ("classify", {"text": 5}, 422),
+    ("classify", {"text": "hi", "model": "no-such-model"}, 404),
+    ("classify", {"text": "hi", "extra": 1}, 422),
+    ("translate", {"text": "hi", "source_lang": "en", "target_lang": "xx"}, 422),
+])
+def test_bad_input_is_rejected_and_nothing_is_enqueued(stack: Stack, http: httpx.Client, kind: str,
+                                                       body: dict[str, Any], status: int) -> None:
+    before = queued_messages(stack)
+    r = http.post(f"/v1/{kind}", json=body)
+    assert r.status_code == status, r.text
+    assert r.json()  # a JSON body with a message
+    assert queued_messages(stack) == before
+
+
+def test_invalid_json_and_missing_key_are_rejected(stack: Stack) -> None:
+    r = httpx.post(f"{stack.api_url}/v1/classify", content="{nope", headers={"X-API-Key": stack.api_key,
+                                                                               "Content-Type": "application/json"})
+    assert 400 <= r.status_code < 500
+    r = httpx.post(f"{stack.api_url}/v1/classify", json={"text": "hi"})
+    assert r.status_code == 401 and "key" in r.text.lower()
+
+
+def test_expired_task_ends_expired(http: httpx.Client) -> None:
+    task_id = submit(http, "translate", {"text": "hello " * 50, "timeout_s": 0.001,
+                                         "generation": {"max_new_tokens": 64}})
+    status = wait(http, task_id)
+    assert status["state"] == "expired", status
+    assert status["error"]["type"] == "DeadlineExceeded"
+
+
+def test_the_worker_survives_bad_messages_and_keeps_serving(http: httpx.Client, stack: Stack) -> None:
+    from shared.celery_config import make_celery
+
+    app = make_celery(stack.settings())
+    broken = app.send_task("pagedq.classify", args=[{"request": {"text": ""}}])  # bypasses the producer
+    assert broken.get(timeout=30, propagate=False) is not None
+    assert broken.state == "FAILURE"
+    task_id = submit(http, "classify", {"text": "still alive"})
+    assert wait(http, task_id)["state"] == "succeeded"
+    app.close()
+
+
+def test_flower_lists_the_worker(stack: Stack) -> None:
+    user, password = stack.flower_auth.split(":")
+    assert httpx.get(f"{stack.flower_url}/api/workers").status_code == 401
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        workers = httpx.get(f"{stack.flower_url}/api/workers", auth=(user, password), params={"refresh": "true"},
+                            timeout=15).json()
+        if any(name.startswith("worker") for name in workers):
+            info = next(v for k, v in workers.items() if k.startswith("worker"))
+            assert "pagedq" in info.get("stats", {}), info.keys()
+            return
+        time.sleep(1)
+    raise AssertionError(f"Flower does not list the worker: {workers}")
+
+
+def test_nothing_is_lost_when_a_worker_is_killed(stack: Stack, http: httpx.Client) -> None:
+    """50 tasks in flight, SIGKILL the worker mid-run, start a new one: every task finishes."""
+    body = {"text": "a sentence to translate " * 6, "generation": {"max_new_tokens": 48}}
+    ids = [submit(http, "translate", body) for _ in range(50)]
+    records = redis.Redis.from_url(stack.redis_url or "", decode_responses=True)
+    deadline = time.monotonic() + 60
+    while not any(records.hget(f"pagedq:task:{i}", "started_at") for i in ids):
+        assert time.monotonic() < deadline, "no task started"
+        time.sleep(0.02)
+    stack.kill(f"worker{stack.worker_count}")
+    unfinished = [i for i in ids if http.get(f"/v1/tasks/{i}").json()["state"] in ("queued", "running")]
+    assert unfinished, "every task finished before the kill: the test proved nothing"
+    stack.start_worker()
+    stack.wait_worker()
+    statuses = [wait(http, i, timeout_s=120) for i in ids]
+    assert [s["state"] for s in statuses] == ["succeeded"] * 50
