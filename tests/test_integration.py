@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def stack(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # Short visibility timeout so a killed worker's unacked tasks come back within seconds (see test below).
-    env = {"PAGEDQ_VISIBILITY_TIMEOUT_S": "8", "PAGEDQ_LIMITS__MAX_TIMEOUT_S": "4", "PAGEDQ_METRICS_PORT": "0"}
+    env = {"PAGEDQ_VISIBILITY_TIMEOUT_S": "8", "PAGEDQ_LIMITS__MAX_TIMEOUT_S": "4"}
     with Stack(registry_path=demo_models, log_dir=tmp_path_factory.mktemp("logs"), worker_concurrency=8,
                extra_env=env) as s:
         yield s
@@ -168,6 +168,31 @@ def test_the_worker_survives_bad_messages_and_keeps_serving(http: httpx.Client, 
     assert broken.state == "FAILURE"
     task_id = submit(http, "classify", {"text": "still alive"})
     assert wait(http, task_id)["state"] == "succeeded"
+    app.close()
+
+
+def test_readyz_and_metrics(stack: Stack) -> None:
+    assert httpx.get(f"{stack.api_url}/healthz").status_code == 200
+    assert httpx.get(f"{stack.api_url}/readyz").status_code == 200
+    metrics = httpx.get(stack.metrics_url).text
+    assert 'pagedq_tasks_total{outcome="succeeded",task="classify"}' in metrics
+    assert "pagedq_e2e_request_latency_seconds_bucket" in metrics
+    assert "pagedq_num_requests_waiting" in metrics
+
+
+def test_a_redelivered_task_is_not_run_twice(stack: Stack, http: httpx.Client) -> None:
+    from shared.celery_config import make_celery
+
+    task_id = submit(http, "classify", {"text": "first body"})
+    first = wait(http, task_id)["result"]
+    app = make_celery(stack.settings())
+    app.send_task("pagedq.classify", args=[{"request": {"text": "another body, same id " * 20}}],
+                  task_id=task_id, queue="pagedq.classify")
+    deadline = time.monotonic() + 30
+    while queued_messages(stack) or any((app.control.inspect(timeout=1).active() or {}).values()):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert wait(http, task_id)["result"] == first
     app.close()
 
 
