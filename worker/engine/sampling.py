@@ -1,0 +1,94 @@
+"""Sampling parameters and the batched sampler: logits rows -> next token ids.
+
+Greedy rows are decided with one `argmax` over all of them. Sampled rows apply temperature, top-k and
+top-p in fp32 and draw with the request's own `torch.Generator` when it has a seed, so a seeded
+request gives the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from worker.engine.request import Request
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks tokens and when it stops.
+
+    `temperature == 0` means greedy. `stop` strings need the engine to have a tokenizer. EOS ids
+    come from the engine (model generation config) unless `ignore_eos` is set (benchmarks)."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Sampler:
+    """Picks one token per logits row. Rows are in the order of `requests`."""
+
+    def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[int]:
+        if not requests:
+            return []
+        out = torch.empty(len(requests), dtype=torch.long, device=logits.device)
+        greedy = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
+        if len(greedy) == len(requests):
+            out = logits.argmax(dim=-1)
+        else:
+            if greedy:
+                idx = torch.tensor(greedy, device=logits.device)
+                out[idx] = logits[idx].argmax(dim=-1)
+            for i, request in enumerate(requests):
+                if not request.sampling_params.greedy:
+                    out[i] = self._sample_row(logits[i], request)
+        return out.tolist()
+
+    def _sample_row(self, row: torch.Tensor, request: Request) -> torch.Tensor:
+        params = request.sampling_params
+        probs = filtered_probs(row.float(), params.temperature, params.top_k, params.top_p)
+        if params.seed is not None and request.generator is None:
+            request.generator = torch.Generator(device=row.device).manual_seed(params.seed)
+        return torch.multinomial(probs, 1, generator=request.generator)[0]
+
+
+def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Softmax of `logits / temperature` restricted to the top-k, then to the top-p nucleus.
+
+    Matches transformers' warpers: top-p keeps the smallest set whose mass reaches `top_p`
+    (always at least one token)."""
+    logits = logits / temperature
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - top_p)
+        remove[-1] = False
+        logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    return logits.softmax(dim=-1)
