@@ -151,6 +151,16 @@ def test_invalid_json_and_missing_key_are_rejected(stack: Stack) -> None:
     assert r.status_code == 401 and "key" in r.text.lower()
 
 
+def test_cancel_stops_a_task(http: httpx.Client) -> None:
+    task_id = submit(http, "qa", {"question": "why?", "context": "A long story. " * 20, "mode": "generative",
+                                  "generation": {"max_new_tokens": 512}})
+    r = http.delete(f"/v1/tasks/{task_id}")
+    assert r.status_code in (200, 202), r.text
+    status = wait(http, task_id)
+    assert status["state"] == "cancelled", status
+    assert http.delete(f"/v1/tasks/{task_id}").status_code == 409
+
+
 def test_expired_task_ends_expired(http: httpx.Client) -> None:
     task_id = submit(http, "translate", {"text": "hello " * 50, "timeout_s": 0.001,
                                          "generation": {"max_new_tokens": 64}})
