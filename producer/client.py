@@ -1,0 +1,77 @@
+"""The Python client apps use: submit straight onto the Redis queues, poll results by id.
+
+    from producer.client import Client
+    client = Client("redis://localhost:6379/0")
+    handle = client.classify("I loved it", top_k=2)
+    print(handle.result(timeout=30).label)
+
+`HTTPClient` (re-exported here) offers the same methods over the HTTP API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+
+from producer.base import BaseClient
+from producer.errors import APIError, TaskAlreadyFinished, TaskFailed
+from producer.handle import TaskHandle
+from producer.http_client import HTTPClient
+from producer.parsing import RequestInput
+from producer.service import ProgressCallback, TaskService
+from shared.models import SubmitResponse, TaskStatus, TaskType
+from shared.registry import Registry
+from shared.settings import Settings, get_settings
+
+__all__ = ["APIError", "Client", "HTTPClient", "TaskAlreadyFinished", "TaskFailed", "TaskHandle"]
+
+
+class Client(BaseClient):
+    """Submits to Redis directly (no API server needed). Settings default to the `PAGEDQ_` environment.
+
+    `redis_url` overrides `settings.redis_url`. With a registry (given, or `settings.registry_path`) the
+    model and language pair are checked before sending; errors: pydantic.ValidationError for bad input,
+    shared.errors.ModelNotFound / UnsupportedLanguagePair / TaskNotFound, producer.errors.TaskFailed.
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        settings: Settings | None = None,
+        *,
+        registry: Registry | None = None,
+        poll_interval: float = 0.2,
+    ) -> None:
+        settings = settings or get_settings()
+        if redis_url is not None:
+            settings = settings.model_copy(update={"redis_url": redis_url})
+        self.service = TaskService(settings, registry)
+        self.poll_interval = poll_interval
+
+    def _submit(self, task_type: TaskType, request: RequestInput) -> SubmitResponse:
+        return self.service.submit(task_type, request)
+
+    def _submit_bulk(
+        self, task_type: TaskType, requests: Sequence[RequestInput], on_progress: ProgressCallback | None
+    ) -> list[SubmitResponse]:
+        return self.service.submit_bulk(task_type, requests, on_progress)
+
+    def status(self, task_id: str) -> TaskStatus:
+        return self.service.status(task_id)
+
+    def statuses(self, task_ids: Sequence[str]) -> list[TaskStatus]:
+        return self.service.statuses(task_ids)
+
+    def cancel(self, task_id: str) -> TaskStatus:
+        return self.service.cancel(task_id)
+
+    def close(self) -> None:
+        self.service.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

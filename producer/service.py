@@ -1,0 +1,259 @@
+"""The producer's core, shared by the Python client, the HTTP API and the CLI.
+
+Submission, in this order, so that a bad request leaves no trace:
+
+    validate (request models, limits) -> pick the model (registry) -> write the record -> send the message
+
+The message is the wire contract with the worker (`worker.tasks`):
+`{"request": <request JSON>, "model": <registry name>, "deadline": <epoch s>, "submitted_at": <epoch s>}`,
+sent by task name to the task type's queue, with the request's priority mapped onto kombu's 0..9.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import redis
+from celery import Celery
+from kombu import Producer
+
+from producer.errors import TaskAlreadyFinished
+from producer.parsing import RequestInput, parse_request, parse_requests
+from producer.polling import wait_for
+from producer.status import task_status
+from shared.celery_config import QUEUES, TASK_NAMES, celery_priority, make_celery
+from shared.errors import InvalidRequest, PagedqError, TaskNotFound
+from shared.models import SubmitResponse, TaskRequest, TaskStatus, TaskType
+from shared.records import KEY_PREFIX, TaskRecords
+from shared.registry import Registry
+from shared.settings import Settings, get_settings
+
+#: Model name sent when there is no registry and the request names none; the worker picks its default.
+DEFAULT_MODEL = "default"
+
+ProgressCallback = Callable[[int, int], None]  # (done, total)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One validated request, ready to be recorded and sent."""
+
+    id: str
+    task_type: TaskType
+    request: TaskRequest
+    model: str
+    submitted_at: float  # epoch seconds
+    deadline: float  # epoch seconds
+
+    @property
+    def message(self) -> dict[str, Any]:
+        return {
+            "request": self.request.model_dump(mode="json"),
+            "model": self.model,
+            "deadline": self.deadline,
+            "submitted_at": self.submitted_at,
+        }
+
+    @property
+    def summary(self) -> str:
+        return f"<{self.task_type.value} request for model {self.model!r}, priority {self.request.priority}>"
+
+    @property
+    def response(self) -> SubmitResponse:
+        return SubmitResponse(id=self.id, type=self.task_type, location=f"/v1/tasks/{self.id}")
+
+
+class TaskService:
+    """Submit, inspect, cancel and wait for tasks, straight on Redis and Celery.
+
+    With a registry (given, or loaded from `settings.registry_path`) the model and language pair of every
+    request are checked before anything is written; without one `request.model` is trusted.
+    """
+
+    def __init__(self, settings: Settings | None = None, registry: Registry | None = None) -> None:
+        self.settings = settings or get_settings()
+        if registry is None and self.settings.registry_path is not None:
+            registry = Registry.load(self.settings.registry_path)
+        self.registry = registry
+        self.celery: Celery = make_celery(self.settings, main="pagedq-producer")
+        self.records = TaskRecords.from_url(self.settings.backend_url, self.settings.result_ttl_s)
+
+    # -- submission ---------------------------------------------------------------------------------------
+
+    def submit(self, task_type: TaskType, request: RequestInput) -> SubmitResponse:
+        """Validate, record and enqueue one request. Raises ValidationError or a PagedqError first."""
+        submission = self._prepare(task_type, parse_request(task_type, request, self.settings.limits))
+        self.records.create(
+            submission.id, task_type, submission.model, submission.request.priority, _utc(submission.deadline)
+        )
+        self._send(submission)
+        return submission.response
+
+    def submit_bulk(
+        self, task_type: TaskType, requests: Sequence[RequestInput], on_progress: ProgressCallback | None = None
+    ) -> list[SubmitResponse]:
+        """Validate ALL requests, then write every record in one pipeline and send every message.
+
+        Nothing is recorded or enqueued if any item is invalid: the ValidationError names each bad item by
+        index, a registry error says `request N: ...`. `on_progress(done, total)` follows the sending.
+        """
+        limit = self.settings.limits.max_bulk
+        if len(requests) > limit:
+            raise InvalidRequest(f"a bulk submission holds at most {limit} requests; got {len(requests)}")
+        parsed = parse_requests(task_type, requests, self.settings.limits)
+        submissions = [self._prepare(task_type, request, index) for index, request in enumerate(parsed)]
+        self._create_records(submissions)
+        self._send_all(submissions, on_progress)
+        return [s.response for s in submissions]
+
+    def _prepare(self, task_type: TaskType, request: TaskRequest, index: int | None = None) -> Submission:
+        now = time.time()
+        timeout_s = request.timeout_s or self.settings.default_timeout_s
+        return Submission(
+            id=str(uuid.uuid4()),
+            task_type=task_type,
+            request=request,
+            model=self._model_for(task_type, request, index),
+            submitted_at=now,
+            deadline=now + timeout_s,
+        )
+
+    def _model_for(self, task_type: TaskType, request: TaskRequest, index: int | None) -> str:
+        if self.registry is None:
+            return request.model or DEFAULT_MODEL
+        try:
+            return self.registry.select(task_type, request).name
+        except PagedqError as exc:
+            if index is None:
+                raise
+            raise type(exc)(f"request {index}: {exc}") from None
+
+    def _create_records(self, submissions: Sequence[Submission]) -> None:
+        with self.records.redis.pipeline(transaction=False) as pipe:
+            batch = TaskRecords(cast(redis.Redis, _OnePipeline(pipe)), self.records.ttl_s)
+            for s in submissions:
+                batch.create(s.id, s.task_type, s.model, s.request.priority, _utc(s.deadline))
+            pipe.execute()
+
+    def _send(self, submission: Submission, producer: Producer | None = None) -> None:
+        self.celery.send_task(
+            TASK_NAMES[submission.task_type],
+            args=[submission.message],
+            task_id=submission.id,
+            queue=QUEUES[submission.task_type],
+            priority=celery_priority(submission.request.priority),
+            producer=producer,
+            argsrepr=submission.summary,  # what Flower shows; cheaper than Celery's repr of a long text
+            kwargsrepr="{}",
+        )
+
+    def _send_all(self, submissions: Sequence[Submission], on_progress: ProgressCallback | None) -> None:
+        """Send through one producer; kombu >= 5.7 buffers the pushes into pipelined batches."""
+        total = len(submissions)
+        with self.celery.producer_or_acquire() as producer, _batched(producer):
+            for done, submission in enumerate(submissions, start=1):
+                self._send(submission, producer)
+                if on_progress is not None:
+                    on_progress(done, total)
+
+    # -- inspection and control ---------------------------------------------------------------------------
+
+    def status(self, task_id: str) -> TaskStatus:
+        """The task's current status; TaskNotFound for an id that was never submitted (or has expired)."""
+        record = self.records.get(task_id)
+        if record is None:
+            raise TaskNotFound(f"no task with id {task_id!r}")
+        return task_status(task_id, record, self._meta(task_id), datetime.now(UTC))
+
+    def statuses(self, task_ids: Sequence[str]) -> list[TaskStatus]:
+        """Many statuses in two round trips (one pipeline for the records, one MGET for the results)."""
+        with self.records.redis.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.hgetall(KEY_PREFIX + task_id)
+            records = pipe.execute()
+        backend = self.celery.backend
+        raw = backend.mget([backend.get_key_for_task(t) for t in task_ids]) if task_ids else []
+        now = datetime.now(UTC)
+        found = []
+        for task_id, record, payload in zip(task_ids, records, raw, strict=True):
+            if not record:
+                raise TaskNotFound(f"no task with id {task_id!r}")
+            found.append(task_status(task_id, record, _decode(backend, payload), now))
+        return found
+
+    def cancel(self, task_id: str) -> TaskStatus:
+        """Ask the worker to stop the task; TaskAlreadyFinished if it already reached a final state."""
+        current = self.status(task_id)
+        if current.state.is_final:
+            raise TaskAlreadyFinished(f"task {task_id} already finished ({current.state.value}); nothing to cancel")
+        self.records.mark(task_id, cancel_requested="1")
+        self.celery.control.revoke(task_id)
+        return self.status(task_id)
+
+    def wait(self, task_id: str, timeout_s: float | None = None, poll_interval: float = 0.2) -> TaskStatus:
+        """Poll until the task is final; TimeoutError after `timeout_s` (None: no limit)."""
+        return wait_for(self.status, task_id, timeout_s, poll_interval)
+
+    def _meta(self, task_id: str) -> dict[str, Any]:
+        """The raw result meta, exceptions left as `{"exc_type", "exc_message"}` (never reconstructed)."""
+        backend = self.celery.backend
+        return _decode(backend, backend.get(backend.get_key_for_task(task_id)))
+
+    def ping_redis(self) -> None:
+        """Raise redis.RedisError if Redis does not answer."""
+        self.records.redis.ping()
+
+    def ping_workers(self, timeout_s: float = 1.0) -> list[str]:
+        """Host names of the Celery workers that answered a ping within `timeout_s`."""
+        replies = self.celery.control.ping(timeout=timeout_s) or []
+        return sorted(name for reply in replies for name in reply)
+
+    def close(self) -> None:
+        self.records.redis.close()
+        self.celery.close()
+
+
+def _decode(backend: Any, payload: Any) -> dict[str, Any]:
+    if not payload:
+        return {"status": "PENDING", "result": None}
+    return cast(dict[str, Any], backend.decode(payload))
+
+
+def _utc(epoch_s: float) -> datetime:
+    return datetime.fromtimestamp(epoch_s, UTC)
+
+
+@contextmanager
+def _batched(producer: Producer) -> Iterator[None]:
+    batch = getattr(producer, "batch", None)  # kombu < 5.7 publishes one message at a time
+    with batch() if batch is not None else nullcontext():
+        yield
+
+
+class _OnePipeline:
+    """Lets `TaskRecords.create` queue its commands on a shared pipeline, so a bulk is one round trip.
+
+    Workaround until `shared.records.TaskRecords` takes a pipeline itself: `create()` asks its client for a
+    pipeline and executes it; here both go to the caller's pipeline, which the caller executes once.
+    """
+
+    def __init__(self, pipe: redis.client.Pipeline) -> None:
+        self._pipe = pipe
+
+    def pipeline(self, *args: Any, **kwargs: Any) -> _OnePipeline:
+        return self
+
+    def hset(self, *args: Any, **kwargs: Any) -> None:
+        self._pipe.hset(*args, **kwargs)
+
+    def expire(self, *args: Any, **kwargs: Any) -> None:
+        self._pipe.expire(*args, **kwargs)
+
+    def execute(self) -> None:
+        """The caller executes the shared pipeline."""
