@@ -40,6 +40,11 @@ DEFAULT_MODEL = "default"
 ProgressCallback = Callable[[int, int], None]  # (done, total)
 
 
+def task_location(task_id: str) -> str:
+    """Where the HTTP API serves a task's status."""
+    return f"/v1/tasks/{task_id}"
+
+
 @dataclass(frozen=True)
 class Submission:
     """One validated request, ready to be recorded and sent."""
@@ -66,7 +71,7 @@ class Submission:
 
     @property
     def response(self) -> SubmitResponse:
-        return SubmitResponse(id=self.id, type=self.task_type, location=f"/v1/tasks/{self.id}")
+        return SubmitResponse(id=self.id, type=self.task_type, location=task_location(self.id))
 
 
 class TaskService:
