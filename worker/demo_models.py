@@ -50,7 +50,7 @@ from worker import _demo_tokenizers as toks
 
 log = logging.getLogger(__name__)
 
-DEMO_MODELS_VERSION = "1"
+DEMO_MODELS_VERSION = "2"
 BUILD_MARKER = ".demo-models-complete"
 REGISTRY_FILE = "registry.toml"
 SEED = 1234
@@ -61,6 +61,10 @@ SENTIMENT_LABELS = ("negative", "neutral", "positive")
 TOPIC_LABELS = ("business", "politics", "sports", "technology")
 LLM_PROMPT = "Answer the question using the context.\nContext: {context}\nQuestion: {question}\nAnswer:"
 
+# Task heads are re-initialised wider than BERT's 0.02 so scores and spans differ visibly between inputs
+# (near-uniform scores would make "equals the pipeline within 1e-4" a weak check).
+HEAD_INIT_STD = 0.25
+
 # Shared shape of the tiny encoders: a few hundred thousand parameters each.
 _BERT_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 
@@ -69,12 +73,19 @@ def _labels(names: tuple[str, ...]) -> dict[str, Any]:
     return {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
 
 
+def _widen(*heads: torch.nn.Linear) -> None:
+    for head in heads:
+        torch.nn.init.normal_(head.weight, std=HEAD_INIT_STD)
+
+
 def _build_classifier(out: Path) -> dict[str, Any]:
     tokenizer = toks.build_wordpiece(BertTokenizer, out)
     config = BertConfig(
         vocab_size=len(tokenizer), max_position_embeddings=MAX_POSITIONS, **_BERT_SHAPE, **_labels(SENTIMENT_LABELS)
     )
-    BertForSequenceClassification(config).save_pretrained(out)
+    model = BertForSequenceClassification(config)
+    _widen(model.classifier)
+    model.save_pretrained(out)
     return {"task": "classify"}
 
 
@@ -90,14 +101,18 @@ def _build_multilabel(out: Path) -> dict[str, Any]:
         problem_type="multi_label_classification",
         **_labels(TOPIC_LABELS),
     )
-    DistilBertForSequenceClassification(config).save_pretrained(out)
+    model = DistilBertForSequenceClassification(config)
+    _widen(model.pre_classifier, model.classifier)
+    model.save_pretrained(out)
     return {"task": "classify"}
 
 
 def _build_qa(out: Path) -> dict[str, Any]:
     tokenizer = toks.build_wordpiece(BertTokenizer, out)
     config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=MAX_POSITIONS, **_BERT_SHAPE)
-    BertForQuestionAnswering(config).save_pretrained(out)
+    model = BertForQuestionAnswering(config)
+    _widen(model.qa_outputs)
+    model.save_pretrained(out)
     return {"task": "qa", "mode": "extractive"}
 
 

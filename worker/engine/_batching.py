@@ -1,0 +1,164 @@
+"""Helpers shared by the encoder executors (classify, extractive QA, translate): queueing and batch picking.
+
+These executors run a whole request (or a whole QA window) in one forward, so they need no KV blocks:
+only a priority queue of waiting work and a rule that packs a padded batch under the token budget.
+
+Batch picking (length bucketing). A padded batch costs `len(batch) * longest_item` tokens, so::
+
+    waiting, in priority order:   A(120)  B(30)  C(500)  D(28)  E(33)      budget 512 tokens, cap 8
+    head = A (always runs), then the others by closeness in length to 120, same priority first:
+    E -> 2 * 120 = 240 ok;  B -> 360 ok;  D -> 480 ok;  C -> 5 * 500 = 2500 over budget, skipped
+    this step: A, E, B, D (480 padded tokens); C is the next step's head
+
+Invariants:
+- the head (lowest priority value, then earliest arrival) is always in the step's batch, even if it alone
+  exceeds the budget -- so every step makes progress and nothing waits behind a smaller request forever;
+- a lower-priority item joins a batch only after every higher-priority candidate was considered;
+- `len(batch) <= max_items` and, beyond the head, `len(batch) * max_length <= max_tokens`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from shared.errors import DeadlineExceeded, InvalidRequest
+from worker.engine.executor import EngineRequest, LoadedModel
+
+T = TypeVar("T")
+
+#: transformers' `model_max_length` when a tokenizer declares no limit (`VERY_LARGE_INTEGER`).
+UNSET_MODEL_MAX_LENGTH = int(1e29)
+
+_sequence = itertools.count()  # breaks ties between requests of equal priority and arrival
+
+
+def order_key(request: EngineRequest) -> tuple[int, float, int]:
+    """Priority (lower first), then arrival; unique per call so entries never compare equal."""
+    return (request.priority, request.arrival, next(_sequence))
+
+
+class WaitingQueue(Generic[T]):
+    """Items of type T held in `order_key` order, each tagged with the request it belongs to.
+
+    A request may own several items (QA windows). Removal is O(n): n is the executor's in-flight count
+    (hundreds), where a sorted list beats a heap with tombstones for clarity and speed.
+    """
+
+    def __init__(self) -> None:
+        self._keys: list[tuple[tuple[int, float, int], int]] = []
+        self._items: list[tuple[EngineRequest, T]] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[tuple[EngineRequest, T]]:
+        return iter(list(self._items))
+
+    def push(self, request: EngineRequest, item: T, key: tuple[int, float, int], index: int = 0) -> None:
+        """Insert `item` of `request`; `index` orders items of one request (e.g. window number)."""
+        pos = bisect.bisect_right(self._keys, (key, index))
+        self._keys.insert(pos, (key, index))
+        self._items.insert(pos, (request, item))
+
+    def remove_request(self, request_id: str) -> list[T]:
+        """Remove every item of a request; returns them (empty if the request holds none)."""
+        keep = [i for i, (req, _) in enumerate(self._items) if req.id != request_id]
+        removed = [item for req, item in self._items if req.id == request_id]
+        self._keys = [self._keys[i] for i in keep]
+        self._items = [self._items[i] for i in keep]
+        return removed
+
+    def remove_items(self, items: Sequence[T]) -> None:
+        ids = {id(item) for item in items}
+        keep = [i for i, (_, item) in enumerate(self._items) if id(item) not in ids]
+        self._keys = [self._keys[i] for i in keep]
+        self._items = [self._items[i] for i in keep]
+
+    def requests(self) -> list[EngineRequest]:
+        """Distinct requests with items waiting, in queue order."""
+        return list({req.id: req for req, _ in self._items}.values())
+
+
+def drop_finished(queue: WaitingQueue[Any], now: float | None = None) -> list[EngineRequest]:
+    """Drop requests that expired (failing them with DeadlineExceeded) or were completed elsewhere."""
+    now = time.time() if now is None else now
+    dropped = []
+    for request in queue.requests():
+        if request.future.done():  # cancelled by its caller
+            queue.remove_request(request.id)
+            dropped.append(request)
+        elif request.expired(now):
+            queue.remove_request(request.id)
+            request.fail(DeadlineExceeded(f"deadline passed before request {request.id} finished"))
+            dropped.append(request)
+    return dropped
+
+
+def pick_batch(
+    candidates: Sequence[tuple[EngineRequest, T]],
+    length: Callable[[T], int],
+    max_tokens: int,
+    max_items: int,
+) -> list[tuple[EngineRequest, T]]:
+    """Choose this step's padded batch from candidates in queue order (see the module docstring)."""
+    if not candidates:
+        return []
+    head = candidates[0]
+    head_len = length(head[1])
+    rest = sorted(candidates[1:], key=lambda c: (c[0].priority, abs(length(c[1]) - head_len)))
+    batch, longest = [head], head_len
+    for cand in rest:
+        if len(batch) >= max_items:
+            break
+        new_longest = max(longest, length(cand[1]))
+        if (len(batch) + 1) * new_longest <= max_tokens:
+            batch.append(cand)
+            longest = new_longest
+    return batch
+
+
+def input_token_limit(loaded: LoadedModel) -> int:
+    """Most tokens one input may have: the spec's limit, else the tokenizer's, capped by the positions."""
+    limit = loaded.spec.max_input_tokens or loaded.tokenizer.model_max_length
+    positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    if limit is None or limit >= UNSET_MODEL_MAX_LENGTH:
+        limit = positions
+    if positions is not None:
+        limit = min(limit, positions)
+    if limit is None:
+        raise ValueError(f"model {loaded.spec.name!r} declares no maximum input length")
+    return int(limit)
+
+
+def too_long(num_tokens: int, limit: int, what: str = "input") -> InvalidRequest:
+    return InvalidRequest(f"{what} is {num_tokens} tokens; the model's limit is {limit} (send truncate=true to cut it)")
+
+
+def pad_batch(encodings: Sequence[dict[str, list[int]]], tokenizer: Any, device: Any) -> dict[str, Any]:
+    """Pad token-id lists to one rectangular batch on `device`, on the tokenizer's padding side.
+
+    Pad values: `pad_token_id` for input ids, 0 for attention masks, `pad_token_type_id` for token types.
+    """
+    longest = max(len(enc["input_ids"]) for enc in encodings)
+    pad_values = {"input_ids": tokenizer.pad_token_id, "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
+    left = tokenizer.padding_side == "left"
+    batch = {}
+    for name in encodings[0]:
+        value = pad_values.get(name, 0)
+        rows = []
+        for enc in encodings:
+            padding = [value] * (longest - len(enc[name]))
+            rows.append(padding + enc[name] if left else enc[name] + padding)
+        batch[name] = torch.tensor(rows, dtype=torch.long, device=device)
+    return batch
+
+
+def unpadded_columns(longest: int, num_tokens: int, tokenizer: Any) -> slice:
+    """The columns of a `pad_batch` row that hold its `num_tokens` real tokens."""
+    return slice(longest - num_tokens, longest) if tokenizer.padding_side == "left" else slice(0, num_tokens)
