@@ -1,0 +1,478 @@
+"""The producer core against a real (private) Redis: what a submission writes, how statuses map, cancel.
+
+No worker runs here: a worker's outcomes are simulated by writing the real Celery result backend
+(`store_result`, `mark_as_started`, ...), exactly as a worker would.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import states
+from pydantic import ValidationError
+
+from producer.client import Client, TaskFailed
+from producer.errors import TaskAlreadyFinished
+from producer.service import TaskService
+from shared.errors import (
+    DeadlineExceeded,
+    EngineError,
+    InvalidRequest,
+    ModelNotFound,
+    TaskCancelled,
+    TaskNotFound,
+    UnsupportedLanguagePair,
+)
+from shared.models import ClassifyRequest, ClassifyResult, TaskState, TaskType, TranslateRequest
+from shared.records import KEY_PREFIX
+from shared.registry import Registry
+from shared.settings import Limits, Settings
+
+REGISTRY_TOML = """
+[defaults]
+classify = "sentiment"
+translate = "en-de"
+
+[models.sentiment]
+task = "classify"
+source = "./models/sentiment"
+
+[models.topics]
+task = "classify"
+source = "./models/topics"
+
+[models.en-de]
+task = "translate"
+source = "./models/en-de"
+languages = ["en-de"]
+
+[models.squad]
+task = "qa"
+source = "./models/squad"
+"""
+
+#: kombu's Redis transport: priority 0..9 -> steps [0, 3, 6, 9]; step 0 is the bare queue, else "queue:step".
+PRIORITY_KEYS = ["", ":3", ":6", ":9"]
+SUCCESS = {
+    "type": "classify",
+    "model": "sentiment",
+    "label": "POSITIVE",
+    "score": 0.9,
+    "scores": [{"label": "POSITIVE", "score": 0.9}],
+}
+
+
+def queued(r: redis.Redis, queue: str) -> list[tuple[str, dict[str, Any]]]:
+    """(Redis list, message) for every message waiting on `queue` in any priority sub-queue."""
+    found = []
+    for suffix in PRIORITY_KEYS:
+        for raw in r.lrange(queue + suffix, 0, -1):
+            found.append((queue + suffix, json.loads(raw)))
+    return found
+
+
+def body_of(message: dict[str, Any]) -> Any:
+    """The task arguments: Celery's protocol-2 body is base64 JSON `[args, kwargs, embed]`."""
+    return json.loads(base64.b64decode(message["body"]))
+
+
+@pytest.fixture()
+def r(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url, decode_responses=True)
+
+
+@pytest.fixture()
+def settings(redis_url: str) -> Settings:
+    return Settings(
+        redis_url=redis_url, registry_path=None, default_timeout_s=600.0, limits=Limits(max_text_chars=100, max_bulk=5)
+    )
+
+
+@pytest.fixture()
+def service(settings: Settings) -> TaskService:
+    return TaskService(settings)
+
+
+@pytest.fixture()
+def registry(tmp_path: Path) -> Registry:
+    path = tmp_path / "registry.toml"
+    path.write_text(REGISTRY_TOML)
+    return Registry.load(path)
+
+
+@pytest.fixture()
+def registered(settings: Settings, registry: Registry) -> TaskService:
+    return TaskService(settings, registry)
+
+
+# -- submission -----------------------------------------------------------------------------------------
+
+
+def test_submit_writes_a_record_and_one_message_with_the_contract_body(service: TaskService, r: redis.Redis) -> None:
+    before = time.time()
+    submitted = service.submit(TaskType.CLASSIFY, {"text": "I loved it", "top_k": 2})
+
+    assert submitted.type is TaskType.CLASSIFY and submitted.state is TaskState.QUEUED
+    assert submitted.location == f"/v1/tasks/{submitted.id}"
+    record = r.hgetall(KEY_PREFIX + submitted.id)
+    assert record["type"] == "classify" and record["model"] == "default" and record["priority"] == "0"
+    assert 0 < r.ttl(KEY_PREFIX + submitted.id) <= service.settings.result_ttl_s
+
+    [(key, message)] = queued(r, "pagedq.classify")
+    assert key == "pagedq.classify:3"  # pagedq priority 0 -> celery 4 -> step 3
+    assert message["headers"]["task"] == "pagedq.classify" and message["headers"]["id"] == submitted.id
+    assert message["properties"]["priority"] == 4
+    args, kwargs, _ = body_of(message)
+    assert kwargs == {}
+    [sent] = args
+    assert set(sent) == {"request", "model", "deadline", "submitted_at"}
+    assert sent["request"] == ClassifyRequest(text="I loved it", top_k=2).model_dump(mode="json")
+    assert sent["model"] == "default"
+    assert before <= sent["submitted_at"] <= time.time()
+    assert sent["deadline"] == pytest.approx(sent["submitted_at"] + 600.0)
+    assert datetime.fromisoformat(record["deadline"]).timestamp() == pytest.approx(sent["deadline"])
+    assert queued(r, "pagedq.translate") == [] and queued(r, "pagedq.qa") == []
+
+
+@pytest.mark.parametrize(
+    ("priority", "key"), [(-100, "pagedq.qa"), (-40, "pagedq.qa:3"), (40, "pagedq.qa:6"), (100, "pagedq.qa:9")]
+)
+def test_priority_picks_the_kombu_sub_queue(service: TaskService, r: redis.Redis, priority: int, key: str) -> None:
+    service.submit(TaskType.QA, {"question": "Who?", "context": "Ada.", "priority": priority})
+    assert [k for k, _ in queued(r, "pagedq.qa")] == [key]
+
+
+def test_timeout_sets_the_deadline(service: TaskService, r: redis.Redis) -> None:
+    service.submit(TaskType.TRANSLATE, {"text": "Hello", "timeout_s": 30})
+    [(_, message)] = queued(r, "pagedq.translate")
+    [sent] = body_of(message)[0]
+    assert sent["deadline"] == pytest.approx(sent["submitted_at"] + 30)
+
+
+def test_a_request_model_instance_is_checked_against_the_service_limits(service: TaskService, r: redis.Redis) -> None:
+    request = ClassifyRequest(text="x" * 101)  # fine under the default limits, too long for this service
+    with pytest.raises(ValidationError, match="limit is 100"):
+        service.submit(TaskType.CLASSIFY, request)
+    with pytest.raises(TypeError, match="cannot be submitted as a classify task"):
+        service.submit(TaskType.CLASSIFY, TranslateRequest(text="x"))
+    assert r.dbsize() == 0
+
+
+BAD_REQUESTS = [
+    ({"text": ""}, "text must not be empty"),
+    ({"text": "  \n\t"}, "text must not be empty"),
+    ({"text": "x" * 101}, "the limit is 100"),
+    ({"text": 42}, "valid string"),
+    ({"text": "ok", "priority": "high"}, "valid integer"),
+    ({"text": "ok", "priority": 101}, "less than or equal to 100"),
+    ({"text": "ok", "colour": "red"}, "Extra inputs are not permitted"),
+    ({"txt": "typo"}, "Field required"),
+    ({"text": "ok", "timeout_s": 0}, "greater than 0"),
+]
+
+
+@pytest.mark.parametrize(("request_fields", "message"), BAD_REQUESTS)
+def test_bad_input_leaves_no_trace(
+    service: TaskService, r: redis.Redis, request_fields: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        service.submit(TaskType.CLASSIFY, request_fields)
+    assert r.dbsize() == 0
+
+
+def test_registry_picks_the_default_or_named_model(registered: TaskService, r: redis.Redis) -> None:
+    default = registered.submit(TaskType.CLASSIFY, {"text": "a"})
+    named = registered.submit(TaskType.CLASSIFY, {"text": "b", "model": "topics"})
+    translated = registered.submit(TaskType.TRANSLATE, {"text": "c", "source_lang": "en", "target_lang": "de"})
+    assert registered.status(default.id).model == "sentiment"
+    assert registered.status(named.id).model == "topics"
+    assert [body_of(m)[0][0]["model"] for _, m in queued(r, "pagedq.translate")] == ["en-de"]
+    assert registered.status(translated.id).model == "en-de"
+
+
+@pytest.mark.parametrize(
+    ("task_type", "fields", "error", "message"),
+    [
+        (TaskType.CLASSIFY, {"text": "a", "model": "nope"}, ModelNotFound, "unknown model 'nope'"),
+        (TaskType.CLASSIFY, {"text": "a", "model": "en-de"}, ModelNotFound, "serves translate"),
+        (
+            TaskType.TRANSLATE,
+            {"text": "a", "source_lang": "en", "target_lang": "fr"},
+            UnsupportedLanguagePair,
+            "no model translates en -> fr",
+        ),
+        (
+            TaskType.TRANSLATE,
+            {"text": "a", "model": "en-de", "source_lang": "de", "target_lang": "en"},
+            UnsupportedLanguagePair,
+            "does not translate de -> en",
+        ),
+    ],
+)
+def test_registry_errors_leave_no_trace(
+    registered: TaskService,
+    r: redis.Redis,
+    task_type: TaskType,
+    fields: dict[str, Any],
+    error: type[Exception],
+    message: str,
+) -> None:
+    with pytest.raises(error, match=message):
+        registered.submit(task_type, fields)
+    assert r.dbsize() == 0
+
+
+def test_registry_path_in_settings_is_loaded(settings: Settings, registry: Registry, tmp_path: Path) -> None:
+    service = TaskService(settings.model_copy(update={"registry_path": tmp_path / "registry.toml"}))
+    assert service.registry is not None and sorted(service.registry.models) == sorted(registry.models)
+
+
+# -- bulk -----------------------------------------------------------------------------------------------
+
+
+def test_bulk_records_and_sends_every_request_in_order(service: TaskService, r: redis.Redis) -> None:
+    progress: list[tuple[int, int]] = []
+    submitted = service.submit_bulk(
+        TaskType.CLASSIFY,
+        [{"text": f"t{i}"} for i in range(5)],
+        on_progress=lambda done, total: progress.append((done, total)),
+    )
+    assert len({s.id for s in submitted}) == 5
+    assert all(r.exists(KEY_PREFIX + s.id) for s in submitted)
+    messages = [m for _, m in queued(r, "pagedq.classify")]
+    # LPUSH, so the list holds the newest first
+    assert [m["headers"]["id"] for m in reversed(messages)] == [s.id for s in submitted]
+    assert [body_of(m)[0][0]["request"]["text"] for m in reversed(messages)] == [f"t{i}" for i in range(5)]
+    assert progress[-1] == (5, 5) and len(progress) == 5
+
+
+def test_bulk_with_one_bad_item_enqueues_nothing(service: TaskService, r: redis.Redis) -> None:
+    with pytest.raises(ValidationError) as caught:
+        service.submit_bulk(TaskType.CLASSIFY, [{"text": "good"}, {"text": " "}, {"text": "good"}])
+    assert [e["loc"] for e in caught.value.errors()] == [(1, "text")]
+    assert r.dbsize() == 0
+
+
+def test_bulk_registry_error_names_the_item(registered: TaskService, r: redis.Redis) -> None:
+    with pytest.raises(ModelNotFound, match="request 1: unknown model 'nope'"):
+        registered.submit_bulk(TaskType.CLASSIFY, [{"text": "a"}, {"text": "b", "model": "nope"}])
+    assert r.dbsize() == 0
+
+
+def test_bulk_over_the_limit_is_refused(service: TaskService, r: redis.Redis) -> None:
+    with pytest.raises(InvalidRequest, match="at most 5 requests; got 6"):
+        service.submit_bulk(TaskType.CLASSIFY, [{"text": "a"}] * 6)
+    assert r.dbsize() == 0
+    assert service.submit_bulk(TaskType.CLASSIFY, []) == []
+
+
+# -- status ---------------------------------------------------------------------------------------------
+
+
+def test_unknown_id_is_not_found(service: TaskService) -> None:
+    with pytest.raises(TaskNotFound):
+        service.status("no-such-task")
+    with pytest.raises(TaskNotFound):
+        service.statuses(["no-such-task"])
+
+
+def test_queued_then_running_then_succeeded(service: TaskService) -> None:
+    task_id = service.submit(TaskType.CLASSIFY, {"text": "hi", "priority": -5}).id
+    queued_status = service.status(task_id)
+    assert queued_status.state is TaskState.QUEUED and queued_status.priority == -5
+    assert queued_status.started_at is None and queued_status.finished_at is None
+    assert queued_status.deadline is not None and queued_status.created_at < queued_status.deadline
+
+    service.celery.backend.mark_as_started(task_id, pid=1, hostname="worker@gpu0")
+    service.records.mark(task_id, started_at=datetime.now().astimezone().isoformat(), worker="worker@gpu0")
+    running = service.status(task_id)
+    assert running.state is TaskState.RUNNING and running.started_at is not None and running.finished_at is None
+
+    service.celery.backend.store_result(task_id, SUCCESS, states.SUCCESS)
+    done = service.status(task_id)
+    assert done.state is TaskState.SUCCEEDED and done.error is None
+    assert isinstance(done.result, ClassifyResult) and done.result.label == "POSITIVE"
+    assert done.finished_at is not None and done.finished_at >= done.started_at  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    ("exception", "state"),
+    [
+        (EngineError("CUDA out of memory"), TaskState.FAILED),
+        (DeadlineExceeded("deadline passed while running"), TaskState.EXPIRED),
+        (TaskCancelled("cancelled while running"), TaskState.CANCELLED),
+        (ValueError("something else"), TaskState.FAILED),
+    ],
+)
+def test_stored_errors_map_to_states(service: TaskService, exception: Exception, state: TaskState) -> None:
+    task_id = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
+    service.celery.backend.store_result(task_id, exception, states.FAILURE)
+    status = service.status(task_id)
+    assert status.state is state and status.result is None
+    assert status.error is not None
+    assert (status.error.type, status.error.message) == (type(exception).__name__, str(exception))
+    assert status.finished_at is not None
+
+
+def test_an_error_class_the_producer_cannot_import_is_never_reconstructed(service: TaskService) -> None:
+    task_id = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
+    backend = service.celery.backend
+    meta = {
+        "status": "FAILURE",
+        "result": {
+            "exc_type": "OutOfMemoryError",
+            "exc_module": "torch.cuda",
+            "exc_message": ["CUDA out of memory.", "Tried to allocate 2 GiB"],
+        },
+        "traceback": None,
+        "children": [],
+        "date_done": "2030-01-01T00:00:00+00:00",
+        "task_id": task_id,
+    }
+    backend.set(backend.get_key_for_task(task_id), json.dumps(meta))
+    status = service.status(task_id)
+    assert status.state is TaskState.FAILED
+    assert status.error is not None and status.error.type == "OutOfMemoryError"
+    assert status.error.message == "CUDA out of memory.; Tried to allocate 2 GiB"
+    assert "torch" not in sys.modules
+
+
+def test_a_malformed_result_is_a_failure(service: TaskService) -> None:
+    task_id = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
+    service.celery.backend.store_result(task_id, {"type": "classify", "label": 3}, states.SUCCESS)
+    status = service.status(task_id)
+    assert status.state is TaskState.FAILED and status.error is not None and status.error.type == "InvalidResult"
+
+
+def test_revoked_is_cancelled_or_expired(service: TaskService) -> None:
+    cancelled = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
+    service.records.mark(cancelled, cancel_requested="1")
+    service.celery.backend.mark_as_revoked(cancelled, reason="revoked")
+    assert service.status(cancelled).state is TaskState.CANCELLED
+
+    late = service.submit(TaskType.CLASSIFY, {"text": "hi", "timeout_s": 0.01}).id
+    time.sleep(0.02)
+    service.celery.backend.mark_as_revoked(late, reason="expired")
+    assert service.status(late).state is TaskState.EXPIRED
+
+
+def test_a_queued_task_past_its_deadline_is_expired(service: TaskService) -> None:
+    task_id = service.submit(TaskType.CLASSIFY, {"text": "hi", "timeout_s": 0.01}).id
+    time.sleep(0.02)
+    status = service.status(task_id)
+    assert status.state is TaskState.EXPIRED
+    assert status.error is not None and status.error.type == "DeadlineExceeded"
+
+
+def test_statuses_match_status(service: TaskService) -> None:
+    ids = [s.id for s in service.submit_bulk(TaskType.CLASSIFY, [{"text": "a"}, {"text": "b"}, {"text": "c"}])]
+    service.celery.backend.store_result(ids[1], SUCCESS, states.SUCCESS)
+    service.celery.backend.store_result(ids[2], EngineError("boom"), states.FAILURE)
+    assert service.statuses(ids) == [service.status(i) for i in ids]
+    assert [s.state for s in service.statuses(ids)] == [TaskState.QUEUED, TaskState.SUCCEEDED, TaskState.FAILED]
+
+
+# -- cancel and wait ------------------------------------------------------------------------------------
+
+
+def test_cancel_flags_the_record_and_broadcasts_a_revoke(service: TaskService, r: redis.Redis) -> None:
+    task_id = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
+    control = r.pubsub()
+    control.psubscribe("*pidbox*")  # where Celery broadcasts remote-control commands to workers
+    assert control.get_message(timeout=1)["type"] == "psubscribe"
+
+    status = service.cancel(task_id)
+
+    assert status.state is TaskState.CANCELLED
+    assert r.hget(KEY_PREFIX + task_id, "cancel_requested") == "1"
+    command = json.loads(control.get_message(timeout=2)["data"])
+    revoke = json.loads(base64.b64decode(command["body"]))
+    assert revoke["method"] == "revoke" and revoke["arguments"]["task_id"] == task_id
+    assert not revoke["arguments"].get("terminate")
+    control.close()
+
+
+def test_cancel_of_a_finished_task_is_refused(service: TaskService, r: redis.Redis) -> None:
+    task_id = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
+    service.celery.backend.store_result(task_id, SUCCESS, states.SUCCESS)
+    with pytest.raises(TaskAlreadyFinished, match="already finished"):
+        service.cancel(task_id)
+    assert r.hget(KEY_PREFIX + task_id, "cancel_requested") is None
+    with pytest.raises(TaskNotFound):
+        service.cancel("no-such-task")
+
+
+def test_wait_returns_a_final_status_or_times_out(service: TaskService) -> None:
+    task_id = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        service.wait(task_id, timeout_s=0.3, poll_interval=0.05)
+    assert time.monotonic() - started < 1.0
+    service.celery.backend.store_result(task_id, SUCCESS, states.SUCCESS)
+    assert service.wait(task_id, timeout_s=1).state is TaskState.SUCCEEDED
+
+
+# -- the Python client ----------------------------------------------------------------------------------
+
+
+def test_client_handles_give_typed_results_and_errors(settings: Settings, r: redis.Redis) -> None:
+    with Client(settings=settings, poll_interval=0.05) as client:
+        good = client.classify("I loved it", top_k=1)
+        bad = client.translate("Hallo", source_lang="de", target_lang="en")
+        client.service.celery.backend.store_result(good.id, SUCCESS, states.SUCCESS)
+        client.service.celery.backend.store_result(bad.id, EngineError("model crashed"), states.FAILURE)
+
+        assert good.result(timeout=1).label == "POSITIVE"
+        with pytest.raises(TaskFailed) as caught:
+            bad.result(timeout=1)
+        assert caught.value.state is TaskState.FAILED
+        assert caught.value.error.type == "EngineError" and caught.value.error.message == "model crashed"
+        assert good.status().state is TaskState.SUCCEEDED
+
+
+def test_client_validates_before_sending(settings: Settings, r: redis.Redis) -> None:
+    with Client(settings=settings) as client:
+        with pytest.raises(ValidationError, match="text must not be empty"):
+            client.classify("   ")
+        with pytest.raises(ValidationError, match="context"):
+            client.qa("Who?", "")
+        with pytest.raises(ValidationError, match=r"1\.text"):
+            client.bulk_classify(["fine", ""])
+        with pytest.raises(TypeError, match="needs its task_type"):
+            client.submit({"text": "x"})
+    assert r.dbsize() == 0
+
+
+def test_client_submit_bulk_wait_and_cancel(settings: Settings, r: redis.Redis) -> None:
+    with Client(settings.redis_url, settings, poll_interval=0.05) as client:
+        single = client.submit(TranslateRequest(text="Hello", target_lang="de"))
+        handles = client.bulk_qa([("Who?", "Ada."), ("When?", "1843.")], priority=10)
+        assert single.type is TaskType.TRANSLATE and [h.type for h in handles] == [TaskType.QA] * 2
+        assert len(queued(r, "pagedq.qa")) == 2 and len(queued(r, "pagedq.translate")) == 1
+
+        assert handles[0].cancel().state is TaskState.CANCELLED
+        with pytest.raises(TaskFailed) as caught:
+            handles[0].result(timeout=1)
+        assert caught.value.state is TaskState.CANCELLED
+        with pytest.raises(TimeoutError):
+            client.wait_all([h.id for h in handles], timeout=0.2)
+
+
+def test_the_producer_never_imports_torch_or_transformers() -> None:
+    code = (
+        "import sys, producer, producer.client, producer.cli, producer.service\n"
+        "assert 'fastapi' not in sys.modules, 'the client install must not need the api extra'\n"
+        "import producer.api\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
