@@ -65,7 +65,7 @@ def install_error_handlers(app: FastAPI) -> None:
             {"loc": error_location(e["loc"]), "msg": error_text(e["msg"]), "type": e["type"]}
             for e in errors[:MAX_LISTED_ERRORS]
         ]
-        return error_response(422, "ValidationError", describe_errors(errors), details=details)
+        return error_response(422, "ValidationError", describe_errors(errors, root="body"), details=details)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -56,13 +56,13 @@ def _plain(task_type: TaskType, data: RequestInput) -> Any:
 MAX_LISTED_ERRORS = 10
 
 
-def describe_errors(errors: Sequence[Any], item_labels: Sequence[str] | None = None) -> str:
+def describe_errors(errors: Sequence[Any], item_labels: Sequence[str] | None = None, root: str = "input") -> str:
     """One readable line from pydantic error dicts: `text: must not be empty; requests.3.top_k: ...`.
 
     The API's `body` prefix is dropped; with `item_labels` a leading item index is replaced by its label
-    (`line 3 of texts.txt: text: ...`).
+    (`line 3 of texts.txt: text: ...`); an error about the whole input is reported against `root`.
     """
-    parts = [_describe(e, item_labels) for e in errors[:MAX_LISTED_ERRORS]]
+    parts = [_describe(e, item_labels, root) for e in errors[:MAX_LISTED_ERRORS]]
     if len(errors) > MAX_LISTED_ERRORS:
         parts.append(f"and {len(errors) - MAX_LISTED_ERRORS} more")
     return "; ".join(parts)
@@ -76,10 +76,10 @@ def error_text(msg: str) -> str:
     return msg.removeprefix("Value error, ")
 
 
-def _describe(error: Any, item_labels: Sequence[str] | None) -> str:
+def _describe(error: Any, item_labels: Sequence[str] | None, root: str) -> str:
     loc = error_location(error["loc"])
     prefix = ""
     if item_labels is not None and loc and isinstance(loc[0], int) and loc[0] < len(item_labels):
         prefix, loc = f"{item_labels[loc[0]]}: ", loc[1:]
-    where = ".".join(str(part) for part in loc) or "input"
+    where = ".".join(str(part) for part in loc) or root
     return f"{prefix}{where}: {error_text(error['msg'])}"

@@ -1,0 +1,341 @@
+"""The HTTP API (FastAPI TestClient) and HTTPClient against a real private Redis; no worker runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import states
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from producer.api import create_app
+from producer.client import APIError, HTTPClient, TaskFailed
+from shared.errors import EngineError
+from shared.models import ClassifyResult, TaskState
+from shared.records import KEY_PREFIX
+from shared.redis_server import free_port
+from shared.settings import Limits, Settings
+
+KEY = "s3cret"
+AUTH = {"X-API-Key": KEY}
+REGISTRY_TOML = """
+[models.sentiment]
+task = "classify"
+source = "./sentiment"
+
+[models.en-de]
+task = "translate"
+source = "./en-de"
+languages = ["en-de"]
+
+[models.squad]
+task = "qa"
+source = "./squad"
+"""
+SUCCESS = {"type": "classify", "model": "sentiment", "label": "NEGATIVE", "score": 0.8, "scores": []}
+
+
+def queued_count(r: redis.Redis) -> int:
+    """Messages waiting on any pagedq queue, in any kombu priority sub-queue (`queue`, `queue:3`, ...)."""
+    return sum(r.llen(f"pagedq.{t}{p}") for t in ("classify", "translate", "qa") for p in ("", ":3", ":6", ":9"))
+
+
+@pytest.fixture()
+def r(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url, decode_responses=True)
+
+
+@pytest.fixture()
+def settings(redis_url: str, tmp_path: Path) -> Settings:
+    registry = tmp_path / "registry.toml"
+    registry.write_text(REGISTRY_TOML)
+    return Settings(
+        redis_url=redis_url,
+        registry_path=registry,
+        api_keys=[KEY, "other-key"],
+        limits=Limits(max_text_chars=50, max_bulk=3),
+    )
+
+
+@pytest.fixture()
+def api(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def backend(api: TestClient) -> Any:
+    return api.app.state.service.celery.backend  # type: ignore[attr-defined]
+
+
+# -- submission -----------------------------------------------------------------------------------------
+
+
+def test_submit_returns_202_with_location_and_enqueues_one_message(api: TestClient, r: redis.Redis) -> None:
+    response = api.post("/v1/classify", json={"text": "Terrible film", "top_k": 2}, headers=AUTH)
+    assert response.status_code == 202
+    body = response.json()
+    assert body["state"] == "queued" and body["type"] == "classify"
+    assert response.headers["location"] == body["location"] == f"/v1/tasks/{body['id']}"
+    assert r.hget(KEY_PREFIX + body["id"], "model") == "sentiment"
+    assert r.llen("pagedq.classify:3") == 1 and queued_count(r) == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "queue"),
+    [
+        ("/v1/translate", {"text": "Hello", "source_lang": "en", "target_lang": "de"}, "pagedq.translate:3"),
+        ("/v1/qa", {"question": "Who?", "context": "Ada wrote it.", "priority": -100}, "pagedq.qa"),
+    ],
+)
+def test_translate_and_qa(api: TestClient, r: redis.Redis, path: str, body: dict[str, Any], queue: str) -> None:
+    assert api.post(path, json=body, headers=AUTH).status_code == 202
+    assert r.llen(queue) == 1 and queued_count(r) == 1
+
+
+BAD_BODIES = [
+    ("/v1/classify", {"text": ""}, "text: text must not be empty or whitespace"),
+    ("/v1/classify", {"text": "   "}, "text: text must not be empty or whitespace"),
+    ("/v1/classify", {"text": "x" * 51}, "text: text is 51 characters; the limit is 50"),
+    ("/v1/classify", {"text": ["a"]}, "text: Input should be a valid string"),
+    ("/v1/classify", {"text": "ok", "top_k": "two"}, "top_k: Input should be a valid integer"),
+    ("/v1/classify", {"text": "ok", "colour": "red"}, "colour: Extra inputs are not permitted"),
+    ("/v1/classify", {}, "text: Field required"),
+    ("/v1/classify", ["text"], "body: Input should be a valid dictionary"),
+    ("/v1/translate", {"text": "ok", "generation": {"num_beams": 2, "do_sample": True}}, "generation: choose either"),
+    ("/v1/qa", {"question": "Who?", "context": ""}, "context: context must not be empty"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "message"), BAD_BODIES)
+def test_invalid_bodies_are_422_naming_the_field_and_enqueue_nothing(
+    api: TestClient, r: redis.Redis, path: str, body: Any, message: str
+) -> None:
+    response = api.post(path, json=body, headers=AUTH)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["type"] == "ValidationError" and message in error["message"]
+    assert r.dbsize() == 0
+
+
+def test_invalid_json_is_400(api: TestClient, r: redis.Redis) -> None:
+    response = api.post("/v1/classify", content=b'{"text": "unterminated', headers=AUTH)
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "InvalidJSON"
+    assert "not valid JSON" in response.json()["error"]["message"]
+    assert r.dbsize() == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "error_type", "message"),
+    [
+        ("/v1/classify", {"text": "a", "model": "gpt-9"}, 404, "ModelNotFound", "unknown model 'gpt-9'"),
+        (
+            "/v1/translate",
+            {"text": "a", "source_lang": "en", "target_lang": "ja"},
+            422,
+            "UnsupportedLanguagePair",
+            "no model translates en -> ja",
+        ),
+        ("/v1/qa", {"question": "Who?", "context": "Ada.", "mode": "generative"}, 404, "ModelNotFound", "no qa model"),
+    ],
+)
+def test_registry_errors(
+    api: TestClient, r: redis.Redis, path: str, body: dict[str, Any], status: int, error_type: str, message: str
+) -> None:
+    response = api.post(path, json=body, headers=AUTH)
+    assert response.status_code == status
+    assert response.json()["error"]["type"] == error_type and message in response.json()["error"]["message"]
+    assert r.dbsize() == 0
+
+
+# -- bulk -----------------------------------------------------------------------------------------------
+
+
+def test_bulk_submits_all(api: TestClient, r: redis.Redis) -> None:
+    body = {"requests": [{"text": "a"}, {"text": "b", "priority": 100}, {"text": "c"}]}
+    response = api.post("/v1/classify/bulk", json=body, headers=AUTH)
+    assert response.status_code == 202
+    tasks = response.json()["tasks"]
+    assert len(tasks) == 3 and all(t["state"] == "queued" for t in tasks)
+    assert r.llen("pagedq.classify:3") == 2 and r.llen("pagedq.classify:9") == 1
+    assert all(r.exists(KEY_PREFIX + t["id"]) for t in tasks)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"requests": [{"text": "a"}, {"text": ""}]}, 422, "requests.1.text: text must not be empty"),
+        ({"requests": [{"text": "a"}, {"text": "b", "model": "nope"}]}, 404, "request 1: unknown model 'nope'"),
+        ({"requests": [{"text": "a"}] * 4}, 422, "at most 3 requests; got 4"),
+        ({"requests": "a"}, 422, "requests: Input should be a valid list"),
+        ({"texts": ["a"]}, 422, "requests: Field required"),
+    ],
+)
+def test_bulk_with_a_bad_item_enqueues_nothing(
+    api: TestClient, r: redis.Redis, body: dict[str, Any], status: int, message: str
+) -> None:
+    response = api.post("/v1/classify/bulk", json=body, headers=AUTH)
+    assert response.status_code == status
+    assert message in response.json()["error"]["message"]
+    assert r.dbsize() == 0
+
+
+# -- status and cancel ----------------------------------------------------------------------------------
+
+
+def test_status_of_unknown_id_is_404(api: TestClient) -> None:
+    response = api.get("/v1/tasks/0b6c5a8e-0000-4000-8000-000000000000", headers=AUTH)
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "TaskNotFound"
+
+
+def test_status_follows_the_result_backend(api: TestClient) -> None:
+    task_id = api.post("/v1/classify", json={"text": "meh"}, headers=AUTH).json()["id"]
+    assert api.get(f"/v1/tasks/{task_id}", headers=AUTH).json()["state"] == "queued"
+    backend(api).store_result(task_id, SUCCESS, states.SUCCESS)
+    status = api.get(f"/v1/tasks/{task_id}", headers=AUTH).json()
+    assert status["state"] == "succeeded" and status["model"] == "sentiment"
+    assert status["result"]["label"] == "NEGATIVE" and status["finished_at"] is not None
+
+
+def test_cancel(api: TestClient, r: redis.Redis) -> None:
+    task_id = api.post("/v1/classify", json={"text": "meh"}, headers=AUTH).json()["id"]
+    response = api.delete(f"/v1/tasks/{task_id}", headers=AUTH)
+    assert response.status_code == 200 and response.json()["state"] == "cancelled"
+    assert r.hget(KEY_PREFIX + task_id, "cancel_requested") == "1"
+
+    again = api.delete(f"/v1/tasks/{task_id}", headers=AUTH)
+    assert again.status_code == 409 and "already finished (cancelled)" in again.json()["error"]["message"]
+    assert api.delete("/v1/tasks/unknown", headers=AUTH).status_code == 404
+
+
+def test_cancel_of_a_succeeded_task_is_409(api: TestClient, r: redis.Redis) -> None:
+    task_id = api.post("/v1/classify", json={"text": "meh"}, headers=AUTH).json()["id"]
+    backend(api).store_result(task_id, SUCCESS, states.SUCCESS)
+    response = api.delete(f"/v1/tasks/{task_id}", headers=AUTH)
+    assert response.status_code == 409
+    assert response.json()["error"] == {
+        "type": "TaskAlreadyFinished",
+        "message": f"task {task_id} already finished (succeeded); nothing to cancel",
+    }
+    assert r.hget(KEY_PREFIX + task_id, "cancel_requested") is None
+
+
+# -- auth -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({}, "missing API key"),
+        ({"X-API-Key": "wrong"}, "invalid API key"),
+        ({"Authorization": "Bearer wrong"}, "invalid API key"),
+        ({"Authorization": f"Basic {KEY}"}, "missing API key"),
+    ],
+)
+def test_missing_or_wrong_key_is_401(api: TestClient, r: redis.Redis, headers: dict[str, str], message: str) -> None:
+    for method, path, body in [
+        ("POST", "/v1/classify", {"text": ""}),
+        ("GET", "/v1/tasks/x", None),
+        ("DELETE", "/v1/tasks/x", None),
+        ("POST", "/v1/qa/bulk", {"requests": []}),
+    ]:
+        response = api.request(method, path, json=body, headers=headers)
+        assert response.status_code == 401, (method, path)
+        assert response.json()["error"]["type"] == "Unauthorized"
+        assert message in response.json()["error"]["message"]
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert r.dbsize() == 0
+
+
+def test_either_key_header_works(api: TestClient) -> None:
+    assert api.post("/v1/classify", json={"text": "a"}, headers={"Authorization": f"Bearer {KEY}"}).status_code == 202
+    assert api.post("/v1/classify", json={"text": "a"}, headers={"X-API-Key": "other-key"}).status_code == 202
+
+
+def test_auth_enabled_without_keys_fails_closed(settings: Settings, r: redis.Redis) -> None:
+    with TestClient(create_app(settings.model_copy(update={"api_keys": []}))) as api:
+        response = api.post("/v1/classify", json={"text": "a"}, headers={"X-API-Key": ""})
+        assert response.status_code == 401
+        assert "no API keys are configured" in response.json()["error"]["message"]
+        assert api.get("/healthz").status_code == 200
+    assert r.dbsize() == 0
+
+
+def test_auth_disabled(settings: Settings) -> None:
+    with TestClient(create_app(settings.model_copy(update={"auth_enabled": False, "api_keys": []}))) as api:
+        assert api.post("/v1/classify", json={"text": "a"}).status_code == 202
+
+
+def test_open_routes_need_no_key(api: TestClient) -> None:
+    assert api.get("/healthz").json() == {"status": "ok"}
+    assert api.get("/docs").status_code == 200
+    schema = api.get("/openapi.json").json()
+    assert {"ClassifyRequest", "TranslateRequest", "QARequest", "ClassifyBulkRequest"} <= set(
+        schema["components"]["schemas"]
+    )
+    submit = schema["paths"]["/v1/classify"]["post"]
+    assert submit["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ClassifyRequest")
+    assert {"APIKeyHeader", "HTTPBearer"} <= {name for s in submit["security"] for name in s}
+
+
+# -- readiness ------------------------------------------------------------------------------------------
+
+
+def test_readyz_is_503_without_a_worker(api: TestClient) -> None:
+    response = api.get("/readyz")
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks["redis"]["ok"] is True
+    assert checks["workers"]["ok"] is False and "no Celery worker answered" in checks["workers"]["detail"]
+
+
+def test_readyz_is_503_without_redis(settings: Settings) -> None:
+    down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    with TestClient(create_app(down)) as api:
+        response = api.get("/readyz")
+        assert response.status_code == 503
+        assert response.json()["checks"]["redis"]["ok"] is False
+        assert api.get("/healthz").status_code == 200
+        submit = api.post("/v1/classify", json={"text": "a"}, headers=AUTH)
+        assert submit.status_code == 503 and submit.json()["error"]["type"] == "ServiceUnavailable"
+
+
+# -- HTTPClient -----------------------------------------------------------------------------------------
+
+
+def test_http_client_round_trip(api: TestClient, r: redis.Redis) -> None:
+    client = HTTPClient("http://testserver", KEY, http=api, poll_interval=0.05)
+    handle = client.classify("Dreadful", top_k=1)
+    bulk = client.bulk_translate(["Hello", "Bye"], source_lang="en", target_lang="de")
+    assert queued_count(r) == 3 and client.status(handle.id).state is TaskState.QUEUED
+
+    backend(api).store_result(handle.id, SUCCESS, states.SUCCESS)
+    backend(api).store_result(bulk[0].id, EngineError("decoder blew up"), states.FAILURE)
+    result = handle.result(timeout=1)
+    assert isinstance(result, ClassifyResult) and result.label == "NEGATIVE"
+    with pytest.raises(TaskFailed) as caught:
+        bulk[0].result(timeout=1)
+    assert caught.value.error.type == "EngineError" and caught.value.error.message == "decoder blew up"
+    assert bulk[1].cancel().state is TaskState.CANCELLED
+
+
+def test_http_client_errors(api: TestClient, r: redis.Redis) -> None:
+    client = HTTPClient("http://testserver", KEY, http=api)
+    with pytest.raises(ValidationError, match="text must not be empty"):
+        client.classify("  ")  # checked locally, nothing sent
+    with pytest.raises(APIError) as too_long:
+        client.classify("x" * 51)  # the server's limit
+    assert too_long.value.status_code == 422 and "the limit is 50" in too_long.value.message
+    with pytest.raises(APIError) as unknown:
+        client.status("nope")
+    assert (unknown.value.status_code, unknown.value.type) == (404, "TaskNotFound")
+    assert r.dbsize() == 0
+
+    with pytest.raises(APIError) as denied:
+        HTTPClient("http://testserver", "wrong", http=api).classify("fine")
+    assert denied.value.status_code == 401 and "invalid API key" in denied.value.message
