@@ -21,15 +21,15 @@ from shared.errors import InvalidRequest
 from shared.models import REQUEST_MODELS, TaskRequest, TaskType
 from shared.settings import Limits
 
+
 #: `{"requests": [...]}` body of `POST /v1/{type}/bulk`, per task type.
-BULK_MODELS: dict[TaskType, type[BaseModel]] = {
-    t: create_model(
-        f"{m.__name__.removesuffix('Request')}BulkRequest",
-        __config__=ConfigDict(extra="forbid"),
-        requests=(list[m], ...),
-    )  # type: ignore[valid-type]
-    for t, m in REQUEST_MODELS.items()
-}
+def _bulk_model(request_model: type[BaseModel]) -> type[BaseModel]:
+    name = request_model.__name__.removesuffix("Request") + "BulkRequest"
+    items: Any = list[request_model]  # type: ignore[valid-type]
+    return create_model(name, __config__=ConfigDict(extra="forbid"), requests=(items, ...))
+
+
+BULK_MODELS: dict[TaskType, type[BaseModel]] = {t: _bulk_model(m) for t, m in REQUEST_MODELS.items()}
 
 
 def request_body(task_type: TaskType) -> Callable[[Request], Awaitable[TaskRequest]]:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -47,7 +48,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def error_response(
-    status_code: int, type: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+    status_code: int, type: str, message: str, headers: Mapping[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
     return JSONResponse({"error": {"type": type, "message": message, **extra}}, status_code, headers=headers)
 

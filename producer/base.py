@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Self
 
 from pydantic import BaseModel
 
@@ -47,8 +47,18 @@ class BaseClient(ABC):
     def cancel(self, task_id: str) -> TaskStatus:
         """Cancel a queued or running task; an error if it is already final."""
 
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections."""
+
     def statuses(self, task_ids: Sequence[str]) -> list[TaskStatus]:
         return [self.status(t) for t in task_ids]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # -- one task -----------------------------------------------------------------------------------------
 

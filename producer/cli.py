@@ -14,6 +14,7 @@ progress bars. Exit codes: 0 ok, 1 a task failed / expired / was cancelled, 2 ba
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
@@ -49,9 +50,16 @@ RedisUrl = Annotated[
 WaitTimeout = Annotated[float | None, typer.Option("--timeout", help="Give up waiting after this many seconds.")]
 
 
-def make_client(api: str | None, api_key: str | None, redis_url: str | None) -> BaseClient:
-    """The HTTP client with --api, else the client that submits straight to Redis."""
-    return HTTPClient(api, api_key) if api else Client(redis_url)
+@dataclass(frozen=True)
+class Connection:
+    """Where a command sends: the HTTP API with --api, else straight to Redis."""
+
+    api: str | None
+    api_key: str | None
+    redis_url: str | None
+
+    def client(self) -> BaseClient:
+        return HTTPClient(self.api, self.api_key) if self.api else Client(self.redis_url)
 
 
 @app.command()
@@ -71,7 +79,7 @@ def classify(
     with exit_codes():
         inputs = text_inputs(texts, file)
     options = _options(model, priority, timeout, top_k=top_k)
-    _submit(TaskType.CLASSIFY, inputs, options, wait, make_client(api, api_key, redis_url))
+    _submit(TaskType.CLASSIFY, inputs, options, wait, Connection(api, api_key, redis_url))
 
 
 @app.command()
@@ -92,7 +100,7 @@ def translate(
     with exit_codes():
         inputs = text_inputs(texts, file)
     options = _options(model, priority, timeout, source_lang=source, target_lang=target)
-    _submit(TaskType.TRANSLATE, inputs, options, wait, make_client(api, api_key, redis_url))
+    _submit(TaskType.TRANSLATE, inputs, options, wait, Connection(api, api_key, redis_url))
 
 
 @app.command()
@@ -113,14 +121,15 @@ def qa(
     """Answer a question over a context, or one per JSON line of --file."""
     with exit_codes():
         inputs = _qa_inputs(question, context, file)
-    _submit(TaskType.QA, inputs, _options(model, priority, timeout), wait, make_client(api, api_key, redis_url))
+    _submit(TaskType.QA, inputs, _options(model, priority, timeout), wait, Connection(api, api_key, redis_url))
 
 
 @app.command()
 def status(task_id: str, api: Api = None, api_key: ApiKey = None, redis_url: RedisUrl = None) -> None:
     """Print a task's status (exit 1 if it failed, expired or was cancelled)."""
     with exit_codes():
-        current = make_client(api, api_key, redis_url).status(task_id)
+        with Connection(api, api_key, redis_url).client() as client:
+            current = client.status(task_id)
     emit(current)
     raise typer.Exit(exit_code([current]))
 
@@ -131,7 +140,8 @@ def wait_(
 ) -> None:
     """Wait until a task is final and print its status (exit 1 unless it succeeded)."""
     with exit_codes():
-        final = make_client(api, api_key, redis_url).wait(task_id, timeout)
+        with Connection(api, api_key, redis_url).client() as client:
+            final = client.wait(task_id, timeout)
     emit(final)
     raise typer.Exit(exit_code([final]))
 
@@ -140,7 +150,8 @@ def wait_(
 def cancel(task_id: str, api: Api = None, api_key: ApiKey = None, redis_url: RedisUrl = None) -> None:
     """Cancel a queued or running task and print its status (exit 2 if it already finished)."""
     with exit_codes():
-        emit(make_client(api, api_key, redis_url).cancel(task_id))
+        with Connection(api, api_key, redis_url).client() as client:
+            emit(client.cancel(task_id))
 
 
 def _qa_inputs(question: str | None, context: str | None, file: str | None) -> Inputs:
@@ -161,11 +172,11 @@ def _options(model: str | None, priority: int | None, timeout: float | None, **e
     return {name: value for name, value in given.items() if value is not None}
 
 
-def _submit(task_type: TaskType, inputs: Inputs, options: dict[str, Any], wait: bool, client: BaseClient) -> None:
+def _submit(task_type: TaskType, inputs: Inputs, options: dict[str, Any], wait: bool, to: Connection) -> None:
     """Submit every input (one task, or one all-or-nothing bulk), print each, optionally wait for all."""
     items = [{**options, **item} for item in inputs.items]
     many = len(items) > 1
-    with exit_codes(inputs.labels):
+    with exit_codes(inputs.labels), to.client() as client:
         if many:
             with progress(f"Submitting {len(items)} {task_type.value} tasks", len(items)) as on_progress:
                 handles = client.bulk(task_type, items, on_progress)

@@ -68,7 +68,7 @@ def exit_codes(item_labels: Sequence[str] | None = None) -> Iterator[None]:
     """Turn the errors a command can meet into a message on stderr and the documented exit code."""
     try:
         yield
-    except (InputError, ValidationError, PagedqError, TimeoutError, ConnectionError) as exc:
+    except (InputError, ValidationError, PagedqError, TimeoutError, OSError) as exc:
         code, message = _describe(exc, item_labels)
     except (redis.RedisError, OperationalError) as exc:
         code, message = EXIT_TASK_FAILED, f"cannot reach Redis: {exc}"

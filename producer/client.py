@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import TracebackType
 
 from producer.base import BaseClient
 from producer.errors import APIError, TaskAlreadyFinished, TaskFailed
@@ -67,11 +66,3 @@ class Client(BaseClient):
 
     def close(self) -> None:
         self.service.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
 import httpx
@@ -44,6 +43,7 @@ class HTTPClient(BaseClient):
         http: httpx.Client | None = None,
     ) -> None:
         headers = {"X-API-Key": api_key} if api_key else {}
+        self._owns_http = http is None
         self.http = http or httpx.Client(base_url=base_url, timeout=timeout)
         self.http.headers.update(headers)
         self.poll_interval = poll_interval
@@ -75,15 +75,8 @@ class HTTPClient(BaseClient):
         raise _api_error(response)
 
     def close(self) -> None:
-        self.http.close()
-
-    def __enter__(self) -> HTTPClient:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+        if self._owns_http:
+            self.http.close()
 
 
 def _api_error(response: httpx.Response) -> APIError:

@@ -40,7 +40,8 @@ def parse_requests(task_type: TaskType, items: Sequence[RequestInput], limits: L
 
 @cache
 def _list_adapter(task_type: TaskType) -> TypeAdapter[list[TaskRequest]]:
-    return TypeAdapter(list[REQUEST_MODELS[task_type]])  # type: ignore[index]
+    items: Any = list[REQUEST_MODELS[task_type]]  # type: ignore[valid-type]
+    return TypeAdapter(items)
 
 
 def _plain(task_type: TaskType, data: RequestInput) -> Any:

@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import redis
 from celery import Celery
-from kombu import Producer
+from kombu.messaging import Producer
 
 from producer.errors import TaskAlreadyFinished
 from producer.parsing import RequestInput, parse_request, parse_requests

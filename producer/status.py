@@ -41,7 +41,7 @@ def task_status(task_id: str, record: Mapping[str, str], meta: Mapping[str, Any]
         state=state,
         model=record.get("model") or None,
         priority=int(record.get("priority", 0)),
-        created_at=record["created_at"],
+        created_at=datetime.fromisoformat(record["created_at"]),
         started_at=_datetime(record.get("started_at")),
         finished_at=_datetime(meta.get("date_done")) if state.is_final else None,
         deadline=deadline,
