@@ -50,7 +50,7 @@ from worker import _demo_tokenizers as toks
 
 log = logging.getLogger(__name__)
 
-DEMO_MODELS_VERSION = "2"
+DEMO_MODELS_VERSION = "4"
 BUILD_MARKER = ".demo-models-complete"
 REGISTRY_FILE = "registry.toml"
 SEED = 1234
@@ -61,12 +61,23 @@ SENTIMENT_LABELS = ("negative", "neutral", "positive")
 TOPIC_LABELS = ("business", "politics", "sports", "technology")
 LLM_PROMPT = "Answer the question using the context.\nContext: {context}\nQuestion: {question}\nAnswer:"
 
-# Task heads are re-initialised wider than BERT's 0.02 so scores and spans differ visibly between inputs
-# (near-uniform scores would make "equals the pipeline within 1e-4" a weak check).
+# Encoders and task heads are initialised wider than BERT's 0.02 so that scores and spans differ visibly
+# between inputs (near-uniform scores would make "equals the pipeline within 1e-4" a weak check).
+ENCODER_INIT_STD = 0.1
 HEAD_INIT_STD = 0.25
+# The translator: a wider init plus a bias towards </s> make its outputs depend on the input and end at
+# varied lengths (some stop early, some run to the limit), as real translations do. Tuned by measurement.
+TRANSLATOR_INIT_STD = 0.1
+TRANSLATOR_EOS_BIAS = 3.0
 
 # Shared shape of the tiny encoders: a few hundred thousand parameters each.
-_BERT_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+_BERT_SHAPE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    initializer_range=ENCODER_INIT_STD,
+)
 
 
 def _labels(names: tuple[str, ...]) -> dict[str, Any]:
@@ -98,6 +109,7 @@ def _build_multilabel(out: Path) -> dict[str, Any]:
         n_layers=2,
         n_heads=4,
         hidden_dim=128,
+        initializer_range=ENCODER_INIT_STD,
         problem_type="multi_label_classification",
         **_labels(TOPIC_LABELS),
     )
@@ -133,8 +145,11 @@ def _build_translator(out: Path) -> dict[str, Any]:
         eos_token_id=eos,
         decoder_start_token_id=pad,  # as in every OPUS-MT checkpoint
         forced_eos_token_id=eos,
+        init_std=TRANSLATOR_INIT_STD,
     )
     model = MarianMTModel(config)
+    with torch.no_grad():
+        model.final_logits_bias[0, eos] = TRANSLATOR_EOS_BIAS
     model.generation_config = GenerationConfig(
         decoder_start_token_id=pad,
         pad_token_id=pad,
