@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from worker.engine.request import Request
+from worker.engine.request import Request, RequestStatus
 
 
 @dataclass(frozen=True)
@@ -92,3 +93,48 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
         remove[-1] = False
         logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
     return logits.softmax(dim=-1)
+
+
+class StopChecker:
+    """Decides, after each new token, whether a request is finished and why.
+
+    Order: EOS (unless `ignore_eos`) and stop token ids -> "stop"; a stop string in the detokenized
+    tail -> "stop"; `max_new_tokens` or the model's maximum length -> "length"."""
+
+    def __init__(self, eos_token_ids: Sequence[int] = (), tokenizer: Any = None, max_model_len: int | None = None):
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+
+    def check(self, request: Request) -> RequestStatus | None:
+        params = request.sampling_params
+        last = request.output_token_ids[-1]
+        if (not params.ignore_eos and last in self.eos_token_ids) or last in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if params.stop and self._stop_string_in_tail(request):
+            return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= params.max_new_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if self.max_model_len is not None and request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _stop_string_in_tail(self, request: Request) -> bool:
+        if self.tokenizer is None:
+            raise ValueError("stop strings need an engine with a tokenizer")
+        # A stop string of c characters ends within the last c (+ a few partial-byte) tokens.
+        span = max(len(s) for s in request.sampling_params.stop) + 4
+        tail = self.tokenizer.decode(request.output_token_ids[-span:], skip_special_tokens=True)
+        return any(s in tail for s in request.sampling_params.stop)
+
+    def output_text(self, request: Request) -> str | None:
+        """The decoded output, cut before the first stop string (kept if `include_stop_str_in_output`)."""
+        if self.tokenizer is None:
+            return None
+        text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
+        params = request.sampling_params
+        cuts = [(i, s) for s in params.stop if (i := text.find(s)) >= 0]
+        if cuts:
+            i, s = min(cuts)
+            text = text[: i + len(s)] if params.include_stop_str_in_output else text[:i]
+        return text

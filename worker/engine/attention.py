@@ -1,0 +1,205 @@
+"""Paged attention for unmodified transformers models: the KV pool, the cache object, step metadata.
+
+How it plugs in (transformers 5.x): `AttentionInterface.register(ATTENTION_NAME, paged_attention)`
+and `model.set_attn_implementation(ATTENTION_NAME)`; each forward gets `cache=PagedKVCache` and the
+step's `AttentionMetadata` as the keyword `METADATA_KWARG`. Every attention layer then calls
+`cache.update(k, v, layer_idx, kwargs=...)` (we write the new K/V into their slots) and then
+`paged_attention(module, q, k, v, None, ...)` (we attend over the pool).
+
+Packed batch of one step (T tokens, one row each, no padding)::
+
+    rows:  [ d0 d1 d2 ... d(B-1) | p0 chunk ........ | p1 chunk .... ]
+           decode rows: 1 query  | prefill segments: many queries each
+           each reads its blocks   attend causally over cached prefix + new tokens
+
+Pool layout per layer: `[num_blocks, block_size, num_kv_heads, head_dim]`; slot = block * bs + offset.
+Grouped-query attention is never expanded: SDPA's `enable_gqa` maps query head h to kv head
+h // (H // KVH), as `repeat_kv` does. Sliding windows follow transformers' rule: a query at
+position p sees keys at positions (p - window, p].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "pagedq_paged"
+METADATA_KWARG = "pagedq_metadata"
+
+
+class PagedKVCache:
+    """The K/V pool tensors of one model. Duck-types the `Cache` calls that decoder layers make."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        # Zeros, not empty: padded decode rows read unused slots; they are masked, but 0 * NaN is NaN.
+        self.key_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.value_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.key_cache.nbytes + self.value_cache.nbytes
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's K/V ([1, KVH, T, D]) into their slots; return them unchanged."""
+        meta: AttentionMetadata = (kwargs or {})[METADATA_KWARG]
+        flat_k = self.key_cache[layer_idx].view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = self.value_cache[layer_idx].view(-1, self.num_kv_heads, self.head_dim)
+        flat_k.index_copy_(0, meta.slot_mapping, key_states[0].transpose(0, 1))
+        flat_v.index_copy_(0, meta.slot_mapping, value_states[0].transpose(0, 1))
+        return key_states, value_states
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate whole blocks, every layer at once."""
+        if copies:
+            src = torch.tensor([s for s, _ in copies], device=self.key_cache.device)
+            dst = torch.tensor([d for _, d in copies], device=self.key_cache.device)
+            self.key_cache[:, dst] = self.key_cache[:, src]
+            self.value_cache[:, dst] = self.value_cache[:, src]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always given explicitly; nothing may rely on this
+
+    def gather(self, layer_idx: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `block_ids` (flat, [N]) as [N * block_size, KVH, D]."""
+        k = self.key_cache[layer_idx].index_select(0, block_ids)
+        v = self.value_cache[layer_idx].index_select(0, block_ids)
+        return k.flatten(0, 1), v.flatten(0, 1)
+
+
+@dataclass
+class PrefillSegment:
+    """A multi-token chunk of one request: rows [start, end) attend to positions [0, context_len)."""
+
+    start: int
+    end: int
+    num_cached: int  # tokens before this chunk, already in the pool
+    block_ids: torch.Tensor | None  # [ceil(context_len / bs)]; None when num_cached == 0
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def context_len(self) -> int:
+        return self.num_cached + self.end - self.start
+
+    def mask(self, window: int | None, device: torch.device) -> torch.Tensor:
+        """[t, context_len] bool, True where the query may attend (causal, optionally windowed)."""
+        if window not in self._masks:
+            q_pos = torch.arange(self.num_cached, self.context_len, device=device)[:, None]
+            k_pos = torch.arange(self.context_len, device=device)[None, :]
+            allowed = k_pos <= q_pos
+            if window is not None:
+                allowed &= k_pos > q_pos - window
+            self._masks[window] = allowed
+        return self._masks[window]
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything the attention layers need for one step; built once per step by the runner."""
+
+    cache: PagedKVCache
+    slot_mapping: torch.Tensor  # [T] pool slot of each row's new K/V
+    num_decode: int  # rows [0, num_decode) are single-token queries
+    decode_block_ids: torch.Tensor  # [num_decode * max_blocks] block table rows, padded, flattened
+    decode_context_lens: torch.Tensor  # [num_decode] tokens each decode row attends to (itself included)
+    decode_max_blocks: int
+    prefills: list[PrefillSegment]
+    _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """[num_decode, 1, 1, max_blocks * bs] bool: the row's own context (within its window)."""
+        if window not in self._decode_masks:
+            lens = self.decode_context_lens[:, None]
+            k_pos = torch.arange(self.decode_max_blocks * self.cache.block_size, device=lens.device)[None, :]
+            allowed = k_pos < lens
+            if window is not None:
+                allowed &= k_pos > lens - 1 - window
+            self._decode_masks[window] = allowed[:, None, None, :]
+        return self._decode_masks[window]
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query [1, H, T, D], key/value [1, KVH, T, D] (this step's rows) -> ([1, T, H, D], None)."""
+    meta: AttentionMetadata | None = kwargs.get(METADATA_KWARG)
+    if meta is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention needs the engine's step metadata; run the model via LLMEngine")
+    layer = module.layer_idx
+    window = kwargs.get("sliding_window")
+    out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])
+    nd = meta.num_decode
+    if nd:
+        out[:nd] = _decode_attention(meta, layer, query[0, :, :nd], window, scaling)
+    for seg in meta.prefills:
+        out[seg.start : seg.end] = _prefill_attention(meta, seg, layer, query, key, value, window, scaling)
+    return out.unsqueeze(0), None
+
+
+def _decode_attention(
+    meta: AttentionMetadata, layer: int, q: torch.Tensor, window: int | None, scaling: float | None
+) -> torch.Tensor:
+    """q [H, B, D] -> [B, H, D]: each row attends over its own blocks, gathered into [B, KVH, L, D]."""
+    nd, kv = meta.num_decode, meta.cache
+    k, v = kv.gather(layer, meta.decode_block_ids)
+    k = k.view(nd, -1, kv.num_kv_heads, kv.head_dim).transpose(1, 2)
+    v = v.view(nd, -1, kv.num_kv_heads, kv.head_dim).transpose(1, 2)
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(2), k, v, attn_mask=meta.decode_mask(window), scale=scaling, enable_gqa=True
+    )
+    return o.squeeze(2)
+
+
+def _prefill_attention(
+    meta: AttentionMetadata,
+    seg: PrefillSegment,
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    window: int | None,
+    scaling: float | None,
+) -> torch.Tensor:
+    """A chunk's queries [1, H, t, D] over its cached prefix plus itself -> [t, H, D]."""
+    q = query[:, :, seg.start : seg.end]
+    t = seg.end - seg.start
+    if seg.num_cached == 0:  # nothing in the pool before this chunk: use this step's K/V directly
+        k, v = key[:, :, seg.start : seg.end], value[:, :, seg.start : seg.end]
+        if window is None or window >= t:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+            return o[0].transpose(0, 1)
+    else:
+        assert seg.block_ids is not None
+        k, v = meta.cache.gather(layer, seg.block_ids)
+        k = k[: seg.context_len].transpose(0, 1).unsqueeze(0)
+        v = v[: seg.context_len].transpose(0, 1).unsqueeze(0)
+    mask = seg.mask(window, q.device)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+    return o[0].transpose(0, 1)

@@ -1,0 +1,148 @@
+"""Model runner: turns a `SchedulerOutput` into one packed forward pass and returns the logits rows.
+
+The batch is `input_ids[1, T]` with per-request `position_ids[1, T]` (restarting at each request's
+computed length); the linear layers see exactly T rows, no padding. Rows are ordered with the
+single-token rows (decodes) first, so the attention function can batch them, then one segment per
+multi-token chunk. Only rows that sample a token (a request's last known token) reach the LM head,
+via `logits_to_keep` as a LongTensor.
+
+Traps this avoids (transformers 5.x): `use_cache=False` (otherwise a packed batch gives silently
+wrong logits); `cache=` (not `past_key_values`); `set_attn_implementation` changes the model's
+config, which is shared by every model built from the same config object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+
+from worker.engine.attention import (
+    ATTENTION_NAME,
+    METADATA_KWARG,
+    AttentionMetadata,
+    PagedKVCache,
+    PrefillSegment,
+    paged_attention,
+)
+from worker.engine.request import Request
+from worker.engine.scheduler import SchedulerOutput
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention)
+
+BlockIdsFn = Callable[[str], list[int]]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the KV pool needs to know about a decoder-only model."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_model_len: int | None
+
+    @classmethod
+    def of(cls, model: Any) -> ModelShape:
+        config = model.config.get_text_config()
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        max_len = getattr(config, "max_position_embeddings", None)
+        return cls(config.num_hidden_layers, kv_heads, head_dim, max_len)
+
+
+def check_model(model: Any) -> None:
+    """Raise unless `model` is a decoder-only model that can run on a custom attention backend."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"{type(model).__name__} is an encoder-decoder model; the paged engine runs decoder-only LMs")
+    if not model.is_backend_compatible():
+        raise ValueError(
+            f"{type(model).__name__} does not support custom attention backends (is_backend_compatible() is False)"
+        )
+
+
+class ModelRunner:
+    def __init__(self, model: Any, cache: PagedKVCache) -> None:
+        check_model(model)
+        model.set_attn_implementation(ATTENTION_NAME)
+        self.model = model
+        self.cache = cache
+        self.block_size = cache.block_size
+        self.device = cache.key_cache.device
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, block_ids: BlockIdsFn) -> tuple[torch.Tensor, list[Request]]:
+        """Run one step. Returns logits [N, vocab] (fp32) and the N requests that sample, in order."""
+        self.cache.copy_blocks(out.copies)
+        input_ids, positions, keep, samplers, meta = self._prepare(out, block_ids)
+        result = self.model(
+            input_ids=input_ids,
+            position_ids=positions,
+            cache=self.cache,
+            use_cache=False,
+            logits_to_keep=keep,
+            **{METADATA_KWARG: meta},
+        )
+        return result.logits[0].float(), samplers
+
+    def _prepare(
+        self, out: SchedulerOutput, block_ids: BlockIdsFn
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Request], AttentionMetadata]:
+        bs = self.block_size
+        pairs = list(zip(out.requests, out.num_tokens, strict=True))
+        decode = [r for r, n in pairs if n == 1]
+        chunks = [(r, n) for r, n in pairs if n > 1]
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        keep: list[int] = []
+        samplers: list[Request] = []
+
+        tables, lens = [], []
+        for row, r in enumerate(decode):
+            p = r.num_computed_tokens
+            table = block_ids(r.request_id)
+            ids.append(r.all_token_ids[p])
+            pos.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            tables.append(table)
+            lens.append(p + 1)
+            if p + 1 == r.num_tokens:
+                keep.append(row)
+                samplers.append(r)
+        max_blocks = max((len(t) for t in tables), default=0)
+        flat_tables = [b for t in tables for b in (t + [0] * (max_blocks - len(t)))]
+
+        segments = []
+        row = len(decode)
+        for r, n in chunks:
+            p0 = r.num_computed_tokens
+            table = block_ids(r.request_id)
+            ids.extend(r.all_token_ids[p0 : p0 + n])
+            pos.extend(range(p0, p0 + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(p0, p0 + n))
+            seg_blocks = torch.tensor(table, device=self.device) if p0 > 0 else None
+            segments.append(PrefillSegment(row, row + n, p0, seg_blocks))
+            row += n
+            if p0 + n == r.num_tokens:
+                keep.append(row - 1)
+                samplers.append(r)
+
+        # Sampling rows in request order of `keep` (decode rows first, then chunks).
+        dev = self.device
+        meta = AttentionMetadata(
+            cache=self.cache,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decode=len(decode),
+            decode_block_ids=torch.tensor(flat_tables, dtype=torch.long, device=dev),
+            decode_context_lens=torch.tensor(lens, dtype=torch.long, device=dev),
+            decode_max_blocks=max_blocks,
+            prefills=segments,
+        )
+        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
+        positions = torch.tensor([pos], dtype=torch.long, device=dev)
+        return input_ids, positions, torch.tensor(keep, dtype=torch.long, device=dev), samplers, meta
