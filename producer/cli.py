@@ -191,3 +191,7 @@ def _submit(task_type: TaskType, inputs: Inputs, options: dict[str, Any], wait: 
     for final in statuses:
         emit(final)
     raise typer.Exit(exit_code(statuses))
+
+
+if __name__ == "__main__":
+    app()
