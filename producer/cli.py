@@ -23,7 +23,7 @@ from producer.base import BaseClient
 from producer.cli_inputs import InputError, Inputs, jsonl_inputs, text_inputs
 from producer.cli_output import emit, exit_code, exit_codes, progress
 from producer.client import Client, HTTPClient
-from producer.service import task_location
+from producer.submission import task_location
 from shared.models import SubmitResponse, TaskType
 
 app = typer.Typer(

@@ -4,9 +4,8 @@ Submission, in this order, so that a bad request leaves no trace:
 
     validate (request models, limits) -> pick the model (registry) -> write the record -> send the message
 
-The message is the wire contract with the worker (`worker.tasks`):
-`{"request": <request JSON>, "model": <registry name>, "deadline": <epoch s>, "submitted_at": <epoch s>}`,
-sent by task name to the task type's queue, with the request's priority mapped onto kombu's 0..9.
+The message (`producer.submission`) is sent by task name to the task type's queue, with the request's
+priority mapped onto kombu's 0..9. If sending fails, the records of the unsent tasks are removed again.
 """
 
 from __future__ import annotations
@@ -14,10 +13,9 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext, suppress
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import redis
 from celery import Celery
@@ -27,6 +25,7 @@ from producer.errors import TaskAlreadyFinished
 from producer.parsing import RequestInput, parse_request, parse_requests
 from producer.polling import wait_for
 from producer.status import task_status
+from producer.submission import Submission
 from shared.celery_config import QUEUES, TASK_NAMES, celery_priority, make_celery
 from shared.errors import InvalidRequest, PagedqError, TaskNotFound
 from shared.models import SubmitResponse, TaskRequest, TaskStatus, TaskType
@@ -37,41 +36,10 @@ from shared.settings import Settings, get_settings
 #: Model name sent when there is no registry and the request names none; the worker picks its default.
 DEFAULT_MODEL = "default"
 
+#: Messages per pipelined batch when sending a bulk (progress is reported per batch).
+SEND_BATCH = 250
+
 ProgressCallback = Callable[[int, int], None]  # (done, total)
-
-
-def task_location(task_id: str) -> str:
-    """Where the HTTP API serves a task's status."""
-    return f"/v1/tasks/{task_id}"
-
-
-@dataclass(frozen=True)
-class Submission:
-    """One validated request, ready to be recorded and sent."""
-
-    id: str
-    task_type: TaskType
-    request: TaskRequest
-    model: str
-    submitted_at: float  # epoch seconds
-    deadline: float  # epoch seconds
-
-    @property
-    def message(self) -> dict[str, Any]:
-        return {
-            "request": self.request.model_dump(mode="json"),
-            "model": self.model,
-            "deadline": self.deadline,
-            "submitted_at": self.submitted_at,
-        }
-
-    @property
-    def summary(self) -> str:
-        return f"<{self.task_type.value} request for model {self.model!r}, priority {self.request.priority}>"
-
-    @property
-    def response(self) -> SubmitResponse:
-        return SubmitResponse(id=self.id, type=self.task_type, location=task_location(self.id))
 
 
 class TaskService:
@@ -97,7 +65,11 @@ class TaskService:
         self.records.create(
             submission.id, task_type, submission.model, submission.request.priority, _utc(submission.deadline)
         )
-        self._send(submission)
+        try:
+            self._send(submission)
+        except Exception:
+            self._forget([submission])
+            raise
         return submission.response
 
     def submit_bulk(
@@ -159,20 +131,33 @@ class TaskService:
         )
 
     def _send_all(self, submissions: Sequence[Submission], on_progress: ProgressCallback | None) -> None:
-        """Send through one producer; kombu >= 5.7 buffers the pushes into pipelined batches."""
+        """Send through one producer in pipelined batches (kombu >= 5.7); a batch that fails is discarded
+        and the records of it and of every later submission are removed before the error propagates."""
         total = len(submissions)
-        with self.celery.producer_or_acquire() as producer, _batched(producer):
-            for done, submission in enumerate(submissions, start=1):
-                self._send(submission, producer)
+        with self.celery.producer_or_acquire() as producer:
+            for start in range(0, total, SEND_BATCH):
+                batch = submissions[start : start + SEND_BATCH]
+                try:
+                    with _batched(producer):
+                        for submission in batch:
+                            self._send(submission, producer)
+                except Exception:
+                    self._forget(submissions[start:])
+                    raise
                 if on_progress is not None:
-                    on_progress(done, total)
+                    on_progress(start + len(batch), total)
+
+    def _forget(self, submissions: Sequence[Submission]) -> None:
+        """Best effort: Redis may be what failed."""
+        with suppress(redis.RedisError):
+            self.records.redis.delete(*[KEY_PREFIX + s.id for s in submissions])
 
     # -- inspection and control ---------------------------------------------------------------------------
 
     def status(self, task_id: str) -> TaskStatus:
         """The task's current status; TaskNotFound for an id that was never submitted (or has expired)."""
         record = self.records.get(task_id)
-        if record is None:
+        if not _is_submitted(record):
             raise TaskNotFound(f"no task with id {task_id!r}")
         return task_status(task_id, record, self._meta(task_id), datetime.now(UTC))
 
@@ -187,7 +172,7 @@ class TaskService:
         now = datetime.now(UTC)
         found = []
         for task_id, record, payload in zip(task_ids, records, raw, strict=True):
-            if not record:
+            if not _is_submitted(record):
                 raise TaskNotFound(f"no task with id {task_id!r}")
             found.append(task_status(task_id, record, _decode(backend, payload), now))
         return found
@@ -222,6 +207,11 @@ class TaskService:
     def close(self) -> None:
         self.records.redis.close()
         self.celery.close()
+
+
+def _is_submitted(record: dict[str, str] | None) -> TypeGuard[dict[str, str]]:
+    """A record the producer wrote (a worker's `mark` on an expired record leaves only its own fields)."""
+    return record is not None and "type" in record and "created_at" in record
 
 
 def _decode(backend: Any, payload: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 from celery import states
+from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
 from producer.client import Client, TaskFailed
@@ -34,6 +35,7 @@ from shared.errors import (
 )
 from shared.models import ClassifyRequest, ClassifyResult, TaskState, TaskType, TranslateRequest
 from shared.records import KEY_PREFIX
+from shared.redis_server import free_port
 from shared.registry import Registry
 from shared.settings import Limits, Settings
 
@@ -252,7 +254,7 @@ def test_bulk_records_and_sends_every_request_in_order(service: TaskService, r: 
     # LPUSH, so the list holds the newest first
     assert [m["headers"]["id"] for m in reversed(messages)] == [s.id for s in submitted]
     assert [body_of(m)[0][0]["request"]["text"] for m in reversed(messages)] == [f"t{i}" for i in range(5)]
-    assert progress[-1] == (5, 5) and len(progress) == 5
+    assert progress == [(5, 5)]  # reported per pipelined batch of sends
 
 
 def test_bulk_with_one_bad_item_enqueues_nothing(service: TaskService, r: redis.Redis) -> None:
@@ -476,3 +478,22 @@ def test_the_producer_never_imports_torch_or_transformers() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_failed_send_leaves_no_record(redis_url: str, r: redis.Redis) -> None:
+    """Records live in the result backend's Redis; the broker here is a closed port, so sending fails."""
+    dead_broker = f"redis://127.0.0.1:{free_port()}/0"
+    service = TaskService(Settings(redis_url=dead_broker, result_redis_url=redis_url, registry_path=None))
+    service.celery.conf.task_publish_retry = False  # fail at once instead of retrying the connection
+    service.celery.conf.broker_transport_options = {**service.celery.conf.broker_transport_options, "max_retries": 0}
+    with pytest.raises(OperationalError):
+        service.submit(TaskType.CLASSIFY, {"text": "hi"})
+    with pytest.raises(OperationalError):
+        service.submit_bulk(TaskType.CLASSIFY, [{"text": "a"}, {"text": "b"}])
+    assert r.keys(KEY_PREFIX + "*") == []
+
+
+def test_a_record_only_a_worker_marked_is_not_a_task(service: TaskService) -> None:
+    service.records.mark("left-over", started_at="2030-01-01T00:00:00+00:00", worker="w@h")
+    with pytest.raises(TaskNotFound):
+        service.status("left-over")
