@@ -31,13 +31,16 @@ UNKNOWN_ID: dict[str, Any] = {"model": ErrorBody, "description": "Unknown task i
 
 
 def create_app(settings: Settings | None = None, service: TaskService | None = None) -> FastAPI:
-    """The API app. `service` defaults to a TaskService on `settings` (default: from the environment)."""
-    settings = settings or get_settings()
+    """The API app. `service` defaults to a TaskService on `settings` (default: from the environment), which
+    the app closes at shutdown; a service passed in stays the caller's to close."""
+    settings = settings or (service.settings if service is not None else get_settings())
+    owned = service is None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        app.state.service.close()
+        if owned:
+            app.state.service.close()
 
     app = FastAPI(
         title="pagedq",

@@ -195,9 +195,11 @@ class TaskService:
         backend = self.celery.backend
         return _decode(backend, backend.get(backend.get_key_for_task(task_id)))
 
-    def ping_redis(self) -> None:
-        """Raise redis.RedisError if Redis does not answer."""
-        self.records.redis.ping()
+    def ping_redis(self, timeout_s: float = 1.0) -> None:
+        """Raise redis.RedisError unless the broker's Redis (and the result backend's, if separate) answer."""
+        for url in dict.fromkeys([self.settings.redis_url, self.settings.backend_url]):
+            with redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s) as client:
+                client.ping()
 
     def ping_workers(self, timeout_s: float = 1.0) -> list[str]:
         """Host names of the Celery workers that answered a ping within `timeout_s`."""
