@@ -78,7 +78,7 @@ class ClassificationExecutor(ModelExecutor):
         self._input_names = [n for n in loaded.tokenizer.model_input_names if n != "offset_mapping"]
         self._new: list[tuple[EngineRequest, tuple[int, float, int]]] = []  # added, not yet tokenized
         self._waiting: WaitingQueue[_Encoded] = WaitingQueue()
-        self._counters = {"num_forwards": 0, "num_requests_finished": 0, "num_tokens_padded": 0}
+        self._counters = {"steps": 0, "num_requests_finished": 0, "padded_tokens": 0}
 
     # ---- the ModelExecutor interface ------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -145,8 +145,8 @@ class ClassificationExecutor(ModelExecutor):
     def _forward(self, batch: list[_Encoded]) -> torch.Tensor:
         """One padded forward; float32 logits [len(batch), num_labels] on the CPU."""
         inputs = pad_batch([enc.inputs for enc in batch], self.loaded.tokenizer, self.loaded.device)
-        self._counters["num_forwards"] += 1
-        self._counters["num_tokens_padded"] += inputs["input_ids"].numel()
+        self._counters["steps"] += 1
+        self._counters["padded_tokens"] += inputs["input_ids"].numel()
         with torch.inference_mode():
             return self.loaded.model(**inputs).logits.float().cpu()
 

@@ -85,7 +85,7 @@ class ExtractiveQAExecutor(ModelExecutor):
         self._new: list[tuple[EngineRequest, tuple[int, float, int]]] = []
         self._pending: dict[str, _Pending] = {}
         self._waiting: WaitingQueue[_Window] = WaitingQueue()
-        self._counters = {"num_forwards": 0, "num_windows": 0, "num_requests_finished": 0}
+        self._counters = {"steps": 0, "num_windows": 0, "num_requests_finished": 0}
 
     # ---- the ModelExecutor interface ------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -199,7 +199,7 @@ class ExtractiveQAExecutor(ModelExecutor):
     def _forward(self, windows: list[_Window]) -> tuple[np.ndarray, np.ndarray]:
         """One padded forward; float32 start and end logits [len(windows), longest]."""
         inputs = pad_batch([w.inputs for w in windows], self.loaded.tokenizer, self.loaded.device)
-        self._counters["num_forwards"] += 1
+        self._counters["steps"] += 1
         with torch.inference_mode():
             out = self.loaded.model(**inputs)
         return out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()

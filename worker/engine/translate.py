@@ -54,7 +54,7 @@ class Seq2SeqExecutor(ModelExecutor):
         self._input_names = [n for n in loaded.tokenizer.model_input_names if n != "token_type_ids"]
         self._new: list[tuple[EngineRequest, tuple[int, float, int]]] = []
         self._waiting: WaitingQueue[_Encoded] = WaitingQueue()
-        self._counters = {"num_generate_calls": 0, "num_requests_finished": 0, "num_output_tokens": 0}
+        self._counters = {"steps": 0, "num_requests_finished": 0, "generated_tokens": 0}
 
     # ---- the ModelExecutor interface ------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -149,7 +149,7 @@ class Seq2SeqExecutor(ModelExecutor):
         """One `generate` call; returns each row's generated token ids (decoder start token removed)."""
         tokenizer, model = self.loaded.tokenizer, self.loaded.model
         inputs = pad_batch([enc.inputs for enc in batch], tokenizer, self.loaded.device)
-        self._counters["num_generate_calls"] += 1
+        self._counters["steps"] += 1
         with torch.inference_mode(), torch.random.fork_rng(devices=self._rng_devices(), enabled=key.seeded):
             if key.seed is not None:
                 torch.manual_seed(key.seed)
@@ -162,7 +162,7 @@ class Seq2SeqExecutor(ModelExecutor):
 
     def _result(self, row: list[int], encoded: _Encoded, key: GenerationKey) -> TranslateResult:
         tokens, finish_reason = split_output(row, self.loaded.model, key.max_new_tokens)
-        self._counters["num_output_tokens"] += len(tokens)
+        self._counters["generated_tokens"] += len(tokens)
         return TranslateResult(
             model=self.loaded.spec.name,
             translation=self.loaded.tokenizer.decode(tokens, skip_special_tokens=True),

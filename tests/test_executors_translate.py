@@ -1,0 +1,102 @@
+"""The translation executor against per-request `model.generate` on the same Marian model.
+
+(transformers 5 removed the translation pipeline; `generate` is the reference.)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from executor_support import TEXTS, load_demo, long_text, request, run
+
+from shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled, UnsupportedLanguagePair
+from shared.models import GenerationOptions, TaskType, TranslateRequest, TranslateResult
+from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
+from worker.engine.translate import Seq2SeqExecutor
+
+
+@pytest.fixture(scope="module")
+def lm(demo_models: Path) -> LoadedModel:
+    return load_demo(demo_models, "demo-translator")
+
+
+def translate(text: str, **fields: Any) -> EngineRequest:
+    options = {k: fields.pop(k) for k in ("source_lang", "target_lang", "truncate") if k in fields}
+    generation = GenerationOptions(**fields.pop("generation", {}))
+    payload = TranslateRequest(text=text, generation=generation, **options)
+    return request(TaskType.TRANSLATE, payload, "demo-translator", **fields)
+
+
+def reference_translation(lm: LoadedModel, text: str, **generate: Any) -> tuple[str, int]:
+    """Per-request `generate`: the translation and the number of generated tokens (EOS counted)."""
+    inputs = lm.tokenizer([text], return_tensors="pt")
+    with torch.no_grad():
+        out = lm.model.generate(**inputs, **generate)[0, 1:].tolist()
+    while out and out[-1] == lm.tokenizer.pad_token_id:
+        out.pop()
+    return lm.tokenizer.decode(out, skip_special_tokens=True), len(out)
+
+
+def test_translate_greedy_matches_per_request_generate(lm: LoadedModel) -> None:
+    executor = Seq2SeqExecutor(lm, EngineConfig(max_batch_tokens=1024, max_running_requests=16))
+    reqs = [translate(t, source_lang="en", target_lang="de") for t in TEXTS]
+    run(executor, reqs)
+    assert executor.stats()["steps"] == 1
+    reasons = set()
+    for req, text in zip(reqs, TEXTS, strict=True):
+        got: TranslateResult = req.future.result(timeout=0)
+        assert (got.translation, got.output_tokens) == reference_translation(lm, text)
+        assert got.input_tokens == len(lm.tokenizer(text)["input_ids"]) and got.model == "demo-translator"
+        reasons.add(got.finish_reason)
+        assert got.finish_reason == ("length" if got.output_tokens == 32 else "stop")
+    assert reasons == {"stop", "length"}  # the demo translator stops at varied lengths
+
+
+def test_translate_beam_search_and_grouping(lm: LoadedModel) -> None:
+    executor = Seq2SeqExecutor(lm, EngineConfig(max_batch_tokens=1024, max_running_requests=16))
+    beams = [translate(t, generation={"num_beams": 3, "max_new_tokens": 12}) for t in TEXTS[:5]]
+    greedy = [translate(t, generation={"max_new_tokens": 12}) for t in TEXTS[:5]]
+    run(executor, [x for pair in zip(beams, greedy, strict=True) for x in pair])
+    assert executor.stats()["steps"] == 2  # one per distinct option set
+    for b, g, text in zip(beams, greedy, TEXTS, strict=False):
+        assert b.future.result(timeout=0).translation == reference_translation(lm, text, num_beams=3, max_length=13)[0]
+        assert g.future.result(timeout=0).translation == reference_translation(lm, text, max_length=13)[0]
+        assert g.future.result(timeout=0).output_tokens <= 12
+
+
+def test_translate_seeded_sampling_runs_alone_and_repeats(lm: LoadedModel) -> None:
+    executor = Seq2SeqExecutor(lm, EngineConfig())
+    options = {"do_sample": True, "seed": 7, "temperature": 1.5, "top_k": 20, "max_new_tokens": 10}
+    first, second = translate(TEXTS[2], generation=options), translate(TEXTS[2], generation=options)
+    run(executor, [first, second])
+    assert executor.stats()["steps"] == 2
+    assert first.future.result(timeout=0).translation == second.future.result(timeout=0).translation
+    torch.manual_seed(7)
+    want = reference_translation(lm, TEXTS[2], do_sample=True, temperature=1.5, top_k=20, top_p=1.0, max_length=11)
+    assert first.future.result(timeout=0).translation == want[0]
+
+
+def test_translate_rejections_truncation_deadline_abort(lm: LoadedModel) -> None:
+    executor = Seq2SeqExecutor(lm, EngineConfig())
+    french = translate(TEXTS[0], source_lang="fr", target_lang="de")
+    cut = translate(long_text(700), generation={"max_new_tokens": 4})
+    rejected = translate(long_text(700), truncate=False)
+    expired, aborted = translate(TEXTS[1], deadline=time.time() - 1), translate(TEXTS[3])
+    for req in (french, cut, rejected, expired, aborted):
+        executor.add(req)
+    assert executor.abort(aborted.id, TaskCancelled("cancelled"))
+    run(executor, [])
+    with pytest.raises(UnsupportedLanguagePair, match="serves"):
+        french.future.result(timeout=0)
+    assert cut.future.result(timeout=0).truncated and cut.future.result(timeout=0).input_tokens == 512
+    with pytest.raises(InvalidRequest, match=r"tokens; the model's limit is 512"):
+        rejected.future.result(timeout=0)
+    with pytest.raises(DeadlineExceeded):
+        expired.future.result(timeout=0)
+    with pytest.raises(TaskCancelled):
+        aborted.future.result(timeout=0)
+    assert executor.stats()["steps"] == 1
