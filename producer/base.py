@@ -23,7 +23,7 @@ from shared.models import (
 
 
 class BaseClient(ABC):
-    """Submission helpers on top of five primitives the subclasses implement.
+    """Submission, waiting and handles on top of the primitives each subclass implements (the abstract ones).
 
     Every submission validates with the shared request models first: bad input raises
     `pydantic.ValidationError` before anything is sent.
