@@ -3,7 +3,9 @@
 The record (`shared.records`) says what was submitted and whether a cancel was asked for; the result
 backend says what a worker did. Celery states map onto task states like this:
 
-    PENDING / RECEIVED / RETRY -> queued     (cancelled if a cancel was asked; expired past the deadline)
+    PENDING / RECEIVED / RETRY -> queued     (cancelled if a cancel was asked; expired past the deadline);
+                                  running once the worker wrote `started_at` on the record (the backend
+                                  never holds STARTED: it would overwrite a stored SUCCESS on redelivery)
     STARTED                    -> running
     SUCCESS                    -> succeeded  (`result` parsed into a TaskResult)
     FAILURE                    -> expired for DeadlineExceeded, cancelled for TaskCancelled, else failed
@@ -34,7 +36,8 @@ def task_status(task_id: str, record: Mapping[str, str], meta: Mapping[str, Any]
     """The status of `task_id` from its record and its raw (JSON-decoded) result meta, as of `now` (UTC)."""
     deadline = _datetime(record.get("deadline"))
     past_deadline = deadline is not None and now >= deadline
-    state, result, error = _outcome(meta, bool(record.get("cancel_requested")), past_deadline)
+    state, result, error = _outcome(meta, bool(record.get("cancel_requested")), past_deadline,
+                                    started=bool(record.get("started_at")))
     return TaskStatus(
         id=task_id,
         type=TaskType(record["type"]),
@@ -50,9 +53,11 @@ def task_status(task_id: str, record: Mapping[str, str], meta: Mapping[str, Any]
     )
 
 
-def _outcome(meta: Mapping[str, Any], cancel_requested: bool, past_deadline: bool) -> Outcome:
+def _outcome(meta: Mapping[str, Any], cancel_requested: bool, past_deadline: bool, started: bool = False) -> Outcome:
     celery_state = meta.get("status") or "PENDING"
     if celery_state in _WAITING:
+        if started:  # a worker holds it; it reports the final state (cancelled, expired...) itself
+            return TaskState.RUNNING, None, None
         if cancel_requested:
             return TaskState.CANCELLED, None, _CANCELLED
         if past_deadline:

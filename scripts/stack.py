@@ -71,6 +71,14 @@ class Stack:
         return proc
 
     def start(self, flower: bool = True) -> Stack:
+        """Start everything; if any part fails to come up, stop what was started and re-raise."""
+        try:
+            return self._start(flower)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, flower: bool) -> Stack:
         if self.redis_url is None:
             self.redis = LocalRedis(appendonly=True).start()
             self.redis_url = self.redis.url

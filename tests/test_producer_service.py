@@ -294,7 +294,7 @@ def test_queued_then_running_then_succeeded(service: TaskService) -> None:
     assert queued_status.started_at is None and queued_status.finished_at is None
     assert queued_status.deadline is not None and queued_status.created_at < queued_status.deadline
 
-    service.celery.backend.mark_as_started(task_id, pid=1, hostname="worker@gpu0")
+    # What the worker does: it writes started_at on the record (the backend stays PENDING).
     service.records.mark(task_id, started_at=datetime.now().astimezone().isoformat(), worker="worker@gpu0")
     running = service.status(task_id)
     assert running.state is TaskState.RUNNING and running.started_at is not None and running.finished_at is None
