@@ -51,3 +51,13 @@ def test_secrets_are_required_not_defaulted() -> None:
     assert api_env["PAGEDQ_AUTH_ENABLED"] == "true"
     assert api_env["PAGEDQ_API_KEYS"].startswith("${PAGEDQ_API_KEYS:?")
     assert COMPOSE["services"]["flower"]["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
+
+
+def test_a_client_only_install_pulls_no_torch() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    heavy = ("torch", "transformers", "tokenizers", "safetensors")
+    assert not [d for d in project["dependencies"] if d.startswith(heavy)]
+    assert not [d for d in project["optional-dependencies"]["api"] if d.startswith(heavy)]
+    assert any(d.startswith("torch") for d in project["optional-dependencies"]["worker"])
