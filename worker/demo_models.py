@@ -77,7 +77,7 @@ TRANSLATOR_INIT_STD = 0.1
 TRANSLATOR_EOS_BIAS = 3.0
 
 # Shared shape of the tiny encoders: a few hundred thousand parameters each.
-_BERT_SHAPE = dict(
+_BERT_SHAPE: dict[str, Any] = dict(
     hidden_size=64,
     num_hidden_layers=2,
     num_attention_heads=4,

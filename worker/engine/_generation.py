@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from worker.engine.executor import EngineRequest
+from shared.models import GenerationOptions
 
 DEFAULT_MAX_NEW_TOKENS = 20  # transformers' default when a generation config sets no length
 DECODER_START_TOKENS = 1  # the decoder_start_token_id every encoder-decoder output begins with
@@ -47,24 +47,23 @@ def default_max_new_tokens(model: Any) -> int:
     return DEFAULT_MAX_NEW_TOKENS
 
 
-def generation_key(request: EngineRequest, model: Any) -> GenerationKey:
-    options = request.payload.generation
+def generation_key(options: GenerationOptions, request_id: str, model: Any) -> GenerationKey:
+    """The effective options of request `request_id` on `model`."""
     max_new = options.max_new_tokens or default_max_new_tokens(model)
     positions = getattr(model.config, "max_position_embeddings", None)  # learned/sinusoidal decoder positions
     if positions is not None:
         max_new = min(max_new, positions - DECODER_START_TOKENS)
     explicit = "do_sample" in options.model_fields_set or options.do_sample
     do_sample = options.do_sample if explicit else None
-    sampling = {}
-    if do_sample:
-        sampling = {"temperature": options.temperature, "top_p": options.top_p, "top_k": options.top_k}
     return GenerationKey(
         max_new_tokens=max_new,
         num_beams=options.num_beams or model.generation_config.num_beams or 1,
         do_sample=do_sample,
+        temperature=options.temperature if do_sample else None,  # sampling knobs only matter when sampling
+        top_p=options.top_p if do_sample else None,
+        top_k=options.top_k if do_sample else None,
         seed=options.seed,
-        alone=request.id if options.seed is not None else None,
-        **sampling,
+        alone=request_id if options.seed is not None else None,
     )
 
 

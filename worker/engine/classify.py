@@ -47,6 +47,11 @@ class _Encoded:
         return len(self.inputs["input_ids"])
 
 
+def _payload(request: EngineRequest) -> ClassifyRequest:
+    assert isinstance(request.payload, ClassifyRequest)  # checked by `add`
+    return request.payload
+
+
 def default_function(config: object) -> str:
     """The score function `pipeline("text-classification")` applies when none is requested."""
     problem_type = getattr(config, "problem_type", None)
@@ -113,7 +118,7 @@ class ClassificationExecutor(ModelExecutor):
         self._waiting.remove_items([enc for _, enc in batch])
         logits = self._forward([enc for _, enc in batch])
         for row, (request, encoded) in enumerate(batch):
-            request.finish(self._result(request.payload, logits[row], encoded))
+            request.finish(self._result(_payload(request), logits[row], encoded))
             self._counters["num_requests_finished"] += 1
 
     def stats(self) -> dict[str, float]:
@@ -127,7 +132,7 @@ class ClassificationExecutor(ModelExecutor):
         if not new:
             return
         tokenizer, limit = self.loaded.tokenizer, self.max_input_tokens
-        texts = [req.payload.text for req, _ in new]
+        texts = [_payload(req).text for req, _ in new]
         full = tokenizer(texts, truncation=False, verbose=False)
         long_rows = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > limit]
         cut_row = {i: n for n, i in enumerate(long_rows)}  # row in `full` -> row in `cut`
@@ -135,7 +140,7 @@ class ClassificationExecutor(ModelExecutor):
         for i, (request, key) in enumerate(new):
             source, row, truncated = full, i, False
             if i in cut_row:
-                if not request.payload.truncate:
+                if not _payload(request).truncate:
                     request.fail(too_long(len(full["input_ids"][i]), limit, "text"))
                     continue
                 source, row, truncated = cut, cut_row[i], True

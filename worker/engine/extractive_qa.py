@@ -43,6 +43,11 @@ PIPELINE_DOC_STRIDE = 128  # the pipeline's default overlap (at most half a wind
 CONTEXT_SEQUENCE = 1  # sequence id of the context when the question comes first
 
 
+def _payload(request: EngineRequest) -> QARequest:
+    assert isinstance(request.payload, QARequest)  # checked by `add`
+    return request.payload
+
+
 @dataclass(eq=False)
 class _Window:
     request_id: str
@@ -128,7 +133,7 @@ class ExtractiveQAExecutor(ModelExecutor):
             cols = unpadded_columns(start_logits.shape[1], window.num_tokens, self.loaded.tokenizer)
             pending = self._pending[window.request_id]
             pending.spans[window.index] = best_span(
-                start_logits[row, cols], end_logits[row, cols], window.p_mask, pending.request.payload.max_answer_len
+                start_logits[row, cols], end_logits[row, cols], window.p_mask, _payload(pending.request).max_answer_len
             )
             if pending.windows_left == 0:
                 self._finish(self._pending.pop(window.request_id))
@@ -145,7 +150,7 @@ class ExtractiveQAExecutor(ModelExecutor):
         if not new:
             return
         tokenizer = self.loaded.tokenizer
-        questions = tokenizer([req.payload.question for req, _ in new], add_special_tokens=False, verbose=False)
+        questions = tokenizer([_payload(req).question for req, _ in new], add_special_tokens=False, verbose=False)
         accepted = []
         for (request, key), question_ids in zip(new, questions["input_ids"], strict=True):
             if len(question_ids) > self.max_question_tokens:
@@ -159,7 +164,7 @@ class ExtractiveQAExecutor(ModelExecutor):
                 accepted.append((request, key))
         if not accepted:
             return
-        first, second = [r.payload.question for r, _ in accepted], [r.payload.context for r, _ in accepted]
+        first, second = [_payload(r).question for r, _ in accepted], [_payload(r).context for r, _ in accepted]
         encoded = tokenizer(
             text=first if self.question_first else second,
             text_pair=second if self.question_first else first,
@@ -205,7 +210,7 @@ class ExtractiveQAExecutor(ModelExecutor):
         return out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
 
     def _finish(self, pending: _Pending) -> None:
-        payload: QARequest = pending.request.payload
+        payload = _payload(pending.request)
         spans = [pending.spans[i] for i in range(len(pending.windows))]
         answer = combine_windows(
             spans,
@@ -223,6 +228,8 @@ class ExtractiveQAExecutor(ModelExecutor):
                 start=answer.start if answer else 0,
                 end=answer.end if answer else 0,
                 input_tokens=sum(w.num_tokens for w in pending.windows),
+                truncated=False,  # windows cover the whole context
+                output_tokens=0,
             )
         )
         self._counters["num_requests_finished"] += 1

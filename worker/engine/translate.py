@@ -34,6 +34,11 @@ from worker.engine._generation import GenerationKey, generate_kwargs, generation
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
 
 
+def _payload(request: EngineRequest) -> TranslateRequest:
+    assert isinstance(request.payload, TranslateRequest)  # checked by `add`
+    return request.payload
+
+
 @dataclass
 class _Encoded:
     inputs: dict[str, list[int]]
@@ -106,18 +111,18 @@ class Seq2SeqExecutor(ModelExecutor):
         if not new:
             return
         tokenizer, limit = self.loaded.tokenizer, self.max_input_tokens
-        texts = [self._source_text(req.payload) for req, _ in new]
+        texts = [self._source_text(_payload(req)) for req, _ in new]
         full = tokenizer(texts, truncation=False, verbose=False)
         for i, (request, key) in enumerate(new):
             ids, truncated = full["input_ids"][i], False
             inputs = {name: full[name][i] for name in self._input_names if name in full}
             if len(ids) > limit:
-                if not request.payload.truncate:
+                if not _payload(request).truncate:
                     request.fail(too_long(len(ids), limit, "text"))
                     continue
                 cut = tokenizer(texts[i], truncation=True, max_length=limit)
                 inputs, truncated = {name: cut[name] for name in inputs}, True
-            gen_key = generation_key(request, self.loaded.model)
+            gen_key = generation_key(_payload(request).generation, request.id, self.loaded.model)
             self._waiting.push(request, _Encoded(inputs, truncated, gen_key), key)
 
     def _source_text(self, payload: TranslateRequest) -> str:
