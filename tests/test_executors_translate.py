@@ -100,3 +100,16 @@ def test_translate_rejections_truncation_deadline_abort(lm: LoadedModel) -> None
     with pytest.raises(TaskCancelled):
         aborted.future.result(timeout=0)
     assert executor.stats()["steps"] == 1
+
+
+def test_translate_priority_first_and_beams_count_against_the_cap(lm: LoadedModel) -> None:
+    executor = Seq2SeqExecutor(lm, EngineConfig(max_running_requests=4))
+    beams = [translate(t, generation={"num_beams": 2, "max_new_tokens": 5}) for t in TEXTS[:3]]
+    urgent = translate(TEXTS[3], priority=-1, generation={"max_new_tokens": 5})
+    order: list[str] = []
+    for req in [*beams, urgent]:
+        req.future.add_done_callback(lambda _f, rid=req.id: order.append(rid))
+    steps = run(executor, [*beams, urgent])
+    assert order[0] == urgent.id  # priority beats arrival, whatever the options
+    assert steps == 3  # urgent alone, then 4 // 2 = 2 beam requests per step: 2 + 1
+    assert all(r.future.result(timeout=0).output_tokens <= 5 for r in beams)
