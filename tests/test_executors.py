@@ -15,6 +15,7 @@ from transformers import pipeline
 
 from shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled
 from shared.models import ClassifyRequest, ClassifyResult, TaskType
+from worker.engine._batching import pick_batch
 from worker.engine.classify import ClassificationExecutor
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
 
@@ -138,3 +139,17 @@ def test_classify_truncation(loaded: dict[str, LoadedModel]) -> None:
     with pytest.raises(InvalidRequest, match=r"text is \d+ tokens; the model's limit is 512"):
         rejected.future.result(timeout=0)
     assert not short.future.result(timeout=0).truncated
+
+
+def test_pick_batch_follows_priority_then_length() -> None:
+    """The example of worker/engine/_batching.py's docstring, plus a higher-priority long item."""
+    lengths = {"A": 120, "B": 30, "C": 500, "D": 28, "E": 33}
+    reqs = {name: classify(TEXTS[0]) for name in lengths}
+    candidates = [(reqs[name], name) for name in lengths]
+    picked = pick_batch(candidates, length=lengths.__getitem__, max_tokens=512, max_items=8)
+    assert [name for _, name in picked] == ["A", "E", "B", "D"]
+    assert [name for _, name in pick_batch(candidates, lengths.__getitem__, 512, 2)] == ["A", "E"]
+    urgent = classify(TEXTS[0], priority=-1)
+    lengths["U"] = 200
+    first = [(urgent, "U"), *candidates]
+    assert [name for _, name in pick_batch(first, lengths.__getitem__, 512, 8)] == ["U", "A"]

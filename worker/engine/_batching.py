@@ -143,10 +143,12 @@ def too_long(num_tokens: int, limit: int, what: str = "input") -> InvalidRequest
 def pad_batch(encodings: Sequence[dict[str, list[int]]], tokenizer: Any, device: Any) -> dict[str, Any]:
     """Pad token-id lists to one rectangular batch on `device`, on the tokenizer's padding side.
 
-    Pad values: `pad_token_id` for input ids, 0 for attention masks, `pad_token_type_id` for token types.
+    Pad values: `pad_token_id` for input ids (0 if the tokenizer has none: the attention mask hides it), 0 for
+    attention masks, `pad_token_type_id` for token types.
     """
     longest = max(len(enc["input_ids"]) for enc in encodings)
-    pad_values = {"input_ids": tokenizer.pad_token_id, "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_values = {"input_ids": pad_id, "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
     left = tokenizer.padding_side == "left"
     batch = {}
     for name in encodings[0]:
