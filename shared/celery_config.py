@@ -14,8 +14,16 @@ from shared.settings import Settings, get_settings
 #: Celery task name == queue name, one per task type.
 TASK_NAMES: dict[TaskType, str] = {t: f"pagedq.{t.value}" for t in TaskType}
 QUEUES: dict[TaskType, str] = dict(TASK_NAMES)
-#: Redis priority steps: kombu maps priorities 0..9 onto this many sub-queues per queue.
+#: Redis priority steps: kombu maps priorities 0..9 onto these sub-queues per queue.
 PRIORITY_STEPS = [0, 3, 6, 9]
+#: kombu's separator between a queue's name and its priority step. Keep the default: Flower and the
+#: `celery` CLI use it, and with another one they never see the workers' control replies.
+PRIORITY_SEP = "\x06\x16"
+
+
+def redis_queue_keys(queue: str) -> list[str]:
+    """The Redis lists that hold a queue's messages, highest priority first (kombu's layout)."""
+    return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
 
 
 def celery_priority(priority: int) -> int:
@@ -41,7 +49,6 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "broker_transport_options": {
             "visibility_timeout": max(settings.visibility_timeout_s, int(worst_case_s * 2)),
             "priority_steps": PRIORITY_STEPS,
-            "sep": ":",
             "queue_order_strategy": "priority",
         },
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -154,7 +154,7 @@ class QARequest(_Request):
         return _check_text(v, _limits(info).max_context_chars, "context")
 
 
-TaskRequest = Union[ClassifyRequest, TranslateRequest, QARequest]
+TaskRequest = ClassifyRequest | TranslateRequest | QARequest
 REQUEST_MODELS: dict[TaskType, type[_Request]] = {
     TaskType.CLASSIFY: ClassifyRequest,
     TaskType.TRANSLATE: TranslateRequest,
@@ -199,7 +199,7 @@ class QAResult(_Result):
     output_tokens: int = Field(0, ge=0)
 
 
-TaskResult = Annotated[Union[ClassifyResult, TranslateResult, QAResult], Field(discriminator="type")]
+TaskResult = Annotated[ClassifyResult | TranslateResult | QAResult, Field(discriminator="type")]
 
 
 class TaskError(BaseModel):

@@ -14,6 +14,8 @@ from pydantic import ValidationError
 
 from producer.api import create_app
 from producer.client import APIError, HTTPClient, TaskFailed
+from shared.celery_config import PRIORITY_SEP as SEP
+from shared.celery_config import redis_queue_keys
 from shared.errors import EngineError
 from shared.models import ClassifyResult, TaskState
 from shared.records import KEY_PREFIX
@@ -40,8 +42,8 @@ SUCCESS = {"type": "classify", "model": "sentiment", "label": "NEGATIVE", "score
 
 
 def queued_count(r: redis.Redis) -> int:
-    """Messages waiting on any pagedq queue, in any kombu priority sub-queue (`queue`, `queue:3`, ...)."""
-    return sum(r.llen(f"pagedq.{t}{p}") for t in ("classify", "translate", "qa") for p in ("", ":3", ":6", ":9"))
+    """Messages waiting on any pagedq queue, in any kombu priority sub-queue."""
+    return sum(r.llen(k) for t in ("classify", "translate", "qa") for k in redis_queue_keys(f"pagedq.{t}"))
 
 
 @pytest.fixture()
@@ -81,13 +83,13 @@ def test_submit_returns_202_with_location_and_enqueues_one_message(api: TestClie
     assert body["state"] == "queued" and body["type"] == "classify"
     assert response.headers["location"] == body["location"] == f"/v1/tasks/{body['id']}"
     assert r.hget(KEY_PREFIX + body["id"], "model") == "sentiment"
-    assert r.llen("pagedq.classify:3") == 1 and queued_count(r) == 1
+    assert r.llen("pagedq.classify" + SEP + "3") == 1 and queued_count(r) == 1
 
 
 @pytest.mark.parametrize(
     ("path", "body", "queue"),
     [
-        ("/v1/translate", {"text": "Hello", "source_lang": "en", "target_lang": "de"}, "pagedq.translate:3"),
+        ("/v1/translate", {"text": "Hello", "source_lang": "en", "target_lang": "de"}, "pagedq.translate" + SEP + "3"),
         ("/v1/qa", {"question": "Who?", "context": "Ada wrote it.", "priority": -100}, "pagedq.qa"),
     ],
 )
@@ -161,7 +163,7 @@ def test_bulk_submits_all(api: TestClient, r: redis.Redis) -> None:
     assert response.status_code == 202
     tasks = response.json()["tasks"]
     assert len(tasks) == 3 and all(t["state"] == "queued" for t in tasks)
-    assert r.llen("pagedq.classify:3") == 2 and r.llen("pagedq.classify:9") == 1
+    assert r.llen("pagedq.classify" + SEP + "3") == 2 and r.llen("pagedq.classify" + SEP + "9") == 1
     assert all(r.exists(KEY_PREFIX + t["id"]) for t in tasks)
 
 

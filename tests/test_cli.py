@@ -22,13 +22,14 @@ from typer.testing import CliRunner
 
 from producer.api import create_app
 from producer.cli import app
+from shared.celery_config import PRIORITY_SEP as SEP
 from shared.celery_config import make_celery
 from shared.errors import EngineError
 from shared.records import KEY_PREFIX
 from shared.redis_server import free_port
 from shared.settings import Settings, get_settings
 
-QUEUES = [f"pagedq.{t}{p}" for t in ("classify", "translate", "qa") for p in ("", ":3", ":6", ":9")]
+QUEUES = [f"pagedq.{t}{p}" for t in ("classify", "translate", "qa") for p in ("", SEP + "3", SEP + "6", SEP + "9")]
 API_KEY = "cli-key"
 
 

@@ -24,6 +24,8 @@ from pydantic import ValidationError
 from producer.client import Client, TaskFailed
 from producer.errors import TaskAlreadyFinished
 from producer.service import TaskService
+from shared.celery_config import PRIORITY_SEP as SEP
+from shared.celery_config import redis_queue_keys
 from shared.errors import (
     DeadlineExceeded,
     EngineError,
@@ -63,7 +65,7 @@ source = "./models/squad"
 """
 
 #: kombu's Redis transport: priority 0..9 -> steps [0, 3, 6, 9]; step 0 is the bare queue, else "queue:step".
-PRIORITY_KEYS = ["", ":3", ":6", ":9"]
+PRIORITY_KEYS = ["", SEP + "3", SEP + "6", SEP + "9"]
 SUCCESS = {
     "type": "classify",
     "model": "sentiment",
@@ -130,7 +132,7 @@ def test_submit_writes_a_record_and_one_message_with_the_contract_body(service: 
     assert 0 < r.ttl(KEY_PREFIX + submitted.id) <= service.settings.result_ttl_s
 
     [(key, message)] = queued(r, "pagedq.classify")
-    assert key == "pagedq.classify:3"  # pagedq priority 0 -> celery 4 -> step 3
+    assert key == "pagedq.classify" + SEP + "3"  # pagedq priority 0 -> celery 4 -> step 3
     assert message["headers"]["task"] == "pagedq.classify" and message["headers"]["id"] == submitted.id
     assert message["properties"]["priority"] == 4
     args, kwargs, _ = body_of(message)
@@ -146,7 +148,7 @@ def test_submit_writes_a_record_and_one_message_with_the_contract_body(service: 
 
 
 @pytest.mark.parametrize(
-    ("priority", "key"), [(-100, "pagedq.qa"), (-40, "pagedq.qa:3"), (40, "pagedq.qa:6"), (100, "pagedq.qa:9")]
+    ("priority", "key"), list(zip((-100, -40, 40, 100), redis_queue_keys("pagedq.qa"), strict=True))
 )
 def test_priority_picks_the_kombu_sub_queue(service: TaskService, r: redis.Redis, priority: int, key: str) -> None:
     service.submit(TaskType.QA, {"question": "Who?", "context": "Ada.", "priority": priority})
