@@ -14,7 +14,7 @@ from rich.table import Table
 from scripts.models import choose_registry
 from scripts.stack import Stack
 
-console = Console()
+console = Console(width=max(140, Console().width))
 CONTEXTS = [
     "The Eiffel Tower is a wrought-iron lattice tower in Paris, France. It was designed by the company of "
     "Gustave Eiffel and completed in 1889 for the World's Fair. It is 330 metres tall.",
@@ -112,7 +112,8 @@ def show_results(ids: list[tuple[str, str]], statuses: dict[str, dict[str, Any]]
     table = Table("task", "id", "state", "model", "result or error")
     for kind, task_id in ids:
         s = statuses[task_id]
-        detail = summarise(s["result"]) if s.get("result") else str(s.get("error"))
+        error = s.get("error") or {}
+        detail = summarise(s["result"]) if s.get("result") else f"{error.get('type')}: {error.get('message')}"
         table.add_row(kind, task_id[:8], s["state"], s.get("model") or "", detail)
     console.print(table)
 
@@ -126,8 +127,16 @@ def show_bad_requests(stack: Stack) -> None:
                            "Content-Type": "application/json"})
         else:
             r = httpx.post(f"{stack.api_url}/v1/{kind}", json=body, headers=headers)
-        table.add_row(label, str(r.status_code), r.text[:110])
+        table.add_row(label, str(r.status_code), error_message(r))
     console.print(table)
+
+
+def error_message(response: httpx.Response) -> str:
+    try:
+        error = response.json()["error"]
+        return f"{error['type']}: {error['message']}"[:100]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:100]
 
 
 def show_flower(stack: Stack) -> None:
