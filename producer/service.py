@@ -29,7 +29,7 @@ from producer.submission import Submission
 from shared.celery_config import QUEUES, TASK_NAMES, celery_priority, make_celery
 from shared.errors import InvalidRequest, PagedqError, TaskNotFound
 from shared.models import SubmitResponse, TaskRequest, TaskStatus, TaskType
-from shared.records import KEY_PREFIX, TaskRecords
+from shared.records import NewRecord, TaskRecords
 from shared.registry import Registry
 from shared.settings import Settings, get_settings
 
@@ -112,11 +112,9 @@ class TaskService:
             raise type(exc)(f"request {index}: {exc}") from None
 
     def _create_records(self, submissions: Sequence[Submission]) -> None:
-        with self.records.redis.pipeline(transaction=False) as pipe:
-            batch = TaskRecords(cast(redis.Redis, _OnePipeline(pipe)), self.records.ttl_s)
-            for s in submissions:
-                batch.create(s.id, s.task_type, s.model, s.request.priority, _utc(s.deadline))
-            pipe.execute()
+        self.records.create_many(
+            [NewRecord(s.id, s.task_type, s.model, s.request.priority, _utc(s.deadline)) for s in submissions]
+        )
 
     def _send(self, submission: Submission, producer: Producer | None = None) -> None:
         self.celery.send_task(
@@ -150,7 +148,7 @@ class TaskService:
     def _forget(self, submissions: Sequence[Submission]) -> None:
         """Best effort: Redis may be what failed."""
         with suppress(redis.RedisError):
-            self.records.redis.delete(*[KEY_PREFIX + s.id for s in submissions])
+            self.records.delete([s.id for s in submissions])
 
     # -- inspection and control ---------------------------------------------------------------------------
 
@@ -163,10 +161,7 @@ class TaskService:
 
     def statuses(self, task_ids: Sequence[str]) -> list[TaskStatus]:
         """Many statuses in two round trips (one pipeline for the records, one MGET for the results)."""
-        with self.records.redis.pipeline(transaction=False) as pipe:
-            for task_id in task_ids:
-                pipe.hgetall(KEY_PREFIX + task_id)
-            records = pipe.execute()
+        records = self.records.get_many(task_ids)
         backend = self.celery.backend
         raw = backend.mget([backend.get_key_for_task(t) for t in task_ids]) if task_ids else []
         now = datetime.now(UTC)
@@ -233,24 +228,3 @@ def _batched(producer: Producer) -> Iterator[None]:
         yield
 
 
-class _OnePipeline:
-    """Lets `TaskRecords.create` queue its commands on a shared pipeline, so a bulk is one round trip.
-
-    Workaround until `shared.records.TaskRecords` takes a pipeline itself: `create()` asks its client for a
-    pipeline and executes it; here both go to the caller's pipeline, which the caller executes once.
-    """
-
-    def __init__(self, pipe: redis.client.Pipeline) -> None:
-        self._pipe = pipe
-
-    def pipeline(self, *args: Any, **kwargs: Any) -> _OnePipeline:
-        return self
-
-    def hset(self, *args: Any, **kwargs: Any) -> None:
-        self._pipe.hset(*args, **kwargs)
-
-    def expire(self, *args: Any, **kwargs: Any) -> None:
-        self._pipe.expire(*args, **kwargs)
-
-    def execute(self) -> None:
-        """The caller executes the shared pipeline."""

@@ -7,7 +7,9 @@ Records expire with the results (`PAGEDQ_RESULT_TTL_S`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import redis
 
@@ -18,6 +20,14 @@ KEY_PREFIX = "pagedq:task:"
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+class NewRecord(NamedTuple):
+    task_id: str
+    task: TaskType
+    model: str
+    priority: int
+    deadline: datetime | None
 
 
 class TaskRecords:
@@ -33,17 +43,35 @@ class TaskRecords:
         return KEY_PREFIX + task_id
 
     def create(self, task_id: str, task: TaskType, model: str, priority: int, deadline: datetime | None) -> None:
-        fields = {"type": task.value, "model": model, "priority": priority, "created_at": now().isoformat()}
-        if deadline is not None:
-            fields["deadline"] = deadline.isoformat()
-        pipe = self.redis.pipeline()
-        pipe.hset(self._key(task_id), mapping=fields)
-        pipe.expire(self._key(task_id), self.ttl_s)
-        pipe.execute()
+        self.create_many([NewRecord(task_id, task, model, priority, deadline)])
+
+    def create_many(self, records: Sequence[NewRecord]) -> None:
+        """Write many records in one round trip (a bulk submission)."""
+        created = now().isoformat()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for r in records:
+                fields: dict[str, str | int] = {"type": r.task.value, "model": r.model, "priority": r.priority,
+                                                "created_at": created}
+                if r.deadline is not None:
+                    fields["deadline"] = r.deadline.isoformat()
+                pipe.hset(self._key(r.task_id), mapping=fields)
+                pipe.expire(self._key(r.task_id), self.ttl_s)
+            pipe.execute()
 
     def get(self, task_id: str) -> dict[str, str] | None:
         data = self.redis.hgetall(self._key(task_id))
         return data or None
+
+    def get_many(self, task_ids: Sequence[str]) -> list[dict[str, str] | None]:
+        """Records in the order of `task_ids` (None where there is none), in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.hgetall(self._key(task_id))
+            return [data or None for data in pipe.execute()]
+
+    def delete(self, task_ids: Sequence[str]) -> None:
+        if task_ids:
+            self.redis.delete(*[self._key(t) for t in task_ids])
 
     def mark(self, task_id: str, **fields: str) -> None:
         """Set fields on an existing record (started_at, worker, cancel_requested...)."""
