@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import NamedTuple
 
 import redis
+from redis.typing import EncodableT
 
 from shared.models import TaskType
 
@@ -50,8 +51,8 @@ class TaskRecords:
         created = now().isoformat()
         with self.redis.pipeline(transaction=False) as pipe:
             for r in records:
-                fields: dict[str, str | int] = {"type": r.task.value, "model": r.model, "priority": r.priority,
-                                                "created_at": created}
+                fields: dict[EncodableT, EncodableT] = {"type": r.task.value, "model": r.model,
+                                                        "priority": r.priority, "created_at": created}
                 if r.deadline is not None:
                     fields["deadline"] = r.deadline.isoformat()
                 pipe.hset(self._key(r.task_id), mapping=fields)
@@ -59,7 +60,7 @@ class TaskRecords:
             pipe.execute()
 
     def get(self, task_id: str) -> dict[str, str] | None:
-        data = self.redis.hgetall(self._key(task_id))
+        data: dict[str, str] = self.redis.hgetall(self._key(task_id))  # type: ignore[assignment]
         return data or None
 
     def get_many(self, task_ids: Sequence[str]) -> list[dict[str, str] | None]:
@@ -76,10 +77,11 @@ class TaskRecords:
     def mark(self, task_id: str, **fields: str) -> None:
         """Set fields on an existing record (started_at, worker, cancel_requested...)."""
         key = self._key(task_id)
-        pipe = self.redis.pipeline()
-        pipe.hset(key, mapping=fields)
-        pipe.expire(key, self.ttl_s)
-        pipe.execute()
+        mapping: dict[EncodableT, EncodableT] = {k: v for k, v in fields.items()}
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping=mapping)
+            pipe.expire(key, self.ttl_s)
+            pipe.execute()
 
     def cancel_requested(self, task_id: str) -> bool:
         return bool(self.redis.hget(self._key(task_id), "cancel_requested"))
