@@ -327,14 +327,19 @@ def test_stored_errors_map_to_states(service: TaskService, exception: Exception,
     assert status.finished_at is not None
 
 
-def test_an_error_class_the_producer_cannot_import_is_never_reconstructed(service: TaskService) -> None:
+def test_an_error_class_the_producer_cannot_import_is_never_reconstructed(
+    service: TaskService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker-side module (think torch.cuda) that is importable here: reading the status must not import it.
+    (tmp_path / "pagedq_worker_only.py").write_text("class OutOfMemoryError(Exception):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     task_id = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
     backend = service.celery.backend
     meta = {
         "status": "FAILURE",
         "result": {
             "exc_type": "OutOfMemoryError",
-            "exc_module": "torch.cuda",
+            "exc_module": "pagedq_worker_only",
             "exc_message": ["CUDA out of memory.", "Tried to allocate 2 GiB"],
         },
         "traceback": None,
@@ -347,7 +352,7 @@ def test_an_error_class_the_producer_cannot_import_is_never_reconstructed(servic
     assert status.state is TaskState.FAILED
     assert status.error is not None and status.error.type == "OutOfMemoryError"
     assert status.error.message == "CUDA out of memory.; Tried to allocate 2 GiB"
-    assert "torch" not in sys.modules
+    assert "pagedq_worker_only" not in sys.modules
 
 
 def test_a_malformed_result_is_a_failure(service: TaskService) -> None:
