@@ -114,28 +114,38 @@ class PrefillSegment:
 
 
 @dataclass
+class DecodeBucket:
+    """Single-token rows [start, end), sorted by context length and padded to the bucket's longest.
+
+    Buckets keep the padding of the batched gather small: rows of similar length share one."""
+
+    start: int
+    end: int
+    block_ids: torch.Tensor  # [rows * max_blocks] block table rows, padded with block 0, flattened
+    context_lens: torch.Tensor  # [rows] tokens each row attends to (itself included)
+    max_blocks: int
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, window: int | None, block_size: int) -> torch.Tensor:
+        """[rows, 1, 1, max_blocks * bs] bool: the row's own context (within its window)."""
+        if window not in self._masks:
+            lens = self.context_lens[:, None]
+            k_pos = torch.arange(self.max_blocks * block_size, device=lens.device)[None, :]
+            allowed = k_pos < lens
+            if window is not None:
+                allowed &= k_pos > lens - 1 - window
+            self._masks[window] = allowed[:, None, None, :]
+        return self._masks[window]
+
+
+@dataclass
 class AttentionMetadata:
     """Everything the attention layers need for one step; built once per step by the runner."""
 
     cache: PagedKVCache
     slot_mapping: torch.Tensor  # [T] pool slot of each row's new K/V
-    num_decode: int  # rows [0, num_decode) are single-token queries
-    decode_block_ids: torch.Tensor  # [num_decode * max_blocks] block table rows, padded, flattened
-    decode_context_lens: torch.Tensor  # [num_decode] tokens each decode row attends to (itself included)
-    decode_max_blocks: int
-    prefills: list[PrefillSegment]
-    _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
-
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """[num_decode, 1, 1, max_blocks * bs] bool: the row's own context (within its window)."""
-        if window not in self._decode_masks:
-            lens = self.decode_context_lens[:, None]
-            k_pos = torch.arange(self.decode_max_blocks * self.cache.block_size, device=lens.device)[None, :]
-            allowed = k_pos < lens
-            if window is not None:
-                allowed &= k_pos > lens - 1 - window
-            self._decode_masks[window] = allowed[:, None, None, :]
-        return self._decode_masks[window]
+    decode_buckets: list[DecodeBucket]  # cover rows [0, num_decode)
+    prefills: list[PrefillSegment]  # the rows after
 
 
 def paged_attention(
@@ -155,26 +165,23 @@ def paged_attention(
     layer = module.layer_idx
     window = kwargs.get("sliding_window")
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])
-    nd = meta.num_decode
-    if nd:
-        out[:nd] = _decode_attention(meta, layer, query[0, :, :nd], window, scaling)
+    for bucket in meta.decode_buckets:
+        out[bucket.start : bucket.end] = _decode_attention(meta.cache, bucket, layer, query, window, scaling)
     for seg in meta.prefills:
         out[seg.start : seg.end] = _prefill_attention(meta, seg, layer, query, key, value, window, scaling)
     return out.unsqueeze(0), None
 
 
 def _decode_attention(
-    meta: AttentionMetadata, layer: int, q: torch.Tensor, window: int | None, scaling: float | None
+    kv: PagedKVCache, bucket: DecodeBucket, layer: int, query: torch.Tensor, window: int | None, scaling: float | None
 ) -> torch.Tensor:
-    """q [H, B, D] -> [B, H, D]: each row attends over its own blocks, gathered into [B, KVH, L, D]."""
-    nd, kv = meta.num_decode, meta.cache
-    k, v = kv.gather(layer, meta.decode_block_ids)
-    k = k.view(nd, -1, kv.num_kv_heads, kv.head_dim).transpose(1, 2)
-    v = v.view(nd, -1, kv.num_kv_heads, kv.head_dim).transpose(1, 2)
-    o = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(2), k, v, attn_mask=meta.decode_mask(window), scale=scaling, enable_gqa=True
-    )
-    return o.squeeze(2)
+    """A bucket's rows of query [1, H, T, D] -> [rows, H, D], each over its own blocks ([rows, KVH, L, D])."""
+    rows = bucket.end - bucket.start
+    q = query[0, :, bucket.start : bucket.end].transpose(0, 1).unsqueeze(2)  # [rows, H, 1, D]
+    k, v = kv.gather(layer, bucket.block_ids)
+    k = k.view(rows, -1, kv.num_kv_heads, kv.head_dim).transpose(1, 2)
+    v = v.view(rows, -1, kv.num_kv_heads, kv.head_dim).transpose(1, 2)
+    return _masked_sdpa(q, k, v, bucket.mask(window, kv.block_size), scaling).squeeze(2)
 
 
 def _prefill_attention(
@@ -200,6 +207,20 @@ def _prefill_attention(
         k, v = meta.cache.gather(layer, seg.block_ids)
         k = k[: seg.context_len].transpose(0, 1).unsqueeze(0)
         v = v[: seg.context_len].transpose(0, 1).unsqueeze(0)
-    mask = seg.mask(window, q.device)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+    o = _masked_sdpa(q, k, v, seg.mask(window, q.device), scaling)
     return o[0].transpose(0, 1)
+
+
+def _masked_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """SDPA with a boolean mask; GQA without repeating K/V.
+
+    On CPU, masked bf16/fp16 SDPA is several times slower than fp32 (measured with torch 2.13), so
+    half-precision inputs are upcast there; CUDA keeps the input dtype."""
+    if q.device.type == "cpu" and q.dtype != torch.float32:
+        o = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=mask, scale=scaling, enable_gqa=True
+        )
+        return o.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)

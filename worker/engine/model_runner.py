@@ -24,6 +24,7 @@ from worker.engine.attention import (
     ATTENTION_NAME,
     METADATA_KWARG,
     AttentionMetadata,
+    DecodeBucket,
     PagedKVCache,
     PrefillSegment,
     paged_attention,
@@ -66,13 +67,14 @@ def check_model(model: Any) -> None:
 
 
 class ModelRunner:
-    def __init__(self, model: Any, cache: PagedKVCache) -> None:
+    def __init__(self, model: Any, cache: PagedKVCache, decode_bucket_rows: int = 16) -> None:
         check_model(model)
         model.set_attn_implementation(ATTENTION_NAME)
         self.model = model
         self.cache = cache
         self.block_size = cache.block_size
         self.device = cache.key_cache.device
+        self.decode_bucket_rows = decode_bucket_rows
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_ids: BlockIdsFn) -> tuple[torch.Tensor, list[Request]]:
@@ -102,7 +104,8 @@ class ModelRunner:
         keep: list[int] = []
         samplers: list[Request] = []
 
-        tables, lens = [], []
+        decode.sort(key=lambda r: r.num_computed_tokens)  # similar lengths share a bucket
+        tables = []
         for row, r in enumerate(decode):
             p = r.num_computed_tokens
             table = block_ids(r.request_id)
@@ -110,12 +113,11 @@ class ModelRunner:
             pos.append(p)
             slots.append(table[p // bs] * bs + p % bs)
             tables.append(table)
-            lens.append(p + 1)
             if p + 1 == r.num_tokens:
                 keep.append(row)
                 samplers.append(r)
-        max_blocks = max((len(t) for t in tables), default=0)
-        flat_tables = [b for t in tables for b in (t + [0] * (max_blocks - len(t)))]
+        buckets = [self._bucket(tables, pos, i, min(i + self.decode_bucket_rows, len(decode)))
+                   for i in range(0, len(decode), self.decode_bucket_rows)]  # fmt: skip
 
         segments = []
         row = len(decode)
@@ -132,17 +134,27 @@ class ModelRunner:
                 keep.append(row - 1)
                 samplers.append(r)
 
-        # Sampling rows in request order of `keep` (decode rows first, then chunks).
         dev = self.device
         meta = AttentionMetadata(
             cache=self.cache,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decode=len(decode),
-            decode_block_ids=torch.tensor(flat_tables, dtype=torch.long, device=dev),
-            decode_context_lens=torch.tensor(lens, dtype=torch.long, device=dev),
-            decode_max_blocks=max_blocks,
+            decode_buckets=buckets,
             prefills=segments,
         )
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)
         return input_ids, positions, torch.tensor(keep, dtype=torch.long, device=dev), samplers, meta
+
+    def _bucket(self, tables: list[list[int]], positions: list[int], start: int, end: int) -> DecodeBucket:
+        """Decode rows [start, end): block tables padded to the longest with block 0 (masked out)."""
+        width = max(len(t) for t in tables[start:end])
+        flat = [b for t in tables[start:end] for b in (t + [0] * (width - len(t)))]
+        lens = [p + 1 for p in positions[start:end]]
+        dev = self.device
+        return DecodeBucket(
+            start,
+            end,
+            torch.tensor(flat, dtype=torch.long, device=dev),
+            torch.tensor(lens, dtype=torch.long, device=dev),
+            width,
+        )

@@ -1,0 +1,266 @@
+"""Engine benchmark: W1 (generation) and W2 (shared-context QA) from the handbook's benchmarks.md.
+
+W1: random 56M-param Llama (hidden 512, 8 layers, 8 heads / 4 KV heads, vocab 32000, untied), 64 requests
+(seed 1234) with prompts of 16..256 tokens and 16..128 new tokens, greedy, EOS ignored. Systems, all in this
+process: one `generate` per request; static batches of 16 (left padding); transformers' continuous batching
+(`continuous_batching_context_manager` + per-request `max_new_tokens`, `num_blocks`/`max_batch_tokens` set);
+pagedq fp32; pagedq bf16. Greedy outputs of pagedq fp32 (and HF CB) are checked against `generate`.
+W2: 4 contexts of ~1000 tokens x 32 questions of ~30 tokens, 32-token answers; pagedq with prefix caching
+on vs off; hit rate against the best possible (every full context block after each context's first request).
+
+Run: `python bench/engine.py` (full), `python bench/engine.py --quick` (a smoke run of a few minutes less).
+Ends with one line: w1_vs_hf_cb=.. w1_vs_sequential=.. w1_bf16_vs_fp32=.. w2_prefix_speedup=.. w2_hit_rate=..
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import ContinuousBatchingConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from worker.engine.executor import EngineConfig
+from worker.engine.llm_engine import LLMEngine
+from worker.engine.sampling import SamplingParams
+
+VOCAB = 32000
+
+
+@dataclass
+class Result:
+    name: str
+    tokens: int
+    seconds: list[float] = field(default_factory=list)
+    outputs: list[list[int]] | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / statistics.median(self.seconds)
+
+
+def w1_model() -> Any:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=4, tie_word_embeddings=False, max_position_embeddings=2048,
+        bos_token_id=None, eos_token_id=None, pad_token_id=0,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def w1_requests(n: int, seed: int = 1234) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [([rng.randrange(3, VOCAB) for _ in range(rng.randint(16, 256))], rng.randint(16, 128)) for _ in range(n)]
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
+    fn_out, seconds = None, []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn_out = fn()
+        seconds.append(time.perf_counter() - start)
+    return seconds, fn_out
+
+
+# ---- baselines ------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def run_sequential(model: Any, reqs: list[tuple[list[int], int]]) -> list[list[int]]:
+    outs = []
+    for prompt, n in reqs:
+        ids = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=0, do_sample=False)
+        outs.append(ids[0, len(prompt) :].tolist())
+    return outs
+
+
+@torch.inference_mode()
+def run_static(model: Any, reqs: list[tuple[list[int], int]], batch: int = 16) -> list[list[int]]:
+    outs = []
+    for i in range(0, len(reqs), batch):
+        group = reqs[i : i + batch]
+        width = max(len(p) for p, _ in group)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in group])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in group])
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(n for _, n in group),
+                             do_sample=False, pad_token_id=0)  # fmt: skip
+        outs.extend(gen[j, width : width + n].tolist() for j, (_, n) in enumerate(group))
+    return outs
+
+
+@torch.inference_mode()
+def run_hf_cb(model: Any, reqs: list[tuple[list[int], int]], num_blocks: int, max_batch_tokens: int) -> list[list[int]]:
+    gen = GenerationConfig(do_sample=False, max_new_tokens=max(n for _, n in reqs), eos_token_id=None, pad_token_id=0)
+    cb = ContinuousBatchingConfig(num_blocks=num_blocks, max_batch_tokens=max_batch_tokens, page_size=256)
+    results: dict[str, list[int]] = {}
+    with model.continuous_batching_context_manager(
+        generation_config=gen, continuous_batching_config=cb, block=True, timeout=30, warmup=False
+    ) as manager:
+        for i, (prompt, n) in enumerate(reqs):
+            manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=n)
+        while len(results) < len(reqs):
+            out = manager.get_result(timeout=1)
+            if out is not None and out.is_finished():
+                results[out.request_id] = list(out.generated_tokens)
+    return [results[f"r{i}"] for i in range(len(reqs))]
+
+
+def run_pagedq(engine: LLMEngine, reqs: list[tuple[list[int], int]], ignore_eos: bool = True) -> list[list[int]]:
+    """All requests at once; records per-step KV waste (unused slots / allocated slots) in `engine.bench_waste`."""
+    for i, (prompt, n) in enumerate(reqs):
+        engine.add_request(f"b{i}", prompt, SamplingParams(max_new_tokens=n, ignore_eos=ignore_eos))
+    done: dict[str, list[int]] = {}
+    waste = []
+    bs = engine.config.block_size
+    while len(done) < len(reqs):
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.output_token_ids
+        running = engine.scheduler.running
+        if running:
+            allocated = sum(len(engine.kv.req_blocks.get(r.request_id, ())) for r in running) * bs
+            waste.append(sum(engine.kv.waste_slots(r) for r in running) / max(allocated, 1))
+    engine.bench_waste = waste  # type: ignore[attr-defined]
+    return [done[f"b{i}"] for i in range(len(reqs))]
+
+
+def pagedq_result(name: str, model: Any, reqs: list, repeats: int, tokens: int, caching: bool = True,
+                  num_blocks: int = 0) -> Result:  # fmt: skip
+    """Warm-up once, then `repeats` timed runs on one engine (the prefix cache is emptied between runs)."""
+    config = EngineConfig(max_batch_tokens=4096, max_running_requests=64, enable_prefix_caching=caching)
+    engine = LLMEngine(model, config=config, namespace=name, num_blocks=num_blocks)
+    run_pagedq(engine, reqs)
+    seconds, outs, before = [], None, engine.stats()
+    for _ in range(repeats):
+        engine.kv.pool.reset_prefix_cache()
+        before = engine.stats()
+        start = time.perf_counter()
+        outs = run_pagedq(engine, reqs)
+        seconds.append(time.perf_counter() - start)
+    after = engine.stats()
+    delta = {k: after[k] - before[k] for k in ("num_steps", "prefix_cache_queries", "prefix_cache_hits")}
+    batched = after["mean_batch_tokens"] * after["num_steps"] - before["mean_batch_tokens"] * before["num_steps"]
+    extra = {
+        "steps": delta["num_steps"],
+        "mean_batch_tokens": batched / max(delta["num_steps"], 1),
+        "kv_waste": statistics.mean(engine.bench_waste) if engine.bench_waste else 0.0,  # type: ignore[attr-defined]
+        "prefix_hit_rate": delta["prefix_cache_hits"] / max(delta["prefix_cache_queries"], 1),
+        "prefix_hits": delta["prefix_cache_hits"],
+    }
+    return Result(name, tokens, seconds, outs, extra)
+
+
+# ---- workloads ------------------------------------------------------------------------------------
+
+
+def w1(args: argparse.Namespace, model: Any) -> dict[str, Result]:
+    reqs = w1_requests(args.requests)
+    tokens = sum(n for _, n in reqs)
+    res: dict[str, Result] = {}
+    warm = reqs[:2]
+    if not args.skip_baselines:
+        ref = copy.deepcopy(model)  # own config: the engine and HF CB switch attention implementations
+        run_sequential(ref, warm)
+        res["sequential"] = Result(
+            "sequential generate", tokens, *timed(lambda: run_sequential(ref, reqs), args.baseline_repeats)
+        )
+        run_static(ref, warm)
+        res["static"] = Result(
+            "static batches of 16", tokens, *timed(lambda: run_static(ref, reqs), args.baseline_repeats)
+        )
+        cb_model = copy.deepcopy(model)
+        blocks = len(reqs) * 2 + 8  # page_size 256: at most 384 tokens per request
+        run_hf_cb(cb_model, warm, blocks, args.hf_batch_tokens)
+        cb = timed(lambda: run_hf_cb(cb_model, reqs, blocks, args.hf_batch_tokens), args.baseline_repeats)
+        res["hf_cb"] = Result("transformers continuous batching", tokens, *cb)
+    num_blocks = len(reqs) * 24 + 64  # 384 tokens / 16 per request, plus slack: no preemption
+    fp32, bf16 = copy.deepcopy(model), copy.deepcopy(model).to(torch.bfloat16)
+    res["fp32"] = pagedq_result("pagedq fp32", fp32, reqs, args.repeats, tokens, num_blocks=num_blocks)
+    res["bf16"] = pagedq_result("pagedq bf16", bf16, reqs, args.repeats, tokens, num_blocks=num_blocks)
+    return res
+
+
+def w2(args: argparse.Namespace, model: Any) -> tuple[dict[str, Result], float]:
+    rng = random.Random(99)
+    contexts = [[rng.randrange(3, VOCAB) for _ in range(args.w2_context)] for _ in range(4)]
+    reqs = [(ctx + [rng.randrange(3, VOCAB) for _ in range(rng.randint(24, 36))], 32)
+            for ctx in contexts for _ in range(args.w2_questions)]  # fmt: skip
+    rng.shuffle(reqs)
+    tokens = sum(n for _, n in reqs)
+    best = (args.w2_questions - 1) * len(contexts) * (args.w2_context // 16) * 16
+    num_blocks = 64 * ((args.w2_context + 36 + 32) // 16 + 1) + 64  # 64 running, never preempted
+    on = pagedq_result("pagedq prefix cache on", copy.deepcopy(model), reqs, args.repeats, tokens, True, num_blocks)
+    off = pagedq_result("pagedq prefix cache off", copy.deepcopy(model), reqs, args.repeats, tokens, False, num_blocks)
+    on.extra["same_as_off"] = sum(a == b for a, b in zip(on.outputs or [], off.outputs or [], strict=True))
+    return {"on": on, "off": off}, on.extra["prefix_hits"] / best
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+
+def table(rows: list[Result], baselines: dict[str, Result]) -> str:
+    heads = ["system", "tok/s", *[f"x {k}" for k in baselines], "steps", "batch tok", "KV waste", "prefix hits"]
+    lines = [" | ".join(heads), " | ".join("---" for _ in heads)]
+    for r in rows:
+        ratios = [f"{r.tok_s / b.tok_s:.2f}" for b in baselines.values()]
+        e = r.extra
+        extra = ["-"] * 4
+        if e:
+            extra = [f"{e['steps']:.0f}", f"{e['mean_batch_tokens']:.0f}"]
+            extra += [f"{e['kv_waste']:.1%}", f"{e['prefix_hit_rate']:.1%}"]
+        lines.append(" | ".join([r.name, f"{r.tok_s:.0f}", *ratios, *extra]))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--baseline-repeats", type=int, default=1, help="repeats of the (slow) transformers baselines")
+    p.add_argument("--hf-batch-tokens", type=int, default=512)
+    p.add_argument("--w2-context", type=int, default=1000)
+    p.add_argument("--w2-questions", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-baselines", action="store_true")
+    p.add_argument("--skip-w2", action="store_true")
+    p.add_argument("--quick", action="store_true", help="16 requests, 1 repeat, W2 with 8 questions per context")
+    args = p.parse_args()
+    if args.quick:
+        args.requests, args.repeats, args.w2_questions = 16, 1, 8
+    torch.set_num_threads(args.threads)
+    model = w1_model()
+    print(f"W1: {args.requests} requests, {sum(x.numel() for x in model.parameters()) / 1e6:.0f}M params, "
+          f"{args.threads} threads, median of {args.repeats} (baselines {args.baseline_repeats})")  # fmt: skip
+    res = w1(args, model)
+    baselines = {k: res[k] for k in ("sequential", "static", "hf_cb") if k in res}
+    print(table(list(res.values()), baselines))
+    summary = {"w1_bf16_vs_fp32": res["bf16"].tok_s / res["fp32"].tok_s}
+    if "sequential" in res:
+        same = sum(a == b for a, b in zip(res["fp32"].outputs or [], res["sequential"].outputs or [], strict=True))
+        cb_same = sum(a == b for a, b in zip(res["hf_cb"].outputs or [], res["sequential"].outputs or [], strict=True))
+        print(f"greedy == generate: pagedq fp32 {same}/{args.requests}, transformers CB {cb_same}/{args.requests}")
+        summary = {"w1_vs_hf_cb": res["fp32"].tok_s / res["hf_cb"].tok_s,
+                   "w1_vs_sequential": res["fp32"].tok_s / res["sequential"].tok_s, **summary}  # fmt: skip
+    if not args.skip_w2:
+        w2res, hit_rate = w2(args, model)
+        print(f"\nW2: 4 contexts x {args.w2_questions} questions, context {args.w2_context} tokens")
+        print(table([w2res["on"], w2res["off"]], {"cache off": w2res["off"]}))
+        same = w2res["on"].extra["same_as_off"]
+        total = 4 * args.w2_questions
+        print(f"prefix hits / best possible: {hit_rate:.1%}; greedy outputs equal with/without cache: {same}/{total}")
+        summary |= {"w2_prefix_speedup": w2res["on"].tok_s / w2res["off"].tok_s, "w2_hit_rate": hit_rate}
+    print(" ".join(f"{k}={v:.2f}" for k, v in summary.items()))
+
+
+if __name__ == "__main__":
+    main()
