@@ -1,6 +1,8 @@
 """The classification executor, driven through add()/step(), against transformers' pipeline on the same models.
 
-(Extractive QA: tests/test_executors_qa.py; translation: tests/test_executors_translate.py.)
+The demo models (BERT, DistilBERT) pack; tests marked `packing` run both the packed and the padded path.
+(Extractive QA: tests/test_executors_qa.py; translation: tests/test_executors_translate.py; RoBERTa,
+XLM-RoBERTa, DeBERTa-v2 and the packing internals: tests/test_encoder_packing.py.)
 """
 
 from __future__ import annotations
@@ -10,19 +12,38 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from executor_support import SCORE_TOLERANCE, TEXTS, forward_shapes, load_demo, long_text, request, run
-from transformers import pipeline
+from executor_support import (
+    SCORE_TOLERANCE,
+    TEXTS,
+    forward_batches,
+    forward_shapes,
+    load_demo,
+    long_text,
+    pipeline_scores,
+    request,
+    run,
+)
 
 from shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled
 from shared.models import ClassifyRequest, ClassifyResult, TaskType
-from worker.engine._batching import pick_batch
+from worker.engine._batching import pick_batch, pick_packed
 from worker.engine.classify import ClassificationExecutor
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
+
+NAMES = ("demo-classifier", "demo-multilabel")
+packing = pytest.mark.parametrize("packing", [None, False], ids=["packed", "padded"])
 
 
 @pytest.fixture(scope="module")
 def loaded(demo_models: Path) -> dict[str, LoadedModel]:
-    return {name: load_demo(demo_models, name) for name in ("demo-classifier", "demo-multilabel")}
+    """The executors' models (packing executors swap their attention)."""
+    return {name: load_demo(demo_models, name) for name in NAMES}
+
+
+@pytest.fixture(scope="module")
+def reference(demo_models: Path) -> dict[str, LoadedModel]:
+    """Separate copies for transformers' pipeline, never touched by an executor."""
+    return {name: load_demo(demo_models, name) for name in NAMES}
 
 
 def classify(text: str, model: str = "demo-classifier", **fields: Any) -> EngineRequest:
@@ -30,16 +51,14 @@ def classify(text: str, model: str = "demo-classifier", **fields: Any) -> Engine
     return request(TaskType.CLASSIFY, ClassifyRequest(text=text, **options), model, **fields)
 
 
-def pipeline_scores(lm: LoadedModel, text: str, **kwargs: Any) -> list[dict[str, Any]]:
-    """`pipeline("text-classification", top_k=None)`: every label, best first."""
-    classifier = pipeline("text-classification", model=lm.model, tokenizer=lm.tokenizer, top_k=None)
-    return classifier([text], **kwargs)[0]
-
-
-@pytest.mark.parametrize("name", ["demo-classifier", "demo-multilabel"])
-def test_classify_scores_match_pipeline(loaded: dict[str, LoadedModel], name: str) -> None:
+@packing
+@pytest.mark.parametrize("name", NAMES)
+def test_classify_scores_match_pipeline(
+    loaded: dict[str, LoadedModel], reference: dict[str, LoadedModel], name: str, packing: bool | None
+) -> None:
     lm = loaded[name]
-    executor = ClassificationExecutor(lm, EngineConfig(max_batch_tokens=512, max_running_requests=16))
+    executor = ClassificationExecutor(lm, EngineConfig(max_batch_tokens=512, max_running_requests=16), packing)
+    assert executor.forward.packed is (packing is None)
     reqs = [classify(t, name, top_k=None) for t in TEXTS]
     with forward_shapes(lm.model) as shapes:
         run(executor, reqs)
@@ -47,7 +66,7 @@ def test_classify_scores_match_pipeline(loaded: dict[str, LoadedModel], name: st
     labels = set()
     for req, text in zip(reqs, TEXTS, strict=True):
         result: ClassifyResult = req.future.result(timeout=0)
-        expected = pipeline_scores(lm, text)
+        expected = pipeline_scores(reference[name], text)
         assert [s.label for s in result.scores] == [e["label"] for e in expected]
         assert [s.score for s in result.scores] == pytest.approx([e["score"] for e in expected], abs=SCORE_TOLERANCE)
         assert (result.label, result.score, result.model) == (expected[0]["label"], result.scores[0].score, name)
@@ -58,7 +77,9 @@ def test_classify_scores_match_pipeline(loaded: dict[str, LoadedModel], name: st
         assert sum(s.score for s in reqs[0].future.result().scores) > 1.1
 
 
-def test_classify_top_k_and_function_override(loaded: dict[str, LoadedModel]) -> None:
+def test_classify_top_k_and_function_override(
+    loaded: dict[str, LoadedModel], reference: dict[str, LoadedModel]
+) -> None:
     lm = loaded["demo-classifier"]
     executor = ClassificationExecutor(lm, EngineConfig())
     one, two = classify(TEXTS[0]), classify(TEXTS[0], top_k=2)
@@ -67,29 +88,48 @@ def test_classify_top_k_and_function_override(loaded: dict[str, LoadedModel]) ->
     assert len(one.future.result().scores) == 1 and len(two.future.result().scores) == 2
     assert one.future.result().scores[0] == two.future.result().scores[0]
     for req, function in ((raw, "none"), (sigmoid, "sigmoid")):
-        expected = pipeline_scores(lm, TEXTS[0], function_to_apply=function)
+        expected = pipeline_scores(reference["demo-classifier"], TEXTS[0], function_to_apply=function)
         assert req.future.result().score == pytest.approx(expected[0]["score"], abs=SCORE_TOLERANCE)
 
 
-def test_classify_batches_under_the_token_budget(loaded: dict[str, LoadedModel]) -> None:
+@packing
+def test_classify_batches_under_the_token_budget(loaded: dict[str, LoadedModel], packing: bool | None) -> None:
     lm = loaded["demo-classifier"]
     budget, cap = 96, 3
-    executor = ClassificationExecutor(lm, EngineConfig(max_batch_tokens=budget, max_running_requests=cap))
-    reqs = [classify(t) for t in TEXTS * 3]
-    with forward_shapes(lm.model) as shapes:
+    executor = ClassificationExecutor(lm, EngineConfig(max_batch_tokens=budget, max_running_requests=cap), packing)
+    texts = TEXTS * 3
+    reqs = [classify(t) for t in texts]
+    with forward_batches(lm.model) as batches:
         steps = run(executor, reqs)
     assert all(r.future.result(timeout=0).label for r in reqs)
-    assert steps == len(shapes) < len(reqs)
-    for rows, cols in shapes:
-        assert rows <= cap and (rows * cols <= budget or rows == 1)
-    assert executor.stats()["padded_tokens"] == sum(rows * cols for rows, cols in shapes)
-    print(f"classify: {len(reqs)} requests in {len(shapes)} forwards, padded shapes {shapes}")
+    assert steps == len(batches) < len(reqs)
+    for inputs, computed in batches:  # computed: packed, the real tokens; padded, rows * longest
+        assert inputs <= cap and (computed <= budget or inputs == 1)
+    real = sum(len(lm.tokenizer(t)["input_ids"]) for t in texts)
+    stats = executor.stats()
+    assert stats["computed_tokens"] == sum(computed for _, computed in batches)
+    assert stats["padded_tokens"] == stats["computed_tokens"] - real
+    assert stats["padded_tokens"] == 0 or packing is False
+    print(f"classify: {len(reqs)} requests in {len(batches)} forwards (inputs, computed tokens): {batches}")
+
+
+def test_classify_packs_in_queue_order_first_fit(loaded: dict[str, LoadedModel]) -> None:
+    lm = loaded["demo-classifier"]
+    texts = [TEXTS[2], TEXTS[6], TEXTS[4], TEXTS[1], TEXTS[3], TEXTS[7]]
+    assert [len(lm.tokenizer(t)["input_ids"]) for t in texts] == [26, 22, 30, 4, 4, 3]
+    executor = ClassificationExecutor(lm, EngineConfig(max_batch_tokens=56, max_running_requests=4))
+    with forward_shapes(lm.model) as shapes:
+        run(executor, [classify(t) for t in texts])
+    # step 1: 26 + 22 = 48; 30 does not fit, 4 and 4 do (56, the cap of 4); step 2: the rest
+    assert shapes == [(1, 26 + 22 + 4 + 4), (1, 30 + 3)]
+    assert executor.stats()["padded_tokens"] == 0
 
 
 def test_classify_length_bucketing_limits_padding(loaded: dict[str, LoadedModel]) -> None:
     lm = loaded["demo-classifier"]
     short, longer = ["Fine.", "Slow", "Terrible."], [TEXTS[2], TEXTS[6], TEXTS[4]]
-    executor = ClassificationExecutor(lm, EngineConfig(max_batch_tokens=4096, max_running_requests=3))
+    config = EngineConfig(max_batch_tokens=4096, max_running_requests=3)
+    executor = ClassificationExecutor(lm, config, packing=False)
     with forward_shapes(lm.model) as shapes:
         run(executor, [classify(t) for pair in zip(short, longer, strict=True) for t in pair])
     assert sorted(rows for rows, _ in shapes) == [3, 3]  # short ones together, long ones together
@@ -126,7 +166,7 @@ def test_classify_deadline_and_abort(loaded: dict[str, LoadedModel]) -> None:
     assert executor.stats()["num_requests_waiting"] == 0 and not executor.has_work()
 
 
-def test_classify_truncation(loaded: dict[str, LoadedModel]) -> None:
+def test_classify_truncation(loaded: dict[str, LoadedModel], reference: dict[str, LoadedModel]) -> None:
     lm = loaded["demo-classifier"]
     text = long_text(700)
     executor = ClassificationExecutor(lm, EngineConfig())
@@ -134,7 +174,7 @@ def test_classify_truncation(loaded: dict[str, LoadedModel]) -> None:
     run(executor, [cut, rejected, short])
     result = cut.future.result(timeout=0)
     assert result.truncated and result.input_tokens == 512
-    expected = pipeline_scores(lm, text, truncation=True)
+    expected = pipeline_scores(reference["demo-classifier"], text, truncation=True)
     assert [s.score for s in result.scores] == pytest.approx([e["score"] for e in expected], abs=SCORE_TOLERANCE)
     with pytest.raises(InvalidRequest, match=r"text is \d+ tokens; the model's limit is 512"):
         rejected.future.result(timeout=0)
@@ -153,3 +193,12 @@ def test_pick_batch_follows_priority_then_length() -> None:
     lengths["U"] = 200
     first = [(urgent, "U"), *candidates]
     assert [name for _, name in pick_batch(first, lengths.__getitem__, 512, 8)] == ["U", "A"]
+
+
+def test_pick_packed_is_first_fit_in_queue_order() -> None:
+    """The packed example of worker/engine/_batching.py's docstring; the head runs even over the budget."""
+    lengths = {"A": 120, "B": 300, "C": 500, "D": 28}
+    candidates = [(classify(TEXTS[0]), name) for name in lengths]
+    assert [name for _, name in pick_packed(candidates, lengths.__getitem__, 512, 8)] == ["A", "B", "D"]
+    assert [name for _, name in pick_packed(candidates, lengths.__getitem__, 512, 2)] == ["A", "B"]
+    assert [name for _, name in pick_packed(candidates[2:], lengths.__getitem__, 100, 8)] == ["C"]

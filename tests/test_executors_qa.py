@@ -1,7 +1,8 @@
 """The extractive-QA executor against transformers' question-answering pipeline on the same model.
 
-transformers 5 removed `pipeline("question-answering")`; `reference_qa` below is its v4 fast-tokenizer path
-ported line for line, scoring spans with transformers' own `select_starts_ends` (which v5 still ships).
+transformers 5 removed `pipeline("question-answering")`; `executor_support.reference_qa` is its v4
+fast-tokenizer path ported line for line, scoring spans with transformers' own `select_starts_ends` (which v5
+still ships). The demo QA model (BERT) packs; `test_extractive_qa_matches_the_pipeline` also runs padded.
 """
 
 from __future__ import annotations
@@ -12,8 +13,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
-from executor_support import SCORE_TOLERANCE, TEXTS, forward_shapes, load_demo, long_text, request, run
+from executor_support import (
+    SCORE_TOLERANCE,
+    TEXTS,
+    forward_batches,
+    load_demo,
+    long_text,
+    reference_qa,
+    request,
+    run,
+)
 from transformers.pipelines.document_question_answering import select_starts_ends
 
 from shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled
@@ -25,63 +34,14 @@ from worker.engine.extractive_qa import ExtractiveQAExecutor
 
 @pytest.fixture(scope="module")
 def lm(demo_models: Path) -> LoadedModel:
+    """The executors' model (a packing executor swaps its attention)."""
     return load_demo(demo_models, "demo-qa")
 
 
-def reference_qa(lm: LoadedModel, question: str, context: str, max_answer_len: int, impossible: bool) -> dict:
-    """transformers' v4 question-answering pipeline (removed in v5), one unpadded forward per window.
-
-    Windowing and postprocessing are ported line for line; span scoring is transformers' own
-    `select_starts_ends` (still shipped in v5 with the document-QA pipeline).
-    """
-    tokenizer, model = lm.tokenizer, lm.model
-    max_seq_len = min(tokenizer.model_max_length, 384)
-    encoded = tokenizer(
-        text=question,
-        text_pair=context,
-        truncation="only_second",
-        max_length=max_seq_len,
-        stride=min(max_seq_len // 2, 128),
-        return_token_type_ids=True,
-        return_overflowing_tokens=True,
-        return_offsets_mapping=True,
-        return_special_tokens_mask=True,
-    )
-    min_null_score, answers = 1000000, []
-    for span in range(len(encoded["input_ids"])):
-        p_mask = [tok != 1 for tok in encoded.sequence_ids(span)]
-        ids = encoded["input_ids"][span]
-        for i in range(len(ids)):
-            if ids[i] == tokenizer.cls_token_id:
-                p_mask[i] = 0
-        inputs = {k: torch.tensor([encoded[k][span]]) for k in tokenizer.model_input_names}
-        with torch.no_grad():
-            out = model(**inputs)
-        starts, ends, scores, min_null_score = select_starts_ends(
-            out.start_logits,
-            out.end_logits,
-            torch.tensor([p_mask]),
-            inputs["attention_mask"].numpy(),
-            min_null_score,
-            1,
-            impossible,
-            max_answer_len,
-        )
-        enc = encoded[span]
-        for s, e, score in zip(starts, ends, scores, strict=True):
-            try:
-                start = enc.word_to_chars(enc.token_to_word(s), sequence_index=1)[0]
-                end = enc.word_to_chars(enc.token_to_word(e), sequence_index=1)[1]
-            except Exception:
-                start, end = enc.offsets[s][0], enc.offsets[e][1]
-            same = [a for a in answers if a["answer"].lower() == context[start:end].lower()]
-            if same:
-                same[0]["score"] += score.item()
-            else:
-                answers.append({"score": score.item(), "start": start, "end": end, "answer": context[start:end]})
-    if impossible:
-        answers.append({"score": min_null_score, "start": 0, "end": 0, "answer": ""})
-    return sorted(answers, key=lambda x: x["score"], reverse=True)[0]
+@pytest.fixture(scope="module")
+def ref(demo_models: Path) -> LoadedModel:
+    """A separate copy for the reference pipeline."""
+    return load_demo(demo_models, "demo-qa")
 
 
 QUESTIONS = [
@@ -99,32 +59,39 @@ def ask(question: str, context: str, **fields: Any) -> EngineRequest:
     return request(TaskType.QA, QARequest(question=question, context=context, **options), "demo-qa", **fields)
 
 
-@pytest.mark.parametrize("impossible", [False, True])
-def test_extractive_qa_matches_the_pipeline(lm: LoadedModel, impossible: bool) -> None:
-    executor = ExtractiveQAExecutor(lm, EngineConfig(max_batch_tokens=2048, max_running_requests=8))
+@pytest.mark.parametrize(("impossible", "packing"), [(False, None), (True, None), (False, False)])
+def test_extractive_qa_matches_the_pipeline(
+    lm: LoadedModel, ref: LoadedModel, impossible: bool, packing: bool | None
+) -> None:
+    executor = ExtractiveQAExecutor(lm, EngineConfig(max_batch_tokens=2048, max_running_requests=8), packing)
+    assert executor.forward.packed is (packing is None)
     reqs = [
         ask(q, c, max_answer_len=10 + 5 * i, handle_impossible_answer=impossible) for i, (q, c) in enumerate(QUESTIONS)
     ]
-    with forward_shapes(lm.model) as shapes:
+    with forward_batches(lm.model) as batches:
         steps = run(executor, reqs)
-    windows = executor.stats()["num_windows"]
-    assert windows >= len(QUESTIONS) + 5 and steps == len(shapes) < windows  # batched across requests
+    stats = executor.stats()
+    windows = stats["num_windows"]
+    assert windows >= len(QUESTIONS) + 5 and steps == len(batches) < windows  # batched across requests
+    assert all(computed <= 2048 or inputs == 1 for inputs, computed in batches)
+    assert stats["computed_tokens"] == sum(computed for _, computed in batches)
+    assert (stats["padded_tokens"] == 0) is (packing is None)
     for i, (req, (question, context)) in enumerate(zip(reqs, QUESTIONS, strict=True)):
         got: QAResult = req.future.result(timeout=0)
-        want = reference_qa(lm, question, context, 10 + 5 * i, impossible)
+        want = reference_qa(ref, question, context, 10 + 5 * i, impossible)
         assert (got.answer, got.start, got.end) == (want["answer"], want["start"], want["end"])
         assert got.score == pytest.approx(want["score"], abs=SCORE_TOLERANCE)
         assert got.answer == context[got.start : got.end] and got.mode == "extractive"
-    print(f"extractive QA: {len(reqs)} requests, {windows} windows in {steps} forwards {shapes}")
+    print(f"extractive QA: {len(reqs)} requests, {windows} windows in {steps} forwards (inputs, tokens) {batches}")
 
 
-def test_extractive_qa_long_context_spans_steps(lm: LoadedModel) -> None:
+def test_extractive_qa_long_context_spans_steps(lm: LoadedModel, ref: LoadedModel) -> None:
     question, context = QUESTIONS[4]
     executor = ExtractiveQAExecutor(lm, EngineConfig(max_batch_tokens=800, max_running_requests=8))
     long_req, short_req = ask(question, context), ask(*QUESTIONS[0], priority=1)
     steps = run(executor, [long_req, short_req])
     assert executor.stats()["num_windows"] >= 4 and steps >= 3  # 384-token windows, two per step at most
-    want = reference_qa(lm, question, context, 30, False)
+    want = reference_qa(ref, question, context, 30, False)
     assert long_req.future.result(timeout=0).answer == want["answer"]
     assert long_req.future.result(timeout=0).input_tokens > 3 * 300
     assert short_req.future.result(timeout=0).answer

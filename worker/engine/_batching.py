@@ -1,9 +1,17 @@
 """Helpers shared by the encoder executors (classify, extractive QA, translate): queueing and batch picking.
 
 These executors run a whole request (or a whole QA window) in one forward, so they need no KV blocks:
-only a priority queue of waiting work and a rule that packs a padded batch under the token budget.
+only a priority queue of waiting work and a rule that fills a step under the token budget.
 
-Batch picking (length bucketing). A padded batch costs `len(batch) * longest_item` tokens, so::
+Packed batches (`pick_packed`; classify and extractive QA on models that pack, see encoder_packing.py) cost
+exactly their real tokens, so items join in queue order, first fit::
+
+    waiting, in priority order:   A(120)  B(300)  C(500)  D(28)      budget 512 tokens, cap 8
+    A -> 120;  B -> 420;  C -> 920 over budget, skipped;  D -> 448
+    this step: A, B, D (448 tokens, no padding); C is the next step's head
+
+Padded batches (`pick_batch`: translation, and encoders that cannot pack) cost `len(batch) * longest_item`
+tokens, so they bucket by length::
 
     waiting, in priority order:   A(120)  B(30)  C(500)  D(28)  E(33)      budget 512 tokens, cap 8
     head = A (always runs), then the others by closeness in length to 120, same priority first:
@@ -14,7 +22,9 @@ Invariants:
 - the head (lowest priority value, then earliest arrival) is always in the step's batch, even if it alone
   exceeds the budget -- so every step makes progress and nothing waits behind a smaller request forever;
 - a lower-priority item joins a batch only after every higher-priority candidate was considered;
-- `len(batch) <= max_items` and, beyond the head, `len(batch) * max_length <= max_tokens`.
+- `len(batch) <= max_items` and, beyond the head, the batch's cost (packed: the sum of lengths; padded:
+  `len(batch) * max_length`) is at most `max_tokens`. A skipped item waits at most until every item ahead of
+  it in the queue has run: then it is the head.
 """
 
 from __future__ import annotations
@@ -120,6 +130,25 @@ def pick_batch(
         if (len(batch) + 1) * new_longest <= max_tokens:
             batch.append(cand)
             longest = new_longest
+    return batch
+
+
+def pick_packed(
+    candidates: Sequence[tuple[EngineRequest, T]],
+    length: Callable[[T], int],
+    max_tokens: int,
+    max_items: int,
+) -> list[tuple[EngineRequest, T]]:
+    """Choose this step's packed batch from candidates in queue order: first fit (see the module docstring)."""
+    batch: list[tuple[EngineRequest, T]] = []
+    used = 0
+    for cand in candidates:
+        if len(batch) >= max_items or used >= max_tokens:
+            break
+        n = length(cand[1])
+        if not batch or used + n <= max_tokens:
+            batch.append(cand)
+            used += n
     return batch
 
 

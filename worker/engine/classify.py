@@ -4,8 +4,9 @@ Each `step()`:
 1. drops requests that expired (DeadlineExceeded) or were completed elsewhere;
 2. tokenizes the requests added since the last step in one tokenizer call, truncating (and reporting it)
    or rejecting (InvalidRequest) inputs longer than the model's limit;
-3. picks one padded batch under `EngineConfig.max_batch_tokens` / `max_running_requests`, head of the
-   priority queue first, then requests of similar length (`_batching.pick_batch`);
+3. picks one batch under `EngineConfig.max_batch_tokens` / `max_running_requests`, head of the priority
+   queue first: packed (real tokens only, first fit in queue order) on models that pack, else padded and
+   bucketed by length (`_encoder_forward.EncoderForward`, `_batching`);
 4. runs ONE forward and completes each request with a `ClassifyResult`.
 
 Scores follow transformers' `pipeline("text-classification")`: sigmoid for multi-label models or a single
@@ -21,15 +22,8 @@ import torch
 
 from shared.errors import InvalidRequest
 from shared.models import ClassifyRequest, ClassifyResult, LabelScore
-from worker.engine._batching import (
-    WaitingQueue,
-    drop_finished,
-    input_token_limit,
-    order_key,
-    pad_batch,
-    pick_batch,
-    too_long,
-)
+from worker.engine._batching import WaitingQueue, drop_finished, input_token_limit, order_key, too_long
+from worker.engine._encoder_forward import EncoderForward
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
 
 SOFTMAX, SIGMOID, NO_FUNCTION = "softmax", "sigmoid", "none"
@@ -75,15 +69,19 @@ def apply_function(logits: torch.Tensor, function: str) -> torch.Tensor:
 
 
 class ClassificationExecutor(ModelExecutor):
-    """Runs `ClassifyRequest`s on a `*ForSequenceClassification` model (see the module docstring)."""
+    """Runs `ClassifyRequest`s on a `*ForSequenceClassification` model (see the module docstring).
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+    `packing`: None packs the requests of a step when the model allows it (encoder_packing.py), False keeps
+    padded batches, True requires packing. A packing executor owns its model: it swaps its attention."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, packing: bool | None = None) -> None:
         super().__init__(loaded, config)
         self.max_input_tokens = input_token_limit(loaded)
+        self.forward = EncoderForward(loaded, pooled=True, packing=packing)
         self._input_names = [n for n in loaded.tokenizer.model_input_names if n != "offset_mapping"]
         self._new: list[tuple[EngineRequest, tuple[int, float, int]]] = []  # added, not yet tokenized
         self._waiting: WaitingQueue[_Encoded] = WaitingQueue()
-        self._counters = {"steps": 0, "num_requests_finished": 0, "padded_tokens": 0}
+        self._counters = {"steps": 0, "num_requests_finished": 0}
 
     # ---- the ModelExecutor interface ------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -107,23 +105,19 @@ class ClassificationExecutor(ModelExecutor):
     def step(self) -> None:
         self._tokenize_new()
         drop_finished(self._waiting)
-        batch = pick_batch(
-            list(self._waiting),
-            length=lambda enc: enc.num_tokens,
-            max_tokens=self.config.max_batch_tokens,
-            max_items=self.config.max_running_requests,
-        )
+        batch = self.forward.pick(list(self._waiting), lambda enc: enc.num_tokens, self.config)
         if not batch:
             return
         self._waiting.remove_items([enc for _, enc in batch])
-        logits = self._forward([enc for _, enc in batch])
+        self._counters["steps"] += 1
+        logits = self.forward.logits([enc.inputs for _, enc in batch])
         for row, (request, encoded) in enumerate(batch):
             request.finish(self._result(_payload(request), logits[row], encoded))
             self._counters["num_requests_finished"] += 1
 
     def stats(self) -> dict[str, float]:
         waiting = len(self._new) + len(self._waiting)
-        return {"num_requests_running": 0, "num_requests_waiting": waiting, **self._counters}
+        return {"num_requests_running": 0, "num_requests_waiting": waiting, **self._counters, **self.forward.counters}
 
     # ---- steps ------------------------------------------------------------------------------------
     def _tokenize_new(self) -> None:
@@ -146,14 +140,6 @@ class ClassificationExecutor(ModelExecutor):
                 source, row, truncated = cut, cut_row[i], True
             inputs = {name: source[name][row] for name in self._input_names if name in source}
             self._waiting.push(request, _Encoded(inputs, truncated), key)
-
-    def _forward(self, batch: list[_Encoded]) -> torch.Tensor:
-        """One padded forward; float32 logits [len(batch), num_labels] on the CPU."""
-        inputs = pad_batch([enc.inputs for enc in batch], self.loaded.tokenizer, self.loaded.device)
-        self._counters["steps"] += 1
-        self._counters["padded_tokens"] += inputs["input_ids"].numel()
-        with torch.inference_mode():
-            return self.loaded.model(**inputs).logits.float().cpu()
 
     def _result(self, payload: ClassifyRequest, logits: torch.Tensor, encoded: _Encoded) -> ClassifyResult:
         config = self.loaded.model.config

@@ -9,8 +9,9 @@ question first, `truncation="only_second"`, `max_length=max_seq_len`, `stride=do
     [CLS] question [SEP]                       context tokens 506 .. 700 [SEP]
 
 Every window is a queue item of its request (ordered by the request's priority and arrival, then window
-number). Each `step()` runs ONE padded forward over windows picked by `_batching.pick_batch`, so a request
-may span several steps; when its last window is scored, `_qa_spans.combine_windows` picks the answer.
+number). Each `step()` runs ONE forward over the windows `_encoder_forward.EncoderForward` picks -- packed
+(real tokens only) on models that pack, else a padded batch bucketed by length -- so a request may span
+several steps; when its last window is scored, `_qa_spans.combine_windows` picks the answer.
 
 Invariants: a request is either in `_new` (not tokenized yet) or in `_pending` with exactly
 `windows_left` items in the queue; abort and expiry remove both.
@@ -22,19 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from shared.errors import InvalidRequest
 from shared.models import QARequest, QAResult
-from worker.engine._batching import (
-    WaitingQueue,
-    drop_finished,
-    input_token_limit,
-    order_key,
-    pad_batch,
-    pick_batch,
-    unpadded_columns,
-)
+from worker.engine._batching import WaitingQueue, drop_finished, input_token_limit, order_key
+from worker.engine._encoder_forward import EncoderForward
 from worker.engine._qa_spans import WindowSpan, best_span, combine_windows
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
 
@@ -73,10 +66,14 @@ class _Pending:
 
 
 class ExtractiveQAExecutor(ModelExecutor):
-    """Runs extractive `QARequest`s on a `*ForQuestionAnswering` model (see the module docstring)."""
+    """Runs extractive `QARequest`s on a `*ForQuestionAnswering` model (see the module docstring).
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+    `packing`: None packs the windows of a step when the model allows it (encoder_packing.py), False keeps
+    padded batches, True requires packing. A packing executor owns its model: it swaps its attention."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, packing: bool | None = None) -> None:
         super().__init__(loaded, config)
+        self.forward = EncoderForward(loaded, pooled=False, packing=packing)
         tokenizer = loaded.tokenizer
         if not tokenizer.is_fast:
             raise ValueError(f"{loaded.spec.name}: extractive QA needs a fast tokenizer (character offsets)")
@@ -118,22 +115,17 @@ class ExtractiveQAExecutor(ModelExecutor):
         self._tokenize_new()
         for request in drop_finished(self._waiting):
             self._pending.pop(request.id, None)
-        batch = pick_batch(
-            list(self._waiting),
-            length=lambda window: window.num_tokens,
-            max_tokens=self.config.max_batch_tokens,
-            max_items=self.config.max_running_requests,
-        )
+        batch = self.forward.pick(list(self._waiting), lambda window: window.num_tokens, self.config)
         if not batch:
             return
         windows = [window for _, window in batch]
         self._waiting.remove_items(windows)
-        start_logits, end_logits = self._forward(windows)
-        for row, window in enumerate(windows):
-            cols = unpadded_columns(start_logits.shape[1], window.num_tokens, self.loaded.tokenizer)
+        self._counters["steps"] += 1
+        logits = self.forward.token_outputs([w.inputs for w in windows], ("start_logits", "end_logits"))
+        for window, (start_logits, end_logits) in zip(windows, logits, strict=True):
             pending = self._pending[window.request_id]
             pending.spans[window.index] = best_span(
-                start_logits[row, cols], end_logits[row, cols], window.p_mask, _payload(pending.request).max_answer_len
+                start_logits, end_logits, window.p_mask, _payload(pending.request).max_answer_len
             )
             if pending.windows_left == 0:
                 self._finish(self._pending.pop(window.request_id))
@@ -141,7 +133,12 @@ class ExtractiveQAExecutor(ModelExecutor):
     def stats(self) -> dict[str, float]:
         running = sum(1 for p in self._pending.values() if p.spans)
         waiting = len(self._new) + len(self._pending) - running
-        return {"num_requests_running": running, "num_requests_waiting": waiting, **self._counters}
+        return {
+            "num_requests_running": running,
+            "num_requests_waiting": waiting,
+            **self._counters,
+            **self.forward.counters,
+        }
 
     # ---- steps ------------------------------------------------------------------------------------
     def _tokenize_new(self) -> None:
@@ -200,14 +197,6 @@ class ExtractiveQAExecutor(ModelExecutor):
         if cls_id is not None:
             p_mask[np.asarray(encoded["input_ids"][row]) == cls_id] = 0
         return p_mask
-
-    def _forward(self, windows: list[_Window]) -> tuple[np.ndarray, np.ndarray]:
-        """One padded forward; float32 start and end logits [len(windows), longest]."""
-        inputs = pad_batch([w.inputs for w in windows], self.loaded.tokenizer, self.loaded.device)
-        self._counters["steps"] += 1
-        with torch.inference_mode():
-            out = self.loaded.model(**inputs)
-        return out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
 
     def _finish(self, pending: _Pending) -> None:
         payload = _payload(pending.request)

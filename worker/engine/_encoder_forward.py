@@ -1,0 +1,104 @@
+"""One encoder forward per step for classify and extractive QA: packed when the model can, padded otherwise.
+
+`EncoderForward` keeps the two paths out of the executors::
+
+                packed (encoder_packing.py)                    padded (_batching.pad_batch)
+    pick        pick_packed: sum of lengths <= budget           pick_batch: rows * longest <= budget
+    forward     input_ids [1, sum L], attention per segment     input_ids [B, max L] + attention mask
+    logits      [B, labels] (first-token hook on the encoder)   [B, labels] (the model's own pooling)
+    per token   [1, T] split per segment                        [B, max L] cut to each row's real columns
+
+Counters (cumulative, for the executors' stats): `computed_tokens`, the token rows that went through the
+linear layers, and `padded_tokens`, how many of them were padding (0 on the packed path).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from worker.engine._batching import pad_batch, pick_batch, pick_packed, unpadded_columns
+from worker.engine.encoder_packing import (
+    SEGMENTS_KWARG,
+    EncoderLayout,
+    Segments,
+    enable_packing,
+    keep_first_tokens,
+    pack,
+    unsupported_reason,
+)
+from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Encoding = dict[str, list[int]]  # one input's token-id lists by model input name (unpadded)
+
+
+class EncoderForward:
+    """Batched forwards of one encoder model; the engine thread's only way to run that model."""
+
+    def __init__(self, loaded: LoadedModel, *, pooled: bool, packing: bool | None = None) -> None:
+        """`pooled`: the head reads one token per input (classification); else outputs are per token (QA).
+        `packing`: None packs when the model allows it, True requires it, False keeps the padded path."""
+        self.loaded = loaded
+        reason = unsupported_reason(loaded.model) if packing is not False else "packing turned off"
+        if packing and reason:
+            raise ValueError(f"{loaded.spec.name}: cannot pack inputs: {reason}")
+        self.layout: EncoderLayout | None = None
+        if reason is None:
+            self.layout = enable_packing(loaded.model)
+            if pooled:
+                keep_first_tokens(loaded.model, self.layout)
+        else:
+            log.info("%s runs padded batches: %s", loaded.spec.name, reason)
+        self.counters = {"computed_tokens": 0, "padded_tokens": 0}
+
+    @property
+    def packed(self) -> bool:
+        return self.layout is not None
+
+    def pick(
+        self, candidates: Sequence[tuple[EngineRequest, T]], length: Callable[[T], int], config: EngineConfig
+    ) -> list[tuple[EngineRequest, T]]:
+        """This step's batch under `config`'s token budget and request cap (see _batching)."""
+        choose = pick_packed if self.packed else pick_batch
+        return choose(candidates, length, config.max_batch_tokens, config.max_running_requests)
+
+    def logits(self, encodings: Sequence[Encoding]) -> torch.Tensor:
+        """One forward of a classifier: float32 logits [len(encodings), num_labels] on the CPU."""
+        output, _ = self._run(encodings)
+        return output.logits.float().cpu()
+
+    def token_outputs(self, encodings: Sequence[Encoding], names: Sequence[str]) -> list[list[np.ndarray]]:
+        """One forward; per input, the named per-token outputs (e.g. start/end logits) over its real tokens,
+        float32 numpy arrays in the order of `names`."""
+        output, segments = self._run(encodings)
+        tensors = [output[name].float().cpu() for name in names]
+        if segments is not None:
+            per_name = [segments.split(t[0]) for t in tensors]
+        else:
+            tokenizer, lengths = self.loaded.tokenizer, [len(enc["input_ids"]) for enc in encodings]
+            per_name = [
+                [t[row, unpadded_columns(t.shape[1], n, tokenizer)] for row, n in enumerate(lengths)] for t in tensors
+            ]
+        return [[x.numpy() for x in rows] for rows in zip(*per_name, strict=True)]
+
+    def _run(self, encodings: Sequence[Encoding]) -> tuple[Any, Segments | None]:
+        """The model's output, and the packing it ran with (None: padded)."""
+        model, real = self.loaded.model, sum(len(enc["input_ids"]) for enc in encodings)
+        segments = None
+        if self.layout is not None:
+            inputs = pack(encodings, self.layout, model.config.pad_token_id, self.loaded.device)
+            segments, computed = inputs[SEGMENTS_KWARG], real
+        else:
+            inputs = pad_batch(encodings, self.loaded.tokenizer, self.loaded.device)
+            computed = inputs["input_ids"].numel()
+        self.counters["computed_tokens"] += computed
+        self.counters["padded_tokens"] += computed - real
+        with torch.inference_mode():
+            return model(**inputs), segments
