@@ -25,7 +25,7 @@ from transformers.pipelines.document_question_answering import select_starts_end
 
 from shared.models import TaskType
 from shared.registry import Registry
-from worker.engine.encoder_packing import SEGMENTS_KWARG
+from worker.engine.encoder_packing import SEGMENTS_KWARG, VARLEN_ATTENTION
 from worker.engine.executor import EngineRequest, LoadedModel, ModelExecutor
 
 SCORE_TOLERANCE = 1e-4
@@ -113,7 +113,7 @@ def forward_batches(model: Any) -> Iterator[list[tuple[int, int]]]:
 
 def pipeline_scores(lm: LoadedModel, text: str, **kwargs: Any) -> list[dict[str, Any]]:
     """`pipeline("text-classification", top_k=None)` on `lm` (a reference copy): every label, best first."""
-    assert lm.model.config._attn_implementation == "sdpa", "references run transformers' own attention"
+    assert lm.model.config._attn_implementation != VARLEN_ATTENTION, "references run transformers' own attention"
     classifier = pipeline("text-classification", model=lm.model, tokenizer=lm.tokenizer, top_k=None)
     return classifier([text], **kwargs)[0]
 
@@ -125,7 +125,7 @@ def reference_qa(lm: LoadedModel, question: str, context: str, max_answer_len: i
     `select_starts_ends` (still shipped in v5 with the document-QA pipeline). `lm` is a reference copy.
     """
     tokenizer, model = lm.tokenizer, lm.model
-    assert model.config._attn_implementation == "sdpa", "references run transformers' own attention"
+    assert model.config._attn_implementation != VARLEN_ATTENTION, "references run transformers' own attention"
     max_seq_len = min(tokenizer.model_max_length, 384)
     encoded = tokenizer(
         text=question,

@@ -125,10 +125,10 @@ def register_varlen_attention() -> None:
 def unsupported_reason(model: Any) -> str | None:
     """Why `model` cannot run packed (None: it can). Read from the class and config, nothing is changed."""
     config = model.config
-    if config.model_type not in LAYOUTS:
-        return f"model type {config.model_type!r} has no packing layout"
     if not model.is_backend_compatible() or not model._can_set_attn_implementation():
         return f"{type(model).__name__} does not take an attention implementation"
+    if config.model_type not in LAYOUTS:
+        return f"model type {config.model_type!r} has no packing layout"
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
         return "packing is for plain encoders (this one is configured as a decoder)"
     if model.training:
