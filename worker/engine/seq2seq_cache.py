@@ -1,0 +1,89 @@
+"""An `EncoderDecoderCache` whose storage is the paged KV pool.
+
+Encoder-decoder layers in transformers 5.x branch on `isinstance(cache, EncoderDecoderCache)` and on
+`cache.is_updated[layer]` (handbook fact 5):
+
+- self-attention always calls `cache.self_attention_cache.update(k, v, layer)`: we write the decoder
+  rows' K/V into their slots (`Seq2SeqMetadata.self_slots`);
+- cross-attention with `is_updated[layer] == False` projects `encoder_hidden_states` and calls
+  `cache.cross_attention_cache.update(k, v, layer)`: we write the projected K/V of the requests whose
+  encoder ran in this step into their cross blocks (`Seq2SeqMetadata.cross_slots`);
+- cross-attention with `is_updated[layer] == True` skips the projection and reads
+  `cross_attention_cache.layers[layer].keys/.values`: placeholders of one key, never attended to
+  (the attention function reads every request's cross K/V from its blocks).
+
+So `begin_pass(writes_cross)` sets `is_updated` to "not writes_cross" for every layer before each
+decoder forward. `get_seq_length()` is 0: positions come from the engine (`seq2seq_model`), never
+from the cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import EncoderDecoderCache
+
+from worker.engine.attention import PagedKVCache
+from worker.engine.seq2seq_attention import METADATA_KWARG, Seq2SeqMetadata
+
+
+class _PlaceholderLayer:
+    """What cross-attention reads when `is_updated` is True: one dummy key and value."""
+
+    def __init__(self, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.keys = torch.zeros(1, heads, 1, head_dim, dtype=dtype, device=device)
+        self.values = self.keys
+
+
+class _SlotWriter:
+    """Writes one pass's new K/V ([1, H, N, D]) into the pool at the slots `slots_of(meta)` names."""
+
+    def __init__(self, pool: PagedKVCache, cross: bool, num_layers: int) -> None:
+        self.pool = pool
+        self.cross = cross
+        self.layers = [
+            _PlaceholderLayer(pool.num_kv_heads, pool.head_dim, pool.key_cache.dtype, pool.key_cache.device)
+            for _ in range(num_layers)
+        ]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        meta: Seq2SeqMetadata = (kwargs or {})[METADATA_KWARG]
+        slots = meta.cross_slots if self.cross else meta.self_slots
+        assert slots is not None and slots.shape[0] == key_states.shape[2], "K/V rows do not match their slots"
+        pool = self.pool
+        flat_k = pool.key_cache[layer_idx].view(-1, pool.num_kv_heads, pool.head_dim)
+        flat_v = pool.value_cache[layer_idx].view(-1, pool.num_kv_heads, pool.head_dim)
+        flat_k.index_copy_(0, slots, key_states[0].transpose(0, 1))
+        flat_v.index_copy_(0, slots, value_states[0].transpose(0, 1))
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class PagedEncoderDecoderCache(EncoderDecoderCache):
+    """Self- and cross-attention K/V of every running request, in one block pool (module docstring)."""
+
+    def __init__(self, pool: PagedKVCache, num_layers: int) -> None:  # no super().__init__: no dynamic layers
+        self.pool = pool
+        self.num_layers = num_layers
+        self.self_attention_cache: Any = _SlotWriter(pool, cross=False, num_layers=num_layers)
+        self.cross_attention_cache: Any = _SlotWriter(pool, cross=True, num_layers=num_layers)
+        self.is_updated = dict.fromkeys(range(num_layers), True)
+
+    def begin_pass(self, writes_cross: bool) -> None:
+        """Before each decoder forward: project and write cross K/V in this pass, or reuse the blocks."""
+        for layer in range(self.num_layers):
+            self.is_updated[layer] = not writes_cross
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def __repr__(self) -> str:
+        return f"PagedEncoderDecoderCache(layers={self.num_layers}, blocks={self.pool.num_blocks})"

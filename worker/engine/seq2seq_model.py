@@ -1,0 +1,147 @@
+"""What the paged seq2seq engine must know about each encoder-decoder architecture, and nothing more.
+
+Verified architectures (`PAGED_MODEL_TYPES`): Marian, BART, mBART, M2M100 (also NLLB), T5. Anything else
+runs on the batched-`generate` fallback (`seq2seq_generate.py`).
+
+Positions. Marian, BART, mBART and M2M100 compute decoder positions as `arange + cache.get_seq_length()`
+and encoder positions as `arange(T)`: wrong for a packed batch. A forward hook on each stack's
+`embed_positions` replaces its output with the table rows of the engine's positions (`PositionTable`):
+
+    Marian (sinusoidal nn.Embedding)   weight[p]
+    BART / mBART (learned, offset 2)   weight[p + 2]
+    M2M100 / NLLB (sinusoidal buffer)  weights[padding_idx + 1 + p] (a pad token: weights[padding_idx])
+
+T5 has no absolute positions (relative bias, see `seq2seq_attention`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+PAGED_MODEL_TYPES = ("marian", "bart", "mbart", "m2m_100", "t5")
+
+
+class UnsupportedArchitecture(ValueError):
+    """The model cannot run on the paged seq2seq engine (use the `generate` fallback)."""
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """What the KV pool needs: decoder layers, heads and head size (cross and self attention agree)."""
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    max_positions: int | None  # learned/sinusoidal decoder positions; None for T5
+
+    @classmethod
+    def of(cls, model: Any) -> DecoderShape:
+        config = model.config
+        if config.model_type == "t5":
+            return cls(config.num_decoder_layers, config.num_heads, config.d_kv, None)
+        heads = config.decoder_attention_heads
+        return cls(config.decoder_layers, heads, config.d_model // heads, config.max_position_embeddings)
+
+
+def check_model(model: Any) -> None:
+    """Raise `UnsupportedArchitecture` unless the paged engine can run `model` unmodified."""
+    config = model.config
+    if not getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedArchitecture(f"{type(model).__name__} is not an encoder-decoder model")
+    if config.model_type not in PAGED_MODEL_TYPES:
+        raise UnsupportedArchitecture(
+            f"{type(model).__name__} ({config.model_type}) is not one of the paged architectures {PAGED_MODEL_TYPES}"
+        )
+    if config.model_type == "t5" and getattr(config, "num_heads", 0) * getattr(config, "d_kv", 0) == 0:
+        raise UnsupportedArchitecture("T5 config without heads")
+
+
+class PositionTable:
+    """Looks up one `embed_positions` module's rows for engine-given positions (module docstring)."""
+
+    def __init__(self, module: torch.nn.Module, pad_token_id: int | None) -> None:
+        kind = type(module).__name__
+        self.module = module
+        self.pad_token_id = pad_token_id
+        self.offset = 0
+        if kind == "M2M100SinusoidalPositionalEmbedding":
+            self.offset = module.padding_idx + 1
+            self.weight = lambda: module.weights
+            self.pad_row: int | None = module.padding_idx
+        elif kind in ("MarianSinusoidalPositionalEmbedding", "BartLearnedPositionalEmbedding",
+                      "MBartLearnedPositionalEmbedding"):  # fmt: skip
+            self.offset = getattr(module, "offset", 0)
+            self.weight = lambda: module.weight
+            self.pad_row = None
+        else:
+            raise UnsupportedArchitecture(f"unknown position embedding {kind}")
+
+    def positions(self, tokens: Sequence[int], start: int, end: int) -> list[int]:
+        """Table rows of tokens[start:end] of one sequence.
+
+        M2M100 gives a pad token the zero row `padding_idx`; later tokens keep `offset + i`, as in
+        `generate`'s incremental decoding (which counts cached tokens, pads included)."""
+        rows = list(range(start + self.offset, end + self.offset))
+        if self.pad_row is not None:
+            rows = [self.pad_row if tokens[start + i] == self.pad_token_id else r for i, r in enumerate(rows)]
+        return rows
+
+    def lookup(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Embeddings of table `rows` [T], shaped like the module's own output `like`."""
+        weight = self.weight()
+        if int(rows.max()) >= weight.shape[0]:
+            raise ValueError(f"position {int(rows.max())} is beyond the model's {weight.shape[0]} positions")
+        return F.embedding(rows, weight).view_as(like).to(like.dtype)
+
+
+class PositionHooks:
+    """Forward hooks on the encoder's and decoder's `embed_positions`: outputs the engine's positions.
+
+    `set(encoder_rows=..., decoder_rows=...)` before a forward; a hook whose rows are unset fails loudly."""
+
+    def __init__(self, model: Any) -> None:
+        pad = model.config.pad_token_id
+        self.tables: dict[str, PositionTable] = {}
+        self.rows: dict[str, torch.Tensor | None] = {"encoder": None, "decoder": None}
+        self._handles = []
+        for name, stack in (("encoder", model.get_encoder()), ("decoder", model.get_decoder())):
+            module = getattr(stack, "embed_positions", None)
+            if module is None:
+                continue  # T5: relative positions only
+            table = self.tables[name] = PositionTable(module, pad)
+            self._handles.append(module.register_forward_hook(self._hook(name, table)))
+
+    def _hook(self, name: str, table: PositionTable) -> Any:
+        def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
+            rows = self.rows[name]
+            if rows is None:
+                raise RuntimeError(f"{name} positions were not set for this forward")
+            return table.lookup(rows, output)
+
+        return hook
+
+    def positions(self, stack: str, tokens: Sequence[int], start: int, end: int) -> list[int]:
+        table = self.tables.get(stack)
+        return table.positions(tokens, start, end) if table is not None else []
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def t5_decoder_bias_owner(model: Any) -> Any:
+    """T5: the decoder's first self-attention, which owns `relative_attention_bias`; None otherwise."""
+    if model.config.model_type != "t5":
+        return None
+    return model.get_decoder().block[0].layer[0].SelfAttention
+
+
+def max_encoder_pass_tokens(model: Any) -> int | None:
+    """T5 builds a [heads, T, T] bias over a whole packed encoder pass: keep its passes short."""
+    return 512 if model.config.model_type == "t5" else None

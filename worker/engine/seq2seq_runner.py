@@ -1,0 +1,251 @@
+"""Seq2seq model runner: one step = (encoder pass for newly admitted requests) + one packed decoder pass.
+
+    encoder pass:  input_ids [1, S]  = the new requests' sentences back to back (no padding)
+    decoder pass:  decoder_input_ids [1, T] = every running sequence's uncomputed tokens
+                   (one row per beam while decoding; a whole prefix when recomputing after preemption)
+                   encoder_outputs = the encoder pass's states when it ran (their cross K/V are projected
+                   and written into the new requests' cross blocks in this very pass), else a placeholder
+
+Only each sequence's last row reaches the LM head (a forward pre-hook on the output embeddings keeps
+those rows: the `*ForConditionalGeneration` heads take no `logits_to_keep`).
+
+Traps this avoids (transformers 5.x): `use_cache=False` with `cache=` given (layers still call
+`cache.update`); positions from hooks, not from `cache.get_seq_length()`; `set_attn_implementation`
+changes the model's config for every model built from the same config object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+
+from worker.engine.attention import PagedKVCache
+from worker.engine.request import Request
+from worker.engine.seq2seq_attention import (
+    ATTENTION_NAME,
+    METADATA_KWARG,
+    CrossBucket,
+    EncoderBucket,
+    Seq2SeqMetadata,
+    SelfDecodeBucket,
+    SelfSegment,
+    seq2seq_attention,
+)
+from worker.engine.seq2seq_cache import PagedEncoderDecoderCache
+from worker.engine.seq2seq_model import (
+    DecoderShape,
+    PositionHooks,
+    check_model,
+    max_encoder_pass_tokens,
+    t5_decoder_bias_owner,
+)
+
+AttentionInterface.register(ATTENTION_NAME, seq2seq_attention)
+
+BUCKET_ROWS = 16  # sequences (or requests, or sentences) padded together in one attention call
+
+
+@dataclass
+class StepItem:
+    """One request's part of a step: its decoder sequences and where its K/V live.
+
+    Each sequence computes its tokens [num_computed_tokens, num_tokens): one while decoding, all of
+    them (from 0) when recomputing. `encoder_ids` is set when the request's encoder runs in this step."""
+
+    sequences: Sequence[Request]
+    self_blocks: Sequence[Sequence[int]]  # block table of each sequence
+    cross_blocks: Sequence[int]
+    encoder_len: int
+    encoder_ids: Sequence[int] | None = None
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class Seq2SeqRunner:
+    """Owns the model's attention switch, the position and LM-head hooks, and the cache object."""
+
+    def __init__(self, model: Any, pool: PagedKVCache) -> None:
+        check_model(model)
+        model.set_attn_implementation(ATTENTION_NAME)
+        self.model, self.pool = model, pool
+        self.shape = DecoderShape.of(model)
+        self.cache = PagedEncoderDecoderCache(pool, self.shape.num_layers)
+        self.positions = PositionHooks(model)
+        self.decoder_bias = t5_decoder_bias_owner(model)
+        self.max_encoder_pass = max_encoder_pass_tokens(model)
+        self.device = pool.key_cache.device
+        self._keep: torch.Tensor | None = None
+        head = model.get_output_embeddings()
+        self._head_hook = head.register_forward_pre_hook(self._keep_rows)
+        d_model = model.config.d_model
+        self._placeholder_states = torch.zeros(1, 1, d_model, dtype=model.dtype, device=self.device)
+
+    def _keep_rows(self, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        if self._keep is None:
+            return None
+        return (args[0][:, self._keep], *args[1:])
+
+    def _tensor(self, values: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, items: Sequence[StepItem], copies: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
+        """Run one step; returns fp32 logits [N, vocab], one row per sequence (items, then sequences, in order)."""
+        self.pool.copy_blocks(list(copies))
+        new = [item for item in items if item.encoder_ids is not None]
+        states = self._encode(new) if new else None
+        meta, input_ids = self._decoder_metadata(items, new)
+        self.cache.begin_pass(writes_cross=states is not None)
+        try:
+            out = self.model(
+                encoder_outputs=(states if states is not None else self._placeholder_states,),
+                decoder_input_ids=input_ids,
+                cache=self.cache,
+                use_cache=False,
+                **{METADATA_KWARG: meta},
+            )
+        finally:
+            self._keep = None
+            self.positions.rows["decoder"] = None
+        return out.logits[0].float()
+
+    # ---- encoder ------------------------------------------------------------------------------
+
+    def _encode(self, items: list[StepItem]) -> torch.Tensor:
+        """Encoder states [1, S, d_model] of `items`' sentences, back to back in item order."""
+        limit = self.max_encoder_pass
+        passes: list[list[StepItem]] = [[]]
+        size = 0
+        for item in items:
+            if limit is not None and passes[-1] and size + item.encoder_len > limit:
+                passes.append([])
+                size = 0
+            passes[-1].append(item)
+            size += item.encoder_len
+        return torch.cat([self._encoder_pass(p) for p in passes], dim=1)
+
+    def _encoder_pass(self, items: list[StepItem]) -> torch.Tensor:
+        ids: list[int] = []
+        rows: list[int] = []
+        starts = []
+        for item in items:
+            assert item.encoder_ids is not None
+            starts.append(len(ids))
+            rows.extend(self.positions.positions("encoder", item.encoder_ids, 0, item.encoder_len))
+            ids.extend(item.encoder_ids)
+        order = sorted(range(len(items)), key=lambda i: items[i].encoder_len)
+        buckets = [self._encoder_bucket([(starts[i], items[i].encoder_len) for i in chunk])
+                   for chunk in _chunks(order, BUCKET_ROWS)]  # fmt: skip
+        meta = Seq2SeqMetadata(self.pool, encoder=buckets)
+        self.positions.rows["encoder"] = self._tensor(rows) if rows else None
+        try:
+            out = self.model.get_encoder()(input_ids=self._tensor([ids]).view(1, -1), **{METADATA_KWARG: meta})
+        finally:
+            self.positions.rows["encoder"] = None
+        return out.last_hidden_state
+
+    def _encoder_bucket(self, spans: list[tuple[int, int]]) -> EncoderBucket:
+        """Sentences (start, length) of the packed pass, padded to the longest."""
+        width = max(length for _, length in spans)
+        rows = [[start + i if i < length else 0 for i in range(width)] for start, length in spans]
+        valid = [[i < length for i in range(width)] for _, length in spans]
+        flat_valid = [b * width + i for b, (_, length) in enumerate(spans) for i in range(length)]
+        out_rows = [start + i for start, length in spans for i in range(length)]
+        dev = self.device
+        return EncoderBucket(
+            rows=self._tensor(rows),
+            valid=torch.tensor(valid, dtype=torch.bool, device=dev),
+            flat_valid=self._tensor(flat_valid),
+            out_rows=self._tensor(out_rows),
+        )
+
+    # ---- decoder ------------------------------------------------------------------------------
+
+    def _decoder_metadata(self, items: Sequence[StepItem], new: list[StepItem]) -> tuple[Seq2SeqMetadata, torch.Tensor]:
+        bs = self.pool.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        keep: list[int] = []
+        decode_rows: list[tuple[int, int, Sequence[int]]] = []  # (row, context_len, block table)
+        segments: list[SelfSegment] = []
+        spans: list[tuple[int, int, StepItem]] = []  # (first row, rows, item)
+        for item in items:
+            first = len(ids)
+            for seq, table in zip(item.sequences, item.self_blocks, strict=True):
+                p0, end = seq.num_computed_tokens, seq.num_tokens
+                tokens = seq.all_token_ids
+                row = len(ids)
+                ids.extend(tokens[p0:end])
+                positions.extend(self.positions.positions("decoder", tokens, p0, end))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(p0, end))
+                if end - p0 == 1:
+                    decode_rows.append((row, end, table))
+                else:
+                    assert p0 == 0, f"{seq} resumes mid-prefix; the engine recomputes prefixes from 0"
+                    segments.append(SelfSegment(row, row + end))
+                keep.append(len(ids) - 1)
+            spans.append((first, len(ids) - first, item))
+
+        meta = Seq2SeqMetadata(
+            self.pool,
+            self_slots=self._tensor(slots),
+            cross_slots=self._cross_slots(new) if new else None,
+            decode=self._decode_buckets(decode_rows),
+            segments=segments,
+            cross=self._cross_buckets(spans),
+            decoder_bias=self.decoder_bias,
+        )
+        self._keep = self._tensor(keep)
+        self.positions.rows["decoder"] = self._tensor(positions) if self.positions.tables else None
+        return meta, self._tensor(ids).view(1, -1)
+
+    def _cross_slots(self, new: list[StepItem]) -> torch.Tensor:
+        bs = self.pool.block_size
+        return self._tensor([item.cross_blocks[p // bs] * bs + p % bs for item in new for p in range(item.encoder_len)])
+
+    def _decode_buckets(self, rows: list[tuple[int, int, Sequence[int]]]) -> list[SelfDecodeBucket]:
+        rows = sorted(rows, key=lambda r: r[1])  # similar lengths share a bucket
+        buckets = []
+        for chunk in _chunks(rows, BUCKET_ROWS):
+            width = max(len(table) for _, _, table in chunk)
+            flat = [b for _, _, table in chunk for b in (*table, *[0] * (width - len(table)))]
+            buckets.append(
+                SelfDecodeBucket(
+                    rows=self._tensor([r for r, _, _ in chunk]),
+                    block_ids=self._tensor(flat),
+                    context_lens=self._tensor([n for _, n, _ in chunk]),
+                    max_blocks=width,
+                )
+            )
+        return buckets
+
+    def _cross_buckets(self, spans: list[tuple[int, int, StepItem]]) -> list[CrossBucket]:
+        """Requests with the same number of rows, by encoder length, padded to the bucket's longest."""
+        by_rows: dict[int, list[tuple[int, int, StepItem]]] = {}
+        for span in spans:
+            by_rows.setdefault(span[1], []).append(span)
+        buckets = []
+        for n, group in sorted(by_rows.items()):
+            group.sort(key=lambda s: s[2].encoder_len)
+            for chunk in _chunks(group, BUCKET_ROWS):
+                width = max(len(item.cross_blocks) for _, _, item in chunk)
+                flat = [b for _, _, it in chunk for b in (*it.cross_blocks, *[0] * (width - len(it.cross_blocks)))]
+                buckets.append(
+                    CrossBucket(
+                        rows=self._tensor([first + i for first, _, _ in chunk for i in range(n)]),
+                        n=n,
+                        block_ids=self._tensor(flat),
+                        encoder_lens=self._tensor([item.encoder_len for _, _, item in chunk]),
+                        max_blocks=width,
+                    )
+                )
+        return buckets
