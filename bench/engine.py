@@ -63,15 +63,6 @@ def w1_requests(n: int, seed: int = 1234) -> list[tuple[list[int], int]]:
     return [([rng.randrange(3, VOCAB) for _ in range(rng.randint(16, 256))], rng.randint(16, 128)) for _ in range(n)]
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
-    fn_out, seconds = None, []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn_out = fn()
-        seconds.append(time.perf_counter() - start)
-    return seconds, fn_out
-
-
 # ---- baselines ------------------------------------------------------------------------------------
 
 
@@ -134,30 +125,61 @@ def run_pagedq(engine: LLMEngine, reqs: list[tuple[list[int], int]], ignore_eos:
     return [done[f"b{i}"] for i in range(len(reqs))]
 
 
-def pagedq_result(name: str, model: Any, reqs: list, repeats: int, tokens: int, caching: bool = True,
-                  num_blocks: int = 0) -> Result:  # fmt: skip
-    """Warm-up once, then `repeats` timed runs on one engine (the prefix cache is emptied between runs)."""
+@dataclass
+class System:
+    """One way of serving a workload: `run` returns greedy outputs; `warm` runs a small subset first."""
+
+    name: str
+    run: Callable[[], list[list[int]]]
+    warm: Callable[[], Any]
+    rounds: int
+    engine: LLMEngine | None = None
+
+
+def pagedq_system(name: str, model: Any, reqs: list, rounds: int, num_blocks: int, caching: bool = True) -> System:
     config = EngineConfig(max_batch_tokens=4096, max_running_requests=64, enable_prefix_caching=caching)
     engine = LLMEngine(model, config=config, namespace=name, num_blocks=num_blocks)
-    run_pagedq(engine, reqs)
-    seconds, outs, before = [], None, engine.stats()
-    for _ in range(repeats):
-        engine.kv.pool.reset_prefix_cache()
-        before = engine.stats()
-        start = time.perf_counter()
-        outs = run_pagedq(engine, reqs)
-        seconds.append(time.perf_counter() - start)
+
+    def run() -> list[list[int]]:
+        engine.kv.pool.reset_prefix_cache()  # every timed run starts cold
+        return run_pagedq(engine, reqs)
+
+    return System(name, run, lambda: run_pagedq(engine, reqs[:4]), rounds, engine)
+
+
+def measure(systems: list[System], tokens: int) -> dict[str, Result]:
+    """Warm every system, then time them round-robin (a noisy shared machine hits all of them alike)."""
+    for system in systems:
+        system.warm()
+    results = {s.name: Result(s.name, tokens) for s in systems}
+    for i in range(max(s.rounds for s in systems)):
+        for system in systems:
+            if i >= system.rounds:
+                continue
+            res, engine = results[system.name], system.engine
+            before = engine.stats() if engine else {}
+            start = time.perf_counter()
+            res.outputs = system.run()
+            res.seconds.append(time.perf_counter() - start)
+            if engine:
+                res.extra = engine_extra(engine, before)
+    return results
+
+
+def engine_extra(engine: LLMEngine, before: dict[str, float]) -> dict[str, float]:
+    """Steps, mean batch tokens, KV waste and prefix hits of the latest run (stats are cumulative)."""
     after = engine.stats()
-    delta = {k: after[k] - before[k] for k in ("num_steps", "prefix_cache_queries", "prefix_cache_hits")}
+    steps = after["num_steps"] - before["num_steps"]
     batched = after["mean_batch_tokens"] * after["num_steps"] - before["mean_batch_tokens"] * before["num_steps"]
-    extra = {
-        "steps": delta["num_steps"],
-        "mean_batch_tokens": batched / max(delta["num_steps"], 1),
-        "kv_waste": statistics.mean(engine.bench_waste) if engine.bench_waste else 0.0,  # type: ignore[attr-defined]
-        "prefix_hit_rate": delta["prefix_cache_hits"] / max(delta["prefix_cache_queries"], 1),
-        "prefix_hits": delta["prefix_cache_hits"],
+    hits = after["prefix_cache_hits"] - before["prefix_cache_hits"]
+    waste = engine.bench_waste  # type: ignore[attr-defined]
+    return {
+        "steps": steps,
+        "mean_batch_tokens": batched / max(steps, 1),
+        "kv_waste": statistics.mean(waste) if waste else 0.0,
+        "prefix_hit_rate": hits / max(after["prefix_cache_queries"] - before["prefix_cache_queries"], 1),
+        "prefix_hits": hits,
     }
-    return Result(name, tokens, seconds, outs, extra)
 
 
 # ---- workloads ------------------------------------------------------------------------------------
@@ -165,29 +187,26 @@ def pagedq_result(name: str, model: Any, reqs: list, repeats: int, tokens: int, 
 
 def w1(args: argparse.Namespace, model: Any) -> dict[str, Result]:
     reqs = w1_requests(args.requests)
-    tokens = sum(n for _, n in reqs)
-    res: dict[str, Result] = {}
     warm = reqs[:2]
+    systems = []
     if not args.skip_baselines:
         ref = copy.deepcopy(model)  # own config: the engine and HF CB switch attention implementations
-        run_sequential(ref, warm)
-        res["sequential"] = Result(
-            "sequential generate", tokens, *timed(lambda: run_sequential(ref, reqs), args.baseline_repeats)
-        )
-        run_static(ref, warm)
-        res["static"] = Result(
-            "static batches of 16", tokens, *timed(lambda: run_static(ref, reqs), args.baseline_repeats)
-        )
         cb_model = copy.deepcopy(model)
         blocks = len(reqs) * 2 + 8  # page_size 256: at most 384 tokens per request
-        run_hf_cb(cb_model, warm, blocks, args.hf_batch_tokens)
-        cb = timed(lambda: run_hf_cb(cb_model, reqs, blocks, args.hf_batch_tokens), args.baseline_repeats)
-        res["hf_cb"] = Result("transformers continuous batching", tokens, *cb)
+        n, tok = args.baseline_repeats, args.hf_batch_tokens
+        systems += [
+            System("sequential generate", lambda: run_sequential(ref, reqs), lambda: run_sequential(ref, warm), n),
+            System("static batches of 16", lambda: run_static(ref, reqs), lambda: run_static(ref, warm), n),
+            System("transformers continuous batching", lambda: run_hf_cb(cb_model, reqs, blocks, tok),
+                   lambda: run_hf_cb(cb_model, warm, blocks, tok), n),
+        ]  # fmt: skip
     num_blocks = len(reqs) * 24 + 64  # 384 tokens / 16 per request, plus slack: no preemption
-    fp32, bf16 = copy.deepcopy(model), copy.deepcopy(model).to(torch.bfloat16)
-    res["fp32"] = pagedq_result("pagedq fp32", fp32, reqs, args.repeats, tokens, num_blocks=num_blocks)
-    res["bf16"] = pagedq_result("pagedq bf16", bf16, reqs, args.repeats, tokens, num_blocks=num_blocks)
-    return res
+    systems.append(pagedq_system("pagedq fp32", copy.deepcopy(model), reqs, args.repeats, num_blocks))
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    systems.append(pagedq_system("pagedq bf16", bf16, reqs, args.repeats, num_blocks))
+    res = measure(systems, sum(n for _, n in reqs))
+    keys = ["sequential", "static", "hf_cb"] if not args.skip_baselines else []
+    return dict(zip(keys + ["fp32", "bf16"], res.values(), strict=True))
 
 
 def w2(args: argparse.Namespace, model: Any) -> tuple[dict[str, Result], float]:
@@ -199,8 +218,11 @@ def w2(args: argparse.Namespace, model: Any) -> tuple[dict[str, Result], float]:
     tokens = sum(n for _, n in reqs)
     best = (args.w2_questions - 1) * len(contexts) * (args.w2_context // 16) * 16
     num_blocks = 64 * ((args.w2_context + 36 + 32) // 16 + 1) + 64  # 64 running, never preempted
-    on = pagedq_result("pagedq prefix cache on", copy.deepcopy(model), reqs, args.repeats, tokens, True, num_blocks)
-    off = pagedq_result("pagedq prefix cache off", copy.deepcopy(model), reqs, args.repeats, tokens, False, num_blocks)
+    systems = [
+        pagedq_system("pagedq prefix cache on", copy.deepcopy(model), reqs, args.repeats, num_blocks, True),
+        pagedq_system("pagedq prefix cache off", copy.deepcopy(model), reqs, args.repeats, num_blocks, False),
+    ]
+    on, off = measure(systems, tokens).values()
     on.extra["same_as_off"] = sum(a == b for a, b in zip(on.outputs or [], off.outputs or [], strict=True))
     return {"on": on, "off": off}, on.extra["prefix_hits"] / best
 

@@ -121,7 +121,7 @@ class DecodeBucket:
 
     start: int
     end: int
-    block_ids: torch.Tensor  # [rows * max_blocks] block table rows, padded with block 0, flattened
+    first_block: int  # where this bucket's block table rows start in `AttentionMetadata.decode_block_ids`
     context_lens: torch.Tensor  # [rows] tokens each row attends to (itself included)
     max_blocks: int
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
@@ -145,6 +145,7 @@ class AttentionMetadata:
     cache: PagedKVCache
     slot_mapping: torch.Tensor  # [T] pool slot of each row's new K/V
     decode_buckets: list[DecodeBucket]  # cover rows [0, num_decode)
+    decode_block_ids: torch.Tensor  # every bucket's block table rows, padded with block 0, flattened
     prefills: list[PrefillSegment]  # the rows after
 
 
@@ -165,22 +166,31 @@ def paged_attention(
     layer = module.layer_idx
     window = kwargs.get("sliding_window")
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])
-    for bucket in meta.decode_buckets:
-        out[bucket.start : bucket.end] = _decode_attention(meta.cache, bucket, layer, query, window, scaling)
+    if meta.decode_buckets:  # one gather for all buckets, then a view per bucket
+        k_all, v_all = meta.cache.gather(layer, meta.decode_block_ids)
+        for bucket in meta.decode_buckets:
+            o = _decode_attention(meta.cache, bucket, query, k_all, v_all, window, scaling)
+            out[bucket.start : bucket.end] = o
     for seg in meta.prefills:
         out[seg.start : seg.end] = _prefill_attention(meta, seg, layer, query, key, value, window, scaling)
     return out.unsqueeze(0), None
 
 
 def _decode_attention(
-    kv: PagedKVCache, bucket: DecodeBucket, layer: int, query: torch.Tensor, window: int | None, scaling: float | None
+    kv: PagedKVCache,
+    bucket: DecodeBucket,
+    query: torch.Tensor,
+    k_all: torch.Tensor,
+    v_all: torch.Tensor,
+    window: int | None,
+    scaling: float | None,
 ) -> torch.Tensor:
     """A bucket's rows of query [1, H, T, D] -> [rows, H, D], each over its own blocks ([rows, KVH, L, D])."""
-    rows = bucket.end - bucket.start
+    rows, bs = bucket.end - bucket.start, kv.block_size
     q = query[0, :, bucket.start : bucket.end].transpose(0, 1).unsqueeze(2)  # [rows, H, 1, D]
-    k, v = kv.gather(layer, bucket.block_ids)
-    k = k.view(rows, -1, kv.num_kv_heads, kv.head_dim).transpose(1, 2)
-    v = v.view(rows, -1, kv.num_kv_heads, kv.head_dim).transpose(1, 2)
+    lo, hi = bucket.first_block * bs, (bucket.first_block + rows * bucket.max_blocks) * bs
+    k = k_all[lo:hi].view(rows, -1, kv.num_kv_heads, kv.head_dim).transpose(1, 2)
+    v = v_all[lo:hi].view(rows, -1, kv.num_kv_heads, kv.head_dim).transpose(1, 2)
     return _masked_sdpa(q, k, v, bucket.mask(window, kv.block_size), scaling).squeeze(2)
 
 

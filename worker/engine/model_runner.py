@@ -116,8 +116,7 @@ class ModelRunner:
             if p + 1 == r.num_tokens:
                 keep.append(row)
                 samplers.append(r)
-        buckets = [self._bucket(tables, pos, i, min(i + self.decode_bucket_rows, len(decode)))
-                   for i in range(0, len(decode), self.decode_bucket_rows)]  # fmt: skip
+        buckets, decode_block_ids = self._buckets(tables, pos)
 
         segments = []
         row = len(decode)
@@ -139,22 +138,21 @@ class ModelRunner:
             cache=self.cache,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             decode_buckets=buckets,
+            decode_block_ids=torch.tensor(decode_block_ids, dtype=torch.long, device=dev),
             prefills=segments,
         )
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)
         return input_ids, positions, torch.tensor(keep, dtype=torch.long, device=dev), samplers, meta
 
-    def _bucket(self, tables: list[list[int]], positions: list[int], start: int, end: int) -> DecodeBucket:
-        """Decode rows [start, end): block tables padded to the longest with block 0 (masked out)."""
-        width = max(len(t) for t in tables[start:end])
-        flat = [b for t in tables[start:end] for b in (t + [0] * (width - len(t)))]
-        lens = [p + 1 for p in positions[start:end]]
-        dev = self.device
-        return DecodeBucket(
-            start,
-            end,
-            torch.tensor(flat, dtype=torch.long, device=dev),
-            torch.tensor(lens, dtype=torch.long, device=dev),
-            width,
-        )
+    def _buckets(self, tables: list[list[int]], positions: list[int]) -> tuple[list[DecodeBucket], list[int]]:
+        """Split the (length-sorted) decode rows into buckets of `decode_bucket_rows`; each bucket's
+        block tables are padded to its longest with block 0 (masked out) and appended to one flat list."""
+        buckets, flat = [], []
+        for start in range(0, len(tables), self.decode_bucket_rows):
+            end = min(start + self.decode_bucket_rows, len(tables))
+            width = max(len(t) for t in tables[start:end])
+            lens = torch.tensor([p + 1 for p in positions[start:end]], dtype=torch.long, device=self.device)
+            buckets.append(DecodeBucket(start, end, len(flat), lens, width))
+            flat.extend(b for t in tables[start:end] for b in (t + [0] * (width - len(t))))
+        return buckets, flat
