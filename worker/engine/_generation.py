@@ -16,8 +16,21 @@ from typing import Any, Literal
 
 from shared.models import GenerationOptions
 
-DEFAULT_MAX_NEW_TOKENS = 20  # transformers' default when a generation config sets no length
 DECODER_START_TOKENS = 1  # the decoder_start_token_id every encoder-decoder output begins with
+#: generate's values for options a generation config leaves unset
+#: (`GenerationConfig._get_default_generation_params` in transformers 5.24)
+HF_DEFAULTS: dict[str, Any] = {
+    "max_length": 20,
+    "min_length": 0,
+    "do_sample": False,
+    "early_stopping": False,
+    "num_beams": 1,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "length_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+}
 
 
 @dataclass(frozen=True)
@@ -42,9 +55,8 @@ def default_max_new_tokens(model: Any) -> int:
     config = model.generation_config
     if config.max_new_tokens is not None:
         return int(config.max_new_tokens)
-    if config.max_length is not None:
-        return int(config.max_length) - DECODER_START_TOKENS
-    return DEFAULT_MAX_NEW_TOKENS
+    max_length = config.max_length if config.max_length is not None else HF_DEFAULTS["max_length"]
+    return int(max_length) - DECODER_START_TOKENS
 
 
 def generation_key(options: GenerationOptions, request_id: str, model: Any) -> GenerationKey:
@@ -95,3 +107,132 @@ def split_output(row: list[int], model: Any, max_new_tokens: int) -> tuple[list[
     tokens = row[: end + 1]
     forced = config.forced_eos_token_id is not None
     return tokens, "length" if forced and len(tokens) >= max_new_tokens else "stop"
+
+
+# ---- the paged engine's view: every option generate would apply, resolved once per request ---------------------
+
+#: generation_config fields the paged engine does not implement; a request whose effective config sets one
+#: runs on the batched-`generate` fallback instead (their "off" values on the right).
+UNSUPPORTED_WHEN_SET: dict[str, Any] = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "encoder_no_repeat_ngram_size": 0,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "exponential_decay_length_penalty": None,
+    "renormalize_logits": False,
+    "remove_invalid_values": False,
+    "guidance_scale": 1.0,
+    "min_p": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "top_h": None,
+    "num_return_sequences": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "force_words_ids": None,
+    "constraints": None,
+    "watermarking_config": None,
+    "prefix_allowed_tokens_fn": None,
+}
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """Everything that decides one request's output on the paged engine, as `generate` would apply it.
+
+    Lengths count generated tokens; `max_length` (generate's unit) adds the decoder start token."""
+
+    max_new_tokens: int
+    decoder_start_token_id: int
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # EOS-only entries dropped, as generate does
+    min_length: int = 0  # generate's unit (decoder tokens, start included)
+    min_new_tokens: int = 0
+    no_repeat_ngram_size: int = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.max_new_tokens + DECODER_START_TOKENS
+
+    @property
+    def is_beam_search(self) -> bool:
+        return self.num_beams > 1
+
+
+def _ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def unsupported_options(model: Any, options: GenerationOptions) -> list[str]:
+    """The options (model defaults included) that the paged engine cannot apply exactly as generate does."""
+    config = model.generation_config
+    found = [name for name, off in UNSUPPORTED_WHEN_SET.items() if getattr(config, name, off) not in (off, None)]
+    sample = options.do_sample if "do_sample" in options.model_fields_set or options.do_sample else config.do_sample
+    beams = options.num_beams or config.num_beams or 1
+    if sample and beams > 1:
+        found.append("do_sample with num_beams > 1 (beam sampling)")
+    forced_eos = config.forced_eos_token_id
+    if forced_eos is not None and not isinstance(forced_eos, int) and len(_ids(forced_eos)) != 1:
+        found.append("forced_eos_token_id with several ids")
+    return found
+
+
+def _option(config: Any, name: str) -> Any:
+    value = getattr(config, name, None)
+    return HF_DEFAULTS[name] if value is None else value
+
+
+def decode_settings(model: Any, options: GenerationOptions, forced_bos_token_id: int | None = None) -> DecodeSettings:
+    """`options` over `model.generation_config` over generate's defaults (check `unsupported_options` first).
+
+    `forced_bos_token_id` (the request's target-language token) overrides the model's default."""
+    config = model.generation_config
+    key = generation_key(options, "", model)
+    sample = key.do_sample if key.do_sample is not None else bool(_option(config, "do_sample"))
+    if key.do_sample is None and sample:  # sampling by the model's default: its knobs too
+        temperature, top_k, top_p = (_option(config, n) for n in ("temperature", "top_k", "top_p"))
+    else:
+        temperature, top_k, top_p = options.temperature, options.top_k, options.top_p
+    eos = _ids(config.eos_token_id)
+    start = config.decoder_start_token_id
+    if start is None:
+        start = model.config.decoder_start_token_id
+    if start is None:
+        start = config.bos_token_id
+    forced_eos = _ids(config.forced_eos_token_id)
+    return DecodeSettings(
+        max_new_tokens=key.max_new_tokens,
+        decoder_start_token_id=int(start),
+        eos_token_ids=eos,
+        pad_token_id=config.pad_token_id,
+        num_beams=key.num_beams,
+        do_sample=sample,
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        seed=options.seed,
+        length_penalty=float(_option(config, "length_penalty")),
+        early_stopping=_option(config, "early_stopping"),
+        forced_bos_token_id=forced_bos_token_id if forced_bos_token_id is not None else config.forced_bos_token_id,
+        forced_eos_token_id=forced_eos[0] if forced_eos else None,
+        bad_words_ids=tuple(tuple(w) for w in (config.bad_words_ids or ()) if not (len(w) == 1 and w[0] in eos)),
+        min_length=int(_option(config, "min_length")),
+        min_new_tokens=int(config.min_new_tokens or 0),
+        no_repeat_ngram_size=int(_option(config, "no_repeat_ngram_size")),
+    )

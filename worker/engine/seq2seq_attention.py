@@ -117,14 +117,14 @@ def seq2seq_attention(
         for bucket in meta.encoder or ():
             _encoder_attention(bucket, query, key, value, scaling, position_bias, out)
     elif getattr(module, "is_causal", False):
-        layer = module.layer_idx
+        layer = int(module.layer_idx)  # type: ignore[arg-type]
         for dbucket in meta.decode:
             out[dbucket.rows] = _decode_attention(meta, dbucket, layer, query, scaling)
         for seg in meta.segments:
             out[seg.start : seg.end] = _segment_attention(meta, seg, query, key, value, scaling)
     else:
         for cbucket in meta.cross:
-            _cross_attention(meta.pool, cbucket, module.layer_idx, query, scaling, out)
+            _cross_attention(meta.pool, cbucket, int(module.layer_idx), query, scaling, out)  # type: ignore[arg-type]
     return out.unsqueeze(0), None
 
 

@@ -4,12 +4,13 @@ Verified architectures (`PAGED_MODEL_TYPES`): Marian, BART, mBART, M2M100 (also 
 runs on the batched-`generate` fallback (`seq2seq_generate.py`).
 
 Positions. Marian, BART, mBART and M2M100 compute decoder positions as `arange + cache.get_seq_length()`
-and encoder positions as `arange(T)`: wrong for a packed batch. A forward hook on each stack's
-`embed_positions` replaces its output with the table rows of the engine's positions (`PositionTable`):
+and encoder positions as `arange(T)`: wrong for a packed batch. Hooks on each stack's `embed_positions`
+apply the engine's per-sequence positions p (`PositionTable`):
 
-    Marian (sinusoidal nn.Embedding)   weight[p]
-    BART / mBART (learned, offset 2)   weight[p + 2]
-    M2M100 / NLLB (sinusoidal buffer)  weights[padding_idx + 1 + p] (a pad token: weights[padding_idx])
+    Marian (sinusoidal nn.Embedding)   pre-hook passes position_ids=p       -> weight[p]
+    BART / mBART (learned, offset 2)   pre-hook passes position_ids=p       -> weight[p + 2]
+    M2M100 / NLLB (sinusoidal buffer)  hook replaces the output             -> weights[padding_idx + 1 + p]
+                                       (a pad token: weights[padding_idx])
 
 T5 has no absolute positions (relative bias, see `seq2seq_attention`).
 """
@@ -62,27 +63,28 @@ def check_model(model: Any) -> None:
 
 
 class PositionTable:
-    """Looks up one `embed_positions` module's rows for engine-given positions (module docstring)."""
+    """How one `embed_positions` module gets the engine's positions (module docstring).
 
-    def __init__(self, module: torch.nn.Module, pad_token_id: int | None) -> None:
+    Marian, BART and mBART accept `position_ids`: a forward pre-hook passes ours (their own offset
+    still applies). M2M100 takes none: its output is replaced by the rows of its table."""
+
+    def __init__(self, module: Any, pad_token_id: int | None) -> None:
         kind = type(module).__name__
         self.module = module
         self.pad_token_id = pad_token_id
-        self.offset = 0
+        self.pad_row: int | None = None
         if kind == "M2M100SinusoidalPositionalEmbedding":
-            self.offset = module.padding_idx + 1
-            self.weight = lambda: module.weights
-            self.pad_row: int | None = module.padding_idx
+            self.takes_position_ids = False
+            self.offset, self.pad_row = int(module.padding_idx) + 1, int(module.padding_idx)
         elif kind in ("MarianSinusoidalPositionalEmbedding", "BartLearnedPositionalEmbedding",
                       "MBartLearnedPositionalEmbedding"):  # fmt: skip
-            self.offset = getattr(module, "offset", 0)
-            self.weight = lambda: module.weight
-            self.pad_row = None
+            self.takes_position_ids = True
+            self.offset = 0
         else:
             raise UnsupportedArchitecture(f"unknown position embedding {kind}")
 
     def positions(self, tokens: Sequence[int], start: int, end: int) -> list[int]:
-        """Table rows of tokens[start:end] of one sequence.
+        """What the hook needs for tokens[start:end] of one sequence: positions, or M2M100 table rows.
 
         M2M100 gives a pad token the zero row `padding_idx`; later tokens keep `offset + i`, as in
         `generate`'s incremental decoding (which counts cached tokens, pads included)."""
@@ -92,36 +94,49 @@ class PositionTable:
         return rows
 
     def lookup(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Embeddings of table `rows` [T], shaped like the module's own output `like`."""
-        weight = self.weight()
+        """M2M100: embeddings of table `rows` [T], shaped like the module's own output `like`."""
+        weight = self.module.weights
         if int(rows.max()) >= weight.shape[0]:
             raise ValueError(f"position {int(rows.max())} is beyond the model's {weight.shape[0]} positions")
         return F.embedding(rows, weight).view_as(like).to(like.dtype)
 
 
 class PositionHooks:
-    """Forward hooks on the encoder's and decoder's `embed_positions`: outputs the engine's positions.
+    """Hooks on the encoder's and decoder's `embed_positions` that apply the engine's positions.
 
-    `set(encoder_rows=..., decoder_rows=...)` before a forward; a hook whose rows are unset fails loudly."""
+    Set `rows["encoder"]` / `rows["decoder"]` before a forward; a hook whose rows are unset fails loudly."""
 
     def __init__(self, model: Any) -> None:
         pad = model.config.pad_token_id
         self.tables: dict[str, PositionTable] = {}
         self.rows: dict[str, torch.Tensor | None] = {"encoder": None, "decoder": None}
-        self._handles = []
+        self._handles: list[Any] = []
         for name, stack in (("encoder", model.get_encoder()), ("decoder", model.get_decoder())):
             module = getattr(stack, "embed_positions", None)
             if module is None:
                 continue  # T5: relative positions only
             table = self.tables[name] = PositionTable(module, pad)
-            self._handles.append(module.register_forward_hook(self._hook(name, table)))
+            if table.takes_position_ids:
+                handle = module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True)
+            else:
+                handle = module.register_forward_hook(self._hook(name, table))
+            self._handles.append(handle)
+
+    def _rows(self, name: str) -> torch.Tensor:
+        rows = self.rows[name]
+        if rows is None:
+            raise RuntimeError(f"{name} positions were not set for this forward")
+        return rows
+
+    def _pre_hook(self, name: str) -> Any:
+        def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            return args, {**kwargs, "position_ids": self._rows(name)}
+
+        return hook
 
     def _hook(self, name: str, table: PositionTable) -> Any:
         def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
-            rows = self.rows[name]
-            if rows is None:
-                raise RuntimeError(f"{name} positions were not set for this forward")
-            return table.lookup(rows, output)
+            return table.lookup(self._rows(name), output)
 
         return hook
 

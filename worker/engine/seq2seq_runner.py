@@ -30,9 +30,9 @@ from worker.engine.seq2seq_attention import (
     METADATA_KWARG,
     CrossBucket,
     EncoderBucket,
-    Seq2SeqMetadata,
     SelfDecodeBucket,
     SelfSegment,
+    Seq2SeqMetadata,
     seq2seq_attention,
 )
 from worker.engine.seq2seq_cache import PagedEncoderDecoderCache
@@ -91,7 +91,7 @@ class Seq2SeqRunner:
             return None
         return (args[0][:, self._keep], *args[1:])
 
-    def _tensor(self, values: Sequence[int]) -> torch.Tensor:
+    def _tensor(self, values: Sequence[int] | Sequence[Sequence[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     # ---- one step -----------------------------------------------------------------------------

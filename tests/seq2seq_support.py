@@ -1,0 +1,100 @@
+"""Tiny random-weight encoder-decoder models for the seq2seq engine tests, and `generate` references.
+
+Each builder makes a real transformers architecture (2+2 layers, d_model 64) from a config, with an EOS
+bias tuned by measurement so that greedy outputs end at varied lengths: some stop on EOS, some run to
+the limit (random weights otherwise emit EOS at once or never). The reference is always a deep copy of
+the model taken before the engine switches its attention implementation.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    GenerationConfig,
+    M2M100Config,
+    M2M100ForConditionalGeneration,
+    MarianConfig,
+    MarianMTModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+VOCAB = 96
+PAD, EOS, START = 0, 1, 2
+FIRST_WORD = 4  # ids below are special
+MAX_NEW_TOKENS = 20
+_LAYERS = dict(encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4)
+_SHAPE = dict(d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64, **_LAYERS)
+_IDS = dict(vocab_size=VOCAB, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=START)
+
+
+@dataclass
+class Pair:
+    """The engine's model and an untouched copy for `generate`."""
+
+    model: Any
+    reference: Any
+
+    def generate(self, encoder_ids: list[int], **kwargs: Any) -> list[int]:
+        """Generated tokens of one request, decoder start removed (a batch of one is never padded)."""
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self.reference.generate(torch.tensor([encoder_ids]), **kwargs)[0, 1:].tolist()
+
+
+def _marian() -> Any:
+    model = MarianMTModel(MarianConfig(init_std=0.1, **_SHAPE, **_IDS))
+    model.final_logits_bias[0, EOS] = 1.8
+    return model
+
+
+def _bart() -> Any:
+    config = BartConfig(
+        init_std=0.1, bos_token_id=3, forced_bos_token_id=None, forced_eos_token_id=None, **_SHAPE, **_IDS
+    )
+    model = BartForConditionalGeneration(config)
+    model.final_logits_bias[0, EOS] = 3.0
+    return model
+
+
+def _m2m100() -> Any:
+    model = M2M100ForConditionalGeneration(M2M100Config(init_std=0.2, **_SHAPE, **_IDS))
+    return model
+
+
+def _t5() -> Any:
+    config = T5Config(
+        d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+        relative_attention_max_distance=20, initializer_factor=4.0, tie_word_embeddings=False, **_IDS,
+    )  # fmt: skip
+    model = T5ForConditionalGeneration(config)
+    model.lm_head.weight[EOS] *= 2.0  # no logits bias in T5: a longer EOS row
+    return model
+
+
+BUILDERS: dict[str, Callable[[], Any]] = {"marian": _marian, "bart": _bart, "t5": _t5, "m2m100": _m2m100}
+
+
+def build_pair(name: str, seed: int = 0, **generation: Any) -> Pair:
+    """A random-weight model (eval, fp32) with a generation config like real checkpoints have."""
+    torch.manual_seed(seed)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = BUILDERS[name]().eval()
+    defaults = dict(decoder_start_token_id=START, pad_token_id=PAD, eos_token_id=EOS, max_length=MAX_NEW_TOKENS + 1)
+    model.generation_config = GenerationConfig(**{**defaults, **generation})
+    return Pair(model, copy.deepcopy(model))
+
+
+def random_inputs(n: int, lengths: tuple[int, int] = (3, 40), seed: int = 1) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lengths[0], lengths[1] + 1, (n,), generator=gen).tolist()
+    return [torch.randint(FIRST_WORD, VOCAB, (k,), generator=gen).tolist() + [EOS] for k in lens]

@@ -1,0 +1,277 @@
+"""Seq2SeqEngine: continuous batching of encoder-decoder requests over paged self- and cross-attention KV.
+
+    engine = Seq2SeqEngine(model, EngineConfig())
+    engine.add_request("r1", encoder_ids, decode_settings(model, GenerationOptions()))
+    while engine.has_unfinished_requests():
+        for out in engine.step():          # finished requests
+            ...
+
+One `step()` = schedule (one token budget over encoder passes and decoder rows) -> the runner's encoder
+pass for newly admitted requests and one packed decoder pass for every running sequence -> per request:
+generate's logits processors, then greedy / sampling (`sampling.Sampler`) or a beam step
+(`beam_search.BeamSearch`; the new beams fork their parents' blocks) -> stop checks; finished requests
+free their blocks at once. Not thread-safe: one thread drives it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from worker.engine._generation import DecodeSettings
+from worker.engine.attention import PagedKVCache
+from worker.engine.beam_search import BeamSearch
+from worker.engine.block_pool import BlockPool
+from worker.engine.executor import EngineConfig
+from worker.engine.kv_cache_manager import KVCacheManager, cdiv
+from worker.engine.llm_engine import free_device_memory
+from worker.engine.request import Request, RequestStatus
+from worker.engine.sampling import Sampler, SamplingParams
+from worker.engine.seq2seq_logits import process_scores
+from worker.engine.seq2seq_model import DecoderShape
+from worker.engine.seq2seq_runner import Seq2SeqRunner, StepItem
+from worker.engine.seq2seq_scheduler import Seq2SeqRequest, Seq2SeqScheduler
+
+_sequence_ids = itertools.count()
+
+
+@dataclass
+class Seq2SeqOutput:
+    """A finished request: generated tokens (decoder start excluded, EOS included) and why it ended."""
+
+    request_id: str
+    output_token_ids: list[int]
+    finish_reason: str  # stop | length | abort | expired
+    num_preemptions: int = 0
+
+
+class Seq2SeqEngine:
+    """Paged continuous batching over an unmodified transformers encoder-decoder model.
+
+    Memory: `num_blocks` if given, else `config.kv_cache_bytes`, else `kv_cache_memory_fraction` of the
+    device's free memory -- capped at what `max_running_requests` sequences could ever use."""
+
+    def __init__(
+        self,
+        model: Any,
+        config: EngineConfig | None = None,
+        *,
+        num_blocks: int | None = None,
+        kv_cache_memory_fraction: float = 0.1,
+        max_encoder_len: int = 512,
+    ) -> None:
+        self.config = config = config or EngineConfig()
+        self.model = model
+        shape = DecoderShape.of(model)
+        bs, dtype, device = config.block_size, model.dtype, model.device
+        per_block = PagedKVCache.bytes_per_block(shape.num_layers, bs, shape.num_heads, shape.head_dim, dtype)
+        if num_blocks is None:
+            budget = config.kv_cache_bytes or int(free_device_memory(device) * kv_cache_memory_fraction)
+            longest = cdiv(max_encoder_len, bs) + cdiv(shape.max_positions or 1024, bs)
+            num_blocks = min(budget // per_block, config.max_running_requests * longest)
+        if num_blocks < 1:
+            raise ValueError(f"KV budget too small: one block needs {per_block} bytes")
+        self.pool = PagedKVCache(shape.num_layers, num_blocks, bs, shape.num_heads, shape.head_dim, dtype, device)
+        self.kv = KVCacheManager(BlockPool(num_blocks, enable_caching=False), bs, enable_caching=False)
+        self.scheduler = Seq2SeqScheduler(self.kv, config.max_batch_tokens, config.max_running_requests)
+        self.runner = Seq2SeqRunner(model, self.pool)
+        self.sampler = Sampler()
+        self._counters = {"num_generated_tokens": 0, "num_steps": 0, "num_batched_tokens": 0, "num_encoded_tokens": 0}
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        encoder_ids: Sequence[int],
+        settings: DecodeSettings,
+        priority: int = 0,
+        deadline: float | None = None,
+    ) -> None:
+        """Queue a request. `deadline` is a `time.time()` epoch. Raises ValueError if it can never fit."""
+        if not encoder_ids:
+            raise ValueError(f"request {request_id!r} has no input tokens")
+        request = Seq2SeqRequest(request_id, list(encoder_ids), settings, priority, deadline)
+        need, have = self.scheduler.blocks_needed(request), self.kv.pool.num_blocks
+        if need > have:
+            raise ValueError(f"a request needing {need} KV blocks would not fit the pool ({have} blocks)")
+        if settings.num_beams > self.config.max_running_requests:
+            raise ValueError(f"num_beams={settings.num_beams} exceeds max_running_requests")
+        request.sequences = [self._new_sequence(request, [settings.decoder_start_token_id])]
+        if settings.is_beam_search:
+            request.beam = BeamSearch(settings, [settings.decoder_start_token_id])
+        self.scheduler.add_request(request)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Cancel a request wherever it is; its blocks are free on return. Reported by the next step."""
+        return self.scheduler.abort_request(request_id) is not None
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def step(self) -> list[Seq2SeqOutput]:
+        """One scheduling step and (if anything is scheduled) one encoder + decoder pass."""
+        plan = self.scheduler.schedule()
+        outputs = [self._output(r) for r in plan.finished]
+        if not plan.scheduled:
+            return outputs
+        items = [self._item(r, id(r) in plan.encode) for r in plan.scheduled]
+        logits = self.runner.execute(items, self.kv.take_copies())
+        self._counters["num_steps"] += 1
+        self._counters["num_batched_tokens"] += sum(r.step_cost() for r in plan.scheduled)
+        sampled, beams, row = [], [], 0
+        for request in plan.scheduled:
+            request.encoded = True
+            for seq in request.sequences:
+                seq.num_computed_tokens = seq.num_tokens
+            n = len(request.sequences)
+            if request.beam is None:
+                sampled.append((request, row))
+            else:
+                beams.append((request, logits[row : row + n]))
+            row += n
+        finished = self._sample_step(sampled, logits) + [(r, self._beam_step(r, rows)) for r, rows in beams]
+        for request, status in finished:
+            if status is not None:
+                self.scheduler.finish_request(request, status)
+                outputs.append(self._output(request))
+        return outputs
+
+    def generate(
+        self, inputs: Sequence[Sequence[int]], settings: DecodeSettings | Sequence[DecodeSettings]
+    ) -> list[Seq2SeqOutput]:
+        """Run inputs to completion; outputs in input order (for tests and benchmarks)."""
+        each = list(settings) if isinstance(settings, Sequence) else [settings] * len(inputs)
+        ids = [f"generate-{time.monotonic_ns()}-{i}" for i in range(len(inputs))]
+        for rid, encoder_ids, s in zip(ids, inputs, each, strict=True):
+            self.add_request(rid, encoder_ids, s)
+        done: dict[str, Seq2SeqOutput] = {}
+        while len(done) < len(ids):
+            done.update((o.request_id, o) for o in self.step())
+        return [done[rid] for rid in ids]
+
+    def stats(self) -> dict[str, float]:
+        """Gauges and counters in vLLM's vocabulary (`kv_cache_usage_perc` is a 0..1 fraction)."""
+        c, pool = self._counters, self.kv.pool
+        return {
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage_perc": pool.usage,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_generated_tokens": c["num_generated_tokens"],
+            "num_steps": c["num_steps"],
+            "num_encoded_tokens": c["num_encoded_tokens"],
+            "mean_batch_tokens": c["num_batched_tokens"] / max(c["num_steps"], 1),
+            "num_kv_blocks": pool.num_blocks,
+            "num_free_kv_blocks": pool.num_free_blocks,
+        }
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _new_sequence(self, request: Seq2SeqRequest, tokens: list[int]) -> Request:
+        s = request.settings
+        params = SamplingParams(
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature if s.do_sample else 0.0,
+            top_k=s.top_k if s.do_sample else 0,
+            top_p=s.top_p if s.do_sample else 1.0,
+            seed=s.seed if s.do_sample else None,
+        )
+        seq = Request(f"{request.request_id}#{next(_sequence_ids)}", tokens[:1], params)
+        seq.all_token_ids = list(tokens)
+        seq.output_token_ids = list(tokens[1:])
+        return seq
+
+    def _item(self, request: Seq2SeqRequest, encode: bool) -> StepItem:
+        if encode:
+            self._counters["num_encoded_tokens"] += request.encoder_len
+        return StepItem(
+            sequences=request.sequences,
+            self_blocks=[self.kv.block_ids(seq.request_id) for seq in request.sequences],
+            cross_blocks=[b.block_id for b in request.cross_blocks],
+            encoder_len=request.encoder_len,
+            encoder_ids=request.encoder_ids if encode else None,
+        )
+
+    def _sample_step(
+        self, sampled: list[tuple[Seq2SeqRequest, int]], logits: torch.Tensor
+    ) -> list[tuple[Seq2SeqRequest, RequestStatus | None]]:
+        """Greedy and sampling rows, all at once: generate's processors, one token each, stop criteria."""
+        if not sampled:
+            return []
+        seqs = [r.sequences[0] for r, _ in sampled]
+        rows = logits[torch.tensor([row for _, row in sampled], device=logits.device)]
+        process_scores(rows, [(r.settings, seq.all_token_ids) for (r, _), seq in zip(sampled, seqs, strict=True)])
+        tokens = self.sampler(rows, seqs)
+        self._counters["num_generated_tokens"] += len(tokens)
+        done = []
+        for (request, _), seq, token in zip(sampled, seqs, tokens, strict=True):
+            seq.append_output(token)
+            s = request.settings
+            status = None
+            if token in s.eos_token_ids:
+                status = self._finish(request, seq.output_token_ids, RequestStatus.FINISHED_STOPPED)
+            elif seq.num_tokens >= s.max_length:
+                status = self._finish(request, seq.output_token_ids, RequestStatus.FINISHED_LENGTH)
+            done.append((request, status))
+        return done
+
+    def _beam_step(self, request: Seq2SeqRequest, logits: torch.Tensor) -> RequestStatus | None:
+        """One beam-search step; the next beams fork their parents' blocks (copy-on-write later)."""
+        beam, s = request.beam, request.settings
+        assert beam is not None
+        # generate starts with num_beams copies of the start token: one row computed, the others equal to it
+        rows = [min(b, len(request.sequences) - 1) for b in range(s.num_beams)]
+        tokens = [request.sequences[r].all_token_ids for r in rows]
+        scores = torch.log_softmax(logits, dim=-1)[rows]
+        process_scores(scores, [(s, t) for t in tokens])
+        picks = beam.step(scores, tokens)
+        self._counters["num_generated_tokens"] += 1
+        if beam.done:
+            best = beam.best()[1:]
+            ended = bool(best) and best[-1] in s.eos_token_ids
+            return self._finish(
+                request, best, RequestStatus.FINISHED_STOPPED if ended else RequestStatus.FINISHED_LENGTH
+            )
+        self._reorder_beams(request, [(rows[parent], token) for parent, token in picks])
+        return None
+
+    def _reorder_beams(self, request: Seq2SeqRequest, picks: list[tuple[int, int]]) -> None:
+        """New live sequences = parent sequence + token; a parent picked twice is forked (blocks shared)."""
+        old = request.sequences
+        children: list[Request] = []
+        used: set[int] = set()
+        for parent, _ in picks:
+            if parent in used:
+                child = self._new_sequence(request, list(old[parent].all_token_ids))
+                child.num_computed_tokens = old[parent].num_computed_tokens
+                self.kv.fork(old[parent], child)
+            else:
+                child = old[parent]
+                used.add(parent)
+            children.append(child)
+        for seq, (_, token) in zip(children, picks, strict=True):
+            seq.append_output(token)
+        for i, seq in enumerate(old):
+            if i not in used:
+                self.kv.free(seq)
+        request.sequences = children
+
+    def _finish(self, request: Seq2SeqRequest, tokens: list[int], status: RequestStatus) -> RequestStatus:
+        request.output_token_ids = list(tokens)
+        if status is RequestStatus.FINISHED_STOPPED and request.settings.forced_eos_token_id is not None:
+            # an EOS forced at the length limit ends the translation because of the limit
+            if len(tokens) >= request.settings.max_new_tokens:
+                status = RequestStatus.FINISHED_LENGTH
+        return status
+
+    def _output(self, request: Seq2SeqRequest) -> Seq2SeqOutput:
+        reason = request.status.finish_reason or "abort"
+        return Seq2SeqOutput(request.request_id, list(request.output_token_ids), reason, request.num_preemptions)
