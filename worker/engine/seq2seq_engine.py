@@ -116,9 +116,11 @@ class Seq2SeqEngine:
 
     # ---- the loop -----------------------------------------------------------------------------
 
-    def step(self) -> list[Seq2SeqOutput]:
-        """One scheduling step and (if anything is scheduled) one encoder + decoder pass."""
-        plan = self.scheduler.schedule()
+    def step(self, now: float | None = None) -> list[Seq2SeqOutput]:
+        """One scheduling step and (if anything is scheduled) one encoder + decoder pass.
+
+        `now` (a `time.time()` epoch, default the clock) is what deadlines are checked against."""
+        plan = self.scheduler.schedule(now)
         outputs = [self._output(r) for r in plan.finished]
         if not plan.scheduled:
             return outputs

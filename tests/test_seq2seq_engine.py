@@ -1,0 +1,215 @@
+"""The paged seq2seq engine against `model.generate` on the same random-weight models, token for token.
+
+Requests join while others decode; tiny block pools force preemption; every test ends with all blocks
+free. Models: Marian, BART, T5, M2M100 (2+2 layers, d_model 64; see `seq2seq_support`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from seq2seq_support import EOS, MAX_NEW_TOKENS, PAD, build_pair, random_inputs
+
+from shared.models import GenerationOptions
+from worker.engine._generation import DecodeSettings, decode_settings
+from worker.engine.executor import EngineConfig
+from worker.engine.seq2seq_engine import Seq2SeqEngine, Seq2SeqOutput
+
+BLOCK_SIZE = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models: a second intra-op thread only adds waiting (and on a shared 2-core box, a lot)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_engine(model: Any, num_blocks: int = 512, **config: Any) -> Seq2SeqEngine:
+    options = {"max_batch_tokens": 256, "max_running_requests": 16, "block_size": BLOCK_SIZE, **config}
+    return Seq2SeqEngine(model, EngineConfig(**options), num_blocks=num_blocks)
+
+
+def run(
+    engine: Seq2SeqEngine, inputs: list[list[int]], settings: DecodeSettings, join_after: int = 3
+) -> list[Seq2SeqOutput]:
+    """Half the requests first; the rest join after `join_after` steps, while the first half decodes."""
+    half = len(inputs) // 2
+    for i, ids in enumerate(inputs[:half]):
+        engine.add_request(f"r{i}", ids, settings)
+    done: dict[str, Seq2SeqOutput] = {}
+    steps = 0
+    while engine.has_unfinished_requests() or steps <= join_after:
+        if steps == join_after:
+            for i, ids in enumerate(inputs[half:], start=half):
+                engine.add_request(f"r{i}", ids, settings)
+        done.update((o.request_id, o) for o in engine.step())
+        steps += 1
+        assert steps < 500, "no progress"
+    assert engine.kv.pool.num_free_blocks == engine.kv.pool.num_blocks, "blocks leaked"
+    return [done[f"r{i}"] for i in range(len(inputs))]
+
+
+def assert_matches_generate(pair: Any, inputs: list[list[int]], outputs: list[Seq2SeqOutput], **kwargs: Any) -> None:
+    for ids, out in zip(inputs, outputs, strict=True):
+        assert out.output_token_ids == pair.generate(ids, **kwargs), f"input of {len(ids)} tokens"
+
+
+@pytest.mark.parametrize("arch", ["marian", "bart", "t5", "m2m100"])
+def test_greedy_matches_generate_with_requests_joining(arch: str) -> None:
+    pair = build_pair(arch)
+    inputs = random_inputs(10)
+    outputs = run(make_engine(pair.model), inputs, decode_settings(pair.model, GenerationOptions()))
+    assert_matches_generate(pair, inputs, outputs)
+    reasons = {o.finish_reason for o in outputs}
+    assert reasons == {"stop", "length"}, "the models are biased to end at varied lengths"
+    for out in outputs:
+        ends_on_eos = out.output_token_ids[-1] == EOS
+        assert out.finish_reason == ("stop" if ends_on_eos else "length")
+        assert len(out.output_token_ids) == MAX_NEW_TOKENS or ends_on_eos
+
+
+@pytest.mark.parametrize(
+    ("arch", "beams", "generation"),
+    [
+        ("marian", 2, {}),
+        ("marian", 4, {"length_penalty": 0.6}),
+        ("bart", 4, {"length_penalty": 2.0, "early_stopping": True}),
+        ("t5", 2, {"length_penalty": 0.6, "early_stopping": "never"}),
+        ("t5", 4, {"length_penalty": 1.5}),
+        ("m2m100", 4, {"length_penalty": 0.8}),
+    ],
+)
+def test_beam_search_matches_generate(arch: str, beams: int, generation: dict[str, Any]) -> None:
+    pair = build_pair(arch, num_beams=beams, **generation)
+    inputs = random_inputs(8, seed=2)
+    engine = make_engine(pair.model)
+    outputs = run(engine, inputs, decode_settings(pair.model, GenerationOptions()))
+    assert_matches_generate(pair, inputs, outputs)
+
+
+def test_beams_share_blocks_and_copy_on_write() -> None:
+    """After the first step the beams hold their parent's blocks (forks), and diverge by copying."""
+    pair = build_pair("marian", num_beams=4)
+    engine = make_engine(pair.model)
+    inputs = random_inputs(1, lengths=(30, 30))
+    engine.add_request("r", inputs[0], decode_settings(pair.model, GenerationOptions(max_new_tokens=12)))
+    engine.step()
+    request = engine.scheduler.requests["r"]
+    tables = [engine.kv.block_ids(seq.request_id) for seq in request.sequences]
+    assert len(tables) == 4 and all(t == tables[0] for t in tables), "one computed row, four beams sharing it"
+    assert engine.kv.pool.blocks[tables[0][0]].ref_cnt == 4
+    copies: list[list[tuple[int, int]]] = []
+    execute = engine.runner.execute
+    engine.runner.execute = lambda items, cow=(): copies.append(list(cow)) or execute(items, cow)  # type: ignore[method-assign]
+    engine.step()  # each beam writes its second token into the shared partial block: copy-on-write
+    assert len(copies[0]) == 3, "three beams copy the shared block; the last holder writes in place"
+    assert {src for src, _ in copies[0]} == {tables[0][0]}
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv.pool.num_free_blocks == engine.kv.pool.num_blocks
+
+
+@pytest.mark.parametrize(("arch", "beams"), [("marian", 1), ("t5", 1), ("bart", 2)])
+def test_preemption_under_a_tiny_pool(arch: str, beams: int) -> None:
+    pair = build_pair(arch, num_beams=beams)
+    inputs = random_inputs(8, lengths=(10, 40), seed=3)
+    engine = make_engine(pair.model, num_blocks=30)
+    outputs = run(engine, inputs, decode_settings(pair.model, GenerationOptions()))
+    assert engine.stats()["num_preemptions"] > 0
+    assert_matches_generate(pair, inputs, outputs)
+
+
+def test_cross_blocks_hold_the_real_encoder_length() -> None:
+    pair = build_pair("marian")
+    engine = make_engine(pair.model)
+    inputs = random_inputs(6, lengths=(3, 60), seed=4)
+    settings = decode_settings(pair.model, GenerationOptions(max_new_tokens=8))
+    for i, ids in enumerate(inputs):
+        engine.add_request(f"r{i}", ids, settings)
+    engine.step()  # everyone admitted: one encoder pass, one decoder row each
+    held = 0
+    for i, ids in enumerate(inputs):
+        request = engine.scheduler.requests[f"r{i}"]
+        assert len(request.cross_blocks) == math.ceil(len(ids) / BLOCK_SIZE)  # not the batch maximum
+        held += len(request.cross_blocks) + len(engine.kv.block_ids(request.sequences[0].request_id))
+    assert engine.kv.pool.num_blocks - engine.kv.pool.num_free_blocks == held
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv.pool.num_free_blocks == engine.kv.pool.num_blocks
+
+
+def test_abort_and_expiry_free_blocks_at_once() -> None:
+    pair = build_pair("marian")
+    engine = make_engine(pair.model, max_running_requests=2)
+    settings = decode_settings(pair.model, GenerationOptions(max_new_tokens=MAX_NEW_TOKENS))
+    inputs = random_inputs(4, lengths=(20, 30))
+    engine.add_request("running", inputs[0], settings)
+    deadline = time.time() + 3600
+    engine.add_request("expiring", inputs[1], settings, deadline=deadline)
+    engine.add_request("waiting", inputs[2], settings)
+    engine.add_request("kept", inputs[3], settings, priority=-1)
+    engine.step()
+    assert set(engine.scheduler.requests) == {"running", "expiring", "waiting", "kept"}
+    assert engine.abort_request("running") and engine.abort_request("waiting")
+    assert not engine.abort_request("unknown")
+    reasons = {o.request_id: o.finish_reason for o in engine.step(now=deadline)}
+    assert reasons == {"running": "abort", "waiting": "abort", "expiring": "expired"}
+    used = engine.kv.pool.num_blocks - engine.kv.pool.num_free_blocks
+    kept = engine.scheduler.requests["kept"]
+    assert used == len(kept.cross_blocks) + len(engine.kv.block_ids(kept.sequences[0].request_id))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv.pool.num_free_blocks == engine.kv.pool.num_blocks
+
+
+def test_seeded_sampling_matches_generate_and_ignores_batch_mates() -> None:
+    pair = build_pair("marian")
+    options = GenerationOptions(do_sample=True, seed=7, temperature=1.5, top_k=20, top_p=0.9, max_new_tokens=12)
+    settings = decode_settings(pair.model, options)
+    inputs = random_inputs(5, seed=5)
+    outputs = run(make_engine(pair.model), inputs, settings, join_after=2)
+    for ids, out in zip(inputs, outputs, strict=True):
+        torch.manual_seed(7)
+        want = pair.generate(ids, do_sample=True, temperature=1.5, top_k=20, top_p=0.9, max_new_tokens=12)
+        assert out.output_token_ids == want
+
+
+def test_processors_bad_words_min_length_no_repeat_ngram_forced_bos() -> None:
+    generation = {
+        "bad_words_ids": [[PAD], [7, 8]],
+        "min_length": 6,
+        "no_repeat_ngram_size": 2,
+        "forced_bos_token_id": 9,
+    }
+    for beams in (1, 3):
+        pair = build_pair("bart", num_beams=beams, **generation)
+        inputs = random_inputs(6, seed=6)
+        outputs = run(make_engine(pair.model), inputs, decode_settings(pair.model, GenerationOptions()))
+        assert_matches_generate(pair, inputs, outputs)
+        assert all(o.output_token_ids[0] == 9 and PAD not in o.output_token_ids for o in outputs)
+
+
+def test_forced_eos_at_the_limit_is_a_length_finish() -> None:
+    pair = build_pair("marian", forced_eos_token_id=EOS, max_length=7)
+    inputs = random_inputs(6, seed=7)
+    outputs = run(make_engine(pair.model), inputs, decode_settings(pair.model, GenerationOptions()))
+    assert_matches_generate(pair, inputs, outputs)
+    assert all(o.output_token_ids[-1] == EOS for o in outputs)
+    assert any(len(o.output_token_ids) == 6 and o.finish_reason == "length" for o in outputs)
+
+
+def test_requests_that_can_never_fit_are_rejected() -> None:
+    pair = build_pair("marian")
+    engine = make_engine(pair.model, num_blocks=8)
+    with pytest.raises(ValueError, match="would not fit"):
+        engine.add_request("big", list(range(4, 60)), decode_settings(pair.model, GenerationOptions()))
+    with pytest.raises(ValueError, match="no input tokens"):
+        engine.add_request("empty", [], decode_settings(pair.model, GenerationOptions()))
