@@ -1,6 +1,7 @@
 """The translation executor against per-request `model.generate` on the same Marian model.
 
-(transformers 5 removed the translation pipeline; `generate` is the reference.)
+(transformers 5 removed the translation pipeline; `generate` is the reference.) The executor switches its
+model to the paged engine's attention, so references run on a second copy loaded from the same files.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from executor_support import TEXTS, load_demo, long_text, request, run
+from executor_support import TEXTS, forward_shapes, load_demo, long_text, request, run
 
 from shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled, UnsupportedLanguagePair
 from shared.models import GenerationOptions, TaskType, TranslateRequest, TranslateResult
@@ -21,6 +22,12 @@ from worker.engine.translate import Seq2SeqExecutor
 
 @pytest.fixture(scope="module")
 def lm(demo_models: Path) -> LoadedModel:
+    return load_demo(demo_models, "demo-translator")
+
+
+@pytest.fixture(scope="module")
+def ref(demo_models: Path) -> LoadedModel:
+    """An untouched copy for `generate`."""
     return load_demo(demo_models, "demo-translator")
 
 
@@ -41,43 +48,67 @@ def reference_translation(lm: LoadedModel, text: str, **generate: Any) -> tuple[
     return lm.tokenizer.decode(out, skip_special_tokens=True), len(out)
 
 
-def test_translate_greedy_matches_per_request_generate(lm: LoadedModel) -> None:
+def test_translate_greedy_matches_per_request_generate(lm: LoadedModel, ref: LoadedModel) -> None:
     executor = Seq2SeqExecutor(lm, EngineConfig(max_batch_tokens=1024, max_running_requests=16))
+    assert executor.engine is not None, "Marian runs on the paged engine"
     reqs = [translate(t, source_lang="en", target_lang="de") for t in TEXTS]
-    run(executor, reqs)
-    assert executor.stats()["steps"] == 1
+    with forward_shapes(lm.model.get_decoder()) as shapes:
+        run(executor, reqs)
+    assert shapes[0] == (1, len(TEXTS)), "one packed decoder pass: a row per request, no padding"
+    stats = executor.stats()
+    assert stats["num_requests_running"] == 0 and stats["kv_cache_usage_perc"] == 0.0
+    assert stats["num_fallback_requests"] == 0 and stats["steps"] == len(shapes)
     reasons = set()
     for req, text in zip(reqs, TEXTS, strict=True):
         got: TranslateResult = req.future.result(timeout=0)
-        assert (got.translation, got.output_tokens) == reference_translation(lm, text)
+        assert (got.translation, got.output_tokens) == reference_translation(ref, text)
         assert got.input_tokens == len(lm.tokenizer(text)["input_ids"]) and got.model == "demo-translator"
         reasons.add(got.finish_reason)
         assert got.finish_reason == ("length" if got.output_tokens == 32 else "stop")
     assert reasons == {"stop", "length"}  # the demo translator stops at varied lengths
 
 
-def test_translate_beam_search_and_grouping(lm: LoadedModel) -> None:
+def test_translate_beam_search_and_greedy_in_one_batch(lm: LoadedModel, ref: LoadedModel) -> None:
     executor = Seq2SeqExecutor(lm, EngineConfig(max_batch_tokens=1024, max_running_requests=16))
     beams = [translate(t, generation={"num_beams": 3, "max_new_tokens": 12}) for t in TEXTS[:5]]
     greedy = [translate(t, generation={"max_new_tokens": 12}) for t in TEXTS[:5]]
     run(executor, [x for pair in zip(beams, greedy, strict=True) for x in pair])
-    assert executor.stats()["steps"] == 2  # one per distinct option set
+    assert executor.stats()["num_fallback_requests"] == 0
     for b, g, text in zip(beams, greedy, TEXTS, strict=False):
-        assert b.future.result(timeout=0).translation == reference_translation(lm, text, num_beams=3, max_length=13)[0]
-        assert g.future.result(timeout=0).translation == reference_translation(lm, text, max_length=13)[0]
+        assert b.future.result(timeout=0).translation == reference_translation(ref, text, num_beams=3, max_length=13)[0]
+        assert g.future.result(timeout=0).translation == reference_translation(ref, text, max_length=13)[0]
         assert g.future.result(timeout=0).output_tokens <= 12
 
 
-def test_translate_seeded_sampling_runs_alone_and_repeats(lm: LoadedModel) -> None:
+def test_translate_seeded_sampling_repeats_whatever_shares_the_batch(lm: LoadedModel, ref: LoadedModel) -> None:
     executor = Seq2SeqExecutor(lm, EngineConfig())
     options = {"do_sample": True, "seed": 7, "temperature": 1.5, "top_k": 20, "max_new_tokens": 10}
     first, second = translate(TEXTS[2], generation=options), translate(TEXTS[2], generation=options)
-    run(executor, [first, second])
-    assert executor.stats()["steps"] == 2
+    others = [translate(t, generation={"do_sample": True, "max_new_tokens": 10}) for t in TEXTS[:3]]
+    run(executor, [first, *others, second])
     assert first.future.result(timeout=0).translation == second.future.result(timeout=0).translation
     torch.manual_seed(7)
-    want = reference_translation(lm, TEXTS[2], do_sample=True, temperature=1.5, top_k=20, top_p=1.0, max_length=11)
+    want = reference_translation(ref, TEXTS[2], do_sample=True, temperature=1.5, top_k=20, top_p=1.0, max_length=11)
     assert first.future.result(timeout=0).translation == want[0]
+
+
+def test_translate_unsupported_options_fall_back_to_generate(lm: LoadedModel, ref: LoadedModel) -> None:
+    """A generation config option the engine does not implement: batched `generate` on the model as loaded."""
+    executor = Seq2SeqExecutor(lm, EngineConfig())
+    lm.model.generation_config.repetition_penalty = 1.3
+    ref.model.generation_config.repetition_penalty = 1.3
+    try:
+        reqs = [translate(t, generation={"max_new_tokens": 8}) for t in TEXTS[:3]]
+        run(executor, reqs)
+        assert executor.stats()["num_fallback_requests"] == 3
+        for req, text in zip(reqs, TEXTS, strict=False):
+            assert req.future.result(timeout=0).translation == reference_translation(ref, text, max_length=9)[0]
+    finally:
+        lm.model.generation_config.repetition_penalty = None
+        ref.model.generation_config.repetition_penalty = None
+    greedy = translate(TEXTS[0], generation={"max_new_tokens": 8})
+    run(executor, [greedy])  # the paged path still works after the fallback borrowed the model
+    assert greedy.future.result(timeout=0).translation == reference_translation(ref, TEXTS[0], max_length=9)[0]
 
 
 def test_translate_rejections_truncation_deadline_abort(lm: LoadedModel) -> None:
@@ -99,17 +130,35 @@ def test_translate_rejections_truncation_deadline_abort(lm: LoadedModel) -> None
         expired.future.result(timeout=0)
     with pytest.raises(TaskCancelled):
         aborted.future.result(timeout=0)
-    assert executor.stats()["steps"] == 1
+    assert executor.engine is not None and executor.engine.kv.pool.usage == 0.0
+
+
+def test_translate_abort_mid_flight_frees_blocks(lm: LoadedModel) -> None:
+    executor = Seq2SeqExecutor(lm, EngineConfig())
+    reqs = [translate(t, generation={"max_new_tokens": 30}) for t in TEXTS]
+    for req in reqs:
+        executor.add(req)
+    executor.step()
+    executor.step()
+    assert executor.engine is not None and executor.engine.kv.pool.usage > 0
+    for req in reqs:
+        if not req.future.done():
+            assert executor.abort(req.id, TaskCancelled("cancelled"))
+    assert executor.engine.kv.pool.usage == 0.0  # at once, before any further step
+    executor.step()  # the engine reports the aborts
+    assert not executor.has_work()
 
 
 def test_translate_priority_first_and_beams_count_against_the_cap(lm: LoadedModel) -> None:
     executor = Seq2SeqExecutor(lm, EngineConfig(max_running_requests=4))
     beams = [translate(t, generation={"num_beams": 2, "max_new_tokens": 5}) for t in TEXTS[:3]]
     urgent = translate(TEXTS[3], priority=-1, generation={"max_new_tokens": 5})
-    order: list[str] = []
     for req in [*beams, urgent]:
-        req.future.add_done_callback(lambda _f, rid=req.id: order.append(rid))
-    steps = run(executor, [*beams, urgent])
-    assert order[0] == urgent.id  # priority beats arrival, whatever the options
-    assert steps == 3  # urgent alone, then 4 // 2 = 2 beam requests per step: 2 + 1
+        executor.add(req)
+    executor.step()
+    assert executor.engine is not None
+    running = {r.request_id for r in executor.engine.scheduler.running}
+    assert urgent.id in running, "priority beats arrival, whatever the options"
+    assert running == {urgent.id, beams[0].id}, "1 + 2 seats taken; a second beam request would need 5 > 4"
+    run(executor, [])
     assert all(r.future.result(timeout=0).output_tokens <= 5 for r in beams)

@@ -15,11 +15,11 @@ import pytest
 import torch
 from seq2seq_support import FIRST_WORD, START, VOCAB, build_pair, random_inputs
 
-from worker.engine.attention import PagedKVCache
 from worker.engine.block_pool import BlockPool
 from worker.engine.kv_cache_manager import KVCacheManager
 from worker.engine.request import Request
 from worker.engine.sampling import SamplingParams
+from worker.engine.seq2seq_attention import KVPool
 from worker.engine.seq2seq_model import DecoderShape
 from worker.engine.seq2seq_runner import Seq2SeqRunner, StepItem
 
@@ -42,7 +42,7 @@ class Harness:
 
     def __init__(self, model: Any, num_blocks: int = 256) -> None:
         shape = DecoderShape.of(model)
-        pool = PagedKVCache(shape.num_layers, num_blocks, BLOCK_SIZE, shape.num_heads, shape.head_dim,
+        pool = KVPool(shape.num_layers, num_blocks, BLOCK_SIZE, shape.num_heads, shape.head_dim,
                             torch.float32, "cpu")  # fmt: skip
         self.blocks = BlockPool(num_blocks, enable_caching=False)
         self.kv = KVCacheManager(self.blocks, BLOCK_SIZE, enable_caching=False)

@@ -1,8 +1,13 @@
-"""Generation options for `model.generate` on encoder-decoder models: grouping key, kwargs, output parsing.
+"""Generation options of encoder-decoder requests: what `generate` would apply, for both translation paths.
 
-Defaults come from the model's `generation_config`; a request overrides only what it sets. Requests whose
-effective options are equal (`GenerationKey`) may share one `generate` call; a seeded request never shares
-(its key carries its request id), so its random stream is its own.
+Defaults come from the model's `generation_config` (then generate's own defaults); a request overrides only
+what it sets.
+
+- The paged engine resolves everything once per request into `DecodeSettings` (`decode_settings`), and
+  refuses what it does not implement (`unsupported_options`).
+- The batched-`generate` fallback groups requests whose effective options are equal (`GenerationKey`) into
+  one `generate` call; a seeded request never shares (its key carries its request id), so its random
+  stream is its own.
 
 Lengths: an encoder-decoder's decoder sequence starts with `decoder_start_token_id`, so
 `max_new_tokens = N` is `max_length = N + 1`. We pass whichever of the two the model's config uses, so
@@ -45,6 +50,7 @@ class GenerationKey:
     top_k: int | None = None
     seed: int | None = None
     alone: str | None = None  # the request id when it must run in a batch of its own
+    forced_bos_token_id: int | None = None  # the target-language token of multilingual models
 
     @property
     def seeded(self) -> bool:
@@ -59,7 +65,9 @@ def default_max_new_tokens(model: Any) -> int:
     return int(max_length) - DECODER_START_TOKENS
 
 
-def generation_key(options: GenerationOptions, request_id: str, model: Any) -> GenerationKey:
+def generation_key(
+    options: GenerationOptions, request_id: str, model: Any, forced_bos_token_id: int | None = None
+) -> GenerationKey:
     """The effective options of request `request_id` on `model`."""
     max_new = options.max_new_tokens or default_max_new_tokens(model)
     positions = getattr(model.config, "max_position_embeddings", None)  # learned/sinusoidal decoder positions
@@ -76,6 +84,7 @@ def generation_key(options: GenerationOptions, request_id: str, model: Any) -> G
         top_k=options.top_k if do_sample else None,
         seed=options.seed,
         alone=request_id if options.seed is not None else None,
+        forced_bos_token_id=forced_bos_token_id,
     )
 
 
@@ -90,6 +99,8 @@ def generate_kwargs(key: GenerationKey, model: Any) -> dict[str, Any]:
         kwargs["do_sample"] = key.do_sample
     if key.do_sample:
         kwargs.update(temperature=key.temperature, top_p=key.top_p, top_k=key.top_k)
+    if key.forced_bos_token_id is not None:
+        kwargs["forced_bos_token_id"] = key.forced_bos_token_id
     return kwargs
 
 

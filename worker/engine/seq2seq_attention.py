@@ -8,9 +8,10 @@ pass and by `module.is_causal` (decoder self-attention is causal, cross-attentio
     decoder pass   [ rows of r0 | rows of r1 | ...]  self: causal over the row's own decoder blocks
                                                      cross: over the request's cross blocks (CrossBucket)
 
-Pool layout (one `attention.PagedKVCache` shared by self and cross K/V): per decoder layer
-`[num_blocks, block_size, heads, head_dim]`. A cross block holds projected encoder K/V of one request
-(exactly ceil(encoder_len / block_size) blocks); a self block holds decoder K/V of one or more beams.
+Pool layout (one `KVPool` shared by self and cross K/V): per decoder layer `[num_blocks, block_size,
+heads, head_dim]`, slot = block * block_size + offset. A cross block holds projected encoder K/V of one
+request (exactly ceil(encoder_len / block_size) blocks); a self block holds decoder K/V of one or more
+beams.
 
 Buckets pad only the attention (never the linear layers): rows of similar length are gathered into one
 `[B, H, L, D]` SDPA with a key mask; the padding is masked, never computed into the result.
@@ -29,10 +30,52 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from worker.engine.attention import PagedKVCache
-
 ATTENTION_NAME = "pagedq_seq2seq"
 METADATA_KWARG = "pagedq_seq2seq_metadata"
+
+
+class KVPool:
+    """The K/V tensors of every decoder layer, indexed by `BlockPool` block ids (self and cross K/V alike)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_layers, num_blocks, block_size, num_heads, head_dim)
+        # Zeros, not empty: padded bucket rows read unused slots; they are masked, but 0 * NaN is NaN.
+        self.key_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.value_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_heads, self.head_dim = num_heads, head_dim
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def write(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store K/V rows [N, H, D] at pool `slots` [N] of `layer`."""
+        self.key_cache[layer].view(-1, self.num_heads, self.head_dim).index_copy_(0, slots, key)
+        self.value_cache[layer].view(-1, self.num_heads, self.head_dim).index_copy_(0, slots, value)
+
+    def gather(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `block_ids` [N] as [N * block_size, H, D]."""
+        k = self.key_cache[layer].index_select(0, block_ids)
+        v = self.value_cache[layer].index_select(0, block_ids)
+        return k.flatten(0, 1), v.flatten(0, 1)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate whole blocks (src -> dst), every layer at once."""
+        if copies:
+            src = torch.tensor([s for s, _ in copies], device=self.key_cache.device)
+            dst = torch.tensor([d for _, d in copies], device=self.key_cache.device)
+            self.key_cache[:, dst] = self.key_cache[:, src]
+            self.value_cache[:, dst] = self.value_cache[:, src]
 
 
 @dataclass
@@ -81,7 +124,7 @@ class CrossBucket:
 class Seq2SeqMetadata:
     """Everything the attention layers need for one forward pass; built once per pass by the runner."""
 
-    pool: PagedKVCache
+    pool: KVPool
     encoder: list[EncoderBucket] | None = None  # set for an encoder pass
     self_slots: torch.Tensor | None = None  # [T] pool slot of each decoder row's new self K/V
     cross_slots: torch.Tensor | None = None  # [S] pool slot of each new encoder token's cross K/V
@@ -157,8 +200,8 @@ def _decode_attention(
     pool, n = meta.pool, bucket.rows.shape[0]
     q = query[0][:, bucket.rows].transpose(0, 1).unsqueeze(2)  # [n, H, 1, D]
     k, v = pool.gather(layer, bucket.block_ids)
-    k = k.view(n, -1, pool.num_kv_heads, pool.head_dim).transpose(1, 2)
-    v = v.view(n, -1, pool.num_kv_heads, pool.head_dim).transpose(1, 2)
+    k = k.view(n, -1, pool.num_heads, pool.head_dim).transpose(1, 2)
+    v = v.view(n, -1, pool.num_heads, pool.head_dim).transpose(1, 2)
     key_pos = torch.arange(k.shape[2], device=q.device)[None, :]
     allowed = (key_pos < bucket.context_lens[:, None])[:, None, None, :]
     mask: torch.Tensor = allowed
@@ -195,15 +238,15 @@ def _segment_attention(
 
 
 def _cross_attention(
-    pool: PagedKVCache, bucket: CrossBucket, layer: int, query: torch.Tensor, scaling: float | None, out: torch.Tensor
+    pool: KVPool, bucket: CrossBucket, layer: int, query: torch.Tensor, scaling: float | None, out: torch.Tensor
 ) -> None:
     """Every request's rows over its own cross blocks; the beams of a request share one gather."""
     r = bucket.encoder_lens.shape[0]
     heads, dim = query.shape[1], query.shape[3]
     q = query[0][:, bucket.rows].view(heads, r, bucket.n, dim).transpose(0, 1)  # [R, H, n, D]
     k, v = pool.gather(layer, bucket.block_ids)
-    k = k.view(r, -1, pool.num_kv_heads, pool.head_dim).transpose(1, 2)
-    v = v.view(r, -1, pool.num_kv_heads, pool.head_dim).transpose(1, 2)
+    k = k.view(r, -1, pool.num_heads, pool.head_dim).transpose(1, 2)
+    v = v.view(r, -1, pool.num_heads, pool.head_dim).transpose(1, 2)
     if bucket._mask is None:
         key_pos = torch.arange(k.shape[2], device=q.device)[None, :]
         bucket._mask = (key_pos < bucket.encoder_lens[:, None])[:, None, None, :]

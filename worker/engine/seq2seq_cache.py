@@ -24,8 +24,7 @@ from typing import Any
 import torch
 from transformers import EncoderDecoderCache
 
-from worker.engine.attention import PagedKVCache
-from worker.engine.seq2seq_attention import METADATA_KWARG, Seq2SeqMetadata
+from worker.engine.seq2seq_attention import METADATA_KWARG, KVPool, Seq2SeqMetadata
 
 
 class _PlaceholderLayer:
@@ -39,11 +38,11 @@ class _PlaceholderLayer:
 class _SlotWriter:
     """Writes one pass's new K/V ([1, H, N, D]) into the pool at the slots `slots_of(meta)` names."""
 
-    def __init__(self, pool: PagedKVCache, cross: bool, num_layers: int) -> None:
+    def __init__(self, pool: KVPool, cross: bool, num_layers: int) -> None:
         self.pool = pool
         self.cross = cross
         self.layers = [
-            _PlaceholderLayer(pool.num_kv_heads, pool.head_dim, pool.key_cache.dtype, pool.key_cache.device)
+            _PlaceholderLayer(pool.num_heads, pool.head_dim, pool.key_cache.dtype, pool.key_cache.device)
             for _ in range(num_layers)
         ]
 
@@ -53,11 +52,7 @@ class _SlotWriter:
         meta: Seq2SeqMetadata = (kwargs or {})[METADATA_KWARG]
         slots = meta.cross_slots if self.cross else meta.self_slots
         assert slots is not None and slots.shape[0] == key_states.shape[2], "K/V rows do not match their slots"
-        pool = self.pool
-        flat_k = pool.key_cache[layer_idx].view(-1, pool.num_kv_heads, pool.head_dim)
-        flat_v = pool.value_cache[layer_idx].view(-1, pool.num_kv_heads, pool.head_dim)
-        flat_k.index_copy_(0, slots, key_states[0].transpose(0, 1))
-        flat_v.index_copy_(0, slots, value_states[0].transpose(0, 1))
+        self.pool.write(layer_idx, slots, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -67,7 +62,7 @@ class _SlotWriter:
 class PagedEncoderDecoderCache(EncoderDecoderCache):
     """Self- and cross-attention K/V of every running request, in one block pool (module docstring)."""
 
-    def __init__(self, pool: PagedKVCache, num_layers: int) -> None:  # no super().__init__: no dynamic layers
+    def __init__(self, pool: KVPool, num_layers: int) -> None:  # no super().__init__: no dynamic layers
         self.pool = pool
         self.num_layers = num_layers
         self.self_attention_cache: Any = _SlotWriter(pool, cross=False, num_layers=num_layers)

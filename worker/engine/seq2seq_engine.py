@@ -16,6 +16,7 @@ free their blocks at once. Not thread-safe: one thread drives it.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,20 +25,25 @@ from typing import Any
 import torch
 
 from worker.engine._generation import DecodeSettings
-from worker.engine.attention import PagedKVCache
 from worker.engine.beam_search import BeamSearch
 from worker.engine.block_pool import BlockPool
 from worker.engine.executor import EngineConfig
 from worker.engine.kv_cache_manager import KVCacheManager, cdiv
-from worker.engine.llm_engine import free_device_memory
 from worker.engine.request import Request, RequestStatus
 from worker.engine.sampling import Sampler, SamplingParams
+from worker.engine.seq2seq_attention import KVPool
 from worker.engine.seq2seq_logits import process_scores
 from worker.engine.seq2seq_model import DecoderShape
 from worker.engine.seq2seq_runner import Seq2SeqRunner, StepItem
 from worker.engine.seq2seq_scheduler import Seq2SeqRequest, Seq2SeqScheduler
 
 _sequence_ids = itertools.count()
+
+
+def free_device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass
@@ -69,14 +75,14 @@ class Seq2SeqEngine:
         self.model = model
         shape = DecoderShape.of(model)
         bs, dtype, device = config.block_size, model.dtype, model.device
-        per_block = PagedKVCache.bytes_per_block(shape.num_layers, bs, shape.num_heads, shape.head_dim, dtype)
+        per_block = KVPool.bytes_per_block(shape.num_layers, bs, shape.num_heads, shape.head_dim, dtype)
         if num_blocks is None:
             budget = config.kv_cache_bytes or int(free_device_memory(device) * kv_cache_memory_fraction)
             longest = cdiv(max_encoder_len, bs) + cdiv(shape.max_positions or 1024, bs)
             num_blocks = min(budget // per_block, config.max_running_requests * longest)
         if num_blocks < 1:
             raise ValueError(f"KV budget too small: one block needs {per_block} bytes")
-        self.pool = PagedKVCache(shape.num_layers, num_blocks, bs, shape.num_heads, shape.head_dim, dtype, device)
+        self.pool = KVPool(shape.num_layers, num_blocks, bs, shape.num_heads, shape.head_dim, dtype, device)
         self.kv = KVCacheManager(BlockPool(num_blocks, enable_caching=False), bs, enable_caching=False)
         self.scheduler = Seq2SeqScheduler(self.kv, config.max_batch_tokens, config.max_running_requests)
         self.runner = Seq2SeqRunner(model, self.pool)

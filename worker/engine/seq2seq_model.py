@@ -104,7 +104,8 @@ class PositionTable:
 class PositionHooks:
     """Hooks on the encoder's and decoder's `embed_positions` that apply the engine's positions.
 
-    Set `rows["encoder"]` / `rows["decoder"]` before a forward; a hook whose rows are unset fails loudly."""
+    Set `rows["encoder"]` / `rows["decoder"]` before a forward and reset them after: while unset, the
+    hooks change nothing (the model may serve `generate` for a fallback request in between)."""
 
     def __init__(self, model: Any) -> None:
         pad = model.config.pad_token_id
@@ -122,21 +123,17 @@ class PositionHooks:
                 handle = module.register_forward_hook(self._hook(name, table))
             self._handles.append(handle)
 
-    def _rows(self, name: str) -> torch.Tensor:
-        rows = self.rows[name]
-        if rows is None:
-            raise RuntimeError(f"{name} positions were not set for this forward")
-        return rows
-
     def _pre_hook(self, name: str) -> Any:
-        def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            return args, {**kwargs, "position_ids": self._rows(name)}
+        def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            rows = self.rows[name]
+            return None if rows is None else (args, {**kwargs, "position_ids": rows})
 
         return hook
 
     def _hook(self, name: str, table: PositionTable) -> Any:
-        def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
-            return table.lookup(self._rows(name), output)
+        def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor | None:
+            rows = self.rows[name]
+            return None if rows is None else table.lookup(rows, output)
 
         return hook
 

@@ -16,20 +16,21 @@ changes the model's config for every model built from the same config object.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import AttentionInterface
 
-from worker.engine.attention import PagedKVCache
 from worker.engine.request import Request
 from worker.engine.seq2seq_attention import (
     ATTENTION_NAME,
     METADATA_KWARG,
     CrossBucket,
     EncoderBucket,
+    KVPool,
     SelfDecodeBucket,
     SelfSegment,
     Seq2SeqMetadata,
@@ -70,8 +71,10 @@ def _chunks(items: list[Any], size: int) -> list[list[Any]]:
 class Seq2SeqRunner:
     """Owns the model's attention switch, the position and LM-head hooks, and the cache object."""
 
-    def __init__(self, model: Any, pool: PagedKVCache) -> None:
+    def __init__(self, model: Any, pool: KVPool) -> None:
         check_model(model)
+        loaded_with = model.config._attn_implementation  # another runner on the same model may have switched it
+        self.original_attention = loaded_with if loaded_with != ATTENTION_NAME else "sdpa"
         model.set_attn_implementation(ATTENTION_NAME)
         self.model, self.pool = model, pool
         self.shape = DecoderShape.of(model)
@@ -85,6 +88,15 @@ class Seq2SeqRunner:
         self._head_hook = head.register_forward_pre_hook(self._keep_rows)
         d_model = model.config.d_model
         self._placeholder_states = torch.zeros(1, 1, d_model, dtype=model.dtype, device=self.device)
+
+    @contextmanager
+    def original_attention_implementation(self) -> Iterator[None]:
+        """Run the model as loaded (e.g. `generate` for a fallback request), then switch back."""
+        self.model.set_attn_implementation(self.original_attention)
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(ATTENTION_NAME)
 
     def _keep_rows(self, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
         if self._keep is None:
@@ -112,7 +124,7 @@ class Seq2SeqRunner:
                 use_cache=False,
                 **{METADATA_KWARG: meta},
             )
-        finally:
+        finally:  # the hooks are inert between steps
             self._keep = None
             self.positions.rows["decoder"] = None
         return out.logits[0].float()

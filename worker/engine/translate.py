@@ -1,53 +1,45 @@
-"""Translation on encoder-decoder models (Marian, BART, T5): one batched `model.generate` per step.
+"""Translation on encoder-decoder models through the paged `Seq2SeqEngine` (Marian, BART, mBART, M2M100, T5).
 
-A simple batched runner for now (a later issue pages the decoder through the engine's KV blocks). Each
-`step()`:
-1. drops requests that expired (DeadlineExceeded) or were completed elsewhere;
-2. tokenizes the requests added since the last step (truncating and reporting, or rejecting over-long input);
-3. takes the head of the priority queue and the waiting requests that share its effective generation
-   options (`GenerationKey`) -- a request with a seed always runs alone -- under the token budget (padded
-   input tokens) and `max_running_requests` (counting beams: requests x num_beams);
-4. pads them and calls `model.generate` once; completes each request with a `TranslateResult`.
+Each `step()`:
+1. tokenizes the requests added since the last step, grouped by source language (multilingual
+   tokenizers keep it as state), truncating and reporting, or rejecting over-long input;
+2. hands each to the paged engine -- or, for an architecture the engine cannot page or options it does
+   not implement, to the batched-`generate` fallback (`seq2seq_generate`);
+3. runs one engine step (an encoder pass for newly admitted requests plus one packed decoder pass for
+   every running sequence) and, if the fallback holds work, one `generate` batch;
+4. completes finished requests with a `TranslateResult`.
 
-The model's `generation_config` is the default; a request overrides only what it sets (max_new_tokens,
-num_beams, sampling). With `attention_mask`, a padded batch gives what per-request `generate` gives.
+The model's `generation_config` is the default; a request overrides only what it sets. Languages select
+the model (registry) and, within it, the target token or prefix (`seq2seq_languages`).
+
+Invariants: only the engine thread calls this; each request's future completes exactly once (result,
+the error given to `abort`, `DeadlineExceeded`, or `InvalidRequest`/`UnsupportedLanguagePair` at
+tokenization); `abort` frees the request's KV blocks before it returns.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from contextlib import nullcontext
+from itertools import groupby
+from typing import Literal
 
-import torch
-
-from shared.errors import InvalidRequest, UnsupportedLanguagePair
+from shared.errors import DeadlineExceeded, InvalidRequest, PagedqError, UnsupportedLanguagePair
 from shared.models import TranslateRequest, TranslateResult
-from worker.engine._batching import (
-    WaitingQueue,
-    drop_finished,
-    input_token_limit,
-    order_key,
-    pad_batch,
-    pick_batch,
-    too_long,
-)
-from worker.engine._generation import GenerationKey, generate_kwargs, generation_key, split_output
+from worker.engine._batching import input_token_limit, order_key, too_long
+from worker.engine._generation import decode_settings, generation_key, split_output, unsupported_options
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
+from worker.engine.seq2seq_engine import Seq2SeqEngine, Seq2SeqOutput
+from worker.engine.seq2seq_generate import EncodedText, GenerateBatcher
+from worker.engine.seq2seq_languages import Languages, resolve_languages
+from worker.engine.seq2seq_model import UnsupportedArchitecture
+
+log = logging.getLogger(__name__)
 
 
 def _payload(request: EngineRequest) -> TranslateRequest:
     assert isinstance(request.payload, TranslateRequest)  # checked by `add`
     return request.payload
-
-
-@dataclass
-class _Encoded:
-    inputs: dict[str, list[int]]
-    truncated: bool
-    key: GenerationKey
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.inputs["input_ids"])
 
 
 class Seq2SeqExecutor(ModelExecutor):
@@ -57,9 +49,16 @@ class Seq2SeqExecutor(ModelExecutor):
         super().__init__(loaded, config)
         self.max_input_tokens = input_token_limit(loaded)
         self._input_names = [n for n in loaded.tokenizer.model_input_names if n != "token_type_ids"]
-        self._new: list[tuple[EngineRequest, tuple[int, float, int]]] = []
-        self._waiting: WaitingQueue[_Encoded] = WaitingQueue()
-        self._counters = {"steps": 0, "num_requests_finished": 0, "generated_tokens": 0}
+        self._new: list[EngineRequest] = []
+        self._paged: dict[str, tuple[EngineRequest, EncodedText]] = {}
+        self.engine: Seq2SeqEngine | None = None
+        try:
+            self.engine = Seq2SeqEngine(loaded.model, config, max_encoder_len=self.max_input_tokens)
+        except UnsupportedArchitecture as exc:
+            log.info("%s runs on batched generate, not the paged engine: %s", loaded.spec.name, exc)
+        as_loaded = self.engine.runner.original_attention_implementation if self.engine else nullcontext
+        self.fallback = GenerateBatcher(loaded, config, as_loaded)
+        self._counters = {"num_requests_finished": 0, "generated_tokens": 0, "num_fallback_requests": 0}
 
     # ---- the ModelExecutor interface ------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -74,105 +73,130 @@ class Seq2SeqExecutor(ModelExecutor):
                 )
             )
         else:
-            self._new.append((request, order_key(request)))
+            self._new.append(request)
 
     def abort(self, request_id: str, error: BaseException) -> bool:
-        held = [req for req, _ in self._new if req.id == request_id]
-        self._new = [(req, key) for req, key in self._new if req.id != request_id]
-        held += [req for req in self._waiting.requests() if req.id == request_id]
-        self._waiting.remove_request(request_id)
+        held = [req for req in self._new if req.id == request_id]
+        self._new = [req for req in self._new if req.id != request_id]
+        paged = self._paged.pop(request_id, None)
+        if paged is not None and self.engine is not None:
+            self.engine.abort_request(request_id)  # blocks freed on return
+            held.append(paged[0])
+        held += [req for req in self.fallback.waiting.requests() if req.id == request_id]
+        self.fallback.remove(request_id)
         for request in held:
             request.fail(error)
         return bool(held)
 
     def has_work(self) -> bool:
-        return bool(self._new) or len(self._waiting) > 0
+        busy = self.engine is not None and self.engine.has_unfinished_requests()
+        return bool(self._new) or busy or len(self.fallback) > 0
 
     def step(self) -> None:
-        self._tokenize_new()
-        drop_finished(self._waiting)
-        batch = self._pick()
-        if not batch:
-            return
-        self._waiting.remove_items([enc for _, enc in batch])
-        key = batch[0][1].key
-        rows = self._generate([enc for _, enc in batch], key)
-        for (request, encoded), row in zip(batch, rows, strict=True):
-            request.finish(self._result(row, encoded, key))
-            self._counters["num_requests_finished"] += 1
+        self._admit_new()
+        if self.engine is not None and self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                self._complete(out)
+        if len(self.fallback) > 0:
+            for request, encoded, row in self.fallback.step():
+                tokens, reason = split_output(row, self.loaded.model, encoded.key.max_new_tokens)
+                self._finish(request, encoded, tokens, reason)
 
     def stats(self) -> dict[str, float]:
-        waiting = len(self._new) + len(self._waiting)
-        return {"num_requests_running": 0, "num_requests_waiting": waiting, **self._counters}
+        engine = self.engine.stats() if self.engine is not None else {}
+        waiting = len(self._new) + len(self.fallback) + engine.get("num_requests_waiting", 0)
+        return {
+            "num_requests_running": engine.get("num_requests_running", 0),
+            "num_requests_waiting": waiting,
+            "kv_cache_usage_perc": engine.get("kv_cache_usage_perc", 0.0),
+            "num_preemptions": engine.get("num_preemptions", 0),
+            "steps": engine.get("num_steps", 0) + self.fallback.steps,
+            **self._counters,
+        }
 
-    # ---- steps ------------------------------------------------------------------------------------
-    def _tokenize_new(self) -> None:
+    # ---- admission --------------------------------------------------------------------------------
+    def _admit_new(self) -> None:
+        """Tokenize new requests, grouped by source language, and route each to the engine or the fallback."""
         new, self._new = self._new, []
-        if not new:
-            return
+        resolved = []
+        for request in new:
+            try:
+                resolved.append((request, self._languages(request)))
+            except PagedqError as exc:
+                request.fail(exc)
+        resolved.sort(key=lambda item: item[1].src_lang or "")
+        for src_lang, group in groupby(resolved, key=lambda item: item[1].src_lang):
+            items = list(group)
+            if src_lang is not None:
+                self.loaded.tokenizer.src_lang = src_lang
+            for (request, languages), encoded in zip(
+                items, self._tokenize([lang.text for _, lang in items]), strict=True
+            ):
+                self._route(request, languages, encoded)
+
+    def _languages(self, request: EngineRequest) -> Languages:
+        model = self.loaded.model
+        return resolve_languages(self.loaded.spec, self.loaded.tokenizer, model.config, _payload(request))
+
+    def _tokenize(self, texts: list[str]) -> list[tuple[dict[str, list[int]], int]]:
+        """(inputs, untruncated length) per text; an over-long text is cut to the limit (`_route` decides)."""
         tokenizer, limit = self.loaded.tokenizer, self.max_input_tokens
-        texts = [self._source_text(_payload(req)) for req, _ in new]
         full = tokenizer(texts, truncation=False, verbose=False)
-        for i, (request, key) in enumerate(new):
-            ids, truncated = full["input_ids"][i], False
+        out = []
+        for i, text in enumerate(texts):
             inputs = {name: full[name][i] for name in self._input_names if name in full}
-            if len(ids) > limit:
-                if not _payload(request).truncate:
-                    request.fail(too_long(len(ids), limit, "text"))
-                    continue
-                cut = tokenizer(texts[i], truncation=True, max_length=limit)
-                inputs, truncated = {name: cut[name] for name in inputs}, True
-            gen_key = generation_key(_payload(request).generation, request.id, self.loaded.model)
-            self._waiting.push(request, _Encoded(inputs, truncated, gen_key), key)
+            length = len(inputs["input_ids"])
+            if length > limit:
+                cut = tokenizer(text, truncation=True, max_length=limit)
+                inputs = {name: cut[name] for name in inputs}
+            out.append((inputs, length))
+        return out
 
-    def _source_text(self, payload: TranslateRequest) -> str:
-        """The text as the model expects it: a `>>de<<` target token (multilingual Marian) or a T5 prefix."""
-        tokenizer, config = self.loaded.tokenizer, self.loaded.model.config
-        target = payload.target_lang
-        if target and f">>{target}<<" in getattr(tokenizer, "supported_language_codes", ()):
-            return f">>{target}<< {payload.text}"
-        params = (getattr(config, "task_specific_params", None) or {}).get(
-            f"translation_{payload.source_lang}_to_{target}", {}
-        )
-        return params.get("prefix", "") + payload.text
+    def _route(self, request: EngineRequest, languages: Languages, tokenized: tuple[dict[str, list[int]], int]) -> None:
+        inputs, length = tokenized
+        payload, model = _payload(request), self.loaded.model
+        truncated = length > self.max_input_tokens
+        if truncated and not payload.truncate:
+            request.fail(too_long(length, self.max_input_tokens, "text"))
+            return
+        forced_bos = languages.forced_bos_token_id
+        key = generation_key(payload.generation, request.id, model, forced_bos)
+        encoded = EncodedText(inputs, truncated, key)
+        if self.engine is None or unsupported_options(model, payload.generation):
+            self._counters["num_fallback_requests"] += 1
+            self.fallback.push(request, encoded, order_key(request))
+            return
+        settings = decode_settings(model, payload.generation, forced_bos)
+        try:
+            self.engine.add_request(request.id, inputs["input_ids"], settings, request.priority, request.deadline)
+        except ValueError as exc:
+            request.fail(InvalidRequest(str(exc)))
+            return
+        self._paged[request.id] = (request, encoded)
 
-    def _pick(self) -> list[tuple[EngineRequest, _Encoded]]:
-        """The head request and the waiting ones with the same generation key (see the module docstring)."""
-        candidates = list(self._waiting)
-        if not candidates:
-            return []
-        key = candidates[0][1].key
-        same = [c for c in candidates if c[1].key == key]
-        return pick_batch(
-            same,
-            length=lambda enc: enc.num_tokens,
-            max_tokens=self.config.max_batch_tokens,
-            max_items=max(1, self.config.max_running_requests // key.num_beams),
-        )
+    # ---- results ----------------------------------------------------------------------------------
+    def _complete(self, out: Seq2SeqOutput) -> None:
+        entry = self._paged.pop(out.request_id, None)
+        if entry is None:
+            return  # aborted by us: already failed
+        request, encoded = entry
+        if out.finish_reason == "expired":
+            request.fail(DeadlineExceeded(f"deadline passed before task {request.id} finished"))
+        elif out.finish_reason in ("stop", "length"):
+            self._finish(request, encoded, out.output_token_ids, out.finish_reason)  # type: ignore[arg-type]
 
-    def _generate(self, batch: list[_Encoded], key: GenerationKey) -> list[list[int]]:
-        """One `generate` call; returns each row's generated token ids (decoder start token removed)."""
-        tokenizer, model = self.loaded.tokenizer, self.loaded.model
-        inputs = pad_batch([enc.inputs for enc in batch], tokenizer, self.loaded.device)
-        self._counters["steps"] += 1
-        with torch.inference_mode(), torch.random.fork_rng(devices=self._rng_devices(), enabled=key.seeded):
-            if key.seed is not None:
-                torch.manual_seed(key.seed)
-            sequences = model.generate(**inputs, **generate_kwargs(key, model))
-        return [row[1:] for row in sequences.tolist()]  # row[0] is decoder_start_token_id
-
-    def _rng_devices(self) -> list[int]:
-        device = torch.device(self.loaded.device)
-        return [device.index or 0] if device.type == "cuda" else []
-
-    def _result(self, row: list[int], encoded: _Encoded, key: GenerationKey) -> TranslateResult:
-        tokens, finish_reason = split_output(row, self.loaded.model, key.max_new_tokens)
+    def _finish(
+        self, request: EngineRequest, encoded: EncodedText, tokens: list[int], reason: Literal["stop", "length"]
+    ) -> None:
         self._counters["generated_tokens"] += len(tokens)
-        return TranslateResult(
-            model=self.loaded.spec.name,
-            translation=self.loaded.tokenizer.decode(tokens, skip_special_tokens=True),
-            output_tokens=len(tokens),
-            finish_reason=finish_reason,
-            input_tokens=encoded.num_tokens,
-            truncated=encoded.truncated,
+        self._counters["num_requests_finished"] += 1
+        request.finish(
+            TranslateResult(
+                model=self.loaded.spec.name,
+                translation=self.loaded.tokenizer.decode(tokens, skip_special_tokens=True),
+                output_tokens=len(tokens),
+                finish_reason=reason,
+                input_tokens=encoded.num_tokens,
+                truncated=encoded.truncated,
+            )
         )
