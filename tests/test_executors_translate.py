@@ -7,6 +7,7 @@ model to the paged engine's attention, so references run on a second copy loaded
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,15 @@ from shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled, Unsup
 from shared.models import GenerationOptions, TaskType, TranslateRequest, TranslateResult
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
 from worker.engine.translate import Seq2SeqExecutor
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """The demo translator is tiny: a second intra-op thread only adds waiting (a lot, on a shared box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
