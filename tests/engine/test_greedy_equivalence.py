@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from worker.engine import model_runner
+from worker.engine.decode_plan import DecodePlan
 from worker.engine.executor import EngineConfig
 from worker.engine.llm_engine import LLMEngine
 from worker.engine.sampling import SamplingParams
@@ -15,15 +17,22 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, ignore_eos=True)
 
 
+@pytest.mark.parametrize("cascade", [0, 4], ids=["plain", "cascade"])
 @pytest.mark.parametrize("arch", list(BUILDERS))
-def test_concurrent_chunked_prefix_hits(arch: str, tiny_models: dict[str, TinyModel]) -> None:
-    """Different lengths joining mid-flight, prompts chunked by a small budget, shared prefixes."""
+def test_concurrent_chunked_prefix_hits(
+    arch: str, cascade: int, tiny_models: dict[str, TinyModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Different lengths joining mid-flight, prompts chunked by a small budget, shared prefixes
+    (attended per row, or once per group of rows sharing them: `cascade`)."""
     tm = tiny_models[arch]
     shared = random_prompts([13], seed=7)[0]  # 3 full blocks of 4 + 1
     prompts = random_prompts([3, 21, 9, 40], seed=2) + random_prompts([5, 2, 11], seed=3, prefix=shared)
     new = [12, 7, 16, 5, 9, 14, 3]
     config = EngineConfig(max_batch_tokens=24, max_running_requests=5, block_size=4)
-    engine = LLMEngine(tm.model, config=config, num_blocks=128, namespace=arch)
+    engine = LLMEngine(tm.model, config=config, num_blocks=128, namespace=arch, cascade_min_tokens=cascade)
+    plans: list[DecodePlan] = []
+    real_plan = model_runner.plan_decode
+    monkeypatch.setattr(model_runner, "plan_decode", lambda *a: plans.append(real_plan(*a)) or plans[-1])
     arrivals = {
         0: [("p0", prompts[0], greedy(new[0])), ("p1", prompts[1], greedy(new[1])), ("s0", prompts[4], greedy(new[4]))],
         3: [("p2", prompts[2], greedy(new[2])), ("s1", prompts[5], greedy(new[5]))],
@@ -38,6 +47,7 @@ def test_concurrent_chunked_prefix_hits(arch: str, tiny_models: dict[str, TinyMo
     assert stats["prefix_cache_hits"] >= 2 * 12  # s1 and s2 reuse the shared prefix's full blocks
     assert done["s1"].num_cached_tokens == 12 and done["s2"].num_cached_tokens == 12
     assert stats["kv_cache_usage_perc"] == 0.0  # everything freed
+    assert any(p.cascades for p in plans) == bool(cascade)
 
 
 def test_preemption_under_tiny_pool(tiny_models: dict[str, TinyModel]) -> None:

@@ -13,9 +13,12 @@ Packed batch of one step (T tokens, one row each, no padding)::
            each reads its blocks   attend causally over cached prefix + new tokens
 
 Pool layout per layer: `[num_blocks, block_size, num_kv_heads, head_dim]`; slot = block * bs + offset.
+Decode rows are sorted by length into buckets (see `DecodeBucket`): one gather of all their blocks per
+layer, then one SDPA per bucket over `[rows, KVH, L, D]` with a length mask.
 Grouped-query attention is never expanded: SDPA's `enable_gqa` maps query head h to kv head
 h // (H // KVH), as `repeat_kv` does. Sliding windows follow transformers' rule: a query at
-position p sees keys at positions (p - window, p].
+position p sees keys at positions (p - window, p]; blocks that fall out of the window are masked,
+not freed (a request still holds all its blocks).
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from worker.engine.cascade import CascadeGroup, cascade_attention
+
 ATTENTION_NAME = "pagedq_paged"
 METADATA_KWARG = "pagedq_metadata"
+_UNSUPPORTED = "run the model through LLMEngine (models that drop the keyword are not supported)"
 
 
 class PagedKVCache:
@@ -62,7 +68,9 @@ class PagedKVCache:
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's K/V ([1, KVH, T, D]) into their slots; return them unchanged."""
-        meta: AttentionMetadata = (kwargs or {})[METADATA_KWARG]
+        meta: AttentionMetadata | None = (kwargs or {}).get(METADATA_KWARG)
+        if meta is None:
+            raise RuntimeError(f"this model does not pass its attention kwargs to cache.update(); {_UNSUPPORTED}")
         flat_k = self.key_cache[layer_idx].view(-1, self.num_kv_heads, self.head_dim)
         flat_v = self.value_cache[layer_idx].view(-1, self.num_kv_heads, self.head_dim)
         flat_k.index_copy_(0, meta.slot_mapping, key_states[0].transpose(0, 1))
@@ -146,7 +154,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] pool slot of each row's new K/V
     decode_buckets: list[DecodeBucket]  # cover rows [0, num_decode)
     decode_block_ids: torch.Tensor  # every bucket's block table rows, padded with block 0, flattened
-    prefills: list[PrefillSegment]  # the rows after
+    prefills: list[PrefillSegment]  # the rows after the decode rows
+    cascades: list[CascadeGroup] = field(default_factory=list)  # rows sharing a prefix (suffixes in the ids)
 
 
 def paged_attention(
@@ -162,15 +171,19 @@ def paged_attention(
     """query [1, H, T, D], key/value [1, KVH, T, D] (this step's rows) -> ([1, T, H, D], None)."""
     meta: AttentionMetadata | None = kwargs.get(METADATA_KWARG)
     if meta is None:
-        raise RuntimeError(f"{ATTENTION_NAME} attention needs the engine's step metadata; run the model via LLMEngine")
+        raise RuntimeError(f"{ATTENTION_NAME} attention got no step metadata; {_UNSUPPORTED}")
     layer = module.layer_idx
     window = kwargs.get("sliding_window")
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])
-    if meta.decode_buckets:  # one gather for all buckets, then a view per bucket
+    if meta.decode_buckets or meta.cascades:  # one gather for all buckets, then a view per bucket
         k_all, v_all = meta.cache.gather(layer, meta.decode_block_ids)
         for bucket in meta.decode_buckets:
             o = _decode_attention(meta.cache, bucket, query, k_all, v_all, window, scaling)
             out[bucket.start : bucket.end] = o
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        for group in meta.cascades:
+            o = cascade_attention(meta.cache, group, layer, query, k_all, v_all, window, scale)
+            out[group.suffix.start : group.suffix.end] = o
     for seg in meta.prefills:
         out[seg.start : seg.end] = _prefill_attention(meta, seg, layer, query, key, value, window, scaling)
     return out.unsqueeze(0), None

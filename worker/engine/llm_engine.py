@@ -50,7 +50,11 @@ class LLMEngine:
 
     Memory: `num_blocks` if given, else `config.kv_cache_bytes`, else `kv_cache_memory_fraction` of
     the device's free memory -- capped at what `max_running_requests` requests of `max_model_len`
-    tokens can use. The model's attention implementation is switched to the engine's."""
+    tokens can use. The model's attention implementation is switched to the engine's.
+
+    Tuning: `long_prefill_token_threshold` caps one request's prefill chunk per step (0: the budget);
+    `decode_bucket_rows` decode rows share one padded attention batch; decode rows sharing a cached
+    prefix of >= `cascade_min_tokens` attend to it once per group (0: off)."""
 
     def __init__(
         self,
@@ -63,6 +67,8 @@ class LLMEngine:
         kv_cache_memory_fraction: float = 0.1,
         max_model_len: int | None = None,
         long_prefill_token_threshold: int = 0,
+        decode_bucket_rows: int = 16,
+        cascade_min_tokens: int = 256,
     ) -> None:
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer, self.namespace = model, tokenizer, namespace
@@ -87,7 +93,7 @@ class LLMEngine:
             config.max_batch_tokens, config.max_running_requests, long_prefill_token_threshold
         )
         self.scheduler = Scheduler(sched_config, self.kv)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, decode_bucket_rows, cascade_min_tokens)
         self.sampler = Sampler()
         self.stop_checker = StopChecker(eos_token_ids(model, tokenizer), tokenizer, self.max_model_len)
         self._counters = {"num_generated_tokens": 0, "num_steps": 0, "num_batched_tokens": 0}

@@ -24,11 +24,11 @@ from worker.engine.attention import (
     ATTENTION_NAME,
     METADATA_KWARG,
     AttentionMetadata,
-    DecodeBucket,
     PagedKVCache,
     PrefillSegment,
     paged_attention,
 )
+from worker.engine.decode_plan import plan_decode
 from worker.engine.request import Request
 from worker.engine.scheduler import SchedulerOutput
 
@@ -67,7 +67,11 @@ def check_model(model: Any) -> None:
 
 
 class ModelRunner:
-    def __init__(self, model: Any, cache: PagedKVCache, decode_bucket_rows: int = 16) -> None:
+    def __init__(
+        self, model: Any, cache: PagedKVCache, decode_bucket_rows: int = 16, cascade_min_tokens: int = 256
+    ) -> None:
+        """`decode_bucket_rows`: decode rows per padded batch; `cascade_min_tokens`: shortest shared
+        prefix worth attending once for its whole group (0 disables shared-prefix attention)."""
         check_model(model)
         model.set_attn_implementation(ATTENTION_NAME)
         self.model = model
@@ -75,6 +79,7 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.device = cache.key_cache.device
         self.decode_bucket_rows = decode_bucket_rows
+        self.cascade_min_blocks = -(-cascade_min_tokens // self.block_size) if cascade_min_tokens > 0 else 0
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_ids: BlockIdsFn) -> tuple[torch.Tensor, list[Request]]:
@@ -104,19 +109,16 @@ class ModelRunner:
         keep: list[int] = []
         samplers: list[Request] = []
 
-        decode.sort(key=lambda r: r.num_computed_tokens)  # similar lengths share a bucket
-        tables = []
-        for row, r in enumerate(decode):
-            p = r.num_computed_tokens
-            table = block_ids(r.request_id)
+        tables = [block_ids(r.request_id) for r in decode]
+        plan = plan_decode(decode, tables, bs, self.decode_bucket_rows, self.cascade_min_blocks, self.device)
+        for row, i in enumerate(plan.order):
+            r, table, p = decode[i], tables[i], decode[i].num_computed_tokens
             ids.append(r.all_token_ids[p])
             pos.append(p)
             slots.append(table[p // bs] * bs + p % bs)
-            tables.append(table)
             if p + 1 == r.num_tokens:
                 keep.append(row)
                 samplers.append(r)
-        buckets, decode_block_ids = self._buckets(tables, pos)
 
         segments = []
         row = len(decode)
@@ -137,22 +139,11 @@ class ModelRunner:
         meta = AttentionMetadata(
             cache=self.cache,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            decode_buckets=buckets,
-            decode_block_ids=torch.tensor(decode_block_ids, dtype=torch.long, device=dev),
+            decode_buckets=plan.buckets,
+            decode_block_ids=torch.tensor(plan.block_ids, dtype=torch.long, device=dev),
+            cascades=plan.cascades,
             prefills=segments,
         )
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)
         return input_ids, positions, torch.tensor(keep, dtype=torch.long, device=dev), samplers, meta
-
-    def _buckets(self, tables: list[list[int]], positions: list[int]) -> tuple[list[DecodeBucket], list[int]]:
-        """Split the (length-sorted) decode rows into buckets of `decode_bucket_rows`; each bucket's
-        block tables are padded to its longest with block 0 (masked out) and appended to one flat list."""
-        buckets, flat = [], []
-        for start in range(0, len(tables), self.decode_bucket_rows):
-            end = min(start + self.decode_bucket_rows, len(tables))
-            width = max(len(t) for t in tables[start:end])
-            lens = torch.tensor([p + 1 for p in positions[start:end]], dtype=torch.long, device=self.device)
-            buckets.append(DecodeBucket(start, end, len(flat), lens, width))
-            flat.extend(b for t in tables[start:end] for b in (t + [0] * (width - len(t))))
-        return buckets, flat
