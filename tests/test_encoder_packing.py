@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from executor_support import SCORE_TOLERANCE, TEXTS, long_text, pipeline_scores, reference_qa, request, run
@@ -43,6 +44,7 @@ from transformers import (
     XLMRobertaTokenizer,
 )
 from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
+from transformers.utils import logging as hf_logging
 
 from shared.models import ClassifyRequest, QARequest, TaskType
 from shared.registry import ModelSpec
@@ -201,12 +203,18 @@ MODELS: dict[str, tuple[str, Callable[[Path], Any], Callable[[Any], Any]]] = {
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("packing-models")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # transformers' advisories about random-weight configs
-        for name, (_, build_tokenizer, build_model) in MODELS.items():
-            torch.manual_seed(1234)
-            tokenizer = build_tokenizer(root / name)
-            _widen_heads(build_model(tokenizer)).save_pretrained(root / name)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars for kilobyte files are noise
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' advisories about random-weight configs
+            for name, (_, build_tokenizer, build_model) in MODELS.items():
+                torch.manual_seed(1234)
+                tokenizer = build_tokenizer(root / name)
+                _widen_heads(build_model(tokenizer)).save_pretrained(root / name)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return {name: root / name for name in MODELS}
 
 
@@ -240,6 +248,18 @@ def test_packed_forward_equals_one_forward_per_input(model_dirs: dict[str, Path]
             torch.testing.assert_close(torch.from_numpy(end), single.end_logits[0], atol=1e-5, rtol=1e-5)
     real = sum(len(enc["input_ids"]) for enc in encodings)
     assert forward.counters == {"computed_tokens": real, "padded_tokens": 0}
+
+
+def test_packed_bf16_stays_close_to_fp32(model_dirs: dict[str, Path]) -> None:
+    """bf16 weights: attention runs per segment in fp32 on CPU; logits within bf16 rounding of fp32."""
+    lm, ref = load(model_dirs, "roberta-qa"), load(model_dirs, "roberta-qa")
+    lm.model.to(torch.bfloat16)
+    encodings = [dict(lm.tokenizer(text)) for text in CLASSIFY_TEXTS]
+    packed = EncoderForward(lm, pooled=False).token_outputs(encodings, ("start_logits",))
+    with torch.inference_mode():
+        for (start,), enc in zip(packed, encodings, strict=True):
+            single = ref.model(**{k: torch.tensor([v]) for k, v in enc.items()}).start_logits[0]
+            assert start.dtype == np.float32 and np.abs(start - single.numpy()).max() < 0.1
 
 
 @pytest.mark.parametrize("rule", list(PositionRule))
