@@ -249,7 +249,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--baseline-repeats", type=int, default=1, help="repeats of the (slow) transformers baselines")
-    p.add_argument("--hf-batch-tokens", type=int, default=512)
+    p.add_argument("--hf-batch-tokens", type=int, default=1024)
     p.add_argument("--w2-context", type=int, default=1000)
     p.add_argument("--w2-questions", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)

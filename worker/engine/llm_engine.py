@@ -39,10 +39,17 @@ def eos_token_ids(model: Any, tokenizer: Any = None) -> list[int]:
     return [eos] if eos is not None else []
 
 
+FALLBACK_FREE_MEMORY = 1 << 30  # when the platform cannot tell (no SC_AVPHYS_PAGES)
+
+
 def free_device_memory(device: torch.device) -> int:
+    """Free bytes on `device`: CUDA's own count, else the host's available physical memory."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return FALLBACK_FREE_MEMORY
 
 
 class LLMEngine:
