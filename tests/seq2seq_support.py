@@ -23,6 +23,8 @@ from transformers import (
     M2M100ForConditionalGeneration,
     MarianConfig,
     MarianMTModel,
+    MBartConfig,
+    MBartForConditionalGeneration,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -65,6 +67,12 @@ def _bart() -> Any:
     return model
 
 
+def _mbart() -> Any:
+    model = MBartForConditionalGeneration(MBartConfig(init_std=0.1, forced_eos_token_id=None, **_SHAPE, **_IDS))
+    model.final_logits_bias[0, EOS] = 3.5
+    return model
+
+
 def _m2m100() -> Any:
     model = M2M100ForConditionalGeneration(M2M100Config(init_std=0.2, **_SHAPE, **_IDS))
     model.lm_head.weight[EOS] *= 3.0  # no logits bias in M2M100: a longer EOS row (tied to the embedding)
@@ -81,7 +89,13 @@ def _t5() -> Any:
     return model
 
 
-BUILDERS: dict[str, Callable[[], Any]] = {"marian": _marian, "bart": _bart, "t5": _t5, "m2m100": _m2m100}
+BUILDERS: dict[str, Callable[[], Any]] = {
+    "marian": _marian,
+    "bart": _bart,
+    "mbart": _mbart,
+    "t5": _t5,
+    "m2m100": _m2m100,
+}
 
 
 def build_pair(name: str, seed: int = 0, **generation: Any) -> Pair:

@@ -6,6 +6,7 @@ model to the paged engine's attention, so references run on a second copy loaded
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from executor_support import TEXTS, forward_shapes, load_demo, long_text, request, run
+from transformers import GenerationConfig, PegasusConfig, PegasusForConditionalGeneration
 
 from shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled, UnsupportedLanguagePair
 from shared.models import GenerationOptions, TaskType, TranslateRequest, TranslateResult
@@ -172,3 +174,43 @@ def test_translate_priority_first_and_beams_count_against_the_cap(lm: LoadedMode
     assert running == {urgent.id, beams[0].id}, "1 + 2 seats taken; a second beam request would need 5 > 4"
     run(executor, [])
     assert all(r.future.result(timeout=0).output_tokens <= 5 for r in beams)
+
+
+def test_an_architecture_the_engine_cannot_page_runs_on_batched_generate(lm: LoadedModel) -> None:
+    """Pegasus is not a paged architecture: the executor keeps its model as loaded and batches `generate`."""
+    tokenizer = lm.tokenizer
+    config = PegasusConfig(
+        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = PegasusForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, max_length=9,
+    )  # fmt: skip
+    reference = copy.deepcopy(model)
+    pegasus = LoadedModel(lm.spec, model, tokenizer, lm.device, lm.dtype)
+    executor = Seq2SeqExecutor(pegasus, EngineConfig())
+    assert executor.engine is None
+    reqs = [translate(t) for t in TEXTS[:4]]
+    run(executor, reqs)
+    assert executor.stats()["num_fallback_requests"] == 4 and executor.stats()["steps"] == 1
+    for req, text in zip(reqs, TEXTS, strict=False):
+        want = reference_translation(LoadedModel(lm.spec, reference, tokenizer, lm.device, lm.dtype), text)
+        assert (req.future.result(timeout=0).translation, req.future.result(timeout=0).output_tokens) == want
+
+
+def test_a_future_cancelled_by_its_caller_stops_its_request(lm: LoadedModel) -> None:
+    executor = Seq2SeqExecutor(lm, EngineConfig())
+    kept, dropped = translate(TEXTS[0], generation={"max_new_tokens": 20}), translate(TEXTS[2])
+    for req in (kept, dropped):
+        executor.add(req)
+    executor.step()
+    assert dropped.future.cancel()
+    executor.step()
+    assert executor.engine is not None and {r.request_id for r in executor.engine.scheduler.running} <= {kept.id}
+    run(executor, [])
+    assert kept.future.result(timeout=0).output_tokens <= 20

@@ -1,7 +1,7 @@
 """The paged seq2seq engine against `model.generate` on the same random-weight models, token for token.
 
 Requests join while others decode; tiny block pools force preemption; every test ends with all blocks
-free. Models: Marian, BART, T5, M2M100 (2+2 layers, d_model 64; see `seq2seq_support`).
+free. Models: Marian, BART, mBART, T5, M2M100 (2+2 layers, d_model 64; see `seq2seq_support`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def assert_matches_generate(pair: Any, inputs: list[list[int]], outputs: list[Se
         assert out.output_token_ids == pair.generate(ids, **kwargs), f"input of {len(ids)} tokens"
 
 
-@pytest.mark.parametrize("arch", ["marian", "bart", "t5", "m2m100"])
+@pytest.mark.parametrize("arch", ["marian", "bart", "mbart", "t5", "m2m100"])
 def test_greedy_matches_generate_with_requests_joining(arch: str) -> None:
     pair = build_pair(arch)
     inputs = random_inputs(10)

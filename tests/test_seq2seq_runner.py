@@ -80,7 +80,7 @@ def reference_logits(reference: Any, encoder_ids: list[int], decoder_ids: list[i
     return out.logits[0, -1].float()
 
 
-@pytest.mark.parametrize("arch", ["marian", "bart", "t5", "m2m100"])
+@pytest.mark.parametrize("arch", ["marian", "bart", "mbart", "t5", "m2m100"])
 def test_packed_steps_equal_the_model_forward(arch: str) -> None:
     pair = build_pair(arch)
     harness = Harness(pair.model)

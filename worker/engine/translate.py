@@ -94,6 +94,7 @@ class Seq2SeqExecutor(ModelExecutor):
 
     def step(self) -> None:
         self._admit_new()
+        self._drop_cancelled()
         if self.engine is not None and self.engine.has_unfinished_requests():
             for out in self.engine.step():
                 self._complete(out)
@@ -113,6 +114,14 @@ class Seq2SeqExecutor(ModelExecutor):
             "steps": engine.get("num_steps", 0) + self.fallback.steps,
             **self._counters,
         }
+
+    def _drop_cancelled(self) -> None:
+        """Requests whose future was completed elsewhere (e.g. cancelled by the caller) stop at once."""
+        for request_id, (request, _) in list(self._paged.items()):
+            if request.future.done():
+                del self._paged[request_id]
+                if self.engine is not None:
+                    self.engine.abort_request(request_id)
 
     # ---- admission --------------------------------------------------------------------------------
     def _admit_new(self) -> None:
