@@ -33,28 +33,29 @@ PENALTY = -1.0e9
 class BeamSearch:
     """The beam state of one request; `step` consumes the running beams' scores and picks the next beams."""
 
-    def __init__(self, settings: DecodeSettings, prompt: Sequence[int]) -> None:
+    def __init__(self, settings: DecodeSettings, prompt: Sequence[int], device: torch.device | str = "cpu") -> None:
         nb = self.num_beams = settings.num_beams
         self.length_penalty = settings.length_penalty
         self.early_stopping = settings.early_stopping
         self.max_length = settings.max_length
         self.prompt_len = self.cur_len = len(prompt)
-        self.eos = torch.tensor(settings.eos_token_ids, dtype=torch.long)
+        self.eos = torch.tensor(settings.eos_token_ids, dtype=torch.long, device=device)
         self.num_candidates = max(2, 1 + len(settings.eos_token_ids)) * nb
         self.top_num_beam_mask = torch.cat(
             (torch.ones(nb, dtype=torch.bool), torch.zeros(self.num_candidates - nb, dtype=torch.bool))
-        )
-        self.running_scores = torch.zeros((1, nb), dtype=torch.float)
+        ).to(device)
+        self.running_scores = torch.zeros((1, nb), dtype=torch.float, device=device)
         self.running_scores[:, 1:] = PENALTY
-        self.finished_scores = torch.full((1, nb), fill_value=PENALTY, dtype=torch.float)
+        self.finished_scores = torch.full((1, nb), fill_value=PENALTY, dtype=torch.float, device=device)
         self.finished_tokens: list[list[int]] = [list(prompt) for _ in range(nb)]
-        self.is_sent_finished = torch.zeros((1, nb), dtype=torch.bool)
-        self.improvement_possible = torch.ones((1, 1), dtype=torch.bool)
+        self.is_sent_finished = torch.zeros((1, nb), dtype=torch.bool, device=device)
+        self.improvement_possible = torch.ones((1, 1), dtype=torch.bool, device=device)
         self.done = False
 
     def step(self, log_probs: torch.Tensor, beam_tokens: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-        """`log_probs` [num_beams, vocab]: processed log-softmax of each running beam; `beam_tokens[b]`: its
-        tokens. Returns the next running beams as (parent beam, token), best first (empty once done)."""
+        """`log_probs` [num_beams, vocab] (on the state's device): processed log-softmax of each running beam;
+        `beam_tokens[b]`: its tokens. Returns the next running beams as (parent beam, token), best first
+        (empty once done)."""
         nb, vocab = self.num_beams, log_probs.shape[-1]
         scores = (log_probs.float().unsqueeze(0) + self.running_scores[:, :, None]).reshape(1, -1)
         top_scores, top_indices = torch.topk(scores, k=self.num_candidates)

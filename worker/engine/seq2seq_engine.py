@@ -110,7 +110,7 @@ class Seq2SeqEngine:
             raise ValueError(f"num_beams={settings.num_beams} exceeds max_running_requests")
         request.sequences = [self._new_sequence(request, [settings.decoder_start_token_id])]
         if settings.is_beam_search:
-            request.beam = BeamSearch(settings, [settings.decoder_start_token_id])
+            request.beam = BeamSearch(settings, [settings.decoder_start_token_id], self.pool.key_cache.device)
         self.scheduler.add_request(request)
 
     def abort_request(self, request_id: str) -> bool:
