@@ -213,3 +213,25 @@ def test_requests_that_can_never_fit_are_rejected() -> None:
         engine.add_request("big", list(range(4, 60)), decode_settings(pair.model, GenerationOptions()))
     with pytest.raises(ValueError, match="no input tokens"):
         engine.add_request("empty", [], decode_settings(pair.model, GenerationOptions()))
+
+
+def test_a_waiting_higher_priority_request_preempts_a_lower_one() -> None:
+    pair = build_pair("marian")
+    settings = decode_settings(pair.model, GenerationOptions())
+    inputs = random_inputs(3, lengths=(30, 40), seed=8)
+    first_step = [math.ceil(len(ids) / BLOCK_SIZE) + 1 for ids in inputs]  # cross blocks + one decoder block
+    engine = make_engine(pair.model, num_blocks=sum(first_step) - 1)  # room for two of them, not three
+    engine.add_request("low-a", inputs[0], settings, priority=1)
+    engine.add_request("low-b", inputs[1], settings, priority=1)
+    done = {o.request_id: o for o in engine.step()}
+    assert {r.request_id for r in engine.scheduler.running} == {"low-a", "low-b"}
+    engine.add_request("urgent", inputs[2], settings, priority=-1)
+    done.update((o.request_id, o) for o in engine.step())
+    running = {r.request_id for r in engine.scheduler.running}
+    assert "urgent" in running and len(running) == 2, "the latest low-priority request made room"
+    assert engine.stats()["num_preemptions"] == 1
+    while engine.has_unfinished_requests():
+        done.update((o.request_id, o) for o in engine.step())
+    for name, ids in zip(("low-a", "low-b", "urgent"), inputs, strict=True):
+        assert done[name].output_token_ids == pair.generate(ids)
+    assert done["low-b"].num_preemptions == 1

@@ -215,7 +215,10 @@ class Seq2SeqEngine:
         if not sampled:
             return []
         seqs = [r.sequences[0] for r, _ in sampled]
-        rows = logits[torch.tensor([row for _, row in sampled], device=logits.device)]
+        if len(sampled) == logits.shape[0]:  # no beams in this step: the rows are all of them, in order
+            rows = logits
+        else:
+            rows = logits[torch.tensor([row for _, row in sampled], device=logits.device)]
         process_scores(rows, [(r.settings, seq.all_token_ids) for (r, _), seq in zip(sampled, seqs, strict=True)])
         tokens = self.sampler(rows, seqs)
         self._counters["num_generated_tokens"] += len(tokens)
