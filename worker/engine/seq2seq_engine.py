@@ -122,6 +122,7 @@ class Seq2SeqEngine:
 
     # ---- the loop -----------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self, now: float | None = None) -> list[Seq2SeqOutput]:
         """One scheduling step and (if anything is scheduled) one encoder + decoder pass.
 
