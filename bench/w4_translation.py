@@ -75,7 +75,7 @@ class System:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--w4-sentences", type=int, default=None, help="default 256 (32 with --quick)")
-    p.add_argument("--w4-sequential", type=int, default=None, help="sentences run one generate each (default 32, 8)")
+    p.add_argument("--w4-sequential", type=int, default=None, help="sentences for one generate each (16; 4 quick)")
     p.add_argument("--w4-max-requests", type=int, default=256, help="max_running_requests (sequences, beams count)")
     p.add_argument("--w4-budget", type=int, default=8192, help="max_batch_tokens of the engine")
     p.add_argument("--w4-kv-gib", type=float, default=1.5, help="KV pool of the engine")
@@ -200,7 +200,7 @@ def static_batches(model: Any, beams: int) -> Run:
 
 def w4(args: argparse.Namespace) -> dict[str, float]:
     count = args.w4_sentences or (32 if args.quick else 256)
-    sequential_count = args.w4_sequential or (8 if args.quick else 32)
+    sequential_count = args.w4_sequential or (4 if args.quick else 16)
     repeats = 1 if args.quick else args.w4_repeats
     model = w4_model()
     reference = w4_model()  # the engine switches its model's attention; generate runs on an untouched copy
