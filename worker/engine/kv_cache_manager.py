@@ -122,10 +122,10 @@ class KVCacheManager:
             self.prefix_cache_queries += request.num_tokens
             self.prefix_cache_hits += len(computed) * self.block_size
         num_computed = request.num_computed_tokens + len(computed) * self.block_size
+        self.pool.touch(computed)  # first: hits must leave the free list before anything is allocated
+        blocks.extend(computed)
         if self._needs_cow(blocks, num_computed, num_new_tokens):
             self._copy_on_write(blocks, num_computed // self.block_size)
-        self.pool.touch(computed)
-        blocks.extend(computed)
         required = cdiv(num_computed + num_new_tokens, self.block_size)
         if required > len(blocks):
             blocks.extend(self.pool.allocate(required - len(blocks)))
