@@ -25,8 +25,8 @@ from transformers.pipelines.document_question_answering import select_starts_end
 
 from shared.models import TaskType
 from shared.registry import Registry
-from worker.engine.encoder_packing import SEGMENTS_KWARG, VARLEN_ATTENTION
 from worker.engine.executor import EngineRequest, LoadedModel, ModelExecutor
+from worker.engine.varlen_attention import SEGMENTS_KWARG, VARLEN_ATTENTION
 
 SCORE_TOLERANCE = 1e-4
 TEXTS = [

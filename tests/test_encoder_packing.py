@@ -53,16 +53,10 @@ from worker._demo_tokenizers import build_wordpiece
 from worker.demo_models import ENCODER_INIT_STD, HEAD_INIT_STD
 from worker.engine._encoder_forward import EncoderForward
 from worker.engine.classify import ClassificationExecutor
-from worker.engine.encoder_packing import (
-    VARLEN_ATTENTION,
-    PositionRule,
-    Segments,
-    enable_packing,
-    position_ids,
-    unsupported_reason,
-)
+from worker.engine.encoder_packing import PositionRule, enable_packing, position_ids, unsupported_reason
 from worker.engine.executor import EngineConfig, LoadedModel
 from worker.engine.extractive_qa import ExtractiveQAExecutor
+from worker.engine.varlen_attention import GROUP_MIN_SHARE, VARLEN_ATTENTION, Segments
 
 ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # pad id 1: positions start at 2
 VOCAB_SIZE = 800
@@ -260,6 +254,20 @@ def test_packed_bf16_stays_close_to_fp32(model_dirs: dict[str, Path]) -> None:
         for (start,), enc in zip(packed, encodings, strict=True):
             single = ref.model(**{k: torch.tensor([v]) for k, v in enc.items()}).start_logits[0]
             assert start.dtype == np.float32 and np.abs(start - single.numpy()).max() < 0.1
+
+
+def test_segments_attend_in_groups_of_similar_length() -> None:
+    """Longest first; a segment joins while >= GROUP_MIN_SHARE of the group's longest; every token once."""
+    lengths = [10, 3, 9, 3, 7, 6]
+    segments = Segments.from_lengths(lengths)
+    assert GROUP_MIN_SHARE == 0.7
+    assert [(g.size, g.longest) for g in segments.groups] == [(3, 10), (1, 6), (2, 3)]  # [10 9 7] [6] [3 3]
+    assert [g.key_mask is None for g in segments.groups] == [False, True, True]  # equal lengths: no mask
+    rows = torch.cat([g.rows for g in segments.groups]).sort().values
+    assert rows.tolist() == list(range(sum(lengths)))
+    first = segments.groups[0]
+    assert first.slots.view(3, 10)[2, :7].tolist() == list(range(25, 32))  # the 7-token segment starts at 25
+    assert first.real.sum() == 10 + 9 + 7
 
 
 @pytest.mark.parametrize("rule", list(PositionRule))

@@ -23,15 +23,14 @@ import torch
 
 from worker.engine._batching import pad_batch, pick_batch, pick_packed, unpadded_columns
 from worker.engine.encoder_packing import (
-    SEGMENTS_KWARG,
     EncoderLayout,
-    Segments,
     enable_packing,
     keep_first_tokens,
     pack,
     unsupported_reason,
 )
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
+from worker.engine.varlen_attention import SEGMENTS_KWARG, Segments
 
 log = logging.getLogger(__name__)
 

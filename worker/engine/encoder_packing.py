@@ -3,7 +3,7 @@
     inputs A(5) B(3) C(4)  ->  input_ids     [a a a a a b b b c c c c]     shape [1, 12]
                                position_ids  [0 1 2 3 4 0 1 2 0 1 2 3]     restart per input
                                segments      starts (0, 5, 8), lengths (5, 3, 4)
-    every attention layer: A attends to A only, B to B, C to C (one SDPA call per segment)
+    every attention layer: A attends to A only, B to B, C to C (varlen_attention.py)
 
 The model stays unmodified; what the engine sets on it, once, when an executor takes it over:
 - `model.set_attn_implementation(VARLEN_ATTENTION)`: its layers call `varlen_attention`, which reads the
@@ -32,13 +32,9 @@ from itertools import chain
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-VARLEN_ATTENTION = "pagedq_varlen"  # our name in transformers' attention registry (not the paged decoder's)
-SEGMENTS_KWARG = "pagedq_segments"  # the model keyword that carries a step's `Segments`
+from worker.engine.varlen_attention import SEGMENTS_KWARG, VARLEN_ATTENTION, Segments, register_varlen_attention
+
 PACKED_INPUTS = ("input_ids", "token_type_ids")  # tokenizer outputs that are packed; attention_mask is not
 
 
@@ -61,69 +57,6 @@ LAYOUTS = {
     "roberta": EncoderLayout("encoder", PositionRule.AFTER_PADDING),
     "xlm-roberta": EncoderLayout("encoder", PositionRule.AFTER_PADDING),
 }
-
-
-@dataclass(frozen=True)
-class Segments:
-    """A step's packing: segment i holds tokens [starts[i], starts[i] + lengths[i]) of the packed row."""
-
-    starts: tuple[int, ...]
-    lengths: tuple[int, ...]
-
-    @classmethod
-    def from_lengths(cls, lengths: Sequence[int]) -> Segments:
-        starts = [0]
-        for n in lengths[:-1]:
-            starts.append(starts[-1] + n)
-        return cls(tuple(starts), tuple(lengths))
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.lengths)
-
-    def split(self, packed: torch.Tensor) -> list[torch.Tensor]:
-        """Per-segment views of a per-token tensor [T, ...]."""
-        return list(packed.split(self.lengths))
-
-
-def varlen_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """transformers' attention signature: q/k/v [1, H, T, D] -> out [1, T, H, D], attention within segments.
-
-    One unmasked SDPA call per segment: no padding anywhere, and on CPU (torch 2.13, measured) faster than
-    gathering segments into a padded, masked batch. Half precision is upcast per segment on CPU, where bf16
-    SDPA is several times slower than fp32. Without `SEGMENTS_KWARG` this is transformers' SDPA attention,
-    mask and all (unpacked callers)."""
-    segments: Segments | None = kwargs.pop(SEGMENTS_KWARG, None)
-    if segments is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
-    assert query.shape[0] == 1 and query.shape[2] == segments.num_tokens, "packed batches are one row"
-    assert key.shape[1] == query.shape[1], "encoder attention: as many key/value heads as query heads"
-    upcast = query.device.type == "cpu" and query.dtype != torch.float32
-    out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
-    for start, length in zip(segments.starts, segments.lengths, strict=True):
-        q, k, v = (t[:, :, start : start + length] for t in (query, key, value))
-        if upcast:
-            q, k, v = q.float(), k.float(), v.float()
-        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
-        out[:, start : start + length] = attended.transpose(1, 2)
-    return out, None
-
-
-def register_varlen_attention() -> None:
-    """Make `VARLEN_ATTENTION` a valid attention implementation (idempotent; registries are global)."""
-    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
-    AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_mask)
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -155,7 +88,7 @@ def pack(
     encodings: Sequence[dict[str, list[int]]], layout: EncoderLayout, pad_token_id: int | None, device: Any
 ) -> dict[str, Any]:
     """Model keywords for ONE packed forward over `encodings` (token-id lists of one input each)."""
-    segments = Segments.from_lengths([len(enc["input_ids"]) for enc in encodings])
+    segments = Segments.from_lengths([len(enc["input_ids"]) for enc in encodings], device)
     inputs: dict[str, Any] = {
         name: torch.tensor(list(chain.from_iterable(enc[name] for enc in encodings)), dtype=torch.long)
         for name in PACKED_INPUTS
