@@ -172,7 +172,7 @@ def paged_attention(
     meta: AttentionMetadata | None = kwargs.get(METADATA_KWARG)
     if meta is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention got no step metadata; {_UNSUPPORTED}")
-    layer = module.layer_idx
+    layer = int(module.layer_idx)  # type: ignore[arg-type]
     window = kwargs.get("sliding_window")
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])
     if meta.decode_buckets or meta.cascades:  # one gather for all buckets, then a view per bucket

@@ -52,6 +52,7 @@ class GenerativeExecutor(ModelExecutor):
     # ---- ModelExecutor ----------------------------------------------------------------------------
 
     def add(self, request: EngineRequest) -> None:
+        stop: tuple[str, ...]
         try:
             payload = request.payload
             if isinstance(payload, QARequest) and payload.mode in (None, "generative"):
