@@ -233,8 +233,13 @@ def test_packed_forward_equals_one_forward_per_input(model_dirs: dict[str, Path]
     with torch.inference_mode():
         singles = [ref.model(**{k: torch.tensor([v]) for k, v in enc.items()}) for enc in encodings]
     if classifier:
+        last_ffn = lm.model.base_model.encoder.layer[-1].intermediate
+        ffn_rows: list[int] = []
+        handle = last_ffn.register_forward_pre_hook(lambda _m, args: ffn_rows.append(args[0].shape[1]))
         packed = forward.logits(encodings)
+        handle.remove()
         torch.testing.assert_close(packed, torch.cat([s.logits for s in singles]), atol=1e-5, rtol=1e-5)
+        assert ffn_rows == [len(encodings)]  # the last feed-forward ran on the first tokens only
     else:
         packed_rows = forward.token_outputs(encodings, ("start_logits", "end_logits"))
         for (start, end), single in zip(packed_rows, singles, strict=True):

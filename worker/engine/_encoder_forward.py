@@ -5,7 +5,7 @@
                 packed (encoder_packing.py)                    padded (_batching.pad_batch)
     pick        pick_packed: sum of lengths <= budget           pick_batch: rows * longest <= budget
     forward     input_ids [1, sum L], attention per segment     input_ids [B, max L] + attention mask
-    logits      [B, labels] (first-token hook on the encoder)   [B, labels] (the model's own pooling)
+    logits      [B, labels] (FirstTokenPooling hooks)           [B, labels] (the model's own pooling)
     per token   [1, T] split per segment                        [B, max L] cut to each row's real columns
 
 Counters (cumulative, for the executors' stats): `computed_tokens`, the token rows that went through the
@@ -24,8 +24,8 @@ import torch
 from worker.engine._batching import pad_batch, pick_batch, pick_packed, unpadded_columns
 from worker.engine.encoder_packing import (
     EncoderLayout,
+    FirstTokenPooling,
     enable_packing,
-    keep_first_tokens,
     pack,
     unsupported_reason,
 )
@@ -52,7 +52,7 @@ class EncoderForward:
         if reason is None:
             self.layout = enable_packing(loaded.model)
             if pooled:
-                keep_first_tokens(loaded.model, self.layout)
+                FirstTokenPooling.install(loaded.model, self.layout)
         else:
             log.info("%s runs padded batches: %s", loaded.spec.name, reason)
         self.counters = {"computed_tokens": 0, "padded_tokens": 0}

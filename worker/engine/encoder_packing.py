@@ -10,8 +10,9 @@ The model stays unmodified; what the engine sets on it, once, when an executor t
   step's `Segments` from the extra model keyword `SEGMENTS_KWARG` (transformers hands extra keywords down to
   every attention call). Called WITHOUT segments -- a pipeline, the padded fallback -- it is transformers' own
   SDPA attention with SDPA's masks (registered under the same name), so the model keeps working for them;
-- for classification, `keep_first_tokens`: a forward hook on the encoder stack that keeps each segment's first
-  token, so the unmodified pooler and head ("[CLS]", "<s>", DistilBERT's first token) see B one-token rows.
+- for classification, `FirstTokenPooling`: hooks that keep each segment's first token after the last layer's
+  attention, so that layer's feed-forward, the pooler and the head ("[CLS]", "<s>", DistilBERT's first
+  token) run on B one-token rows.
 
 Positions (`LAYOUTS`): BERT and DistilBERT count from 0; RoBERTa-family embeddings count from padding_idx + 1
 and leave pad tokens at padding_idx (`create_position_ids_from_input_ids`): the same rules, per segment.
@@ -45,17 +46,20 @@ class PositionRule(Enum):
 
 @dataclass(frozen=True)
 class EncoderLayout:
-    """Where the per-architecture facts live: the base model's layer stack and its position rule."""
+    """Where the per-architecture facts live (module names relative to `model.base_model`)."""
 
-    encoder: str  # attribute of `model.base_model` whose output is the last hidden state [1, T, H]
+    encoder: str  # the layer stack; its output's `last_hidden_state` is [1, T, H]
+    post_attention: str  # in the stack's last layer: output = hidden state after attention and its residual,
+    #                      the feed-forward's only input (what classification may cut to first tokens)
     positions: PositionRule
+    layers: str = "layer"  # the stack's ModuleList of layers
 
 
 LAYOUTS = {
-    "bert": EncoderLayout("encoder", PositionRule.FROM_ZERO),
-    "distilbert": EncoderLayout("transformer", PositionRule.FROM_ZERO),
-    "roberta": EncoderLayout("encoder", PositionRule.AFTER_PADDING),
-    "xlm-roberta": EncoderLayout("encoder", PositionRule.AFTER_PADDING),
+    "bert": EncoderLayout("encoder", "attention", PositionRule.FROM_ZERO),
+    "distilbert": EncoderLayout("transformer", "sa_layer_norm", PositionRule.FROM_ZERO),
+    "roberta": EncoderLayout("encoder", "attention", PositionRule.AFTER_PADDING),
+    "xlm-roberta": EncoderLayout("encoder", "attention", PositionRule.AFTER_PADDING),
 }
 
 
@@ -112,25 +116,51 @@ def position_ids(ids: torch.Tensor, segments: Segments, rule: PositionRule, pad_
     return (seen - before.repeat_interleave(lengths)) * real + pad_token_id
 
 
-def keep_first_tokens(model: Any, layout: EncoderLayout) -> Any:
-    """Hook the encoder stack so that a packed forward's last hidden state becomes each segment's first token.
+class FirstTokenPooling:
+    """Hooks that make a packed classifier forward compute only what its head reads: each segment's first token.
 
-    [1, T, H] -> [B, 1, H]: the pooler/head of the unmodified model then reads row 0 of B "sequences".
-    Unpacked forwards pass through untouched. Idempotent per model (a second executor on the same model must
-    not cut twice). Returns the hook handle."""
-    encoder = getattr(model.base_model, layout.encoder)
-    if encoder in _FIRST_TOKEN_HOOKS:
-        return _FIRST_TOKEN_HOOKS[encoder]
+    - after the LAST layer's attention (`layout.post_attention`, residual included), rows are cut to each
+      segment's first token, [1, T, H] -> [1, B, H]: that layer's feed-forward runs on B rows instead of T
+      (its keys and values needed every token; nothing after the cut does);
+    - the encoder's output [1, B, H] becomes [B, 1, H]: the unmodified pooler and head ("[CLS]", "<s>",
+      DistilBERT's first token) read row 0 of B one-token sequences.
+    Unpacked forwards pass through untouched. A pre-hook takes the running forward's segments from the
+    encoder's keywords (the post-attention module, a LayerNorm in DistilBERT, gets none); the engine thread
+    is the model's only caller, so one forward runs at a time. Use `install` (once per model).
+    """
 
-    def first_tokens(_module: Any, _args: Any, kwargs: dict[str, Any], output: Any) -> Any:
-        segments: Segments | None = kwargs.get(SEGMENTS_KWARG)
-        if segments is not None:
-            hidden = output.last_hidden_state
-            output.last_hidden_state = hidden[0, list(segments.starts)].unsqueeze(1)
+    def __init__(self, model: Any, layout: EncoderLayout) -> None:
+        self.segments: Segments | None = None
+        encoder = getattr(model.base_model, layout.encoder)
+        last = getattr(encoder, layout.layers)[-1].get_submodule(layout.post_attention)
+        self.handles = [
+            encoder.register_forward_pre_hook(self._start, with_kwargs=True),
+            last.register_forward_hook(self._cut),
+            encoder.register_forward_hook(self._finish),
+        ]
+
+    @classmethod
+    def install(cls, model: Any, layout: EncoderLayout) -> FirstTokenPooling:
+        """The model's pooling hooks, installed on first use (a second executor must not cut twice)."""
+        if model not in _POOLING:
+            _POOLING[model] = cls(model, layout)
+        return _POOLING[model]
+
+    def _start(self, _module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        self.segments = kwargs.get(SEGMENTS_KWARG)
+
+    def _cut(self, _module: Any, _args: Any, output: Any) -> Any:
+        if self.segments is None:
+            return output
+        starts = list(self.segments.starts)
+        if isinstance(output, tuple):  # (hidden states, attention weights)
+            return (output[0][:, starts], *output[1:])
+        return output[:, starts]
+
+    def _finish(self, _module: Any, _args: Any, output: Any) -> Any:
+        if self.segments is not None:
+            output.last_hidden_state = output.last_hidden_state.transpose(0, 1)
         return output
 
-    handle = _FIRST_TOKEN_HOOKS[encoder] = encoder.register_forward_hook(first_tokens, with_kwargs=True)
-    return handle
 
-
-_FIRST_TOKEN_HOOKS: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
+_POOLING: weakref.WeakKeyDictionary[torch.nn.Module, FirstTokenPooling] = weakref.WeakKeyDictionary()
