@@ -7,15 +7,14 @@
             ...
 
 One `step()` = schedule (one token budget over encoder passes and decoder rows) -> the runner's encoder
-pass for newly admitted requests and one packed decoder pass for every running sequence -> per request:
-generate's logits processors, then greedy / sampling (`sampling.Sampler`) or a beam step
-(`beam_search.BeamSearch`; the new beams fork their parents' blocks) -> stop checks; finished requests
-free their blocks at once. Not thread-safe: one thread drives it.
+pass for newly admitted requests and one packed decoder pass for every running sequence -> next tokens
+(`seq2seq_decoding`: generate's processors, then greedy / sampling or a beam step whose new beams fork
+their parents' blocks) and stop checks; finished requests free their blocks at once. Not thread-safe:
+one thread drives it.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from collections.abc import Sequence
@@ -29,15 +28,11 @@ from worker.engine.beam_search import BeamSearch
 from worker.engine.block_pool import BlockPool
 from worker.engine.executor import EngineConfig
 from worker.engine.kv_cache_manager import KVCacheManager, cdiv
-from worker.engine.request import Request, RequestStatus
-from worker.engine.sampling import Sampler, SamplingParams
 from worker.engine.seq2seq_attention import KVPool
-from worker.engine.seq2seq_logits import process_scores
+from worker.engine.seq2seq_decoding import Decoding
 from worker.engine.seq2seq_model import DecoderShape
 from worker.engine.seq2seq_runner import Seq2SeqRunner, StepItem
 from worker.engine.seq2seq_scheduler import Seq2SeqRequest, Seq2SeqScheduler
-
-_sequence_ids = itertools.count()
 
 
 def free_device_memory(device: torch.device) -> int:
@@ -86,7 +81,7 @@ class Seq2SeqEngine:
         self.kv = KVCacheManager(BlockPool(num_blocks, enable_caching=False), bs, enable_caching=False)
         self.scheduler = Seq2SeqScheduler(self.kv, config.max_batch_tokens, config.max_running_requests)
         self.runner = Seq2SeqRunner(model, self.pool)
-        self.sampler = Sampler()
+        self.decoding = Decoding(self.kv)
         self._counters = {"num_generated_tokens": 0, "num_steps": 0, "num_batched_tokens": 0, "num_encoded_tokens": 0}
 
     # ---- requests -----------------------------------------------------------------------------
@@ -108,7 +103,7 @@ class Seq2SeqEngine:
             raise ValueError(f"a request needing {need} KV blocks would not fit the pool ({have} blocks)")
         if settings.num_beams > self.config.max_running_requests:
             raise ValueError(f"num_beams={settings.num_beams} exceeds max_running_requests")
-        request.sequences = [self._new_sequence(request, [settings.decoder_start_token_id])]
+        request.sequences = [self.decoding.new_sequence(request, [settings.decoder_start_token_id])]
         if settings.is_beam_search:
             request.beam = BeamSearch(settings, [settings.decoder_start_token_id], self.pool.key_cache.device)
         self.scheduler.add_request(request)
@@ -146,7 +141,8 @@ class Seq2SeqEngine:
             else:
                 beams.append((request, logits[row : row + n]))
             row += n
-        finished = self._sample_step(sampled, logits) + [(r, self._beam_step(r, rows)) for r, rows in beams]
+        finished = self.decoding.sample(sampled, logits) + [(r, self.decoding.beam(r, rows)) for r, rows in beams]
+        self._counters["num_generated_tokens"] += len(finished)
         for request, status in finished:
             if status is not None:
                 self.scheduler.finish_request(request, status)
@@ -184,20 +180,6 @@ class Seq2SeqEngine:
 
     # ---- internals ----------------------------------------------------------------------------
 
-    def _new_sequence(self, request: Seq2SeqRequest, tokens: list[int]) -> Request:
-        s = request.settings
-        params = SamplingParams(
-            max_new_tokens=s.max_new_tokens,
-            temperature=s.temperature if s.do_sample else 0.0,
-            top_k=s.top_k if s.do_sample else 0,
-            top_p=s.top_p if s.do_sample else 1.0,
-            seed=s.seed if s.do_sample else None,
-        )
-        seq = Request(f"{request.request_id}#{next(_sequence_ids)}", tokens[:1], params)
-        seq.all_token_ids = list(tokens)
-        seq.output_token_ids = list(tokens[1:])
-        return seq
-
     def _item(self, request: Seq2SeqRequest, encode: bool) -> StepItem:
         if encode:
             self._counters["num_encoded_tokens"] += request.encoder_len
@@ -208,81 +190,6 @@ class Seq2SeqEngine:
             encoder_len=request.encoder_len,
             encoder_ids=request.encoder_ids if encode else None,
         )
-
-    def _sample_step(
-        self, sampled: list[tuple[Seq2SeqRequest, int]], logits: torch.Tensor
-    ) -> list[tuple[Seq2SeqRequest, RequestStatus | None]]:
-        """Greedy and sampling rows, all at once: generate's processors, one token each, stop criteria."""
-        if not sampled:
-            return []
-        seqs = [r.sequences[0] for r, _ in sampled]
-        if len(sampled) == logits.shape[0]:  # no beams in this step: the rows are all of them, in order
-            rows = logits
-        else:
-            rows = logits[torch.tensor([row for _, row in sampled], device=logits.device)]
-        process_scores(rows, [(r.settings, seq.all_token_ids) for (r, _), seq in zip(sampled, seqs, strict=True)])
-        tokens = self.sampler(rows, seqs)
-        self._counters["num_generated_tokens"] += len(tokens)
-        done = []
-        for (request, _), seq, token in zip(sampled, seqs, tokens, strict=True):
-            seq.append_output(token)
-            s = request.settings
-            status = None
-            if token in s.eos_token_ids:
-                status = self._finish(request, seq.output_token_ids, RequestStatus.FINISHED_STOPPED)
-            elif seq.num_tokens >= s.max_length:
-                status = self._finish(request, seq.output_token_ids, RequestStatus.FINISHED_LENGTH)
-            done.append((request, status))
-        return done
-
-    def _beam_step(self, request: Seq2SeqRequest, logits: torch.Tensor) -> RequestStatus | None:
-        """One beam-search step; the next beams fork their parents' blocks (copy-on-write later)."""
-        beam, s = request.beam, request.settings
-        assert beam is not None
-        # generate starts with num_beams copies of the start token: one row computed, the others equal to it
-        rows = [min(b, len(request.sequences) - 1) for b in range(s.num_beams)]
-        tokens = [request.sequences[r].all_token_ids for r in rows]
-        scores = torch.log_softmax(logits, dim=-1)[rows]
-        process_scores(scores, [(s, t) for t in tokens])
-        picks = beam.step(scores, tokens)
-        self._counters["num_generated_tokens"] += 1
-        if beam.done:
-            best = beam.best()[1:]
-            ended = bool(best) and best[-1] in s.eos_token_ids
-            return self._finish(
-                request, best, RequestStatus.FINISHED_STOPPED if ended else RequestStatus.FINISHED_LENGTH
-            )
-        self._reorder_beams(request, [(rows[parent], token) for parent, token in picks])
-        return None
-
-    def _reorder_beams(self, request: Seq2SeqRequest, picks: list[tuple[int, int]]) -> None:
-        """New live sequences = parent sequence + token; a parent picked twice is forked (blocks shared)."""
-        old = request.sequences
-        children: list[Request] = []
-        used: set[int] = set()
-        for parent, _ in picks:
-            if parent in used:
-                child = self._new_sequence(request, list(old[parent].all_token_ids))
-                child.num_computed_tokens = old[parent].num_computed_tokens
-                self.kv.fork(old[parent], child)
-            else:
-                child = old[parent]
-                used.add(parent)
-            children.append(child)
-        for seq, (_, token) in zip(children, picks, strict=True):
-            seq.append_output(token)
-        for i, seq in enumerate(old):
-            if i not in used:
-                self.kv.free(seq)
-        request.sequences = children
-
-    def _finish(self, request: Seq2SeqRequest, tokens: list[int], status: RequestStatus) -> RequestStatus:
-        request.output_token_ids = list(tokens)
-        if status is RequestStatus.FINISHED_STOPPED and request.settings.forced_eos_token_id is not None:
-            # an EOS forced at the length limit ends the translation because of the limit
-            if len(tokens) >= request.settings.max_new_tokens:
-                status = RequestStatus.FINISHED_LENGTH
-        return status
 
     def _output(self, request: Seq2SeqRequest) -> Seq2SeqOutput:
         reason = request.status.finish_reason or "abort"

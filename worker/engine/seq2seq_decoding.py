@@ -1,0 +1,120 @@
+"""After a decoder pass: each request's next token(s), as generate picks them, and whether it is done.
+
+- greedy and sampling (one sequence per request): generate's logits processors (`seq2seq_logits`) on the raw
+  logits of all such rows at once, then `sampling.Sampler` (argmax, or temperature / top-k / top-p with the
+  request's own seeded generator); stop on EOS or at the length limit;
+- beam search: log-softmax, the processors, then `beam_search.BeamSearch`; the next beams continue their
+  parents' sequences -- a parent picked twice is forked, sharing its blocks (copy-on-write when they
+  diverge), a parent not picked frees its blocks.
+
+A decoder sequence is a `request.Request` (prompt = the decoder start token) so that `KVCacheManager`
+(blocks, fork, copy-on-write) and `Sampler` (per-request generators) work on it unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from worker.engine.kv_cache_manager import KVCacheManager
+from worker.engine.request import Request, RequestStatus
+from worker.engine.sampling import Sampler, SamplingParams
+from worker.engine.seq2seq_logits import process_scores
+from worker.engine.seq2seq_scheduler import Seq2SeqRequest
+
+_sequence_ids = itertools.count()
+
+
+class Decoding:
+    """Picks next tokens for the requests of one step and manages their decoder sequences."""
+
+    def __init__(self, kv: KVCacheManager) -> None:
+        self.kv = kv
+        self.sampler = Sampler()
+
+    def new_sequence(self, request: Seq2SeqRequest, tokens: list[int]) -> Request:
+        s = request.settings
+        params = SamplingParams(
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature if s.do_sample else 0.0,
+            top_k=s.top_k if s.do_sample else 0,
+            top_p=s.top_p if s.do_sample else 1.0,
+            seed=s.seed if s.do_sample else None,
+        )
+        seq = Request(f"{request.request_id}#{next(_sequence_ids)}", tokens[:1], params)
+        seq.all_token_ids = list(tokens)
+        seq.output_token_ids = list(tokens[1:])
+        return seq
+
+    def sample(
+        self, sampled: list[tuple[Seq2SeqRequest, int]], logits: torch.Tensor
+    ) -> list[tuple[Seq2SeqRequest, RequestStatus | None]]:
+        """Greedy and sampling rows, all at once: generate's processors, one token each, stop criteria."""
+        if not sampled:
+            return []
+        seqs = [r.sequences[0] for r, _ in sampled]
+        if len(sampled) == logits.shape[0]:  # no beams in this step: the rows are all of them, in order
+            rows = logits
+        else:
+            rows = logits[torch.tensor([row for _, row in sampled], device=logits.device)]
+        process_scores(rows, [(r.settings, seq.all_token_ids) for (r, _), seq in zip(sampled, seqs, strict=True)])
+        tokens = self.sampler(rows, seqs)
+        done = []
+        for (request, _), seq, token in zip(sampled, seqs, tokens, strict=True):
+            seq.append_output(token)
+            s = request.settings
+            status = None
+            if token in s.eos_token_ids:
+                status = _finish(request, seq.output_token_ids, RequestStatus.FINISHED_STOPPED)
+            elif seq.num_tokens >= s.max_length:
+                status = _finish(request, seq.output_token_ids, RequestStatus.FINISHED_LENGTH)
+            done.append((request, status))
+        return done
+
+    def beam(self, request: Seq2SeqRequest, logits: torch.Tensor) -> RequestStatus | None:
+        """One beam-search step; the next beams fork their parents' blocks (copy-on-write later)."""
+        beam, s = request.beam, request.settings
+        assert beam is not None
+        # generate starts with num_beams copies of the start token: one row computed, the others equal to it
+        rows = [min(b, len(request.sequences) - 1) for b in range(s.num_beams)]
+        tokens = [request.sequences[r].all_token_ids for r in rows]
+        scores = torch.log_softmax(logits, dim=-1)[rows]
+        process_scores(scores, [(s, t) for t in tokens])
+        picks = beam.step(scores, tokens)
+        if beam.done:
+            best = beam.best()[1:]
+            ended = bool(best) and best[-1] in s.eos_token_ids
+            return _finish(request, best, RequestStatus.FINISHED_STOPPED if ended else RequestStatus.FINISHED_LENGTH)
+        self._reorder_beams(request, [(rows[parent], token) for parent, token in picks])
+        return None
+
+    def _reorder_beams(self, request: Seq2SeqRequest, picks: list[tuple[int, int]]) -> None:
+        """New live sequences = parent sequence + token; a parent picked twice is forked (blocks shared)."""
+        old = request.sequences
+        children: list[Request] = []
+        used: set[int] = set()
+        for parent, _ in picks:
+            if parent in used:
+                child = self.new_sequence(request, list(old[parent].all_token_ids))
+                child.num_computed_tokens = old[parent].num_computed_tokens
+                self.kv.fork(old[parent], child)
+            else:
+                child = old[parent]
+                used.add(parent)
+            children.append(child)
+        for seq, (_, token) in zip(children, picks, strict=True):
+            seq.append_output(token)
+        for i, seq in enumerate(old):
+            if i not in used:
+                self.kv.free(seq)
+        request.sequences = children
+
+
+def _finish(request: Seq2SeqRequest, tokens: list[int], status: RequestStatus) -> RequestStatus:
+    request.output_token_ids = list(tokens)
+    if status is RequestStatus.FINISHED_STOPPED and request.settings.forced_eos_token_id is not None:
+        # an EOS forced at the length limit ends the translation because of the limit
+        if len(tokens) >= request.settings.max_new_tokens:
+            status = RequestStatus.FINISHED_LENGTH
+    return status
