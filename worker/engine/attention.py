@@ -174,18 +174,17 @@ def paged_attention(
         raise RuntimeError(f"{ATTENTION_NAME} attention got no step metadata; {_UNSUPPORTED}")
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     window = kwargs.get("sliding_window")
-    out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])
+    parts = []  # [rows, H, D] each, in row order: buckets, cascade groups, prefill segments
     if meta.decode_buckets or meta.cascades:  # one gather for all buckets, then a view per bucket
         k_all, v_all = meta.cache.gather(layer, meta.decode_block_ids)
         for bucket in meta.decode_buckets:
-            o = _decode_attention(meta.cache, bucket, query, k_all, v_all, window, scaling)
-            out[bucket.start : bucket.end] = o
+            parts.append(_decode_attention(meta.cache, bucket, query, k_all, v_all, window, scaling))
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         for group in meta.cascades:
-            o = cascade_attention(meta.cache, group, layer, query, k_all, v_all, window, scale)
-            out[group.suffix.start : group.suffix.end] = o
+            parts.append(cascade_attention(meta.cache, group, layer, query, k_all, v_all, window, scale))
     for seg in meta.prefills:
-        out[seg.start : seg.end] = _prefill_attention(meta, seg, layer, query, key, value, window, scaling)
+        parts.append(_prefill_attention(meta, seg, layer, query, key, value, window, scaling))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.unsqueeze(0), None
 
 
