@@ -125,23 +125,25 @@ class Seq2SeqExecutor(ModelExecutor):
 
     # ---- admission --------------------------------------------------------------------------------
     def _admit_new(self) -> None:
-        """Tokenize new requests, grouped by source language, and route each to the engine or the fallback."""
+        """Tokenize new requests (one call per source language: multilingual tokenizers keep it as state),
+        then route them, in arrival order, to the engine or the fallback."""
         new, self._new = self._new, []
-        resolved = []
+        resolved: list[tuple[EngineRequest, Languages]] = []
         for request in new:
             try:
                 resolved.append((request, self._languages(request)))
             except PagedqError as exc:
                 request.fail(exc)
-        resolved.sort(key=lambda item: item[1].src_lang or "")
-        for src_lang, group in groupby(resolved, key=lambda item: item[1].src_lang):
+        encoded: dict[str, tuple[dict[str, list[int]], int]] = {}
+        by_source = sorted(resolved, key=lambda item: item[1].src_lang or "")
+        for src_lang, group in groupby(by_source, key=lambda item: item[1].src_lang):
             items = list(group)
             if src_lang is not None:
                 self.loaded.tokenizer.src_lang = src_lang
-            for (request, languages), encoded in zip(
-                items, self._tokenize([lang.text for _, lang in items]), strict=True
-            ):
-                self._route(request, languages, encoded)
+            for (request, _), tokens in zip(items, self._tokenize([lang.text for _, lang in items]), strict=True):
+                encoded[request.id] = tokens
+        for request, languages in resolved:
+            self._route(request, languages, encoded[request.id])
 
     def _languages(self, request: EngineRequest) -> Languages:
         model = self.loaded.model
