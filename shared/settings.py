@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(4096, gt=0, description="Engine token budget per step.")
     max_running_requests: int = Field(64, gt=0, description="Engine cap on requests in one step.")
     kv_cache_bytes: int | None = Field(None, gt=0, description="KV pool size in bytes (default: a share of memory).")
+    cpu_prepack_linear: bool = Field(
+        True, description="CPU models: pre-pack linear weights for oneDNN (faster, one more weight copy in memory)."
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

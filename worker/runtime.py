@@ -38,6 +38,7 @@ class WorkerRuntime:
             max_batch_tokens=settings.max_batch_tokens,
             max_running_requests=settings.max_running_requests,
             kv_cache_bytes=settings.kv_cache_bytes,
+            cpu_prepack_linear=settings.cpu_prepack_linear,
         )
         executors = {}
         for name, spec in registry.models.items():

@@ -34,6 +34,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     kv_cache_bytes: int | None = None  # KV pool per model; None: a default share of memory
     enable_prefix_caching: bool = True
+    cpu_prepack_linear: bool = True  # CPU models: linear weights pre-packed for oneDNN (worker/engine/cpu_linear.py)
 
 
 @dataclass

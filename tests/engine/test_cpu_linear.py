@@ -1,0 +1,89 @@
+"""Pre-packed oneDNN linear layers (worker/engine/cpu_linear.py): same results as `F.linear`, re-packed
+when the weight changes, the model's parameters and state dict untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.engine.cpu_linear import PackedLinear, prepack_linears, unpack_linears
+from worker.engine.host_memory import keep_freed_memory
+
+pytestmark = pytest.mark.skipif(prepack_linears(nn.Linear(2, 2)) == 0, reason="torch built without oneDNN")
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32, bias=False), nn.LayerNorm(32)).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_outputs_equal_linear_within_rounding(dtype: torch.dtype) -> None:
+    model, ref = _mlp().to(dtype), _mlp().to(dtype)
+    assert prepack_linears(model) == 2
+    assert [type(m) for m in model.modules() if isinstance(m, nn.Linear)] == [PackedLinear, PackedLinear]
+    x = torch.randn(3, 17, 64, dtype=dtype)
+    with torch.inference_mode():
+        got, want = model(x), ref(x)
+    assert model[0]._packed is not None  # the oneDNN path ran, not the fallback
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert model.state_dict().keys() == ref.state_dict().keys()
+
+
+def test_repacks_when_the_weight_changes() -> None:
+    model = _mlp()
+    prepack_linears(model)
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        model(x)
+    with torch.no_grad():
+        model[0].weight.mul_(2)  # in place: the version counter moves
+    ref = copy.deepcopy(model)  # the copy drops the packed weight
+    unpack_linears(ref)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    model[0].weight = nn.Parameter(torch.randn(96, 64))  # replaced
+    ref[0].weight = nn.Parameter(model[0].weight.detach().clone())
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    model = model.to(torch.bfloat16)  # dtype conversion replaces the data
+    with torch.inference_mode():
+        assert model(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_autograd_and_mixed_dtypes_fall_back_to_linear() -> None:
+    layer = nn.Linear(8, 4)
+    prepack_linears(layer)
+    x = torch.randn(2, 8, requires_grad=True)
+    layer(x).sum().backward()  # training still works: F.linear with autograd
+    assert x.grad is not None and layer._packed is None
+    with torch.inference_mode():
+        out = layer(torch.randn(2, 8, dtype=torch.float64).to(torch.float32))
+    assert out.shape == (2, 4) and layer._packed is not None
+    with torch.inference_mode():  # input dtype differs from the weight's: F.linear raises as usual
+        with pytest.raises(RuntimeError):
+            layer(torch.randn(2, 8, dtype=torch.bfloat16))
+
+
+def test_only_plain_cpu_linears_are_switched() -> None:
+    class Custom(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4), Custom(4, 4), nn.Linear(4, 4).double())
+    assert prepack_linears(model) == 1
+    assert [type(m) for m in model] == [PackedLinear, Custom, nn.Linear]
+    unpack_linears(model)
+    assert type(model[0]) is nn.Linear and "_packed" not in model[0].__dict__
+
+
+def test_allocator_settings_apply_on_glibc() -> None:
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert keep_freed_memory() and keep_freed_memory()
