@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from worker.engine.cpu_linear import PackedLinear, prepack_linears, unpack_linears
