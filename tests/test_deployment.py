@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -44,6 +45,13 @@ def test_build_targets_exist_and_worker_runs_the_threads_pool_on_every_queue() -
     assert '"-P", "threads"' in worker_cmd
     assert ",".join(QUEUES.values()) in worker_cmd
     assert 'pip install ".[api]"' in DOCKERFILE.split("AS api")[1].split("FROM")[0]  # no torch in the API image
+    assert re.search(r"apt-get install .*\bgcc\b", worker_cmd)  # the native CPU decode kernel is built on first use
+
+
+def test_the_native_kernel_source_ships_with_the_package() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "*.c" in project["tool"]["setuptools"]["package-data"]["worker.engine.native"]
+    assert (ROOT / "worker" / "engine" / "native" / "paged_decode.c").is_file()
 
 
 def test_secrets_are_required_not_defaulted() -> None:

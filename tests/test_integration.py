@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,64 @@ def test_generative_qa_runs_through_the_engine(http: httpx.Client, registry: Reg
     assert status["state"] == "succeeded", status
     assert status["model"] == spec.name and status["result"]["mode"] == "generative"
     assert 1 <= status["result"]["output_tokens"] <= 8
+
+
+def test_mixed_traffic_interleaved_in_one_worker(http: httpx.Client, demo_models: Path, registry: Registry) -> None:
+    """Classification, extractive QA, translation and generative QA submitted interleaved to the one worker:
+    the engine serves them side by side (their run times overlap) and every result equals transformers'."""
+    from executor_support import load_demo, pipeline_scores, reference_qa
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    texts = [f"review {i}: " + "the food was good but the service " * (i % 4 + 1) + "slow" for i in range(8)]
+    sentences = [f"we go out {'and walk ' * i}today" for i in range(6)]
+    contexts = [f"Ada Lovelace wrote the first program in {1840 + i}. " * (2 + i) for i in range(4)]
+    jobs: list[tuple[str, str, Any]] = []  # (kind, task id, input)
+    for i in range(8):  # interleaved: one of each kind in turn
+        jobs.append(("classify", submit(http, "classify", {"text": texts[i], "top_k": None}), texts[i]))
+        if i < len(sentences):
+            body = {"text": sentences[i], "source_lang": "en", "target_lang": "de",
+                    "generation": {"max_new_tokens": 10}}  # fmt: skip
+            jobs.append(("translate", submit(http, "translate", body), sentences[i]))
+        if i < len(contexts):
+            jobs.append(("qa", submit(http, "qa", {"question": "When was it written?", "context": contexts[i]}),
+                         contexts[i]))  # fmt: skip
+        if i < 2:
+            body = {"question": "who?", "context": contexts[i], "mode": "generative",
+                    "generation": {"max_new_tokens": 6}}  # fmt: skip
+            jobs.append(("generative", submit(http, "qa", body), None))
+    statuses = [wait(http, task_id) for _, task_id, _ in jobs]
+    failed = [s for s in statuses if s["state"] != "succeeded"]
+    assert not failed, failed
+
+    classifier = load_demo(demo_models, registry.defaults["classify"])
+    qa_model = load_demo(demo_models, registry.defaults["qa"])
+    source = registry.resolve_source(registry.models[registry.defaults["translate"]])
+    tok, translator = AutoTokenizer.from_pretrained(source), AutoModelForSeq2SeqLM.from_pretrained(source).eval()
+    for (kind, _, given), status in zip(jobs, statuses, strict=True):
+        result = status["result"]
+        if kind == "classify":
+            want = pipeline_scores(classifier, given)
+            assert [s["label"] for s in result["scores"]] == [w["label"] for w in want]
+            assert [s["score"] for s in result["scores"]] == pytest.approx([w["score"] for w in want], abs=1e-4)
+        elif kind == "translate":
+            out = translator.generate(**tok(given, return_tensors="pt"), max_new_tokens=10, do_sample=False)
+            assert result["translation"] == tok.decode(out[0], skip_special_tokens=True)
+        elif kind == "qa":
+            want = reference_qa(qa_model, "When was it written?", given, max_answer_len=30, impossible=False)
+            assert (result["answer"], result["start"], result["end"]) == (want["answer"], want["start"], want["end"])
+        else:
+            assert result["mode"] == "generative" and 1 <= result["output_tokens"] <= 6
+
+    def window(status: dict[str, Any]) -> tuple[datetime, datetime]:
+        return datetime.fromisoformat(status["started_at"]), datetime.fromisoformat(status["finished_at"])
+
+    overlapping_kinds = {
+        frozenset((ka, kb))
+        for (ka, _, _), sa in zip(jobs, statuses, strict=True)
+        for (kb, _, _), sb in zip(jobs, statuses, strict=True)
+        if ka != kb and window(sa)[0] < window(sb)[1] and window(sb)[0] < window(sa)[1]
+    }
+    assert overlapping_kinds, "the task types ran one after another, not interleaved"
 
 
 def test_unknown_id_is_404(http: httpx.Client) -> None:

@@ -8,6 +8,7 @@ from worker.engine import model_runner
 from worker.engine.decode_plan import DecodePlan
 from worker.engine.executor import EngineConfig
 from worker.engine.llm_engine import LLMEngine
+from worker.engine.native import paged_decode_available
 from worker.engine.sampling import SamplingParams
 
 from .helpers import BUILDERS, TinyModel, random_prompts, run
@@ -17,19 +18,24 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, ignore_eos=True)
 
 
+@pytest.mark.parametrize("native", [None, False], ids=["auto", "portable"])
 @pytest.mark.parametrize("cascade", [0, 4], ids=["plain", "cascade"])
 @pytest.mark.parametrize("arch", list(BUILDERS))
 def test_concurrent_chunked_prefix_hits(
-    arch: str, cascade: int, tiny_models: dict[str, TinyModel], monkeypatch: pytest.MonkeyPatch
+    arch: str, cascade: int, native: bool | None, tiny_models: dict[str, TinyModel], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Different lengths joining mid-flight, prompts chunked by a small budget, shared prefixes
-    (attended per row, or once per group of rows sharing them: `cascade`)."""
+    (attended per row, or once per group of rows sharing them: `cascade`); decode rows through the
+    native kernel where it is built (`auto`, fp32 on CPU) and through the portable gather + SDPA path."""
     tm = tiny_models[arch]
     shared = random_prompts([13], seed=7)[0]  # 3 full blocks of 4 + 1
     prompts = random_prompts([3, 21, 9, 40], seed=2) + random_prompts([5, 2, 11], seed=3, prefix=shared)
     new = [12, 7, 16, 5, 9, 14, 3]
     config = EngineConfig(max_batch_tokens=24, max_running_requests=5, block_size=4)
-    engine = LLMEngine(tm.model, config=config, num_blocks=128, namespace=arch, cascade_min_tokens=cascade)
+    engine = LLMEngine(
+        tm.model, config=config, num_blocks=128, namespace=arch, cascade_min_tokens=cascade, native_decode=native
+    )
+    assert engine.runner.native_decode == (native is None and paged_decode_available())
     plans: list[DecodePlan] = []
     real_plan = model_runner.plan_decode
     monkeypatch.setattr(model_runner, "plan_decode", lambda *a: plans.append(real_plan(*a)) or plans[-1])

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.engine.cascade import CascadeGroup, cascade_attention
+from worker.engine.native import paged_decode
 
 ATTENTION_NAME = "pagedq_paged"
 METADATA_KWARG = "pagedq_metadata"
@@ -156,6 +157,10 @@ class AttentionMetadata:
     decode_block_ids: torch.Tensor  # every bucket's block table rows, padded with block 0, flattened
     prefills: list[PrefillSegment]  # the rows after the decode rows
     cascades: list[CascadeGroup] = field(default_factory=list)  # rows sharing a prefix (suffixes in the ids)
+    # Set when decode rows use the native kernel (worker/engine/native): per decode row, where its table
+    # starts in `decode_block_ids` and how many keys it reads there.
+    decode_table_start: torch.Tensor | None = None
+    decode_context_lens: torch.Tensor | None = None
 
 
 def paged_attention(
@@ -175,7 +180,9 @@ def paged_attention(
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     window = kwargs.get("sliding_window")
     parts = []  # [rows, H, D] each, in row order: buckets, cascade groups, prefill segments
-    if meta.decode_buckets or meta.cascades:  # one gather for all buckets, then a view per bucket
+    if meta.decode_table_start is not None and (meta.decode_buckets or meta.cascades):
+        parts.extend(_native_decode(meta, layer, query, window, scaling))
+    elif meta.decode_buckets or meta.cascades:  # one gather for all buckets, then a view per bucket
         k_all, v_all = meta.cache.gather(layer, meta.decode_block_ids)
         for bucket in meta.decode_buckets:
             parts.append(_decode_attention(meta.cache, bucket, query, k_all, v_all, window, scaling))
@@ -186,6 +193,28 @@ def paged_attention(
         parts.append(_prefill_attention(meta, seg, layer, query, key, value, window, scaling))
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.unsqueeze(0), None
+
+
+def _native_decode(
+    meta: AttentionMetadata, layer: int, query: torch.Tensor, window: int | None, scaling: float | None
+) -> list[torch.Tensor]:
+    """Every decode row through the native kernel, reading its blocks in place (no gather, no padding);
+    shared-prefix groups attend to their prefix once and merge it with the kernel's suffix result."""
+    assert meta.decode_table_start is not None and meta.decode_context_lens is not None
+    cache = meta.cache
+    rows = meta.decode_table_start.shape[0]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q = query[0, :, :rows].transpose(0, 1).contiguous()  # [rows, H, D]
+    out, lse = paged_decode(
+        q, cache.key_cache[layer], cache.value_cache[layer], meta.decode_block_ids,
+        meta.decode_table_start, meta.decode_context_lens, scale, window,
+    )  # fmt: skip
+    plain = meta.decode_buckets[-1].end if meta.decode_buckets else 0
+    parts = [out[:plain]] if plain else []
+    for group in meta.cascades:
+        rows_ = slice(group.suffix.start, group.suffix.end)
+        parts.append(cascade_attention(cache, group, layer, query, None, None, window, scale, (out[rows_], lse[rows_])))
+    return parts
 
 
 def _decode_attention(

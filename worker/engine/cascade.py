@@ -67,12 +67,16 @@ def cascade_attention(
     group: CascadeGroup,
     layer: int,
     query: torch.Tensor,
-    k_all: torch.Tensor,
-    v_all: torch.Tensor,
+    k_all: torch.Tensor | None,
+    v_all: torch.Tensor | None,
     window: int | None,
     scaling: float,
+    suffix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The group's rows of query [1, H, T, D] -> [rows, H, D] (prefix once, suffix per row, merged)."""
+    """The group's rows of query [1, H, T, D] -> [rows, H, D] (prefix once, suffix per row, merged).
+
+    The suffix part comes from `k_all`/`v_all` (the step's gathered decode blocks) or, already computed
+    by the native kernel, as `suffix` = (out [rows, H, D], lse [rows, H])."""
     sfx = group.suffix
     rows, bs, kvh, d = sfx.end - sfx.start, kv.block_size, kv.num_kv_heads, kv.head_dim
     heads = query.shape[1]
@@ -87,13 +91,16 @@ def cascade_attention(
     o_p, lse_p = attend(qp, kp.transpose(0, 1), vp.transpose(0, 1), mask_p, scaling)
     o_p = o_p.view(kvh, -1, rows, d).permute(2, 0, 1, 3)  # [rows, KVH, G, D]
     lse_p = lse_p.view(kvh, -1, rows).permute(2, 0, 1)
-    # Suffix: each row over its own (padded) blocks, as in the plain decode path.
-    lo, hi = sfx.first_block * bs, (sfx.first_block + rows * sfx.max_blocks) * bs
-    ks = k_all[lo:hi].view(rows, -1, kvh, d).transpose(1, 2)  # [rows, KVH, Ls, D]
-    vs = v_all[lo:hi].view(rows, -1, kvh, d).transpose(1, 2)
-    qs = q.view(kvh, -1, rows, d).permute(2, 0, 1, 3)  # [rows, KVH, G, D]
-    # Suffix context lengths are counted from the prefix end: the (translation-invariant) window mask holds.
-    o_s, lse_s = attend(qs, ks, vs, sfx.mask(window, bs), scaling)
+    if suffix is not None:
+        o_s, lse_s = suffix[0].view(rows, kvh, -1, d), suffix[1].view(rows, kvh, -1)
+    else:  # each row over its own (padded) blocks, as in the plain decode path
+        assert k_all is not None and v_all is not None
+        lo, hi = sfx.first_block * bs, (sfx.first_block + rows * sfx.max_blocks) * bs
+        ks = k_all[lo:hi].view(rows, -1, kvh, d).transpose(1, 2)  # [rows, KVH, Ls, D]
+        vs = v_all[lo:hi].view(rows, -1, kvh, d).transpose(1, 2)
+        qs = q.view(kvh, -1, rows, d).permute(2, 0, 1, 3)  # [rows, KVH, G, D]
+        # Suffix context lengths count from the prefix end: the (translation-invariant) window mask holds.
+        o_s, lse_s = attend(qs, ks, vs, sfx.mask(window, bs), scaling)
     lse = torch.logaddexp(lse_p, lse_s)
     o = o_p * (lse_p - lse).exp().unsqueeze(-1) + o_s * (lse_s - lse).exp().unsqueeze(-1)
     return o.reshape(rows, heads, d).to(query.dtype)

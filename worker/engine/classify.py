@@ -25,8 +25,8 @@ from shared.models import ClassifyRequest, ClassifyResult, LabelScore
 from worker.engine._batching import WaitingQueue, drop_finished, input_token_limit, order_key, too_long
 from worker.engine._encoder_forward import EncoderForward
 from worker.engine.cpu_linear import prepack_linears
-from worker.engine.host_memory import keep_freed_memory
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
+from worker.engine.host_memory import keep_freed_memory
 
 SOFTMAX, SIGMOID, NO_FUNCTION = "softmax", "sigmoid", "none"
 

@@ -101,6 +101,6 @@ def unpack_linears(model: nn.Module) -> None:
     """Undo `prepack_linears` (drops the packed copies)."""
     for module in model.modules():
         if type(module) is PackedLinear:
-            module.__class__ = nn.Linear
+            module.__class__ = nn.Linear  # type: ignore[assignment]
             module.__dict__.pop("_packed", None)
             module.__dict__.pop("_packed_key", None)

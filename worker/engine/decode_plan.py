@@ -26,6 +26,8 @@ class DecodePlan:
     buckets: list[DecodeBucket]
     cascades: list[CascadeGroup]
     block_ids: list[int]  # flat, padded block tables of every bucket and every group's suffix
+    table_start: list[int]  # per row (in row order): where its table begins in `block_ids`
+    context_lens: list[int]  # per row: keys it attends to in its table (a group's rows: after the prefix)
 
 
 def plan_decode(
@@ -40,7 +42,7 @@ def plan_decode(
     groups = find_shared_prefixes(tables, cascade_min_blocks) if cascade_min_blocks > 0 else []
     grouped = {i for rows, _ in groups for i in rows}
     plain = sorted((i for i in range(len(requests)) if i not in grouped), key=lambda i: requests[i].num_computed_tokens)
-    plan = DecodePlan([], [], [], [])
+    plan = DecodePlan([], [], [], [], [], [])
     for start in range(0, len(plain), bucket_rows):
         rows = plain[start : start + bucket_rows]
         plan.buckets.append(_bucket(plan, requests, [tables[i] for i in rows], rows, 0, device))
@@ -71,5 +73,7 @@ def _bucket(
         width,
     )
     plan.order.extend(rows)
+    plan.table_start.extend(len(plan.block_ids) + i * width for i in range(len(rows)))
+    plan.context_lens.extend(lens)
     plan.block_ids.extend(b for t in tables for b in (t + [0] * (width - len(t))))
     return bucket

@@ -30,8 +30,8 @@ from worker.engine._batching import WaitingQueue, drop_finished, input_token_lim
 from worker.engine._encoder_forward import EncoderForward
 from worker.engine._qa_spans import WindowSpan, best_span, combine_windows
 from worker.engine.cpu_linear import prepack_linears
-from worker.engine.host_memory import keep_freed_memory
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
+from worker.engine.host_memory import keep_freed_memory
 
 PIPELINE_MAX_SEQ_LEN = 384  # the pipeline's default window length (capped by the model's limit)
 PIPELINE_DOC_STRIDE = 128  # the pipeline's default overlap (at most half a window)

@@ -22,8 +22,8 @@ import torch
 from worker.engine.attention import PagedKVCache
 from worker.engine.block_pool import BlockPool
 from worker.engine.cpu_linear import prepack_linears
-from worker.engine.host_memory import keep_freed_memory
 from worker.engine.executor import EngineConfig
+from worker.engine.host_memory import keep_freed_memory
 from worker.engine.kv_cache_manager import KVCacheManager, cdiv
 from worker.engine.model_runner import ModelRunner, ModelShape
 from worker.engine.request import Request, RequestOutput, TokenCallback
@@ -78,6 +78,7 @@ class LLMEngine:
         long_prefill_token_threshold: int = 0,
         decode_bucket_rows: int = 16,
         cascade_min_tokens: int = 256,
+        native_decode: bool | None = None,
     ) -> None:
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer, self.namespace = model, tokenizer, namespace
@@ -105,7 +106,7 @@ class LLMEngine:
         keep_freed_memory()
         if config.cpu_prepack_linear:
             prepack_linears(model)
-        self.runner = ModelRunner(model, self.cache, decode_bucket_rows, cascade_min_tokens)
+        self.runner = ModelRunner(model, self.cache, decode_bucket_rows, cascade_min_tokens, native_decode)
         self.sampler = Sampler()
         self.stop_checker = StopChecker(eos_token_ids(model, tokenizer), tokenizer, self.max_model_len)
         self._counters = {"num_generated_tokens": 0, "num_steps": 0, "num_batched_tokens": 0}

@@ -29,6 +29,7 @@ from worker.engine.attention import (
     paged_attention,
 )
 from worker.engine.decode_plan import plan_decode
+from worker.engine.native import paged_decode_available
 from worker.engine.request import Request
 from worker.engine.scheduler import SchedulerOutput
 
@@ -68,10 +69,17 @@ def check_model(model: Any) -> None:
 
 class ModelRunner:
     def __init__(
-        self, model: Any, cache: PagedKVCache, decode_bucket_rows: int = 16, cascade_min_tokens: int = 256
+        self,
+        model: Any,
+        cache: PagedKVCache,
+        decode_bucket_rows: int = 16,
+        cascade_min_tokens: int = 256,
+        native_decode: bool | None = None,
     ) -> None:
         """`decode_bucket_rows`: decode rows per padded batch; `cascade_min_tokens`: shortest shared
-        prefix worth attending once for its whole group (0 disables shared-prefix attention)."""
+        prefix worth attending once for its whole group (0 disables shared-prefix attention);
+        `native_decode`: decode rows through the native kernel (None: wherever it applies, i.e. an fp32
+        pool on CPU with the kernel built; False: always the portable gather + SDPA path)."""
         check_model(model)
         model.set_attn_implementation(ATTENTION_NAME)
         self.model = model
@@ -80,6 +88,10 @@ class ModelRunner:
         self.device = cache.key_cache.device
         self.decode_bucket_rows = decode_bucket_rows
         self.cascade_min_blocks = -(-cascade_min_tokens // self.block_size) if cascade_min_tokens > 0 else 0
+        applies = cache.key_cache.device.type == "cpu" and cache.key_cache.dtype == torch.float32
+        if native_decode and not applies:
+            raise ValueError("the native decode kernel needs an fp32 KV pool on CPU")
+        self.native_decode = applies and native_decode is not False and paged_decode_available()
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_ids: BlockIdsFn) -> tuple[torch.Tensor, list[Request]]:
@@ -144,6 +156,9 @@ class ModelRunner:
             cascades=plan.cascades,
             prefills=segments,
         )
+        if self.native_decode and decode:
+            meta.decode_table_start = torch.tensor(plan.table_start, dtype=torch.long, device=dev)
+            meta.decode_context_lens = torch.tensor(plan.context_lens, dtype=torch.long, device=dev)
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)
         return input_ids, positions, torch.tensor(keep, dtype=torch.long, device=dev), samplers, meta

@@ -27,8 +27,8 @@ from worker.engine._generation import DecodeSettings
 from worker.engine.beam_search import BeamSearch
 from worker.engine.block_pool import BlockPool
 from worker.engine.cpu_linear import prepack_linears
-from worker.engine.host_memory import keep_freed_memory
 from worker.engine.executor import EngineConfig
+from worker.engine.host_memory import keep_freed_memory
 from worker.engine.kv_cache_manager import KVCacheManager, cdiv
 from worker.engine.seq2seq_attention import KVPool
 from worker.engine.seq2seq_decoding import Decoding

@@ -1,0 +1,136 @@
+"""Native CPU kernels of the engine, compiled from C on first use and loaded with ctypes.
+
+Only `paged_decode.c` for now (see its header). The shared library is built with the system C compiler
+(`$CC`, else `cc`) into `$PAGEDQ_NATIVE_CACHE` (default `~/.cache/pagedq/native`), under a name that
+hashes the source, the flags and the CPU, so a rebuilt source or another CPU never loads a stale
+build; the build is written to a temporary file and renamed, so concurrent workers are safe. Without a
+compiler, or with `PAGEDQ_NATIVE=0`, `paged_decode_available()` is False and the engine keeps its
+portable path (gather + SDPA). ctypes releases the GIL for the call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("paged_decode.c")
+# -ffast-math for vectorised expf and reductions; infinities keep their meaning (-inf: nothing visible).
+# Compiled and linked in two steps: linking with -ffast-math would add crtfastmath.o (GCC < 13), which
+# turns on flush-to-zero for the whole process when the library loads, and changes torch's numerics.
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-std=c11"]
+_LINK = ["-shared", "-pthread"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cpu_id() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _build() -> Path:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([cc, *_FLAGS, *_LINK]).encode() + _cpu_id().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("PAGEDQ_NATIVE_CACHE") or Path.home() / ".cache" / "pagedq" / "native")
+    target = cache / f"paged_decode-{key}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        obj = tmp + ".o"
+        subprocess.run([cc, *_FLAGS, "-c", str(_SOURCE), "-o", obj], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *_LINK, obj, "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+        os.replace(tmp, target)
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"compiling {_SOURCE.name} failed: {exc.stderr.strip()[-2000:]}") from exc
+    finally:
+        for leftover in (tmp, tmp + ".o"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+    return target
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("PAGEDQ_NATIVE", "1") == "0" or not sys.platform.startswith("linux"):
+            return None
+        try:
+            lib = ctypes.CDLL(str(_build()))
+        except (OSError, RuntimeError) as exc:
+            log.warning("native paged decode attention unavailable, using gather + SDPA: %s", exc)
+            return None
+        fn = lib.pagedq_paged_decode_f32
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        _lib = lib
+        return _lib
+
+
+def paged_decode_available() -> bool:
+    """True when the kernel is built and loaded (builds it on the first call)."""
+    return _load() is not None
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    table_start: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    window: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode rows' attention over their own blocks.
+
+    q [rows, H, D] fp32; k_cache/v_cache [num_blocks, block_size, KVH, D] fp32 (one layer, contiguous);
+    block_ids [N] int64 (flat tables); table_start [rows] int64 (row r's table begins at
+    block_ids[table_start[r]]); lens [rows] int64 (keys each row sees, its own token included).
+    Returns out [rows, H, D] and lse [rows, H] (fp32)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("the native paged decode kernel is not available")
+    rows, heads, dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    for t, dtype in ((q, torch.float32), (k_cache, torch.float32), (v_cache, torch.float32),
+                     (block_ids, torch.int64), (table_start, torch.int64), (lens, torch.int64)):  # fmt: skip
+        if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"paged_decode needs contiguous CPU {dtype} tensors, got {t.dtype} {t.device}")
+    out = torch.empty(rows, heads, dim, dtype=torch.float32)
+    lse = torch.empty(rows, heads, dtype=torch.float32)
+    status = lib.pagedq_paged_decode_f32(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_ids.data_ptr(), table_start.data_ptr(),
+        lens.data_ptr(), out.data_ptr(), lse.data_ptr(), rows, heads, kv_heads, dim, block_size,
+        window or 0, scale, torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise RuntimeError(f"paged decode kernel failed (status {status})")
+    return out, lse

@@ -1,0 +1,157 @@
+/* Paged decode attention on CPU (fp32): each single-token row attends to its own KV blocks in place.
+ *
+ * The portable path (worker/engine/attention.py) gathers every row's blocks into a padded copy and then
+ * runs SDPA over it: the KV bytes cross memory three times (read, write, read). Here each (row, kv head)
+ * reads its keys and values once, straight from the pool, as vLLM's CPU paged-attention kernels do.
+ *
+ * Layout (one layer): k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim], contiguous.
+ * Row r's blocks are block_ids[table_start[r] ...]; it attends to key positions [lo, len_r) where
+ * lo = max(0, len_r - window) with a sliding window (window > 0), else 0 (transformers' rule: a query at
+ * position p sees (p - window, p]). Query heads h = kv * G + g share kv head kv (grouped-query attention).
+ * Outputs: out [rows, heads, head_dim] and lse [rows, heads], the log-sum-exp of the scaled scores (for
+ * merging with a shared-prefix part). Scores, softmax and sums are fp32, two passes over the keys
+ * (scores, then values), in the same order as a dense softmax.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16
+#define PREFETCH 16 /* positions ahead: a row's blocks are scattered, the hardware prefetcher stops at each jump */
+
+static inline void prefetch_position(const float *cache, const int64_t *table, int64_t p, int64_t bs, int64_t stride) {
+    const char *at = (const char *)(cache + (table[p / bs] * bs + p % bs) * stride);
+    for (int64_t c = 0; c < stride * (int64_t)sizeof(float); c += 64) __builtin_prefetch(at + c);
+}
+
+typedef struct {
+    const float *q, *k_cache, *v_cache;
+    const int64_t *block_ids, *table_start, *lens;
+    float *out, *lse;
+    int64_t rows, heads, kv_heads, head_dim, block_size, window;
+    float scale;
+    int64_t task_begin, task_end; /* rows */
+    int status;
+} Job;
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float acc[LANES] = {0};
+    int64_t d = 0;
+    for (; d + LANES <= n; d += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += a[d + j] * b[d + j];
+    float s = 0.0f;
+    for (int j = 0; j < LANES; j++) s += acc[j];
+    for (; d < n; d++) s += a[d] * b[d];
+    return s;
+}
+
+static void *run(void *arg) {
+    Job *job = (Job *)arg;
+    const int64_t H = job->heads, KVH = job->kv_heads, D = job->head_dim, BS = job->block_size;
+    const int64_t G = H / KVH, stride = KVH * D; /* one position's keys of every kv head */
+    int64_t longest = 1;
+    for (int64_t r = job->task_begin; r < job->task_end; r++)
+        if (job->lens[r] > longest) longest = job->lens[r];
+    float *scores = (float *)malloc(sizeof(float) * (size_t)(H * longest));
+    float *acc = (float *)malloc(sizeof(float) * (size_t)(H * D));
+    float *maxs = (float *)malloc(sizeof(float) * (size_t)H);
+    float *sums = (float *)malloc(sizeof(float) * (size_t)H);
+    if (!scores || !acc || !maxs || !sums) {
+        free(scores), free(acc), free(maxs), free(sums);
+        job->status = 1;
+        return NULL;
+    }
+    for (int64_t r = job->task_begin; r < job->task_end; r++) {
+        const int64_t len = job->lens[r];
+        const int64_t lo = (job->window > 0 && len > job->window) ? len - job->window : 0;
+        const int64_t *table = job->block_ids + job->table_start[r];
+        const float *q = job->q + r * H * D;
+        float *out = job->out + r * H * D, *lse = job->lse + r * H;
+        const int64_t n = len - lo;
+        if (n <= 0) { /* nothing visible: output 0, lse -inf */
+            memset(out, 0, sizeof(float) * (size_t)(H * D));
+            for (int64_t h = 0; h < H; h++) lse[h] = -INFINITY;
+            continue;
+        }
+        for (int64_t h = 0; h < H; h++) maxs[h] = -INFINITY;
+        for (int64_t p = lo; p < len; p++) {
+            const float *k = job->k_cache + (table[p / BS] * BS + p % BS) * stride;
+            if (p + PREFETCH < len) prefetch_position(job->k_cache, table, p + PREFETCH, BS, stride);
+            for (int64_t h = 0; h < H; h++) {
+                const float s = dot(q + h * D, k + (h / G) * D, D) * job->scale;
+                scores[h * n + (p - lo)] = s;
+                if (s > maxs[h]) maxs[h] = s;
+            }
+        }
+        for (int64_t h = 0; h < H; h++) {
+            float *s = scores + h * n, m = maxs[h], total = 0.0f;
+            for (int64_t i = 0; i < n; i++) {
+                s[i] = expf(s[i] - m);
+                total += s[i];
+            }
+            sums[h] = total;
+        }
+        memset(acc, 0, sizeof(float) * (size_t)(H * D));
+        for (int64_t p = lo; p < len; p++) {
+            const float *v = job->v_cache + (table[p / BS] * BS + p % BS) * stride;
+            if (p + PREFETCH < len) prefetch_position(job->v_cache, table, p + PREFETCH, BS, stride);
+            for (int64_t h = 0; h < H; h++) {
+                const float w = scores[h * n + (p - lo)];
+                const float *vh = v + (h / G) * D;
+                float *a = acc + h * D;
+                for (int64_t d = 0; d < D; d++) a[d] += w * vh[d];
+            }
+        }
+        for (int64_t h = 0; h < H; h++) {
+            const float inv = 1.0f / sums[h];
+            for (int64_t d = 0; d < D; d++) out[h * D + d] = acc[h * D + d] * inv;
+            lse[h] = maxs[h] + logf(sums[h]);
+        }
+    }
+    free(scores), free(acc), free(maxs), free(sums);
+    return NULL;
+}
+
+/* Returns 0 on success, 1 when out of memory, 2 when heads is not a multiple of kv_heads. */
+int pagedq_paged_decode_f32(const float *q, const float *k_cache, const float *v_cache, const int64_t *block_ids,
+                            const int64_t *table_start, const int64_t *lens, float *out, float *lse, int64_t rows,
+                            int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t window,
+                            float scale, int threads) {
+    if (kv_heads <= 0 || heads % kv_heads != 0) return 2;
+    const int64_t tasks = rows;
+    if (threads < 1) threads = 1;
+    if (threads > 64) threads = 64;
+    if (tasks < threads) threads = (int)(tasks > 0 ? tasks : 1);
+    Job jobs[64];
+    pthread_t ids[64];
+    int started[64] = {0};
+    /* Split by keys to read, not by task count: rows have different lengths. */
+    int64_t total = 0;
+    for (int64_t r = 0; r < rows; r++) total += lens[r];
+    int64_t task = 0, done = 0;
+    for (int i = 0; i < threads; i++) {
+        const int64_t begin = task, target = total * (i + 1) / threads;
+        while (task < tasks && (done < target || i == threads - 1)) {
+            done += lens[task];
+            task++;
+        }
+        Job j = {q, k_cache, v_cache, block_ids, table_start, lens, out, lse, rows, heads, kv_heads,
+                 head_dim, block_size, window, scale, begin, task, 0};
+        jobs[i] = j;
+    }
+    for (int i = 1; i < threads; i++)
+        started[i] = pthread_create(&ids[i], NULL, run, &jobs[i]) == 0;
+    run(&jobs[0]);
+    int status = jobs[0].status;
+    for (int i = 1; i < threads; i++) {
+        if (started[i]) {
+            pthread_join(ids[i], NULL);
+        } else {
+            run(&jobs[i]); /* could not start a thread: do its share here */
+        }
+        if (jobs[i].status) status = jobs[i].status;
+    }
+    return status;
+}
