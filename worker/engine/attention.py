@@ -14,7 +14,9 @@ Packed batch of one step (T tokens, one row each, no padding)::
 
 Pool layout per layer: `[num_blocks, block_size, num_kv_heads, head_dim]`; slot = block * bs + offset.
 Decode rows are sorted by length into buckets (see `DecodeBucket`): one gather of all their blocks per
-layer, then one SDPA per bucket over `[rows, KVH, L, D]` with a length mask.
+layer, then one SDPA per bucket over `[rows, KVH, L, D]` with a length mask. On CPU with an fp32 pool,
+decode rows go instead through the native kernel (worker/engine/native), which reads each row's blocks in
+place: no gather, no padding (`AttentionMetadata.decode_table_start` is set then).
 Grouped-query attention is never expanded: SDPA's `enable_gqa` maps query head h to kv head
 h // (H // KVH), as `repeat_kv` does. Sliding windows follow transformers' rule: a query at
 position p sees keys at positions (p - window, p]; blocks that fall out of the window are masked,
