@@ -37,3 +37,15 @@ def demo_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from worker.demo_models import build_demo_models
 
     return build_demo_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """For modules of tiny models: a second intra-op thread only adds waiting (a lot, on a shared 2-core box).
+    Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

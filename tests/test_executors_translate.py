@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +21,7 @@ from shared.models import GenerationOptions, TaskType, TranslateRequest, Transla
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
 from worker.engine.translate import Seq2SeqExecutor
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """The demo translator is tiny: a second intra-op thread only adds waiting (a lot, on a shared box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,13 +22,7 @@ from worker.engine.seq2seq_engine import Seq2SeqEngine, Seq2SeqOutput
 BLOCK_SIZE = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models: a second intra-op thread only adds waiting (and on a shared 2-core box, a lot)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_engine(model: Any, num_blocks: int = 512, **config: Any) -> Seq2SeqEngine:

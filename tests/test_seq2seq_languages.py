@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,12 +28,7 @@ from worker.engine.translate import Seq2SeqExecutor
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

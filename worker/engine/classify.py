@@ -24,9 +24,8 @@ from shared.errors import InvalidRequest
 from shared.models import ClassifyRequest, ClassifyResult, LabelScore
 from worker.engine._batching import WaitingQueue, drop_finished, input_token_limit, order_key, too_long
 from worker.engine._encoder_forward import EncoderForward
-from worker.engine.cpu_linear import prepack_linears
+from worker.engine.cpu_linear import prepare_for_host
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
-from worker.engine.host_memory import keep_freed_memory
 
 SOFTMAX, SIGMOID, NO_FUNCTION = "softmax", "sigmoid", "none"
 
@@ -79,9 +78,7 @@ class ClassificationExecutor(ModelExecutor):
     def __init__(self, loaded: LoadedModel, config: EngineConfig, packing: bool | None = None) -> None:
         super().__init__(loaded, config)
         self.max_input_tokens = input_token_limit(loaded)
-        keep_freed_memory()
-        if config.cpu_prepack_linear:
-            prepack_linears(loaded.model)
+        prepare_for_host(loaded.model, config.cpu_prepack_linear)
         self.forward = EncoderForward(loaded, pooled=True, packing=packing)
         self._input_names = [n for n in loaded.tokenizer.model_input_names if n != "offset_mapping"]
         self._new: list[tuple[EngineRequest, tuple[int, float, int]]] = []  # added, not yet tokenized

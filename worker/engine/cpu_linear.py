@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.engine.host_memory import keep_freed_memory
+
 log = logging.getLogger(__name__)
 
 _PACKABLE = (torch.float32, torch.bfloat16)
@@ -95,6 +97,14 @@ def prepack_linears(model: nn.Module) -> int:
     if count:
         log.info("%s: %d linear layers use pre-packed oneDNN weights", type(model).__name__, count)
     return count
+
+
+def prepare_for_host(model: nn.Module, prepack: bool) -> None:
+    """What every engine does with its model first: the allocator settings (worker/engine/host_memory.py)
+    and, when `prepack` (`EngineConfig.cpu_prepack_linear`), the pre-packed linear layers."""
+    keep_freed_memory()
+    if prepack:
+        prepack_linears(model)
 
 
 def unpack_linears(model: nn.Module) -> None:

@@ -29,9 +29,8 @@ from shared.models import QARequest, QAResult
 from worker.engine._batching import WaitingQueue, drop_finished, input_token_limit, order_key
 from worker.engine._encoder_forward import EncoderForward
 from worker.engine._qa_spans import WindowSpan, best_span, combine_windows
-from worker.engine.cpu_linear import prepack_linears
+from worker.engine.cpu_linear import prepare_for_host
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
-from worker.engine.host_memory import keep_freed_memory
 
 PIPELINE_MAX_SEQ_LEN = 384  # the pipeline's default window length (capped by the model's limit)
 PIPELINE_DOC_STRIDE = 128  # the pipeline's default overlap (at most half a window)
@@ -75,9 +74,7 @@ class ExtractiveQAExecutor(ModelExecutor):
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, packing: bool | None = None) -> None:
         super().__init__(loaded, config)
-        keep_freed_memory()
-        if config.cpu_prepack_linear:
-            prepack_linears(loaded.model)
+        prepare_for_host(loaded.model, config.cpu_prepack_linear)
         self.forward = EncoderForward(loaded, pooled=False, packing=packing)
         tokenizer = loaded.tokenizer
         if not tokenizer.is_fast:

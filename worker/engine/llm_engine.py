@@ -21,9 +21,8 @@ import torch
 
 from worker.engine.attention import PagedKVCache
 from worker.engine.block_pool import BlockPool
-from worker.engine.cpu_linear import prepack_linears
+from worker.engine.cpu_linear import prepare_for_host
 from worker.engine.executor import EngineConfig
-from worker.engine.host_memory import keep_freed_memory
 from worker.engine.kv_cache_manager import KVCacheManager, cdiv
 from worker.engine.model_runner import ModelRunner, ModelShape
 from worker.engine.request import Request, RequestOutput, TokenCallback
@@ -103,9 +102,7 @@ class LLMEngine:
             config.max_batch_tokens, config.max_running_requests, long_prefill_token_threshold
         )
         self.scheduler = Scheduler(sched_config, self.kv)
-        keep_freed_memory()
-        if config.cpu_prepack_linear:
-            prepack_linears(model)
+        prepare_for_host(model, config.cpu_prepack_linear)
         self.runner = ModelRunner(model, self.cache, decode_bucket_rows, cascade_min_tokens, native_decode)
         self.sampler = Sampler()
         self.stop_checker = StopChecker(eos_token_ids(model, tokenizer), tokenizer, self.max_model_len)

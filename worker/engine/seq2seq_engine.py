@@ -26,9 +26,8 @@ import torch
 from worker.engine._generation import DecodeSettings
 from worker.engine.beam_search import BeamSearch
 from worker.engine.block_pool import BlockPool
-from worker.engine.cpu_linear import prepack_linears
+from worker.engine.cpu_linear import prepare_for_host
 from worker.engine.executor import EngineConfig
-from worker.engine.host_memory import keep_freed_memory
 from worker.engine.kv_cache_manager import KVCacheManager, cdiv
 from worker.engine.seq2seq_attention import KVPool
 from worker.engine.seq2seq_decoding import Decoding
@@ -70,9 +69,7 @@ class Seq2SeqEngine:
     ) -> None:
         self.config = config = config or EngineConfig()
         self.model = model
-        keep_freed_memory()
-        if config.cpu_prepack_linear:
-            prepack_linears(model)
+        prepare_for_host(model, config.cpu_prepack_linear)
         shape = DecoderShape.of(model)
         bs, dtype, device = config.block_size, model.dtype, model.device
         per_block = KVPool.bytes_per_block(shape.num_layers, bs, shape.num_heads, shape.head_dim, dtype)
