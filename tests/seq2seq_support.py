@@ -2,8 +2,10 @@
 
 Each builder makes a real transformers architecture (2+2 layers, d_model 64) from a config, with an EOS
 bias tuned by measurement so that greedy outputs end at varied lengths: some stop on EOS, some run to
-the limit (random weights otherwise emit EOS at once or never). The reference is always a deep copy of
-the model taken before the engine switches its attention implementation.
+the limit (random weights otherwise emit EOS at once or never). K and V projections get small random biases
+(transformers initialises biases to zero; trained checkpoints have them, and the engine's cross-attention
+handles K and V biases itself; larger ones would undo the EOS tuning). The reference is always a deep
+copy of the model taken before the engine switches its attention implementation.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ VOCAB = 96
 PAD, EOS, START = 0, 1, 2
 FIRST_WORD = 4  # ids below are special
 MAX_NEW_TOKENS = 20
+ATTENTION_PROJECTIONS = ("k_proj", "v_proj")  # T5 has no biases
 _LAYERS = dict(encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4)
 _SHAPE = dict(d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64, **_LAYERS)
 _IDS = dict(vocab_size=VOCAB, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=START)
@@ -104,6 +107,9 @@ def build_pair(name: str, seed: int = 0, **generation: Any) -> Pair:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = BUILDERS[name]().eval()
+        for module_name, module in model.named_modules():
+            if module_name.rsplit(".", 1)[-1] in ATTENTION_PROJECTIONS and module.bias is not None:
+                module.bias.normal_(0.0, 0.05)
     defaults = dict(decoder_start_token_id=START, pad_token_id=PAD, eos_token_id=EOS, max_length=MAX_NEW_TOKENS + 1)
     model.generation_config = GenerationConfig(**{**defaults, **generation})
     return Pair(model, copy.deepcopy(model))

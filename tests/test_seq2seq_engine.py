@@ -110,19 +110,23 @@ def test_beams_share_blocks_and_copy_on_write() -> None:
     assert engine.kv.pool.num_free_blocks == engine.kv.pool.num_blocks
 
 
-@pytest.mark.parametrize(("arch", "beams"), [("marian", 1), ("t5", 1), ("bart", 2)])
-def test_preemption_under_a_tiny_pool(arch: str, beams: int) -> None:
+@pytest.mark.parametrize(("arch", "beams", "num_blocks"), [("marian", 1, 20), ("t5", 1, 12), ("bart", 2, 20)])
+def test_preemption_under_a_tiny_pool(arch: str, beams: int, num_blocks: int) -> None:
     pair = build_pair(arch, num_beams=beams)
     inputs = random_inputs(8, lengths=(10, 40), seed=3)
-    engine = make_engine(pair.model, num_blocks=30)
+    engine = make_engine(pair.model, num_blocks=num_blocks)  # one or two requests' worth (T5 stops early)
     outputs = run(engine, inputs, decode_settings(pair.model, GenerationOptions()))
     assert engine.stats()["num_preemptions"] > 0
     assert_matches_generate(pair, inputs, outputs)
 
 
-def test_cross_blocks_hold_the_real_encoder_length() -> None:
+def test_encoder_pages_hold_the_real_encoder_length() -> None:
+    """Cross-attention reads each request's encoder output from its own pages: ceil(len / rows per page),
+    where a page (one block of decoder K/V for every layer) holds 2 * layers * block_size rows of it."""
     pair = build_pair("marian")
     engine = make_engine(pair.model)
+    rows = engine.pool.encoder_block_size
+    assert rows == 2 * pair.model.config.decoder_layers * BLOCK_SIZE
     inputs = random_inputs(6, lengths=(3, 60), seed=4)
     settings = decode_settings(pair.model, GenerationOptions(max_new_tokens=8))
     for i, ids in enumerate(inputs):
@@ -131,7 +135,7 @@ def test_cross_blocks_hold_the_real_encoder_length() -> None:
     held = 0
     for i, ids in enumerate(inputs):
         request = engine.scheduler.requests[f"r{i}"]
-        assert len(request.cross_blocks) == math.ceil(len(ids) / BLOCK_SIZE)  # not the batch maximum
+        assert len(request.cross_blocks) == math.ceil(len(ids) / rows)  # not the batch maximum
         held += len(request.cross_blocks) + len(engine.kv.block_ids(request.sequences[0].request_id))
     assert engine.kv.pool.num_blocks - engine.kv.pool.num_free_blocks == held
     while engine.has_unfinished_requests():
@@ -212,7 +216,8 @@ def test_a_waiting_higher_priority_request_preempts_a_lower_one() -> None:
     pair = build_pair("marian")
     settings = decode_settings(pair.model, GenerationOptions())
     inputs = random_inputs(3, lengths=(30, 40), seed=8)
-    first_step = [math.ceil(len(ids) / BLOCK_SIZE) + 1 for ids in inputs]  # cross blocks + one decoder block
+    rows = make_engine(pair.model).pool.encoder_block_size
+    first_step = [math.ceil(len(ids) / rows) + 1 for ids in inputs]  # encoder pages + one decoder block
     engine = make_engine(pair.model, num_blocks=sum(first_step) - 1)  # room for two of them, not three
     engine.add_request("low-a", inputs[0], settings, priority=1)
     engine.add_request("low-b", inputs[1], settings, priority=1)
@@ -227,4 +232,4 @@ def test_a_waiting_higher_priority_request_preempts_a_lower_one() -> None:
         done.update((o.request_id, o) for o in engine.step())
     for name, ids in zip(("low-a", "low-b", "urgent"), inputs, strict=True):
         assert done[name].output_token_ids == pair.generate(ids)
-    assert done["low-b"].num_preemptions == 1
+    assert done["low-b"].num_preemptions >= 1  # and again later if the two left outgrow the tiny pool

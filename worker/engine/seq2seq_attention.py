@@ -6,12 +6,29 @@ pass and by `module.is_causal` (decoder self-attention is causal, cross-attentio
 
     encoder pass   [ s0 tokens | s1 tokens | ... ]   bidirectional within each sentence (EncoderBucket)
     decoder pass   [ rows of r0 | rows of r1 | ...]  self: causal over the row's own decoder blocks
-                                                     cross: over the request's cross blocks (CrossBucket)
+                                                     cross: over the request's encoder pages (CrossBucket)
 
-Pool layout (one `KVPool` shared by self and cross K/V): per decoder layer `[num_blocks, block_size,
-heads, head_dim]`, slot = block * block_size + offset. A cross block holds projected encoder K/V of one
-request (exactly ceil(encoder_len / block_size) blocks); a self block holds decoder K/V of one or more
-beams.
+Pool layout: one `KVPool` of pages, one page per `BlockPool` block id. A page holds either
+
+    self K/V     one block of `block_size` decoder positions: K and V of every decoder layer
+                 (`key_cache` / `value_cache`, views [layers, blocks, block_size, heads, head_dim])
+    encoder      `encoder_block_size` rows of one request's encoder output h (`encoder_states`, a view
+                 [blocks, encoder_block_size, d_model]): 2 * layers * block_size rows when
+                 heads * head_dim == d_model, so with 6 decoder layers and blocks of 16 a sentence of up
+                 to 192 tokens takes one page, where per-layer cross K/V would take 12
+
+Cross-attention reads h, never per-layer K/V. Every decoder layer's cross K/V are linear in the same h
+(K = h Wk^T + bk, V = h Wv^T + bv), so per head (weight absorption, as DeepSeek's MLA does):
+
+    scores_j = scale * q . (Wk h_j + bk) = scale * (Wk^T q) . h_j + (a constant: softmax drops it)
+    output   = sum_j p_j (Wv h_j + bv)   = Wv (sum_j p_j h_j) + bv            (sum_j p_j = 1)
+
+so a layer projects its query rows into h's space ([H, T, D] x [H, D, d_model]), runs one attention over
+h in which the H heads are H query rows of a single key/value head, and projects back through Wv. The
+same h serves every layer (one gather per step), the encoder's K/V projections never run, and a request's
+cross-attention memory is its real encoder length of h: 1 / (2 * layers) of paged per-layer K/V.
+The price is compute: per decoder row and layer, two [D] x [D, d_model] projections per head, and scores
+over d_model instead of head_dim -- a few percent of a decoder step's FLOPs for sentences of ~100 tokens.
 
 Buckets pad only the attention (never the linear layers): rows of similar length are gathered into one
 `[B, H, L, D]` SDPA with a key mask; the padding is masked, never computed into the result.
@@ -35,7 +52,7 @@ METADATA_KWARG = "pagedq_seq2seq_metadata"
 
 
 class KVPool:
-    """The K/V tensors of every decoder layer, indexed by `BlockPool` block ids (self and cross K/V alike)."""
+    """Pages indexed by `BlockPool` block ids: decoder self K/V of every layer, or rows of encoder output."""
 
     def __init__(
         self,
@@ -46,22 +63,46 @@ class KVPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        encoder_dim: int | None = None,
     ) -> None:
-        shape = (num_layers, num_blocks, block_size, num_heads, head_dim)
         # Zeros, not empty: padded bucket rows read unused slots; they are masked, but 0 * NaN is NaN.
-        self.key_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.value_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.pages = torch.zeros(num_blocks, 2, num_layers, block_size, num_heads, head_dim, dtype=dtype, device=device)
+        self.key_cache = self.pages[:, 0].transpose(0, 1)  # [layers, blocks, block_size, heads, head_dim]
+        self.value_cache = self.pages[:, 1].transpose(0, 1)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.num_heads, self.head_dim = num_heads, head_dim
+        self.encoder_dim = encoder_dim or num_heads * head_dim
+        self.encoder_block_size = self.encoder_rows_per_page(
+            num_layers, block_size, num_heads, head_dim, self.encoder_dim
+        )
+        rows = self.pages.view(num_blocks, -1)[:, : self.encoder_block_size * self.encoder_dim]
+        self.encoder_states = rows.view(num_blocks, self.encoder_block_size, self.encoder_dim)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * num_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def write(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store K/V rows [N, H, D] at pool `slots` [N] of `layer`."""
-        self.key_cache[layer].view(-1, self.num_heads, self.head_dim).index_copy_(0, slots, key)
-        self.value_cache[layer].view(-1, self.num_heads, self.head_dim).index_copy_(0, slots, value)
+    @staticmethod
+    def encoder_rows_per_page(num_layers: int, block_size: int, num_heads: int, head_dim: int, encoder_dim: int) -> int:
+        rows = 2 * num_layers * block_size * num_heads * head_dim // encoder_dim
+        if rows < 1:
+            raise ValueError(f"a page of {block_size} positions cannot hold one encoder row of {encoder_dim}")
+        return rows
+
+    @property
+    def device(self) -> torch.device:
+        return self.pages.device
+
+    def write(
+        self, layer: int, slots: tuple[torch.Tensor, torch.Tensor], key: torch.Tensor, value: torch.Tensor
+    ) -> None:
+        """Store K/V rows [N, H, D] of `layer` at (blocks [N], offsets [N])."""
+        self.key_cache[layer].index_put_(slots, key)
+        self.value_cache[layer].index_put_(slots, value)
+
+    def write_encoder(self, slots: tuple[torch.Tensor, torch.Tensor], states: torch.Tensor) -> None:
+        """Store encoder output rows [N, d_model] at (blocks [N], offsets [N])."""
+        self.encoder_states.index_put_(slots, states.to(self.encoder_states.dtype))
 
     def gather(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of `block_ids` [N] as [N * block_size, H, D]."""
@@ -70,12 +111,11 @@ class KVPool:
         return k.flatten(0, 1), v.flatten(0, 1)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy-on-write: duplicate whole blocks (src -> dst), every layer at once."""
+        """Copy-on-write: duplicate whole pages (src -> dst), every layer at once."""
         if copies:
-            src = torch.tensor([s for s, _ in copies], device=self.key_cache.device)
-            dst = torch.tensor([d for _, d in copies], device=self.key_cache.device)
-            self.key_cache[:, dst] = self.key_cache[:, src]
-            self.value_cache[:, dst] = self.value_cache[:, src]
+            src = torch.tensor([s for s, _ in copies], device=self.pages.device)
+            dst = torch.tensor([d for _, d in copies], device=self.pages.device)
+            self.pages[dst] = self.pages[src]
 
 
 @dataclass
@@ -110,14 +150,23 @@ class SelfSegment:
 
 @dataclass
 class CrossBucket:
-    """Requests with `n` query rows each, attending to their cross blocks (padded to the longest)."""
+    """Requests with `n` query rows each, attending to their encoder rows (padded to the longest)."""
 
     rows: torch.Tensor  # [R * n] packed rows, request-major
     n: int
-    block_ids: torch.Tensor  # [R * max_blocks]
+    blocks: torch.Tensor  # [R, L]: page of each encoder position (0 where padded)
+    offsets: torch.Tensor  # [R, L]: row within that page
     encoder_lens: torch.Tensor  # [R]
-    max_blocks: int
+    _states: torch.Tensor | None = field(default=None, repr=False)  # gathered once, read by every layer
     _mask: torch.Tensor | None = field(default=None, repr=False)
+
+    def states(self, pool: KVPool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The requests' encoder rows [R, 1, L, d_model] and the key mask [R, 1, 1, L]."""
+        if self._states is None or self._mask is None:
+            self._states = pool.encoder_states[self.blocks, self.offsets].unsqueeze(1)
+            key_pos = torch.arange(self.blocks.shape[1], device=self.blocks.device)[None, :]
+            self._mask = (key_pos < self.encoder_lens[:, None])[:, None, None, :]
+        return self._states, self._mask
 
 
 @dataclass
@@ -126,8 +175,7 @@ class Seq2SeqMetadata:
 
     pool: KVPool
     encoder: list[EncoderBucket] | None = None  # set for an encoder pass
-    self_slots: torch.Tensor | None = None  # [T] pool slot of each decoder row's new self K/V
-    cross_slots: torch.Tensor | None = None  # [S] pool slot of each new encoder token's cross K/V
+    self_slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (block, offset) of each decoder row's new K/V
     decode: list[SelfDecodeBucket] = field(default_factory=list)
     segments: list[SelfSegment] = field(default_factory=list)
     cross: list[CrossBucket] = field(default_factory=list)
@@ -166,8 +214,7 @@ def seq2seq_attention(
         for seg in meta.segments:
             out[seg.start : seg.end] = _segment_attention(meta, seg, query, key, value, scaling)
     else:
-        for cbucket in meta.cross:
-            _cross_attention(meta.pool, cbucket, int(module.layer_idx), query, scaling, out)  # type: ignore[arg-type]
+        _cross_attention(meta, module, query, scaling, out)
     return out.unsqueeze(0), None
 
 
@@ -238,20 +285,34 @@ def _segment_attention(
 
 
 def _cross_attention(
-    pool: KVPool, bucket: CrossBucket, layer: int, query: torch.Tensor, scaling: float | None, out: torch.Tensor
+    meta: Seq2SeqMetadata, module: torch.nn.Module, query: torch.Tensor, scaling: float | None, out: torch.Tensor
 ) -> None:
-    """Every request's rows over its own cross blocks; the beams of a request share one gather."""
-    r = bucket.encoder_lens.shape[0]
+    """Every row over its request's encoder rows h, through the layer's absorbed K/V projections (module
+    docstring); the beams of a request are extra query rows of one attention."""
     heads, dim = query.shape[1], query.shape[3]
-    q = query[0][:, bucket.rows].view(heads, r, bucket.n, dim).transpose(0, 1)  # [R, H, n, D]
-    k, v = pool.gather(layer, bucket.block_ids)
-    k = k.view(r, -1, pool.num_heads, pool.head_dim).transpose(1, 2)
-    v = v.view(r, -1, pool.num_heads, pool.head_dim).transpose(1, 2)
-    if bucket._mask is None:
-        key_pos = torch.arange(k.shape[2], device=q.device)[None, :]
-        bucket._mask = (key_pos < bucket.encoder_lens[:, None])[:, None, None, :]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bucket._mask, scale=scaling)  # [R, H, n, D]
-    out[bucket.rows] = o.permute(0, 2, 1, 3).reshape(r * bucket.n, heads, dim)
+    w_k, w_v, b_v = _cross_projections(module, heads, dim)
+    q = torch.bmm(query[0], w_k)  # [H, T, d_model]: each head's query in h's space
+    context = torch.zeros_like(q)
+    for bucket in meta.cross:
+        states, mask = bucket.states(meta.pool)
+        r, n, width = bucket.encoder_lens.shape[0], bucket.n, q.shape[2]
+        rows_q = q[:, bucket.rows].view(heads, r, n, width).permute(1, 2, 0, 3).reshape(r, 1, n * heads, width)
+        o = F.scaled_dot_product_attention(rows_q, states, states, attn_mask=mask, scale=scaling)  # [R, 1, nH, m]
+        context[:, bucket.rows] = o.view(r * n, heads, width).transpose(0, 1)
+    o = torch.bmm(context, w_v.transpose(1, 2))  # [H, T, D]
+    if b_v is not None:
+        o += b_v[:, None, :]
+    out.copy_(o.transpose(0, 1))
+
+
+def _cross_projections(
+    module: torch.nn.Module, heads: int, dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A cross-attention layer's K and V weights as [H, D, d_model] and V's bias as [H, D] (K's bias only
+    shifts every score of a row by the same amount)."""
+    k, v = (getattr(module, name) for name in (("k_proj", "v_proj") if hasattr(module, "k_proj") else ("k", "v")))
+    b_v = None if v.bias is None else v.bias.view(heads, dim)
+    return k.weight.view(heads, dim, -1), v.weight.view(heads, dim, -1), b_v
 
 
 def _t5_bias(owner: Any, relative_position: torch.Tensor) -> torch.Tensor:

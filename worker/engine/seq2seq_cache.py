@@ -5,16 +5,12 @@ Encoder-decoder layers in transformers 5.x branch on `isinstance(cache, EncoderD
 
 - self-attention always calls `cache.self_attention_cache.update(k, v, layer)`: we write the decoder
   rows' K/V into their slots (`Seq2SeqMetadata.self_slots`);
-- cross-attention with `is_updated[layer] == False` projects `encoder_hidden_states` and calls
-  `cache.cross_attention_cache.update(k, v, layer)`: we write the projected K/V of the requests whose
-  encoder ran in this step into their cross blocks (`Seq2SeqMetadata.cross_slots`);
-- cross-attention with `is_updated[layer] == True` skips the projection and reads
-  `cross_attention_cache.layers[layer].keys/.values`: placeholders of one key, never attended to
-  (the attention function reads every request's cross K/V from its blocks).
+- cross-attention with `is_updated[layer] == True` skips the K/V projection of `encoder_hidden_states`
+  and reads `cross_attention_cache.layers[layer].keys/.values`: placeholders of one key, never attended
+  to. `is_updated` is always True: the attention function reads each request's encoder output from its
+  pages and absorbs the layer's K/V projections (`seq2seq_attention`), so no cross K/V are ever made.
 
-So `begin_pass(writes_cross)` sets `is_updated` to "not writes_cross" for every layer before each
-decoder forward. `get_seq_length()` is 0: positions come from the engine (`seq2seq_model`), never
-from the cache.
+`get_seq_length()` is 0: positions come from the engine (`seq2seq_model`), never from the cache.
 """
 
 from __future__ import annotations
@@ -35,25 +31,34 @@ class _PlaceholderLayer:
         self.values = self.keys
 
 
-class _SlotWriter:
-    """Writes one pass's new K/V ([1, H, N, D]) into the pool at the slots `slots_of(meta)` names."""
+class _SelfWriter:
+    """Writes one pass's new decoder K/V ([1, H, N, D]) into the pool at `Seq2SeqMetadata.self_slots`."""
 
-    def __init__(self, pool: KVPool, cross: bool, num_layers: int) -> None:
+    def __init__(self, pool: KVPool, num_layers: int) -> None:
         self.pool = pool
-        self.cross = cross
-        self.layers = [
-            _PlaceholderLayer(pool.num_heads, pool.head_dim, pool.key_cache.dtype, pool.key_cache.device)
-            for _ in range(num_layers)
-        ]
+        self.layers = [_PlaceholderLayer(pool.num_heads, pool.head_dim, pool.pages.dtype, pool.device)] * num_layers
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         meta: Seq2SeqMetadata = (kwargs or {})[METADATA_KWARG]
-        slots = meta.cross_slots if self.cross else meta.self_slots
-        assert slots is not None and slots.shape[0] == key_states.shape[2], "K/V rows do not match their slots"
+        slots = meta.self_slots
+        assert slots is not None and slots[0].shape[0] == key_states.shape[2], "K/V rows do not match their slots"
         self.pool.write(layer_idx, slots, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
         return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class _CrossPlaceholders:
+    """What cross-attention reads with `is_updated` True; it never projects, so `update` is a bug."""
+
+    def __init__(self, pool: KVPool, num_layers: int) -> None:
+        self.layers = [_PlaceholderLayer(pool.num_heads, pool.head_dim, pool.pages.dtype, pool.device)] * num_layers
+
+    def update(self, *_args: Any, **_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError("cross-attention projected encoder states; the paged cache expects is_updated=True")
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
@@ -65,14 +70,9 @@ class PagedEncoderDecoderCache(EncoderDecoderCache):
     def __init__(self, pool: KVPool, num_layers: int) -> None:  # no super().__init__: no dynamic layers
         self.pool = pool
         self.num_layers = num_layers
-        self.self_attention_cache: Any = _SlotWriter(pool, cross=False, num_layers=num_layers)
-        self.cross_attention_cache: Any = _SlotWriter(pool, cross=True, num_layers=num_layers)
+        self.self_attention_cache: Any = _SelfWriter(pool, num_layers)
+        self.cross_attention_cache: Any = _CrossPlaceholders(pool, num_layers)
         self.is_updated = dict.fromkeys(range(num_layers), True)
-
-    def begin_pass(self, writes_cross: bool) -> None:
-        """Before each decoder forward: project and write cross K/V in this pass, or reuse the blocks."""
-        for layer in range(self.num_layers):
-            self.is_updated[layer] = not writes_cross
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0

@@ -73,15 +73,18 @@ class Seq2SeqEngine:
         shape = DecoderShape.of(model)
         bs, dtype, device = config.block_size, model.dtype, model.device
         per_block = KVPool.bytes_per_block(shape.num_layers, bs, shape.num_heads, shape.head_dim, dtype)
+        encoder_rows = shape.encoder_rows_per_page(bs)
         if num_blocks is None:
             budget = config.kv_cache_bytes or int(free_device_memory(device) * kv_cache_memory_fraction)
-            longest = cdiv(max_encoder_len, bs) + cdiv(shape.max_positions or 1024, bs)
+            longest = cdiv(max_encoder_len, encoder_rows) + cdiv(shape.max_positions or 1024, bs)
             num_blocks = min(budget // per_block, config.max_running_requests * longest)
         if num_blocks < 1:
             raise ValueError(f"KV budget too small: one block needs {per_block} bytes")
-        self.pool = KVPool(shape.num_layers, num_blocks, bs, shape.num_heads, shape.head_dim, dtype, device)
+        self.pool = shape.pool(num_blocks, bs, dtype, device)
         self.kv = KVCacheManager(BlockPool(num_blocks, enable_caching=False), bs, enable_caching=False)
-        self.scheduler = Seq2SeqScheduler(self.kv, config.max_batch_tokens, config.max_running_requests)
+        self.scheduler = Seq2SeqScheduler(
+            self.kv, config.max_batch_tokens, config.max_running_requests, encoder_block_size=encoder_rows
+        )
         self.runner = Seq2SeqRunner(model, self.pool)
         self.decoding = Decoding(self.kv)
         self._counters = {"num_generated_tokens": 0, "num_steps": 0, "num_batched_tokens": 0, "num_encoded_tokens": 0}
@@ -107,7 +110,7 @@ class Seq2SeqEngine:
             raise ValueError(f"num_beams={settings.num_beams} exceeds max_running_requests")
         request.sequences = [self.decoding.new_sequence(request, [settings.decoder_start_token_id])]
         if settings.is_beam_search:
-            request.beam = BeamSearch(settings, [settings.decoder_start_token_id], self.pool.key_cache.device)
+            request.beam = BeamSearch(settings, [settings.decoder_start_token_id], self.pool.device)
         self.scheduler.add_request(request)
 
     def abort_request(self, request_id: str) -> bool:

@@ -1,10 +1,10 @@
 """Seq2seq model runner: one step = (encoder pass for newly admitted requests) + one packed decoder pass.
 
     encoder pass:  input_ids [1, S]  = the new requests' sentences back to back (no padding)
+                   -> its output rows are written into the new requests' encoder pages
     decoder pass:  decoder_input_ids [1, T] = every running sequence's uncomputed tokens
                    (one row per beam while decoding; a whole prefix when recomputing after preemption)
-                   encoder_outputs = the encoder pass's states when it ran (their cross K/V are projected
-                   and written into the new requests' cross blocks in this very pass), else a placeholder
+                   encoder_outputs = a placeholder: cross-attention reads each request's pages
 
 Only each sequence's last row reaches the LM head (a forward pre-hook on the output embeddings keeps
 those rows: the `*ForConditionalGeneration` heads take no `logits_to_keep`).
@@ -82,7 +82,7 @@ class Seq2SeqRunner:
         self.positions = PositionHooks(model)
         self.decoder_bias = t5_decoder_bias_owner(model)
         self.max_encoder_pass = max_encoder_pass_tokens(model)
-        self.device = pool.key_cache.device
+        self.device = pool.device
         self._keep: torch.Tensor | None = None
         head = model.get_output_embeddings()
         self._head_hook = head.register_forward_pre_hook(self._keep_rows)
@@ -113,12 +113,12 @@ class Seq2SeqRunner:
         """Run one step; returns fp32 logits [N, vocab], one row per sequence (items, then sequences, in order)."""
         self.pool.copy_blocks(list(copies))
         new = [item for item in items if item.encoder_ids is not None]
-        states = self._encode(new) if new else None
-        meta, input_ids = self._decoder_metadata(items, new)
-        self.cache.begin_pass(writes_cross=states is not None)
+        if new:
+            self.pool.write_encoder(self._encoder_slots(new), self._encode(new)[0])
+        meta, input_ids = self._decoder_metadata(items)
         try:
             out = self.model(
-                encoder_outputs=(states if states is not None else self._placeholder_states,),
+                encoder_outputs=(self._placeholder_states,),
                 decoder_input_ids=input_ids,
                 cache=self.cache,
                 use_cache=False,
@@ -181,11 +181,12 @@ class Seq2SeqRunner:
 
     # ---- decoder ------------------------------------------------------------------------------
 
-    def _decoder_metadata(self, items: Sequence[StepItem], new: list[StepItem]) -> tuple[Seq2SeqMetadata, torch.Tensor]:
+    def _decoder_metadata(self, items: Sequence[StepItem]) -> tuple[Seq2SeqMetadata, torch.Tensor]:
         bs = self.pool.block_size
         ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
+        blocks: list[int] = []
+        offsets: list[int] = []
         keep: list[int] = []
         decode_rows: list[tuple[int, int, Sequence[int]]] = []  # (row, context_len, block table)
         segments: list[SelfSegment] = []
@@ -198,7 +199,8 @@ class Seq2SeqRunner:
                 row = len(ids)
                 ids.extend(tokens[p0:end])
                 positions.extend(self.positions.positions("decoder", tokens, p0, end))
-                slots.extend(table[p // bs] * bs + p % bs for p in range(p0, end))
+                blocks.extend(table[p // bs] for p in range(p0, end))
+                offsets.extend(p % bs for p in range(p0, end))
                 if end - p0 == 1:
                     decode_rows.append((row, end, table))
                 else:
@@ -209,8 +211,7 @@ class Seq2SeqRunner:
 
         meta = Seq2SeqMetadata(
             self.pool,
-            self_slots=self._tensor(slots),
-            cross_slots=self._cross_slots(new) if new else None,
+            self_slots=(self._tensor(blocks), self._tensor(offsets)),
             decode=self._decode_buckets(decode_rows),
             segments=segments,
             cross=self._cross_buckets(spans),
@@ -220,9 +221,12 @@ class Seq2SeqRunner:
         self.positions.rows["decoder"] = self._tensor(positions) if self.positions.tables else None
         return meta, self._tensor(ids).view(1, -1)
 
-    def _cross_slots(self, new: list[StepItem]) -> torch.Tensor:
-        bs = self.pool.block_size
-        return self._tensor([item.cross_blocks[p // bs] * bs + p % bs for item in new for p in range(item.encoder_len)])
+    def _encoder_slots(self, new: list[StepItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page, row) of every encoder position of the new requests, in encoding order."""
+        rows = self.pool.encoder_block_size
+        positions = [(item.cross_blocks, p) for item in new for p in range(item.encoder_len)]
+        pages = self._tensor([blocks[p // rows] for blocks, p in positions])
+        return pages, self._tensor([p % rows for _, p in positions])
 
     def _decode_buckets(self, rows: list[tuple[int, int, Sequence[int]]]) -> list[SelfDecodeBucket]:
         rows = sorted(rows, key=lambda r: r[1])  # similar lengths share a bucket
@@ -242,6 +246,7 @@ class Seq2SeqRunner:
 
     def _cross_buckets(self, spans: list[tuple[int, int, StepItem]]) -> list[CrossBucket]:
         """Requests with the same number of rows, by encoder length, padded to the bucket's longest."""
+        rows = self.pool.encoder_block_size
         by_rows: dict[int, list[tuple[int, int, StepItem]]] = {}
         for span in spans:
             by_rows.setdefault(span[1], []).append(span)
@@ -249,15 +254,17 @@ class Seq2SeqRunner:
         for n, group in sorted(by_rows.items()):
             group.sort(key=lambda s: s[2].encoder_len)
             for chunk in _chunks(group, BUCKET_ROWS):
-                width = max(len(item.cross_blocks) for _, _, item in chunk)
-                flat = [b for _, _, it in chunk for b in (*it.cross_blocks, *[0] * (width - len(it.cross_blocks)))]
+                width = max(item.encoder_len for _, _, item in chunk)
+                pages = [[it.cross_blocks[p // rows] if p < it.encoder_len else 0 for p in range(width)]
+                         for _, _, it in chunk]  # fmt: skip
+                offsets = [[p % rows if p < it.encoder_len else 0 for p in range(width)] for _, _, it in chunk]
                 buckets.append(
                     CrossBucket(
                         rows=self._tensor([first + i for first, _, _ in chunk for i in range(n)]),
                         n=n,
-                        block_ids=self._tensor(flat),
+                        blocks=self._tensor(pages),
+                        offsets=self._tensor(offsets),
                         encoder_lens=self._tensor([item.encoder_len for _, _, item in chunk]),
-                        max_blocks=width,
                     )
                 )
         return buckets

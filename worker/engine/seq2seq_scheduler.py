@@ -2,12 +2,13 @@
 
 A request's cost in a step (its "tokens"):
 
-    admitted now   encoder_len + decoder rows     (its encoder runs, its cross K/V are written)
+    admitted now   encoder_len + decoder rows     (its encoder runs, its output fills its pages)
     running        one row per live sequence      (beams: up to num_beams rows)
     resumed        encoder_len + every sequence's whole prefix (preemption is by recompute)
 
-KV blocks (one pool, `BlockPool`): a request holds exactly ceil(encoder_len / block_size) cross blocks
-from admission to its end -- its real length, never a batch maximum -- plus its sequences' self blocks
+KV blocks (one pool, `BlockPool`): a request holds exactly ceil(encoder_len / encoder_block_size) pages
+of its encoder output (`cross_blocks`, read by every layer's cross-attention, `seq2seq_attention`) from
+admission to its end -- its real length, never a batch maximum -- plus its sequences' self blocks
 (`KVCacheManager`, no prefix caching: beams share blocks by `fork`, copy-on-write on divergence).
 
 Order, as in the decoder-only scheduler: (priority, running before waiting, preemption boost, arrival).
@@ -50,7 +51,7 @@ class Seq2SeqRequest:
     sequences: list[Request] = field(default_factory=list)  # live decoder sequences, one per beam
     beam: BeamSearch | None = None
     cross_blocks: list[KVBlock] = field(default_factory=list)
-    encoded: bool = False  # its cross K/V are in `cross_blocks`
+    encoded: bool = False  # its encoder output is in `cross_blocks`
     num_preemptions: int = 0
     output_token_ids: list[int] = field(default_factory=list)  # generated tokens once finished
 
@@ -92,8 +93,11 @@ class Seq2SeqSchedule:
 
 
 class Seq2SeqScheduler:
-    def __init__(self, kv: KVCacheManager, max_batch_tokens: int, max_running_seqs: int) -> None:
+    def __init__(
+        self, kv: KVCacheManager, max_batch_tokens: int, max_running_seqs: int, encoder_block_size: int
+    ) -> None:
         self.kv = kv
+        self.encoder_block_size = encoder_block_size  # encoder rows per page
         self.pool: BlockPool = kv.pool
         self.max_batch_tokens = max_batch_tokens
         self.max_running_seqs = max_running_seqs
@@ -108,9 +112,12 @@ class Seq2SeqScheduler:
     # ---- requests in and out ------------------------------------------------------------------
 
     def blocks_needed(self, request: Seq2SeqRequest) -> int:
-        """Worst case: cross blocks + every beam at max length, plus one copy-on-write block per beam."""
+        """Worst case: encoder pages + every beam at max length, plus one copy-on-write block per beam."""
         bs = self.kv.block_size
-        return cdiv(request.encoder_len, bs) + request.seats * (cdiv(request.settings.max_length, bs) + 1)
+        return self.encoder_pages(request) + request.seats * (cdiv(request.settings.max_length, bs) + 1)
+
+    def encoder_pages(self, request: Seq2SeqRequest) -> int:
+        return cdiv(request.encoder_len, self.encoder_block_size)
 
     def add_request(self, request: Seq2SeqRequest) -> None:
         if request.request_id in self.requests:
@@ -200,7 +207,7 @@ class Seq2SeqScheduler:
 
     def _allocate(self, request: Seq2SeqRequest) -> bool:
         """Blocks for the request's next rows (and its cross blocks if not encoded); all or nothing."""
-        cross = 0 if request.encoded else cdiv(request.encoder_len, self.kv.block_size)
+        cross = 0 if request.encoded else self.encoder_pages(request)
         need = cross + sum(self.kv.num_blocks_to_allocate(s, s.num_tokens - s.num_computed_tokens)
                            for s in request.sequences)  # fmt: skip
         if need > self.pool.num_free_blocks:
