@@ -17,6 +17,7 @@ from seq2seq_support import EOS, MAX_NEW_TOKENS, PAD, build_pair, random_inputs
 from shared.models import GenerationOptions
 from worker.engine._generation import DecodeSettings, decode_settings
 from worker.engine.executor import EngineConfig
+from worker.engine.native import paged_decode_available
 from worker.engine.seq2seq_engine import Seq2SeqEngine, Seq2SeqOutput
 
 BLOCK_SIZE = 4
@@ -25,9 +26,9 @@ BLOCK_SIZE = 4
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def make_engine(model: Any, num_blocks: int = 512, **config: Any) -> Seq2SeqEngine:
+def make_engine(model: Any, num_blocks: int = 512, native_decode: bool | None = None, **config: Any) -> Seq2SeqEngine:
     options = {"max_batch_tokens": 256, "max_running_requests": 16, "block_size": BLOCK_SIZE, **config}
-    return Seq2SeqEngine(model, EngineConfig(**options), num_blocks=num_blocks)
+    return Seq2SeqEngine(model, EngineConfig(**options), num_blocks=num_blocks, native_decode=native_decode)
 
 
 def run(
@@ -55,11 +56,18 @@ def assert_matches_generate(pair: Any, inputs: list[list[int]], outputs: list[Se
         assert out.output_token_ids == pair.generate(ids, **kwargs), f"input of {len(ids)} tokens"
 
 
+NATIVE = pytest.mark.parametrize("native", [None, False], ids=["auto", "portable"])
+
+
+@NATIVE
 @pytest.mark.parametrize("arch", ["marian", "bart", "mbart", "t5", "m2m100"])
-def test_greedy_matches_generate_with_requests_joining(arch: str) -> None:
+def test_greedy_matches_generate_with_requests_joining(arch: str, native: bool | None) -> None:
+    """Through the native kernel where it is built (`auto`, fp32 on CPU) and through gather + SDPA."""
     pair = build_pair(arch)
     inputs = random_inputs(10)
-    outputs = run(make_engine(pair.model), inputs, decode_settings(pair.model, GenerationOptions()))
+    engine = make_engine(pair.model, native_decode=native)
+    assert engine.runner.native == (native is None and paged_decode_available())
+    outputs = run(engine, inputs, decode_settings(pair.model, GenerationOptions()))
     assert_matches_generate(pair, inputs, outputs)
     reasons = {o.finish_reason for o in outputs}
     assert reasons == {"stop", "length"}, "the models are biased to end at varied lengths"
@@ -80,10 +88,11 @@ def test_greedy_matches_generate_with_requests_joining(arch: str) -> None:
         ("m2m100", 4, {"length_penalty": 0.8}),
     ],
 )
-def test_beam_search_matches_generate(arch: str, beams: int, generation: dict[str, Any]) -> None:
+@NATIVE
+def test_beam_search_matches_generate(arch: str, beams: int, generation: dict[str, Any], native: bool | None) -> None:
     pair = build_pair(arch, num_beams=beams, **generation)
     inputs = random_inputs(8, seed=2)
-    engine = make_engine(pair.model)
+    engine = make_engine(pair.model, native_decode=native)
     outputs = run(engine, inputs, decode_settings(pair.model, GenerationOptions()))
     assert_matches_generate(pair, inputs, outputs)
 

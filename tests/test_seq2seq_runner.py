@@ -40,11 +40,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 class Harness:
     """A runner over a fresh pool, with hand-made requests (no scheduler)."""
 
-    def __init__(self, model: Any, num_blocks: int = 256) -> None:
+    def __init__(self, model: Any, num_blocks: int = 256, native_decode: bool | None = None) -> None:
         pool = self.pool = DecoderShape.of(model).pool(num_blocks, BLOCK_SIZE, torch.float32, "cpu")
         self.blocks = BlockPool(num_blocks, enable_caching=False)
         self.kv = KVCacheManager(self.blocks, BLOCK_SIZE, enable_caching=False)
-        self.runner = Seq2SeqRunner(model, pool)
+        self.runner = Seq2SeqRunner(model, pool, native_decode)
 
     def encoder_pages(self, encoder_ids: list[int]) -> list[int]:
         return [b.block_id for b in self.blocks.allocate(math.ceil(len(encoder_ids) / self.pool.encoder_block_size))]
@@ -91,11 +91,13 @@ class Reference:
         return out.logits[0, -1].double()
 
 
+@pytest.mark.parametrize("native", [None, False], ids=["auto", "portable"])
 @pytest.mark.parametrize("arch", ["marian", "bart", "mbart", "t5", "m2m100"])
-def test_packed_steps_equal_the_model_forward(arch: str) -> None:
+def test_packed_steps_equal_the_model_forward(arch: str, native: bool | None) -> None:
+    """Auto: the native kernel for decode rows and cross-attention where built; portable: SDPA buckets."""
     pair = build_pair(arch)
     reference = Reference(pair.reference)
-    harness = Harness(pair.model)
+    harness = Harness(pair.model, native_decode=native)
     gen = torch.Generator().manual_seed(0)
     inputs = random_inputs(5, lengths=(2, 45), seed=11)
     prefixes = [torch.randint(FIRST_WORD, VOCAB, (n,), generator=gen).tolist() for n in (0, 3, 9, 17)]

@@ -55,6 +55,29 @@ def test_matches_dense_attention(heads: int, kv_heads: int, window: int | None) 
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(16, 2, 32), (8, 1, 64), (24, 3, 48)])
+def test_groups_of_eight_heads_on_one_kv_head(heads: int, kv_heads: int, dim: int) -> None:
+    """The path for 8 query heads per kv head (keys and values loaded once for the 8)."""
+    q, k, v, tables, flat, starts, lens = _case(heads, kv_heads, [1, 9, 30, 64], dim=dim, seed=1)
+    out, lse = paged_decode(q, k, v, flat, starts, lens, 0.2, None)
+    want, want_lse = _dense(q, k, v, tables, lens, 0.2, None)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_inside_larger_pages_and_one_tensor_for_keys_and_values() -> None:
+    """The seq2seq pool: blocks are slices of larger pages (a block stride), and cross-attention reads
+    encoder rows as both keys and values (one kv head, 8 query heads, width 512)."""
+    q, k, _, tables, flat, starts, lens = _case(8, 1, [5, 40, 17, 1], block_size=16, dim=512)
+    pages = torch.randn(k.shape[0], 3, *k.shape[1:])  # each block is one third of a page
+    pages[:, 1] = k
+    rows = pages[:, 1]
+    out, lse = paged_decode(q, rows, rows, flat, starts, lens, 0.05, None)
+    want, want_lse = _dense(q, k, k, tables, lens, 0.05, None)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
 def test_a_row_with_nothing_visible_gives_zeros_and_minus_infinity() -> None:
     q, k, v, _, flat, starts, lens = _case(2, 1, [0, 3])
     out, lse = paged_decode(q, k, v, flat, starts, lens, 1.0, None)

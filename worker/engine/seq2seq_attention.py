@@ -30,7 +30,11 @@ cross-attention memory is its real encoder length of h: 1 / (2 * layers) of page
 The price is compute: per decoder row and layer, two [D] x [D, d_model] projections per head, and scores
 over d_model instead of head_dim -- a few percent of a decoder step's FLOPs for sentences of ~100 tokens.
 
-Buckets pad only the attention (never the linear layers): rows of similar length are gathered into one
+Native kernel (fp32 pool on CPU, `worker/engine/native`): single-token decoder rows attend to their own
+self blocks, and every decoder row to its request's encoder pages (keys = values = h, one kv head), in
+place: no gather, no padding (`NativeRows`). T5's decoder self-attention keeps SDPA (its bias).
+
+Otherwise buckets pad only the attention (never the linear layers): rows of similar length are gathered into one
 `[B, H, L, D]` SDPA with a key mask; the padding is masked, never computed into the result.
 
 T5 (relative position bias, `position_bias` kwarg): the encoder's packed bias is computed by T5 over
@@ -46,6 +50,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from worker.engine.native import paged_decode
 
 ATTENTION_NAME = "pagedq_seq2seq"
 METADATA_KWARG = "pagedq_seq2seq_metadata"
@@ -170,6 +176,17 @@ class CrossBucket:
 
 
 @dataclass
+class NativeRows:
+    """Rows for the native kernel: row i reads lens[i] positions of the table at block_ids[table_start[i]:]."""
+
+    rows: torch.Tensor  # [n] packed rows
+    block_ids: torch.Tensor  # flat tables
+    table_start: torch.Tensor  # [n]
+    lens: torch.Tensor  # [n]
+    contiguous: bool  # rows are 0..n-1 in order (no gather, no scatter)
+
+
+@dataclass
 class Seq2SeqMetadata:
     """Everything the attention layers need for one forward pass; built once per pass by the runner."""
 
@@ -180,6 +197,8 @@ class Seq2SeqMetadata:
     segments: list[SelfSegment] = field(default_factory=list)
     cross: list[CrossBucket] = field(default_factory=list)
     decoder_bias: Any = None  # T5: the decoder's layer-0 T5Attention (owner of relative_attention_bias)
+    native_decode: NativeRows | None = None  # single-token self rows through the kernel (then `decode` is empty)
+    native_cross: NativeRows | None = None  # every row's cross-attention through the kernel (then `cross` is empty)
 
     @property
     def is_encoder_pass(self) -> bool:
@@ -209,6 +228,8 @@ def seq2seq_attention(
             _encoder_attention(bucket, query, key, value, scaling, position_bias, out)
     elif getattr(module, "is_causal", False):
         layer = int(module.layer_idx)  # type: ignore[arg-type]
+        if meta.native_decode is not None:
+            _native_self_attention(meta, meta.native_decode, layer, query, scaling, out)
         for dbucket in meta.decode:
             out[dbucket.rows] = _decode_attention(meta, dbucket, layer, query, scaling)
         for seg in meta.segments:
@@ -261,6 +282,23 @@ def _decode_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling).squeeze(2)
 
 
+def _native_self_attention(
+    meta: Seq2SeqMetadata, rows: NativeRows, layer: int, query: torch.Tensor, scaling: float | None, out: torch.Tensor
+) -> None:
+    """Single-token decoder rows over their own self blocks, read in place by the native kernel."""
+    pool = meta.pool
+    q = query[0][:, rows.rows] if not rows.contiguous else query[0][:, : rows.rows.shape[0]]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    o, _ = paged_decode(
+        q.transpose(0, 1).contiguous(), pool.key_cache[layer], pool.value_cache[layer], rows.block_ids,
+        rows.table_start, rows.lens, scale, None,
+    )  # fmt: skip
+    if rows.contiguous:
+        out[: o.shape[0]] = o
+    else:
+        out[rows.rows] = o
+
+
 def _segment_attention(
     meta: Seq2SeqMetadata,
     seg: SelfSegment,
@@ -292,7 +330,17 @@ def _cross_attention(
     heads, dim = query.shape[1], query.shape[3]
     w_k, w_v, b_v = _cross_projections(module, heads, dim)
     q = torch.bmm(query[0], w_k)  # [H, T, d_model]: each head's query in h's space
-    context = torch.zeros_like(q)
+    native = meta.native_cross
+    if native is not None:  # every row, in row order
+        scale = scaling if scaling is not None else dim**-0.5
+        states = meta.pool.encoder_states.unsqueeze(2)  # [pages, rows per page, 1 kv head, d_model]
+        context, _ = paged_decode(
+            q.transpose(0, 1).contiguous(), states, states, native.block_ids, native.table_start, native.lens,
+            scale, None,
+        )  # fmt: skip
+        context = context.transpose(0, 1)  # [H, T, d_model]
+    else:
+        context = torch.zeros_like(q)
     for bucket in meta.cross:
         states, mask = bucket.states(meta.pool)
         r, n, width = bucket.encoder_lens.shape[0], bucket.n, q.shape[2]

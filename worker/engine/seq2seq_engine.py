@@ -56,7 +56,8 @@ class Seq2SeqEngine:
     """Paged continuous batching over an unmodified transformers encoder-decoder model.
 
     Memory: `num_blocks` if given, else `config.kv_cache_bytes`, else `kv_cache_memory_fraction` of the
-    device's free memory -- capped at what `max_running_requests` sequences could ever use."""
+    device's free memory -- capped at what `max_running_requests` sequences could ever use.
+    `native_decode`: see `Seq2SeqRunner` (None: the native kernel wherever it applies)."""
 
     def __init__(
         self,
@@ -66,6 +67,7 @@ class Seq2SeqEngine:
         num_blocks: int | None = None,
         kv_cache_memory_fraction: float = 0.1,
         max_encoder_len: int = 512,
+        native_decode: bool | None = None,
     ) -> None:
         self.config = config = config or EngineConfig()
         self.model = model
@@ -85,7 +87,7 @@ class Seq2SeqEngine:
         self.scheduler = Seq2SeqScheduler(
             self.kv, config.max_batch_tokens, config.max_running_requests, encoder_block_size=encoder_rows
         )
-        self.runner = Seq2SeqRunner(model, self.pool)
+        self.runner = Seq2SeqRunner(model, self.pool, native_decode)
         self.decoding = Decoding(self.kv)
         self._counters = {"num_generated_tokens": 0, "num_steps": 0, "num_batched_tokens": 0, "num_encoded_tokens": 0}
 

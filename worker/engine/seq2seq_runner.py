@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
+from worker.engine.native import paged_decode_available
 from worker.engine.request import Request
 from worker.engine.seq2seq_attention import (
     ATTENTION_NAME,
@@ -31,6 +32,7 @@ from worker.engine.seq2seq_attention import (
     CrossBucket,
     EncoderBucket,
     KVPool,
+    NativeRows,
     SelfDecodeBucket,
     SelfSegment,
     Seq2SeqMetadata,
@@ -71,8 +73,14 @@ def _chunks(items: list[Any], size: int) -> list[list[Any]]:
 class Seq2SeqRunner:
     """Owns the model's attention switch, the position and LM-head hooks, and the cache object."""
 
-    def __init__(self, model: Any, pool: KVPool) -> None:
+    def __init__(self, model: Any, pool: KVPool, native_decode: bool | None = None) -> None:
+        """`native_decode`: decoder rows' attention through the native kernel (None: wherever it applies,
+        an fp32 pool on CPU with the kernel built; False: always gather + SDPA)."""
         check_model(model)
+        applies = pool.device.type == "cpu" and pool.pages.dtype == torch.float32
+        if native_decode and not applies:
+            raise ValueError("the native decode kernel needs an fp32 KV pool on CPU")
+        self.native = applies and native_decode is not False and paged_decode_available()
         loaded_with = model.config._attn_implementation  # another runner on the same model may have switched it
         self.original_attention = loaded_with if loaded_with != ATTENTION_NAME else "sdpa"
         model.set_attn_implementation(ATTENTION_NAME)
@@ -209,13 +217,16 @@ class Seq2SeqRunner:
                 keep.append(len(ids) - 1)
             spans.append((first, len(ids) - first, item))
 
+        native_self = self.native and self.decoder_bias is None  # T5's self-attention has a bias: SDPA
         meta = Seq2SeqMetadata(
             self.pool,
             self_slots=(self._tensor(blocks), self._tensor(offsets)),
-            decode=self._decode_buckets(decode_rows),
+            decode=[] if native_self else self._decode_buckets(decode_rows),
             segments=segments,
-            cross=self._cross_buckets(spans),
+            cross=[] if self.native else self._cross_buckets(spans),
             decoder_bias=self.decoder_bias,
+            native_decode=self._native_decode(decode_rows) if native_self and decode_rows else None,
+            native_cross=self._native_cross(spans) if self.native else None,
         )
         self._keep = self._tensor(keep)
         self.positions.rows["decoder"] = self._tensor(positions) if self.positions.tables else None
@@ -227,6 +238,38 @@ class Seq2SeqRunner:
         positions = [(item.cross_blocks, p) for item in new for p in range(item.encoder_len)]
         pages = self._tensor([blocks[p // rows] for blocks, p in positions])
         return pages, self._tensor([p % rows for _, p in positions])
+
+    def _native_decode(self, rows: list[tuple[int, int, Sequence[int]]]) -> NativeRows:
+        flat: list[int] = []
+        starts = []
+        for _, _, table in rows:
+            starts.append(len(flat))
+            flat.extend(table)
+        order = [r for r, _, _ in rows]
+        return NativeRows(
+            rows=self._tensor(order),
+            block_ids=self._tensor(flat),
+            table_start=self._tensor(starts),
+            lens=self._tensor([n for _, n, _ in rows]),
+            contiguous=order == list(range(len(order))),
+        )
+
+    def _native_cross(self, spans: list[tuple[int, int, StepItem]]) -> NativeRows:
+        """Every decoder row, in order, over its request's encoder pages (beams share one table)."""
+        flat: list[int] = []
+        starts: list[int] = []
+        lens: list[int] = []
+        for _, n, item in spans:
+            starts.extend([len(flat)] * n)
+            lens.extend([item.encoder_len] * n)
+            flat.extend(item.cross_blocks)
+        return NativeRows(
+            rows=self._tensor(list(range(len(lens)))),
+            block_ids=self._tensor(flat),
+            table_start=self._tensor(starts),
+            lens=self._tensor(lens),
+            contiguous=True,
+        )
 
     def _decode_buckets(self, rows: list[tuple[int, int, Sequence[int]]]) -> list[SelfDecodeBucket]:
         rows = sorted(rows, key=lambda r: r[1])  # similar lengths share a bucket

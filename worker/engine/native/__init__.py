@@ -30,8 +30,11 @@ _SOURCE = Path(__file__).with_name("paged_decode.c")
 # -ffast-math for vectorised expf and reductions; infinities keep their meaning (-inf: nothing visible).
 # Compiled and linked in two steps: linking with -ffast-math would add crtfastmath.o (GCC < 13), which
 # turns on flush-to-zero for the whole process when the library loads, and changes torch's numerics.
+# -fopenmp: the kernel's threads are torch's OpenMP team (libgomp.so.1 is already loaded by torch, so the
+# library binds to it); without OpenMP it starts pthreads per call, which wait behind torch's spinning team.
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-std=c11"]
 _LINK = ["-shared", "-pthread"]
+_OPENMP = ["-fopenmp"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -46,12 +49,13 @@ def _cpu_id() -> str:
     return "\n".join(sorted(set(lines)))
 
 
-def _build() -> Path:
+def _build(openmp: bool) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    flags, link = (_FLAGS + _OPENMP, _LINK + _OPENMP) if openmp else (_FLAGS, _LINK)
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([cc, *_FLAGS, *_LINK]).encode() + _cpu_id().encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([cc, *flags, *link]).encode() + _cpu_id().encode()).hexdigest()[:16]
     cache = Path(os.environ.get("PAGEDQ_NATIVE_CACHE") or Path.home() / ".cache" / "pagedq" / "native")
     target = cache / f"paged_decode-{key}.so"
     if target.exists():
@@ -61,8 +65,8 @@ def _build() -> Path:
     os.close(fd)
     try:
         obj = tmp + ".o"
-        subprocess.run([cc, *_FLAGS, "-c", str(_SOURCE), "-o", obj], check=True, capture_output=True, text=True)
-        subprocess.run([cc, *_LINK, obj, "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *flags, "-c", str(_SOURCE), "-o", obj], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *link, obj, "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     except subprocess.CalledProcessError as exc:
         raise RuntimeError(f"compiling {_SOURCE.name} failed: {exc.stderr.strip()[-2000:]}") from exc
@@ -81,14 +85,19 @@ def _load() -> ctypes.CDLL | None:
         _tried = True
         if os.environ.get("PAGEDQ_NATIVE", "1") == "0" or not sys.platform.startswith("linux"):
             return None
-        try:
-            lib = ctypes.CDLL(str(_build()))
-        except (OSError, RuntimeError) as exc:
-            log.warning("native paged decode attention unavailable, using gather + SDPA: %s", exc)
+        lib = None
+        for openmp in (True, False):
+            try:
+                lib = ctypes.CDLL(str(_build(openmp)))
+                break
+            except (OSError, RuntimeError) as exc:
+                log.log(logging.INFO if openmp else logging.WARNING, "native paged decode (openmp=%s): %s", openmp, exc)
+        if lib is None:
+            log.warning("native paged decode attention unavailable, using gather + SDPA")
             return None
         fn = lib.pagedq_paged_decode_f32
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
+        fn.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
         fn.restype = ctypes.c_int
         _lib = lib
         return _lib
@@ -111,7 +120,8 @@ def paged_decode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode rows' attention over their own blocks.
 
-    q [rows, H, D] fp32; k_cache/v_cache [num_blocks, block_size, KVH, D] fp32 (one layer, contiguous);
+    q [rows, H, D] fp32; k_cache/v_cache [num_blocks, block_size, KVH, D] fp32 (one layer; each block
+    contiguous, blocks any equal distance apart; the two may be one tensor);
     block_ids [N] int64 (flat tables); table_start [rows] int64 (row r's table begins at
     block_ids[table_start[r]]); lens [rows] int64 (keys each row sees, its own token included).
     Returns out [rows, H, D] and lse [rows, H] (fp32)."""
@@ -120,15 +130,18 @@ def paged_decode(
         raise RuntimeError("the native paged decode kernel is not available")
     rows, heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
-    for t, dtype in ((q, torch.float32), (k_cache, torch.float32), (v_cache, torch.float32),
+    for t, dtype in ((q, torch.float32), (k_cache[0], torch.float32), (v_cache[0], torch.float32),
                      (block_ids, torch.int64), (table_start, torch.int64), (lens, torch.int64)):  # fmt: skip
         if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
             raise ValueError(f"paged_decode needs contiguous CPU {dtype} tensors, got {t.dtype} {t.device}")
+    block_stride = k_cache.stride(0)
+    if v_cache.shape != k_cache.shape or v_cache.stride(0) != block_stride:
+        raise ValueError("paged_decode needs K and V caches of one shape and block stride")
     out = torch.empty(rows, heads, dim, dtype=torch.float32)
     lse = torch.empty(rows, heads, dtype=torch.float32)
     status = lib.pagedq_paged_decode_f32(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_ids.data_ptr(), table_start.data_ptr(),
-        lens.data_ptr(), out.data_ptr(), lse.data_ptr(), rows, heads, kv_heads, dim, block_size,
+        lens.data_ptr(), out.data_ptr(), lse.data_ptr(), rows, heads, kv_heads, dim, block_size, block_stride,
         window or 0, scale, torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:

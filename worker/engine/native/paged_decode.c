@@ -4,7 +4,10 @@
  * runs SDPA over it: the KV bytes cross memory three times (read, write, read). Here each (row, kv head)
  * reads its keys and values once, straight from the pool, as vLLM's CPU paged-attention kernels do.
  *
- * Layout (one layer): k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim], contiguous.
+ * Layout (one layer): k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim], each block
+ * contiguous, blocks block_stride floats apart (block_size * num_kv_heads * head_dim when the whole cache
+ * is contiguous; more when a block is one slice of a larger page, as in the seq2seq pool). k_cache may
+ * equal v_cache (the seq2seq engine's cross-attention reads encoder rows as keys and values, one kv head).
  * Row r's blocks are block_ids[table_start[r] ...]; it attends to key positions [lo, len_r) where
  * lo = max(0, len_r - window) with a sliding window (window > 0), else 0 (transformers' rule: a query at
  * position p sees (p - window, p]). Query heads h = kv * G + g share kv head kv (grouped-query attention).
@@ -21,8 +24,14 @@
 #define LANES 16
 #define PREFETCH 16 /* positions ahead: a row's blocks are scattered, the hardware prefetcher stops at each jump */
 
-static inline void prefetch_position(const float *cache, const int64_t *table, int64_t p, int64_t bs, int64_t stride) {
-    const char *at = (const char *)(cache + (table[p / bs] * bs + p % bs) * stride);
+static inline const float *position(const float *cache, const int64_t *table, int64_t p, int64_t bs,
+                                    int64_t block_stride, int64_t stride) {
+    return cache + table[p / bs] * block_stride + (p % bs) * stride;
+}
+
+static inline void prefetch_position(const float *cache, const int64_t *table, int64_t p, int64_t bs,
+                                     int64_t block_stride, int64_t stride) {
+    const char *at = (const char *)position(cache, table, p, bs, block_stride, stride);
     for (int64_t c = 0; c < stride * (int64_t)sizeof(float); c += 64) __builtin_prefetch(at + c);
 }
 
@@ -30,7 +39,7 @@ typedef struct {
     const float *q, *k_cache, *v_cache;
     const int64_t *block_ids, *table_start, *lens;
     float *out, *lse;
-    int64_t rows, heads, kv_heads, head_dim, block_size, window;
+    int64_t rows, heads, kv_heads, head_dim, block_size, block_stride, window;
     float scale;
     int64_t task_begin, task_end; /* rows */
     int status;
@@ -70,9 +79,69 @@ static inline void dot8(const float *q, const float *k, int64_t h0, int64_t G, i
 #define HAVE_DOT8 0
 #endif
 
+/* Groups of 8 query heads that read the same kv head (G % 8 == 0: multi-query attention, and the seq2seq
+ * cross-attention over encoder rows, where D is d_model): each key and value is loaded once for all 8, and
+ * the 8 value accumulators stay in registers, one vector of D at a time, across all positions. */
+#if defined(__AVX512F__)
+typedef __m512 vec;
+#define VL 16
+#define vload _mm512_loadu_ps
+#define vstore _mm512_storeu_ps
+#define vfma _mm512_fmadd_ps
+#define vset1 _mm512_set1_ps
+#define vzero _mm512_setzero_ps
+#define vsum _mm512_reduce_add_ps
+#define HAVE_SHARED8 1
+#elif HAVE_DOT8
+typedef __m256 vec;
+#define VL 8
+#define vload _mm256_loadu_ps
+#define vstore _mm256_storeu_ps
+#define vfma _mm256_fmadd_ps
+#define vset1 _mm256_set1_ps
+#define vzero _mm256_setzero_ps
+static inline float vsum(__m256 v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+#define HAVE_SHARED8 1
+#else
+#define HAVE_SHARED8 0
+#define VL_OR_1 1
+#endif
+
+#if HAVE_SHARED8
+#define VL_OR_1 VL
+/* s[i] = q_(h0+i) . k for the 8 heads h0.. (rows of q, D apart), all against one key row k; D % VL == 0. */
+static inline void scores8_shared(const float *q8, const float *k, int64_t D, float *s) {
+    vec acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = vzero();
+    for (int64_t d = 0; d < D; d += VL) {
+        const vec kv = vload(k + d);
+        for (int i = 0; i < 8; i++) acc[i] = vfma(vload(q8 + i * D + d), kv, acc[i]);
+    }
+    for (int i = 0; i < 8; i++) s[i] = vsum(acc[i]);
+}
+
+/* acc8[i] = sum_p w[i * n + p] * v_p for the 8 heads, v_p = rows[p] (n positions); D % VL == 0. */
+static inline void values8_shared(const float *const *rows, const float *w, int64_t n, int64_t D, float *acc8) {
+    for (int64_t d = 0; d < D; d += VL) {
+        vec acc[8];
+        for (int i = 0; i < 8; i++) acc[i] = vzero();
+        for (int64_t p = 0; p < n; p++) {
+            const vec vv = vload(rows[p] + d);
+            for (int i = 0; i < 8; i++) acc[i] = vfma(vset1(w[i * n + p]), vv, acc[i]);
+        }
+        for (int i = 0; i < 8; i++) vstore(acc8 + i * D + d, acc[i]);
+    }
+}
+#endif
+
 static void *run(void *arg) {
     Job *job = (Job *)arg;
     const int64_t H = job->heads, KVH = job->kv_heads, D = job->head_dim, BS = job->block_size;
+    const int64_t BSTRIDE = job->block_stride;
     const int64_t G = H / KVH, stride = KVH * D; /* one position's keys of every kv head */
     int64_t longest = 1;
     for (int64_t r = job->task_begin; r < job->task_end; r++)
@@ -81,8 +150,9 @@ static void *run(void *arg) {
     float *acc = (float *)malloc(sizeof(float) * (size_t)(H * D));
     float *maxs = (float *)malloc(sizeof(float) * (size_t)H);
     float *sums = (float *)malloc(sizeof(float) * (size_t)H);
-    if (!scores || !acc || !maxs || !sums) {
-        free(scores), free(acc), free(maxs), free(sums);
+    const float **vrows = (const float **)malloc(sizeof(float *) * (size_t)longest);
+    if (!scores || !acc || !maxs || !sums || !vrows) {
+        free(scores), free(acc), free(maxs), free(sums), free(vrows);
         job->status = 1;
         return NULL;
     }
@@ -99,10 +169,24 @@ static void *run(void *arg) {
             continue;
         }
         for (int64_t h = 0; h < H; h++) maxs[h] = -INFINITY;
+        const int shared8 = HAVE_SHARED8 && G % 8 == 0 && D % VL_OR_1 == 0;
         for (int64_t p = lo; p < len; p++) {
-            const float *k = job->k_cache + (table[p / BS] * BS + p % BS) * stride;
-            if (p + PREFETCH < len) prefetch_position(job->k_cache, table, p + PREFETCH, BS, stride);
+            const float *k = position(job->k_cache, table, p, BS, BSTRIDE, stride);
+            if (p + PREFETCH < len) prefetch_position(job->k_cache, table, p + PREFETCH, BS, BSTRIDE, stride);
             int64_t h = 0;
+#if HAVE_SHARED8
+            if (shared8) {
+                float s8[8];
+                for (; h < H; h += 8) {
+                    scores8_shared(q + h * D, k + (h / G) * D, D, s8);
+                    for (int i = 0; i < 8; i++) {
+                        const float s = s8[i] * job->scale;
+                        scores[(h + i) * n + (p - lo)] = s;
+                        if (s > maxs[h + i]) maxs[h + i] = s;
+                    }
+                }
+            }
+#endif
 #if HAVE_DOT8
             if (D % 8 == 0) {
                 float s8[8];
@@ -130,15 +214,25 @@ static void *run(void *arg) {
             }
             sums[h] = total;
         }
-        memset(acc, 0, sizeof(float) * (size_t)(H * D));
-        for (int64_t p = lo; p < len; p++) {
-            const float *v = job->v_cache + (table[p / BS] * BS + p % BS) * stride;
-            if (p + PREFETCH < len) prefetch_position(job->v_cache, table, p + PREFETCH, BS, stride);
-            for (int64_t h = 0; h < H; h++) {
-                const float w = scores[h * n + (p - lo)];
-                const float *vh = v + (h / G) * D;
-                float *a = acc + h * D;
-                for (int64_t d = 0; d < D; d++) a[d] += w * vh[d];
+        if (shared8) {
+#if HAVE_SHARED8
+            for (int64_t h = 0; h < H; h += 8) {
+                for (int64_t p = lo; p < len; p++)
+                    vrows[p - lo] = position(job->v_cache, table, p, BS, BSTRIDE, stride) + (h / G) * D;
+                values8_shared(vrows, scores + h * n, n, D, acc + h * D);
+            }
+#endif
+        } else {
+            memset(acc, 0, sizeof(float) * (size_t)(H * D));
+            for (int64_t p = lo; p < len; p++) {
+                const float *v = position(job->v_cache, table, p, BS, BSTRIDE, stride);
+                if (p + PREFETCH < len) prefetch_position(job->v_cache, table, p + PREFETCH, BS, BSTRIDE, stride);
+                for (int64_t h = 0; h < H; h++) {
+                    const float w = scores[h * n + (p - lo)];
+                    const float *vh = v + (h / G) * D;
+                    float *a = acc + h * D;
+                    for (int64_t d = 0; d < D; d++) a[d] += w * vh[d];
+                }
             }
         }
         for (int64_t h = 0; h < H; h++) {
@@ -147,23 +241,21 @@ static void *run(void *arg) {
             lse[h] = maxs[h] + logf(sums[h]);
         }
     }
-    free(scores), free(acc), free(maxs), free(sums);
+    free(scores), free(acc), free(maxs), free(sums), free(vrows);
     return NULL;
 }
 
 /* Returns 0 on success, 1 when out of memory, 2 when heads is not a multiple of kv_heads. */
 int pagedq_paged_decode_f32(const float *q, const float *k_cache, const float *v_cache, const int64_t *block_ids,
                             const int64_t *table_start, const int64_t *lens, float *out, float *lse, int64_t rows,
-                            int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t window,
-                            float scale, int threads) {
+                            int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
+                            int64_t block_stride, int64_t window, float scale, int threads) {
     if (kv_heads <= 0 || heads % kv_heads != 0) return 2;
     const int64_t tasks = rows;
     if (threads < 1) threads = 1;
     if (threads > 64) threads = 64;
     if (tasks < threads) threads = (int)(tasks > 0 ? tasks : 1);
     Job jobs[64];
-    pthread_t ids[64];
-    int started[64] = {0};
     /* Split by keys to read, not by task count: rows have different lengths. */
     int64_t total = 0;
     for (int64_t r = 0; r < rows; r++) total += lens[r];
@@ -175,20 +267,30 @@ int pagedq_paged_decode_f32(const float *q, const float *k_cache, const float *v
             task++;
         }
         Job j = {q, k_cache, v_cache, block_ids, table_start, lens, out, lse, rows, heads, kv_heads,
-                 head_dim, block_size, window, scale, begin, task, 0};
+                 head_dim, block_size, block_stride, window, scale, begin, task, 0};
         jobs[i] = j;
     }
+#ifdef _OPENMP
+    /* torch's own OpenMP team (the process has one libgomp.so.1: torch's, loaded first): its threads are
+     * awake after torch's last op, where threads of our own would queue behind them spinning. */
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int i = 0; i < threads; i++) run(&jobs[i]);
+#else
+    pthread_t ids[64];
+    int started[64] = {0};
     for (int i = 1; i < threads; i++)
         started[i] = pthread_create(&ids[i], NULL, run, &jobs[i]) == 0;
     run(&jobs[0]);
-    int status = jobs[0].status;
     for (int i = 1; i < threads; i++) {
         if (started[i]) {
             pthread_join(ids[i], NULL);
         } else {
             run(&jobs[i]); /* could not start a thread: do its share here */
         }
-        if (jobs[i].status) status = jobs[i].status;
     }
+#endif
+    int status = 0;
+    for (int i = 0; i < threads; i++)
+        if (jobs[i].status) status = jobs[i].status;
     return status;
 }
