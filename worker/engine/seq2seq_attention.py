@@ -330,9 +330,9 @@ def _cross_attention(
     heads, dim = query.shape[1], query.shape[3]
     w_k, w_v, b_v = _cross_projections(module, heads, dim)
     q = torch.bmm(query[0], w_k)  # [H, T, d_model]: each head's query in h's space
+    scale = scaling if scaling is not None else dim**-0.5  # the head's scale: (Wk^T q) . h == q . k
     native = meta.native_cross
     if native is not None:  # every row, in row order
-        scale = scaling if scaling is not None else dim**-0.5
         states = meta.pool.encoder_states.unsqueeze(2)  # [pages, rows per page, 1 kv head, d_model]
         context, _ = paged_decode(
             q.transpose(0, 1).contiguous(), states, states, native.block_ids, native.table_start, native.lens,
@@ -345,7 +345,7 @@ def _cross_attention(
         states, mask = bucket.states(meta.pool)
         r, n, width = bucket.encoder_lens.shape[0], bucket.n, q.shape[2]
         rows_q = q[:, bucket.rows].view(heads, r, n, width).permute(1, 2, 0, 3).reshape(r, 1, n * heads, width)
-        o = F.scaled_dot_product_attention(rows_q, states, states, attn_mask=mask, scale=scaling)  # [R, 1, nH, m]
+        o = F.scaled_dot_product_attention(rows_q, states, states, attn_mask=mask, scale=scale)  # [R, 1, nH, m]
         context[:, bucket.rows] = o.view(r * n, heads, width).transpose(0, 1)
     o = torch.bmm(context, w_v.transpose(1, 2))  # [H, T, D]
     if b_v is not None:
