@@ -92,12 +92,22 @@ def _t5() -> Any:
     return model
 
 
+def _t5_narrow() -> Any:
+    """T5 whose attention is narrower than d_model (heads * d_kv = 36 < 64), as in mT5-small (6 x 64 < 512)."""
+    config = T5Config(
+        d_model=64, d_kv=12, d_ff=128, num_layers=2, num_heads=3, relative_attention_num_buckets=8,
+        relative_attention_max_distance=20, tie_word_embeddings=False, **_IDS,
+    )  # fmt: skip
+    return T5ForConditionalGeneration(config)
+
+
 BUILDERS: dict[str, Callable[[], Any]] = {
     "marian": _marian,
     "bart": _bart,
     "mbart": _mbart,
     "t5": _t5,
     "m2m100": _m2m100,
+    "t5_narrow": _t5_narrow,
 }
 
 

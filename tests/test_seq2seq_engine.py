@@ -77,6 +77,17 @@ def test_greedy_matches_generate_with_requests_joining(arch: str, native: bool |
         assert len(out.output_token_ids) == MAX_NEW_TOKENS or ends_on_eos
 
 
+@NATIVE
+def test_attention_narrower_than_d_model(native: bool | None) -> None:
+    """mT5-style heads * d_kv < d_model: encoder pages hold d_model-wide rows; greedy and beam equal generate."""
+    for beams in (1, 3):
+        pair = build_pair("t5_narrow", num_beams=beams)
+        inputs = random_inputs(6, seed=9)
+        engine = make_engine(pair.model, native_decode=native)
+        outputs = run(engine, inputs, decode_settings(pair.model, GenerationOptions()))
+        assert_matches_generate(pair, inputs, outputs)
+
+
 @pytest.mark.parametrize(
     ("arch", "beams", "generation"),
     [

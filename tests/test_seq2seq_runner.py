@@ -92,7 +92,7 @@ class Reference:
 
 
 @pytest.mark.parametrize("native", [None, False], ids=["auto", "portable"])
-@pytest.mark.parametrize("arch", ["marian", "bart", "mbart", "t5", "m2m100"])
+@pytest.mark.parametrize("arch", ["marian", "bart", "mbart", "t5", "m2m100", "t5_narrow"])
 def test_packed_steps_equal_the_model_forward(arch: str, native: bool | None) -> None:
     """Auto: the native kernel for decode rows and cross-attention where built; portable: SDPA buckets."""
     pair = build_pair(arch)
