@@ -69,7 +69,7 @@ class KVPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
-        encoder_dim: int | None = None,
+        encoder_dim: int,
     ) -> None:
         # Zeros, not empty: padded bucket rows read unused slots; they are masked, but 0 * NaN is NaN.
         self.pages = torch.zeros(num_blocks, 2, num_layers, block_size, num_heads, head_dim, dtype=dtype, device=device)
@@ -77,7 +77,7 @@ class KVPool:
         self.value_cache = self.pages[:, 1].transpose(0, 1)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.num_heads, self.head_dim = num_heads, head_dim
-        self.encoder_dim = encoder_dim or num_heads * head_dim
+        self.encoder_dim = encoder_dim
         self.encoder_block_size = self.encoder_rows_per_page(
             num_layers, block_size, num_heads, head_dim, self.encoder_dim
         )
@@ -179,11 +179,10 @@ class CrossBucket:
 class NativeRows:
     """Rows for the native kernel: row i reads lens[i] positions of the table at block_ids[table_start[i]:]."""
 
-    rows: torch.Tensor  # [n] packed rows
     block_ids: torch.Tensor  # flat tables
     table_start: torch.Tensor  # [n]
     lens: torch.Tensor  # [n]
-    contiguous: bool  # rows are 0..n-1 in order (no gather, no scatter)
+    rows: torch.Tensor | None = None  # [n] packed rows; None: rows 0..n-1 in order (no gather, no scatter)
 
 
 @dataclass
@@ -287,13 +286,13 @@ def _native_self_attention(
 ) -> None:
     """Single-token decoder rows over their own self blocks, read in place by the native kernel."""
     pool = meta.pool
-    q = query[0][:, rows.rows] if not rows.contiguous else query[0][:, : rows.rows.shape[0]]
+    q = query[0][:, : rows.lens.shape[0]] if rows.rows is None else query[0][:, rows.rows]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     o, _ = paged_decode(
         q.transpose(0, 1).contiguous(), pool.key_cache[layer], pool.value_cache[layer], rows.block_ids,
         rows.table_start, rows.lens, scale, None,
     )  # fmt: skip
-    if rows.contiguous:
+    if rows.rows is None:
         out[: o.shape[0]] = o
     else:
         out[rows.rows] = o

@@ -31,30 +31,11 @@ class _PlaceholderLayer:
         self.values = self.keys
 
 
-class _SelfWriter:
-    """Writes one pass's new decoder K/V ([1, H, N, D]) into the pool at `Seq2SeqMetadata.self_slots`."""
-
-    def __init__(self, pool: KVPool, num_layers: int) -> None:
-        self.pool = pool
-        self.layers = [_PlaceholderLayer(pool.num_heads, pool.head_dim, pool.pages.dtype, pool.device)] * num_layers
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        meta: Seq2SeqMetadata = (kwargs or {})[METADATA_KWARG]
-        slots = meta.self_slots
-        assert slots is not None and slots[0].shape[0] == key_states.shape[2], "K/V rows do not match their slots"
-        self.pool.write(layer_idx, slots, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
-        return key_states, value_states
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-
 class _CrossPlaceholders:
     """What cross-attention reads with `is_updated` True; it never projects, so `update` is a bug."""
 
     def __init__(self, pool: KVPool, num_layers: int) -> None:
+        self.pool = pool
         self.layers = [_PlaceholderLayer(pool.num_heads, pool.head_dim, pool.pages.dtype, pool.device)] * num_layers
 
     def update(self, *_args: Any, **_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +43,19 @@ class _CrossPlaceholders:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
+
+
+class _SelfWriter(_CrossPlaceholders):
+    """Writes one pass's new decoder K/V ([1, H, N, D]) into the pool at `Seq2SeqMetadata.self_slots`."""
+
+    def update(  # type: ignore[override]
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        meta: Seq2SeqMetadata = (kwargs or {})[METADATA_KWARG]
+        slots = meta.self_slots
+        assert slots is not None and slots[0].shape[0] == key_states.shape[2], "K/V rows do not match their slots"
+        self.pool.write(layer_idx, slots, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
+        return key_states, value_states
 
 
 class PagedEncoderDecoderCache(EncoderDecoderCache):

@@ -247,11 +247,10 @@ class Seq2SeqRunner:
             flat.extend(table)
         order = [r for r, _, _ in rows]
         return NativeRows(
-            rows=self._tensor(order),
             block_ids=self._tensor(flat),
             table_start=self._tensor(starts),
             lens=self._tensor([n for _, n, _ in rows]),
-            contiguous=order == list(range(len(order))),
+            rows=None if order == list(range(len(order))) else self._tensor(order),
         )
 
     def _native_cross(self, spans: list[tuple[int, int, StepItem]]) -> NativeRows:
@@ -263,13 +262,7 @@ class Seq2SeqRunner:
             starts.extend([len(flat)] * n)
             lens.extend([item.encoder_len] * n)
             flat.extend(item.cross_blocks)
-        return NativeRows(
-            rows=self._tensor(list(range(len(lens)))),
-            block_ids=self._tensor(flat),
-            table_start=self._tensor(starts),
-            lens=self._tensor(lens),
-            contiguous=True,
-        )
+        return NativeRows(block_ids=self._tensor(flat), table_start=self._tensor(starts), lens=self._tensor(lens))
 
     def _decode_buckets(self, rows: list[tuple[int, int, Sequence[int]]]) -> list[SelfDecodeBucket]:
         rows = sorted(rows, key=lambda r: r[1])  # similar lengths share a bucket

@@ -143,6 +143,7 @@ static void *run(void *arg) {
     const int64_t H = job->heads, KVH = job->kv_heads, D = job->head_dim, BS = job->block_size;
     const int64_t BSTRIDE = job->block_stride;
     const int64_t G = H / KVH, stride = KVH * D; /* one position's keys of every kv head */
+    const int shared8 = HAVE_SHARED8 && G % 8 == 0 && D % VL_OR_1 == 0;
     int64_t longest = 1;
     for (int64_t r = job->task_begin; r < job->task_end; r++)
         if (job->lens[r] > longest) longest = job->lens[r];
@@ -169,7 +170,6 @@ static void *run(void *arg) {
             continue;
         }
         for (int64_t h = 0; h < H; h++) maxs[h] = -INFINITY;
-        const int shared8 = HAVE_SHARED8 && G % 8 == 0 && D % VL_OR_1 == 0;
         for (int64_t p = lo; p < len; p++) {
             const float *k = position(job->k_cache, table, p, BS, BSTRIDE, stride);
             if (p + PREFETCH < len) prefetch_position(job->k_cache, table, p + PREFETCH, BS, BSTRIDE, stride);
