@@ -49,8 +49,13 @@ def _cpu_id() -> str:
     return "\n".join(sorted(set(lines)))
 
 
+def c_compiler() -> str | None:
+    """The C compiler the kernel is built with: `$CC`, else `cc` or `gcc` on PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 def _build(openmp: bool) -> Path:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = c_compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     flags, link = (_FLAGS + _OPENMP, _LINK + _OPENMP) if openmp else (_FLAGS, _LINK)
