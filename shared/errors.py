@@ -54,3 +54,20 @@ class EngineError(PagedqError):
     """The inference engine failed on this request (the worker stays up)."""
 
     http_status = 500
+
+
+class ModelError(EngineError):
+    """The model or tokenizer failed on this request alone.
+
+    The engine found it by re-running the failed step's batch in smaller groups without it; the other
+    requests of that batch were not affected."""
+
+    http_status = 422
+
+
+class WorkerShuttingDown(PagedqError):
+    """Internal, never stored as a task outcome: the worker stopped before this request finished.
+
+    The task is handed back to its queue (Celery `Reject(requeue=True)`) and another worker runs it."""
+
+    http_status = 503
