@@ -13,7 +13,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from worker.engine.executor import EngineConfig
 from worker.engine.llm_engine import LLMEngine
-from worker.engine.sampling import SamplingParams, filtered_probs
+from worker.engine.sampling import GREEDY_BELOW_TEMPERATURE, SamplingParams, filtered_probs, scaled_logits
 
 from .helpers import TinyModel, random_prompts
 from .tiny_tokenizer import build_tokenizer
@@ -31,6 +31,25 @@ def test_filters_match_transformers_warpers() -> None:
         torch.testing.assert_close(filtered_probs(logits, 0.8, top_k, top_p), ref.softmax(-1)[0])
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-30, 1e-12, GREEDY_BELOW_TEMPERATURE])
+@pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (5, 1.0), (0, 0.5), (5, 0.3)])
+def test_tiny_temperatures_stay_finite_and_pick_the_argmax(temperature: float, top_k: int, top_p: float) -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(50) * 4
+    logits[[3, 17]] = float("-inf")  # banned tokens (generate's processors) stay banned
+    probs = filtered_probs(logits, temperature, top_k, top_p)
+    assert torch.isfinite(probs).all()
+    assert probs[logits.argmax()] == 1.0 and probs.sum() == 1.0
+
+
+def test_scaled_logits_keep_the_distribution_of_ordinary_temperatures() -> None:
+    torch.manual_seed(2)
+    logits = (torch.randn(50) * 4).to(torch.bfloat16)
+    scaled = scaled_logits(logits, 0.7)
+    assert scaled.dtype == torch.float32 and scaled.max() == 0.0
+    torch.testing.assert_close(scaled.softmax(-1), (logits.float() / 0.7).softmax(-1))
+
+
 def engine_for(tm: TinyModel, **kw: object) -> LLMEngine:
     return LLMEngine(tm.model, config=EngineConfig(block_size=4, **kw), num_blocks=128)  # type: ignore[arg-type]
 
@@ -45,6 +64,18 @@ def test_seeded_sampling_ignores_batch_companions(tiny_models: dict[str, TinyMod
     assert alone == crowd
     top1 = engine_for(tm).generate([prompts[0]], SamplingParams(max_new_tokens=10, temperature=2.0, top_k=1))
     assert top1[0].output_token_ids == tm.expected(prompts[0], 10)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-30, 1e-6])
+def test_tiny_temperature_sampling_returns_the_greedy_tokens(
+    tiny_models: dict[str, TinyModel], temperature: float
+) -> None:
+    tm = tiny_models["llama"]
+    prompts = random_prompts([7, 12, 4], seed=15)
+    params = [SamplingParams(max_new_tokens=10, temperature=temperature, top_k=k, top_p=p, seed=s)
+              for k, p, s in [(0, 1.0, None), (20, 0.9, 7), (0, 0.5, None)]]  # fmt: skip
+    outs = engine_for(tm).generate(prompts, params)
+    assert [o.output_token_ids for o in outs] == [tm.expected(prompt, 10) for prompt in prompts]
 
 
 def test_stop_token_ids_and_streaming(tiny_models: dict[str, TinyModel]) -> None:

@@ -9,6 +9,9 @@ what it sets.
   one `generate` call; a seeded request never shares (its key carries its request id), so its random
   stream is its own.
 
+A temperature below `sampling.GREEDY_BELOW_TEMPERATURE` decodes greedily on both paths: the sampler's
+distribution is the argmax there anyway, and generate's own `scores / temperature` would overflow to NaN.
+
 Lengths: an encoder-decoder's decoder sequence starts with `decoder_start_token_id`, so
 `max_new_tokens = N` is `max_length = N + 1`. We pass whichever of the two the model's config uses, so
 transformers never sees both (it warns on every call if it does).
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from shared.models import GenerationOptions
+from worker.engine.sampling import GREEDY_BELOW_TEMPERATURE
 
 DECODER_START_TOKENS = 1  # the decoder_start_token_id every encoder-decoder output begins with
 #: generate's values for options a generation config leaves unset
@@ -75,6 +79,8 @@ def generation_key(
         max_new = min(max_new, positions - DECODER_START_TOKENS)
     explicit = "do_sample" in options.model_fields_set or options.do_sample
     do_sample = options.do_sample if explicit else None
+    if do_sample and options.temperature < GREEDY_BELOW_TEMPERATURE:
+        do_sample = False  # argmax: what sampling at this temperature gives, without generate's NaN
     return GenerationKey(
         max_new_tokens=max_new,
         num_beams=options.num_beams or model.generation_config.num_beams or 1,

@@ -3,6 +3,10 @@
 Greedy rows are decided with one `argmax` over all of them. Sampled rows apply temperature, top-k and
 top-p in fp32 and draw with the request's own `torch.Generator` when it has a seed, so a seeded
 request gives the same tokens whatever else shares its batch.
+
+Any positive temperature stays finite: logits are shifted so their maximum is exactly 0 before they are
+divided, so a vanishing temperature sends every other logit to -inf (argmax) instead of inf - inf = NaN.
+A temperature below `GREEDY_BELOW_TEMPERATURE` is greedy outright (vLLM's `_SAMPLING_EPS` convention).
 """
 
 from __future__ import annotations
@@ -15,13 +19,17 @@ import torch
 
 from worker.engine.request import Request, RequestStatus
 
+#: Temperatures below this sample greedily: `exp(-gap / T)` for any logit gap the model can tell apart is 0.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request picks tokens and when it stops.
 
-    `temperature == 0` means greedy. `stop` strings need the engine to have a tokenizer. EOS ids
-    come from the engine (model generation config) unless `ignore_eos` is set (benchmarks)."""
+    `temperature == 0` (or below `GREEDY_BELOW_TEMPERATURE`) means greedy. `stop` strings need the engine
+    to have a tokenizer. EOS ids come from the engine (model generation config) unless `ignore_eos` is set
+    (benchmarks)."""
 
     max_new_tokens: int = 16
     temperature: float = 0.0
@@ -47,7 +55,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 class Sampler:
@@ -81,8 +89,8 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
     """Softmax of `logits / temperature` restricted to the top-k, then to the top-p nucleus.
 
     Matches transformers' warpers: top-p keeps the smallest set whose mass reaches `top_p`
-    (always at least one token)."""
-    logits = logits / temperature
+    (always at least one token). Finite for any temperature > 0 (`scaled_logits`)."""
+    logits = scaled_logits(logits, temperature)
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -93,6 +101,18 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
         remove[-1] = False
         logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
     return logits.softmax(dim=-1)
+
+
+def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`(logits - max) / temperature` in float32: the maximum is exactly 0 and every other entry <= 0.
+
+    Softmax is unchanged by the shift. Without it a tiny temperature (1e-300 is 0 in float32) turns logits
+    into +-inf and the softmax into NaN; with it the maximum stays 0 (0 / 0 is masked) and the others go to
+    -inf, so the distribution degenerates to the argmax. (A row with no finite logit stays NaN: the
+    sampler then raises, and the engine isolates that request.)"""
+    logits = logits.float()
+    shifted = logits - logits.max()
+    return (shifted / temperature).masked_fill(shifted == 0, 0.0)
 
 
 class StopChecker:
