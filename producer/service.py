@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from datetime import UTC, datetime
-from typing import Any, TypeGuard, cast
+from typing import TypeGuard
 
 import redis
 from celery import Celery
@@ -24,11 +24,11 @@ from kombu.messaging import Producer
 from producer.errors import TaskAlreadyFinished
 from producer.parsing import RequestInput, parse_request, parse_requests
 from producer.polling import wait_for
-from producer.status import task_status
+from producer.status import needs_expiry, task_status
 from producer.submission import Submission
 from shared.celery_config import QUEUES, TASK_NAMES, celery_priority, make_celery
 from shared.errors import InvalidRequest, PagedqError, TaskNotFound
-from shared.models import SubmitResponse, TaskRequest, TaskStatus, TaskType
+from shared.models import SubmitResponse, TaskError, TaskRequest, TaskState, TaskStatus, TaskType
 from shared.records import NewRecord, TaskRecords
 from shared.registry import Registry
 from shared.settings import Settings, get_settings
@@ -40,6 +40,8 @@ DEFAULT_MODEL = "default"
 SEND_BATCH = 250
 
 ProgressCallback = Callable[[int, int], None]  # (done, total)
+
+CANCELLED_ERROR = TaskError(type="TaskCancelled", message="the task was cancelled before it started")
 
 
 class TaskService:
@@ -63,7 +65,8 @@ class TaskService:
         """Validate, record and enqueue one request. Raises ValidationError or a PagedqError first."""
         submission = self._prepare(task_type, parse_request(task_type, request, self.settings.limits))
         self.records.create(
-            submission.id, task_type, submission.model, submission.request.priority, _utc(submission.deadline)
+            submission.id, task_type, submission.model, submission.request.priority, _utc(submission.deadline),
+            submission.message,
         )
         try:
             self._send(submission)
@@ -113,7 +116,8 @@ class TaskService:
 
     def _create_records(self, submissions: Sequence[Submission]) -> None:
         self.records.create_many(
-            [NewRecord(s.id, s.task_type, s.model, s.request.priority, _utc(s.deadline)) for s in submissions]
+            [NewRecord(s.id, s.task_type, s.model, s.request.priority, _utc(s.deadline), s.message)
+             for s in submissions]
         )
 
     def _send(self, submission: Submission, producer: Producer | None = None) -> None:
@@ -154,41 +158,51 @@ class TaskService:
 
     def status(self, task_id: str) -> TaskStatus:
         """The task's current status; TaskNotFound for an id that was never submitted (or has expired)."""
-        record = self.records.get(task_id)
-        if not _is_submitted(record):
-            raise TaskNotFound(f"no task with id {task_id!r}")
-        return task_status(task_id, record, self._meta(task_id), datetime.now(UTC))
+        return self.statuses([task_id])[0]
 
     def statuses(self, task_ids: Sequence[str]) -> list[TaskStatus]:
-        """Many statuses in two round trips (one pipeline for the records, one MGET for the results)."""
+        """Many statuses in one round trip (one pipeline of record reads).
+
+        A task past its deadline without a final state is expired now, whatever its worker is doing: the
+        reader persists that with `finalize` (the first final state written wins, so it never flips)."""
         records = self.records.get_many(task_ids)
-        backend = self.celery.backend
-        raw = backend.mget([backend.get_key_for_task(t) for t in task_ids]) if task_ids else []
         now = datetime.now(UTC)
         found = []
-        for task_id, record, payload in zip(task_ids, records, raw, strict=True):
+        for task_id, record in zip(task_ids, records, strict=True):
             if not _is_submitted(record):
                 raise TaskNotFound(f"no task with id {task_id!r}")
-            found.append(task_status(task_id, record, _decode(backend, payload), now))
+            status = task_status(task_id, record, now)
+            if needs_expiry(status, record):
+                status = self._persist_expiry(task_id, status)
+            found.append(status)
         return found
 
+    def _persist_expiry(self, task_id: str, derived: TaskStatus) -> TaskStatus:
+        error = derived.error.model_dump() if derived.error else None
+        if self.records.finalize(task_id, TaskState.EXPIRED, error=error) is TaskState.EXPIRED:
+            return derived
+        record = self.records.get(task_id)  # another final state was written first: it holds
+        if not _is_submitted(record):
+            raise TaskNotFound(f"no task with id {task_id!r}")
+        return task_status(task_id, record, datetime.now(UTC))
+
     def cancel(self, task_id: str) -> TaskStatus:
-        """Ask the worker to stop the task; TaskAlreadyFinished if it already reached a final state."""
+        """Cancel the task; TaskAlreadyFinished if it already reached a final state.
+
+        A queued task is cancelled at once (its message is skipped when a worker takes it); a running one
+        is cancelled by its worker, which the revoke reaches within a fraction of a second."""
         current = self.status(task_id)
         if current.state.is_final:
             raise TaskAlreadyFinished(f"task {task_id} already finished ({current.state.value}); nothing to cancel")
-        self.records.mark(task_id, cancel_requested="1")
+        self.records.request_cancel(task_id)
+        if current.state is TaskState.QUEUED:
+            self.records.finalize(task_id, TaskState.CANCELLED, error=CANCELLED_ERROR.model_dump())
         self.celery.control.revoke(task_id)
         return self.status(task_id)
 
     def wait(self, task_id: str, timeout_s: float | None = None, poll_interval: float = 0.2) -> TaskStatus:
         """Poll until the task is final; TimeoutError after `timeout_s` (None: no limit)."""
         return wait_for(self.status, task_id, timeout_s, poll_interval)
-
-    def _meta(self, task_id: str) -> dict[str, Any]:
-        """The raw result meta, exceptions left as `{"exc_type", "exc_message"}` (never reconstructed)."""
-        backend = self.celery.backend
-        return _decode(backend, backend.get(backend.get_key_for_task(task_id)))
 
     def ping_redis(self, timeout_s: float = 1.0) -> None:
         """Raise redis.RedisError unless the broker's Redis (and the result backend's, if separate) answer."""
@@ -209,12 +223,6 @@ class TaskService:
 def _is_submitted(record: dict[str, str] | None) -> TypeGuard[dict[str, str]]:
     """A record the producer wrote (a worker's `mark` on an expired record leaves only its own fields)."""
     return record is not None and "type" in record and "created_at" in record
-
-
-def _decode(backend: Any, payload: Any) -> dict[str, Any]:
-    if not payload:
-        return {"status": "PENDING", "result": None}
-    return cast(dict[str, Any], backend.decode(payload))
 
 
 def _utc(epoch_s: float) -> datetime:

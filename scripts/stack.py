@@ -97,12 +97,12 @@ class Stack:
             self.wait_http(f"{self.flower_url}/healthcheck", "flower")
         return self
 
-    def start_worker(self) -> str:
-        """Start one more worker process; returns its name."""
+    def start_worker(self, env: dict[str, str] | None = None) -> str:
+        """Start one more worker process (`env`: extra variables for it alone); returns its name."""
         self.worker_count += 1
         name = f"worker{self.worker_count}"
         self.metrics_port = free_port()
-        env = {**self.env(), "PAGEDQ_METRICS_PORT": str(self.metrics_port)}
+        env = {**self.env(), "PAGEDQ_METRICS_PORT": str(self.metrics_port), **(env or {})}
         self._spawn(name, [str(BIN / "celery"), "-A", "worker.app", "worker", "-P", "threads",
                            "-c", str(self.worker_concurrency), "-Q", ",".join(QUEUES.values()),
                            "-n", f"{name}@%h", "--loglevel", "INFO", "--without-mingle"], env)
@@ -147,12 +147,13 @@ class Stack:
             raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{tail}")
 
     def stop(self) -> None:
-        """SIGTERM every process group we started (warm shutdown), SIGKILL what is left after 20 s."""
+        """SIGTERM every process group we started (warm shutdown: workers drain first), SIGKILL what is left
+        after the drain time and 10 s more."""
         procs, self.procs = list(self.procs.values()), {}
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + self.settings().drain_timeout_s + 10
         for proc in procs:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))

@@ -53,9 +53,9 @@ def celery_config(settings: Settings) -> dict[str, object]:
         },
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
         "result_expires": settings.result_ttl_s,
-        "result_extended": True,
-        # No STARTED in the backend: it would overwrite a stored SUCCESS when a message is redelivered, and
-        # tasks skip ids whose result is already stored. The worker writes `started_at` on the task record.
+        # Results and states live in pagedq's task records (shared/records.py), written once by atomic
+        # scripts; Celery's backend would store a second, overwritable copy (a redelivery could flip it).
+        "task_ignore_result": True,
         "task_track_started": False,
         # Events for Flower.
         "worker_send_task_events": True,

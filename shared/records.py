@@ -1,26 +1,58 @@
-"""Task records in Redis: what was submitted, when, and whether a user asked to cancel it.
+"""Task records in Redis: the source of truth for every task's state. The broker is only transport.
 
-Celery reports PENDING for any id it has never seen, so the producer writes a record at submission and
-an id without one is a 404. The worker adds `started_at`; the Celery result backend holds the outcome.
+One hash per task, `pagedq:task:<id>`, written by the producer at submission and changed afterwards only
+by the atomic scripts below (one Redis round trip each, no read-modify-write races between processes):
+
+    fields            written by        meaning
+    type model priority created_at deadline deadline_ts message
+                      create_many       what was submitted; `message` is the Celery body, for re-sending
+    cancel_requested  request_cancel    a user asked to cancel
+    worker started_at claim             the worker process that runs it now (cleared by release)
+    deliveries        claim             how many times a worker started it
+    requeues          release           how many times it was handed back (worker stop or death)
+    state result error finished_at
+                      finalize          the final state: written ONCE; every later finalize returns it
+
+Invariants:
+- a task reaches one final state, once, and keeps it: `finalize` writes only if no `state` exists;
+- every transition is a script on one key, so a worker, a producer and the reconciler never interleave;
+- `pagedq:open` holds exactly the ids that have a record and no final state (the reconciler's work list);
+- finalize publishes the id on `pagedq:done:<id>`, so waiters learn of it without polling.
 Records expire with the results (`PAGEDQ_RESULT_TTL_S`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import NamedTuple
+from enum import StrEnum
+from typing import Any, NamedTuple
 
 import redis
 from redis.typing import EncodableT
 
-from shared.models import TaskType
+from shared.models import TaskState, TaskType
 
 KEY_PREFIX = "pagedq:task:"
+#: Ids with a record and no final state, scored by submission time (epoch seconds).
+OPEN_KEY = "pagedq:open"
+#: Channel prefix on which `finalize` publishes a task's final state.
+DONE_CHANNEL_PREFIX = "pagedq:done:"
+#: Per worker process: the ids it claimed, id -> delivery tag (what the reconciler hands back if it dies).
+CLAIMED_PREFIX = "pagedq:claimed:"
 
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def task_key(task_id: str) -> str:
+    return KEY_PREFIX + task_id
+
+
+def done_channel(task_id: str) -> str:
+    return DONE_CHANNEL_PREFIX + task_id
 
 
 class NewRecord(NamedTuple):
@@ -29,59 +61,169 @@ class NewRecord(NamedTuple):
     model: str
     priority: int
     deadline: datetime | None
+    message: dict[str, Any] | None = None  # the Celery task body, kept to re-send a lost message
+
+
+class Claim(StrEnum):
+    """What `claim` decided for one delivery of a task."""
+
+    RUN = "run"  # this worker now owns the task: run it
+    FINAL = "final"  # already final (redelivered after it finished, or cancelled/expired first): skip
+    OWNED = "owned"  # a live worker (maybe this one) runs it already: this delivery is a duplicate, skip
+    CANCELLED = "cancelled"  # a cancel was asked before it started: finalized as cancelled now
+    EXPIRED = "expired"  # its deadline passed before it started: finalized as expired now
+    MISSING = "missing"  # no record (never submitted through pagedq, or expired): skip
+
+
+# KEYS[1] task, KEYS[2] open set, KEYS[3] claimed hash of this worker
+# ARGV: worker, lease prefix, now (epoch s), started_at (iso), delivery tag, ttl s
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
+if redis.call('HEXISTS', KEYS[1], 'state') == 1 then return 'final' end
+local function finalize(state, etype, message)
+  redis.call('HSET', KEYS[1], 'state', state, 'finished_at', ARGV[4],
+             'error', cjson.encode({type=etype, message=message}))
+  redis.call('ZREM', KEYS[2], string.sub(KEYS[1], #ARGV[7] + 1))
+  redis.call('PUBLISH', ARGV[8] .. string.sub(KEYS[1], #ARGV[7] + 1), state)
+  return state
+end
+if redis.call('HEXISTS', KEYS[1], 'cancel_requested') == 1 then
+  return finalize('cancelled', 'TaskCancelled', 'cancelled before it started')
+end
+local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline_ts') or '')
+if deadline and tonumber(ARGV[3]) >= deadline then
+  return finalize('expired', 'DeadlineExceeded', 'the deadline passed while the task was queued')
+end
+local owner = redis.call('HGET', KEYS[1], 'worker')
+if owner and (owner == ARGV[1] or redis.call('EXISTS', ARGV[2] .. owner) == 1) then return 'owned' end
+redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'started_at', ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+redis.call('HSET', KEYS[3], string.sub(KEYS[1], #ARGV[7] + 1), ARGV[5])
+redis.call('EXPIRE', KEYS[3], ARGV[6])
+return 'run'
+"""
+
+# KEYS[1] task, KEYS[2] open set; ARGV: state, result json, error json, finished_at, id, done channel,
+# claimed prefix. Returns the final state that holds afterwards (this one, or the one written first).
+_FINALIZE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local existing = redis.call('HGET', KEYS[1], 'state')
+if existing then return existing end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[4])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[2]) end
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
+redis.call('ZREM', KEYS[2], ARGV[5])
+local owner = redis.call('HGET', KEYS[1], 'worker')
+if owner then redis.call('HDEL', ARGV[7] .. owner, ARGV[5]) end
+redis.call('PUBLISH', ARGV[6], ARGV[1])
+return ARGV[1]
+"""
+
+# KEYS[1] task; ARGV: worker, id, claimed prefix. Hand a task back (worker stop or death): not final, and
+# still owned by `worker`. Returns 1 if released.
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
+redis.call('HDEL', ARGV[3] .. ARGV[1], ARGV[2])
+if redis.call('HEXISTS', KEYS[1], 'state') == 1 then return 0 end
+redis.call('HDEL', KEYS[1], 'worker', 'started_at')
+redis.call('HINCRBY', KEYS[1], 'requeues', 1)
+return 1
+"""
 
 
 class TaskRecords:
+    """Reads and atomic transitions of task records (see the module docstring)."""
+
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.redis = client
         self.ttl_s = ttl_s
+        self._claim = client.register_script(_CLAIM)
+        self._finalize = client.register_script(_FINALIZE)
+        self._release = client.register_script(_RELEASE)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int) -> TaskRecords:
-        return cls(redis.Redis.from_url(url, decode_responses=True, socket_timeout=5), ttl_s)
+        return cls(redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, health_check_interval=10), ttl_s)
 
-    def _key(self, task_id: str) -> str:
-        return KEY_PREFIX + task_id
+    # -- producer -----------------------------------------------------------------------------------------
 
-    def create(self, task_id: str, task: TaskType, model: str, priority: int, deadline: datetime | None) -> None:
-        self.create_many([NewRecord(task_id, task, model, priority, deadline)])
+    def create(self, task_id: str, task: TaskType, model: str, priority: int, deadline: datetime | None,
+               message: dict[str, Any] | None = None) -> None:
+        self.create_many([NewRecord(task_id, task, model, priority, deadline, message)])
 
     def create_many(self, records: Sequence[NewRecord]) -> None:
-        """Write many records in one round trip (a bulk submission)."""
-        created = now().isoformat()
+        """Write many records (and their entries in the open set) in one round trip."""
+        created = now()
         with self.redis.pipeline(transaction=False) as pipe:
             for r in records:
                 fields: dict[EncodableT, EncodableT] = {"type": r.task.value, "model": r.model,
-                                                        "priority": r.priority, "created_at": created}
+                                                        "priority": r.priority, "created_at": created.isoformat()}
                 if r.deadline is not None:
                     fields["deadline"] = r.deadline.isoformat()
-                pipe.hset(self._key(r.task_id), mapping=fields)
-                pipe.expire(self._key(r.task_id), self.ttl_s)
+                    fields["deadline_ts"] = repr(r.deadline.timestamp())
+                if r.message is not None:
+                    fields["message"] = json.dumps(r.message)
+                pipe.hset(task_key(r.task_id), mapping=fields)
+                pipe.expire(task_key(r.task_id), self.ttl_s)
+            if records:
+                pipe.zadd(OPEN_KEY, {r.task_id: created.timestamp() for r in records})
             pipe.execute()
 
+    def delete(self, task_ids: Sequence[str]) -> None:
+        if task_ids:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.delete(*[task_key(t) for t in task_ids])
+                pipe.zrem(OPEN_KEY, *task_ids)
+                pipe.execute()
+
+    def request_cancel(self, task_id: str) -> None:
+        self.redis.hset(task_key(task_id), "cancel_requested", "1")
+
+    # -- reads --------------------------------------------------------------------------------------------
+
     def get(self, task_id: str) -> dict[str, str] | None:
-        data: dict[str, str] = self.redis.hgetall(self._key(task_id))  # type: ignore[assignment]
+        data: dict[str, str] = self.redis.hgetall(task_key(task_id))  # type: ignore[assignment]
         return data or None
 
     def get_many(self, task_ids: Sequence[str]) -> list[dict[str, str] | None]:
         """Records in the order of `task_ids` (None where there is none), in one round trip."""
         with self.redis.pipeline(transaction=False) as pipe:
             for task_id in task_ids:
-                pipe.hgetall(self._key(task_id))
+                pipe.hgetall(task_key(task_id))
             return [data or None for data in pipe.execute()]
 
-    def delete(self, task_ids: Sequence[str]) -> None:
-        if task_ids:
-            self.redis.delete(*[self._key(t) for t in task_ids])
-
-    def mark(self, task_id: str, **fields: str) -> None:
-        """Set fields on an existing record (started_at, worker, cancel_requested...)."""
-        key = self._key(task_id)
-        mapping: dict[EncodableT, EncodableT] = {k: v for k, v in fields.items()}
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(key, mapping=mapping)
-            pipe.expire(key, self.ttl_s)
-            pipe.execute()
-
     def cancel_requested(self, task_id: str) -> bool:
-        return bool(self.redis.hget(self._key(task_id), "cancel_requested"))
+        return bool(self.redis.hget(task_key(task_id), "cancel_requested"))
+
+    # -- transitions --------------------------------------------------------------------------------------
+
+    def claim(self, task_id: str, worker: str, delivery_tag: str, lease_prefix: str, at: datetime | None = None,
+              claimed_ttl_s: int = 7 * 24 * 3600) -> Claim:
+        """Start a delivery of `task_id` on `worker` (see `Claim` for the outcomes)."""
+        at = at or now()
+        outcome = self._claim(
+            keys=[task_key(task_id), OPEN_KEY, CLAIMED_PREFIX + worker],
+            args=[worker, lease_prefix, repr(at.timestamp()), at.isoformat(), delivery_tag, claimed_ttl_s,
+                  KEY_PREFIX, DONE_CHANNEL_PREFIX],
+        )
+        return Claim(outcome)
+
+    def finalize(self, task_id: str, state: TaskState, result: Any = None, error: dict[str, str] | None = None,
+                 at: datetime | None = None) -> TaskState | None:
+        """Write the final state unless one exists. Returns the state that holds now (None: no record)."""
+        if not state.is_final:
+            raise ValueError(f"{state} is not a final state")
+        outcome = self._finalize(
+            keys=[task_key(task_id), OPEN_KEY],
+            args=[state.value, "" if result is None else json.dumps(result), "" if error is None else json.dumps(error),
+                  (at or now()).isoformat(), task_id, done_channel(task_id), CLAIMED_PREFIX],
+        )
+        return TaskState(outcome) if outcome else None
+
+    def release(self, task_id: str, worker: str) -> bool:
+        """Hand a task that `worker` claimed back to the queue state (not final). True if it was released."""
+        return bool(self._release(keys=[task_key(task_id)], args=[worker, task_id, CLAIMED_PREFIX]))
+
+    def claimed_by(self, worker: str) -> dict[str, str]:
+        """The ids `worker` claimed and has not finished, with the delivery tag of each."""
+        return self.redis.hgetall(CLAIMED_PREFIX + worker)  # type: ignore[return-value]

@@ -7,6 +7,7 @@ real Redis there).
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -65,6 +66,15 @@ class LocalRedis:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"redis-server did not start on port {self.port}") from None
                 time.sleep(0.05)
+
+    def restart(self, sig: int = signal.SIGKILL, down_s: float = 0.0) -> None:
+        """Stop the server with `sig` (its data directory stays: with AOF on, what it acknowledged survives),
+        stay down `down_s` seconds, then start it again on the same port."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        time.sleep(down_s)
+        self.start()
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Limits(BaseModel):
-    """Input limits enforced by the request models (client, API and worker alike)."""
+    """Input limits enforced by the request models (client, API and worker alike) and the HTTP API's body."""
 
     max_text_chars: int = Field(10_000, gt=0, description="Longest `text` or `question`, in characters.")
     max_context_chars: int = Field(100_000, gt=0, description="Longest QA `context`, in characters.")
@@ -23,6 +23,15 @@ class Limits(BaseModel):
     max_beams: int = Field(8, gt=0, description="Largest `num_beams`.")
     max_timeout_s: float = Field(3_600.0, gt=0, description="Longest `timeout_s` a request may ask for.")
     max_bulk: int = Field(10_000, gt=0, description="Most inputs in one bulk submission.")
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, gt=0, description="HTTP API: largest request body, in bytes (413 above it, before parsing)."
+    )
+    max_json_depth: int = Field(
+        32,
+        gt=0,
+        le=256,  # the JSON parser recurses per level: far below Python's recursion limit
+        description="HTTP API: deepest nesting of JSON arrays and objects in a body (checked before parsing).",
+    )
 
 
 class Settings(BaseSettings):
@@ -35,6 +44,20 @@ class Settings(BaseSettings):
         2 * 3600, gt=0, description="Redis redelivers an unacked message after this; keep it above the worst-case task."
     )
     default_timeout_s: float = Field(600.0, gt=0, description="Deadline of a request that names none.")
+    drain_timeout_s: float = Field(
+        20.0, ge=0, description="Warm shutdown (SIGTERM): how long in-flight tasks may finish before the rest is "
+        "handed back to the queue. Keep it under the orchestrator's grace period (compose: stop_grace_period)."
+    )
+    lease_ttl_s: float = Field(
+        6.0, gt=0, description="A worker whose heartbeat is older than this is dead: its tasks are queued again."
+    )
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="How often a worker renews its lease.")
+    reconcile_interval_s: float = Field(
+        2.0, gt=0, description="How often the reconciler looks for dead workers' tasks and lost messages."
+    )
+    lost_message_grace_s: float = Field(
+        5.0, gt=0, description="A task with no message anywhere for this long is sent again (same id)."
+    )
     limits: Limits = Field(default_factory=Limits)
 
     registry_path: Path | None = Field(None, description="Model registry file (TOML); see README.")

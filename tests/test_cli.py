@@ -1,7 +1,7 @@
 """The `pagedq` CLI (typer's CliRunner) against a real private Redis.
 
-`--wait` tests run a stand-in worker thread that pops the real messages off the queue and stores an
-outcome in the real result backend; `--api` tests run the real API under uvicorn in a thread.
+`--wait` tests run a stand-in worker thread that pops the real messages off the queue and finalizes
+the real task records, as a worker does; `--api` tests run the real API under uvicorn in a thread.
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ from typing import Any
 import pytest
 import redis
 import uvicorn
-from celery import states
 from typer.testing import CliRunner
 
 from producer.api import create_app
 from producer.cli import app
 from shared.celery_config import PRIORITY_SEP as SEP
-from shared.celery_config import make_celery
-from shared.errors import EngineError
-from shared.records import KEY_PREFIX
+from shared.models import TaskState
+from shared.records import KEY_PREFIX, TaskRecords
 from shared.redis_server import free_port
 from shared.settings import Settings, get_settings
 
@@ -66,7 +64,7 @@ class StandInWorker(threading.Thread):
     def __init__(self, redis_url: str) -> None:
         super().__init__(daemon=True)
         self.redis = redis.Redis.from_url(redis_url)
-        self.backend = make_celery(Settings(redis_url=redis_url)).backend
+        self.records = TaskRecords.from_url(redis_url, 3600)
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -79,10 +77,11 @@ class StandInWorker(threading.Thread):
         [body], _, _ = json.loads(base64.b64decode(message["body"]))
         task_id, text = message["headers"]["id"], body["request"]["text"]
         if text == "fail":
-            self.backend.store_result(task_id, EngineError("the model fell over"), states.FAILURE)
+            self.records.finalize(task_id, TaskState.FAILED,
+                                  error={"type": "EngineError", "message": "the model fell over"})
         else:
             result = {"type": "classify", "model": body["model"], "label": text.upper(), "score": 1.0, "scores": []}
-            self.backend.store_result(task_id, result, states.SUCCESS)
+            self.records.finalize(task_id, TaskState.SUCCEEDED, result=result)
 
 
 @pytest.fixture()

@@ -1,7 +1,7 @@
 """The producer core against a real (private) Redis: what a submission writes, how statuses map, cancel.
 
-No worker runs here: a worker's outcomes are simulated by writing the real Celery result backend
-(`store_result`, `mark_as_started`, ...), exactly as a worker would.
+No worker runs here: a worker's outcomes are simulated through the task records' own transitions
+(`claim`, `finalize`, `release`), exactly the calls a worker makes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import redis
-from celery import states
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
@@ -36,7 +35,7 @@ from shared.errors import (
     UnsupportedLanguagePair,
 )
 from shared.models import ClassifyRequest, ClassifyResult, TaskState, TaskType, TranslateRequest
-from shared.records import KEY_PREFIX
+from shared.records import KEY_PREFIX, Claim
 from shared.redis_server import free_port
 from shared.registry import Registry
 from shared.settings import Limits, Settings
@@ -73,6 +72,8 @@ SUCCESS = {
     "score": 0.9,
     "scores": [{"label": "POSITIVE", "score": 0.9}],
 }
+#: where workers' leases live (worker/lease.py); claims check an owner's liveness there
+LEASES = "pagedq:lease:"
 
 
 def queued(r: redis.Redis, queue: str) -> list[tuple[str, dict[str, Any]]]:
@@ -296,12 +297,12 @@ def test_queued_then_running_then_succeeded(service: TaskService) -> None:
     assert queued_status.started_at is None and queued_status.finished_at is None
     assert queued_status.deadline is not None and queued_status.created_at < queued_status.deadline
 
-    # What the worker does: it writes started_at on the record (the backend stays PENDING).
-    service.records.mark(task_id, started_at=datetime.now().astimezone().isoformat(), worker="worker@gpu0")
+    # What the worker does: it claims the task (started_at, worker), then finalizes it.
+    assert service.records.claim(task_id, "worker@gpu0:1:a", "tag-1", LEASES) is Claim.RUN
     running = service.status(task_id)
     assert running.state is TaskState.RUNNING and running.started_at is not None and running.finished_at is None
 
-    service.celery.backend.store_result(task_id, SUCCESS, states.SUCCESS)
+    assert service.records.finalize(task_id, TaskState.SUCCEEDED, result=SUCCESS) is TaskState.SUCCEEDED
     done = service.status(task_id)
     assert done.state is TaskState.SUCCEEDED and done.error is None
     assert isinstance(done.result, ClassifyResult) and done.result.label == "POSITIVE"
@@ -319,7 +320,7 @@ def test_queued_then_running_then_succeeded(service: TaskService) -> None:
 )
 def test_stored_errors_map_to_states(service: TaskService, exception: Exception, state: TaskState) -> None:
     task_id = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
-    service.celery.backend.store_result(task_id, exception, states.FAILURE)
+    service.records.finalize(task_id, state, error={"type": type(exception).__name__, "message": str(exception)})
     status = service.status(task_id)
     assert status.state is state and status.result is None
     assert status.error is not None
@@ -327,51 +328,70 @@ def test_stored_errors_map_to_states(service: TaskService, exception: Exception,
     assert status.finished_at is not None
 
 
-def test_an_error_class_the_producer_cannot_import_is_never_reconstructed(
-    service: TaskService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A worker-side module (think torch.cuda) that is importable here: reading the status must not import it.
-    (tmp_path / "pagedq_worker_only.py").write_text("class OutOfMemoryError(Exception):\n    pass\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    task_id = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
-    backend = service.celery.backend
-    meta = {
-        "status": "FAILURE",
-        "result": {
-            "exc_type": "OutOfMemoryError",
-            "exc_module": "pagedq_worker_only",
-            "exc_message": ["CUDA out of memory.", "Tried to allocate 2 GiB"],
-        },
-        "traceback": None,
-        "children": [],
-        "date_done": "2030-01-01T00:00:00+00:00",
-        "task_id": task_id,
-    }
-    backend.set(backend.get_key_for_task(task_id), json.dumps(meta))
-    status = service.status(task_id)
-    assert status.state is TaskState.FAILED
-    assert status.error is not None and status.error.type == "OutOfMemoryError"
-    assert status.error.message == "CUDA out of memory.; Tried to allocate 2 GiB"
-    assert "pagedq_worker_only" not in sys.modules
-
-
 def test_a_malformed_result_is_a_failure(service: TaskService) -> None:
     task_id = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
-    service.celery.backend.store_result(task_id, {"type": "classify", "label": 3}, states.SUCCESS)
+    service.records.finalize(task_id, TaskState.SUCCEEDED, result={"type": "classify", "label": 3})
     status = service.status(task_id)
     assert status.state is TaskState.FAILED and status.error is not None and status.error.type == "InvalidResult"
 
 
-def test_revoked_is_cancelled_or_expired(service: TaskService) -> None:
-    cancelled = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
-    service.records.mark(cancelled, cancel_requested="1")
-    service.celery.backend.mark_as_revoked(cancelled, reason="revoked")
-    assert service.status(cancelled).state is TaskState.CANCELLED
+def test_the_first_final_state_wins_and_never_flips(service: TaskService, r: redis.Redis) -> None:
+    task_id = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
+    channel = r.pubsub()
+    channel.subscribe(f"pagedq:done:{task_id}")
+    assert channel.get_message(timeout=1)["type"] == "subscribe"
+    assert service.records.finalize(task_id, TaskState.FAILED, error={"type": "EngineError", "message": "x"}) \
+        is TaskState.FAILED
+    # a second delivery that finished later must not overwrite it
+    assert service.records.finalize(task_id, TaskState.SUCCEEDED, result=SUCCESS) is TaskState.FAILED
+    assert service.status(task_id).state is TaskState.FAILED
+    assert channel.get_message(timeout=1)["data"] == "failed"  # finalize pushes the state to waiters
+    assert channel.get_message(timeout=0.2) is None  # and only once
+    assert r.zscore("pagedq:open", task_id) is None
+    channel.close()
 
+
+def test_claim_decides_each_delivery_once(service: TaskService, r: redis.Redis) -> None:
+    task_id = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
+    r.set(LEASES + "w1", "alive")
+    assert service.records.claim(task_id, "w1", "t1", LEASES) is Claim.RUN
+    # a redelivery while w1 (alive) runs it: a duplicate, never a second run
+    assert service.records.claim(task_id, "w2", "t2", LEASES) is Claim.OWNED
+    assert service.records.claim(task_id, "w1", "t3", LEASES) is Claim.OWNED
+    assert service.records.claimed_by("w1") == {task_id: "t1"}
+    # w1 dies (no lease): the task is released, then another worker may claim it
+    r.delete(LEASES + "w1")
+    assert service.records.release(task_id, "w1") and service.status(task_id).state is TaskState.QUEUED
+    assert r.hget(KEY_PREFIX + task_id, "requeues") == "1" and service.records.claimed_by("w1") == {}
+    assert service.records.claim(task_id, "w2", "t4", LEASES) is Claim.RUN
+    assert not service.records.release(task_id, "w1")  # only the owner can hand it back
+    service.records.finalize(task_id, TaskState.SUCCEEDED, result=SUCCESS)
+    assert service.records.claimed_by("w2") == {}
+    assert service.records.claim(task_id, "w3", "t5", LEASES) is Claim.FINAL
+    assert service.records.claim("never-submitted", "w3", "t6", LEASES) is Claim.MISSING
+
+
+def test_claim_finalizes_a_cancelled_or_expired_task_instead_of_running_it(service: TaskService) -> None:
+    cancelled = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
+    service.records.request_cancel(cancelled)
+    assert service.records.claim(cancelled, "w", "t1", LEASES) is Claim.CANCELLED
+    assert service.status(cancelled).state is TaskState.CANCELLED
     late = service.submit(TaskType.CLASSIFY, {"text": "hi", "timeout_s": 0.01}).id
     time.sleep(0.02)
-    service.celery.backend.mark_as_revoked(late, reason="expired")
-    assert service.status(late).state is TaskState.EXPIRED
+    assert service.records.claim(late, "w", "t2", LEASES) is Claim.EXPIRED
+    status = service.status(late)
+    assert status.state is TaskState.EXPIRED and status.error is not None
+    assert status.error.type == "DeadlineExceeded"
+
+
+def test_a_running_task_past_its_deadline_is_expired_for_good(service: TaskService) -> None:
+    task_id = service.submit(TaskType.CLASSIFY, {"text": "hi", "timeout_s": 0.2}).id
+    assert service.records.claim(task_id, "w", "t1", LEASES) is Claim.RUN
+    time.sleep(0.25)
+    assert service.status(task_id).state is TaskState.EXPIRED  # whatever its worker is doing
+    # the worker finishing later cannot flip it
+    assert service.records.finalize(task_id, TaskState.SUCCEEDED, result=SUCCESS) is TaskState.EXPIRED
+    assert service.status(task_id).state is TaskState.EXPIRED
 
 
 def test_a_queued_task_past_its_deadline_is_expired(service: TaskService) -> None:
@@ -384,8 +404,8 @@ def test_a_queued_task_past_its_deadline_is_expired(service: TaskService) -> Non
 
 def test_statuses_match_status(service: TaskService) -> None:
     ids = [s.id for s in service.submit_bulk(TaskType.CLASSIFY, [{"text": "a"}, {"text": "b"}, {"text": "c"}])]
-    service.celery.backend.store_result(ids[1], SUCCESS, states.SUCCESS)
-    service.celery.backend.store_result(ids[2], EngineError("boom"), states.FAILURE)
+    service.records.finalize(ids[1], TaskState.SUCCEEDED, result=SUCCESS)
+    service.records.finalize(ids[2], TaskState.FAILED, error={"type": "EngineError", "message": "boom"})
     assert service.statuses(ids) == [service.status(i) for i in ids]
     assert [s.state for s in service.statuses(ids)] == [TaskState.QUEUED, TaskState.SUCCEEDED, TaskState.FAILED]
 
@@ -412,7 +432,7 @@ def test_cancel_flags_the_record_and_broadcasts_a_revoke(service: TaskService, r
 
 def test_cancel_of_a_finished_task_is_refused(service: TaskService, r: redis.Redis) -> None:
     task_id = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
-    service.celery.backend.store_result(task_id, SUCCESS, states.SUCCESS)
+    service.records.finalize(task_id, TaskState.SUCCEEDED, result=SUCCESS)
     with pytest.raises(TaskAlreadyFinished, match="already finished"):
         service.cancel(task_id)
     assert r.hget(KEY_PREFIX + task_id, "cancel_requested") is None
@@ -426,7 +446,7 @@ def test_wait_returns_a_final_status_or_times_out(service: TaskService) -> None:
     with pytest.raises(TimeoutError):
         service.wait(task_id, timeout_s=0.3, poll_interval=0.05)
     assert time.monotonic() - started < 1.0
-    service.celery.backend.store_result(task_id, SUCCESS, states.SUCCESS)
+    service.records.finalize(task_id, TaskState.SUCCEEDED, result=SUCCESS)
     assert service.wait(task_id, timeout_s=1).state is TaskState.SUCCEEDED
 
 
@@ -437,8 +457,9 @@ def test_client_handles_give_typed_results_and_errors(settings: Settings, r: red
     with Client(settings=settings, poll_interval=0.05) as client:
         good = client.classify("I loved it", top_k=1)
         bad = client.translate("Hallo", source_lang="de", target_lang="en")
-        client.service.celery.backend.store_result(good.id, SUCCESS, states.SUCCESS)
-        client.service.celery.backend.store_result(bad.id, EngineError("model crashed"), states.FAILURE)
+        client.service.records.finalize(good.id, TaskState.SUCCEEDED, result=SUCCESS)
+        client.service.records.finalize(bad.id, TaskState.FAILED,
+                                        error={"type": "EngineError", "message": "model crashed"})
 
         assert good.result(timeout=1).label == "POSITIVE"
         with pytest.raises(TaskFailed) as caught:
@@ -500,7 +521,7 @@ def test_a_failed_send_leaves_no_record(redis_url: str, r: redis.Redis) -> None:
     assert r.keys(KEY_PREFIX + "*") == []
 
 
-def test_a_record_only_a_worker_marked_is_not_a_task(service: TaskService) -> None:
-    service.records.mark("left-over", started_at="2030-01-01T00:00:00+00:00", worker="w@h")
+def test_a_record_only_a_worker_marked_is_not_a_task(service: TaskService, r: redis.Redis) -> None:
+    r.hset(KEY_PREFIX + "left-over", mapping={"started_at": "2030-01-01T00:00:00+00:00", "worker": "w@h"})
     with pytest.raises(TaskNotFound):
         service.status("left-over")

@@ -1,13 +1,19 @@
 """The worker's Celery app: `celery -A worker.app worker -P threads -c 64 -Q pagedq.classify,...`.
 
 Threads pool only: prefork + CUDA fails ("Cannot re-initialize CUDA in forked subprocess") and solo
-blocks heartbeats and `inspect`. `EngineStep` loads the models and starts the engine before the consumer
-starts (Celery starts the Consumer step last), so no message is taken before the models are ready.
+blocks heartbeats and `inspect`. `EngineStep` loads the models, starts the engine and takes the worker's
+lease before the consumer starts (Celery starts the Consumer step last), so no message is taken before
+the models are ready.
+
+Warm shutdown (SIGTERM), in Celery's reverse start order: the consumer stops taking messages; then
+`EngineStep.stop` lets in-flight requests finish for up to `PAGEDQ_DRAIN_TIMEOUT_S` and hands the rest
+back to their queues (never stored as failed); then the pool joins the task threads and the process exits.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from celery import bootsteps
@@ -31,6 +37,7 @@ class EngineStep(bootsteps.StartStopStep):
         if worker.pool_cls.__module__.split(".")[-1] != "thread":
             log.warning("pagedq expects the threads pool (-P threads); got %s", worker.pool_cls.__module__)
         runtime = WorkerRuntime.start(settings)
+        runtime.start_lease(worker.app, worker.hostname, lambda: _held_tags(worker))
         worker.app.pagedq_runtime = runtime
         start_metrics(runtime.engine, settings.metrics_port)
         log.info("pagedq engine ready: models %s, metrics on :%s", sorted(runtime.registry.models),
@@ -39,14 +46,33 @@ class EngineStep(bootsteps.StartStopStep):
     def stop(self, worker: Any) -> None:
         runtime = getattr(worker.app, "pagedq_runtime", None)
         if runtime is not None:
-            runtime.stop()
+            drain_s = get_settings().drain_timeout_s
+            log.info("pagedq: draining in-flight requests for up to %.0f s", drain_s)
+            runtime.stop(drain_s=drain_s)
 
     def info(self, worker: Any) -> dict[str, Any]:
         runtime = getattr(worker.app, "pagedq_runtime", None)
         if runtime is None:
             return {"pagedq": {"ready": False}}
-        return {"pagedq": {"ready": runtime.engine.alive, "models": sorted(runtime.registry.models),
-                           **runtime.engine.stats()}}
+        return {"pagedq": {"ready": runtime.engine.alive, "worker_id": runtime.worker_id,
+                           "models": sorted(runtime.registry.models), **runtime.engine.stats()}}
+
+
+def _held_tags(worker: Any) -> Iterator[str]:
+    """Delivery tags of the messages this worker holds unacked (kombu's virtual QoS bookkeeping)."""
+    consumer = getattr(worker, "consumer", None)
+    task_consumer = getattr(consumer, "task_consumer", None)
+    qos = getattr(getattr(task_consumer, "channel", None), "qos", None)
+    delivered = getattr(qos, "_delivered", None)
+    if not delivered:
+        return iter(())
+    for _ in range(3):  # the consumer thread may change the dict while we copy it
+        try:
+            dirty = set(getattr(qos, "_dirty", ()) or ())
+            return iter([str(tag) for tag in list(delivered) if tag not in dirty])
+        except RuntimeError:
+            continue
+    return iter(())
 
 
 app = make_celery(main="pagedq-worker")

@@ -1,4 +1,4 @@
-"""What one worker process holds: settings, registry, task records, the engine and its metrics.
+"""What one worker process holds: settings, registry, task records, the engine, its lease and reconciler.
 
 Built by the `EngineStep` bootstep when the worker starts (after the process exists, so CUDA is safe),
 and reached by tasks through `current_runtime(app)`.
@@ -7,6 +7,7 @@ and reached by tasks through `current_runtime(app)`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from shared.registry import Registry
 from shared.settings import Settings
 from worker.engine.executor import EngineConfig
 from worker.engine.service import Engine, make_executor
+from worker.lease import LEASE_PREFIX, WorkerLease, new_worker_id
+from worker.reconciler import Reconciler
 from worker.registry import load_model
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,12 @@ class WorkerRuntime:
     registry: Registry
     records: TaskRecords
     engine: Engine
+    worker_id: str = ""
+    lease: WorkerLease | None = None
+    reconciler: Reconciler | None = None
+
+    #: prefix of the lease keys `TaskRecords.claim` checks an owner's liveness with
+    lease_prefix = LEASE_PREFIX
 
     @classmethod
     def start(cls, settings: Settings) -> WorkerRuntime:
@@ -49,8 +58,25 @@ class WorkerRuntime:
         records = TaskRecords.from_url(settings.backend_url, settings.result_ttl_s)
         return cls(settings=settings, registry=registry, records=records, engine=engine)
 
-    def stop(self) -> None:
-        self.engine.stop()
+    def start_lease(self, app: Celery, hostname: str, held_tags: Callable[[], Iterable[str]]) -> None:
+        """Take this process's lease and start the heartbeat, which also runs the engine watchdog and the
+        reconciler. Call before the worker consumes: a claim names this worker's lease."""
+        s = self.settings
+        self.worker_id = new_worker_id(hostname)
+        self.reconciler = Reconciler(app, self.records, self.worker_id, s.lease_ttl_s, s.reconcile_interval_s,
+                                     s.lost_message_grace_s)
+        self.lease = WorkerLease(
+            self.records.redis, self.worker_id, hostname, s.lease_ttl_s, s.heartbeat_interval_s, held_tags,
+            periodic=[(s.heartbeat_interval_s, self.engine.ensure_alive),
+                      (s.reconcile_interval_s, self.reconciler.run_once)],
+        ).start()
+
+    def stop(self, drain_s: float = 0.0) -> None:
+        """Drain the engine (in-flight requests get `drain_s` to finish; the rest are handed back), then give
+        the lease up."""
+        self.engine.stop(drain_s=drain_s)
+        if self.lease is not None:
+            self.lease.stop()
 
 
 def _without_prefix_cache(config: EngineConfig) -> EngineConfig:

@@ -1,0 +1,215 @@
+"""The reconciler: task records are the truth, the broker is transport. Runs in every worker (one at a time).
+
+Each round (every `reconcile_interval_s`, under a short Redis lock so one worker does it):
+
+1. **Dead workers.** A worker in `pagedq:workers` whose lease expired: each task it claimed and did not
+   finish is released (its record says queued again, `requeues` + 1) and its message is put back at the
+   head of its queue from the broker's unacked hash (kombu's own restore), or sent again from the record
+   if the broker no longer holds it.
+2. **Orphaned deliveries.** Messages in kombu's unacked hash older than the lease that no live worker
+   holds (prefetched by a worker that died before starting them) go back to their queue at once, instead
+   of after the visibility timeout.
+3. **Lost messages.** kombu's Redis transport pops a message before it records it as unacked, so a worker
+   stop in between loses it (kombu #305, #1836). When there are more open tasks than messages, the queues
+   and the unacked hash are scanned; a task with no message anywhere in two rounds `lost_message_grace_s`
+   apart, no final state and no live owner is sent again under the same id.
+
+Re-running is always safe: `TaskRecords.claim` skips a task that is final or owned by a live worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from celery import Celery
+
+from shared.celery_config import QUEUES, TASK_NAMES, celery_priority, redis_queue_keys
+from shared.models import TaskType
+from shared.records import CLAIMED_PREFIX, OPEN_KEY, TaskRecords, task_key
+from worker.lease import HELD_PREFIX, LEASE_PREFIX, WORKERS_KEY
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = "pagedq:reconciler"
+#: kombu's Redis transport keys (its defaults; Celery does not change them).
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+#: Most open tasks inspected per round when looking for lost messages.
+MAX_CANDIDATES = 20_000
+
+
+@dataclass
+class RoundReport:
+    dead_workers: list[str] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+    restored_tags: list[str] = field(default_factory=list)
+    resent: list[str] = field(default_factory=list)
+
+
+class Reconciler:
+    def __init__(self, app: Celery, records: TaskRecords, worker_id: str, lease_ttl_s: float,
+                 interval_s: float, lost_grace_s: float) -> None:
+        self.app = app
+        self.records = records
+        self.redis: redis.Redis = records.redis
+        self.worker_id = worker_id
+        self.lease_ttl_s = lease_ttl_s
+        self.interval_s = interval_s
+        self.lost_grace_s = lost_grace_s
+        self._queues = set(QUEUES.values())
+        self._suspects: dict[str, float] = {}  # task id -> when first seen without a message
+
+    def run_once(self) -> RoundReport | None:
+        """One round, if this worker holds the lock (None otherwise)."""
+        if not self.redis.set(LOCK_KEY, self.worker_id, px=int(self.interval_s * 1000), nx=True):
+            return None
+        report = RoundReport()
+        self._recover_dead_workers(report)
+        self._restore_orphans(report)
+        self._resend_lost(report)
+        if report.released or report.restored_tags or report.resent:
+            log.warning("reconciler: dead workers %s, released %d tasks, restored %d messages, re-sent %s",
+                        report.dead_workers, len(report.released), len(report.restored_tags), report.resent)
+        return report
+
+    # -- 1. dead workers ----------------------------------------------------------------------------------
+
+    def live_workers(self) -> set[str]:
+        workers: list[str] = self.redis.zrange(WORKERS_KEY, 0, -1)  # type: ignore[assignment]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for w in workers:
+                pipe.exists(LEASE_PREFIX + w)
+            alive = pipe.execute()
+        return {w for w, a in zip(workers, alive, strict=True) if a}
+
+    def _recover_dead_workers(self, report: RoundReport) -> None:
+        workers: list[str] = self.redis.zrange(WORKERS_KEY, 0, -1)  # type: ignore[assignment]
+        live = self.live_workers()
+        for worker in workers:
+            if worker in live:
+                continue
+            report.dead_workers.append(worker)
+            for task_id, tag in self.records.claimed_by(worker).items():
+                if self.records.release(task_id, worker):
+                    report.released.append(task_id)
+                    if not self._restore_tag(tag, report):
+                        self._resend(task_id, report)
+            self.redis.delete(CLAIMED_PREFIX + worker)
+            self.redis.zrem(WORKERS_KEY, worker)
+
+    # -- 2. orphaned deliveries ---------------------------------------------------------------------------
+
+    def _restore_orphans(self, report: RoundReport) -> None:
+        ceiling = time.time() - self.lease_ttl_s
+        tags: list[str] = self.redis.zrangebyscore(UNACKED_INDEX_KEY, "-inf", ceiling)  # type: ignore[assignment]
+        if not tags:
+            return
+        held = self._held_by_live_workers()
+        for tag in tags:
+            if tag not in held and self._is_ours(tag):
+                self._restore_tag(tag, report)
+
+    def _held_by_live_workers(self) -> set[str]:
+        live = self.live_workers()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for w in live:
+                pipe.smembers(HELD_PREFIX + w)
+            return {tag for tags in pipe.execute() for tag in tags}
+
+    def _is_ours(self, tag: str) -> bool:
+        raw = self.redis.hget(UNACKED_KEY, tag)
+        if raw is None:
+            return False
+        try:
+            _, _, routing_key = json.loads(raw)  # type: ignore[arg-type]
+        except (ValueError, TypeError):
+            return False
+        return routing_key in self._queues
+
+    def _restore_tag(self, tag: str, report: RoundReport) -> bool:
+        """Put an unacked message back at the head of its queue (kombu's restore); False if it is gone."""
+        if not self.redis.hexists(UNACKED_KEY, tag):
+            return False
+        with self.app.connection_for_write() as conn:
+            conn.default_channel.qos.restore_by_tag(tag, leftmost=True)
+        report.restored_tags.append(tag)
+        return True
+
+    # -- 3. lost messages ---------------------------------------------------------------------------------
+
+    def _resend_lost(self, report: RoundReport) -> None:
+        if not self._more_open_than_messages():
+            self._suspects.clear()
+            return
+        now = time.time()
+        candidates: list[str] = self.redis.zrangebyscore(  # type: ignore[assignment]
+            OPEN_KEY, "-inf", now - self.lost_grace_s, start=0, num=MAX_CANDIDATES)
+        missing = set(candidates) - self._ids_with_messages()
+        missing -= self._running_on_live_workers(missing)
+        self._suspects = {t: self._suspects.get(t, now) for t in missing}
+        for task_id, since in list(self._suspects.items()):
+            if now - since >= self.lost_grace_s:
+                del self._suspects[task_id]
+                self._resend(task_id, report)
+
+    def _more_open_than_messages(self) -> bool:
+        keys = [k for q in QUEUES.values() for k in redis_queue_keys(q)]
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(OPEN_KEY)
+            for key in keys:
+                pipe.llen(key)
+            pipe.hlen(UNACKED_KEY)
+            counts = pipe.execute()
+        return bool(counts[0] > sum(counts[1:]))
+
+    def _ids_with_messages(self) -> set[str]:
+        keys = [k for q in QUEUES.values() for k in redis_queue_keys(q)]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.lrange(key, 0, -1)
+            pipe.hvals(UNACKED_KEY)
+            *queued, unacked = pipe.execute()
+        ids = {_message_id(raw) for items in queued for raw in items}
+        ids |= {_message_id(raw, wrapped=True) for raw in unacked}
+        ids.discard(None)
+        return ids  # type: ignore[return-value]
+
+    def _running_on_live_workers(self, task_ids: Iterable[str]) -> set[str]:
+        ids = list(task_ids)
+        if not ids:
+            return set()
+        live = self.live_workers()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for t in ids:
+                pipe.hmget(task_key(t), ["worker", "state"])
+            rows = pipe.execute()
+        return {t for t, (worker, state) in zip(ids, rows, strict=True) if state or worker in live}
+
+    def _resend(self, task_id: str, report: RoundReport) -> None:
+        """Send a task's message again from its record, under the same id (claim makes it idempotent)."""
+        record = self.records.get(task_id)
+        if record is None or record.get("state") or not record.get("message"):
+            return
+        task_type = TaskType(record["type"])
+        self.app.send_task(
+            TASK_NAMES[task_type], args=[json.loads(record["message"])], task_id=task_id,
+            queue=QUEUES[task_type], priority=celery_priority(int(record.get("priority", 0))),
+            argsrepr=f"<{task_type.value} re-sent by the reconciler>", kwargsrepr="{}",
+        )
+        report.resent.append(task_id)
+
+
+def _message_id(raw: Any, wrapped: bool = False) -> str | None:
+    """The Celery task id of a raw kombu Redis message (`wrapped`: an unacked entry [message, ex, rk])."""
+    try:
+        data = json.loads(raw)
+        message = data[0] if wrapped else data
+        return str(message["headers"]["id"])
+    except (ValueError, TypeError, KeyError, IndexError):
+        return None
