@@ -47,7 +47,7 @@ class EngineStep(bootsteps.StartStopStep):
         runtime = getattr(worker.app, "pagedq_runtime", None)
         if runtime is not None:
             drain_s = get_settings().drain_timeout_s
-            log.info("pagedq: draining in-flight requests for up to %.0f s", drain_s)
+            log.info("pagedq: draining in-flight requests for up to %.1f s", drain_s)
             runtime.stop(drain_s=drain_s)
 
     def info(self, worker: Any) -> dict[str, Any]:
