@@ -1,4 +1,4 @@
-"""The Python client apps use: submit straight onto the Redis queues, poll results by id.
+"""The Python client apps use: submit straight onto the Redis queues; results are pushed back by id.
 
     from producer.client import Client
     client = Client("redis://localhost:6379/0")
@@ -63,6 +63,15 @@ class Client(BaseClient):
 
     def cancel(self, task_id: str) -> TaskStatus:
         return self.service.cancel(task_id)
+
+    def wait(self, task_id: str, timeout: float | None = None) -> TaskStatus:
+        """The final status as soon as a worker writes it (a Redis notification; see producer.completion)."""
+        return self.service.wait(task_id, timeout, self.poll_interval)
+
+    def wait_all(
+        self, task_ids: Sequence[str], timeout: float | None = None, on_progress: ProgressCallback | None = None
+    ) -> list[TaskStatus]:
+        return self.service.wait_all(task_ids, timeout, on_progress, self.poll_interval)
 
     def close(self) -> None:
         self.service.close()

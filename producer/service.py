@@ -21,9 +21,9 @@ import redis
 from celery import Celery
 from kombu.messaging import Producer
 
+from producer.completion import FALLBACK_S, wait_pushed
 from producer.errors import TaskAlreadyFinished
 from producer.parsing import RequestInput, parse_request, parse_requests
-from producer.polling import wait_for
 from producer.status import needs_expiry, task_status
 from producer.submission import Submission
 from shared.celery_config import QUEUES, TASK_NAMES, celery_priority, make_celery
@@ -200,9 +200,15 @@ class TaskService:
         self.celery.control.revoke(task_id)
         return self.status(task_id)
 
-    def wait(self, task_id: str, timeout_s: float | None = None, poll_interval: float = 0.2) -> TaskStatus:
-        """Poll until the task is final; TimeoutError after `timeout_s` (None: no limit)."""
-        return wait_for(self.status, task_id, timeout_s, poll_interval)
+    def wait(self, task_id: str, timeout_s: float | None = None, poll_interval: float = FALLBACK_S) -> TaskStatus:
+        """The final status, as soon as the worker writes it (pushed, not polled); TimeoutError after
+        `timeout_s` (None: no limit). `poll_interval` is the first fallback read's delay."""
+        return self.wait_all([task_id], timeout_s, poll_interval=poll_interval)[0]
+
+    def wait_all(self, task_ids: Sequence[str], timeout_s: float | None = None,
+                 on_progress: ProgressCallback | None = None, poll_interval: float = FALLBACK_S) -> list[TaskStatus]:
+        """Final statuses of every task, in `task_ids` order (see `producer.completion`)."""
+        return wait_pushed(self.records.redis, self.statuses, task_ids, timeout_s, on_progress, poll_interval)
 
     def ping_redis(self, timeout_s: float = 1.0) -> None:
         """Raise redis.RedisError unless the broker's Redis (and the result backend's, if separate) answer."""

@@ -10,6 +10,7 @@ import base64
 import json
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -525,3 +526,37 @@ def test_a_record_only_a_worker_marked_is_not_a_task(service: TaskService, r: re
     r.hset(KEY_PREFIX + "left-over", mapping={"started_at": "2030-01-01T00:00:00+00:00", "worker": "w@h"})
     with pytest.raises(TaskNotFound):
         service.status("left-over")
+
+
+# -- pushed completion ----------------------------------------------------------------------------------
+
+
+def test_wait_is_woken_by_the_final_state_not_by_polling(service: TaskService) -> None:
+    ids = [s.id for s in service.submit_bulk(TaskType.CLASSIFY, [{"text": "a"}, {"text": "b"}])]
+    finisher = threading.Timer(0.3, lambda: [service.records.finalize(i, TaskState.SUCCEEDED, result=SUCCESS)
+                                             for i in ids])
+    finisher.start()
+    # the first fallback read would come after 60 s: only the notification can end this wait in time
+    statuses = service.wait_all(ids, timeout_s=10, poll_interval=60)
+    assert [s.state for s in statuses] == [TaskState.SUCCEEDED] * 2
+    assert statuses[0].result == ClassifyResult.model_validate(SUCCESS)
+    finisher.join()
+
+
+def test_wait_falls_back_to_reading_when_a_notification_is_missed(service: TaskService, r: redis.Redis) -> None:
+    task_id = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
+    # a final state written without its notification (as if the waiter was reconnecting when it was sent)
+    threading.Timer(0.2, lambda: r.hset(KEY_PREFIX + task_id, mapping={
+        "state": "succeeded", "result": json.dumps(SUCCESS), "finished_at": "2030-01-01T00:00:00+00:00"})).start()
+    assert service.wait(task_id, timeout_s=5, poll_interval=0.1).state is TaskState.SUCCEEDED
+
+
+def test_wait_sees_tasks_that_finished_before_it_subscribed(service: TaskService) -> None:
+    task_id = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
+    service.records.finalize(task_id, TaskState.FAILED, error={"type": "EngineError", "message": "x"})
+    assert service.wait(task_id, timeout_s=5, poll_interval=60).state is TaskState.FAILED
+
+
+def test_wait_expires_a_queued_task_at_its_deadline(service: TaskService) -> None:
+    task_id = service.submit(TaskType.CLASSIFY, {"text": "hi", "timeout_s": 0.3}).id
+    assert service.wait(task_id, timeout_s=5, poll_interval=0.1).state is TaskState.EXPIRED

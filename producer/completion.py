@@ -1,0 +1,94 @@
+"""Waiting for tasks by notification: `finalize` publishes each final state on `pagedq:done:<id>`.
+
+    subscribe to every id's channel  ->  read the statuses once (tasks that finished before we subscribed)
+    -> on each notification, read that task's status  ->  every `fallback` seconds, read all pending ones
+
+The fallback read is what makes a missed notification harmless (a reconnect, a Redis restart) and what
+expires a queued task whose deadline passed (reading it persists `expired`, see `TaskService.statuses`).
+It starts at `FALLBACK_S` and backs off to `MAX_FALLBACK_S` for long waits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import redis
+
+from shared.models import TaskStatus
+from shared.records import DONE_CHANNEL_PREFIX, done_channel
+
+FALLBACK_S = 0.5
+MAX_FALLBACK_S = 5.0
+#: Channels per SUBSCRIBE command (a bulk wait subscribes to thousands).
+SUBSCRIBE_CHUNK = 1000
+
+
+def wait_pushed(
+    client: redis.Redis,
+    get_statuses: Callable[[Sequence[str]], list[TaskStatus]],
+    task_ids: Sequence[str],
+    timeout_s: float | None,
+    on_progress: Callable[[int, int], None] | None = None,
+    fallback_s: float = FALLBACK_S,
+) -> list[TaskStatus]:
+    """Statuses of `task_ids` (in order) once all are final; TimeoutError after `timeout_s` (None: never)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    pending = list(dict.fromkeys(task_ids))
+    total = len(pending)
+    final: dict[str, TaskStatus] = {}
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        for start in range(0, len(pending), SUBSCRIBE_CHUNK):
+            pubsub.subscribe(*[done_channel(t) for t in pending[start : start + SUBSCRIBE_CHUNK]])
+        pending = _read(get_statuses, pending, final)
+        interval, next_fallback = fallback_s, time.monotonic() + fallback_s
+        while True:
+            if on_progress is not None:
+                on_progress(total - len(pending), total)
+            if not pending:
+                return [final[t] for t in task_ids]
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise TimeoutError(f"{len(pending)} of {total} tasks not finished after {timeout_s} s")
+            woken = _notified(pubsub, min(next_fallback, deadline or next_fallback) - now)
+            if time.monotonic() >= next_fallback:
+                woken = set(pending)
+                interval = min(interval * 2, MAX_FALLBACK_S)
+                next_fallback = time.monotonic() + interval
+            if woken:
+                pending = [t for t in pending if t not in woken] + _read(
+                    get_statuses, [t for t in pending if t in woken], final)
+    finally:
+        pubsub.close()
+
+
+def _notified(pubsub: redis.client.PubSub, timeout_s: float) -> set[str]:
+    """Ids announced within `timeout_s` (then everything already buffered, without waiting)."""
+    ids: set[str] = set()
+    try:
+        message = pubsub.get_message(timeout=max(0.0, timeout_s))
+    except (redis.ConnectionError, redis.TimeoutError):  # Redis restarting: the fallback read takes over
+        time.sleep(max(0.0, min(timeout_s, FALLBACK_S)))
+        return ids
+    while message is not None:
+        if message.get("type") == "message":
+            channel = message["channel"]
+            channel = channel.decode() if isinstance(channel, bytes) else channel
+            ids.add(channel[len(DONE_CHANNEL_PREFIX):])
+        message = pubsub.get_message(timeout=0)
+    return ids
+
+
+def _read(get_statuses: Callable[[Sequence[str]], list[TaskStatus]], ids: list[str],
+          final: dict[str, TaskStatus]) -> list[str]:
+    """Read `ids`' statuses, keep the final ones in `final`; returns the ids still pending."""
+    if not ids:
+        return []
+    still = []
+    for status in get_statuses(ids):
+        if status.state.is_final:
+            final[status.id] = status
+        else:
+            still.append(status.id)
+    return still
