@@ -3,31 +3,43 @@
 ```
  Celery task threads                      engine thread (this module)
  ───────────────────                      ─────────────────────────────────────────────
- submit(req) ──► inbox ──────────────────► drain inbox: executor.add(req) / executor.abort(id)
+ submit(req) ──► inbox ──────────────────► drain inbox: executor.add(attempt) / executor.abort(id)
  cancel(id)  ──► inbox                     expire requests past their deadline
  future.result(timeout) ◄── completed ──── executor.step() for every model with work (round-robin)
+ ensure_alive() (watchdog, periodic) ────► restarts the thread if it died
+ stop(drain_s) ──────────────────────────► steps until nothing is in flight or drain_s passed, then
+                                           fails the rest with WorkerShuttingDown (handed back)
 ```
 
-Invariants: executors are touched only by the engine thread; every submitted request's future is completed
-exactly once (result, DeadlineExceeded, TaskCancelled or EngineError); an executor whose `step()` raises
-fails only its own requests, and the loop keeps running.
+Invariants:
+- executors are touched only by the engine thread (a restarted thread takes over from a dead one);
+- every submitted request's future is completed exactly once: its result, DeadlineExceeded, TaskCancelled,
+  an error its executor chose (e.g. InvalidRequest), ModelError when it alone breaks its model, EngineError
+  when its executor loses it, or WorkerShuttingDown when the worker stops first;
+- one request cannot fail another: an exception from `add` fails that request only; when `step()` raises,
+  the executor's requests are evicted and bisected (`isolation.py`) until the guilty one fails alone;
+- the loop never dies of an Exception; if a BaseException ends the thread, `ensure_alive` starts a new
+  one, which re-runs every in-flight request (those of the model it died in are bisected).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from typing import Any
 
-from shared.errors import DeadlineExceeded, EngineError, ModelNotFound, TaskCancelled
+from shared.errors import DeadlineExceeded, EngineError, ModelNotFound, TaskCancelled, WorkerShuttingDown
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
+from worker.engine.isolation import Flight, Isolator
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05  # how long the loop blocks on the inbox when no executor has work
+STOP_GRACE_S = 10.0  # how long `stop` waits past the drain for a step in progress to return
 
 
 def make_executor(loaded: LoadedModel, config: EngineConfig) -> ModelExecutor:
@@ -52,38 +64,83 @@ def make_executor(loaded: LoadedModel, config: EngineConfig) -> ModelExecutor:
     raise ValueError(f"no executor for architecture {arch!r}")
 
 
+def _shutting_down() -> WorkerShuttingDown:
+    return WorkerShuttingDown("the worker stopped before this request finished; it goes back to its queue")
+
+
 class Engine:
-    """One per worker process. Thread-safe `submit`/`cancel`/`stats`; everything else runs on its thread."""
+    """One per worker process. Thread-safe `submit`/`cancel`/`stats`/`ensure_alive`/`stop`; everything else
+    runs on the engine thread."""
 
     def __init__(self, executors: dict[str, ModelExecutor]) -> None:
         self.executors = executors
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._inflight: dict[str, tuple[EngineRequest, ModelExecutor]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pagedq-engine", daemon=True)
+        self._flights: dict[str, Flight] = {}  # by request id, in arrival order
+        self._lock = threading.Lock()  # orders start / submit / stop / restarts
+        self._started = self._stopping = False
+        self._drain_until = math.inf  # time.monotonic() after which `stop` fails what is left
+        self._death: BaseException | None = None  # what ended the previous thread
+        self._thread = self._new_thread(recover=False)
         self._stats: dict[str, dict[str, float]] = {}
-        self._counters = {"steps": 0, "requests_submitted": 0, "requests_finished": 0, "step_errors": 0}
+        self._counters = dict.fromkeys(
+            ("steps", "requests_submitted", "requests_finished", "step_errors", "isolated_requests", "restarts",
+             "loop_errors"), 0)  # fmt: skip
+        self._isolator = Isolator(self._flights, self._counters)
 
     # ---- called from any thread -------------------------------------------------------------
     def start(self) -> Engine:
-        self._thread.start()
+        with self._lock:
+            self._started = True
+            self._thread.start()
         return self
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
+    def stop(self, drain_s: float = 0.0) -> None:
+        """Refuse new requests (`submit` raises WorkerShuttingDown); let the in-flight ones run for up to
+        `drain_s` seconds; fail what is left with WorkerShuttingDown; return when the thread has ended (or
+        `STOP_GRACE_S` after the drain if a step hangs: its requests then fail when it returns)."""
+        with self._lock:
+            if not self._stopping:
+                self._stopping = True
+                self._drain_until = time.monotonic() + max(drain_s, 0.0)
+            thread = self._thread if self._started else None
         self._inbox.put(("wake", None))
-        self._thread.join(timeout_s)
+        if thread is not None:
+            thread.join(max(drain_s, 0.0) + STOP_GRACE_S)
+        if thread is None or not thread.is_alive():
+            self._shut_down()  # nothing left unless the thread had died, or never started
+        else:
+            log.error("the engine thread is still in a step %.0f s after the drain ended", STOP_GRACE_S)
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def ensure_alive(self) -> bool:
+        """Watchdog: restart the engine thread if it died while the engine was not stopping.
+
+        Returns whether a thread is running now. The new thread first re-runs every in-flight request: the
+        requests of the model the old thread died in are bisected like those of a failed step."""
+        with self._lock:
+            if self._thread.is_alive():
+                return True
+            if self._stopping or not self._started:
+                return False
+            self._counters["restarts"] += 1
+            log.error("the engine thread died (%r); restarting it", self._death)
+            self._thread = self._new_thread(recover=True)
+            self._thread.start()
+            return True
+
     def submit(self, request: EngineRequest) -> Future[Any]:
         if request.model not in self.executors:
             raise ModelNotFound(f"model {request.model!r} is not loaded on this worker")
-        if not self.alive:
-            raise EngineError("the engine thread is not running")
-        self._inbox.put(("add", request))
+        with self._lock:
+            if self._stopping:
+                raise WorkerShuttingDown("the worker is shutting down; the task goes back to its queue")
+            if not self._started:
+                raise EngineError("the engine thread is not running")
+            self._inbox.put(("add", request))
+        self.ensure_alive()
         return request.future
 
     def cancel(self, request_id: str, error: BaseException | None = None) -> None:
@@ -91,21 +148,44 @@ class Engine:
         self._inbox.put(("abort", (request_id, error or TaskCancelled("cancelled by the user"))))
 
     def stats(self) -> dict[str, Any]:
-        """A snapshot: engine counters plus each model's executor stats (refreshed every loop)."""
-        return {"engine": dict(self._counters), "models": {k: dict(v) for k, v in self._stats.items()}}
+        """A snapshot: engine counters, `alive`, and each model's executor stats (refreshed every loop)."""
+        engine: dict[str, Any] = {**self._counters, "alive": self.alive}
+        return {"engine": engine, "models": {k: dict(v) for k, v in self._stats.items()}}
 
-    # ---- engine thread -----------------------------------------------------------------------
-    def _run(self) -> None:
-        log.info("engine thread started with models %s", sorted(self.executors))
-        while not self._stop.is_set():
-            busy = [ex for ex in self.executors.values() if ex.has_work()]
+    # ---- engine thread: the loop -----------------------------------------------------------------
+    def _new_thread(self, recover: bool) -> threading.Thread:
+        return threading.Thread(target=self._run, args=(recover,), name="pagedq-engine", daemon=True)
+
+    def _run(self, recover: bool) -> None:
+        try:
+            log.info("engine thread started with models %s", sorted(self.executors))
+            if recover:
+                self._isolator.recover(self.executors.values(), self._death or EngineError("the thread died"))
+            while not self._drained():
+                self._iteration()
+            self._shut_down()
+        except BaseException as exc:  # noqa: BLE001 - the thread ends here; `ensure_alive` restarts it
+            self._death = exc
+            log.critical("the engine thread died", exc_info=exc)
+
+    def _drained(self) -> bool:
+        """Stopping, and nothing left to run (or the drain time is over)."""
+        if not self._stopping:
+            return False
+        return (not self._flights and self._inbox.empty()) or time.monotonic() >= self._drain_until
+
+    def _iteration(self) -> None:
+        try:
+            busy = [ex for ex in self.executors.values() if self._isolator.has_work(ex)]
             self._drain_inbox(block=not busy)
             self._expire()
-            for executor in busy or [ex for ex in self.executors.values() if ex.has_work()]:
-                self._step(executor)
+            for executor in busy or [ex for ex in self.executors.values() if self._isolator.has_work(ex)]:
+                self._isolator.step(executor)
             self._reap()
-        for request_id in list(self._inflight):
-            self._abort(request_id, EngineError("the worker is shutting down"))
+        except Exception:  # noqa: BLE001 - a bug in one iteration must not end the loop
+            self._counters["loop_errors"] += 1
+            log.exception("an engine loop iteration failed")
+            time.sleep(IDLE_WAIT_S)  # never spin on a fault that repeats every iteration
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -124,42 +204,42 @@ class Engine:
                 return
 
     def _add(self, request: EngineRequest) -> None:
-        executor = self.executors[request.model]
         self._counters["requests_submitted"] += 1
         if request.future.done():
             return
-        self._inflight[request.id] = (request, executor)
-        executor.add(request)
+        flight = self._flights[request.id] = Flight(request, self.executors[request.model])
+        self._isolator.add(flight)
 
     def _abort(self, request_id: str, error: BaseException) -> None:
-        entry = self._inflight.pop(request_id, None)
-        if entry is None:
-            return
-        request, executor = entry
-        if not executor.abort(request_id, error):
-            request.fail(error)
+        flight = self._flights.pop(request_id, None)
+        if flight is not None:
+            flight.abort(error)
 
     def _expire(self) -> None:
         now = time.time()
-        for request_id, (request, _) in list(self._inflight.items()):
-            if request.expired(now):
+        for request_id, flight in list(self._flights.items()):
+            if flight.request.expired(now):
                 self._abort(request_id, DeadlineExceeded(f"deadline passed before task {request_id} finished"))
 
-    def _step(self, executor: ModelExecutor) -> None:
-        try:
-            executor.step()
-            self._counters["steps"] += 1
-        except Exception as exc:  # noqa: BLE001 - one model's failure must not stop the engine
-            self._counters["step_errors"] += 1
-            log.exception("executor %s failed a step", executor.loaded.spec.name)
-            for request_id, (_, owner) in list(self._inflight.items()):
-                if owner is executor:
-                    self._abort(request_id, EngineError(f"{type(exc).__name__}: {exc}"))
-
     def _reap(self) -> None:
-        done = [rid for rid, (req, _) in self._inflight.items() if req.future.done()]
+        done = [rid for rid, flight in self._flights.items() if flight.done]
         for request_id in done:
-            del self._inflight[request_id]
+            del self._flights[request_id]
         self._counters["requests_finished"] += len(done)
         for name, executor in self.executors.items():
             self._stats[name] = executor.stats()
+
+    # ---- engine thread: shutdown ---------------------------------------------------------------------
+    def _shut_down(self) -> None:
+        """Fail every request still in flight or in the inbox with WorkerShuttingDown (it is handed back to
+        its queue, not stored as a failure)."""
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                payload.fail(_shutting_down())
+        for request_id in list(self._flights):
+            self._abort(request_id, _shutting_down())
+        self._isolator.quarantines.clear()
