@@ -84,23 +84,22 @@ class Flight:
     def evict(self) -> None:
         """Take the attempt out of the executor (freeing what it holds) without completing the caller's future."""
         attempt, self.attempt = self.attempt, None
-        if attempt is None:
-            return
-        try:
-            self.executor.abort(attempt.id, _Evicted())
-        except Exception:  # noqa: BLE001 - the executor may be in a broken state after a failed step
-            log.exception("evicting %s from %s failed", attempt.id, self.executor.loaded.spec.name)
-        attempt.fail(_Evicted())  # a no-op if `abort` completed it
+        if attempt is not None:
+            self._take_out(attempt, _Evicted())
 
     def abort(self, error: BaseException) -> None:
         """Drop the request wherever it is (its blocks freed on return) and fail it with `error`."""
-        if self.attempt is not None:
-            try:
-                self.executor.abort(self.attempt.id, error)  # fails the attempt: forwarded
-            except Exception:  # noqa: BLE001
-                log.exception("aborting %s failed", self.attempt.id)
-            self.evict()  # a no-op unless the executor did not hold the attempt
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            self._take_out(attempt, error)  # the executor fails the attempt: forwarded
         self.request.fail(error)  # a no-op if forwarded
+
+    def _take_out(self, attempt: EngineRequest, error: BaseException) -> None:
+        try:
+            self.executor.abort(attempt.id, error)
+        except Exception:  # noqa: BLE001 - the executor may be in a broken state after a failed step
+            log.exception("taking %s out of model %s failed", attempt.id, self.executor.loaded.spec.name)
+        attempt.fail(_Evicted())  # a no-op if `abort` completed it; executors drop an attempt that is done
 
     def _forward(self, future: Future[Any]) -> None:
         if future.cancelled():
