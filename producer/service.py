@@ -25,8 +25,8 @@ from producer.completion import FALLBACK_S, wait_pushed
 from producer.errors import TaskAlreadyFinished
 from producer.parsing import RequestInput, parse_request, parse_requests
 from producer.status import needs_expiry, task_status
-from producer.submission import Submission
-from shared.celery_config import QUEUES, TASK_NAMES, celery_priority, make_celery
+from producer.submission import BatchMessage, Submission, batch_messages
+from shared.celery_config import BATCH_TASK_NAMES, QUEUES, TASK_NAMES, celery_priority, make_celery
 from shared.errors import InvalidRequest, PagedqError, TaskNotFound
 from shared.models import SubmitResponse, TaskError, TaskRequest, TaskState, TaskStatus, TaskType
 from shared.records import NewRecord, TaskRecords
@@ -36,7 +36,7 @@ from shared.settings import Settings, get_settings
 #: Model name sent when there is no registry and the request names none; the worker picks its default.
 DEFAULT_MODEL = "default"
 
-#: Messages per pipelined batch when sending a bulk (progress is reported per batch).
+#: Messages per pipelined group when sending a bulk (progress is reported per group).
 SEND_BATCH = 250
 
 ProgressCallback = Callable[[int, int], None]  # (done, total)
@@ -132,22 +132,37 @@ class TaskService:
             kwargsrepr="{}",
         )
 
+    def _send_batch(self, message: BatchMessage, producer: Producer | None = None) -> None:
+        self.celery.send_task(
+            BATCH_TASK_NAMES[message.task_type],
+            args=[message.body],
+            task_id=message.id,
+            queue=QUEUES[message.task_type],
+            priority=celery_priority(message.priority),
+            producer=producer,
+            argsrepr=message.summary,  # Flower shows the item count
+            kwargsrepr="{}",
+        )
+
     def _send_all(self, submissions: Sequence[Submission], on_progress: ProgressCallback | None) -> None:
-        """Send through one producer in pipelined batches (kombu >= 5.7); a batch that fails is discarded
-        and the records of it and of every later submission are removed before the error propagates."""
-        total = len(submissions)
+        """Send a bulk as messages of `bulk_message_items` items, through one producer in pipelined groups
+        (kombu >= 5.7); a group that fails is discarded and the records of its items and of every later item
+        are removed before the error propagates."""
+        messages = batch_messages(submissions, self.settings.bulk_message_items)
+        total, sent = len(submissions), 0
         with self.celery.producer_or_acquire() as producer:
-            for start in range(0, total, SEND_BATCH):
-                batch = submissions[start : start + SEND_BATCH]
+            for start in range(0, len(messages), SEND_BATCH):
+                group = messages[start : start + SEND_BATCH]
                 try:
                     with _batched(producer):
-                        for submission in batch:
-                            self._send(submission, producer)
+                        for message in group:
+                            self._send_batch(message, producer)
                 except Exception:
-                    self._forget(submissions[start:])
+                    self._forget([s for m in messages[start:] for s in m.items])
                     raise
+                sent += sum(len(m.items) for m in group)
                 if on_progress is not None:
-                    on_progress(start + len(batch), total)
+                    on_progress(sent, total)
 
     def _forget(self, submissions: Sequence[Submission]) -> None:
         """Best effort: Redis may be what failed."""

@@ -1,12 +1,18 @@
 """One submission: a validated request with its id, model and deadline, and the message the worker gets.
 
-The message is the wire contract with the worker (`worker.tasks`):
+The messages are the wire contract with the worker (`worker.tasks`). One task, task name `pagedq.<type>`:
 `{"request": <request JSON>, "model": <registry name>, "deadline": <epoch s>, "submitted_at": <epoch s>}`.
+Many tasks of a bulk submission, task name `pagedq.<type>.batch`, K items per message:
+`{"items": [{"id": <task id>, "request": ..., "model": ..., "deadline": ..., "submitted_at": ...}, ...]}`.
+Every item keeps its own id, record, status, deadline, priority and cancel; only the transport is shared.
 """
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from shared.models import SubmitResponse, TaskRequest, TaskType
@@ -28,7 +34,7 @@ class Submission:
     submitted_at: float  # epoch seconds
     deadline: float  # epoch seconds
 
-    @property
+    @cached_property
     def message(self) -> dict[str, Any]:
         return {
             "request": self.request.model_dump(mode="json"),
@@ -44,3 +50,37 @@ class Submission:
     @property
     def response(self) -> SubmitResponse:
         return SubmitResponse(id=self.id, type=self.task_type, location=task_location(self.id))
+
+
+@dataclass(frozen=True)
+class BatchMessage:
+    """Several submissions of one bulk, one priority, carried by one Celery message."""
+
+    id: str  # the Celery task id of the message; each item keeps its own task id
+    task_type: TaskType
+    priority: int
+    items: Sequence[Submission]
+
+    @property
+    def body(self) -> dict[str, Any]:
+        return {"items": [{"id": s.id, **s.message} for s in self.items]}
+
+    @property
+    def summary(self) -> str:
+        models = sorted({s.model for s in self.items})
+        return f"<{len(self.items)} {self.task_type.value} requests for {', '.join(map(repr, models))}, " \
+               f"priority {self.priority}>"
+
+
+def batch_messages(submissions: Sequence[Submission], items_per_message: int) -> list[BatchMessage]:
+    """Group a bulk into messages of at most `items_per_message` items of one priority, in submission order
+    within each priority (the queue orders messages by priority, so items never jump their priority)."""
+    by_priority: dict[int, list[Submission]] = {}
+    for submission in submissions:
+        by_priority.setdefault(submission.request.priority, []).append(submission)
+    messages = []
+    for priority, items in by_priority.items():
+        for start in range(0, len(items), items_per_message):
+            chunk = items[start : start + items_per_message]
+            messages.append(BatchMessage(f"batch-{uuid.uuid4()}", chunk[0].task_type, priority, chunk))
+    return messages

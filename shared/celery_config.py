@@ -14,6 +14,8 @@ from shared.settings import Settings, get_settings
 #: Celery task name == queue name, one per task type.
 TASK_NAMES: dict[TaskType, str] = {t: f"pagedq.{t.value}" for t in TaskType}
 QUEUES: dict[TaskType, str] = dict(TASK_NAMES)
+#: Tasks that carry many items of a bulk submission in one message, on the task type's queue.
+BATCH_TASK_NAMES: dict[TaskType, str] = {t: f"pagedq.{t.value}.batch" for t in TaskType}
 #: Redis priority steps: kombu maps priorities 0..9 onto these sub-queues per queue.
 PRIORITY_STEPS = [0, 3, 6, 9]
 #: kombu's separator between a queue's name and its priority step. Keep the default: Flower and the
@@ -62,7 +64,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_send_sent_event": True,
         # One queue per task type, routed by task name.
         "task_queues": [Queue(q) for q in QUEUES.values()],
-        "task_routes": {TASK_NAMES[t]: {"queue": QUEUES[t]} for t in TaskType},
+        "task_routes": {**{TASK_NAMES[t]: {"queue": QUEUES[t]} for t in TaskType},
+                        **{BATCH_TASK_NAMES[t]: {"queue": QUEUES[t]} for t in TaskType}},
         "task_default_queue": QUEUES[TaskType.CLASSIFY],
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,

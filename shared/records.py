@@ -64,6 +64,15 @@ class NewRecord(NamedTuple):
     message: dict[str, Any] | None = None  # the Celery task body, kept to re-send a lost message
 
 
+class Outcome(NamedTuple):
+    """A final state to write: `result` (JSON-able) for succeeded, `error` {type, message} otherwise."""
+
+    task_id: str
+    state: TaskState
+    result: Any = None
+    error: dict[str, str] | None = None
+
+
 class Claim(StrEnum):
     """What `claim` decided for one delivery of a task."""
 
@@ -197,28 +206,44 @@ class TaskRecords:
 
     # -- transitions --------------------------------------------------------------------------------------
 
-    def claim(self, task_id: str, worker: str, delivery_tag: str, lease_prefix: str, at: datetime | None = None,
-              claimed_ttl_s: int = 7 * 24 * 3600) -> Claim:
+    def claim(self, task_id: str, worker: str, delivery_tag: str, lease_prefix: str) -> Claim:
         """Start a delivery of `task_id` on `worker` (see `Claim` for the outcomes)."""
-        at = at or now()
-        outcome = self._claim(
-            keys=[task_key(task_id), OPEN_KEY, CLAIMED_PREFIX + worker],
-            args=[worker, lease_prefix, repr(at.timestamp()), at.isoformat(), delivery_tag, claimed_ttl_s,
-                  KEY_PREFIX, DONE_CHANNEL_PREFIX],
-        )
-        return Claim(outcome)
+        return self.claim_many([task_id], worker, delivery_tag, lease_prefix)[0]
+
+    def claim_many(self, task_ids: Sequence[str], worker: str, delivery_tag: str, lease_prefix: str,
+                   claimed_ttl_s: int = 7 * 24 * 3600) -> list[Claim]:
+        """`claim` for the items of one message, in one round trip."""
+        at = now()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                self._claim(
+                    keys=[task_key(task_id), OPEN_KEY, CLAIMED_PREFIX + worker],
+                    args=[worker, lease_prefix, repr(at.timestamp()), at.isoformat(), delivery_tag, claimed_ttl_s,
+                          KEY_PREFIX, DONE_CHANNEL_PREFIX],
+                    client=pipe,
+                )
+            return [Claim(outcome) for outcome in pipe.execute()]
 
     def finalize(self, task_id: str, state: TaskState, result: Any = None, error: dict[str, str] | None = None,
-                 at: datetime | None = None) -> TaskState | None:
+                 ) -> TaskState | None:
         """Write the final state unless one exists. Returns the state that holds now (None: no record)."""
-        if not state.is_final:
-            raise ValueError(f"{state} is not a final state")
-        outcome = self._finalize(
-            keys=[task_key(task_id), OPEN_KEY],
-            args=[state.value, "" if result is None else json.dumps(result), "" if error is None else json.dumps(error),
-                  (at or now()).isoformat(), task_id, done_channel(task_id), CLAIMED_PREFIX],
-        )
-        return TaskState(outcome) if outcome else None
+        return self.finalize_many([Outcome(task_id, state, result, error)])[0]
+
+    def finalize_many(self, outcomes: Sequence[Outcome]) -> list[TaskState | None]:
+        """`finalize` for many tasks in one round trip (each is still atomic on its own)."""
+        at = now().isoformat()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for o in outcomes:
+                if not o.state.is_final:
+                    raise ValueError(f"{o.state} is not a final state")
+                self._finalize(
+                    keys=[task_key(o.task_id), OPEN_KEY],
+                    args=[o.state.value, "" if o.result is None else json.dumps(o.result),
+                          "" if o.error is None else json.dumps(o.error), at, o.task_id, done_channel(o.task_id),
+                          CLAIMED_PREFIX],
+                    client=pipe,
+                )
+            return [TaskState(state) if state else None for state in pipe.execute()]
 
     def release(self, task_id: str, worker: str) -> bool:
         """Hand a task that `worker` claimed back to the queue state (not final). True if it was released."""

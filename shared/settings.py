@@ -59,6 +59,9 @@ class Settings(BaseSettings):
         5.0, gt=0, description="A task with no message anywhere for this long is sent again (same id)."
     )
     limits: Limits = Field(default_factory=Limits)
+    bulk_message_items: int = Field(
+        32, gt=0, description="A bulk submission travels as messages of this many items (each keeps its own id)."
+    )
 
     registry_path: Path | None = Field(None, description="Model registry file (TOML); see README.")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Accepted API keys.")

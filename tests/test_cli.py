@@ -31,13 +31,18 @@ QUEUES = [f"pagedq.{t}{p}" for t in ("classify", "translate", "qa") for p in (""
 API_KEY = "cli-key"
 
 
+def message_items(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tasks a queued message carries, each with its "id": one, or the items of a bulk batch message."""
+    [body], _, _ = json.loads(base64.b64decode(message["body"]))
+    return body["items"] if "items" in body else [{"id": message["headers"]["id"], **body}]
+
+
 def sent_requests(r: redis.Redis) -> list[dict[str, Any]]:
     """The `request` of every message waiting on any queue, oldest first."""
     found = []
     for queue in QUEUES:
         for raw in reversed(r.lrange(queue, 0, -1)):
-            [message], _, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))
-            found.append(message["request"])
+            found += [item["request"] for item in message_items(json.loads(raw))]
     return found
 
 
@@ -74,8 +79,11 @@ class StandInWorker(threading.Thread):
                 self._finish(json.loads(popped[1]))
 
     def _finish(self, message: dict[str, Any]) -> None:
-        [body], _, _ = json.loads(base64.b64decode(message["body"]))
-        task_id, text = message["headers"]["id"], body["request"]["text"]
+        for item in message_items(message):
+            self._finish_item(item["id"], item)
+
+    def _finish_item(self, task_id: str, body: dict[str, Any]) -> None:
+        text = body["request"]["text"]
         if text == "fail":
             self.records.finalize(task_id, TaskState.FAILED,
                                   error={"type": "EngineError", "message": "the model fell over"})

@@ -22,8 +22,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def stack(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    # Short visibility timeout so a killed worker's unacked tasks come back within seconds (see test below).
-    env = {"PAGEDQ_VISIBILITY_TIMEOUT_S": "8", "PAGEDQ_LIMITS__MAX_TIMEOUT_S": "4"}
+    # The default visibility timeout (hours): a killed worker's tasks come back within seconds because its
+    # lease lapses (worker/lease.py, worker/reconciler.py), not because Redis redelivers them.
+    env = {"PAGEDQ_LIMITS__MAX_TIMEOUT_S": "4"}
     with Stack(registry_path=demo_models, log_dir=tmp_path_factory.mktemp("logs"), worker_concurrency=8,
                extra_env=env) as s:
         yield s
@@ -231,11 +232,17 @@ def test_expired_task_ends_expired(http: httpx.Client) -> None:
 
 def test_the_worker_survives_bad_messages_and_keeps_serving(http: httpx.Client, stack: Stack) -> None:
     from shared.celery_config import make_celery
+    from shared.models import TaskType
+    from shared.records import TaskRecords
 
     app = make_celery(stack.settings())
-    broken = app.send_task("pagedq.classify", args=[{"request": {"text": ""}}])  # bypasses the producer
-    assert broken.get(timeout=30, propagate=False) is not None
-    assert broken.state == "FAILURE"
+    records = TaskRecords.from_url(stack.redis_url or "", 600)
+    broken = "bad-message-" + str(time.time_ns())
+    records.create(broken, TaskType.CLASSIFY, "default", 0, None)  # a record, but a body the producer refuses
+    app.send_task("pagedq.classify", args=[{"request": {"text": ""}}], task_id=broken, queue="pagedq.classify")
+    app.send_task("pagedq.classify.batch", args=[{"items": "not a list of items"}], queue="pagedq.classify")
+    status = wait(http, broken)
+    assert status["state"] == "failed" and status["error"]["type"] == "InvalidRequest", status
     task_id = submit(http, "classify", {"text": "still alive"})
     assert wait(http, task_id)["state"] == "succeeded"
     app.close()

@@ -99,7 +99,8 @@ def r(redis_url: str) -> redis.Redis:
 @pytest.fixture()
 def settings(redis_url: str) -> Settings:
     return Settings(
-        redis_url=redis_url, registry_path=None, default_timeout_s=600.0, limits=Limits(max_text_chars=100, max_bulk=5)
+        redis_url=redis_url, registry_path=None, default_timeout_s=600.0, limits=Limits(max_text_chars=100, max_bulk=5),
+        bulk_message_items=2,
     )
 
 
@@ -254,11 +255,21 @@ def test_bulk_records_and_sends_every_request_in_order(service: TaskService, r: 
     )
     assert len({s.id for s in submitted}) == 5
     assert all(r.exists(KEY_PREFIX + s.id) for s in submitted)
-    messages = [m for _, m in queued(r, "pagedq.classify")]
-    # LPUSH, so the list holds the newest first
-    assert [m["headers"]["id"] for m in reversed(messages)] == [s.id for s in submitted]
-    assert [body_of(m)[0][0]["request"]["text"] for m in reversed(messages)] == [f"t{i}" for i in range(5)]
-    assert progress == [(5, 5)]  # reported per pipelined batch of sends
+    # one message of up to `bulk_message_items` items (here 2): 3 messages, each item with its own id
+    messages = [m for _, m in reversed(queued(r, "pagedq.classify"))]  # LPUSH: the list holds the newest first
+    assert [m["headers"]["task"] for m in messages] == ["pagedq.classify.batch"] * 3
+    items = [item for m in messages for item in body_of(m)[0][0]["items"]]
+    assert [i["id"] for i in items] == [s.id for s in submitted]
+    assert [i["request"]["text"] for i in items] == [f"t{i}" for i in range(5)]
+    assert all(i["deadline"] > i["submitted_at"] for i in items)
+    assert messages[0]["headers"]["argsrepr"] == "<2 classify requests for 'default', priority 0>"  # Flower
+    assert progress == [(5, 5)]  # reported per pipelined group of sends
+
+
+def test_bulk_items_of_different_priorities_travel_apart(service: TaskService, r: redis.Redis) -> None:
+    service.submit_bulk(TaskType.CLASSIFY, [{"text": "a", "priority": 50}, {"text": "b"}, {"text": "c"}])
+    by_key = {key: [i["request"]["text"] for i in body_of(m)[0][0]["items"]] for key, m in queued(r, "pagedq.classify")}
+    assert sorted(by_key.values()) == [["a"], ["b", "c"]]
 
 
 def test_bulk_with_one_bad_item_enqueues_nothing(service: TaskService, r: redis.Redis) -> None:
@@ -488,7 +499,9 @@ def test_client_submit_bulk_wait_and_cancel(settings: Settings, r: redis.Redis) 
         single = client.submit(TranslateRequest(text="Hello", target_lang="de"))
         handles = client.bulk_qa([("Who?", "Ada."), ("When?", "1843.")], priority=10)
         assert single.type is TaskType.TRANSLATE and [h.type for h in handles] == [TaskType.QA] * 2
-        assert len(queued(r, "pagedq.qa")) == 2 and len(queued(r, "pagedq.translate")) == 1
+        [(_, batch)] = queued(r, "pagedq.qa")  # a bulk of 2 travels as one message of 2 items
+        assert [i["id"] for i in body_of(batch)[0][0]["items"]] == [h.id for h in handles]
+        assert len(queued(r, "pagedq.translate")) == 1
 
         assert handles[0].cancel().state is TaskState.CANCELLED
         with pytest.raises(TaskFailed) as caught:

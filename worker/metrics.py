@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
@@ -39,30 +38,19 @@ ENGINE_METRICS = {
 }
 
 
-class _Outcome:
-    def __init__(self) -> None:
-        self.value = "failed"
-
-    def succeeded(self) -> None:
-        self.value = "succeeded"
-
-
-@contextmanager
-def observe_task(task: str, message: dict[str, Any]) -> Iterator[_Outcome]:
-    """Observe queue time now and end-to-end latency and outcome when the task ends."""
+def task_started(task: str, message: dict[str, Any]) -> None:
+    """Observe a task's queue time (submission to start on this worker)."""
     submitted = message.get("submitted_at") if isinstance(message, dict) else None
     if isinstance(submitted, int | float):
         QUEUE_TIME.labels(task).observe(max(0.0, time.time() - submitted))
-    outcome = _Outcome()
-    try:
-        yield outcome
-    except Exception as exc:
-        outcome.value = type(exc).__name__
-        raise
-    finally:
-        TASKS.labels(task, outcome.value).inc()
-        if isinstance(submitted, int | float):
-            E2E_LATENCY.labels(task).observe(max(0.0, time.time() - submitted))
+
+
+def task_finished(task: str, message: dict[str, Any], outcome: str) -> None:
+    """Count a task's outcome ("succeeded" or the error's type) and observe its end-to-end latency."""
+    TASKS.labels(task, outcome).inc()
+    submitted = message.get("submitted_at") if isinstance(message, dict) else None
+    if isinstance(submitted, int | float):
+        E2E_LATENCY.labels(task).observe(max(0.0, time.time() - submitted))
 
 
 class EngineCollector(Collector):

@@ -19,6 +19,7 @@ Re-running is always safe: `TaskRecords.claim` skips a task that is final or own
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -98,7 +99,8 @@ class Reconciler:
             for task_id, tag in self.records.claimed_by(worker).items():
                 if self.records.release(task_id, worker):
                     report.released.append(task_id)
-                    if not self._restore_tag(tag, report):
+                    # items of one batch message share its tag: restored once, with all of them
+                    if tag not in report.restored_tags and not self._restore_tag(tag, report):
                         self._resend(task_id, report)
             self.redis.delete(CLAIMED_PREFIX + worker)
             self.redis.zrem(WORKERS_KEY, worker)
@@ -175,10 +177,8 @@ class Reconciler:
                 pipe.lrange(key, 0, -1)
             pipe.hvals(UNACKED_KEY)
             *queued, unacked = pipe.execute()
-        ids = {_message_id(raw) for items in queued for raw in items}
-        ids |= {_message_id(raw, wrapped=True) for raw in unacked}
-        ids.discard(None)
-        return ids  # type: ignore[return-value]
+        ids = {i for items in queued for raw in items for i in _message_ids(raw)}
+        return ids | {i for raw in unacked for i in _message_ids(raw, wrapped=True)}
 
     def _running_on_live_workers(self, task_ids: Iterable[str]) -> set[str]:
         ids = list(task_ids)
@@ -205,11 +205,17 @@ class Reconciler:
         report.resent.append(task_id)
 
 
-def _message_id(raw: Any, wrapped: bool = False) -> str | None:
-    """The Celery task id of a raw kombu Redis message (`wrapped`: an unacked entry [message, ex, rk])."""
+def _message_ids(raw: Any, wrapped: bool = False) -> list[str]:
+    """The task ids a raw kombu Redis message carries (`wrapped`: an unacked entry [message, ex, rk]): its
+    Celery task id, and for a batch message the id of every item in its body."""
     try:
         data = json.loads(raw)
         message = data[0] if wrapped else data
-        return str(message["headers"]["id"])
+        headers = message["headers"]
+        ids = [str(headers["id"])]
+        if str(headers.get("task", "")).endswith(".batch"):
+            [body], _, _ = json.loads(base64.b64decode(message["body"]))
+            ids += [str(item["id"]) for item in body["items"]]
+        return ids
     except (ValueError, TypeError, KeyError, IndexError):
-        return None
+        return []

@@ -1,25 +1,25 @@
-"""The Celery tasks: thin. Claim the task, validate, submit to the engine, wait, write the final state once.
+"""The Celery tasks: thin. Claim, validate, submit to the engine, wait, write each final state once.
 
-Message body (written by the producer): `{"request": <request JSON>, "model": <registry name>,
-"deadline": <epoch s>, "submitted_at": <epoch s>}`.
+Two message kinds per task type (see producer/submission.py): `pagedq.<type>` carries one task,
+`pagedq.<type>.batch` carries the items of a bulk submission. Both run the same path over a list of items:
 
-One delivery of a task goes through `TaskRecords.claim` first, which decides atomically in Redis:
+    claim_many (one round trip)   -> per item: run | final | owned | cancelled | expired | missing
+    submit every runnable item    -> the engine batches them with everything else in flight
+    as futures complete           -> finalize_many (one round trip per wake-up; first final state wins)
+    items the engine handed back  -> release them, reject the message with requeue (worker shutting down)
 
-    run        -> this worker owns it now: run it, then `finalize` (the first final state written wins)
-    final      -> it finished already (a redelivery): skip
-    owned      -> a live worker runs it (a redelivery while it runs): skip, no second run, no error
-    cancelled / expired -> finalized by the claim itself
-
-A worker stop hands unfinished work back: the engine fails it with `WorkerShuttingDown`, the record is
-released (queued again) and the message is rejected with requeue, so another worker runs it. Nothing is
-stored in Celery's result backend; the task record is the result.
+`claim` decides atomically in Redis (shared/records.py): a redelivered message runs only the items that are
+neither final nor owned by a live worker, so a redelivery never runs or stores an item twice. One bad item
+fails alone. Nothing is stored in Celery's result backend; the task records are the results.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, Task
@@ -27,7 +27,7 @@ from celery.exceptions import Reject
 from celery.worker import state as worker_state
 from pydantic import ValidationError
 
-from shared.celery_config import TASK_NAMES
+from shared.celery_config import BATCH_TASK_NAMES, TASK_NAMES
 from shared.errors import (
     DeadlineExceeded,
     EngineError,
@@ -37,7 +37,7 @@ from shared.errors import (
     WorkerShuttingDown,
 )
 from shared.models import REQUEST_MODELS, TaskState, TaskType
-from shared.records import Claim
+from shared.records import Claim, Outcome
 from shared.registry import ModelSpec
 from worker import metrics
 from worker.engine.executor import EngineRequest
@@ -45,13 +45,25 @@ from worker.runtime import WorkerRuntime, current_runtime
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.2  # how often a waiting task thread looks for a revoke from the Celery side
+POLL_S = 0.2  # how often a waiting task thread looks for revokes from the Celery side
 
 #: Error classes that are not plain failures, and the final state each one means.
 _STATE_OF_ERROR: dict[type[BaseException], TaskState] = {
     DeadlineExceeded: TaskState.EXPIRED,
     TaskCancelled: TaskState.CANCELLED,
 }
+_CLAIM_OUTCOMES = {Claim.CANCELLED: "TaskCancelled", Claim.EXPIRED: "DeadlineExceeded"}
+
+
+@dataclass(eq=False)
+class Item:
+    """One task of a message: its id, its message body, and what happened to it here."""
+
+    id: str
+    message: dict[str, Any]
+    request: EngineRequest | None = None
+    error: PagedqError | None = None
+    cancel_sent: bool = False
 
 
 def register_tasks(app: Celery) -> None:
@@ -63,51 +75,69 @@ def _register(app: Celery, task_type: TaskType) -> None:
     # throws: a user-level failure is logged on one line, without a traceback
     @app.task(name=TASK_NAMES[task_type], bind=True, ignore_result=True, throws=(PagedqError,))
     def run(self: Task, message: dict[str, Any]) -> str:
-        with metrics.observe_task(task_type.value, message) as outcome:
-            state = run_task(self, current_runtime(self.app), task_type, message)
-            outcome.succeeded()
-            return state
+        [item] = run_items(self, current_runtime(self.app), task_type, [Item(self.request.id, message)])
+        if item.error is not None:
+            raise item.error
+        return "done"
+
+    @app.task(name=BATCH_TASK_NAMES[task_type], bind=True, ignore_result=True, throws=(PagedqError,))
+    def run_batch(self: Task, body: dict[str, Any]) -> str:
+        items = _batch_items(body)
+        run_items(self, current_runtime(self.app), task_type, items)
+        failed = sum(1 for i in items if i.error is not None)
+        return f"{len(items)} items, {failed} failed"
 
 
-def run_task(task: Task, rt: WorkerRuntime, task_type: TaskType, message: dict[str, Any]) -> str:
-    """Run one delivery; returns the final state's name, raises the stored error of a failed task."""
-    task_id: str = task.request.id
+def _batch_items(body: Any) -> list[Item]:
+    try:
+        return [Item(str(entry["id"]), entry) for entry in body["items"]]
+    except (KeyError, TypeError) as exc:
+        raise InvalidRequest(f"invalid batch message: {exc!r}") from None
+
+
+def run_items(task: Task, rt: WorkerRuntime, task_type: TaskType, items: list[Item]) -> list[Item]:
+    """Run one delivery of a message's items (see the module docstring)."""
     tag = str((task.request.delivery_info or {}).get("delivery_tag") or "")
-    claim = rt.records.claim(task_id, rt.worker_id, tag, rt.lease_prefix)
-    if claim is not Claim.RUN:
-        log.info("task %s: %s, not run by this delivery", task_id, claim.value)
-        return claim.value
-    try:
-        result = _execute(rt, task_type, task_id, message)
-    except WorkerShuttingDown:
-        rt.records.release(task_id, rt.worker_id)
-        raise Reject("the worker is shutting down: handed back to the queue", requeue=True) from None
-    except PagedqError as exc:
-        state = _STATE_OF_ERROR.get(type(exc), TaskState.FAILED)
-        rt.records.finalize(task_id, state, error={"type": type(exc).__name__, "message": str(exc)})
-        raise
-    except Exception as exc:  # noqa: BLE001 - a bug in our code: the task fails, the worker stays up
-        log.exception("task %s failed", task_id)
-        error = EngineError(f"{type(exc).__name__}: {exc}")
-        rt.records.finalize(task_id, TaskState.FAILED, error={"type": "EngineError", "message": str(error)})
-        raise error from exc
-    final = rt.records.finalize(task_id, TaskState.SUCCEEDED, result=result)
-    return (final or TaskState.SUCCEEDED).value  # expired, if a reader saw the deadline pass first
+    claims = rt.records.claim_many([i.id for i in items], rt.worker_id, tag, rt.lease_prefix)
+    runnable = []
+    for item, claim in zip(items, claims, strict=True):
+        if claim is Claim.RUN:
+            metrics.task_started(task_type.value, item.message)
+            runnable.append(item)
+        elif claim in _CLAIM_OUTCOMES:
+            metrics.task_finished(task_type.value, item.message, _CLAIM_OUTCOMES[claim])
+        else:
+            log.info("task %s: %s, not run by this delivery", item.id, claim.value)
+    rejected = [o for item in runnable if (o := _submit(rt, task_type, item)) is not None]
+    _finalize(rt, task_type, runnable, rejected)
+    _wait(rt, task_type, [i for i in runnable if i.request is not None])
+    handed_back = [i for i in runnable if isinstance(i.error, WorkerShuttingDown)]
+    if handed_back:
+        for item in handed_back:
+            rt.records.release(item.id, rt.worker_id)
+        raise Reject(f"the worker is shutting down: {len(handed_back)} tasks handed back to the queue", requeue=True)
+    return items
 
 
-def _execute(rt: WorkerRuntime, task_type: TaskType, task_id: str, message: dict[str, Any]) -> dict[str, Any]:
+def _submit(rt: WorkerRuntime, task_type: TaskType, item: Item) -> Outcome | None:
+    """Hand an item to the engine; the item's failure outcome if it cannot be (nothing else fails)."""
     try:
-        payload = REQUEST_MODELS[task_type].model_validate(message["request"])
+        payload = REQUEST_MODELS[task_type].model_validate(item.message["request"])
+        deadline = item.message.get("deadline")
+        if deadline is not None and time.time() >= deadline:
+            raise DeadlineExceeded("deadline passed while the task was queued")
+        spec = _model_for(rt, task_type, item.message, payload)
+        item.request = EngineRequest(id=item.id, task=task_type, payload=payload, model=spec.name,
+                                     priority=payload.priority, deadline=deadline)
+        rt.engine.submit(item.request)
+        return None
     except (KeyError, TypeError, ValidationError) as exc:
-        raise InvalidRequest(f"invalid {task_type.value} message: {exc}") from None
-    deadline = message.get("deadline")
-    if deadline is not None and time.time() >= deadline:
-        raise DeadlineExceeded("deadline passed while the task was queued")
-    spec = _model_for(rt, task_type, message, payload)
-    request = EngineRequest(id=task_id, task=task_type, payload=payload, model=spec.name,
-                            priority=payload.priority, deadline=deadline)
-    rt.engine.submit(request)
-    return _wait(rt, request).model_dump(mode="json")  # type: ignore[no-any-return]
+        return _failed(item, InvalidRequest(f"invalid {task_type.value} request: {exc}"))
+    except PagedqError as exc:
+        if isinstance(exc, WorkerShuttingDown):
+            item.error = exc
+            return None
+        return _failed(item, exc)
 
 
 def _model_for(rt: WorkerRuntime, task_type: TaskType, message: dict[str, Any], payload: Any) -> ModelSpec:
@@ -119,13 +149,45 @@ def _model_for(rt: WorkerRuntime, task_type: TaskType, message: dict[str, Any], 
     return rt.registry.select(task_type, payload)
 
 
-def _wait(rt: WorkerRuntime, request: EngineRequest) -> Any:
-    """Block this task thread until the engine completes the request; forward revokes to the engine."""
-    cancel_sent = False
-    while True:
-        try:
-            return request.future.result(timeout=POLL_S)
-        except FutureTimeout:
-            if not cancel_sent and request.id in worker_state.revoked:
-                rt.engine.cancel(request.id, TaskCancelled("cancelled while running"))
-                cancel_sent = True
+def _failed(item: Item, error: PagedqError) -> Outcome:
+    item.error, item.request = error, None
+    state = _STATE_OF_ERROR.get(type(error), TaskState.FAILED)
+    return Outcome(item.id, state, error={"type": type(error).__name__, "message": str(error)})
+
+
+def _outcome(item: Item, future: Future[Any]) -> Outcome | None:
+    """The final outcome of a completed engine future; None if the engine handed the item back."""
+    error = future.exception()
+    if error is None:
+        return Outcome(item.id, TaskState.SUCCEEDED, result=future.result().model_dump(mode="json"))
+    if isinstance(error, WorkerShuttingDown):
+        item.error = error
+        return None
+    if not isinstance(error, PagedqError):  # a bug in our code: the task fails, the worker stays up
+        log.error("task %s failed: %r", item.id, error, exc_info=error)
+        error = EngineError(f"{type(error).__name__}: {error}")
+    return _failed(item, error)
+
+
+def _wait(rt: WorkerRuntime, task_type: TaskType, items: list[Item]) -> None:
+    """Wait for the engine; finalize items as they complete; forward Celery revokes to the engine."""
+    pending: dict[Future[Any], Item] = {i.request.future: i for i in items if i.request is not None}
+    while pending:
+        done, _ = wait_futures(list(pending), timeout=POLL_S, return_when=FIRST_COMPLETED)
+        finished = [pending.pop(future) for future in done]
+        outcomes = [o for item in finished if (o := _outcome(item, item.request.future)) is not None]  # type: ignore[union-attr]
+        _finalize(rt, task_type, finished, outcomes)
+        for item in pending.values():
+            if not item.cancel_sent and item.id in worker_state.revoked:
+                rt.engine.cancel(item.id, TaskCancelled("cancelled while running"))
+                item.cancel_sent = True
+
+
+def _finalize(rt: WorkerRuntime, task_type: TaskType, items: list[Item], outcomes: list[Outcome]) -> None:
+    if not outcomes:
+        return
+    rt.records.finalize_many(outcomes)
+    by_id = {i.id: i for i in items}
+    for outcome in outcomes:
+        label = "succeeded" if outcome.state is TaskState.SUCCEEDED else (outcome.error or {}).get("type", "failed")
+        metrics.task_finished(task_type.value, by_id[outcome.task_id].message, label)
