@@ -169,7 +169,10 @@ def test_sigkill_is_recovered_within_the_lease(stack: Stack, service: TaskServic
     assert recovery < 10
     assert all(int(r.hget(task_key(i), "requeues") or 0) >= 1 for i in stranded)
     assert set(watcher.final().values()) == {"succeeded"}
-    assert all(int(r.hget(task_key(i), "deliveries") or 0) == 2 for i in stranded)  # run once more, no more
+    # the bulk travelled in batch messages: a redelivered batch re-ran only its unfinished items, once
+    deliveries = {i: int(r.hget(task_key(i), "deliveries") or 0) for i in ids}
+    assert all(deliveries[i] == 2 for i in stranded)
+    assert all(deliveries[i] == 1 for i in ids if i not in stranded)
 
 
 def test_a_second_delivery_of_a_running_task_is_not_run_and_flips_nothing(
@@ -216,6 +219,30 @@ def test_poison_requests_fail_alone(stack: Stack, service: TaskService, r: redis
         status = service.status(task_id)
         assert status.state is TaskState.FAILED and status.error is not None
         assert status.error.type in ("InvalidRequest", "ModelError"), status.error
+    app.close()
+
+
+def test_a_batch_message_with_an_invalid_and_a_cancelled_item(
+    stack: Stack, service: TaskService, r: redis.Redis
+) -> None:
+    """Items of one bulk message each reach their own final state: the invalid one fails, the cancelled one is
+    cancelled, the others succeed."""
+    app = make_celery(stack.settings())
+    stamp = time.time_ns()
+    bodies = {f"ok-{stamp}-{i}": {"text": f"fine sentence {i}"} for i in range(4)}
+    bodies[f"invalid-{stamp}"] = {"text": ""}
+    bodies[f"cancelled-{stamp}"] = {"text": "cancelled before it ran"}
+    deadline = time.time() + 60
+    items = [{"id": i, "request": b, "model": "default", "deadline": deadline, "submitted_at": time.time()}
+             for i, b in bodies.items()]
+    for item in items:
+        service.records.create(item["id"], TaskType.CLASSIFY, "default", 0, None, item)
+    service.records.request_cancel(f"cancelled-{stamp}")
+    app.send_task("pagedq.classify.batch", args=[{"items": items}], queue="pagedq.classify")
+    states = watch(service, list(bodies)).final()
+    assert states == {**{i: "succeeded" for i in bodies if i.startswith("ok")},
+                      f"invalid-{stamp}": "failed", f"cancelled-{stamp}": "cancelled"}
+    assert service.status(f"invalid-{stamp}").error.type == "InvalidRequest"  # type: ignore[union-attr]
     app.close()
 
 
