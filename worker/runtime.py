@@ -21,6 +21,7 @@ from worker.engine.service import Engine, make_executor
 from worker.lease import LEASE_PREFIX, WorkerLease, new_worker_id
 from worker.reconciler import Reconciler
 from worker.registry import load_model
+from worker.streaming import TokenStreamer
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class WorkerRuntime:
     worker_id: str = ""
     lease: WorkerLease | None = None
     reconciler: Reconciler | None = None
+    streamer: TokenStreamer | None = None
 
     #: prefix of the lease keys `TaskRecords.claim` checks an owner's liveness with
     lease_prefix = LEASE_PREFIX
@@ -56,7 +58,8 @@ class WorkerRuntime:
             executors[name] = make_executor(loaded, spec_config)
         engine = Engine(executors).start()
         records = TaskRecords.from_url(settings.backend_url, settings.result_ttl_s)
-        return cls(settings=settings, registry=registry, records=records, engine=engine)
+        streamer = TokenStreamer(records.redis, settings.result_ttl_s).start()
+        return cls(settings=settings, registry=registry, records=records, engine=engine, streamer=streamer)
 
     def start_lease(self, app: Celery, hostname: str, held_tags: Callable[[], Iterable[str]]) -> None:
         """Take this process's lease and start the heartbeat, which also runs the engine watchdog and the
@@ -77,6 +80,8 @@ class WorkerRuntime:
         self.engine.stop(drain_s=drain_s)
         if self.lease is not None:
             self.lease.stop()
+        if self.streamer is not None:
+            self.streamer.stop()
 
 
 def _without_prefix_cache(config: EngineConfig) -> EngineConfig:

@@ -20,7 +20,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from celery import Celery, Task
 from celery.exceptions import Reject
@@ -36,7 +36,7 @@ from shared.errors import (
     TaskCancelled,
     WorkerShuttingDown,
 )
-from shared.models import REQUEST_MODELS, TaskState, TaskType
+from shared.models import REQUEST_MODELS, TaskRequest, TaskState, TaskType
 from shared.records import Claim, Outcome
 from shared.registry import ModelSpec
 from worker import metrics
@@ -122,13 +122,15 @@ def run_items(task: Task, rt: WorkerRuntime, task_type: TaskType, items: list[It
 def _submit(rt: WorkerRuntime, task_type: TaskType, item: Item) -> Outcome | None:
     """Hand an item to the engine; the item's failure outcome if it cannot be (nothing else fails)."""
     try:
-        payload = REQUEST_MODELS[task_type].model_validate(item.message["request"])
+        payload = cast(TaskRequest, REQUEST_MODELS[task_type].model_validate(item.message["request"]))
         deadline = item.message.get("deadline")
         if deadline is not None and time.time() >= deadline:
             raise DeadlineExceeded("deadline passed while the task was queued")
         spec = _model_for(rt, task_type, item.message, payload)
         item.request = EngineRequest(id=item.id, task=task_type, payload=payload, model=spec.name,
                                      priority=payload.priority, deadline=deadline)
+        if _wants_stream(payload) and rt.streamer is not None:
+            item.request.stream = rt.streamer.sink(item.id)
         rt.engine.submit(item.request)
         return None
     except (KeyError, TypeError, ValidationError) as exc:
@@ -138,6 +140,11 @@ def _submit(rt: WorkerRuntime, task_type: TaskType, item: Item) -> Outcome | Non
             item.error = exc
             return None
         return _failed(item, exc)
+
+
+def _wants_stream(payload: Any) -> bool:
+    generation = getattr(payload, "generation", None)
+    return bool(getattr(generation, "stream", False))
 
 
 def _model_for(rt: WorkerRuntime, task_type: TaskType, message: dict[str, Any], payload: Any) -> ModelSpec:
@@ -184,10 +191,17 @@ def _wait(rt: WorkerRuntime, task_type: TaskType, items: list[Item]) -> None:
 
 
 def _finalize(rt: WorkerRuntime, task_type: TaskType, items: list[Item], outcomes: list[Outcome]) -> None:
+    """Write the outcomes (one round trip); a streamed task's stream is completed first, so a reader that
+    sees the final state finds the whole stream."""
     if not outcomes:
         return
-    rt.records.finalize_many(outcomes)
     by_id = {i.id: i for i in items}
+    for outcome in outcomes:
+        request = by_id[outcome.task_id].request
+        if rt.streamer is not None and request is not None and request.stream is not None:
+            text = (outcome.result or {}).get("answer") or (outcome.result or {}).get("translation") or ""
+            rt.streamer.close(outcome.task_id, outcome.state.value, str(text))
+    rt.records.finalize_many(outcomes)
     for outcome in outcomes:
         label = "succeeded" if outcome.state is TaskState.SUCCEEDED else (outcome.error or {}).get("type", "failed")
         metrics.task_finished(task_type.value, by_id[outcome.task_id].message, label)

@@ -60,6 +60,10 @@ class EngineRequest:
     deadline: float | None = None
     arrival: float = field(default_factory=time.monotonic)
     future: Future[Any] = field(default_factory=Future)
+    #: set when the caller asked to stream: `stream.open(tokenizer, stop_strings)` returns an
+    #: `on_token(request_id, token_id)` callback (worker/streaming.py); executors that do not generate token
+    #: by token ignore it, and the text then arrives in one piece with the result
+    stream: Any = None
 
     def expired(self, now: float | None = None) -> bool:
         return self.deadline is not None and (now if now is not None else time.time()) >= self.deadline

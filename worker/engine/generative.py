@@ -62,7 +62,9 @@ class GenerativeExecutor(ModelExecutor):
             else:
                 raise InvalidRequest(f"{self.loaded.spec.name} does generative QA and translation, not {request.task}")
             params = self._sampling_params(payload.generation, stop)
-            self.engine.add_request(request.id, prompt.token_ids, params, request.priority, request.deadline)
+            on_token = request.stream.open(self.loaded.tokenizer, stop) if request.stream is not None else None
+            self.engine.add_request(request.id, prompt.token_ids, params, request.priority, request.deadline,
+                                    on_token)
         except (InvalidRequest, ValueError) as exc:
             request.fail(exc if isinstance(exc, InvalidRequest) else InvalidRequest(str(exc)))
             return
