@@ -1,0 +1,34 @@
+"""W5 baseline: Celery's own ceiling. A task that returns its argument, with pagedq's Celery settings.
+
+    PAGEDQ_REDIS_URL=redis://... celery -A bench.w5_noop_worker worker -P threads -c 64
+
+Same settings as pagedq (`shared.celery_config.celery_config`: JSON, late acks, prefetch 1, events on, the
+same queues) except `task_ignore_result=False`: a plain Celery client needs the result backend to wait.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from shared.celery_config import celery_config
+from shared.settings import Settings, get_settings
+
+NOOP_TASK = "w5.noop"
+
+
+def make_app(settings: Settings | None = None, main: str = "w5-noop") -> Celery:
+    """A Celery app with pagedq's settings and results stored (the worker's and the clients' alike)."""
+    app = Celery(main)
+    app.conf.update(celery_config(settings or get_settings()))
+    app.conf.task_ignore_result = False
+    return app
+
+
+app = make_app()
+
+
+@app.task(name=NOOP_TASK)
+def noop(payload: Any) -> Any:
+    return payload
