@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
 from shared.celery_config import QUEUES, TASK_NAMES, celery_config, celery_priority
 from shared.errors import ModelNotFound, UnsupportedLanguagePair
-from shared.models import ClassifyRequest, GenerationOptions, QARequest, TaskState, TaskType, TranslateRequest
+from shared.models import (
+    NOT_BLANK,
+    ClassifyRequest,
+    GenerationOptions,
+    QARequest,
+    TaskState,
+    TaskType,
+    TranslateRequest,
+    limits_schema,
+)
 from shared.registry import Registry
 from shared.settings import Limits, Settings
 
@@ -34,6 +45,69 @@ def test_limits_from_context_are_enforced() -> None:
         TranslateRequest.model_validate({"text": "t", "generation": {"num_beams": 3}}, context=SMALL)
     with pytest.raises(ValidationError, match="timeout_s is 6"):
         ClassifyRequest.model_validate({"text": "t", "timeout_s": 6}, context=SMALL)
+
+
+def test_blank_is_python_whitespace_in_the_schema_pattern_too() -> None:
+    """The schema's pattern spells out what `str.isspace` calls whitespace, so every regex dialect agrees."""
+    everything = "".join(map(chr, range(0x110000)))
+    assert set(re.sub(NOT_BLANK, "", everything)) == {c for c in everything if c.isspace()}
+    with pytest.raises(ValidationError, match="text must not be empty"):
+        ClassifyRequest(text="\x1c\x85")  # whitespace to Python, not to ECMA's \s
+    assert ClassifyRequest(text="\ufeff").text == "\ufeff"  # the reverse
+
+
+def test_lone_surrogates_are_rejected() -> None:
+    """JSON can carry `"\\ud800"`; no tokenizer (nor UTF-8) can take it."""
+    with pytest.raises(ValidationError, match=re.escape("text is not valid Unicode: a lone surrogate '\\ud800' at")):
+        ClassifyRequest(text="a\ud800")
+    with pytest.raises(ValidationError, match="question is not valid Unicode"):
+        QARequest(question="\udc00", context="c")
+    with pytest.raises(ValidationError, match="context is not valid Unicode"):
+        QARequest(question="q", context="c\ud800c")
+    with pytest.raises(ValidationError, match="model"):
+        ClassifyRequest(text="ok", model="m\udfff")
+    assert ClassifyRequest(text="\U0001f600").text == "\U0001f600"  # a surrogate pair in JSON is one character
+
+
+def test_sampling_temperature_has_a_floor_greedy_ignores_it() -> None:
+    with pytest.raises(ValidationError, match="temperature is 1e-300; sampling needs at least 0.01"):
+        GenerationOptions(do_sample=True, temperature=1e-300)
+    assert GenerationOptions(do_sample=True, temperature=0.01).temperature == 0.01
+    assert GenerationOptions(temperature=1e-300).temperature == 1e-300  # greedy: unused
+    assert GenerationOptions(num_beams=4, temperature=1e-300).num_beams == 4
+
+
+LIMIT_CASES = {  # model name -> (the model, a valid request to set the limited field in)
+    "ClassifyRequest": (ClassifyRequest, {"text": "t"}),
+    "TranslateRequest": (TranslateRequest, {"text": "t"}),
+    "QARequest": (QARequest, {"question": "q", "context": "c"}),
+}
+
+
+def _at(keyword: str, bound: float, over: bool) -> Any:
+    """A value exactly at `bound` (or just over it) for a JSON Schema keyword."""
+    if keyword == "maxLength":
+        return "x" * (int(bound) + over)
+    return bound + over
+
+
+@pytest.mark.parametrize("over", [False, True])
+def test_the_schema_keywords_of_the_limits_are_what_the_validators_enforce(over: bool) -> None:
+    limits = SMALL["limits"]
+    for model_name, fields in limits_schema(limits).items():
+        for field, keywords in fields.items():
+            ((keyword, bound),) = keywords.items()
+            value = _at(keyword, bound, over)
+            if model_name == "GenerationOptions":
+                model, data = TranslateRequest, {"text": "t", "generation": {field: value}}
+            else:
+                model, base = LIMIT_CASES[model_name]
+                data = {**base, field: value}
+            if over:
+                with pytest.raises(ValidationError, match=f"{field} is"):
+                    model.model_validate(data, context=SMALL)
+            else:
+                model.model_validate(data, context=SMALL)
 
 
 def test_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
