@@ -6,7 +6,9 @@
     DELETE /v1/tasks/{id}                    -> cancel; TaskStatus (409 if already finished)
     GET    /healthz, /readyz                 liveness; readiness (Redis PING and a Celery worker ping)
 
-/v1 needs an API key (`api_auth`); errors have one shape (`api_errors`); nothing is enqueued on any error.
+/v1 needs an API key (`api_auth`); bodies are JSON within the body limits (`api_body`); errors have one
+shape (`api_errors`) and every status a route answers is declared in its `responses`; nothing is enqueued
+on any error.
 """
 
 # No `from __future__ import annotations`: FastAPI must evaluate the route annotations, and those of the
@@ -20,14 +22,19 @@ from fastapi.responses import JSONResponse
 
 from producer.api_auth import require_api_key
 from producer.api_body import BULK_MODELS, body_schema, bulk_body, document_bodies, request_body
-from producer.api_errors import ERROR_RESPONSES, ErrorBody, install_error_handlers
+from producer.api_errors import (
+    ALREADY_FINISHED,
+    UNKNOWN_TASK,
+    V1_RESPONSES,
+    body_responses,
+    install_error_handlers,
+)
 from producer.service import TaskService
 from shared.models import REQUEST_MODELS, BulkSubmitResponse, SubmitResponse, TaskRequest, TaskStatus, TaskType
-from shared.settings import Settings, get_settings
+from shared.settings import Limits, Settings, get_settings
 
 #: How long /readyz waits for a Celery worker to answer its ping.
 WORKER_PING_TIMEOUT_S = 1.0
-UNKNOWN_ID: dict[str, Any] = {"model": ErrorBody, "description": "Unknown task id"}
 
 
 def create_app(settings: Settings | None = None, service: TaskService | None = None) -> FastAPI:
@@ -52,7 +59,9 @@ def create_app(settings: Settings | None = None, service: TaskService | None = N
     app.state.service = service or TaskService(settings)
     install_error_handlers(app)
     app.include_router(_health_routes())
-    app.include_router(_task_routes(), prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+    app.include_router(
+        _task_routes(settings.limits), prefix="/v1", dependencies=[Depends(require_api_key)], responses=V1_RESPONSES
+    )
     document_bodies(app)
     return app
 
@@ -64,12 +73,12 @@ def get_service(request: Request) -> TaskService:
 Service = Annotated[TaskService, Depends(get_service)]
 
 
-def _task_routes() -> APIRouter:
+def _task_routes(limits: Limits) -> APIRouter:
     router = APIRouter()
     for task_type in TaskType:
-        _add_submit_routes(router, task_type)
+        _add_submit_routes(router, task_type, limits)
 
-    @router.get("/tasks/{task_id}", tags=["tasks"], responses={404: UNKNOWN_ID})
+    @router.get("/tasks/{task_id}", tags=["tasks"], responses=UNKNOWN_TASK)
     def get_task(task_id: str, service: Service) -> TaskStatus:
         """The task's state; its result or error once final."""
         return service.status(task_id)
@@ -77,7 +86,7 @@ def _task_routes() -> APIRouter:
     @router.delete(
         "/tasks/{task_id}",
         tags=["tasks"],
-        responses={404: UNKNOWN_ID, 409: {"model": ErrorBody, "description": "Already finished"}},
+        responses={**UNKNOWN_TASK, **ALREADY_FINISHED},
     )
     def cancel_task(task_id: str, service: Service) -> TaskStatus:
         """Cancel a queued or running task; the worker stops it at its next engine step."""
@@ -86,9 +95,10 @@ def _task_routes() -> APIRouter:
     return router
 
 
-def _add_submit_routes(router: APIRouter, task_type: TaskType) -> None:
+def _add_submit_routes(router: APIRouter, task_type: TaskType, limits: Limits) -> None:
     name = task_type.value
     model, bulk_model = REQUEST_MODELS[task_type], BULK_MODELS[task_type]
+    responses = body_responses(limits)
 
     @router.post(
         f"/{name}",
@@ -96,6 +106,7 @@ def _add_submit_routes(router: APIRouter, task_type: TaskType) -> None:
         tags=[name],
         summary=f"Submit a {name} task",
         openapi_extra=body_schema(model.__name__),
+        responses=responses,
     )
     def submit(
         response: Response, request: Annotated[TaskRequest, Depends(request_body(task_type))], service: Service
@@ -110,6 +121,7 @@ def _add_submit_routes(router: APIRouter, task_type: TaskType) -> None:
         tags=[name],
         summary=f"Submit many {name} tasks",
         openapi_extra=body_schema(bulk_model.__name__),
+        responses=responses,
     )
     def submit_bulk(
         requests: Annotated[list[TaskRequest], Depends(bulk_body(task_type))], service: Service

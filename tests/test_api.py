@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import redis
-from celery import states
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
@@ -16,9 +15,8 @@ from producer.api import create_app
 from producer.client import APIError, HTTPClient, TaskFailed
 from shared.celery_config import PRIORITY_SEP as SEP
 from shared.celery_config import redis_queue_keys
-from shared.errors import EngineError
 from shared.models import ClassifyResult, TaskState
-from shared.records import KEY_PREFIX
+from shared.records import KEY_PREFIX, TaskRecords
 from shared.redis_server import free_port
 from shared.settings import Limits, Settings
 
@@ -59,7 +57,7 @@ def settings(redis_url: str, tmp_path: Path) -> Settings:
         redis_url=redis_url,
         registry_path=registry,
         api_keys=[KEY, "other-key"],
-        limits=Limits(max_text_chars=50, max_bulk=3),
+        limits=Limits(max_text_chars=50, max_bulk=3, max_body_bytes=4096, max_json_depth=8),
     )
 
 
@@ -69,8 +67,9 @@ def api(settings: Settings) -> Iterator[TestClient]:
         yield client
 
 
-def backend(api: TestClient) -> Any:
-    return api.app.state.service.celery.backend  # type: ignore[attr-defined]
+def records(api: TestClient) -> TaskRecords:
+    """The task records, where a worker writes a task's outcome."""
+    return api.app.state.service.records  # type: ignore[attr-defined,no-any-return]
 
 
 # -- submission -----------------------------------------------------------------------------------------
@@ -124,11 +123,117 @@ def test_invalid_bodies_are_422_naming_the_field_and_enqueue_nothing(
 
 
 def test_invalid_json_is_400(api: TestClient, r: redis.Redis) -> None:
-    response = api.post("/v1/classify", content=b'{"text": "unterminated', headers=AUTH)
-    assert response.status_code == 400
-    assert response.json()["error"]["type"] == "InvalidJSON"
-    assert "not valid JSON" in response.json()["error"]["message"]
+    for raw in [b'{"text": "unterminated', b'{"text": "ok", "timeout_s": NaN}', b'{"text": "\xff"}']:
+        response = api.post("/v1/classify", content=raw, headers=AUTH)
+        assert response.status_code == 400, raw
+        assert response.json()["error"]["type"] == "InvalidJSON"
+        assert "not valid JSON" in response.json()["error"]["message"]
     assert r.dbsize() == 0
+
+
+JSON = {**AUTH, "Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "message"),
+    [
+        ("/v1/classify", rb'{"text": "a\ud800b"}', "text: text is not valid Unicode: a lone surrogate"),
+        ("/v1/translate", rb'{"text": "\udfff"}', "text: text is not valid Unicode"),
+        ("/v1/qa", rb'{"question": "\ud800?", "context": "c"}', "question: question is not valid Unicode"),
+        ("/v1/qa", rb'{"question": "q", "context": "c\udc00"}', "context: context is not valid Unicode"),
+        ("/v1/qa/bulk", rb'{"requests": [{"question": "q", "context": "\ud800"}]}', "requests.0.context: context is"),
+        ("/v1/classify", rb'{"text": "ok", "model": "\ud800"}', "model: Input should be a valid string"),
+        ("/v1/classify", rb'{"text": "ok", "\ud800": 1}', "body: Input should be a valid string"),  # a key
+    ],
+)
+def test_lone_surrogates_are_422_and_enqueue_nothing(
+    api: TestClient, r: redis.Redis, path: str, raw: bytes, message: str
+) -> None:
+    """Valid JSON, but no tokenizer can take it: refused before the queue (it used to kill the worker)."""
+    response = api.post(path, content=raw, headers=JSON)
+    assert response.status_code == 422
+    assert message in response.json()["error"]["message"]
+    assert r.dbsize() == 0
+
+
+def test_a_pair_of_surrogates_is_one_character(api: TestClient) -> None:
+    assert api.post("/v1/classify", content=rb'{"text": "\ud83d\ude00"}', headers=JSON).status_code == 202
+
+
+def test_sampling_needs_a_usable_temperature(api: TestClient, r: redis.Redis) -> None:
+    sampled = {"text": "Hi", "generation": {"do_sample": True, "temperature": 1e-300}}
+    response = api.post("/v1/translate", json=sampled, headers=AUTH)
+    assert response.status_code == 422
+    assert "temperature is 1e-300; sampling needs at least 0.01" in response.json()["error"]["message"]
+    assert r.dbsize() == 0
+    greedy = {"text": "Hi", "generation": {"do_sample": False, "temperature": 1e-300}}  # ignored for greedy
+    assert api.post("/v1/translate", json=greedy, headers=AUTH).status_code == 202
+    at_least = {"text": "Hi", "generation": {"do_sample": True, "temperature": 0.01}}
+    assert api.post("/v1/translate", json=at_least, headers=AUTH).status_code == 202
+
+
+def test_json_types_are_strict_but_integral_numbers_are_integers(api: TestClient, r: redis.Redis) -> None:
+    for loose in [{"text": "ok", "truncate": 0}, {"text": "ok", "priority": "5"}, {"text": "ok", "top_k": True}]:
+        assert api.post("/v1/classify", json=loose, headers=AUTH).status_code == 422, loose
+    assert r.dbsize() == 0
+    assert api.post("/v1/classify", json={"text": "ok", "priority": 5.0, "top_k": 2e0}, headers=AUTH).status_code == 202
+
+
+# -- body limits ----------------------------------------------------------------------------------------
+
+
+def test_a_body_over_the_limit_is_413_before_parsing(api: TestClient, r: redis.Redis) -> None:
+    big = b'{"text": "' + b"x" * 4096 + b'"}'
+    response = api.post("/v1/classify", content=big, headers=JSON)
+    assert response.status_code == 413
+    assert response.json()["error"] == {
+        "type": "BodyTooLarge",
+        "message": f"the request body is {len(big)} bytes; the limit is 4096",
+    }
+    chunked = api.post("/v1/classify", content=iter([big[:2000], big[2000:]]), headers=JSON)  # no Content-Length
+    assert chunked.status_code == 413 and "over the limit of 4096 bytes" in chunked.json()["error"]["message"]
+    assert r.dbsize() == 0
+
+
+@pytest.mark.parametrize("depth", [8, 2_000])
+def test_json_nested_too_deep_is_400_not_500(api: TestClient, r: redis.Redis, depth: int) -> None:
+    raw = b'{"text": ' + b"[" * depth + b"]" * depth + b"}"  # depth + 1 levels with the object
+    response = api.post("/v1/classify", content=raw, headers=JSON)
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "type": "JSONTooDeep",
+        "message": "the request body nests arrays/objects more than 8 levels deep",
+    }
+    assert r.dbsize() == 0
+
+
+def test_json_at_the_depth_limit_is_parsed(api: TestClient) -> None:
+    raw = rb'{"text": "[[[{\"a\": [[[[[[[[[[", "truncate": ' + b"[" * 7 + b"]" * 7 + b"}"  # brackets in a string
+    response = api.post("/v1/classify", content=raw, headers=JSON)
+    assert response.status_code == 422 and "truncate: Input should be a valid boolean" in response.text
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_a_body_that_is_not_json_is_415(api: TestClient, r: redis.Redis, content_type: str) -> None:
+    for path in ("/v1/classify", "/v1/qa/bulk"):
+        response = api.post(path, content=b'{"text": "ok"}', headers={**AUTH, "Content-Type": content_type})
+        assert response.status_code == 415
+        assert response.json()["error"]["type"] == "UnsupportedMediaType"
+        assert "Content-Type: application/json" in response.json()["error"]["message"]
+    assert r.dbsize() == 0
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "Application/JSON", "application/x+json"])
+def test_json_media_types_are_accepted(api: TestClient, content_type: str) -> None:
+    headers = {**AUTH, "Content-Type": content_type}
+    assert api.post("/v1/classify", content=b'{"text": "ok"}', headers=headers).status_code == 202
+
+
+def test_a_wrong_method_is_405_naming_every_method_of_the_path(api: TestClient) -> None:
+    response = api.request("PUT", "/v1/tasks/some-id", headers=AUTH)
+    assert response.status_code == 405 and response.headers["allow"] == "GET, DELETE"
+    assert response.json()["error"]["type"] == "MethodNotAllowed"
+    assert api.request("GET", "/v1/classify", headers=AUTH).headers["allow"] == "POST"
 
 
 @pytest.mark.parametrize(
@@ -195,10 +300,10 @@ def test_status_of_unknown_id_is_404(api: TestClient) -> None:
     assert response.json()["error"]["type"] == "TaskNotFound"
 
 
-def test_status_follows_the_result_backend(api: TestClient) -> None:
+def test_status_follows_the_task_record(api: TestClient) -> None:
     task_id = api.post("/v1/classify", json={"text": "meh"}, headers=AUTH).json()["id"]
     assert api.get(f"/v1/tasks/{task_id}", headers=AUTH).json()["state"] == "queued"
-    backend(api).store_result(task_id, SUCCESS, states.SUCCESS)
+    records(api).finalize(task_id, TaskState.SUCCEEDED, result=SUCCESS)
     status = api.get(f"/v1/tasks/{task_id}", headers=AUTH).json()
     assert status["state"] == "succeeded" and status["model"] == "sentiment"
     assert status["result"]["label"] == "NEGATIVE" and status["finished_at"] is not None
@@ -217,7 +322,7 @@ def test_cancel(api: TestClient, r: redis.Redis) -> None:
 
 def test_cancel_of_a_succeeded_task_is_409(api: TestClient, r: redis.Redis) -> None:
     task_id = api.post("/v1/classify", json={"text": "meh"}, headers=AUTH).json()["id"]
-    backend(api).store_result(task_id, SUCCESS, states.SUCCESS)
+    records(api).finalize(task_id, TaskState.SUCCEEDED, result=SUCCESS)
     response = api.delete(f"/v1/tasks/{task_id}", headers=AUTH)
     assert response.status_code == 409
     assert response.json()["error"] == {
@@ -316,8 +421,8 @@ def test_http_client_round_trip(api: TestClient, r: redis.Redis) -> None:
     bulk = client.bulk_translate(["Hello", "Bye"], source_lang="en", target_lang="de")
     assert queued_count(r) == 3 and client.status(handle.id).state is TaskState.QUEUED
 
-    backend(api).store_result(handle.id, SUCCESS, states.SUCCESS)
-    backend(api).store_result(bulk[0].id, EngineError("decoder blew up"), states.FAILURE)
+    records(api).finalize(handle.id, TaskState.SUCCEEDED, result=SUCCESS)
+    records(api).finalize(bulk[0].id, TaskState.FAILED, error={"type": "EngineError", "message": "decoder blew up"})
     result = handle.result(timeout=1)
     assert isinstance(result, ClassifyResult) and result.label == "NEGATIVE"
     with pytest.raises(TaskFailed) as caught:
