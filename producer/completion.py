@@ -1,7 +1,8 @@
 """Waiting for tasks by notification: `finalize` publishes each final state on `pagedq:done:<id>`.
 
     subscribe to every id's channel  ->  read the statuses once (tasks that finished before we subscribed)
-    -> on each notification, read that task's status  ->  every `fallback` seconds, read all pending ones
+    -> each notification carries the final fields: the status is complete without another read
+    -> every `fallback` seconds, read all pending ones
 
 The fallback read is what makes a missed notification harmless (a reconnect, a Redis restart) and what
 expires a queued task whose deadline passed (reading it persists `expired`, see `TaskService.statuses`).
@@ -10,11 +11,14 @@ It starts at `FALLBACK_S` and backs off to `MAX_FALLBACK_S` for long waits.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 
 import redis
 
+from producer.status import status_from_notice
 from shared.models import TaskStatus
 from shared.records import DONE_CHANNEL_PREFIX, done_channel
 
@@ -25,23 +29,25 @@ SUBSCRIBE_CHUNK = 1000
 
 
 def wait_pushed(
-    client: redis.Redis,
+    pubsub: redis.client.PubSub,
     get_statuses: Callable[[Sequence[str]], list[TaskStatus]],
     task_ids: Sequence[str],
     timeout_s: float | None,
     on_progress: Callable[[int, int], None] | None = None,
     fallback_s: float = FALLBACK_S,
 ) -> list[TaskStatus]:
-    """Statuses of `task_ids` (in order) once all are final; TimeoutError after `timeout_s` (None: never)."""
+    """Statuses of `task_ids` (in order) once all are final; TimeoutError after `timeout_s` (None: never).
+
+    `pubsub` (made with `ignore_subscribe_messages=True`) is reused across waits: it is left unsubscribed."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     pending = list(dict.fromkeys(task_ids))
     total = len(pending)
     final: dict[str, TaskStatus] = {}
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    known: dict[str, TaskStatus] = {}
     try:
         for start in range(0, len(pending), SUBSCRIBE_CHUNK):
             pubsub.subscribe(*[done_channel(t) for t in pending[start : start + SUBSCRIBE_CHUNK]])
-        pending = _read(get_statuses, pending, final)
+        pending = _read(get_statuses, pending, final, known)
         interval, next_fallback = fallback_s, time.monotonic() + fallback_s
         while True:
             if on_progress is not None:
@@ -51,21 +57,28 @@ def wait_pushed(
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 raise TimeoutError(f"{len(pending)} of {total} tasks not finished after {timeout_s} s")
-            woken = _notified(pubsub, min(next_fallback, deadline or next_fallback) - now)
+            notices = _notified(pubsub, min(next_fallback, deadline or next_fallback) - now)
+            for task_id, notice in notices.items():
+                if task_id in known and notice is not None:
+                    final[task_id] = status_from_notice(known[task_id], notice, datetime.now(UTC))
+            unread = {t for t, notice in notices.items() if t not in final}
             if time.monotonic() >= next_fallback:
-                woken = set(pending)
+                unread = set(pending)
                 interval = min(interval * 2, MAX_FALLBACK_S)
                 next_fallback = time.monotonic() + interval
-            if woken:
-                pending = [t for t in pending if t not in woken] + _read(
-                    get_statuses, [t for t in pending if t in woken], final)
+            pending = [t for t in pending if t not in final and t not in unread] + _read(
+                get_statuses, [t for t in pending if t in unread and t not in final], final, known)
     finally:
-        pubsub.close()
+        try:
+            pubsub.unsubscribe()
+        except redis.RedisError:
+            pubsub.reset()  # a broken connection: the next wait connects again
 
 
-def _notified(pubsub: redis.client.PubSub, timeout_s: float) -> set[str]:
-    """Ids announced within `timeout_s` (then everything already buffered, without waiting)."""
-    ids: set[str] = set()
+def _notified(pubsub: redis.client.PubSub, timeout_s: float) -> dict[str, dict[str, str] | None]:
+    """Final fields announced within `timeout_s` (then everything already buffered, without waiting), by id;
+    None for a notice that cannot be read (the id is then read from its record)."""
+    ids: dict[str, dict[str, str] | None] = {}
     try:
         message = pubsub.get_message(timeout=max(0.0, timeout_s))
     except (redis.ConnectionError, redis.TimeoutError):  # Redis restarting: the fallback read takes over
@@ -75,18 +88,27 @@ def _notified(pubsub: redis.client.PubSub, timeout_s: float) -> set[str]:
         if message.get("type") == "message":
             channel = message["channel"]
             channel = channel.decode() if isinstance(channel, bytes) else channel
-            ids.add(channel[len(DONE_CHANNEL_PREFIX):])
+            ids[channel[len(DONE_CHANNEL_PREFIX):]] = _notice(message.get("data"))
         message = pubsub.get_message(timeout=0)
     return ids
 
 
+def _notice(data: object) -> dict[str, str] | None:
+    try:
+        notice = json.loads(data)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return notice if isinstance(notice, dict) and notice.get("state") else None
+
+
 def _read(get_statuses: Callable[[Sequence[str]], list[TaskStatus]], ids: list[str],
-          final: dict[str, TaskStatus]) -> list[str]:
-    """Read `ids`' statuses, keep the final ones in `final`; returns the ids still pending."""
+          final: dict[str, TaskStatus], known: dict[str, TaskStatus]) -> list[str]:
+    """Read `ids`' statuses, keep the final ones in `final` (and all in `known`); returns those still pending."""
     if not ids:
         return []
     still = []
     for status in get_statuses(ids):
+        known[status.id] = status
         if status.state.is_final:
             final[status.id] = status
         else:

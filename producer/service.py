@@ -10,6 +10,7 @@ priority mapped onto kombu's 0..9. If sending fails, the records of the unsent t
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -58,6 +59,7 @@ class TaskService:
         self.registry = registry
         self.celery: Celery = make_celery(self.settings, main="pagedq-producer")
         self.records = TaskRecords.from_url(self.settings.backend_url, self.settings.result_ttl_s)
+        self._local = threading.local()
 
     # -- submission ---------------------------------------------------------------------------------------
 
@@ -223,7 +225,14 @@ class TaskService:
     def wait_all(self, task_ids: Sequence[str], timeout_s: float | None = None,
                  on_progress: ProgressCallback | None = None, poll_interval: float = FALLBACK_S) -> list[TaskStatus]:
         """Final statuses of every task, in `task_ids` order (see `producer.completion`)."""
-        return wait_pushed(self.records.redis, self.statuses, task_ids, timeout_s, on_progress, poll_interval)
+        return wait_pushed(self._pubsub(), self.statuses, task_ids, timeout_s, on_progress, poll_interval)
+
+    def _pubsub(self) -> redis.client.PubSub:
+        """This thread's subscriber connection, kept between waits (a connection per wait costs a handshake)."""
+        pubsub: redis.client.PubSub | None = getattr(self._local, "pubsub", None)
+        if pubsub is None:
+            pubsub = self._local.pubsub = self.records.redis.pubsub(ignore_subscribe_messages=True)
+        return pubsub
 
     def ping_redis(self, timeout_s: float = 1.0) -> None:
         """Raise redis.RedisError unless the broker's Redis (and the result backend's, if separate) answer."""
@@ -237,6 +246,9 @@ class TaskService:
         return sorted(name for reply in replies for name in reply)
 
     def close(self) -> None:
+        pubsub = getattr(self._local, "pubsub", None)
+        if pubsub is not None:
+            pubsub.close()
         self.records.redis.close()
         self.celery.close()
 

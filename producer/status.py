@@ -44,6 +44,18 @@ def task_status(task_id: str, record: Mapping[str, str], now: datetime) -> TaskS
     )
 
 
+def status_from_notice(known: TaskStatus, notice: Mapping[str, str], now: datetime) -> TaskStatus:
+    """The final status announced on `pagedq:done:<id>` (the fields `finalize` writes), completed with what
+    an earlier read of the task said: the same status a fresh read would give, without that read."""
+    record = {"type": known.type.value, "model": known.model or "", "priority": str(known.priority),
+              "created_at": known.created_at.isoformat(), **{k: v for k, v in notice.items() if v}}
+    if known.deadline is not None:
+        record["deadline"] = known.deadline.isoformat()
+    if known.started_at is not None and not notice.get("started_at"):
+        record["started_at"] = known.started_at.isoformat()
+    return task_status(known.id, record, now)
+
+
 def needs_expiry(status: TaskStatus, record: Mapping[str, str]) -> bool:
     """True if `status` says expired only because the deadline passed: the reader must persist it."""
     return status.state is TaskState.EXPIRED and "state" not in record

@@ -17,7 +17,8 @@ Invariants:
 - a task reaches one final state, once, and keeps it: `finalize` writes only if no `state` exists;
 - every transition is a script on one key, so a worker, a producer and the reconciler never interleave;
 - `pagedq:open` holds exactly the ids that have a record and no final state (the reconciler's work list);
-- finalize publishes the id on `pagedq:done:<id>`, so waiters learn of it without polling.
+- finalize publishes the final fields (state, result, error, finished_at; JSON) on `pagedq:done:<id>`, so
+  waiters learn of it, and what it is, without polling or a second read.
 Records expire with the results (`PAGEDQ_RESULT_TTL_S`).
 """
 
@@ -30,6 +31,8 @@ from enum import StrEnum
 from typing import Any, NamedTuple
 
 import redis
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 from redis.typing import EncodableT
 
 from shared.models import TaskState, TaskType
@@ -90,10 +93,11 @@ _CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
 if redis.call('HEXISTS', KEYS[1], 'state') == 1 then return 'final' end
 local function finalize(state, etype, message)
-  redis.call('HSET', KEYS[1], 'state', state, 'finished_at', ARGV[4],
-             'error', cjson.encode({type=etype, message=message}))
+  local err = cjson.encode({type=etype, message=message})
+  redis.call('HSET', KEYS[1], 'state', state, 'finished_at', ARGV[4], 'error', err)
   redis.call('ZREM', KEYS[2], string.sub(KEYS[1], #ARGV[7] + 1))
-  redis.call('PUBLISH', ARGV[8] .. string.sub(KEYS[1], #ARGV[7] + 1), state)
+  redis.call('PUBLISH', ARGV[8] .. string.sub(KEYS[1], #ARGV[7] + 1),
+             cjson.encode({state=state, result='', error=err, finished_at=ARGV[4], started_at=''}))
   return state
 end
 if redis.call('HEXISTS', KEYS[1], 'cancel_requested') == 1 then
@@ -124,7 +128,8 @@ if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
 redis.call('ZREM', KEYS[2], ARGV[5])
 local owner = redis.call('HGET', KEYS[1], 'worker')
 if owner then redis.call('HDEL', ARGV[7] .. owner, ARGV[5]) end
-redis.call('PUBLISH', ARGV[6], ARGV[1])
+redis.call('PUBLISH', ARGV[6], cjson.encode({state=ARGV[1], result=ARGV[2], error=ARGV[3], finished_at=ARGV[4],
+                                              started_at=redis.call('HGET', KEYS[1], 'started_at') or ''}))
 return ARGV[1]
 """
 
@@ -214,15 +219,10 @@ class TaskRecords:
                    claimed_ttl_s: int = 7 * 24 * 3600) -> list[Claim]:
         """`claim` for the items of one message, in one round trip."""
         at = now()
-        with self.redis.pipeline(transaction=False) as pipe:
-            for task_id in task_ids:
-                self._claim(
-                    keys=[task_key(task_id), OPEN_KEY, CLAIMED_PREFIX + worker],
-                    args=[worker, lease_prefix, repr(at.timestamp()), at.isoformat(), delivery_tag, claimed_ttl_s,
-                          KEY_PREFIX, DONE_CHANNEL_PREFIX],
-                    client=pipe,
-                )
-            return [Claim(outcome) for outcome in pipe.execute()]
+        calls = [([task_key(t), OPEN_KEY, CLAIMED_PREFIX + worker],
+                  [worker, lease_prefix, repr(at.timestamp()), at.isoformat(), delivery_tag, claimed_ttl_s,
+                   KEY_PREFIX, DONE_CHANNEL_PREFIX]) for t in task_ids]
+        return [Claim(outcome) for outcome in self._eval_many(self._claim, calls)]
 
     def finalize(self, task_id: str, state: TaskState, result: Any = None, error: dict[str, str] | None = None,
                  ) -> TaskState | None:
@@ -232,18 +232,33 @@ class TaskRecords:
     def finalize_many(self, outcomes: Sequence[Outcome]) -> list[TaskState | None]:
         """`finalize` for many tasks in one round trip (each is still atomic on its own)."""
         at = now().isoformat()
-        with self.redis.pipeline(transaction=False) as pipe:
-            for o in outcomes:
-                if not o.state.is_final:
-                    raise ValueError(f"{o.state} is not a final state")
-                self._finalize(
-                    keys=[task_key(o.task_id), OPEN_KEY],
-                    args=[o.state.value, "" if o.result is None else json.dumps(o.result),
-                          "" if o.error is None else json.dumps(o.error), at, o.task_id, done_channel(o.task_id),
-                          CLAIMED_PREFIX],
-                    client=pipe,
-                )
-            return [TaskState(state) if state else None for state in pipe.execute()]
+        calls = []
+        for o in outcomes:
+            if not o.state.is_final:
+                raise ValueError(f"{o.state} is not a final state")
+            calls.append(([task_key(o.task_id), OPEN_KEY],
+                          [o.state.value, "" if o.result is None else json.dumps(o.result),
+                           "" if o.error is None else json.dumps(o.error), at, o.task_id, done_channel(o.task_id),
+                           CLAIMED_PREFIX]))
+        return [TaskState(state) if state else None for state in self._eval_many(self._finalize, calls)]
+
+    def _eval_many(self, script: Script, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run `script` once per (keys, args) in one round trip, by its SHA (no SCRIPT EXISTS per call, which
+        redis-py's pipelined scripts send); after a Redis restart the script is loaded again once."""
+        if len(calls) == 1:
+            keys, args = calls[0]
+            return [script(keys=keys, args=args)]  # EVALSHA, loading the script on NoScriptError
+        for attempt in range(2):
+            with self.redis.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                try:
+                    return pipe.execute()  # type: ignore[no-any-return]
+                except NoScriptError:
+                    if attempt:
+                        raise
+                    script.sha = self.redis.script_load(script.script)
+        raise AssertionError("unreachable")
 
     def release(self, task_id: str, worker: str) -> bool:
         """Hand a task that `worker` claimed back to the queue state (not final). True if it was released."""

@@ -357,7 +357,8 @@ def test_the_first_final_state_wins_and_never_flips(service: TaskService, r: red
     # a second delivery that finished later must not overwrite it
     assert service.records.finalize(task_id, TaskState.SUCCEEDED, result=SUCCESS) is TaskState.FAILED
     assert service.status(task_id).state is TaskState.FAILED
-    assert channel.get_message(timeout=1)["data"] == "failed"  # finalize pushes the state to waiters
+    notice = json.loads(channel.get_message(timeout=1)["data"])  # finalize pushes the final fields to waiters
+    assert notice["state"] == "failed" and json.loads(notice["error"])["type"] == "EngineError"
     assert channel.get_message(timeout=0.2) is None  # and only once
     assert r.zscore("pagedq:open", task_id) is None
     channel.close()
@@ -553,6 +554,7 @@ def test_wait_is_woken_by_the_final_state_not_by_polling(service: TaskService) -
     statuses = service.wait_all(ids, timeout_s=10, poll_interval=60)
     assert [s.state for s in statuses] == [TaskState.SUCCEEDED] * 2
     assert statuses[0].result == ClassifyResult.model_validate(SUCCESS)
+    assert statuses == service.statuses(ids)  # built from the notice, equal to what a read says
     finisher.join()
 
 

@@ -190,7 +190,7 @@ def test_a_second_delivery_of_a_running_task_is_not_run_and_flips_nothing(
     assert r.hget(task_key(task_id), "deliveries") == "1"
     time.sleep(0.5)
     published = [m for m in iter(lambda: done.get_message(timeout=0.2), None) if m["type"] == "message"]
-    assert [m["data"] for m in published] == ["succeeded"]  # one final state, announced once
+    assert [json.loads(m["data"])["state"] for m in published] == ["succeeded"]  # one final state, announced once
     done.close()
     app.close()
 
