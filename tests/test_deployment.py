@@ -34,7 +34,38 @@ def test_worker_reserves_a_gpu_and_waits_for_redis() -> None:
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert worker["environment"]["PAGEDQ_REDIS_URL"] == "redis://redis:6379/0"
+    assert worker["environment"]["PAGEDQ_REDIS_URL"].endswith("@redis:6379/0")
+
+
+#: How compose.yaml names the Redis password: required (`:?`), never defaulted.
+PASSWORD = "${REDIS_PASSWORD:?"
+
+
+def test_redis_requires_a_password_and_every_client_sends_it() -> None:
+    redis = COMPOSE["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--requirepass") + 1].startswith(PASSWORD)
+    assert "ports" not in redis  # reachable on the compose network only
+    for name in ("api", "worker", "flower"):
+        url = COMPOSE["services"][name]["environment"]["PAGEDQ_REDIS_URL"]
+        assert url.startswith("redis://:" + PASSWORD) and url.endswith("@redis:6379/0"), name
+    # Flower's broker is that URL, passed in its environment rather than its arguments.
+    dashboard = DOCKERFILE.split("AS dashboard")[1]
+    assert 'CELERY_BROKER_URL=\\"$PAGEDQ_REDIS_URL\\"' in dashboard and "-b " not in dashboard
+
+
+def test_the_redis_healthcheck_authenticates() -> None:
+    """`redis-cli ping` exits 0 even when refused (NOAUTH): the check must log in and see PONG."""
+    redis = COMPOSE["services"]["redis"]
+    assert redis["environment"]["REDISCLI_AUTH"].startswith(PASSWORD)  # redis-cli reads its password here
+    test = redis["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL" and "redis-cli ping" in test[1] and "grep -q PONG" in test[1]
+
+
+def test_only_the_api_and_flower_are_published_to_the_host() -> None:
+    published = {name: s["ports"] for name, s in COMPOSE["services"].items() if "ports" in s}
+    assert published == {"api": ["8000:8000"], "flower": ["5555:5555"]}
+    assert COMPOSE["services"]["worker"]["expose"] == ["9464"]  # metrics for scrapers on the compose network
 
 
 def test_build_targets_exist_and_worker_runs_the_threads_pool_on_every_queue() -> None:
