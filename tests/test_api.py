@@ -268,7 +268,8 @@ def test_bulk_submits_all(api: TestClient, r: redis.Redis) -> None:
     assert response.status_code == 202
     tasks = response.json()["tasks"]
     assert len(tasks) == 3 and all(t["state"] == "queued" for t in tasks)
-    assert r.llen("pagedq.classify" + SEP + "3") == 2 and r.llen("pagedq.classify" + SEP + "9") == 1
+    # One batch message per priority (of up to `bulk_message_items` items), each item with its own record.
+    assert r.llen("pagedq.classify" + SEP + "3") == 1 and r.llen("pagedq.classify" + SEP + "9") == 1
     assert all(r.exists(KEY_PREFIX + t["id"]) for t in tasks)
 
 
@@ -419,7 +420,7 @@ def test_http_client_round_trip(api: TestClient, r: redis.Redis) -> None:
     client = HTTPClient("http://testserver", KEY, http=api, poll_interval=0.05)
     handle = client.classify("Dreadful", top_k=1)
     bulk = client.bulk_translate(["Hello", "Bye"], source_lang="en", target_lang="de")
-    assert queued_count(r) == 3 and client.status(handle.id).state is TaskState.QUEUED
+    assert queued_count(r) == 2 and client.status(handle.id).state is TaskState.QUEUED  # the bulk: one message
 
     records(api).finalize(handle.id, TaskState.SUCCEEDED, result=SUCCESS)
     records(api).finalize(bulk[0].id, TaskState.FAILED, error={"type": "EngineError", "message": "decoder blew up"})
@@ -435,6 +436,10 @@ def test_http_client_errors(api: TestClient, r: redis.Redis) -> None:
     client = HTTPClient("http://testserver", KEY, http=api)
     with pytest.raises(ValidationError, match="text must not be empty"):
         client.classify("  ")  # checked locally, nothing sent
+    with pytest.raises(ValidationError, match="text is not valid Unicode: a lone surrogate"):
+        client.classify("a\ud800")
+    with pytest.raises(ValidationError, match="sampling needs at least 0.01"):
+        client.translate("Hi", generation={"do_sample": True, "temperature": 1e-300})
     with pytest.raises(APIError) as too_long:
         client.classify("x" * 51)  # the server's limit
     assert too_long.value.status_code == 422 and "the limit is 50" in too_long.value.message
