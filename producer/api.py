@@ -2,7 +2,9 @@
 
     POST   /v1/{classify,translate,qa}       one request       -> 202 SubmitResponse, Location: /v1/tasks/{id}
     POST   /v1/{classify,translate,qa}/bulk  {"requests": [...]} -> 202 BulkSubmitResponse (all or nothing)
-    GET    /v1/tasks/{id}                    -> TaskStatus (404 for an unknown id)
+    GET    /v1/tasks/{id}[?wait=S]           -> TaskStatus (404 for an unknown id); `wait`: long poll
+    POST   /v1/statuses                  {"ids", "wait", "until"} -> {"tasks": [TaskStatus...]}
+    GET    /v1/tasks/{id}/stream             Server-Sent Events: generated text, then the final status
     DELETE /v1/tasks/{id}                    -> cancel; TaskStatus (409 if already finished)
     GET    /healthz, /readyz                 liveness; readiness (Redis PING and a Celery worker ping)
 
@@ -17,11 +19,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+import redis.asyncio as aioredis
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from producer.api_auth import require_api_key
-from producer.api_body import BULK_MODELS, body_schema, bulk_body, document_bodies, request_body
+from producer.api_body import BULK_MODELS, body_schema, bulk_body, document_bodies, model_body, request_body
 from producer.api_errors import (
     ALREADY_FINISHED,
     UNKNOWN_TASK,
@@ -29,8 +34,18 @@ from producer.api_errors import (
     body_responses,
     install_error_handlers,
 )
+from producer.api_wait import stream_events, wait_statuses
 from producer.service import TaskService
-from shared.models import REQUEST_MODELS, BulkSubmitResponse, SubmitResponse, TaskRequest, TaskStatus, TaskType
+from shared.models import (
+    REQUEST_MODELS,
+    BulkSubmitResponse,
+    StatusList,
+    StatusQuery,
+    SubmitResponse,
+    TaskRequest,
+    TaskStatus,
+    TaskType,
+)
 from shared.settings import Limits, Settings, get_settings
 
 #: How long /readyz waits for a Celery worker to answer its ping.
@@ -46,6 +61,7 @@ def create_app(settings: Settings | None = None, service: TaskService | None = N
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        await app.state.aredis.aclose()
         if owned:
             app.state.service.close()
 
@@ -53,10 +69,13 @@ def create_app(settings: Settings | None = None, service: TaskService | None = N
         title="pagedq",
         version="0.1.0",
         lifespan=lifespan,
-        description="Queue-driven NLP inference: submit classify / translate / qa tasks, poll by id.",
+        description="Queue-driven NLP inference: submit classify / translate / qa tasks; wait for them by id "
+        "(long poll), many at once, or stream generated text (Server-Sent Events).",
     )
     app.state.settings = settings
     app.state.service = service or TaskService(settings)
+    # waits and streams are async (a waiting client holds no thread): their own Redis client
+    app.state.aredis = aioredis.Redis.from_url(settings.backend_url, decode_responses=True, health_check_interval=10)
     install_error_handlers(app)
     app.include_router(_health_routes())
     app.include_router(
@@ -71,6 +90,20 @@ def get_service(request: Request) -> TaskService:
 
 
 Service = Annotated[TaskService, Depends(get_service)]
+Wait = Annotated[float, Query(ge=0, description="Seconds to wait for the task to be final (long poll); at most "
+                              "`max_wait_s` of the server's limits (a longer wait is cut to it).")]
+
+
+def json_errors(responses: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
+    """Error responses of a route whose success is not JSON (an event stream): their errors still are."""
+    schema = {"$ref": "#/components/schemas/ErrorBody"}
+    return {status: {"description": r["description"], "content": {"application/json": {"schema": schema}}}
+            for status, r in responses.items()}
+
+
+async def existing_task(task_id: str, service: Service) -> None:
+    """404 before a stream starts (a started stream cannot change its status code)."""
+    await run_in_threadpool(service.status, task_id)
 
 
 def _task_routes(limits: Limits) -> APIRouter:
@@ -79,9 +112,44 @@ def _task_routes(limits: Limits) -> APIRouter:
         _add_submit_routes(router, task_type, limits)
 
     @router.get("/tasks/{task_id}", tags=["tasks"], responses=UNKNOWN_TASK)
-    def get_task(task_id: str, service: Service) -> TaskStatus:
-        """The task's state; its result or error once final."""
-        return service.status(task_id)
+    async def get_task(task_id: str, service: Service, request: Request, wait: Wait = 0.0) -> TaskStatus:
+        """The task's state; its result or error once final. With `wait`, answers as soon as the task is final
+        (or after `wait` seconds, with the state then)."""
+        wait = min(wait, limits.max_wait_s)
+        [status] = await wait_statuses(service, request.app.state.aredis, [task_id], wait)
+        return status
+
+    @router.post(
+        "/statuses",
+        tags=["tasks"],
+        responses={**UNKNOWN_TASK, **body_responses(limits)},
+        openapi_extra=body_schema(StatusQuery.__name__),
+    )
+    async def task_statuses(
+        query: Annotated[StatusQuery, Depends(model_body(StatusQuery))], service: Service, request: Request
+    ) -> StatusList:
+        """Many statuses in one call, in the order of `ids` (404 names an unknown id). With `wait`, answers
+        when all tasks (`until`: "all") or one of them ("any") are final, or after `wait` seconds."""
+        wait = min(query.wait, limits.max_wait_s)
+        tasks = await wait_statuses(service, request.app.state.aredis, query.ids, wait, query.until == "any")
+        return StatusList(tasks=tasks)
+
+    @router.get(
+        "/tasks/{task_id}/stream",
+        tags=["tasks"],
+        response_class=EventSourceResponse,
+        responses={**json_errors({**V1_RESPONSES, **UNKNOWN_TASK}),
+                   200: {"description": "`token` {text} events, `reset`, then `status`"}},
+        dependencies=[Depends(existing_task)],
+    )
+    async def stream_task(task_id: str, service: Service, request: Request) -> AsyncIterator[ServerSentEvent]:
+        """The task's text as it is generated (`generation.stream`: token by token on causal LMs; otherwise in
+        one piece when it finishes), then its final status. `Last-Event-ID` resumes after an event. A stream
+        longer than `max_stream_s` ends with the status as it is then."""
+        events = stream_events(service, request.app.state.aredis, task_id, request.headers.get("last-event-id"),
+                               request.is_disconnected, limits.max_stream_s)
+        async for event in events:
+            yield event
 
     @router.delete(
         "/tasks/{task_id}",

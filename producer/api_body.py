@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -28,7 +28,7 @@ from pydantic.json_schema import models_json_schema
 from producer.api_errors import BodyTooLarge, JSONTooDeep, UnsupportedMediaType
 from producer.errors import InvalidJSON
 from shared.errors import InvalidRequest
-from shared.models import REQUEST_MODELS, TaskRequest, TaskType, TranslateRequest, limits_schema
+from shared.models import REQUEST_MODELS, StatusQuery, TaskRequest, TaskType, TranslateRequest, limits_schema
 from shared.registry import ModelSpec, Registry
 from shared.settings import Limits
 
@@ -41,6 +41,9 @@ def _bulk_model(request_model: type[BaseModel]) -> type[BaseModel]:
 
 
 BULK_MODELS: dict[TaskType, type[BaseModel]] = {t: _bulk_model(m) for t, m in REQUEST_MODELS.items()}
+#: Other JSON bodies the API takes (documented and validated the same way).
+EXTRA_BODY_MODELS: list[type[BaseModel]] = [StatusQuery]
+M = TypeVar("M", bound=BaseModel)
 
 
 def request_body(task_type: TaskType) -> Callable[[Request], Awaitable[TaskRequest]]:
@@ -67,6 +70,17 @@ def bulk_body(task_type: TaskType) -> Callable[[Request], Awaitable[list[TaskReq
     return parse
 
 
+def model_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
+    """Dependency: the body as `model` (any other JSON body a route takes), validated with the app's limits."""
+
+    async def parse(request: Request) -> M:
+        limits = _limits(request)
+        raw = await read_body(request, limits)
+        return cast(M, await run_in_threadpool(lambda: _validate(model, parse_json(raw, limits), limits)))
+
+    return parse
+
+
 def body_schema(model_name: str) -> dict[str, Any]:
     """`openapi_extra` for a route whose body is `model_name` (a schema `document_bodies` adds)."""
     ref = {"$ref": f"#/components/schemas/{model_name}"}
@@ -76,7 +90,7 @@ def body_schema(model_name: str) -> dict[str, Any]:
 def document_bodies(app: FastAPI) -> None:
     """Add the request and bulk models to the app's OpenAPI components, stating the app's limits and the
     language pairs of its registry."""
-    models = [*REQUEST_MODELS.values(), *BULK_MODELS.values()]
+    models = [*REQUEST_MODELS.values(), *BULK_MODELS.values(), *EXTRA_BODY_MODELS]
     build = app.openapi
 
     def openapi() -> dict[str, Any]:

@@ -150,6 +150,10 @@ class GenerationOptions(BaseModel):
     num_beams: int | None = Field(
         None, ge=1, description="Beam search width, at most `max_beams`; more than 1 excludes do_sample."
     )
+    stream: bool = Field(
+        False, description="Publish the text as it is generated, for `GET /v1/tasks/{id}/stream` (Server-Sent "
+        "Events). Token by token on causal LMs; other models send the text in one piece when they finish."
+    )
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -241,6 +245,7 @@ def limits_schema(limits: Limits) -> dict[str, dict[str, dict[str, Any]]]:
             "max_new_tokens": {"maximum": limits.max_new_tokens},
             "num_beams": {"maximum": limits.max_beams},
         },
+        "StatusQuery": {"ids": {"maxItems": limits.max_bulk}},
     }
 
 
@@ -316,3 +321,26 @@ class SubmitResponse(BaseModel):
 
 class BulkSubmitResponse(BaseModel):
     tasks: list[SubmitResponse]
+
+
+class StatusQuery(BaseModel):
+    """`POST /v1/statuses`: the statuses of many tasks in one call, optionally waiting (long poll)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ids: list[str] = Field(min_length=1, description="Task ids, at most `max_bulk` of the server's limits.")
+    wait: float = Field(0.0, ge=0, description="Seconds to wait for the tasks to be final (long poll); at most "
+                        "`max_wait_s` of the server's limits (a longer wait is cut to it).")
+    until: Literal["all", "any"] = Field("all", description="Return when all tasks are final, or when any is.")
+
+    @field_validator("ids")
+    @classmethod
+    def _ids_limit(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        limit = _limits(info).max_bulk
+        if len(v) > limit:
+            raise ValueError(f"{len(v)} ids; the limit is {limit}")
+        return v
+
+
+class StatusList(BaseModel):
+    tasks: list[TaskStatus]

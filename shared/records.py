@@ -58,6 +58,14 @@ def done_channel(task_id: str) -> str:
     return DONE_CHANNEL_PREFIX + task_id
 
 
+#: A task's generated text as it is produced (a Redis stream; worker/streaming.py writes it).
+STREAM_PREFIX = "pagedq:stream:"
+
+
+def stream_key(task_id: str) -> str:
+    return STREAM_PREFIX + task_id
+
+
 class NewRecord(NamedTuple):
     task_id: str
     task: TaskType

@@ -32,6 +32,13 @@ class Limits(BaseModel):
         le=256,  # the JSON parser recurses per level: far below Python's recursion limit
         description="HTTP API: deepest nesting of JSON arrays and objects in a body (checked before parsing).",
     )
+    max_wait_s: float = Field(
+        60.0, gt=0, description="HTTP API: longest long poll (`wait`); a longer one is cut to this."
+    )
+    max_stream_s: float = Field(
+        3_600.0, gt=0, description="HTTP API: longest task stream; it then ends with the current status "
+        "(reconnect with Last-Event-ID to go on)."
+    )
 
 
 class Settings(BaseSettings):

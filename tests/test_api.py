@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,11 @@ from pydantic import ValidationError
 
 from producer.api import create_app
 from producer.client import APIError, HTTPClient, TaskFailed
+from producer.http_client import parse_sse
 from shared.celery_config import PRIORITY_SEP as SEP
 from shared.celery_config import redis_queue_keys
 from shared.models import ClassifyResult, TaskState
-from shared.records import KEY_PREFIX, TaskRecords
+from shared.records import KEY_PREFIX, TaskRecords, stream_key
 from shared.redis_server import free_port
 from shared.settings import Limits, Settings
 
@@ -451,3 +454,110 @@ def test_http_client_errors(api: TestClient, r: redis.Redis) -> None:
     with pytest.raises(APIError) as denied:
         HTTPClient("http://testserver", "wrong", http=api).classify("fine")
     assert denied.value.status_code == 401 and "invalid API key" in denied.value.message
+
+
+# -- waiting and streaming over HTTP ---------------------------------------------------------------------
+
+
+def submit_classify(api: TestClient, text: str = "hi") -> str:
+    response = api.post("/v1/classify", json={"text": text}, headers=AUTH)
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+def finish_later(api: TestClient, task_id: str, after_s: float = 0.3) -> threading.Timer:
+    """What a worker does, `after_s` from now: the final state, written once and announced."""
+    timer = threading.Timer(after_s, lambda: records(api).finalize(task_id, TaskState.SUCCEEDED, result=SUCCESS))
+    timer.start()
+    return timer
+
+
+def test_long_poll_answers_when_the_task_finishes(api: TestClient) -> None:
+    task_id = submit_classify(api)
+    finish_later(api, task_id)
+    started = time.monotonic()
+    status = api.get(f"/v1/tasks/{task_id}", params={"wait": 20}, headers=AUTH).json()
+    assert status["state"] == "succeeded" and status["result"]["label"] == "NEGATIVE"
+    assert time.monotonic() - started < 10  # woken by the announcement, not by the 20 s wait
+
+
+def test_long_poll_times_out_with_the_current_state(api: TestClient) -> None:
+    task_id = submit_classify(api)
+    response = api.get(f"/v1/tasks/{task_id}", params={"wait": 0.3}, headers=AUTH)
+    assert response.status_code == 200 and response.json()["state"] == "queued"
+    assert api.get(f"/v1/tasks/{task_id}", params={"wait": -1}, headers=AUTH).status_code == 422
+    assert api.get("/v1/tasks/no-such-task", params={"wait": 1}, headers=AUTH).status_code == 404
+    assert api.get(f"/v1/tasks/{task_id}", params={"wait": 1}).status_code == 401
+
+
+def test_batch_status_in_order_with_unknown_ids_and_limits(api: TestClient) -> None:
+    ids = [submit_classify(api, f"t{i}") for i in range(3)]
+    records(api).finalize(ids[1], TaskState.FAILED, error={"type": "EngineError", "message": "boom"})
+    response = api.post("/v1/statuses", json={"ids": ids}, headers=AUTH)
+    assert [t["state"] for t in response.json()["tasks"]] == ["queued", "failed", "queued"]
+    assert [t["id"] for t in response.json()["tasks"]] == ids
+    unknown = api.post("/v1/statuses", json={"ids": [ids[0], "nope"]}, headers=AUTH)
+    assert unknown.status_code == 404 and "nope" in unknown.json()["error"]["message"]
+    assert api.post("/v1/statuses", json={"ids": ids + ["x"]}, headers=AUTH).status_code == 422  # max_bulk 3
+    assert api.post("/v1/statuses", json={"ids": []}, headers=AUTH).status_code == 422
+    assert api.post("/v1/statuses", json={"ids": ids}).status_code == 401
+
+
+def test_batch_status_waits_for_all_or_any(api: TestClient) -> None:
+    ids = [submit_classify(api, f"t{i}") for i in range(2)]
+    finish_later(api, ids[0], 0.2)
+    any_done = api.post("/v1/statuses", json={"ids": ids, "wait": 20, "until": "any"}, headers=AUTH).json()
+    assert [t["state"] for t in any_done["tasks"]] == ["succeeded", "queued"]
+    finish_later(api, ids[1], 0.2)
+    all_done = api.post("/v1/statuses", json={"ids": ids, "wait": 20}, headers=AUTH).json()
+    assert [t["state"] for t in all_done["tasks"]] == ["succeeded", "succeeded"]
+    timed_out = api.post("/v1/statuses", json={"ids": [submit_classify(api)], "wait": 0.2}, headers=AUTH)
+    assert timed_out.json()["tasks"][0]["state"] == "queued"
+
+
+def test_http_client_waits_by_long_polling(api: TestClient) -> None:
+    client = HTTPClient("http://testserver", KEY, http=api)
+    ids = [submit_classify(api, f"t{i}") for i in range(3)]
+    for i, task_id in enumerate(ids):
+        finish_later(api, task_id, 0.1 * (i + 1))
+    progress: list[tuple[int, int]] = []
+    statuses = client.wait_all(ids, timeout=20, on_progress=lambda done, total: progress.append((done, total)))
+    assert [s.state for s in statuses] == [TaskState.SUCCEEDED] * 3
+    assert progress[0] == (0, 3) and progress[-1] == (3, 3)
+    assert client.statuses(ids) == statuses
+    late = submit_classify(api)
+    with pytest.raises(TimeoutError):
+        client.wait(late, timeout=0.3)
+    finish_later(api, late, 0.1)
+    assert client.wait(late, timeout=20).state is TaskState.SUCCEEDED
+
+
+def test_stream_of_a_task_that_did_not_stream_sends_its_text_then_the_status(api: TestClient) -> None:
+    response = api.post("/v1/translate", json={"text": "Hello", "source_lang": "en", "target_lang": "de"},
+                        headers=AUTH)
+    task_id = response.json()["id"]
+    result = {"type": "translate", "model": "en-de", "translation": "Hallo", "finish_reason": "stop"}
+    threading.Timer(0.3, lambda: records(api).finalize(task_id, TaskState.SUCCEEDED, result=result)).start()
+    client = HTTPClient("http://testserver", KEY, http=api)
+    events = list(client.stream(task_id, timeout=30))
+    assert [(e.event, e.text) for e in events[:-1]] == [("token", "Hallo")]
+    assert events[-1].event == "status" and events[-1].status is not None
+    assert events[-1].status.state is TaskState.SUCCEEDED
+
+
+def test_stream_replays_the_redis_stream_and_resumes_after_last_event_id(api: TestClient, r: redis.Redis) -> None:
+    task_id = submit_classify(api)
+    key = stream_key(task_id)
+    first = r.xadd(key, {"text": "Ada "})
+    r.xadd(key, {"reset": "1"})
+    r.xadd(key, {"text": "Ada wrote"})
+    r.xadd(key, {"end": "succeeded"})
+    records(api).finalize(task_id, TaskState.SUCCEEDED, result=SUCCESS)
+    assert api.get(f"/v1/tasks/{task_id}/stream").status_code == 401
+    client = HTTPClient("http://testserver", KEY, http=api)
+    events = list(client.stream(task_id, timeout=30))
+    assert [(e.event, e.text) for e in events] == [("token", "Ada "), ("reset", ""), ("token", "Ada wrote"),
+                                                   ("status", "")]
+    resumed = api.get(f"/v1/tasks/{task_id}/stream", headers={**AUTH, "Last-Event-ID": first})
+    assert [e.event for e in parse_sse(resumed.text.splitlines())] == ["reset", "token", "status"]
+    assert api.get("/v1/tasks/nope/stream", headers=AUTH).status_code == 404

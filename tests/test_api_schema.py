@@ -57,6 +57,8 @@ LIMITS = Limits(
     max_bulk=4,
     max_body_bytes=20_000,
     max_json_depth=6,
+    max_wait_s=0.5,  # long polls and streams of tasks that never finish (no worker) end quickly
+    max_stream_s=1.0,
 )
 #: DELETE cancels a task and GET still shows it (`cancelled`): schemathesis's use-after-free check assumes
 #: DELETE removes. /readyz is 503 while no worker answers (none runs here), as documented.
@@ -120,6 +122,8 @@ def test_every_status_a_route_answers_is_declared(schema: dict[str, Any]) -> Non
     for path in ("/v1/classify", "/v1/translate/bulk", "/v1/qa"):
         assert declared["POST", path] == {"202", *body}
     assert declared["GET", "/v1/tasks/{task_id}"] == {"200", "401", "404", "422", "503"}
+    assert declared["GET", "/v1/tasks/{task_id}/stream"] == {"200", "401", "404", "422", "503"}
+    assert declared["POST", "/v1/statuses"] == {"200", *body}
     assert declared["DELETE", "/v1/tasks/{task_id}"] == {"200", "401", "404", "409", "422", "503"}
     assert declared["GET", "/readyz"] == {"200", "503"}
 
@@ -184,4 +188,6 @@ def test_schemathesis_finds_nothing_on_the_live_api(live_api: str, tmp_path: Pat
     ]
     run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
-    assert "No issues found" in run.stdout
+    # warnings (e.g. "missing test data": random ids are unknown, so POST /v1/statuses is mostly 404) are not
+    # failures; any check that fails is
+    assert "Failures:" not in run.stdout and "Test cases:" in run.stdout, run.stdout[-8000:]

@@ -16,6 +16,7 @@ from shared.models import (
     ClassifyRequest,
     GenerationOptions,
     QARequest,
+    StatusQuery,
     TaskState,
     TaskType,
     TranslateRequest,
@@ -81,6 +82,7 @@ LIMIT_CASES = {  # model name -> (the model, a valid request to set the limited 
     "ClassifyRequest": (ClassifyRequest, {"text": "t"}),
     "TranslateRequest": (TranslateRequest, {"text": "t"}),
     "QARequest": (QARequest, {"question": "q", "context": "c"}),
+    "StatusQuery": (StatusQuery, {"ids": ["a"]}),
 }
 
 
@@ -88,6 +90,8 @@ def _at(keyword: str, bound: float, over: bool) -> Any:
     """A value exactly at `bound` (or just over it) for a JSON Schema keyword."""
     if keyword == "maxLength":
         return "x" * (int(bound) + over)
+    if keyword == "maxItems":
+        return ["x"] * (int(bound) + over)
     return bound + over
 
 
@@ -104,7 +108,7 @@ def test_the_schema_keywords_of_the_limits_are_what_the_validators_enforce(over:
                 model, base = LIMIT_CASES[model_name]
                 data = {**base, field: value}
             if over:
-                with pytest.raises(ValidationError, match=f"{field} is"):
+                with pytest.raises(ValidationError, match=f"{field} is|limit is"):
                     model.model_validate(data, context=SMALL)
             else:
                 model.model_validate(data, context=SMALL)

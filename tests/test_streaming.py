@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from worker.streaming import TokenStreamer, _TaskStream, stream_key
+from shared.records import stream_key
+from worker.streaming import TokenStreamer, _TaskStream
 
 
 @pytest.fixture()

@@ -23,16 +23,13 @@ from typing import Any
 
 import redis
 
+from shared.records import stream_key
+
 log = logging.getLogger(__name__)
 
-STREAM_PREFIX = "pagedq:stream:"
 FLUSH_S = 0.02
 #: Entries kept per stream (a generation of max_new_tokens produces at most that many deltas).
 MAX_ENTRIES = 4096
-
-
-def stream_key(task_id: str) -> str:
-    return STREAM_PREFIX + task_id
 
 
 @dataclass

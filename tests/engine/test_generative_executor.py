@@ -162,3 +162,29 @@ def test_seeded_sampling_is_reproducible(loaded: LoadedModel) -> None:
         drain(ex)
         answers.append(r.future.result(timeout=0).answer)
     assert answers[0] == answers[1]
+
+
+def test_streamed_text_equals_the_final_answer(loaded: LoadedModel, redis_url: str) -> None:
+    import redis
+    from test_streaming import read_stream
+
+    from shared.records import stream_key
+    from worker.streaming import TokenStreamer
+
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    streamer = TokenStreamer(r, ttl_s=60).start()
+    ex = executor(loaded)
+    requests = [qa(q, generation={"max_new_tokens": 24, "stream": True})
+                for q in ("Who wrote it?", "When?", "What did Ada write for the engine?")]
+    for request in requests:
+        request.stream = streamer.sink(request.id)
+        ex.add(request)
+    drain(ex)
+    try:
+        for request in requests:
+            answer = request.future.result().answer
+            streamer.close(request.id, "succeeded", answer)
+            assert read_stream(r, request.id) == (answer, "succeeded")
+            assert r.xlen(stream_key(request.id)) >= 2  # it streamed, not one piece at the end
+    finally:
+        streamer.stop()
