@@ -31,8 +31,10 @@ from enum import StrEnum
 from typing import Any, NamedTuple
 
 import redis
+from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
+from redis.retry import Retry
 from redis.typing import EncodableT
 
 from shared.models import TaskState, TaskType
@@ -44,6 +46,10 @@ OPEN_KEY = "pagedq:open"
 DONE_CHANNEL_PREFIX = "pagedq:done:"
 #: Per worker process: the ids it claimed, id -> delivery tag (what the reconciler hands back if it dies).
 CLAIMED_PREFIX = "pagedq:claimed:"
+
+
+#: Retries of a command on a connection error, backing off up to 1 s (about 8 s in all).
+RETRIES = 10
 
 
 def now() -> datetime:
@@ -89,7 +95,9 @@ class Claim(StrEnum):
 
     RUN = "run"  # this worker now owns the task: run it
     FINAL = "final"  # already final (redelivered after it finished, or cancelled/expired first): skip
-    OWNED = "owned"  # a live worker (maybe this one) runs it already: this delivery is a duplicate, skip
+    OWNED = "owned"  # another live worker runs it already: this delivery is a duplicate, skip
+    MINE = "mine"  # this worker claimed it before: a duplicate if it runs it now, else (a retried claim whose
+    #                reply was lost, or work this process dropped) it is this worker's to run
     CANCELLED = "cancelled"  # a cancel was asked before it started: finalized as cancelled now
     EXPIRED = "expired"  # its deadline passed before it started: finalized as expired now
     MISSING = "missing"  # no record (never submitted through pagedq, or expired): skip
@@ -116,7 +124,8 @@ if deadline and tonumber(ARGV[3]) >= deadline then
   return finalize('expired', 'DeadlineExceeded', 'the deadline passed while the task was queued')
 end
 local owner = redis.call('HGET', KEYS[1], 'worker')
-if owner and (owner == ARGV[1] or redis.call('EXISTS', ARGV[2] .. owner) == 1) then return 'owned' end
+if owner == ARGV[1] then return 'mine' end
+if owner and redis.call('EXISTS', ARGV[2] .. owner) == 1 then return 'owned' end
 redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'started_at', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
 redis.call('HSET', KEYS[3], string.sub(KEYS[1], #ARGV[7] + 1), ARGV[5])
@@ -165,7 +174,14 @@ class TaskRecords:
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int) -> TaskRecords:
-        return cls(redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, health_check_interval=10), ttl_s)
+        """A client that rides out a Redis restart of a few seconds: every script here is safe to retry
+        (finalize and release are idempotent; a retried claim answers `mine`)."""
+        client = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=5, health_check_interval=10,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+        return cls(client, ttl_s)
 
     # -- producer -----------------------------------------------------------------------------------------
 

@@ -370,7 +370,7 @@ def test_claim_decides_each_delivery_once(service: TaskService, r: redis.Redis) 
     assert service.records.claim(task_id, "w1", "t1", LEASES) is Claim.RUN
     # a redelivery while w1 (alive) runs it: a duplicate, never a second run
     assert service.records.claim(task_id, "w2", "t2", LEASES) is Claim.OWNED
-    assert service.records.claim(task_id, "w1", "t3", LEASES) is Claim.OWNED
+    assert service.records.claim(task_id, "w1", "t3", LEASES) is Claim.MINE  # w1 decides: running, or not
     assert service.records.claimed_by("w1") == {task_id: "t1"}
     # w1 dies (no lease): the task is released, then another worker may claim it
     r.delete(LEASES + "w1")

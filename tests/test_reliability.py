@@ -255,6 +255,8 @@ def test_redis_restart_loses_nothing(stack: Stack, service: TaskService) -> None
     watcher_later = watch(service, later)
     assert set(watcher.final(120).values()) == {"succeeded"}
     assert set(watcher_later.final(120).values()) == {"succeeded"}
+    exited = {name: proc.returncode for name, proc in stack.procs.items() if proc.poll() is not None}
+    assert not exited, f"processes exited across the Redis restart: {exited}"
 
 
 def submit_retrying(service: TaskService, n: int, timeout_s: float = 30) -> list[str]:

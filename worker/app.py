@@ -20,6 +20,7 @@ from celery import bootsteps
 
 from shared.celery_config import make_celery
 from shared.settings import get_settings
+from worker import kombu_compat
 from worker.metrics import start_metrics
 from worker.runtime import WorkerRuntime
 from worker.tasks import register_tasks
@@ -75,6 +76,7 @@ def _held_tags(worker: Any) -> Iterator[str]:
     return iter(())
 
 
+kombu_compat.install()  # a Redis restart must not stop the worker (see the module)
 app = make_celery(main="pagedq-worker")
 app.conf.worker_pool = "threads"
 app.conf.worker_concurrency = get_settings().worker_concurrency

@@ -65,6 +65,7 @@ class Reconciler:
         self.lost_grace_s = lost_grace_s
         self._queues = set(QUEUES.values())
         self._suspects: dict[str, float] = {}  # task id -> when first seen without a message
+        self._own_suspects: set[str] = set()  # claimed by this worker, not in flight here at the last round
 
     def run_once(self) -> RoundReport | None:
         """One round, if this worker holds the lock (None otherwise)."""
@@ -78,6 +79,23 @@ class Reconciler:
             log.warning("reconciler: dead workers %s, released %d tasks, restored %d messages, re-sent %s",
                         report.dead_workers, len(report.released), len(report.restored_tags), report.resent)
         return report
+
+    # -- 0. this worker's own dropped tasks ---------------------------------------------------------------
+
+    def recover_own(self, inflight: set[str]) -> list[str]:
+        """Hand back what this worker claimed but no task thread of it runs any more (its final write failed
+        while Redis was down, or a thread died): seen so in two rounds, it is released and sent again."""
+        claimed = set(self.records.claimed_by(self.worker_id))
+        dropped = {t for t in claimed if t not in inflight}
+        confirmed = sorted(dropped & self._own_suspects)
+        self._own_suspects = dropped - set(confirmed)
+        report = RoundReport()
+        for task_id in confirmed:
+            if self.records.release(task_id, self.worker_id):
+                self._resend(task_id, report)
+        if report.resent:
+            log.warning("reconciler: re-sent %d tasks this worker had dropped: %s", len(report.resent), report.resent)
+        return report.resent
 
     # -- 1. dead workers ----------------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from celery import Celery
@@ -36,6 +36,8 @@ class WorkerRuntime:
     lease: WorkerLease | None = None
     reconciler: Reconciler | None = None
     streamer: TokenStreamer | None = None
+    #: ids this process's task threads are running now (claimed and not yet final or handed back)
+    inflight: set[str] = field(default_factory=set)
 
     #: prefix of the lease keys `TaskRecords.claim` checks an owner's liveness with
     lease_prefix = LEASE_PREFIX
@@ -66,12 +68,14 @@ class WorkerRuntime:
         reconciler. Call before the worker consumes: a claim names this worker's lease."""
         s = self.settings
         self.worker_id = new_worker_id(hostname)
-        self.reconciler = Reconciler(app, self.records, self.worker_id, s.lease_ttl_s, s.reconcile_interval_s,
-                                     s.lost_message_grace_s)
+        reconciler = Reconciler(app, self.records, self.worker_id, s.lease_ttl_s, s.reconcile_interval_s,
+                                s.lost_message_grace_s)
+        self.reconciler = reconciler
         self.lease = WorkerLease(
             self.records.redis, self.worker_id, hostname, s.lease_ttl_s, s.heartbeat_interval_s, held_tags,
             periodic=[(s.heartbeat_interval_s, self.engine.ensure_alive),
-                      (s.reconcile_interval_s, self.reconciler.run_once)],
+                      (s.reconcile_interval_s, reconciler.run_once),
+                      (s.reconcile_interval_s, lambda: reconciler.recover_own(self.inflight))],
         ).start()
 
     def stop(self, drain_s: float = 0.0) -> None:

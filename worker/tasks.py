@@ -3,7 +3,7 @@
 Two message kinds per task type (see producer/submission.py): `pagedq.<type>` carries one task,
 `pagedq.<type>.batch` carries the items of a bulk submission. Both run the same path over a list of items:
 
-    claim_many (one round trip)   -> per item: run | final | owned | cancelled | expired | missing
+    claim_many (one round trip)   -> per item: run | final | owned | mine | cancelled | expired | missing
     submit every runnable item    -> the engine batches them with everything else in flight
     as futures complete           -> finalize_many (one round trip per wake-up; first final state wins)
     items the engine handed back  -> release them, reject the message with requeue (worker shutting down)
@@ -26,6 +26,7 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 from celery.worker import state as worker_state
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from shared.celery_config import BATCH_TASK_NAMES, TASK_NAMES
 from shared.errors import (
@@ -101,16 +102,26 @@ def run_items(task: Task, rt: WorkerRuntime, task_type: TaskType, items: list[It
     claims = rt.records.claim_many([i.id for i in items], rt.worker_id, tag, rt.lease_prefix)
     runnable = []
     for item, claim in zip(items, claims, strict=True):
-        if claim is Claim.RUN:
+        if claim is Claim.RUN or (claim is Claim.MINE and item.id not in rt.inflight):
             metrics.task_started(task_type.value, item.message)
+            rt.inflight.add(item.id)
             runnable.append(item)
         elif claim in _CLAIM_OUTCOMES:
             metrics.task_finished(task_type.value, item.message, _CLAIM_OUTCOMES[claim])
         else:
             log.info("task %s: %s, not run by this delivery", item.id, claim.value)
-    rejected = [o for item in runnable if (o := _submit(rt, task_type, item)) is not None]
-    _finalize(rt, task_type, runnable, rejected)
-    _wait(rt, task_type, [i for i in runnable if i.request is not None])
+    try:
+        rejected = [o for item in runnable if (o := _submit(rt, task_type, item)) is not None]
+        _finalize(rt, task_type, runnable, rejected)
+        _wait(rt, task_type, [i for i in runnable if i.request is not None])
+    except RedisError as exc:
+        # Redis stayed down longer than the client's retries: what is not final stays claimed by this worker;
+        # once it is no longer in flight here, the reconciler hands it back (Reconciler.recover_own)
+        log.warning("%d tasks left claimed while Redis is unreachable: %s", len(runnable), exc)
+        raise
+    finally:
+        for item in runnable:
+            rt.inflight.discard(item.id)
     handed_back = [i for i in runnable if isinstance(i.error, WorkerShuttingDown)]
     if handed_back:
         for item in handed_back:
