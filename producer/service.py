@@ -20,6 +20,7 @@ from typing import TypeGuard
 
 import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 from kombu.messaging import Producer
 
 from producer.completion import FALLBACK_S, wait_pushed
@@ -242,7 +243,10 @@ class TaskService:
 
     def ping_workers(self, timeout_s: float = 1.0) -> list[str]:
         """Host names of the Celery workers that answered a ping within `timeout_s`."""
-        replies = self.celery.control.ping(timeout=timeout_s) or []
+        try:
+            replies = self.celery.control.ping(timeout=timeout_s) or []
+        except OperationalError:  # a pooled broker connection that died with a Redis restart: once more
+            replies = self.celery.control.ping(timeout=timeout_s) or []
         return sorted(name for reply in replies for name in reply)
 
     def close(self) -> None:

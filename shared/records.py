@@ -48,8 +48,8 @@ DONE_CHANNEL_PREFIX = "pagedq:done:"
 CLAIMED_PREFIX = "pagedq:claimed:"
 
 
-#: Retries of a command on a connection error, backing off up to 1 s (about 8 s in all).
-RETRIES = 10
+#: A worker's retries of a command on a connection error, backing off up to 1 s (about 8 s in all).
+WORKER_RETRIES = 10
 
 
 def now() -> datetime:
@@ -173,12 +173,13 @@ class TaskRecords:
         self._release = client.register_script(_RELEASE)
 
     @classmethod
-    def from_url(cls, url: str, ttl_s: int) -> TaskRecords:
-        """A client that rides out a Redis restart of a few seconds: every script here is safe to retry
-        (finalize and release are idempotent; a retried claim answers `mine`)."""
+    def from_url(cls, url: str, ttl_s: int, retries: int = 1) -> TaskRecords:
+        """`retries`: how many times a command is retried on a connection error, backing off up to 1 s. A
+        worker uses `WORKER_RETRIES` to ride out a Redis restart of a few seconds (every script here is safe to
+        retry: finalize and release are idempotent, a retried claim answers `mine`); a producer fails fast."""
         client = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=5, health_check_interval=10,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES),
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         return cls(client, ttl_s)

@@ -304,3 +304,21 @@ def test_nothing_is_lost_when_a_worker_is_killed(stack: Stack, http: httpx.Clien
     stack.wait_worker()
     statuses = [wait(http, i, timeout_s=120) for i in ids]
     assert [s["state"] for s in statuses] == ["succeeded"] * 50
+
+
+def test_generated_text_streams_over_sse_and_equals_the_result(stack: Stack) -> None:
+    """Generative QA on the demo causal LM with `stream`: the Server-Sent Events carry the text while it is
+    generated, in several pieces, and put together they are exactly the final answer."""
+    from producer.client import HTTPClient
+
+    with HTTPClient(stack.api_url, stack.api_key) as api:
+        handle = api.qa("who wrote it?", "Ada wrote the first program.", mode="generative",
+                        generation={"max_new_tokens": 48, "stream": True})
+        events = list(api.stream(handle.id, timeout=60))
+    tokens = [e.text for e in events if e.event == "token"]
+    assert events[-1].event == "status" and events[-1].status is not None
+    final = events[-1].status
+    assert final.state.value == "succeeded", final
+    assert "reset" not in [e.event for e in events]
+    assert "".join(tokens) == final.result.answer  # type: ignore[union-attr]
+    assert len(tokens) >= 2, tokens  # streamed while generated, not in one piece at the end

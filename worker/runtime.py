@@ -13,7 +13,7 @@ from pathlib import Path
 
 from celery import Celery
 
-from shared.records import TaskRecords
+from shared.records import WORKER_RETRIES, TaskRecords
 from shared.registry import Registry
 from shared.settings import Settings
 from worker.engine.executor import EngineConfig
@@ -59,7 +59,7 @@ class WorkerRuntime:
             spec_config = config if spec.prefix_caching else _without_prefix_cache(config)
             executors[name] = make_executor(loaded, spec_config)
         engine = Engine(executors).start()
-        records = TaskRecords.from_url(settings.backend_url, settings.result_ttl_s)
+        records = TaskRecords.from_url(settings.backend_url, settings.result_ttl_s, retries=WORKER_RETRIES)
         streamer = TokenStreamer(records.redis, settings.result_ttl_s).start()
         return cls(settings=settings, registry=registry, records=records, engine=engine, streamer=streamer)
 
