@@ -1,4 +1,4 @@
-"""W5 -- the whole service through the queue (handbook benchmarks.md), in one run on the demo models.
+"""W5 -- the whole service through the queue (handbook benchmarks.md), in one run.
 
 Each system runs alone on the machine (one stack up at a time), with its own private Redis (AOF on) and one
 worker process of `--worker-threads` threads (default: PAGEDQ_WORKER_CONCURRENCY, 64):
@@ -12,7 +12,14 @@ worker process of `--worker-threads` threads (default: PAGEDQ_WORKER_CONCURRENCY
   Celery no-op, closed / open      a no-op task with pagedq's Celery settings (results stored), the same pool;
                                    closed loop `send_task(...).get()`, and open loop (submit all, then get)
   pagedq mix / naive Celery mix    60% classify, 25% translate, 15% extractive QA, closed loop, against a plain
-                                   Celery worker running transformers one request at a time (w5_naive_worker)
+                                   Celery worker running transformers one request at a time (w5_naive_worker),
+                                   the same jobs on both, each on its own stack loaded with the mix's models
+Models: every row but the mix runs the tiny demo classifier (those rows measure the queue, not the model). The
+mix runs `--models realistic` (default; bench/w5_models.py: DistilBERT-base-shaped classifier and extractive QA,
+an OPUS-MT-en-de-shaped Marian translator, random weights, fp32, built once into .models/w5-realistic) with
+each translation's `max_new_tokens` drawn from 16..48 (the random translator never stops on its own), or
+`--models demo` (the demo models, lengths from the demo translator's generation config). The answers of the two
+mix systems are compared job by job (w5_agreement) and the agreement printed, with each kind's median latency.
 The stacks are warmed up first. Latency is submit-to-result per task, in the client; for the bulk, from the
 bulk call to the task's `finished_at`; open loops from submission to the worker's completion time. Mean batch:
 the classifier's requests per engine step during the run (`celery inspect stats`: the worker's Engine.stats()).
@@ -21,8 +28,10 @@ Where the time goes, printed under the table: median time per stage of a pagedq 
 worker claims it; in the worker; until the final status reaches the client) and CPU ms per task of each process
 (worker, API, Redis, and this process: the clients), from /proc and INFO cpu around each run.
 
-Run: `python bench/service.py` (2,000 tasks per system), `--quick` (300). Ends with one line:
-w5_single_vs_noop=.. w5_bulk_vs_inprocess=.. w5_idle_p50_ms=.. w5_vs_naive=..  (ratios of tasks/s)
+Run: `python bench/service.py` (2,000 tasks per system; the realistic mix 600), `--quick` (300; the realistic
+mix 120: under 2 minutes on 2 cores). `--torch-threads N` sets the torch threads of every worker alike.
+Ends with one line (ratios of tasks/s; w5_vs_naive from the mix, on the models of `--models`):
+w5_single_vs_noop=.. w5_bulk_vs_inprocess=.. w5_idle_p50_ms=.. w5_vs_naive=..
 """
 
 from __future__ import annotations
@@ -38,19 +47,23 @@ from pathlib import Path
 
 import torch
 from celery import Celery
+from w5_agreement import Answer, agreement, recording, time_by_kind
 from w5_baselines import BaselineWorker, naive_client, noop_client, noop_open_loop
 from w5_load import (
+    Connect,
     Outcome,
     Phases,
     closed_loop,
     engine_counters,
+    engine_model_stats,
     mean_batch,
     process_cpu_s,
     redis_commands,
     redis_cpu_s,
 )
+from w5_models import build_realistic_models
 from w5_pagedq import bulk, client_session, http_session, in_process, one_at_a_time, stage_medians
-from w5_report import Row, cpu_per_task, plot, table
+from w5_report import Row, cpu_per_task, engine_work, plot, table
 from w5_workload import Job, classify_texts, mixed_jobs
 
 from shared.celery_config import make_celery
@@ -65,7 +78,10 @@ if str(ROOT) not in sys.path:
 from scripts.stack import Stack  # noqa: E402
 
 DEMO_DIR = ROOT / ".models" / "demo"
+REALISTIC_DIR = ROOT / ".models" / "w5-realistic"
 WARMUP = 64
+MIX_WARMUP = 32  # mix jobs each mix system runs before it is timed (every model, translations included)
+MAX_NEW_TOKENS = (16, 48)  # a realistic-mix translation's length, uniform in this range
 
 
 class Probe:
@@ -90,7 +106,7 @@ class Probe:
 
 
 def run_pagedq(
-    args: argparse.Namespace, registry_path: Path, texts: list[str], jobs: list[Job], phases: Phases, notes: list[str]
+    args: argparse.Namespace, registry_path: Path, texts: list[str], phases: Phases, notes: list[str]
 ) -> dict[str, Row]:
     c, timeout = args.clients, args.task_timeout
     singles = [Job("classify", {"text": t}) for t in texts]
@@ -106,7 +122,7 @@ def run_pagedq(
         probe = Probe(stack.redis_url or "", pids, app, classifier)
         client = partial(client_session, settings, timeout)
         with phases("pagedq: warm-up"):
-            closed_loop(client, mixed_jobs(WARMUP, seed=7), c)
+            closed_loop(client, [Job("classify", {"text": t}) for t in classify_texts(WARMUP, seed=7)], c)
         with phases("pagedq: idle"):
             rows["idle"] = probe.measure(
                 "pagedq, one task on an idle stack",
@@ -126,8 +142,6 @@ def run_pagedq(
         with phases("pagedq: http"):
             http = partial(http_session, stack.api_url, stack.api_key, timeout)
             rows["http"] = probe.measure("pagedq single-item, HTTP API", c, lambda: closed_loop(http, singles, c))
-        with phases("pagedq: mix"):
-            rows["mix"] = probe.measure("pagedq mix, Client", c, lambda: closed_loop(client, jobs, c))
         app.close()
     finally:
         with phases("pagedq: stop stack"):
@@ -155,18 +169,71 @@ def run_noop(args: argparse.Namespace, registry_path: Path, texts: list[str], ph
     return {"noop": closed, "noop_open": opened}
 
 
-def run_naive(args: argparse.Namespace, registry_path: Path, jobs: list[Job], phases: Phases) -> dict[str, Row]:
+class Mix:
+    """The mix's jobs and models, and every answer each system gave (job index -> `Answer`), for comparison."""
+
+    SYSTEMS = {"pagedq": "pagedq mix, Client", "naive": "naive Celery + transformers mix"}
+
+    def __init__(self, models: str, registry_path: Path, count: int) -> None:
+        self.models, self.registry_path = models, registry_path
+        lengths = MAX_NEW_TOKENS if models == "realistic" else None
+        self.jobs = mixed_jobs(count, max_new_tokens=lengths)
+        self.warmup = mixed_jobs(MIX_WARMUP, seed=7, max_new_tokens=lengths)
+        self.answers: dict[str, dict[int, Answer]] = {name: {} for name in self.SYSTEMS}
+        self.engine = ""  # what pagedq's executors did during the mix (`engine_work`)
+
+    def measure(self, probe: Probe, system: str, connect: Connect, clients: int) -> Row:
+        run = recording(connect, self.answers[system])
+        name = f"{self.SYSTEMS[system]} ({self.models} models)"
+        before = engine_model_stats(probe.app) if probe.app is not None else {}
+        row = probe.measure(name, clients, lambda: closed_loop(run, list(enumerate(self.jobs)), clients))
+        if probe.app is not None:
+            self.engine = engine_work(before, engine_model_stats(probe.app))
+        return row
+
+    def notes(self) -> list[str]:
+        ours, theirs = self.answers["pagedq"], self.answers["naive"]
+        return [
+            *agreement(self.jobs, ours, theirs),
+            time_by_kind(self.SYSTEMS["pagedq"], "in worker", self.jobs, ours),
+            time_by_kind(self.SYSTEMS["naive"], "in task", self.jobs, theirs),
+            f"pagedq engine during the mix: {self.engine or 'no stats'}",
+        ]
+
+
+def run_pagedq_mix(args: argparse.Namespace, mix: Mix, phases: Phases) -> dict[str, Row]:
+    """The mix on a pagedq stack of its own, loaded with the mix's models; answers kept in `mix.answers`."""
+    c, timeout = args.clients, args.task_timeout
+    classifier = Registry.load(mix.registry_path).defaults[TaskType.CLASSIFY]
+    stack = Stack(registry_path=mix.registry_path, log_dir=args.log_dir, worker_concurrency=args.worker_threads)
+    with phases("pagedq mix: start stack"):
+        stack.start(flower=False)
+    try:
+        settings = stack.settings()
+        app = make_celery(settings)
+        pids = {"worker": stack.procs[f"worker{stack.worker_count}"].pid, "api": stack.procs["api"].pid}
+        client = partial(client_session, settings, timeout)
+        with phases("pagedq mix: warm-up"):
+            closed_loop(client, mix.warmup, c)
+        with phases("pagedq mix: run"):
+            rows = {"mix": mix.measure(Probe(stack.redis_url or "", pids, app, classifier), "pagedq", client, c)}
+        app.close()
+    finally:
+        with phases("pagedq mix: stop stack"):
+            stack.stop()
+    return rows
+
+
+def run_naive(args: argparse.Namespace, mix: Mix, phases: Phases) -> dict[str, Row]:
     c = args.clients
     with phases("naive: start worker"):
-        worker = BaselineWorker("w5_naive_worker", args.worker_threads, registry_path, args.log_dir).start()
+        worker = BaselineWorker("w5_naive_worker", args.worker_threads, mix.registry_path, args.log_dir).start()
     try:
         client = partial(naive_client, worker.settings(), args.task_timeout)
         with phases("naive: warm-up"):
-            closed_loop(client, mixed_jobs(WARMUP // 2, seed=7), c)
+            closed_loop(client, mix.warmup, c)
         with phases("naive: mix"):
-            row = Probe(worker.url, worker.pids()).measure(
-                "naive Celery + transformers mix", c, lambda: closed_loop(client, jobs, c)
-            )
+            row = mix.measure(Probe(worker.url, worker.pids()), "naive", client, c)
     finally:
         with phases("naive: stop worker"):
             worker.stop()
@@ -228,6 +295,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="300 tasks per system instead of 2,000")
     p.add_argument("--tasks", type=int, default=None, help="tasks per system (default 2000, 300 with --quick)")
+    p.add_argument(
+        "--models",
+        choices=("demo", "realistic"),
+        default="realistic",
+        help="models of the mix rows (pagedq mix vs naive); every other row runs the demo classifier",
+    )
+    p.add_argument(
+        "--mix-tasks",
+        type=int,
+        default=None,
+        help="mix tasks per system (default: --tasks on demo models; 600 realistic, 120 with --quick)",
+    )
     p.add_argument("--clients", type=int, default=32, help="closed-loop clients (threads)")
     p.add_argument("--worker-threads", type=int, default=None, help="Celery threads per worker (default: settings)")
     p.add_argument("--idle-tasks", type=int, default=50)
@@ -246,13 +325,18 @@ def main() -> None:
         torch.set_num_threads(args.torch_threads)
     count = args.tasks or (300 if args.quick else 2000)
     registry_path = build_demo_models(DEMO_DIR)
+    if args.models == "realistic":
+        mix = Mix("realistic", build_realistic_models(REALISTIC_DIR), args.mix_tasks or (120 if args.quick else 600))
+    else:
+        mix = Mix("demo", registry_path, args.mix_tasks or count)
     settings = Settings(registry_path=registry_path)  # the engine settings a worker would read now
     args.worker_threads = args.worker_threads or settings.worker_concurrency
     args.log_dir = Path(tempfile.mkdtemp(prefix="w5-logs-"))
-    texts, jobs = classify_texts(count), mixed_jobs(count)
+    texts = classify_texts(count)
     print(
-        f"W5: {count} tasks per system, {args.clients} closed-loop clients, one worker of {args.worker_threads} "
-        f"threads per stack, demo models; {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+        f"W5: {count} tasks per system on the demo models, the mix {len(mix.jobs)} tasks per system on the "
+        f"{mix.models} models ({mix.registry_path}); {args.clients} closed-loop clients, one worker of "
+        f"{args.worker_threads} threads per stack; {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
         f"load average {_load_average()}; "
         f"logs in {args.log_dir}",
         flush=True,
@@ -267,9 +351,11 @@ def main() -> None:
     with phases("engine in-process"):
         outcome, batch = in_process(registry_path, settings, texts, WARMUP)
         rows["inprocess"] = Row("classifier executor in-process (no queue)", outcome, None, batch)
-    rows.update(run_pagedq(args, registry_path, texts, jobs, phases, notes))
+    rows.update(run_pagedq(args, registry_path, texts, phases, notes))
     rows.update(run_noop(args, registry_path, texts, phases))
-    rows.update(run_naive(args, registry_path, jobs, phases))
+    rows.update(run_pagedq_mix(args, mix, phases))
+    rows.update(run_naive(args, mix, phases))
+    notes += mix.notes()
     notes.append(f"load average after: {_load_average()}")
     report(rows, phases, notes, args)
 

@@ -118,16 +118,27 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
 
 
-def engine_counters(app: Celery, workers: int = 1) -> dict[str, tuple[float, float]] | None:
-    """Per model (steps, requests finished) summed over the `workers` that answer `inspect stats`: the pagedq
-    EngineStep's `info()` (Engine.stats()). None when no worker reports them."""
+def engine_model_stats(app: Celery, workers: int = 1) -> dict[str, dict[str, float]]:
+    """Per model, every numeric counter of its executor summed over the `workers` that answer `inspect stats`:
+    the pagedq EngineStep's `info()` (Engine.stats()). Empty when no worker reports them."""
     replies = app.control.inspect(timeout=INSPECT_TIMEOUT_S, limit=workers).stats() or {}
-    totals: dict[str, tuple[float, float]] = {}
+    totals: dict[str, dict[str, float]] = {}
     for stats in replies.values():
         for model, counters in (stats.get("pagedq") or {}).get("models", {}).items():
-            if "steps" in counters and "num_requests_finished" in counters:
-                steps, finished = totals.get(model, (0.0, 0.0))
-                totals[model] = (steps + counters["steps"], finished + counters["num_requests_finished"])
+            mine = totals.setdefault(model, {})
+            for name, value in counters.items():
+                if isinstance(value, int | float):
+                    mine[name] = mine.get(name, 0.0) + value
+    return totals
+
+
+def engine_counters(app: Celery, workers: int = 1) -> dict[str, tuple[float, float]] | None:
+    """Per model (steps, requests finished) (`engine_model_stats`). None when no worker reports them."""
+    totals = {
+        model: (counters["steps"], counters["num_requests_finished"])
+        for model, counters in engine_model_stats(app, workers).items()
+        if "steps" in counters and "num_requests_finished" in counters
+    }
     return totals or None
 
 

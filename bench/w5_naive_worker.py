@@ -3,18 +3,21 @@
     PAGEDQ_REDIS_URL=redis://... PAGEDQ_REGISTRY_PATH=.../registry.toml \
         celery -A bench.w5_naive_worker worker -P threads -c 64
 
-Models are the registry's defaults (the demo classifier, translator and extractive QA model), loaded once when
+Models are the registry's defaults (the demo models, or bench/w5_models.py's realistic ones), loaded once when
 the worker starts and shared by every task thread, with no lock and no batching:
   classify   `pipeline("text-classification")` on the text (its top label, like pagedq's default top_k=1)
-  translate  tokenizer + `model.generate` with the model's generation config (transformers 5 has no
-             translation pipeline), decoded without special tokens
+  translate  tokenizer + `model.generate` with the model's generation config and the request's
+             `generation.max_new_tokens` if it sets one (transformers 5 has no translation pipeline),
+             decoded without special tokens
   qa         transformers v4's question-answering pipeline (removed in v5), as tests/executor_support.py
              ports it: overlapping windows, one forward each, spans from `select_starts_ends`
 Celery settings are pagedq's, with results stored (`w5_noop_worker.make_app`); clients wait with `get()`.
+Every result also carries `in_task_s`: the seconds the task spent in tokenizer and model (where its time went).
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ import torch
 from celery.signals import worker_init
 from transformers import AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
 from transformers.pipelines.document_question_answering import select_starts_ends
+from transformers.utils import logging as hf_logging
 from w5_noop_worker import make_app
 
 from shared.models import TaskType
@@ -45,6 +49,7 @@ def load_models(**_: Any) -> None:
     registry = Registry.load(Path(registry_path))
     source = {t: registry.resolve_source(registry.models[registry.defaults[t]]) for t in TaskType}
     warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
+    hf_logging.set_verbosity_error()  # generate warns on every call that max_new_tokens overrides max_length
     models["classify"] = pipeline("text-classification", model=source[TaskType.CLASSIFY])
     models["translate"] = (
         AutoTokenizer.from_pretrained(source[TaskType.TRANSLATE]),
@@ -58,21 +63,32 @@ def load_models(**_: Any) -> None:
 
 @app.task(name=TASKS["classify"])
 def classify(text: str) -> dict[str, Any]:
-    return dict(models["classify"](text)[0])
+    start = time.perf_counter()
+    return {**models["classify"](text)[0], "in_task_s": time.perf_counter() - start}
 
 
 @app.task(name=TASKS["translate"])
-def translate(text: str, source_lang: str | None = None, target_lang: str | None = None) -> dict[str, Any]:
+def translate(
+    text: str, source_lang: str | None = None, target_lang: str | None = None, generation: dict | None = None
+) -> dict[str, Any]:
+    start = time.perf_counter()
     tokenizer, model = models["translate"]
+    max_new_tokens = (generation or {}).get("max_new_tokens")  # None: the generation config's length
     with torch.inference_mode():
-        output = model.generate(**tokenizer(text, return_tensors="pt"))
-    return {"translation": tokenizer.decode(output[0], skip_special_tokens=True)}
+        output = model.generate(**tokenizer(text, return_tensors="pt"), max_new_tokens=max_new_tokens)
+    generated = output[0, 1:]  # after the decoder start token; one sequence, so no padding
+    return {
+        "translation": tokenizer.decode(generated, skip_special_tokens=True),
+        "output_tokens": len(generated),
+        "in_task_s": time.perf_counter() - start,
+    }
 
 
 @app.task(name=TASKS["qa"])
 def qa(question: str, context: str) -> dict[str, Any]:
+    start = time.perf_counter()
     tokenizer, model = models["qa"]
-    return extractive_answer(tokenizer, model, question, context)
+    return {**extractive_answer(tokenizer, model, question, context), "in_task_s": time.perf_counter() - start}
 
 
 def extractive_answer(tokenizer: Any, model: Any, question: str, context: str) -> dict[str, Any]:

@@ -92,3 +92,23 @@ def plot(rows: list[Row], path: Path) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return f"plot: {path}"
+
+
+def engine_work(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> str:
+    """What each model's executor did between two `engine_model_stats` snapshots: requests, steps, and per step
+    the requests (encoders) or tokens generated (decoders), and encoder tokens computed (padding included)."""
+    parts = []
+    for model, counters in sorted(after.items()):
+        delta = {name: value - before.get(model, {}).get(name, 0.0) for name, value in counters.items()}
+        steps = delta.get("steps", 0.0)
+        if steps <= 0:
+            continue
+        if delta.get("generated_tokens"):  # a decoder: its steps are tokens, requests span many of them
+            per_step = [f"{delta['generated_tokens'] / steps:.1f} generated tokens"]
+        else:
+            per_step = [f"{delta['num_requests_finished'] / steps:.1f} requests"]
+        if delta.get("computed_tokens"):
+            per_step.append(f"{delta['computed_tokens'] / steps:.0f} tokens computed")
+        done = delta["num_requests_finished"]
+        parts.append(f"{model} {done:.0f} requests in {steps:.0f} steps ({', '.join(per_step)} per step)")
+    return "; ".join(parts)

@@ -2,6 +2,8 @@
 
 A `Job` is one task of the mix: its kind (`classify`, `translate`, `qa`) and the request fields every system
 receives (pagedq through `Client`, the naive worker as task kwargs), so both run exactly the same inputs.
+On the realistic models a translation's length is set per request (`generation.max_new_tokens`, drawn from a
+range): a random-weight translator never stops on its own (bench/w5_models.py).
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ def _qa_fields(rng: random.Random, sentences: list[str]) -> dict[str, Any]:
     return {"question": f"{rng.choice(QUESTION_WORDS)} {' '.join(words[start : start + 4])}?", "context": context}
 
 
-def mixed_jobs(count: int, seed: int = SEED) -> list[Job]:
-    """`count` jobs in a shuffled order whose kinds follow `MIX` (rounded; classify takes the remainder)."""
+def mixed_jobs(count: int, seed: int = SEED, max_new_tokens: tuple[int, int] | None = None) -> list[Job]:
+    """`count` jobs in a shuffled order whose kinds follow `MIX` (rounded; classify takes the remainder).
+    `max_new_tokens` (lowest, highest): each translation asks for a uniform draw from it; None: the model's own
+    generation config decides (the demo translator's ends at varied lengths)."""
     rng = random.Random(seed)
     sentences = synthetic_sentences(ENGLISH_WORDS, 500, seed + 1)
     texts = classify_texts(count, seed + 2)
@@ -53,7 +57,10 @@ def mixed_jobs(count: int, seed: int = SEED) -> list[Job]:
         if kind == "classify":
             jobs.append(Job(kind, {"text": texts[i]}))
         elif kind == "translate":
-            jobs.append(Job(kind, {"text": rng.choice(sentences), "source_lang": "en", "target_lang": "de"}))
+            fields = {"text": rng.choice(sentences), "source_lang": "en", "target_lang": "de"}
+            if max_new_tokens is not None:
+                fields["generation"] = {"max_new_tokens": rng.randint(*max_new_tokens)}
+            jobs.append(Job(kind, fields))
         else:
             jobs.append(Job(kind, _qa_fields(rng, sentences)))
     return jobs

@@ -1,0 +1,165 @@
+"""W5's realistic model mix: real architectures at the sizes users deploy, random weights, built offline once.
+
+`build_realistic_models(out_dir)` saves three models with `save_pretrained` plus the demo's offline tokenizers
+(`worker._demo_tokenizers`) and writes `out_dir/registry.toml`, so that a worker loads them from disk with
+`from_pretrained` exactly as it loads any model:
+
+| name          | architecture                         | shape                                    | params |
+|---------------|--------------------------------------|------------------------------------------|--------|
+| w5-classifier | DistilBertForSequenceClassification  | distilbert-base: 6 x 768, 12 heads, 3072 | ~ 48M  |
+| w5-translator | MarianMTModel en->de                 | opus-mt-en-de: 6+6 x 512, 8 heads, 2048  | ~ 74M  |
+|               |                                      | vocab 58101                              |        |
+| w5-qa         | DistilBertForQuestionAnswering       | distilbert-base (as w5-classifier)       | ~ 48M  |
+
+Their outputs are meaningless; what matters is the compute of each request. The encoders' vocabularies are the
+demo WordPiece's (a few thousand words; the embedding table's size costs a lookup, not FLOPs). The classifier
+has 2 labels. Task heads are initialised wider than BERT's 0.02 so that scores and spans differ between inputs
+and "equal within 1e-4" is a real check.
+
+The translator computes logits over OPUS-MT en-de's 58,101 ids (the LM head is more than half of a decoder
+step's FLOPs at this size); the demo SentencePiece tokenizer names only the first ~2k of them, so a
+`final_logits_bias` of -1e4 keeps the others out of every output, and texts decode. </s> gets the same bias:
+a random-weight model stops at once or never, so every translation runs to its request's `max_new_tokens`
+(then `forced_eos_token_id` ends it), as in W4 -- the benchmark sets `max_new_tokens` per request. Its
+generation config is OPUS-MT's (pad = decoder start, pad banned, forced EOS, max_length 512, greedy).
+
+Invariants: deterministic (fixed seeds) and idempotent -- a complete build is marked by `BUILD_MARKER` holding
+`VERSION`, written last; a directory with that marker is returned as is. Bump `VERSION` when what is built
+changes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    DistilBertConfig,
+    DistilBertForQuestionAnswering,
+    DistilBertForSequenceClassification,
+    DistilBertTokenizer,
+    GenerationConfig,
+    MarianConfig,
+    MarianMTModel,
+)
+from transformers.utils import logging as hf_logging
+
+from worker import _demo_tokenizers as toks
+
+VERSION = "1"
+BUILD_MARKER = ".w5-models-complete"
+LOCK_FILE = ".w5-models-lock"
+REGISTRY_FILE = "registry.toml"
+SEED = 1234
+MAX_POSITIONS = 512
+HEAD_INIT_STD = 0.25  # the last linear of each task head: scores and spans differ visibly between inputs
+TRANSLATOR_VOCAB = 58101  # Helsinki-NLP/opus-mt-en-de
+MASKED_LOGIT = -1.0e4  # final_logits_bias of </s> and of the ids the demo tokenizer cannot decode
+LABELS = ("NEGATIVE", "POSITIVE")
+
+_DISTILBERT_BASE: dict[str, Any] = dict(
+    max_position_embeddings=MAX_POSITIONS, dim=768, n_layers=6, n_heads=12, hidden_dim=3072
+)
+
+
+def _build_classifier(out: Path) -> dict[str, Any]:
+    tokenizer = toks.build_wordpiece(DistilBertTokenizer, out)
+    config = DistilBertConfig(
+        vocab_size=len(tokenizer),
+        id2label=dict(enumerate(LABELS)),
+        label2id={name: i for i, name in enumerate(LABELS)},
+        **_DISTILBERT_BASE,
+    )
+    model = DistilBertForSequenceClassification(config)
+    torch.nn.init.normal_(model.classifier.weight, std=HEAD_INIT_STD)
+    model.save_pretrained(out)
+    return {"task": "classify"}
+
+
+def _build_qa(out: Path) -> dict[str, Any]:
+    tokenizer = toks.build_wordpiece(DistilBertTokenizer, out)
+    model = DistilBertForQuestionAnswering(DistilBertConfig(vocab_size=len(tokenizer), **_DISTILBERT_BASE))
+    torch.nn.init.normal_(model.qa_outputs.weight, std=HEAD_INIT_STD)
+    model.save_pretrained(out)
+    return {"task": "qa", "mode": "extractive"}
+
+
+def _build_translator(out: Path) -> dict[str, Any]:
+    _, vocab = toks.build_marian(out, SEED)
+    pad, eos = vocab["<pad>"], vocab["</s>"]
+    config = MarianConfig(
+        vocab_size=TRANSLATOR_VOCAB, d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
+        decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, max_position_embeddings=512,
+        pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad, forced_eos_token_id=eos,
+    )  # fmt: skip
+    model = MarianMTModel(config)
+    with torch.no_grad():
+        model.final_logits_bias[0, len(vocab) :] = MASKED_LOGIT  # ids the tokenizer cannot decode
+        model.final_logits_bias[0, eos] = MASKED_LOGIT  # lengths come from each request's max_new_tokens
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=pad, pad_token_id=pad, eos_token_id=eos, forced_eos_token_id=eos,
+        bad_words_ids=[[pad]], max_length=512, num_beams=1,
+    )  # fmt: skip
+    model.save_pretrained(out)
+    return {"task": "translate", "languages": ["en-de"]}
+
+
+BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
+    "w5-classifier": _build_classifier,
+    "w5-translator": _build_translator,
+    "w5-qa": _build_qa,
+}
+DEFAULTS = {"classify": "w5-classifier", "translate": "w5-translator", "qa": "w5-qa"}
+
+
+def build_realistic_models(out_dir: Path) -> Path:
+    """Build (once) the models into `out_dir`; return the path of its `registry.toml` (file-locked, so two
+    processes building at once get one build)."""
+    out_dir = Path(out_dir)
+    registry = out_dir / REGISTRY_FILE
+    if _is_complete(out_dir):
+        return registry
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / LOCK_FILE, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if _is_complete(out_dir):
+            return registry
+        (out_dir / BUILD_MARKER).unlink(missing_ok=True)
+        registry.write_text(_registry_toml(_build_all(out_dir)), encoding="utf-8")
+        (out_dir / BUILD_MARKER).write_text(VERSION)
+    return registry
+
+
+def _is_complete(out_dir: Path) -> bool:
+    marker = out_dir / BUILD_MARKER
+    return marker.is_file() and marker.read_text().strip() == VERSION and (out_dir / REGISTRY_FILE).is_file()
+
+
+def _build_all(out_dir: Path) -> dict[str, dict[str, Any]]:
+    entries = {}
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' advisories about random-weight configs
+            for name, build in BUILDERS.items():
+                torch.manual_seed(SEED)
+                entries[name] = {"source": f"./{name}", **build(out_dir / name), "dtype": "float32"}
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return entries
+
+
+def _registry_toml(entries: dict[str, dict[str, Any]]) -> str:
+    """The registry (format: `shared.registry`); JSON strings and lists are valid TOML values."""
+    lines = ["# Random-weight W5 models written by bench/w5_models.py: their outputs are meaningless.", ""]
+    lines += ["[defaults]", *(f"{task} = {json.dumps(name)}" for task, name in DEFAULTS.items()), ""]
+    for name, fields in entries.items():
+        lines += [f"[models.{name}]", *(f"{key} = {json.dumps(value)}" for key, value in fields.items()), ""]
+    return "\n".join(lines)
