@@ -6,18 +6,19 @@
 
 | name          | architecture                         | shape                                    | params |
 |---------------|--------------------------------------|------------------------------------------|--------|
-| w5-classifier | DistilBertForSequenceClassification  | distilbert-base: 6 x 768, 12 heads, 3072 | ~ 48M  |
-| w5-translator | MarianMTModel en->de                 | opus-mt-en-de: 6+6 x 512, 8 heads, 2048  | ~ 74M  |
+| w5-classifier | DistilBertForSequenceClassification  | distilbert-base: 6 x 768, 12 heads, 3072 | 44M    |
+| w5-translator | MarianMTModel en->de                 | opus-mt-en-de: 6+6 x 512, 8 heads, 2048  | 74M    |
 |               |                                      | vocab 58101                              |        |
-| w5-qa         | DistilBertForQuestionAnswering       | distilbert-base (as w5-classifier)       | ~ 48M  |
+| w5-qa         | DistilBertForQuestionAnswering       | distilbert-base (as w5-classifier)       | 43M    |
 
-Their outputs are meaningless; what matters is the compute of each request. The encoders' vocabularies are the
-demo WordPiece's (a few thousand words; the embedding table's size costs a lookup, not FLOPs). The classifier
-has 2 labels. Task heads are initialised wider than BERT's 0.02 so that scores and spans differ between inputs
-and "equal within 1e-4" is a real check.
+Their outputs are meaningless; what matters is the compute of each request. The encoders' vocabulary is the
+demo WordPiece's 596 tokens, not distilbert-base's 30,522 (hence 44M parameters, not 66M: the missing 22M are
+embedding rows, a lookup, not FLOPs). The classifier has 2 labels. The last linear of each task head is
+initialised wider than BERT's 0.02 so that scores and spans differ between inputs and "equal within 1e-4" is
+a real check.
 
 The translator computes logits over OPUS-MT en-de's 58,101 ids (the LM head is more than half of a decoder
-step's FLOPs at this size); the demo SentencePiece tokenizer names only the first ~2k of them, so a
+step's FLOPs at this size); the demo SentencePiece tokenizer names only the first 1,272 of them, so a
 `final_logits_bias` of -1e4 keeps the others out of every output, and texts decode. </s> gets the same bias:
 a random-weight model stops at once or never, so every translation runs to its request's `max_new_tokens`
 (then `forced_eos_token_id` ends it), as in W4 -- the benchmark sets `max_new_tokens` per request. Its
