@@ -10,7 +10,6 @@ from pydantic import BaseModel
 
 from producer.handle import TaskHandle
 from producer.parsing import RequestInput, task_type_of
-from producer.polling import wait_for, wait_for_all
 from producer.service import ProgressCallback
 from shared.models import (
     ClassifyResult,
@@ -28,8 +27,6 @@ class BaseClient(ABC):
     Every submission validates with the shared request models first: bad input raises
     `pydantic.ValidationError` before anything is sent.
     """
-
-    poll_interval: float = 0.2
 
     @abstractmethod
     def _submit(self, task_type: TaskType, request: RequestInput) -> SubmitResponse: ...
@@ -121,15 +118,16 @@ class BaseClient(ABC):
 
     # -- waiting ------------------------------------------------------------------------------------------
 
+    @abstractmethod
     def wait(self, task_id: str, timeout: float | None = None) -> TaskStatus:
-        """Poll until the task is final; TimeoutError after `timeout` seconds (None: no limit)."""
-        return wait_for(self.status, task_id, timeout, self.poll_interval)
+        """The final status as soon as the task is final (pushed, or long-polled over HTTP); TimeoutError after
+        `timeout` seconds (None: no limit)."""
 
+    @abstractmethod
     def wait_all(
         self, task_ids: Sequence[str], timeout: float | None = None, on_progress: ProgressCallback | None = None
     ) -> list[TaskStatus]:
-        """Poll until every task is final; statuses in `task_ids` order. `on_progress(finished, total)`."""
-        return wait_for_all(self.statuses, task_ids, timeout, self.poll_interval, on_progress)
+        """Every task's final status, in `task_ids` order. `on_progress(finished, total)`."""
 
     def handle(self, task_id: str, task_type: TaskType) -> TaskHandle[Any]:
         """A handle for a task submitted earlier (e.g. by another process)."""

@@ -41,6 +41,8 @@ class Client(BaseClient):
         registry: Registry | None = None,
         poll_interval: float = 0.2,
     ) -> None:
+        """`poll_interval`: the first fallback read while waiting (results are pushed; reads only cover a missed
+        notification or a passed deadline), doubling up to 5 s."""
         settings = settings or get_settings()
         if redis_url is not None:
             settings = settings.model_copy(update={"redis_url": redis_url})

@@ -84,14 +84,12 @@ class HTTPClient(BaseClient):
         api_key: str | None = None,
         *,
         timeout: float = 30.0,
-        poll_interval: float = 0.2,
         http: httpx.Client | None = None,
     ) -> None:
         headers = {"X-API-Key": api_key} if api_key else {}
         self._owns_http = http is None
         self.http = http or httpx.Client(base_url=base_url, timeout=timeout)
         self.http.headers.update(headers)
-        self.poll_interval = poll_interval
 
     def _submit(self, task_type: TaskType, request: RequestInput) -> SubmitResponse:
         body = parse_request(task_type, request, SERVER_CHECKS_SIZES).model_dump(mode="json", exclude_unset=True)

@@ -420,7 +420,7 @@ def test_readyz_is_503_without_redis(settings: Settings) -> None:
 
 
 def test_http_client_round_trip(api: TestClient, r: redis.Redis) -> None:
-    client = HTTPClient("http://testserver", KEY, http=api, poll_interval=0.05)
+    client = HTTPClient("http://testserver", KEY, http=api)
     handle = client.classify("Dreadful", top_k=1)
     bulk = client.bulk_translate(["Hello", "Bye"], source_lang="en", target_lang="de")
     assert queued_count(r) == 2 and client.status(handle.id).state is TaskState.QUEUED  # the bulk: one message
