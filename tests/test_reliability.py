@@ -246,6 +246,19 @@ def test_a_batch_message_with_an_invalid_and_a_cancelled_item(
     app.close()
 
 
+def test_a_message_lost_by_the_broker_is_sent_again(stack: Stack, service: TaskService, r: redis.Redis) -> None:
+    """kombu pops a message before it records it as unacked, so a worker stop in between loses it (kombu
+    #305): the record says queued and no message exists anywhere. The reconciler sends it again, same id."""
+    message = {"request": {"text": "lost in transit", "generation": {"max_new_tokens": 8}}, "model": "default",
+               "deadline": time.time() + 60, "submitted_at": time.time()}
+    task_id = f"lost-{time.time_ns()}"
+    service.records.create(task_id, TaskType.TRANSLATE, "default", 0, None, message)  # and no message sent
+    started = time.monotonic()
+    assert watch(service, [task_id]).final(30) == {task_id: "succeeded"}
+    assert time.monotonic() - started < 20  # grace 2 s, twice, plus a round: seconds, not a visibility timeout
+    assert r.hget(task_key(task_id), "deliveries") == "1"
+
+
 def test_redis_restart_loses_nothing(stack: Stack, service: TaskService) -> None:
     assert stack.redis is not None
     ids = submit_many(service, 30, {"text": "through a redis restart", "generation": {"max_new_tokens": 16}})
