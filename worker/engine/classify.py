@@ -147,8 +147,9 @@ class ClassificationExecutor(ModelExecutor):
         config = self.loaded.model.config
         function = payload.function_to_apply or default_function(config)
         scores = apply_function(logits, function).tolist()
+        id2label = config.id2label  # once: a transformers config attribute read is slow (__getattribute__)
         ranked = sorted(
-            (LabelScore(label=config.id2label[i], score=s) for i, s in enumerate(scores)),
+            (LabelScore(label=id2label[i], score=s) for i, s in enumerate(scores)),
             key=lambda ls: ls.score,
             reverse=True,  # stable, like the pipeline's sort: ties keep label order
         )
