@@ -192,7 +192,9 @@ def _wait(rt: WorkerRuntime, task_type: TaskType, items: list[Item]) -> None:
     pending: dict[Future[Any], Item] = {i.request.future: i for i in items if i.request is not None}
     while pending:
         done, _ = wait_futures(list(pending), timeout=POLL_S, return_when=FIRST_COMPLETED)
-        finished = [pending.pop(future) for future in done]
+        if done:
+            time.sleep(0)  # let the engine thread complete the rest of its step: one final write for them all
+        finished = [pending.pop(future) for future in [f for f in pending if f.done()]]
         outcomes = [o for item in finished if (o := _outcome(item, item.request.future)) is not None]  # type: ignore[union-attr]
         _finalize(rt, task_type, finished, outcomes)
         for item in pending.values():
