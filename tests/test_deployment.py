@@ -100,3 +100,13 @@ def test_a_client_only_install_pulls_no_torch() -> None:
     assert not [d for d in project["dependencies"] if d.startswith(heavy)]
     assert not [d for d in project["optional-dependencies"]["api"] if d.startswith(heavy)]
     assert any(d.startswith("torch") for d in project["optional-dependencies"]["worker"])
+
+
+def test_the_worker_drains_within_its_grace_period() -> None:
+    """Docker SIGKILLs a container stop_grace_period after SIGTERM: the drain must end well before that, so
+    the worker hands the rest back and exits by itself."""
+    worker = COMPOSE["services"]["worker"]
+    drain_s = float(worker["environment"]["PAGEDQ_DRAIN_TIMEOUT_S"])
+    grace = worker["stop_grace_period"]
+    assert grace.endswith("s")
+    assert drain_s + 30 <= float(grace[:-1])
