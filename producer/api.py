@@ -48,9 +48,6 @@ from shared.models import (
 )
 from shared.settings import Limits, Settings, get_settings
 
-#: How long /readyz waits for a Celery worker to answer its ping.
-WORKER_PING_TIMEOUT_S = 1.0
-
 
 def create_app(settings: Settings | None = None, service: TaskService | None = None) -> FastAPI:
     """The API app. `service` defaults to a TaskService on `settings` (default: from the environment), which
@@ -208,7 +205,8 @@ def _health_routes() -> APIRouter:
 
     @router.get("/readyz", responses={503: {"description": "Redis or every worker unreachable"}})
     def readyz(service: Service) -> JSONResponse:
-        """200 when Redis answers PING and at least one Celery worker answers a ping within ~1 s."""
+        """200 when Redis answers PING and at least one worker holds a live lease with its engine running
+        (read from Redis: no broadcast, answered in milliseconds)."""
         checks = _readiness(service)
         ready = all(c["ok"] for c in checks.values())
         return JSONResponse(
@@ -227,11 +225,11 @@ def _readiness(service: TaskService) -> dict[str, dict[str, Any]]:
             "workers": {"ok": False, "detail": "not checked: Redis is down"},
         }
     try:
-        workers = service.ping_workers(WORKER_PING_TIMEOUT_S)
+        workers = service.ready_workers()
     except Exception as exc:  # noqa: BLE001
-        workers, error = [], f"worker ping failed: {exc}"
+        workers, error = [], f"reading the worker leases failed: {exc}"
     else:
-        error = f"no Celery worker answered a ping within {WORKER_PING_TIMEOUT_S} s"
+        error = "no worker holds a live lease with its engine running"
     worker_check: dict[str, Any] = {"ok": bool(workers), "workers": workers}
     if not workers:
         worker_check["detail"] = error

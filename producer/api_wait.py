@@ -29,6 +29,8 @@ from shared.records import DONE_CHANNEL_PREFIX, done_channel, stream_key
 
 #: A waiting request reads its tasks again this often (deadlines, missed notifications).
 FALLBACK_S = 1.0
+#: The worker writes a stream's end marker, then the task's final state: how long a reader waits between.
+END_TO_FINAL_S = 10.0
 #: Longest silence on a stream before a keep-alive comment (proxies close idle connections).
 KEEPALIVE_S = 15.0
 
@@ -96,8 +98,8 @@ async def stream_events(service: TaskService, client: aioredis.Redis, task_id: s
                 if fields.get("text"):
                     streamed = True
                     yield ServerSentEvent(event="token", data={"text": fields["text"]}, id=entry_id)
-                if "end" in fields:
-                    status = await run_in_threadpool(service.status, task_id)
+                if "end" in fields:  # written just before the final state: wait the moment for it
+                    [status] = await wait_statuses(service, client, [task_id], END_TO_FINAL_S)
                     yield ServerSentEvent(event="status", data=status.model_dump(mode="json"), id=entry_id)
                     return
         if replies:

@@ -241,6 +241,12 @@ class TaskService:
             with redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s) as client:
                 client.ping()
 
+    def ready_workers(self) -> list[str]:
+        """Host names of the worker processes that hold a live lease with a running engine (one Redis round
+        trip; a worker renews its lease every second, see worker/lease.py)."""
+        return sorted(str(info.get("hostname", worker)) for worker, info in self.records.live_workers().items()
+                      if info.get("ready", True))
+
     def ping_workers(self, timeout_s: float = 1.0) -> list[str]:
         """Host names of the Celery workers that answered a ping within `timeout_s`."""
         try:

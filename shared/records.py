@@ -64,6 +64,11 @@ def done_channel(task_id: str) -> str:
     return DONE_CHANNEL_PREFIX + task_id
 
 
+#: Worker leases (worker/lease.py writes them): a live worker process renews `LEASE_PREFIX + <worker id>`
+#: (JSON: hostname, pid, ready) every heartbeat; `WORKERS_KEY` lists every worker process to watch.
+LEASE_PREFIX = "pagedq:lease:"
+WORKERS_KEY = "pagedq:workers"
+
 #: A task's generated text as it is produced (a Redis stream; worker/streaming.py writes it).
 STREAM_PREFIX = "pagedq:stream:"
 
@@ -288,6 +293,21 @@ class TaskRecords:
     def release(self, task_id: str, worker: str) -> bool:
         """Hand a task that `worker` claimed back to the queue state (not final). True if it was released."""
         return bool(self._release(keys=[task_key(task_id)], args=[worker, task_id, CLAIMED_PREFIX]))
+
+    def live_workers(self) -> dict[str, dict[str, object]]:
+        """Worker id -> its lease (hostname, pid, ready: the engine is running) for every live lease."""
+        workers: list[str] = self.redis.zrange(WORKERS_KEY, 0, -1)  # type: ignore[assignment]
+        if not workers:
+            return {}
+        leases = self.redis.mget([LEASE_PREFIX + w for w in workers])
+        live = {}
+        for worker, raw in zip(workers, leases, strict=True):
+            if raw:
+                try:
+                    live[worker] = json.loads(raw)  # type: ignore[arg-type]
+                except ValueError:
+                    live[worker] = {}
+        return live
 
     def claimed_by(self, worker: str) -> dict[str, str]:
         """The ids `worker` claimed and has not finished, with the delivery tag of each."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from producer.http_client import parse_sse
 from shared.celery_config import PRIORITY_SEP as SEP
 from shared.celery_config import redis_queue_keys
 from shared.models import ClassifyResult, TaskState
-from shared.records import KEY_PREFIX, TaskRecords, stream_key
+from shared.records import KEY_PREFIX, LEASE_PREFIX, WORKERS_KEY, TaskRecords, stream_key
 from shared.redis_server import free_port
 from shared.settings import Limits, Settings
 
@@ -402,7 +403,25 @@ def test_readyz_is_503_without_a_worker(api: TestClient) -> None:
     assert response.status_code == 503
     checks = response.json()["checks"]
     assert checks["redis"]["ok"] is True
-    assert checks["workers"]["ok"] is False and "no Celery worker answered" in checks["workers"]["detail"]
+    assert checks["workers"]["ok"] is False and "no worker holds a live lease" in checks["workers"]["detail"]
+
+
+def test_readyz_follows_the_workers_leases(api: TestClient, r: redis.Redis) -> None:
+    """What worker/lease.py writes every second: a lease that expires, listed in pagedq:workers."""
+    def lease(worker: str, ready: bool, ttl_ms: int = 60_000) -> None:
+        r.zadd(WORKERS_KEY, {worker: time.time()})
+        r.set(LEASE_PREFIX + worker, json.dumps({"hostname": worker.split(":")[0], "ready": ready}), px=ttl_ms)
+
+    lease("w1@gpu0:11:aa", ready=False)  # its engine thread is down: not ready
+    assert api.get("/readyz").status_code == 503
+    lease("w2@gpu1:12:bb", ready=True)
+    started = time.monotonic()
+    response = api.get("/readyz")
+    assert response.status_code == 200 and response.json()["checks"]["workers"]["workers"] == ["w2@gpu1"]
+    assert time.monotonic() - started < 0.5  # read from Redis, no broadcast that waits for replies
+    lease("w2@gpu1:12:bb", ready=True, ttl_ms=1)  # the lease lapses: the worker died
+    time.sleep(0.05)
+    assert api.get("/readyz").status_code == 503
 
 
 def test_readyz_is_503_without_redis(settings: Settings) -> None:

@@ -2,7 +2,7 @@
 
 Every `heartbeat_interval_s` one pipeline writes:
 
-    pagedq:lease:<worker id>   expires after lease_ttl_s     the lease itself (hostname, pid)
+    pagedq:lease:<worker id>   expires after lease_ttl_s     the lease (hostname, pid, ready: engine running)
     pagedq:workers             zset worker id -> last beat   every worker the reconciler must watch
     pagedq:held:<worker id>    set of delivery tags          messages this process holds, unacked
 
@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterable
 
 import redis
 
+from shared.records import LEASE_PREFIX, WORKERS_KEY
+
 log = logging.getLogger(__name__)
 
-LEASE_PREFIX = "pagedq:lease:"
-WORKERS_KEY = "pagedq:workers"
 HELD_PREFIX = "pagedq:held:"
 
 
@@ -49,6 +49,7 @@ class WorkerLease:
         interval_s: float,
         held_tags: Callable[[], Iterable[str]] = lambda: (),
         periodic: Iterable[tuple[float, Callable[[], object]]] = (),
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.redis = client
         self.worker_id = worker_id
@@ -56,6 +57,7 @@ class WorkerLease:
         self.lease_ttl_s = lease_ttl_s
         self.interval_s = interval_s
         self.held_tags = held_tags
+        self.ready = ready
         self._periodic = [[every, 0.0, fn] for every, fn in periodic]  # (every s, last run, fn)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pagedq-lease", daemon=True)
@@ -79,7 +81,7 @@ class WorkerLease:
 
     def beat(self) -> None:
         ttl_ms = int(self.lease_ttl_s * 1000)
-        info = json.dumps({"hostname": self.hostname, "pid": os.getpid(), "at": time.time()})
+        info = json.dumps({"hostname": self.hostname, "pid": os.getpid(), "at": time.time(), "ready": self.ready()})
         tags = [str(t) for t in self.held_tags()]
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(LEASE_PREFIX + self.worker_id, info, px=ttl_ms)

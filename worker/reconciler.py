@@ -32,8 +32,8 @@ from celery import Celery
 
 from shared.celery_config import QUEUES, TASK_NAMES, celery_priority, redis_queue_keys
 from shared.models import TaskType
-from shared.records import CLAIMED_PREFIX, OPEN_KEY, TaskRecords, task_key
-from worker.lease import HELD_PREFIX, LEASE_PREFIX, WORKERS_KEY
+from shared.records import CLAIMED_PREFIX, LEASE_PREFIX, OPEN_KEY, WORKERS_KEY, TaskRecords, task_key
+from worker.lease import HELD_PREFIX
 
 log = logging.getLogger(__name__)
 

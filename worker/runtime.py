@@ -13,12 +13,12 @@ from pathlib import Path
 
 from celery import Celery
 
-from shared.records import WORKER_RETRIES, TaskRecords
+from shared.records import LEASE_PREFIX, WORKER_RETRIES, TaskRecords
 from shared.registry import Registry
 from shared.settings import Settings
 from worker.engine.executor import EngineConfig
 from worker.engine.service import Engine, make_executor
-from worker.lease import LEASE_PREFIX, WorkerLease, new_worker_id
+from worker.lease import WorkerLease, new_worker_id
 from worker.reconciler import Reconciler
 from worker.registry import load_model
 from worker.streaming import TokenStreamer
@@ -76,6 +76,7 @@ class WorkerRuntime:
             periodic=[(s.heartbeat_interval_s, self.engine.ensure_alive),
                       (s.reconcile_interval_s, reconciler.run_once),
                       (s.reconcile_interval_s, lambda: reconciler.recover_own(self.inflight))],
+            ready=lambda: self.engine.alive,
         ).start()
 
     def stop(self, drain_s: float = 0.0) -> None:
