@@ -170,6 +170,9 @@ class Reconciler:
         now = time.time()
         candidates: list[str] = self.redis.zrangebyscore(  # type: ignore[assignment]
             OPEN_KEY, "-inf", now - self.lost_grace_s, start=0, num=MAX_CANDIDATES)
+        if not candidates:  # every open task is younger than the grace: nothing to scan the queues for
+            self._suspects.clear()
+            return
         missing = set(candidates) - self._ids_with_messages()
         missing -= self._running_on_live_workers(missing)
         self._suspects = {t: self._suspects.get(t, now) for t in missing}
@@ -179,6 +182,9 @@ class Reconciler:
                 self._resend(task_id, report)
 
     def _more_open_than_messages(self) -> bool:
+        """A cheap gate before a scan. A batch message carries many open tasks, so under a backlog of bulks
+        this is true and the scan (O(messages queued)) runs once per round while tasks older than the grace
+        are open."""
         keys = [k for q in QUEUES.values() for k in redis_queue_keys(q)]
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(OPEN_KEY)
