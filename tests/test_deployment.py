@@ -110,3 +110,16 @@ def test_the_worker_drains_within_its_grace_period() -> None:
     grace = worker["stop_grace_period"]
     assert grace.endswith("s")
     assert drain_s + 30 <= float(grace[:-1])
+
+
+def test_the_build_context_leaves_out_what_the_images_do_not_copy() -> None:
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".git", ".venv", ".demo", ".models", "**/__pycache__"} <= ignored
+    copied = re.findall(r"^COPY (\S+)", DOCKERFILE, flags=re.M)
+    assert not ignored & set(copied)
+
+
+def test_the_worker_pool_size_comes_from_the_settings() -> None:
+    worker_cmd = DOCKERFILE.split("AS worker")[1].split("FROM")[0]
+    assert '"-c"' not in worker_cmd and "--concurrency" not in worker_cmd  # PAGEDQ_WORKER_CONCURRENCY decides
