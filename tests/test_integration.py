@@ -252,8 +252,11 @@ def test_readyz_and_metrics(stack: Stack) -> None:
     assert httpx.get(f"{stack.api_url}/healthz").status_code == 200
     assert httpx.get(f"{stack.api_url}/readyz").status_code == 200
     metrics = httpx.get(stack.metrics_url).text
-    assert 'pagedq_tasks_total{outcome="succeeded",task="classify"}' in metrics
-    assert "pagedq_e2e_request_latency_seconds_bucket" in metrics
+    assert 'pagedq_tasks_total{model="demo-classifier",outcome="succeeded",task="classify"}' in metrics
+    # the bad message of the test above: the request's fault, counted apart from failures of the service
+    assert 'outcome="user_error",task="classify"}' in metrics
+    assert 'task="classify",type="InvalidRequest"}' in metrics
+    assert 'pagedq_e2e_request_latency_seconds_bucket{le="0.01",model="demo-classifier",task="classify"}' in metrics
     assert "pagedq_num_requests_waiting" in metrics
 
 

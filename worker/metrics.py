@@ -19,11 +19,24 @@ if TYPE_CHECKING:
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
-E2E_LATENCY = Histogram("pagedq_e2e_request_latency_seconds", "Submission to result, per task.",
-                        ["task"], buckets=LATENCY_BUCKETS)
+E2E_LATENCY = Histogram("pagedq_e2e_request_latency_seconds", "Submission to result, per task type and model.",
+                        ["task", "model"], buckets=LATENCY_BUCKETS)
 QUEUE_TIME = Histogram("pagedq_request_queue_time_seconds", "Submission to start on a worker.",
-                       ["task"], buckets=LATENCY_BUCKETS)
-TASKS = Counter("pagedq_tasks", "Tasks finished on this worker, by outcome.", ["task", "outcome"])
+                       ["task", "model"], buckets=LATENCY_BUCKETS)
+TASKS = Counter("pagedq_tasks", "Tasks finished on this worker: outcome succeeded, user_error (the request was "
+                "at fault: invalid, unknown model, unsupported language pair), failed, expired or cancelled.",
+                ["task", "model", "outcome"])
+TASK_ERRORS = Counter("pagedq_task_errors", "Tasks that did not succeed, by the error's type.",
+                      ["task", "model", "type"])
+
+#: error types -> outcome; any other error type is a failure of the service ("failed")
+OUTCOME_OF_ERROR = {
+    "InvalidRequest": "user_error",
+    "ModelNotFound": "user_error",
+    "UnsupportedLanguagePair": "user_error",
+    "DeadlineExceeded": "expired",
+    "TaskCancelled": "cancelled",
+}
 
 #: engine stats key -> (metric name, help, kind)
 ENGINE_METRICS = {
@@ -38,19 +51,23 @@ ENGINE_METRICS = {
 }
 
 
-def task_started(task: str, message: dict[str, Any]) -> None:
+def task_started(task: str, model: str, message: dict[str, Any]) -> None:
     """Observe a task's queue time (submission to start on this worker)."""
     submitted = message.get("submitted_at") if isinstance(message, dict) else None
     if isinstance(submitted, int | float):
-        QUEUE_TIME.labels(task).observe(max(0.0, time.time() - submitted))
+        QUEUE_TIME.labels(task, model).observe(max(0.0, time.time() - submitted))
 
 
-def task_finished(task: str, message: dict[str, Any], outcome: str) -> None:
-    """Count a task's outcome ("succeeded" or the error's type) and observe its end-to-end latency."""
-    TASKS.labels(task, outcome).inc()
+def task_finished(task: str, model: str, message: dict[str, Any], error_type: str | None = None) -> None:
+    """Count a task's outcome (None: succeeded; else by its error's type) and observe its end-to-end latency."""
+    if error_type is None:
+        TASKS.labels(task, model, "succeeded").inc()
+    else:
+        TASKS.labels(task, model, OUTCOME_OF_ERROR.get(error_type, "failed")).inc()
+        TASK_ERRORS.labels(task, model, error_type).inc()
     submitted = message.get("submitted_at") if isinstance(message, dict) else None
     if isinstance(submitted, int | float):
-        E2E_LATENCY.labels(task).observe(max(0.0, time.time() - submitted))
+        E2E_LATENCY.labels(task, model).observe(max(0.0, time.time() - submitted))
 
 
 class EngineCollector(Collector):

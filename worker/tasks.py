@@ -65,6 +65,7 @@ class Item:
     request: EngineRequest | None = None
     error: PagedqError | None = None
     cancel_sent: bool = False
+    model: str = ""  # the registry name it runs on, once chosen
 
 
 def register_tasks(app: Celery) -> None:
@@ -103,11 +104,11 @@ def run_items(task: Task, rt: WorkerRuntime, task_type: TaskType, items: list[It
     runnable = []
     for item, claim in zip(items, claims, strict=True):
         if claim is Claim.RUN or (claim is Claim.MINE and item.id not in rt.inflight):
-            metrics.task_started(task_type.value, item.message)
+            metrics.task_started(task_type.value, _model_label(item), item.message)
             rt.inflight.add(item.id)
             runnable.append(item)
         elif claim in _CLAIM_OUTCOMES:
-            metrics.task_finished(task_type.value, item.message, _CLAIM_OUTCOMES[claim])
+            metrics.task_finished(task_type.value, _model_label(item), item.message, _CLAIM_OUTCOMES[claim])
         else:
             log.info("task %s: %s, not run by this delivery", item.id, claim.value)
     try:
@@ -138,6 +139,7 @@ def _submit(rt: WorkerRuntime, task_type: TaskType, item: Item) -> Outcome | Non
         if deadline is not None and time.time() >= deadline:
             raise DeadlineExceeded("deadline passed while the task was queued")
         spec = _model_for(rt, task_type, item.message, payload)
+        item.model = spec.name
         item.request = EngineRequest(id=item.id, task=task_type, payload=payload, model=spec.name,
                                      priority=payload.priority, deadline=deadline)
         if _wants_stream(payload) and rt.streamer is not None:
@@ -151,6 +153,14 @@ def _submit(rt: WorkerRuntime, task_type: TaskType, item: Item) -> Outcome | Non
             item.error = exc
             return None
         return _failed(item, exc)
+
+
+def _model_label(item: Item) -> str:
+    """The model a task ran on (its registry name), else the one its message named."""
+    if item.model:
+        return item.model
+    name = item.message.get("model") if isinstance(item.message, dict) else None
+    return name if isinstance(name, str) else "unknown"
 
 
 def _wants_stream(payload: Any) -> bool:
@@ -216,5 +226,6 @@ def _finalize(rt: WorkerRuntime, task_type: TaskType, items: list[Item], outcome
             rt.streamer.close(outcome.task_id, outcome.state.value, str(text))
     rt.records.finalize_many(outcomes)
     for outcome in outcomes:
-        label = "succeeded" if outcome.state is TaskState.SUCCEEDED else (outcome.error or {}).get("type", "failed")
-        metrics.task_finished(task_type.value, by_id[outcome.task_id].message, label)
+        item = by_id[outcome.task_id]
+        error_type = None if outcome.state is TaskState.SUCCEEDED else (outcome.error or {}).get("type", "Error")
+        metrics.task_finished(task_type.value, _model_label(item), item.message, error_type)
