@@ -31,9 +31,6 @@ changes.
 
 from __future__ import annotations
 
-import fcntl
-import json
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,14 +45,13 @@ from transformers import (
     MarianConfig,
     MarianMTModel,
 )
-from transformers.utils import logging as hf_logging
 
 from worker import _demo_tokenizers as toks
+from worker.demo_models import ModelSet
 
 VERSION = "1"
 BUILD_MARKER = ".w5-models-complete"
 LOCK_FILE = ".w5-models-lock"
-REGISTRY_FILE = "registry.toml"
 SEED = 1234
 MAX_POSITIONS = 512
 HEAD_INIT_STD = 0.25  # the last linear of each task head: scores and spans differ visibly between inputs
@@ -118,49 +114,11 @@ BUILDERS: dict[str, Callable[[Path], dict[str, Any]]] = {
 DEFAULTS = {"classify": "w5-classifier", "translate": "w5-translator", "qa": "w5-qa"}
 
 
+W5_MODELS = ModelSet(BUILDERS, DEFAULTS, VERSION, BUILD_MARKER, LOCK_FILE,
+                     "Random-weight W5 models written by bench/w5_models.py: their outputs are meaningless.")
+
+
 def build_realistic_models(out_dir: Path) -> Path:
     """Build (once) the models into `out_dir`; return the path of its `registry.toml` (file-locked, so two
     processes building at once get one build)."""
-    out_dir = Path(out_dir)
-    registry = out_dir / REGISTRY_FILE
-    if _is_complete(out_dir):
-        return registry
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / LOCK_FILE, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if _is_complete(out_dir):
-            return registry
-        (out_dir / BUILD_MARKER).unlink(missing_ok=True)
-        registry.write_text(_registry_toml(_build_all(out_dir)), encoding="utf-8")
-        (out_dir / BUILD_MARKER).write_text(VERSION)
-    return registry
-
-
-def _is_complete(out_dir: Path) -> bool:
-    marker = out_dir / BUILD_MARKER
-    return marker.is_file() and marker.read_text().strip() == VERSION and (out_dir / REGISTRY_FILE).is_file()
-
-
-def _build_all(out_dir: Path) -> dict[str, dict[str, Any]]:
-    entries = {}
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # transformers' advisories about random-weight configs
-            for name, build in BUILDERS.items():
-                torch.manual_seed(SEED)
-                entries[name] = {"source": f"./{name}", **build(out_dir / name), "dtype": "float32"}
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    return entries
-
-
-def _registry_toml(entries: dict[str, dict[str, Any]]) -> str:
-    """The registry (format: `shared.registry`); JSON strings and lists are valid TOML values."""
-    lines = ["# Random-weight W5 models written by bench/w5_models.py: their outputs are meaningless.", ""]
-    lines += ["[defaults]", *(f"{task} = {json.dumps(name)}" for task, name in DEFAULTS.items()), ""]
-    for name, fields in entries.items():
-        lines += [f"[models.{name}]", *(f"{key} = {json.dumps(value)}" for key, value in fields.items()), ""]
-    return "\n".join(lines)
+    return W5_MODELS.build(out_dir)

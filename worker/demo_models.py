@@ -31,6 +31,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -207,60 +208,76 @@ def _toml_value(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _registry_toml(entries: dict[str, dict[str, Any]]) -> str:
-    lines = ["# Random-weight demo models written by worker.demo_models: their outputs are meaningless.", ""]
-    lines += ["[defaults]", *(f"{task} = {_toml_value(name)}" for task, name in DEFAULTS.items()), ""]
-    for name, fields in entries.items():
-        lines.append(f"[models.{name}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in fields.items()]
-        lines.append("")
-    return "\n".join(lines)
+@dataclass(frozen=True)
+class ModelSet:
+    """A directory of random-weight models built from `builders` (name -> build(dir) -> registry fields), with
+    its registry. Built once: a complete build ends with `marker` holding `version`, written last."""
+
+    builders: dict[str, Callable[[Path], dict[str, Any]]]
+    defaults: dict[str, str]
+    version: str
+    marker: str
+    lock: str
+    header: str  # the registry's first comment line
+
+    def build(self, out_dir: Path) -> Path:
+        """Build (once) into `out_dir`; return the path of its `registry.toml`.
+
+        Safe to call from several processes at once: builders queue on a file lock, and whoever comes second
+        finds the complete build and returns it.
+        """
+        out_dir = Path(out_dir)
+        registry = out_dir / REGISTRY_FILE
+        if self._is_complete(out_dir):
+            return registry
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / self.lock, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if self._is_complete(out_dir):
+                return registry
+            log.info("Building random-weight models in %s (their outputs are meaningless)", out_dir)
+            (out_dir / self.marker).unlink(missing_ok=True)
+            registry.write_text(self._registry_toml(self._build_all(out_dir)), encoding="utf-8")
+            (out_dir / self.marker).write_text(self.version)
+        return registry
+
+    def _is_complete(self, out_dir: Path) -> bool:
+        marker = out_dir / self.marker
+        return marker.is_file() and marker.read_text().strip() == self.version and (out_dir / REGISTRY_FILE).is_file()
+
+    def _build_all(self, out_dir: Path) -> dict[str, dict[str, Any]]:
+        """Every model of `builders`, each from the same seed; returns the registry entries."""
+        entries = {}
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # "Writing model shards" bars for kilobyte files are noise
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # transformers' advisories about random-weight configs
+                for name, build in self.builders.items():
+                    torch.manual_seed(SEED)
+                    entries[name] = {"source": f"./{name}", **build(out_dir / name), "dtype": "float32"}
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        return entries
+
+    def _registry_toml(self, entries: dict[str, dict[str, Any]]) -> str:
+        lines = [f"# {self.header}", ""]
+        lines += ["[defaults]", *(f"{task} = {_toml_value(name)}" for task, name in self.defaults.items()), ""]
+        for name, fields in entries.items():
+            lines.append(f"[models.{name}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in fields.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+
+DEMO_MODELS = ModelSet(BUILDERS, DEFAULTS, DEMO_MODELS_VERSION, BUILD_MARKER, LOCK_FILE,
+                       "Random-weight demo models written by worker.demo_models: their outputs are meaningless.")
 
 
 def build_demo_models(out_dir: Path) -> Path:
-    """Build (once) the demo models into `out_dir`; return the path of its `registry.toml`.
-
-    Safe to call from several processes at once: builders queue on a file lock, and whoever comes second
-    finds the complete build and returns it.
-    """
-    out_dir = Path(out_dir)
-    registry = out_dir / REGISTRY_FILE
-    if _is_complete(out_dir):
-        return registry
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / LOCK_FILE, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if _is_complete(out_dir):
-            return registry
-        log.info("Building random-weight demo models in %s (their outputs are meaningless)", out_dir)
-        (out_dir / BUILD_MARKER).unlink(missing_ok=True)
-        registry.write_text(_registry_toml(_build_all(out_dir)), encoding="utf-8")
-        (out_dir / BUILD_MARKER).write_text(DEMO_MODELS_VERSION)
-    return registry
-
-
-def _is_complete(out_dir: Path) -> bool:
-    marker = out_dir / BUILD_MARKER
-    return (
-        marker.is_file() and marker.read_text().strip() == DEMO_MODELS_VERSION and (out_dir / REGISTRY_FILE).is_file()
-    )
-
-
-def _build_all(out_dir: Path) -> dict[str, dict[str, Any]]:
-    """Every model of `BUILDERS`, each from the same seed; returns the registry entries."""
-    entries = {}
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # "Writing model shards" bars for kilobyte files are noise
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # transformers' advisories about random-weight configs
-            for name, build in BUILDERS.items():
-                torch.manual_seed(SEED)
-                entries[name] = {"source": f"./{name}", **build(out_dir / name), "dtype": "float32"}
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    return entries
+    """Build (once) the demo models into `out_dir`; return the path of its `registry.toml`."""
+    return DEMO_MODELS.build(out_dir)
 
 
 def main(argv: list[str]) -> int:
