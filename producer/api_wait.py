@@ -13,7 +13,6 @@ persists deadlines. Streams read `pagedq:stream:<id>` (worker/streaming.py) with
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -22,10 +21,11 @@ import redis.asyncio as aioredis
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import ServerSentEvent
 
+from producer.completion import parse_notice
 from producer.service import TaskService
 from producer.status import status_from_notice
 from shared.models import TaskStatus
-from shared.records import DONE_CHANNEL_PREFIX, done_channel, stream_key
+from shared.records import done_channel, stream_key
 
 #: A waiting request reads its tasks again this often (deadlines, missed notifications).
 FALLBACK_S = 1.0
@@ -67,13 +67,9 @@ def _done(statuses: Iterable[TaskStatus], until_any: bool) -> bool:
     return any(finals) if until_any else all(finals)
 
 
-def _apply_notice(statuses: dict[str, TaskStatus], message: dict[str, object]) -> None:
-    task_id = str(message["channel"])[len(DONE_CHANNEL_PREFIX):]
-    try:
-        notice = json.loads(str(message["data"]))
-    except ValueError:
-        return
-    if task_id in statuses and isinstance(notice, dict) and notice.get("state"):
+def _apply_notice(statuses: dict[str, TaskStatus], message: dict[str, Any]) -> None:
+    task_id, notice = parse_notice(message)
+    if task_id in statuses and notice is not None:
         statuses[task_id] = status_from_notice(statuses[task_id], notice, datetime.now(UTC))
 
 

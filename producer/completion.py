@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import redis
 
@@ -86,19 +87,21 @@ def _notified(pubsub: redis.client.PubSub, timeout_s: float) -> dict[str, dict[s
         return ids
     while message is not None:
         if message.get("type") == "message":
-            channel = message["channel"]
-            channel = channel.decode() if isinstance(channel, bytes) else channel
-            ids[channel[len(DONE_CHANNEL_PREFIX):]] = _notice(message.get("data"))
+            task_id, notice = parse_notice(message)
+            ids[task_id] = notice
         message = pubsub.get_message(timeout=0)
     return ids
 
 
-def _notice(data: object) -> dict[str, str] | None:
+def parse_notice(message: dict[str, Any]) -> tuple[str, dict[str, str] | None]:
+    """(task id, final fields) of a `pagedq:done:<id>` pub/sub message; None for fields it cannot read."""
+    channel = message["channel"]
+    channel = channel.decode() if isinstance(channel, bytes) else str(channel)
     try:
-        notice = json.loads(data)  # type: ignore[arg-type]
+        notice = json.loads(message.get("data"))  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        return None
-    return notice if isinstance(notice, dict) and notice.get("state") else None
+        notice = None
+    return channel[len(DONE_CHANNEL_PREFIX):], notice if isinstance(notice, dict) and notice.get("state") else None
 
 
 def _read(get_statuses: Callable[[Sequence[str]], list[TaskStatus]], ids: list[str],

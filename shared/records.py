@@ -236,9 +236,6 @@ class TaskRecords:
                 pipe.hgetall(task_key(task_id))
             return [data or None for data in pipe.execute()]
 
-    def cancel_requested(self, task_id: str) -> bool:
-        return bool(self.redis.hget(task_key(task_id), "cancel_requested"))
-
     # -- transitions --------------------------------------------------------------------------------------
 
     def claim(self, task_id: str, worker: str, delivery_tag: str, lease_prefix: str) -> Claim:

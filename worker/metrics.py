@@ -29,14 +29,8 @@ TASKS = Counter("pagedq_tasks", "Tasks finished on this worker: outcome succeede
 TASK_ERRORS = Counter("pagedq_task_errors", "Tasks that did not succeed, by the error's type.",
                       ["task", "model", "type"])
 
-#: error types -> outcome; any other error type is a failure of the service ("failed")
-OUTCOME_OF_ERROR = {
-    "InvalidRequest": "user_error",
-    "ModelNotFound": "user_error",
-    "UnsupportedLanguagePair": "user_error",
-    "DeadlineExceeded": "expired",
-    "TaskCancelled": "cancelled",
-}
+#: error types of a failed task that say the request was at fault, not the service
+USER_ERRORS = frozenset({"InvalidRequest", "ModelNotFound", "UnsupportedLanguagePair"})
 
 #: engine stats key -> (metric name, help, kind)
 ENGINE_METRICS = {
@@ -58,12 +52,11 @@ def task_started(task: str, model: str, message: dict[str, Any]) -> None:
         QUEUE_TIME.labels(task, model).observe(max(0.0, time.time() - submitted))
 
 
-def task_finished(task: str, model: str, message: dict[str, Any], error_type: str | None = None) -> None:
-    """Count a task's outcome (None: succeeded; else by its error's type) and observe its end-to-end latency."""
-    if error_type is None:
-        TASKS.labels(task, model, "succeeded").inc()
-    else:
-        TASKS.labels(task, model, OUTCOME_OF_ERROR.get(error_type, "failed")).inc()
+def task_finished(task: str, model: str, message: dict[str, Any], state: str, error_type: str | None = None) -> None:
+    """Count a task's final `state` (a failure the request caused as user_error) and its error's type, and
+    observe its end-to-end latency."""
+    TASKS.labels(task, model, "user_error" if error_type in USER_ERRORS else state).inc()
+    if error_type is not None:
         TASK_ERRORS.labels(task, model, error_type).inc()
     submitted = message.get("submitted_at") if isinstance(message, dict) else None
     if isinstance(submitted, int | float):

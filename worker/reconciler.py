@@ -32,7 +32,7 @@ from celery import Celery
 
 from shared.celery_config import QUEUES, TASK_NAMES, celery_priority, redis_queue_keys
 from shared.models import TaskType
-from shared.records import CLAIMED_PREFIX, LEASE_PREFIX, OPEN_KEY, WORKERS_KEY, TaskRecords, task_key
+from shared.records import CLAIMED_PREFIX, OPEN_KEY, WORKERS_KEY, TaskRecords, task_key
 from worker.lease import HELD_PREFIX
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,11 @@ class Reconciler:
         if not self.redis.set(LOCK_KEY, self.worker_id, px=int(self.interval_s * 1000), nx=True):
             return None
         report = RoundReport()
-        self._recover_dead_workers(report)
-        self._restore_orphans(report)
-        self._resend_lost(report)
+        workers: list[str] = self.redis.zrange(WORKERS_KEY, 0, -1)  # type: ignore[assignment]
+        live = set(self.records.live_workers())  # read once: every step of the round decides on the same view
+        self._recover_dead_workers([w for w in workers if w not in live], report)
+        self._restore_orphans(live, report)
+        self._resend_lost(live, report)
         if report.released or report.restored_tags or report.resent:
             log.warning("reconciler: dead workers %s, released %d tasks, restored %d messages, re-sent %s",
                         report.dead_workers, len(report.released), len(report.restored_tags), report.resent)
@@ -99,20 +101,8 @@ class Reconciler:
 
     # -- 1. dead workers ----------------------------------------------------------------------------------
 
-    def live_workers(self) -> set[str]:
-        workers: list[str] = self.redis.zrange(WORKERS_KEY, 0, -1)  # type: ignore[assignment]
-        with self.redis.pipeline(transaction=False) as pipe:
-            for w in workers:
-                pipe.exists(LEASE_PREFIX + w)
-            alive = pipe.execute()
-        return {w for w, a in zip(workers, alive, strict=True) if a}
-
-    def _recover_dead_workers(self, report: RoundReport) -> None:
-        workers: list[str] = self.redis.zrange(WORKERS_KEY, 0, -1)  # type: ignore[assignment]
-        live = self.live_workers()
-        for worker in workers:
-            if worker in live:
-                continue
+    def _recover_dead_workers(self, dead: list[str], report: RoundReport) -> None:
+        for worker in dead:
             report.dead_workers.append(worker)
             for task_id, tag in self.records.claimed_by(worker).items():
                 if self.records.release(task_id, worker):
@@ -125,18 +115,17 @@ class Reconciler:
 
     # -- 2. orphaned deliveries ---------------------------------------------------------------------------
 
-    def _restore_orphans(self, report: RoundReport) -> None:
+    def _restore_orphans(self, live: set[str], report: RoundReport) -> None:
         ceiling = time.time() - self.lease_ttl_s
         tags: list[str] = self.redis.zrangebyscore(UNACKED_INDEX_KEY, "-inf", ceiling)  # type: ignore[assignment]
         if not tags:
             return
-        held = self._held_by_live_workers()
+        held = self._held_by(live)
         for tag in tags:
             if tag not in held and self._is_ours(tag):
                 self._restore_tag(tag, report)
 
-    def _held_by_live_workers(self) -> set[str]:
-        live = self.live_workers()
+    def _held_by(self, live: set[str]) -> set[str]:
         with self.redis.pipeline(transaction=False) as pipe:
             for w in live:
                 pipe.smembers(HELD_PREFIX + w)
@@ -163,7 +152,7 @@ class Reconciler:
 
     # -- 3. lost messages ---------------------------------------------------------------------------------
 
-    def _resend_lost(self, report: RoundReport) -> None:
+    def _resend_lost(self, live: set[str], report: RoundReport) -> None:
         if not self._more_open_than_messages():
             self._suspects.clear()
             return
@@ -174,7 +163,7 @@ class Reconciler:
             self._suspects.clear()
             return
         missing = set(candidates) - self._ids_with_messages()
-        missing -= self._running_on_live_workers(missing)
+        missing -= self._final_or_running_on(live, missing)
         self._suspects = {t: self._suspects.get(t, now) for t in missing}
         for task_id, since in list(self._suspects.items()):
             if now - since >= self.lost_grace_s:
@@ -204,11 +193,10 @@ class Reconciler:
         ids = {i for items in queued for raw in items for i in _message_ids(raw)}
         return ids | {i for raw in unacked for i in _message_ids(raw, wrapped=True)}
 
-    def _running_on_live_workers(self, task_ids: Iterable[str]) -> set[str]:
+    def _final_or_running_on(self, live: set[str], task_ids: Iterable[str]) -> set[str]:
         ids = list(task_ids)
         if not ids:
             return set()
-        live = self.live_workers()
         with self.redis.pipeline(transaction=False) as pipe:
             for t in ids:
                 pipe.hmget(task_key(t), ["worker", "state"])

@@ -53,7 +53,9 @@ _STATE_OF_ERROR: dict[type[BaseException], TaskState] = {
     DeadlineExceeded: TaskState.EXPIRED,
     TaskCancelled: TaskState.CANCELLED,
 }
-_CLAIM_OUTCOMES = {Claim.CANCELLED: "TaskCancelled", Claim.EXPIRED: "DeadlineExceeded"}
+#: claims that finalize the task themselves: its final state, and the error type the claim stored
+_CLAIM_OUTCOMES = {Claim.CANCELLED: (TaskState.CANCELLED, "TaskCancelled"),
+                   Claim.EXPIRED: (TaskState.EXPIRED, "DeadlineExceeded")}
 
 
 @dataclass(eq=False)
@@ -108,7 +110,8 @@ def run_items(task: Task, rt: WorkerRuntime, task_type: TaskType, items: list[It
             rt.inflight.add(item.id)
             runnable.append(item)
         elif claim in _CLAIM_OUTCOMES:
-            metrics.task_finished(task_type.value, _model_label(item), item.message, _CLAIM_OUTCOMES[claim])
+            state, error_type = _CLAIM_OUTCOMES[claim]
+            metrics.task_finished(task_type.value, _model_label(item), item.message, state.value, error_type)
         else:
             log.info("task %s: %s, not run by this delivery", item.id, claim.value)
     try:
@@ -228,4 +231,4 @@ def _finalize(rt: WorkerRuntime, task_type: TaskType, items: list[Item], outcome
     for outcome in outcomes:
         item = by_id[outcome.task_id]
         error_type = None if outcome.state is TaskState.SUCCEEDED else (outcome.error or {}).get("type", "Error")
-        metrics.task_finished(task_type.value, _model_label(item), item.message, error_type)
+        metrics.task_finished(task_type.value, _model_label(item), item.message, outcome.state.value, error_type)
