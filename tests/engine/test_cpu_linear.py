@@ -9,10 +9,21 @@ import pytest
 import torch
 from torch import nn
 
-from worker.engine.cpu_linear import PackedLinear, prepack_linears, unpack_linears
+from worker.engine import cpu_linear
+from worker.engine.cpu_linear import PackedLinear, unpack_linears
 from worker.engine.host_memory import keep_freed_memory
 
-pytestmark = pytest.mark.skipif(prepack_linears(nn.Linear(2, 2)) == 0, reason="torch built without oneDNN")
+pytestmark = pytest.mark.skipif(not cpu_linear._op_available(), reason="torch built without oneDNN")
+
+
+def prepack_linears(model: nn.Module) -> int:
+    """The small layers of these tests packed, and every call through oneDNN (the size gates are off)."""
+    return cpu_linear.prepack_linears(model, min_weight=0)
+
+
+@pytest.fixture(autouse=True)
+def _every_call_packed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_linear, "MIN_PACKED_FLOPS", 0)
 
 
 def _mlp() -> nn.Module:
@@ -23,6 +34,11 @@ def _mlp() -> nn.Module:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_outputs_equal_linear_within_rounding(dtype: torch.dtype) -> None:
     model, ref = _mlp().to(dtype), _mlp().to(dtype)
+    if dtype not in cpu_linear._PACKABLE:  # a CPU without oneDNN's bf16 path: bf16 layers stay as they are
+        assert prepack_linears(model) == 0
+        with torch.inference_mode():
+            torch.testing.assert_close(model(torch.ones(2, 64, dtype=dtype)), ref(torch.ones(2, 64, dtype=dtype)))
+        return
     assert prepack_linears(model) == 2
     assert [type(m) for m in model.modules() if isinstance(m, nn.Linear)] == [PackedLinear, PackedLinear]
     x = torch.randn(3, 17, 64, dtype=dtype)
@@ -78,6 +94,20 @@ def test_only_plain_cpu_linears_are_switched() -> None:
     assert [type(m) for m in model] == [PackedLinear, Custom, nn.Linear]
     unpack_linears(model)
     assert type(model[0]) is nn.Linear and "_packed" not in model[0].__dict__
+
+
+def test_small_layers_and_small_calls_stay_on_mkl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN's fixed cost per call makes small products slower packed: they keep F.linear."""
+    monkeypatch.setattr(cpu_linear, "MIN_PACKED_FLOPS", 1 << 21)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 1024), nn.Linear(1024, 1024))
+    assert cpu_linear.prepack_linears(model) == 1  # only the [1024 x 1024] weight reaches MIN_PACKED_WEIGHT
+    big = model[2]
+    with torch.inference_mode():
+        big(torch.randn(1, 1024))  # 1 x 1024 x 1024 = 2^20 < MIN_PACKED_FLOPS: F.linear
+        assert big._packed is None
+        x = torch.randn(4, 1024)
+        torch.testing.assert_close(big(x), nn.functional.linear(x, big.weight, big.bias), rtol=1e-5, atol=1e-5)
+        assert big._packed is not None
 
 
 def test_allocator_settings_apply_on_glibc() -> None:

@@ -8,6 +8,15 @@ blocked layout. Measured with torch 2.13 on the 2-core AVX-512 CI machine (fp32,
     [1408 x 512]  MLP up      M=64: 0.58 -> 0.42  M=4096: 30.5 -> 27.4
     [512 x 1408]  MLP down    M=64: 0.54 -> 0.44  M=4096: 36.3 -> 26.9
 
+But a oneDNN call costs about 25 us however small it is, where MKL's `F.linear` on a [64 x 64] weight takes 6
+us: a tiny model (or a decode step of a few tokens through a small layer) is 2x slower packed. So only
+weights of at least `MIN_PACKED_WEIGHT` elements are packed, and a call whose product is under
+`MIN_PACKED_FLOPS` (rows x in x out) takes `F.linear` anyway (us per call, [out x in], rows: MKL/oneDNN)::
+
+    [64 x 64]    M=1: 6/29   M=64: 12/34   M=512: 39/56
+    [256 x 256]  M=1: 11/33  M=64: 74/86   M=512: 509/472
+    [768 x 768]  M=1: 52/61  M=8: 151/109  M=64: 603/512
+
 Results differ from MKL's only by float rounding (~1e-6 relative). The model stays unmodified
 otherwise: each `nn.Linear` keeps its `weight` (state dicts, tied weights and `.to()` still work) and
 only its class changes to `PackedLinear`, which re-packs whenever the weight tensor is replaced or
@@ -28,7 +37,22 @@ from worker.engine.host_memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
-_PACKABLE = (torch.float32, torch.bfloat16)
+
+
+def _packable_dtypes() -> tuple[torch.dtype, ...]:
+    """fp32 always; bf16 where oneDNN has a bf16 path on this CPU (AVX-512 BW/VL/DQ, or AVX-NE-CONVERT: an
+    AVX2-only CPU raises on the bf16 reorder)."""
+    try:
+        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        bf16 = False
+    return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+
+
+_PACKABLE = _packable_dtypes()
+#: Smallest weight (in x out elements) worth a packed copy, and smallest product (rows x in x out) per call.
+MIN_PACKED_WEIGHT = 512 * 512
+MIN_PACKED_FLOPS = 1 << 21
 
 
 def _op_available() -> bool:
@@ -70,6 +94,7 @@ class PackedLinear(nn.Linear):
             and w.dtype in _PACKABLE
             and (self.bias is None or self.bias.dtype == w.dtype)
             and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+            and x.numel() * w.shape[0] >= MIN_PACKED_FLOPS
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,15 +108,18 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
 
-def prepack_linears(model: nn.Module) -> int:
-    """Switch every plain `nn.Linear` of a CPU model to `PackedLinear`; returns how many were switched.
+def prepack_linears(model: nn.Module, min_weight: int = MIN_PACKED_WEIGHT) -> int:
+    """Switch every plain `nn.Linear` of a CPU model with at least `min_weight` weight elements to
+    `PackedLinear`; returns how many were switched.
 
     Does nothing (returns 0) when the model is not on CPU or torch lacks the oneDNN op."""
     if not _op_available():
         return 0
     count = 0
     for module in model.modules():
-        if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype in _PACKABLE:
+        weight = module.weight if type(module) is nn.Linear else None
+        if (weight is not None and weight.device.type == "cpu" and weight.dtype in _PACKABLE
+                and weight.numel() >= min_weight):
             module.__class__ = PackedLinear
             count += 1
     if count:
