@@ -8,6 +8,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
+from shared import kombu_compat
 from shared.models import TaskType
 from shared.settings import Settings, get_settings
 
@@ -74,6 +75,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
 
 
 def make_celery(settings: Settings | None = None, main: str = "pagedq") -> Celery:
+    kombu_compat.reuse_clients()  # one Redis client per channel, not one per command (see the module)
     app = Celery(main)
     app.conf.update(celery_config(settings or get_settings()))
     return app

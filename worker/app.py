@@ -18,9 +18,9 @@ from typing import Any
 
 from celery import bootsteps
 
+from shared import kombu_compat
 from shared.celery_config import make_celery
 from shared.settings import get_settings
-from worker import kombu_compat
 from worker.metrics import start_metrics
 from worker.runtime import WorkerRuntime
 from worker.tasks import register_tasks
