@@ -43,6 +43,20 @@ SEND_BATCH = 250
 
 ProgressCallback = Callable[[int, int], None]  # (done, total)
 
+
+
+class _Sent:
+    """What `send_task` returns here: nothing to wait on (results are read from the task records)."""
+
+    def __init__(self, task_id: str) -> None:
+        self.id = task_id
+        self.ignored = True
+
+
+#: No Celery result for a sent task: `ignore_result` skips the result backend's subscription per send, and
+#: `_Sent` the AsyncResult whose finalizer unsubscribes again (two pub/sub commands per task, for nothing).
+_NO_CELERY_RESULT = {"ignore_result": True, "result_cls": _Sent}
+
 CANCELLED_ERROR = TaskError(type="TaskCancelled", message="the task was cancelled before it started")
 
 
@@ -133,6 +147,7 @@ class TaskService:
             producer=producer,
             argsrepr=submission.summary,  # what Flower shows; cheaper than Celery's repr of a long text
             kwargsrepr="{}",
+            **_NO_CELERY_RESULT,
         )
 
     def _send_batch(self, message: BatchMessage, producer: Producer | None = None) -> None:
@@ -145,6 +160,7 @@ class TaskService:
             producer=producer,
             argsrepr=message.summary,  # Flower shows the item count
             kwargsrepr="{}",
+            **_NO_CELERY_RESULT,
         )
 
     def _send_all(self, submissions: Sequence[Submission], on_progress: ProgressCallback | None) -> None:
