@@ -55,8 +55,10 @@ class EngineStep(bootsteps.StartStopStep):
         runtime = getattr(worker.app, "pagedq_runtime", None)
         if runtime is None:
             return {"pagedq": {"ready": False}}
+        # "models" (from the engine stats): each model's executor stats; "model_states": each registry model,
+        # `loaded: <source>` or `refused: <reason>`
         return {"pagedq": {"ready": runtime.engine.alive, "worker_id": runtime.worker_id,
-                           "models": sorted(runtime.registry.models), **runtime.engine.stats()}}
+                           "model_states": runtime.model_states(), **runtime.engine.stats()}}
 
 
 def _held_tags(worker: Any) -> Iterator[str]:

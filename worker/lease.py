@@ -2,7 +2,8 @@
 
 Every `heartbeat_interval_s` one pipeline writes:
 
-    pagedq:lease:<worker id>   expires after lease_ttl_s     the lease (hostname, pid, ready: engine running)
+    pagedq:lease:<worker id>   expires after lease_ttl_s     the lease (hostname, pid, ready: engine running,
+                                                             refused: registry models not served here -> why)
     pagedq:workers             zset worker id -> last beat   every worker the reconciler must watch
     pagedq:held:<worker id>    set of delivery tags          messages this process holds, unacked
 
@@ -22,7 +23,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import redis
 
@@ -50,6 +51,7 @@ class WorkerLease:
         held_tags: Callable[[], Iterable[str]] = lambda: (),
         periodic: Iterable[tuple[float, Callable[[], object]]] = (),
         ready: Callable[[], bool] = lambda: True,
+        refused: Mapping[str, str] | None = None,
     ) -> None:
         self.redis = client
         self.worker_id = worker_id
@@ -58,6 +60,7 @@ class WorkerLease:
         self.interval_s = interval_s
         self.held_tags = held_tags
         self.ready = ready
+        self.refused = dict(refused or {})
         self._periodic = [[every, 0.0, fn] for every, fn in periodic]  # (every s, last run, fn)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pagedq-lease", daemon=True)
@@ -81,7 +84,8 @@ class WorkerLease:
 
     def beat(self) -> None:
         ttl_ms = int(self.lease_ttl_s * 1000)
-        info = json.dumps({"hostname": self.hostname, "pid": os.getpid(), "at": time.time(), "ready": self.ready()})
+        info = json.dumps({"hostname": self.hostname, "pid": os.getpid(), "at": time.time(), "ready": self.ready(),
+                           "refused": self.refused})
         tags = [str(t) for t in self.held_tags()]
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(LEASE_PREFIX + self.worker_id, info, px=ttl_ms)

@@ -2,6 +2,20 @@
 
 Built by the `EngineStep` bootstep when the worker starts (after the process exists, so CUDA is safe),
 and reached by tasks through `current_runtime(app)`.
+
+One model never stops the others (`load_executors`): each registry model is loaded and its executor built
+on its own. A model that fails is left out with ONE log line and its reason, and the worker serves the rest:
+- refused (ValueError, NotImplementedError -- an executor's load-time self-check or an unsupported
+  architecture -- or OSError, e.g. a missing file): an ERROR line with the reason, no traceback;
+- anything else (a bug, an AttributeError from a config field a family lacks, out of memory): an ERROR line
+  with the traceback.
+A refused model stays in the registry (a request that names it is never served by another model) behind a
+`RefusedExecutor`: its tasks fail with ModelNotFound naming the reason. `model_states()` (Flower's worker
+info, `celery inspect stats`), the engine stats (`models.<name>.state`) and the worker's lease (`refused`)
+say which models were refused and why.
+
+If EVERY model fails, the worker refuses to start (RuntimeError listing each model's reason): Celery then
+exits with an error instead of consuming messages it could only fail.
 """
 
 from __future__ import annotations
@@ -10,13 +24,15 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from celery import Celery
 
+from shared.errors import ModelNotFound
 from shared.records import LEASE_PREFIX, WORKER_RETRIES, TaskRecords
-from shared.registry import Registry
+from shared.registry import ModelSpec, Registry
 from shared.settings import Settings
-from worker.engine.executor import EngineConfig
+from worker.engine.executor import EngineConfig, EngineRequest, ModelExecutor
 from worker.engine.service import Engine, make_executor
 from worker.lease import WorkerLease, new_worker_id
 from worker.reconciler import Reconciler
@@ -24,6 +40,9 @@ from worker.registry import load_model
 from worker.streaming import TokenStreamer
 
 log = logging.getLogger(__name__)
+
+#: exceptions that mean "this model is refused" (logged without a traceback); anything else is unexpected
+REFUSALS: tuple[type[BaseException], ...] = (ValueError, NotImplementedError, OSError)
 
 
 @dataclass
@@ -38,6 +57,8 @@ class WorkerRuntime:
     streamer: TokenStreamer | None = None
     #: ids this process's task threads are running now (claimed and not yet final or handed back)
     inflight: set[str] = field(default_factory=set)
+    #: registry models this worker does not serve -> why (see the module docstring)
+    refused: dict[str, str] = field(default_factory=dict)
 
     #: prefix of the lease keys `TaskRecords.claim` checks an owner's liveness with
     lease_prefix = LEASE_PREFIX
@@ -53,15 +74,24 @@ class WorkerRuntime:
             kv_cache_bytes=settings.kv_cache_bytes,
             cpu_prepack_linear=settings.cpu_prepack_linear,
         )
-        executors = {}
-        for name, spec in registry.models.items():
-            loaded = load_model(spec, registry, settings.device)
-            spec_config = config if spec.prefix_caching else _without_prefix_cache(config)
-            executors[name] = make_executor(loaded, spec_config)
-        engine = Engine(executors).start()
+        executors, refused = load_executors(registry, settings.device, config)
+        if len(refused) == len(registry.models):
+            reasons = "; ".join(f"{name}: {reason}" for name, reason in refused.items())
+            raise RuntimeError(f"no model of the registry could be loaded, the worker does not start: {reasons}")
+        served = {**executors, **{name: RefusedExecutor(name, reason) for name, reason in refused.items()}}
+        engine = Engine(served).start()
         records = TaskRecords.from_url(settings.backend_url, settings.result_ttl_s, retries=WORKER_RETRIES)
         streamer = TokenStreamer(records.redis, settings.result_ttl_s).start()
-        return cls(settings=settings, registry=registry, records=records, engine=engine, streamer=streamer)
+        return cls(settings=settings, registry=registry, records=records, engine=engine, streamer=streamer,
+                   refused=refused)
+
+    def model_states(self) -> dict[str, str]:
+        """Each registry model's state: `loaded: <source>` or `refused: <reason>`."""
+        return {
+            name: f"refused: {self.refused[name]}" if name in self.refused
+            else f"loaded: {self.registry.resolve_source(spec)}"
+            for name, spec in self.registry.models.items()
+        }
 
     def start_lease(self, app: Celery, hostname: str, held_tags: Callable[[], Iterable[str]]) -> None:
         """Take this process's lease and start the heartbeat, which also runs the engine watchdog and the
@@ -77,6 +107,7 @@ class WorkerRuntime:
                       (s.reconcile_interval_s, reconciler.run_once),
                       (s.reconcile_interval_s, lambda: reconciler.recover_own(self.inflight))],
             ready=lambda: self.engine.alive,
+            refused=self.refused,
         ).start()
 
     def stop(self, drain_s: float = 0.0) -> None:
@@ -87,6 +118,57 @@ class WorkerRuntime:
             self.lease.stop()
         if self.streamer is not None:
             self.streamer.stop()
+
+
+def load_executors(
+    registry: Registry, device: str | None, config: EngineConfig
+) -> tuple[dict[str, ModelExecutor], dict[str, str]]:
+    """Load every registry model and build its executor, each on its own: (executors, refused name -> why)."""
+    executors: dict[str, ModelExecutor] = {}
+    refused: dict[str, str] = {}
+    for name, spec in registry.models.items():
+        try:
+            executors[name] = _load_one(spec, registry, device, config)
+        except REFUSALS as exc:
+            refused[name] = _one_line(exc)
+            log.error("model %s is refused and not served by this worker: %s", name, refused[name])
+        except Exception as exc:  # noqa: BLE001 - one model must not stop the others
+            refused[name] = _one_line(exc)
+            log.exception("model %s failed to load and is not served by this worker: %s", name, refused[name])
+    return executors, refused
+
+
+def _load_one(spec: ModelSpec, registry: Registry, device: str | None, config: EngineConfig) -> ModelExecutor:
+    loaded = load_model(spec, registry, device)
+    return make_executor(loaded, config if spec.prefix_caching else _without_prefix_cache(config))
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+class RefusedExecutor(ModelExecutor):
+    """Stands in for a model the worker refused: every request fails at once with ModelNotFound and the
+    reason (the engine thread calls `add`, which completes the request's future; nothing is ever held)."""
+
+    def __init__(self, name: str, reason: str) -> None:  # no model: super().__init__ is not called
+        self.name, self.reason = name, reason
+
+    def add(self, request: EngineRequest) -> None:
+        request.fail(ModelNotFound(f"model {self.name!r} is not served by this worker: it was refused when the "
+                                   f"worker loaded it ({self.reason})"))
+
+    def abort(self, request_id: str, error: BaseException) -> bool:
+        return False
+
+    def has_work(self) -> bool:
+        return False
+
+    def step(self) -> None:
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        return {"state": "refused", "reason": self.reason}
 
 
 def _without_prefix_cache(config: EngineConfig) -> EngineConfig:

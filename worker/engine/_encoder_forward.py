@@ -8,6 +8,11 @@
     logits      [B, labels] (FirstTokenPooling hooks)           [B, labels] (the model's own pooling)
     per token   [1, T] split per segment                        [B, max L] cut to each row's real columns
 
+A model packs only if it has a packing layout (`unsupported_reason`) AND passes the load-time self-check
+(packing_check.py: a probe packed in one forward against the model's own forward of each input alone);
+otherwise it runs padded, and one log line says why. `path_stats()` tells the executors' stats which path
+runs (`path`: "packed" | "padded") and why not packed (`path_reason`).
+
 Counters (cumulative, for the executors' stats): `computed_tokens`, the token rows that went through the
 linear layers, and `padded_tokens`, how many of them were padding (0 on the packed path).
 """
@@ -30,6 +35,7 @@ from worker.engine.encoder_packing import (
     unsupported_reason,
 )
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
+from worker.engine.packing_check import probe_encodings, relative_error, served_outputs, tolerance
 from worker.engine.varlen_attention import SEGMENTS_KWARG, Segments
 
 log = logging.getLogger(__name__)
@@ -43,23 +49,31 @@ class EncoderForward:
 
     def __init__(self, loaded: LoadedModel, *, pooled: bool, packing: bool | None = None) -> None:
         """`pooled`: the head reads one token per input (classification); else outputs are per token (QA).
-        `packing`: None packs when the model allows it, True requires it, False keeps the padded path."""
-        self.loaded = loaded
+        `packing`: None packs when the model allows it and passes the self-check, True requires both (else
+        ValueError), False keeps the padded path."""
+        self.loaded, self.pooled = loaded, pooled
+        self.layout: EncoderLayout | None = None
+        self.counters = {"computed_tokens": 0, "padded_tokens": 0}
         reason = unsupported_reason(loaded.model) if packing is not False else "packing turned off"
         if packing and reason:
             raise ValueError(f"{loaded.spec.name}: cannot pack inputs: {reason}")
-        self.layout: EncoderLayout | None = None
         if reason is None:
-            self.layout = enable_packing(loaded.model)
-            if pooled:
-                FirstTokenPooling.install(loaded.model, self.layout)
+            reason = self._enable_checked_packing()
+            if reason is not None:
+                if packing:
+                    raise ValueError(f"{loaded.spec.name}: cannot pack inputs: {reason}")
+                log.warning("%s runs padded batches: %s", loaded.spec.name, reason)
         else:
             log.info("%s runs padded batches: %s", loaded.spec.name, reason)
-        self.counters = {"computed_tokens": 0, "padded_tokens": 0}
+        self.path_reason = reason or ""
+        self.counters = {"computed_tokens": 0, "padded_tokens": 0}  # the probe is not counted
 
     @property
     def packed(self) -> bool:
         return self.layout is not None
+
+    def path_stats(self) -> dict[str, str]:
+        return {"path": "packed" if self.packed else "padded", "path_reason": self.path_reason}
 
     def pick(
         self, candidates: Sequence[tuple[EngineRequest, T]], length: Callable[[T], int], config: EngineConfig
@@ -86,6 +100,41 @@ class EncoderForward:
                 [t[row, unpadded_columns(t.shape[1], n, tokenizer)] for row, n in enumerate(lengths)] for t in tensors
             ]
         return [[x.numpy() for x in rows] for rows in zip(*per_name, strict=True)]
+
+    def _enable_checked_packing(self) -> str | None:
+        """Switch the model to packed forwards if the self-check passes (None), else leave it as it was and
+        return why not (see packing_check.py)."""
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        probe = probe_encodings(tokenizer, getattr(model.config, "max_position_embeddings", None))
+        reference, names = [], None
+        with torch.inference_mode():
+            for encoding in probe:  # the model's own forward, before the swap: one input alone
+                output = model(**pad_batch([encoding], tokenizer, self.loaded.device))
+                names = names or served_outputs(output, self.pooled)
+                reference.append([output[name][0].float().cpu() for name in names])
+        assert names, "the model returns no logits to compare"
+        original = model.config._attn_implementation
+        self.layout = enable_packing(model)
+        if self.pooled:
+            FirstTokenPooling.install(model, self.layout)
+        try:
+            packed = self._packed_probe(probe, names)
+            error, failure = relative_error(reference, packed), ""
+        except Exception as exc:  # noqa: BLE001 - a packed forward that raises is refused like a wrong one
+            error, failure = float("inf"), f" ({type(exc).__name__}: {exc})"
+        limit = tolerance(self.loaded.dtype)
+        if error <= limit:
+            return None
+        self.layout = None
+        FirstTokenPooling.uninstall(model)
+        model.set_attn_implementation(original)
+        return (f"self-check: packed outputs differ from the model's own forward by {error:.3g} relative "
+                f"(tolerance {limit:g}){failure}")
+
+    def _packed_probe(self, probe: Sequence[Encoding], names: Sequence[str]) -> list[list[torch.Tensor]]:
+        if self.pooled:
+            return [[row] for row in self.logits(probe)]
+        return [[torch.from_numpy(x) for x in outputs] for outputs in self.token_outputs(probe, names)]
 
     def _run(self, encodings: Sequence[Encoding]) -> tuple[Any, Segments | None]:
         """The model's output, and the packing it ran with (None: padded)."""

@@ -17,6 +17,7 @@ A request holds nothing between steps except its place in the queue.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -117,9 +118,11 @@ class ClassificationExecutor(ModelExecutor):
             request.finish(self._result(_payload(request), logits[row], encoded))
             self._counters["num_requests_finished"] += 1
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, Any]:
+        """Counters, plus `path` ("packed" | "padded") and `path_reason` (why not packed)."""
         waiting = len(self._new) + len(self._waiting)
-        return {"num_requests_running": 0, "num_requests_waiting": waiting, **self._counters, **self.forward.counters}
+        return {"num_requests_running": 0, "num_requests_waiting": waiting, **self._counters, **self.forward.counters,
+                **self.forward.path_stats()}
 
     # ---- steps ------------------------------------------------------------------------------------
     def _tokenize_new(self) -> None:

@@ -146,6 +146,13 @@ class FirstTokenPooling:
             _POOLING[model] = cls(model, layout)
         return _POOLING[model]
 
+    @classmethod
+    def uninstall(cls, model: Any) -> None:
+        """Remove the model's pooling hooks (a model that failed the packing self-check runs padded)."""
+        pooling = _POOLING.pop(model, None)
+        for handle in pooling.handles if pooling is not None else ():
+            handle.remove()
+
     def _start(self, _module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
         self.segments = kwargs.get(SEGMENTS_KWARG)
 

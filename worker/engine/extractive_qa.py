@@ -132,7 +132,8 @@ class ExtractiveQAExecutor(ModelExecutor):
             if pending.windows_left == 0:
                 self._finish(self._pending.pop(window.request_id))
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, Any]:
+        """Counters, plus `path` ("packed" | "padded") and `path_reason` (why not packed)."""
         running = sum(1 for p in self._pending.values() if p.spans)
         waiting = len(self._new) + len(self._pending) - running
         return {
@@ -140,6 +141,7 @@ class ExtractiveQAExecutor(ModelExecutor):
             "num_requests_waiting": waiting,
             **self._counters,
             **self.forward.counters,
+            **self.forward.path_stats(),
         }
 
     # ---- steps ------------------------------------------------------------------------------------
