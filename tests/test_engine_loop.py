@@ -141,6 +141,41 @@ def test_deadline_expires_a_waiting_request(engine: Engine) -> None:
     assert "late" not in engine.executors["m"].waiting
 
 
+def test_deadlines_among_many_flights_expire_only_the_late_ones(engine: Engine) -> None:
+    """The loop keeps deadlines in a heap and reaps by completion (it must not scan every flight per
+    iteration: a bulk keeps thousands in flight): only the requests whose deadline passed expire."""
+    engine.executors["m"].hold = True
+    now = time.time()
+    patient = [engine.submit(request(f"p{i}", deadline=now + 60)) for i in range(500)]
+    late = [engine.submit(request(f"l{i}", deadline=now + 0.1 + i / 100)) for i in range(5)]
+    no_deadline = engine.submit(request("n"))
+    for future in late:
+        assert isinstance(outcome(future), DeadlineExceeded)
+    assert not any(f.done() for f in patient) and not no_deadline.done()
+    engine.executors["m"].hold = False
+    assert [outcome(f) for f in patient[:3]] == ["done:p0", "done:p1", "done:p2"]
+    assert outcome(no_deadline) == "done:n"
+    _until(lambda: engine.stats()["engine"]["requests_finished"] >= 501)
+
+
+def test_a_finished_id_submitted_again_runs_again(engine: Engine) -> None:
+    """A redelivered task reuses its id: the new flight must not be reaped as the old, finished one (it
+    would then escape cancels and deadlines)."""
+    assert outcome(engine.submit(request("again"))) == "done:again"
+    engine.executors["m"].hold = True
+    second = engine.submit(request("again", deadline=time.time() + 60))
+    time.sleep(0.1)  # several loop iterations with the new flight in place
+    engine.cancel("again")
+    assert isinstance(outcome(second), TaskCancelled)
+
+
+def _until(check: Any, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.01)
+
+
 def test_cancel_frees_the_request(engine: Engine) -> None:
     engine.executors["m"].hold = True
     future = engine.submit(request("c"))

@@ -24,11 +24,13 @@ Invariants:
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from typing import Any
 
@@ -76,6 +78,11 @@ class Engine:
         self.executors = executors
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._flights: dict[str, Flight] = {}  # by request id, in arrival order
+        # What each iteration looks at, so that it costs O(what changed), not O(flights): a bulk of thousands
+        # is in flight at once. Completed request ids (a done-callback appends), and deadlines in a heap.
+        self._completed: deque[str] = deque()
+        self._deadlines: list[tuple[float, int, Flight]] = []
+        self._arrivals = 0
         self._lock = threading.Lock()  # orders start / submit / stop / restarts
         self._started = self._stopping = False
         self._drain_until = math.inf  # time.monotonic() after which `stop` fails what is left
@@ -208,6 +215,10 @@ class Engine:
         if request.future.done():
             return
         flight = self._flights[request.id] = Flight(request, self.executors[request.model])
+        request.future.add_done_callback(lambda _f, rid=request.id: self._completed.append(rid))
+        if request.deadline is not None:
+            self._arrivals += 1
+            heapq.heappush(self._deadlines, (request.deadline, self._arrivals, flight))
         self._isolator.add(flight)
 
     def _abort(self, request_id: str, error: BaseException) -> None:
@@ -217,15 +228,22 @@ class Engine:
 
     def _expire(self) -> None:
         now = time.time()
-        for request_id, flight in list(self._flights.items()):
-            if flight.request.expired(now):
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, flight = heapq.heappop(self._deadlines)
+            request_id = flight.request.id
+            if self._flights.get(request_id) is flight and not flight.done:
                 self._abort(request_id, DeadlineExceeded(f"deadline passed before task {request_id} finished"))
 
     def _reap(self) -> None:
-        done = [rid for rid, flight in self._flights.items() if flight.done]
-        for request_id in done:
-            del self._flights[request_id]
-        self._counters["requests_finished"] += len(done)
+        while self._completed:
+            request_id = self._completed.popleft()
+            flight = self._flights.get(request_id)
+            if flight is not None and flight.done:  # not a newer flight that reuses the id (a redelivery)
+                del self._flights[request_id]
+                self._counters["requests_finished"] += 1
+        if len(self._deadlines) > 2 * len(self._flights) + 1024:  # finished flights' entries: drop them
+            self._deadlines = [entry for entry in self._deadlines if not entry[2].done]
+            heapq.heapify(self._deadlines)
         for name, executor in self.executors.items():
             self._stats[name] = executor.stats()
 
