@@ -31,7 +31,7 @@ from producer.submission import BatchMessage, Submission, batch_messages
 from shared.celery_config import BATCH_TASK_NAMES, QUEUES, TASK_NAMES, celery_priority, make_celery
 from shared.errors import InvalidRequest, PagedqError, TaskNotFound
 from shared.models import SubmitResponse, TaskError, TaskRequest, TaskState, TaskStatus, TaskType
-from shared.records import NewRecord, TaskRecords
+from shared.records import STATUS_FIELDS, NewRecord, TaskRecords
 from shared.registry import Registry
 from shared.settings import Settings, get_settings
 
@@ -199,7 +199,7 @@ class TaskService:
 
         A task past its deadline without a final state is expired now, whatever its worker is doing: the
         reader persists that with `finalize` (the first final state written wins, so it never flips)."""
-        records = self.records.get_many(task_ids)
+        records = self.records.get_many(task_ids, STATUS_FIELDS)
         now = datetime.now(UTC)
         found = []
         for task_id, record in zip(task_ids, records, strict=True):

@@ -77,6 +77,11 @@ def stream_key(task_id: str) -> str:
     return STREAM_PREFIX + task_id
 
 
+#: The record fields a task's status is made of (producer/status.py).
+STATUS_FIELDS = ("type", "model", "priority", "created_at", "deadline", "worker", "started_at", "state", "result",
+                 "error", "finished_at")
+
+
 class NewRecord(NamedTuple):
     task_id: str
     task: TaskType
@@ -229,12 +234,19 @@ class TaskRecords:
         data: dict[str, str] = self.redis.hgetall(task_key(task_id))  # type: ignore[assignment]
         return data or None
 
-    def get_many(self, task_ids: Sequence[str]) -> list[dict[str, str] | None]:
-        """Records in the order of `task_ids` (None where there is none), in one round trip."""
+    def get_many(self, task_ids: Sequence[str], fields: Sequence[str] | None = None) -> list[dict[str, str] | None]:
+        """Records in the order of `task_ids` (None where there is none), in one round trip; only `fields`
+        when given (a status needs `STATUS_FIELDS`, not the message it was sent with)."""
         with self.redis.pipeline(transaction=False) as pipe:
             for task_id in task_ids:
-                pipe.hgetall(task_key(task_id))
-            return [data or None for data in pipe.execute()]
+                if fields is None:
+                    pipe.hgetall(task_key(task_id))
+                else:
+                    pipe.hmget(task_key(task_id), fields)
+            replies = pipe.execute()
+        if fields is None:
+            return [data or None for data in replies]
+        return [{f: v for f, v in zip(fields, values, strict=True) if v is not None} or None for values in replies]
 
     # -- transitions --------------------------------------------------------------------------------------
 
