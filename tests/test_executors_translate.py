@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 from executor_support import TEXTS, forward_shapes, load_demo, long_text, request, run
-from transformers import GenerationConfig, PegasusConfig, PegasusForConditionalGeneration
+from transformers import GenerationConfig, UMT5Config, UMT5ForConditionalGeneration
 
 from shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled, UnsupportedLanguagePair
 from shared.models import GenerationOptions, TaskType, TranslateRequest, TranslateResult
@@ -169,30 +169,38 @@ def test_translate_priority_first_and_beams_count_against_the_cap(lm: LoadedMode
 
 
 def test_an_architecture_the_engine_cannot_page_runs_on_batched_generate(lm: LoadedModel) -> None:
-    """Pegasus is not a paged architecture: the executor keeps its model as loaded and batches `generate`."""
+    """UMT5 is not a paged architecture (and its config has no `decoder_attention_heads`, which once stopped
+    the worker from starting): the executor keeps its model as loaded and batches `generate`."""
     tokenizer = lm.tokenizer
-    config = PegasusConfig(
-        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=512,
+    config = UMT5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = PegasusForConditionalGeneration(config).eval()
+    model = UMT5ForConditionalGeneration(config).eval()
     model.generation_config = GenerationConfig(
         decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, max_length=9,
-    )  # fmt: skip
+        eos_token_id=tokenizer.eos_token_id, max_length=9, suppress_tokens=[tokenizer.pad_token_id],
+    )  # fmt: skip  (random weights emit the pad token; the reference drops trailing pads)
     reference = copy.deepcopy(model)
-    pegasus = LoadedModel(lm.spec, model, tokenizer, lm.device, lm.dtype)
-    executor = Seq2SeqExecutor(pegasus, EngineConfig())
+    umt5 = LoadedModel(lm.spec, model, tokenizer, lm.device, lm.dtype)
+    executor = Seq2SeqExecutor(umt5, EngineConfig())
     assert executor.engine is None
+    assert executor.stats()["path"] == "generate" and "relative attention bias" in executor.stats()["path_reason"]
     reqs = [translate(t) for t in TEXTS[:4]]
     run(executor, reqs)
     assert executor.stats()["num_fallback_requests"] == 4 and executor.stats()["steps"] == 1
     for req, text in zip(reqs, TEXTS, strict=False):
         want = reference_translation(LoadedModel(lm.spec, reference, tokenizer, lm.device, lm.dtype), text)
         assert (req.future.result(timeout=0).translation, req.future.result(timeout=0).output_tokens) == want
+
+
+def test_the_executor_says_which_path_serves_the_model(lm: LoadedModel) -> None:
+    executor = Seq2SeqExecutor(lm, EngineConfig())
+    stats = executor.stats()
+    assert stats["path"] == "paged" and stats["path_reason"].startswith("self-check passed")
+    assert stats["steps"] == 0 and stats["num_requests_finished"] == 0, "the probe is not counted"
 
 
 def test_a_future_cancelled_by_its_caller_stops_its_request(lm: LoadedModel) -> None:

@@ -4,7 +4,9 @@ Defaults come from the model's `generation_config` (then generate's own defaults
 what it sets.
 
 - The paged engine resolves everything once per request into `DecodeSettings` (`decode_settings`), and
-  refuses what it does not implement (`unsupported_options`).
+  refuses what it does not implement (`unsupported_options`: such a request runs on the fallback).
+- A request option that neither path knows (`REQUEST_OPTIONS`) is refused (`unknown_request_options`:
+  InvalidRequest), never ignored.
 - The batched-`generate` fallback groups requests whose effective options are equal (`GenerationKey`) into
   one `generate` call; a seeded request never shares (its key carries its request id), so its random
   stream is its own.
@@ -153,6 +155,38 @@ UNSUPPORTED_WHEN_SET: dict[str, Any] = {
     "constraints": None,
     "watermarking_config": None,
     "prefix_allowed_tokens_fn": None,
+    "penalty_alpha": None,  # contrastive search
+    "dola_layers": None,
+    "max_time": None,
+    "stop_strings": None,
+    "token_healing": None,
+    "prompt_lookup_num_tokens": None,
+    "speculation_type": None,
+    "use_mtp": None,
+}
+
+#: generation_config fields that never change which tokens come out (outputs, caches, compilation, and the
+#: assistant knobs, which act only with an assistant model, which neither path passes)
+NO_EFFECT_ON_TOKENS = frozenset({
+    "_from_model_config", "transformers_version", "output_attentions", "output_hidden_states", "output_logits",
+    "output_scores", "return_dict_in_generate", "use_cache", "cache_implementation", "cache_config",
+    "max_cache_len", "compile_config", "disable_compile", "low_memory", "prefill_chunk_size",
+    "continuous_batching_config", "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule",
+    "assistant_confidence_threshold", "assistant_early_exit", "assistant_lookbehind", "target_lookbehind",
+    "assistant_ensemble_weight", "max_matching_ngram_size",
+})  # fmt: skip
+
+#: how each request option (`shared.models.GenerationOptions`) is honoured on the paged engine (the
+#: `generate` fallback: `generate_kwargs`); a request that sets a field missing here is refused
+REQUEST_OPTIONS = {
+    "max_new_tokens": "DecodeSettings.max_new_tokens (generate: max_length / max_new_tokens)",
+    "do_sample": "DecodeSettings.do_sample",
+    "temperature": "DecodeSettings.temperature (sampling only, as generate)",
+    "top_p": "DecodeSettings.top_p (sampling only)",
+    "top_k": "DecodeSettings.top_k (sampling only)",
+    "seed": "DecodeSettings.seed: the request's own generator (generate: torch.manual_seed in a forked RNG)",
+    "num_beams": "DecodeSettings.num_beams (beam search)",
+    "stream": "the task layer: a translation is published in one piece when it finishes",
 }
 
 
@@ -194,6 +228,11 @@ def _ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
     return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def unknown_request_options(options: GenerationOptions) -> list[str]:
+    """Options the request sets that no translation path implements (refuse the request)."""
+    return sorted(set(options.model_fields_set) - REQUEST_OPTIONS.keys())
 
 
 def unsupported_options(model: Any, options: GenerationOptions) -> list[str]:

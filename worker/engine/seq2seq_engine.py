@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from worker.engine.executor import EngineConfig
 from worker.engine.kv_cache_manager import KVCacheManager, cdiv
 from worker.engine.seq2seq_attention import KVPool
 from worker.engine.seq2seq_decoding import Decoding
-from worker.engine.seq2seq_model import DecoderShape
+from worker.engine.seq2seq_model import DecoderShape, check_model
 from worker.engine.seq2seq_runner import Seq2SeqRunner, StepItem
 from worker.engine.seq2seq_scheduler import Seq2SeqRequest, Seq2SeqScheduler
 
@@ -57,7 +57,13 @@ class Seq2SeqEngine:
 
     Memory: `num_blocks` if given, else `config.kv_cache_bytes`, else `kv_cache_memory_fraction` of the
     device's free memory -- capped at what `max_running_requests` sequences could ever use.
-    `native_decode`: see `Seq2SeqRunner` (None: the native kernel wherever it applies)."""
+    `native_decode`: see `Seq2SeqRunner` (None: the native kernel wherever it applies).
+
+    Raises `UnsupportedArchitecture` (before touching the model) for a model it cannot page;
+    `close()` gives the model back as loaded."""
+
+    #: called after every decoder pass with the step's requests and their logits rows (the self-check)
+    observe_logits: Callable[[Sequence[Seq2SeqRequest], torch.Tensor], None] | None = None
 
     def __init__(
         self,
@@ -69,6 +75,7 @@ class Seq2SeqEngine:
         max_encoder_len: int = 512,
         native_decode: bool | None = None,
     ) -> None:
+        check_model(model)  # first: raises nothing but UnsupportedArchitecture, changes nothing
         self.config = config = config or EngineConfig()
         self.model = model
         prepare_for_host(model, config.cpu_prepack_linear)
@@ -135,6 +142,8 @@ class Seq2SeqEngine:
             return outputs
         items = [self._item(r, id(r) in plan.encode) for r in plan.scheduled]
         logits = self.runner.execute(items, self.kv.take_copies())
+        if self.observe_logits is not None:
+            self.observe_logits(plan.scheduled, logits)
         self._counters["num_steps"] += 1
         self._counters["num_batched_tokens"] += sum(r.step_cost() for r in plan.scheduled)
         sampled, beams, row = [], [], 0
@@ -168,6 +177,14 @@ class Seq2SeqEngine:
         while len(done) < len(ids):
             done.update((o.request_id, o) for o in self.step())
         return [done[rid] for rid in ids]
+
+    def close(self) -> None:
+        """Give the model back as loaded (`Seq2SeqRunner.close`); the engine is unusable after."""
+        self.runner.close()
+
+    def reset_counters(self) -> None:
+        """Zero the step counters (after the self-check's probe, so that stats count real requests)."""
+        self._counters = dict.fromkeys(self._counters, 0)
 
     def stats(self) -> dict[str, float]:
         """Gauges and counters in vLLM's vocabulary (`kv_cache_usage_perc` is a 0..1 fraction)."""

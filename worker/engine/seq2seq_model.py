@@ -1,18 +1,25 @@
 """What the paged seq2seq engine must know about each encoder-decoder architecture, and nothing more.
 
-Verified architectures (`PAGED_MODEL_TYPES`): Marian, BART, mBART, M2M100 (also NLLB), T5. Anything else
-runs on the batched-`generate` fallback (`seq2seq_generate.py`).
+Verified architectures (`PAGED_MODEL_TYPES`, each against `generate` token for token in
+tests/test_seq2seq_engine.py and tests/test_seq2seq_families.py): Marian, BART, mBART, M2M100 (also NLLB),
+Pegasus, Blenderbot, Blenderbot-small, PLBart, T5 and mT5. Anything else runs on the batched-`generate`
+fallback (`seq2seq_generate.py`); `NOT_PAGED` says why for the families we know. `check_model` decides
+before the engine touches the model: it only reads attributes, and raises nothing but
+`UnsupportedArchitecture`.
 
 Positions. Marian, BART, mBART and M2M100 compute decoder positions as `arange + cache.get_seq_length()`
 and encoder positions as `arange(T)`: wrong for a packed batch. Hooks on each stack's `embed_positions`
 apply the engine's per-sequence positions p (`PositionTable`):
 
     Marian (sinusoidal nn.Embedding)   pre-hook passes position_ids=p       -> weight[p]
-    BART / mBART (learned, offset 2)   pre-hook passes position_ids=p       -> weight[p + 2]
+    BART / mBART / PLBart (offset 2)   pre-hook passes position_ids=p       -> weight[p + 2]
+    Pegasus (sinusoidal nn.Embedding)  pre-hook passes position_ids=p       -> weight[p]
+    Blenderbot(-small) (learned)       pre-hook passes position_ids=p       -> weight[p]
     M2M100 / NLLB (sinusoidal buffer)  hook replaces the output             -> weights[padding_idx + 1 + p]
                                        (a pad token: weights[padding_idx])
 
-T5 has no absolute positions (relative bias, see `seq2seq_attention`).
+T5 and mT5 (the same modelling code; mT5 is T5 v1.1: gated-gelu, untied head) have no absolute positions:
+one relative bias owned by each stack's first layer (see `seq2seq_attention`).
 """
 
 from __future__ import annotations
@@ -26,7 +33,28 @@ import torch.nn.functional as F
 
 from worker.engine.seq2seq_attention import KVPool
 
-PAGED_MODEL_TYPES = ("marian", "bart", "mbart", "m2m_100", "t5")
+T5_TYPES = ("t5", "mt5")
+BART_TYPES = ("marian", "bart", "mbart", "m2m_100", "pegasus", "blenderbot", "blenderbot-small", "plbart")
+PAGED_MODEL_TYPES = BART_TYPES + T5_TYPES
+
+#: why known encoder-decoder families stay on the `generate` fallback
+NOT_PAGED = {
+    "umt5": "UMT5 gives every layer its own relative attention bias; the paged decoder applies layer 0's",
+    "longt5": "LongT5's encoder uses local / transient-global attention, not full attention",
+    "prophetnet": "ProphetNet's decoder predicts n-gram streams with its own attention (no attention interface)",
+    "fsmt": "FSMT's attention does not go through transformers' attention interface",
+    "nllb-moe": "NLLB-MoE's expert layers are not verified on the paged engine",
+}
+
+#: `embed_positions` modules whose `forward` takes `position_ids` (Marian, the BART family)
+POSITION_IDS_EMBEDDINGS = (
+    "MarianSinusoidalPositionalEmbedding", "BartLearnedPositionalEmbedding", "MBartLearnedPositionalEmbedding",
+    "PegasusSinusoidalPositionalEmbedding", "BlenderbotLearnedPositionalEmbedding",
+    "BlenderbotSmallLearnedPositionalEmbedding", "PLBartLearnedPositionalEmbedding",
+)  # fmt: skip
+M2M100_EMBEDDING = "M2M100SinusoidalPositionalEmbedding"
+_T5_FIELDS = ("num_decoder_layers", "num_heads", "d_kv", "d_model")
+_BART_FIELDS = ("decoder_layers", "decoder_attention_heads", "d_model", "max_position_embeddings")
 
 
 class UnsupportedArchitecture(ValueError):
@@ -47,7 +75,7 @@ class DecoderShape:
     @classmethod
     def of(cls, model: Any) -> DecoderShape:
         config = model.config
-        if config.model_type == "t5":
+        if config.model_type in T5_TYPES:
             return cls(config.num_decoder_layers, config.num_heads, config.d_kv, None, config.d_model)
         heads = config.decoder_attention_heads
         return cls(
@@ -64,16 +92,33 @@ class DecoderShape:
 
 
 def check_model(model: Any) -> None:
-    """Raise `UnsupportedArchitecture` unless the paged engine can run `model` unmodified."""
-    config = model.config
-    if not getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedArchitecture(f"{type(model).__name__} is not an encoder-decoder model")
-    if config.model_type not in PAGED_MODEL_TYPES:
-        raise UnsupportedArchitecture(
-            f"{type(model).__name__} ({config.model_type}) is not one of the paged architectures {PAGED_MODEL_TYPES}"
-        )
-    if config.model_type == "t5" and getattr(config, "num_heads", 0) * getattr(config, "d_kv", 0) == 0:
-        raise UnsupportedArchitecture("T5 config without heads")
+    """Raise `UnsupportedArchitecture` unless the paged engine can run `model` unmodified.
+
+    Runs before anything else touches the model: it reads attributes only (never a config field that a
+    family may lack), so an architecture the engine does not know fails here, with a reason, and nowhere
+    else."""
+    config = getattr(model, "config", None)
+    name = type(model).__name__
+    if config is None or not getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedArchitecture(f"{name} is not an encoder-decoder model")
+    model_type = getattr(config, "model_type", None)
+    if model_type not in PAGED_MODEL_TYPES:
+        why = NOT_PAGED.get(str(model_type), f"not one of the paged architectures {PAGED_MODEL_TYPES}")
+        raise UnsupportedArchitecture(f"{name} ({model_type}): {why}")
+    fields = _T5_FIELDS if model_type in T5_TYPES else _BART_FIELDS
+    missing = [f for f in fields if not isinstance(getattr(config, f, None), int) or getattr(config, f) < 1]
+    if missing:
+        raise UnsupportedArchitecture(f"{name} ({model_type}) config lacks positive {missing}")
+    if model_type in BART_TYPES and config.d_model % config.decoder_attention_heads:
+        raise UnsupportedArchitecture(f"{name}: d_model is not a multiple of decoder_attention_heads")
+    for part in ("get_encoder", "get_decoder", "get_output_embeddings"):
+        if not callable(getattr(model, part, None)):
+            raise UnsupportedArchitecture(f"{name} has no {part}()")
+    if model_type in BART_TYPES:
+        for stack in (model.get_encoder(), model.get_decoder()):
+            kind = type(getattr(stack, "embed_positions", None)).__name__
+            if kind not in (*POSITION_IDS_EMBEDDINGS, M2M100_EMBEDDING):
+                raise UnsupportedArchitecture(f"{name}: unknown position embedding {kind}")
 
 
 class PositionTable:
@@ -87,11 +132,10 @@ class PositionTable:
         self.module = module
         self.pad_token_id = pad_token_id
         self.pad_row: int | None = None
-        if kind == "M2M100SinusoidalPositionalEmbedding":
+        if kind == M2M100_EMBEDDING:
             self.takes_position_ids = False
             self.offset, self.pad_row = int(module.padding_idx) + 1, int(module.padding_idx)
-        elif kind in ("MarianSinusoidalPositionalEmbedding", "BartLearnedPositionalEmbedding",
-                      "MBartLearnedPositionalEmbedding"):  # fmt: skip
+        elif kind in POSITION_IDS_EMBEDDINGS:
             self.takes_position_ids = True
             self.offset = 0
         else:
@@ -162,12 +206,12 @@ class PositionHooks:
 
 
 def t5_decoder_bias_owner(model: Any) -> Any:
-    """T5: the decoder's first self-attention, which owns `relative_attention_bias`; None otherwise."""
-    if model.config.model_type != "t5":
+    """T5 / mT5: the decoder's first self-attention, which owns `relative_attention_bias`; None otherwise."""
+    if model.config.model_type not in T5_TYPES:
         return None
     return model.get_decoder().block[0].layer[0].SelfAttention
 
 
 def max_encoder_pass_tokens(model: Any) -> int | None:
     """T5 builds a [heads, T, T] bias over a whole packed encoder pass: keep its passes short."""
-    return 512 if model.config.model_type == "t5" else None
+    return 512 if model.config.model_type in T5_TYPES else None

@@ -81,21 +81,27 @@ class Seq2SeqRunner:
         if native_decode and not applies:
             raise ValueError("the native decode kernel needs an fp32 KV pool on CPU")
         self.native = applies and native_decode is not False and paged_decode_available()
-        loaded_with = model.config._attn_implementation  # another runner on the same model may have switched it
-        self.original_attention = loaded_with if loaded_with != ATTENTION_NAME else "sdpa"
-        model.set_attn_implementation(ATTENTION_NAME)
         self.model, self.pool = model, pool
         self.shape = DecoderShape.of(model)
         self.cache = PagedEncoderDecoderCache(pool, self.shape.num_layers)
-        self.positions = PositionHooks(model)
         self.decoder_bias = t5_decoder_bias_owner(model)
         self.max_encoder_pass = max_encoder_pass_tokens(model)
         self.device = pool.device
         self._keep: torch.Tensor | None = None
-        head = model.get_output_embeddings()
-        self._head_hook = head.register_forward_pre_hook(self._keep_rows)
         d_model = model.config.d_model
         self._placeholder_states = torch.zeros(1, 1, d_model, dtype=model.dtype, device=self.device)
+        # Last, what changes the model (undone by `close`): its hooks and its attention implementation.
+        self.positions = PositionHooks(model)
+        self._head_hook = model.get_output_embeddings().register_forward_pre_hook(self._keep_rows)
+        loaded_with = model.config._attn_implementation  # another runner on the same model may have switched it
+        self.original_attention = loaded_with if loaded_with != ATTENTION_NAME else "sdpa"
+        model.set_attn_implementation(ATTENTION_NAME)
+
+    def close(self) -> None:
+        """Give the model back as loaded: its attention implementation, no hooks. The runner is unusable after."""
+        self.positions.remove()
+        self._head_hook.remove()
+        self.model.set_attn_implementation(self.original_attention)
 
     @contextmanager
     def original_attention_implementation(self) -> Iterator[None]:

@@ -1,5 +1,11 @@
 """Translation on encoder-decoder models through the paged `Seq2SeqEngine` (Marian, BART, mBART, M2M100, T5).
 
+At load the executor picks the model's path (`stats()["path"]`, with `"path_reason"`): the paged engine if
+the architecture is one it pages (`seq2seq_model.check_model`) and the engine passes its self-check against
+the model's own forward (`seq2seq_self_check`); otherwise every request runs on the batched-`generate`
+fallback, which is transformers' own generate and so exact by construction. A model that is not an
+encoder-decoder is refused (`ModelError`). Nothing about an unknown architecture stops the worker.
+
 Each `step()`:
 1. tokenizes the requests added since the last step, grouped by source language (multilingual
    tokenizers keep it as state), truncating and reporting, or rejecting over-long input;
@@ -22,17 +28,24 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from itertools import groupby
-from typing import Literal
+from typing import Any, Literal
 
-from shared.errors import DeadlineExceeded, InvalidRequest, PagedqError, UnsupportedLanguagePair
+from shared.errors import DeadlineExceeded, InvalidRequest, ModelError, PagedqError, UnsupportedLanguagePair
 from shared.models import TranslateRequest, TranslateResult
 from worker.engine._batching import input_token_limit, order_key, too_long
-from worker.engine._generation import decode_settings, generation_key, split_output, unsupported_options
+from worker.engine._generation import (
+    decode_settings,
+    generation_key,
+    split_output,
+    unknown_request_options,
+    unsupported_options,
+)
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
 from worker.engine.seq2seq_engine import Seq2SeqEngine, Seq2SeqOutput
 from worker.engine.seq2seq_generate import EncodedText, GenerateBatcher
 from worker.engine.seq2seq_languages import Languages, resolve_languages
 from worker.engine.seq2seq_model import UnsupportedArchitecture
+from worker.engine.seq2seq_self_check import self_check
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +64,32 @@ class Seq2SeqExecutor(ModelExecutor):
         self._input_names = [n for n in loaded.tokenizer.model_input_names if n != "token_type_ids"]
         self._new: list[EngineRequest] = []
         self._paged: dict[str, tuple[EngineRequest, EncodedText]] = {}
-        self.engine: Seq2SeqEngine | None = None
-        try:
-            self.engine = Seq2SeqEngine(loaded.model, config, max_encoder_len=self.max_input_tokens)
-        except UnsupportedArchitecture as exc:
-            log.info("%s runs on batched generate, not the paged engine: %s", loaded.spec.name, exc)
+        if not getattr(getattr(loaded.model, "config", None), "is_encoder_decoder", False):
+            raise ModelError(f"model {loaded.spec.name!r} ({type(loaded.model).__name__}) is not an encoder-decoder")
+        self.engine, self.path_reason = self._paged_engine(config)
         as_loaded = self.engine.runner.original_attention_implementation if self.engine else nullcontext
         self.fallback = GenerateBatcher(loaded, config, as_loaded)
         self._counters = {"num_requests_finished": 0, "generated_tokens": 0, "num_fallback_requests": 0}
+
+    def _paged_engine(self, config: EngineConfig) -> tuple[Seq2SeqEngine | None, str]:
+        """The paged engine if the model can be paged and passes the self-check, else None; and why.
+
+        Logs one line when the model goes to the fallback."""
+        name = self.loaded.spec.name
+        try:
+            engine = Seq2SeqEngine(self.loaded.model, config, max_encoder_len=self.max_input_tokens)
+        except UnsupportedArchitecture as exc:
+            log.info("%s runs on batched generate, not the paged engine: %s", name, exc)
+            return None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - the fallback serves the model exactly; the worker starts
+            log.warning("%s runs on batched generate: building the paged engine raised %r", name, exc)
+            return None, f"building the paged engine raised {type(exc).__name__}: {exc}"
+        check = self_check(engine)
+        if not check.passed:
+            engine.close()
+            log.warning("%s runs on batched generate: the paged engine failed its self-check: %s", name, check.reason)
+            return None, f"self-check failed: {check.reason}"
+        return engine, f"self-check passed ({check.seconds * 1000:.0f} ms, max logit error {check.max_logit_error:.2g})"
 
     # ---- the ModelExecutor interface ------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -103,7 +134,8 @@ class Seq2SeqExecutor(ModelExecutor):
                 tokens, reason = split_output(row, self.loaded.model, encoded.key.max_new_tokens)
                 self._finish(request, encoded, tokens, reason)
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, Any]:
+        """The `ModelExecutor` gauges, plus `path` ("paged" or "generate") and `path_reason` (strings)."""
         engine = self.engine.stats() if self.engine is not None else {}
         waiting = len(self._new) + len(self.fallback) + engine.get("num_requests_waiting", 0)
         return {
@@ -113,6 +145,8 @@ class Seq2SeqExecutor(ModelExecutor):
             "num_preemptions": engine.get("num_preemptions", 0),
             "steps": engine.get("num_steps", 0) + self.fallback.steps,
             **self._counters,
+            "path": "paged" if self.engine is not None else "generate",
+            "path_reason": self.path_reason,
         }
 
     def _drop_cancelled(self) -> None:
@@ -169,6 +203,10 @@ class Seq2SeqExecutor(ModelExecutor):
         truncated = length > self.max_input_tokens
         if truncated and not payload.truncate:
             request.fail(too_long(length, self.max_input_tokens, "text"))
+            return
+        unknown = unknown_request_options(payload.generation)
+        if unknown:
+            request.fail(InvalidRequest(f"model {self.loaded.spec.name!r} does not implement the options {unknown}"))
             return
         forced_bos = languages.forced_bos_token_id
         key = generation_key(payload.generation, request.id, model, forced_bos)
