@@ -6,6 +6,10 @@ the limit (random weights otherwise emit EOS at once or never). K and V projecti
 (transformers initialises biases to zero; trained checkpoints have them, and the engine's cross-attention
 handles K and V biases itself; larger ones would undo the EOS tuning). The reference is always a deep
 copy of the model taken before the engine switches its attention implementation.
+
+`build_pair(..., sharp=True)` scales every attention's query and key projections (or T5's relative bias)
+so that scores reach tens, as in trained models: random weights attend almost uniformly, which hides
+errors in which key a row attends to (`attention_sharpness` measures it).
 """
 
 from __future__ import annotations
@@ -20,15 +24,33 @@ import torch
 from transformers import (
     BartConfig,
     BartForConditionalGeneration,
+    BlenderbotConfig,
+    BlenderbotForConditionalGeneration,
+    BlenderbotSmallConfig,
+    BlenderbotSmallForConditionalGeneration,
+    FSMTConfig,
+    FSMTForConditionalGeneration,
     GenerationConfig,
+    LongT5Config,
+    LongT5ForConditionalGeneration,
     M2M100Config,
     M2M100ForConditionalGeneration,
     MarianConfig,
     MarianMTModel,
     MBartConfig,
     MBartForConditionalGeneration,
+    MT5Config,
+    MT5ForConditionalGeneration,
+    PegasusConfig,
+    PegasusForConditionalGeneration,
+    PLBartConfig,
+    PLBartForConditionalGeneration,
+    ProphetNetConfig,
+    ProphetNetForConditionalGeneration,
     T5Config,
     T5ForConditionalGeneration,
+    UMT5Config,
+    UMT5ForConditionalGeneration,
 )
 
 VOCAB = 96
@@ -101,6 +123,22 @@ def _t5_narrow() -> Any:
     return T5ForConditionalGeneration(config)
 
 
+_T5_SHAPE = dict(
+    d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+    relative_attention_max_distance=20, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def _family(config_class: Any, model_class: Any, **fields: Any) -> Callable[[], Any]:
+    return lambda: model_class(config_class(**fields, **_IDS))
+
+
+def _nllb() -> Any:
+    """M2M100 as NLLB configures it (scaled embeddings, relu, layer drop off)."""
+    config = M2M100Config(init_std=0.2, scale_embedding=True, activation_function="relu", **_SHAPE, **_IDS)
+    return M2M100ForConditionalGeneration(config)
+
+
 BUILDERS: dict[str, Callable[[], Any]] = {
     "marian": _marian,
     "bart": _bart,
@@ -108,11 +146,80 @@ BUILDERS: dict[str, Callable[[], Any]] = {
     "t5": _t5,
     "m2m100": _m2m100,
     "t5_narrow": _t5_narrow,
+    # the families of tests/test_seq2seq_families.py
+    "nllb": _nllb,
+    "pegasus": _family(PegasusConfig, PegasusForConditionalGeneration, init_std=0.1, **_SHAPE),
+    "blenderbot": _family(BlenderbotConfig, BlenderbotForConditionalGeneration, init_std=0.1, **_SHAPE),
+    "blenderbot_small": _family(BlenderbotSmallConfig, BlenderbotSmallForConditionalGeneration, init_std=0.1, **_SHAPE),
+    "plbart": _family(PLBartConfig, PLBartForConditionalGeneration, init_std=0.1, **_SHAPE),
+    "mt5": _family(MT5Config, MT5ForConditionalGeneration, **_T5_SHAPE),
+    "umt5": _family(UMT5Config, UMT5ForConditionalGeneration, **_T5_SHAPE),
+    "longt5": _family(LongT5Config, LongT5ForConditionalGeneration, **_T5_SHAPE),
+    "prophetnet": lambda: ProphetNetForConditionalGeneration(
+        ProphetNetConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            num_encoder_layers=2,
+            num_decoder_layers=2,
+            num_encoder_attention_heads=4,
+            num_decoder_attention_heads=4,
+            max_position_embeddings=64,
+            ngram=2,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            decoder_start_token_id=START,
+        )
+    ),  # fmt: skip
+    "fsmt": lambda: FSMTForConditionalGeneration(
+        FSMTConfig(
+            langs=["en", "de"],
+            src_vocab_size=VOCAB,
+            tgt_vocab_size=VOCAB,
+            init_std=0.1,
+            tie_word_embeddings=False,
+            **_SHAPE,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            decoder_start_token_id=START,
+        )
+    ),  # fmt: skip
 }
 
+SHARPEN = 4.0  # query and key scale: scores x16, from ~1 to tens in the 64-wide test models
 
-def build_pair(name: str, seed: int = 0, **generation: Any) -> Pair:
-    """A random-weight model (eval, fp32) with a generation config like real checkpoints have."""
+
+def sharpen(model: Any, factor: float = SHARPEN) -> None:
+    """Scale every attention's query and key projections by `factor` (T5 family: the relative bias tables
+    by `factor ** 2`), so attention scores reach tens."""
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("q_proj", "k_proj", "q", "k", "query_proj", "key_proj") and isinstance(module, torch.nn.Linear):
+            module.weight.mul_(factor)
+            if module.bias is not None:
+                module.bias.mul_(factor)
+        elif leaf == "relative_attention_bias":
+            module.weight.mul_(factor**2)
+
+
+def attention_sharpness(model: Any, encoder_ids: list[int], decoder_ids: list[int]) -> dict[str, float]:
+    """Per kind of attention (encoder, decoder, cross): the median over rows of the largest attention
+    probability, from an eager copy of `model` (1 / keys when uniform)."""
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = eager(
+            input_ids=torch.tensor([encoder_ids]), decoder_input_ids=torch.tensor([decoder_ids]),
+            output_attentions=True,
+        )  # fmt: skip
+    kinds = {"encoder": out.encoder_attentions, "decoder": out.decoder_attentions, "cross": out.cross_attentions}
+    return {kind: float(torch.cat([a.amax(-1).flatten() for a in maps]).median()) for kind, maps in kinds.items()}
+
+
+def build_pair(name: str, seed: int = 0, sharp: bool = False, **generation: Any) -> Pair:
+    """A random-weight model (eval, fp32) with a generation config like real checkpoints have; `sharp`:
+    attention scores in the tens (`sharpen`)."""
     torch.manual_seed(seed)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -120,6 +227,8 @@ def build_pair(name: str, seed: int = 0, **generation: Any) -> Pair:
         for module_name, module in model.named_modules():
             if module_name.rsplit(".", 1)[-1] in ATTENTION_PROJECTIONS and module.bias is not None:
                 module.bias.normal_(0.0, 0.05)
+        if sharp:
+            sharpen(model)
     defaults = dict(decoder_start_token_id=START, pad_token_id=PAD, eos_token_id=EOS, max_length=MAX_NEW_TOKENS + 1)
     model.generation_config = GenerationConfig(**{**defaults, **generation})
     return Pair(model, copy.deepcopy(model))
