@@ -14,13 +14,16 @@ The model stays unmodified; what the engine sets on it, once, when an executor t
   attention, so that layer's feed-forward, the pooler and the head ("[CLS]", "<s>", DistilBERT's first
   token) run on B one-token rows.
 
-Positions (`LAYOUTS`): BERT and DistilBERT count from 0; RoBERTa-family embeddings count from padding_idx + 1
+Positions (`LAYOUTS`): BERT, DistilBERT and ELECTRA count from 0; RoBERTa-family embeddings count from padding_idx + 1
 and leave pad tokens at padding_idx (`create_position_ids_from_input_ids`): the same rules, per segment.
 
 Which models pack (`unsupported_reason`): model types in `LAYOUTS` (embeddings and heads checked against
-transformers' own outputs in tests/test_encoder_packing.py), whose class supports the attention interface
-(`_supports_attention_backend`, `_can_set_attn_implementation`), as plain encoders (no decoder, no
-cross-attention). Any other model runs the padded path (DeBERTa-v2: its disentangled attention has no hook).
+transformers' own outputs in tests/test_encoder_packing.py and tests/test_encoder_families.py), whose class
+supports the attention interface (`_supports_attention_backend`, `_can_set_attn_implementation`), as plain
+encoders (no decoder, no cross-attention) -- and then only if the load-time self-check passes
+(packing_check.py, run by `_encoder_forward.EncoderForward`). Any other model runs the padded path: DeBERTa-v2,
+MPNet and RoFormer (relative or rotary positions; no attention interface), ALBERT (one layer shared by every
+depth: the first-token cut would run at each), ModernBERT (rotary positions, local attention windows).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class EncoderLayout:
 
 LAYOUTS = {
     "bert": EncoderLayout("encoder", "attention", PositionRule.FROM_ZERO),
+    "electra": EncoderLayout("encoder", "attention", PositionRule.FROM_ZERO),
     "distilbert": EncoderLayout("transformer", "sa_layer_norm", PositionRule.FROM_ZERO),
     "roberta": EncoderLayout("encoder", "attention", PositionRule.AFTER_PADDING),
     "xlm-roberta": EncoderLayout("encoder", "attention", PositionRule.AFTER_PADDING),

@@ -13,8 +13,10 @@ out silently wrong. So before an executor serves packed batches, `EncoderForward
 An error above `tolerance(dtype)` (or a packed forward that raises) means: restore the model's attention,
 serve padded batches (the model's own forward with an attention mask, exact by construction) and say why.
 
-Cost: four forwards over ~55 tokens in all, at load time only: about 10 ms for the 2-layer x 64 test models
-and 70 ms for a BERT-base shape (12 x 768, fp32) on the 2-core development CPU.
+Cost, at load time only: four forwards over ~100 tokens in all (each probe input twice), i.e. about
+100 x 2 x params FLOPs. Measured on the 2-core development CPU while others ran on it, one thread: 7-16 ms
+for the 2-layer x 64 test models, ~1 s for a BERT-base shape (12 x 768, fp32; ~17 GFLOP, so ~0.1 s on an idle
+machine at the 190 GFLOP/s of the README's measurements).
 """
 
 from __future__ import annotations

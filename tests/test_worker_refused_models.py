@@ -1,0 +1,157 @@
+"""One model that cannot be served never stops a worker: it is left out, the worker serves the others.
+
+`WorkerRuntime.start` (what the worker's EngineStep runs) on a registry of a good tiny BERT classifier, a
+corrupt model directory (config.json is not JSON: refused, one ERROR line without a traceback) and a model
+whose executor build hits a bug (an AttributeError: one ERROR line with the traceback). Against the session's
+private redis-server; no worker process is needed to see what Flower, the lease and a task would see.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers.utils import logging as hf_logging
+
+import worker.runtime as runtime_module
+from shared.celery_config import make_celery
+from shared.models import ClassifyRequest, TaskType
+from shared.records import LEASE_PREFIX
+from shared.settings import Settings
+from worker._demo_tokenizers import build_wordpiece
+from worker.engine.executor import EngineRequest
+from worker.runtime import WorkerRuntime
+from worker.tasks import Item, run_items
+
+REGISTRY = """
+[defaults]
+classify = "good"
+
+[models.good]
+task = "classify"
+source = "./good"
+
+[models.corrupt]
+task = "classify"
+source = "./corrupt"
+
+[models.buggy]
+task = "classify"
+source = "./good"
+"""
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("refused-models")
+    tokenizer = build_wordpiece(BertTokenizerFast, root / "good")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, id2label={0: "negative", 1: "positive"},
+                        label2id={"negative": 0, "positive": 1})
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        BertForSequenceClassification(config).save_pretrained(root / "good")
+    if bars:
+        hf_logging.enable_progress_bar()
+    (root / "corrupt").mkdir()
+    shutil.copy(root / "good" / "tokenizer.json", root / "corrupt")
+    (root / "corrupt" / "config.json").write_text("{not json")
+    (root / "registry.toml").write_text(REGISTRY)
+    return root
+
+
+@pytest.fixture()
+def runtime(model_root: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch,
+            caplog: pytest.LogCaptureFixture) -> Iterator[WorkerRuntime]:
+    real = runtime_module.make_executor
+
+    def make_executor(loaded: Any, config: Any) -> Any:
+        if loaded.spec.name == "buggy":
+            raise AttributeError("'BertConfig' object has no attribute 'decoder_attention_heads'")
+        return real(loaded, config)
+
+    monkeypatch.setattr(runtime_module, "make_executor", make_executor)
+    settings = Settings(redis_url=redis_url, registry_path=model_root / "registry.toml", device="cpu",
+                        metrics_port=0)
+    with caplog.at_level(logging.ERROR, logger="worker.runtime"):
+        rt = WorkerRuntime.start(settings)
+    rt.start_lease(make_celery(main="pagedq-test-worker"), "test-host", lambda: ())
+    yield rt
+    rt.stop()
+
+
+def test_the_worker_serves_the_good_model_and_says_why_the_others_are_refused(
+    runtime: WorkerRuntime, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert sorted(runtime.refused) == ["buggy", "corrupt"]
+    assert runtime.refused["corrupt"].startswith("OSError: ") and "not a valid JSON file" in runtime.refused["corrupt"]
+    assert runtime.refused["buggy"].startswith("AttributeError: ")
+
+    records = {r.getMessage().split()[1]: r for r in caplog.get_records("setup") if r.name == "worker.runtime"}
+    assert sorted(records) == ["buggy", "corrupt"]  # one line per refused model
+    assert all(r.levelname == "ERROR" for r in records.values())
+    assert records["corrupt"].exc_info is None  # expected refusal: the reason, no traceback
+    assert records["buggy"].exc_info is not None  # a bug: with its traceback
+
+    # what Flower's worker info / `celery inspect stats` show (EngineStep.info)
+    from worker.app import EngineStep
+
+    deadline = time.monotonic() + 5
+    while len(runtime.engine.stats()["models"]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)  # the engine thread refreshes executor stats every loop iteration
+
+    info = EngineStep.info(None, SimpleNamespace(app=SimpleNamespace(pagedq_runtime=runtime)))["pagedq"]
+    assert info["ready"] is True
+    states = info["model_states"]
+    assert states["good"] == f"loaded: {(runtime.registry.base_dir or Path()) / 'good'}"
+    assert states["corrupt"].startswith("refused: OSError: ") and states["buggy"].startswith("refused: Attribute")
+    assert info["models"]["corrupt"] == {"state": "refused", "reason": runtime.refused["corrupt"]}
+    assert info["models"]["good"]["path"] == "packed"
+
+    # the lease every live worker writes
+    lease = json.loads(runtime.records.redis.get(LEASE_PREFIX + runtime.worker_id))
+    assert lease["ready"] is True and lease["refused"] == runtime.refused
+
+
+def test_a_request_for_the_good_model_is_served(runtime: WorkerRuntime) -> None:
+    request = EngineRequest(id="r-good", task=TaskType.CLASSIFY, payload=ClassifyRequest(text="a fine day"),
+                            model="good")
+    result = runtime.engine.submit(request).result(timeout=30)
+    assert result.model == "good" and result.label in ("negative", "positive")
+
+
+def test_a_task_for_a_refused_model_fails_with_the_reason(runtime: WorkerRuntime) -> None:
+    """Through the Celery task body (claim, submit, finalize): failed, ModelNotFound, the reason in the message."""
+    task_id = uuid.uuid4().hex
+    runtime.records.create(task_id, TaskType.CLASSIFY, "corrupt", 0, None)
+    message = {"request": {"text": "hello", "model": "corrupt"}, "model": "corrupt"}
+    task = SimpleNamespace(request=SimpleNamespace(delivery_info={"delivery_tag": "1"}))
+    [item] = run_items(task, runtime, TaskType.CLASSIFY, [Item(task_id, message)])  # type: ignore[arg-type]
+    assert type(item.error).__name__ == "ModelNotFound"
+    record = runtime.records.get(task_id) or {}
+    assert record["state"] == "failed", record
+    error = json.loads(record["error"])
+    assert error["type"] == "ModelNotFound"
+    assert "refused when the worker loaded it" in error["message"] and "not a valid JSON file" in error["message"]
+
+
+def test_a_worker_with_no_loadable_model_refuses_to_start(model_root: Path, redis_url: str, tmp_path: Path) -> None:
+    registry = tmp_path / "registry.toml"
+    registry.write_text(f'[models.corrupt]\ntask = "classify"\nsource = "{model_root / "corrupt"}"\n')
+    settings = Settings(redis_url=redis_url, registry_path=registry, device="cpu", metrics_port=0)
+    with pytest.raises(RuntimeError, match="no model of the registry could be loaded.*corrupt: OSError"):
+        WorkerRuntime.start(settings)
