@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,3 +139,30 @@ def run(
         for r in engine.scheduler.running:
             assert 0 <= engine.kv.waste_slots(r) < bs, "more than one partial block allocated-but-unused"
     raise AssertionError("engine did not finish")
+
+
+@contextmanager
+def recorded_logits(engine: LLMEngine) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Every logits row the engine samples from, per request id, in order (while the block runs)."""
+    rows: dict[str, list[torch.Tensor]] = {}
+    execute = engine.runner.execute
+
+    def recording(out: Any, block_ids: Any) -> Any:
+        logits, samplers = execute(out, block_ids)
+        for row, request in zip(logits, samplers, strict=True):
+            rows.setdefault(request.request_id, []).append(row.clone())
+        return logits, samplers
+
+    engine.runner.execute = recording  # type: ignore[method-assign]
+    try:
+        yield rows
+    finally:
+        del engine.runner.execute
+
+
+def reference_logits(model: Any, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """transformers' own forward (the model's default attention, no cache) on one request alone:
+    the logits that chose each output token, [len(output), vocab] fp32."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + output[:-1]]), use_cache=False).logits[0]
+    return logits[len(prompt) - 1 :].float()

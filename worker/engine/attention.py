@@ -4,7 +4,17 @@ How it plugs in (transformers 5.x): `AttentionInterface.register(ATTENTION_NAME,
 and `model.set_attn_implementation(ATTENTION_NAME)`; each forward gets `cache=PagedKVCache` and the
 step's `AttentionMetadata` as the keyword `METADATA_KWARG`. Every attention layer then calls
 `cache.update(k, v, layer_idx, kwargs=...)` (we write the new K/V into their slots) and then
-`paged_attention(module, q, k, v, None, ...)` (we attend over the pool).
+`paged_attention(module, q, k, v, None, ...)` (we attend over the pool). Layers that call
+`cache.update(k, v, layer_idx)` without the kwargs (GPT-NeoX) find the step's metadata on the cache
+object: the runner sets `PagedKVCache.step_metadata` for the length of each forward.
+
+Score rules beyond `softmax(q.k * scaling)`, matched to transformers' eager attention:
+`softcap` (Gemma-2: scores -> tanh(s / c) * c before the mask) and `s_aux` (GPT-OSS: a learned logit per
+head in the softmax denominator, a "sink"). Models that use either go through `attend` (fp32 matmul +
+softmax with log-sum-exp) instead of SDPA, which has neither; the native kernel soft-caps itself and
+sinks are folded in from the log-sum-exp afterwards (`add_sinks`), so shared-prefix merges stay exact.
+Any other attention keyword with a value raises `UnsupportedAttention` (the load-time self-check turns
+that into a refusal) rather than being silently ignored.
 
 Packed batch of one step (T tokens, one row each, no padding)::
 
@@ -31,12 +41,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from worker.engine.cascade import CascadeGroup, cascade_attention
+from worker.engine.cascade import CascadeGroup, add_sinks, attend, cascade_attention
 from worker.engine.native import paged_decode
 
 ATTENTION_NAME = "pagedq_paged"
 METADATA_KWARG = "pagedq_metadata"
-_UNSUPPORTED = "run the model through LLMEngine (models that drop the keyword are not supported)"
+_UNSUPPORTED = "run the model through LLMEngine"
+# Attention keywords that carry no meaning for paged attention (values the forward passes along anyway).
+_IGNORED_KWARGS = frozenset({"position_ids", "use_cache", "output_attentions", "output_router_logits", "return_dict",
+                             "cache_position", "dropout", "is_causal"})  # fmt: skip
+
+
+class UnsupportedAttention(RuntimeError):
+    """A model asked paged attention for something it does not implement (a keyword, bidirectional)."""
 
 
 class PagedKVCache:
@@ -58,6 +75,7 @@ class PagedKVCache:
         self.value_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.step_metadata: AttentionMetadata | None = None  # set by the runner during a forward
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -70,10 +88,13 @@ class PagedKVCache:
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's K/V ([1, KVH, T, D]) into their slots; return them unchanged."""
-        meta: AttentionMetadata | None = (kwargs or {}).get(METADATA_KWARG)
+        """Write this step's K/V ([1, KVH, T, D]) into their slots; return them unchanged.
+
+        The slots come from the step metadata in `kwargs`, else from `step_metadata` (layers that call
+        `update(k, v, layer_idx)` without kwargs)."""
+        meta: AttentionMetadata | None = (kwargs or {}).get(METADATA_KWARG) or self.step_metadata
         if meta is None:
-            raise RuntimeError(f"this model does not pass its attention kwargs to cache.update(); {_UNSUPPORTED}")
+            raise RuntimeError(f"cache.update() outside a step: no step metadata; {_UNSUPPORTED}")
         flat_k = self.key_cache[layer_idx].view(-1, self.num_kv_heads, self.head_dim)
         flat_v = self.value_cache[layer_idx].view(-1, self.num_kv_heads, self.head_dim)
         flat_k.index_copy_(0, meta.slot_mapping, key_states[0].transpose(0, 1))
@@ -165,6 +186,32 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class ScoreRule:
+    """How one layer turns q.k into attention weights: `softmax(q.k * scale)`, optionally with
+    soft-capped scores (Gemma-2's `softcap`) and per-head sinks (GPT-OSS's `s_aux`)."""
+
+    scale: float
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None  # [H]
+
+    @property
+    def plain(self) -> bool:
+        return self.softcap is None and self.sinks is None
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, query: torch.Tensor, scaling: float | None, kwargs: dict) -> ScoreRule:
+        """The rule for this call; raises `UnsupportedAttention` for what paged attention cannot honour."""
+        if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
+            raise UnsupportedAttention(f"{type(module).__name__} attends bidirectionally")
+        known = _IGNORED_KWARGS | {METADATA_KWARG, "sliding_window", "softcap", "s_aux"}
+        unknown = sorted(k for k, v in kwargs.items() if k not in known and v is not None and v is not False)
+        if unknown:
+            raise UnsupportedAttention(f"{type(module).__name__} passes attention keywords {unknown}")
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return cls(scale, kwargs.get("softcap"), kwargs.get("s_aux"))
+
+
 def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -181,41 +228,43 @@ def paged_attention(
         raise RuntimeError(f"{ATTENTION_NAME} attention got no step metadata; {_UNSUPPORTED}")
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     window = kwargs.get("sliding_window")
+    rule = ScoreRule.of(module, query, scaling, kwargs)
     parts = []  # [rows, H, D] each, in row order: buckets, cascade groups, prefill segments
     if meta.decode_table_start is not None and (meta.decode_buckets or meta.cascades):
-        parts.extend(_native_decode(meta, layer, query, window, scaling))
+        parts.extend(_native_decode(meta, layer, query, window, rule))
     elif meta.decode_buckets or meta.cascades:  # one gather for all buckets, then a view per bucket
         k_all, v_all = meta.cache.gather(layer, meta.decode_block_ids)
         for bucket in meta.decode_buckets:
-            parts.append(_decode_attention(meta.cache, bucket, query, k_all, v_all, window, scaling))
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            parts.append(_decode_attention(meta.cache, bucket, query, k_all, v_all, window, rule))
         for group in meta.cascades:
-            parts.append(cascade_attention(meta.cache, group, layer, query, k_all, v_all, window, scale))
+            scores = dict(softcap=rule.softcap, sinks=rule.sinks)
+            parts.append(cascade_attention(meta.cache, group, layer, query, k_all, v_all, window, rule.scale, **scores))
     for seg in meta.prefills:
-        parts.append(_prefill_attention(meta, seg, layer, query, key, value, window, scaling))
+        parts.append(_prefill_attention(meta, seg, layer, query, key, value, window, rule))
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.unsqueeze(0), None
 
 
 def _native_decode(
-    meta: AttentionMetadata, layer: int, query: torch.Tensor, window: int | None, scaling: float | None
+    meta: AttentionMetadata, layer: int, query: torch.Tensor, window: int | None, rule: ScoreRule
 ) -> list[torch.Tensor]:
     """Every decode row through the native kernel, reading its blocks in place (no gather, no padding);
     shared-prefix groups attend to their prefix once and merge it with the kernel's suffix result."""
     assert meta.decode_table_start is not None and meta.decode_context_lens is not None
     cache = meta.cache
     rows = meta.decode_table_start.shape[0]
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q = query[0, :, :rows].transpose(0, 1).contiguous()  # [rows, H, D]
     out, lse = paged_decode(
         q, cache.key_cache[layer], cache.value_cache[layer], meta.decode_block_ids,
-        meta.decode_table_start, meta.decode_context_lens, scale, window,
+        meta.decode_table_start, meta.decode_context_lens, rule.scale, window, rule.softcap,
     )  # fmt: skip
     plain = meta.decode_buckets[-1].end if meta.decode_buckets else 0
-    parts = [out[:plain]] if plain else []
+    parts = [out[:plain] if rule.sinks is None else add_sinks(out[:plain], lse[:plain], rule.sinks)] if plain else []
     for group in meta.cascades:
         rows_ = slice(group.suffix.start, group.suffix.end)
-        parts.append(cascade_attention(cache, group, layer, query, None, None, window, scale, (out[rows_], lse[rows_])))
+        suffix = (out[rows_], lse[rows_])
+        scores = dict(softcap=rule.softcap, sinks=rule.sinks)
+        parts.append(cascade_attention(cache, group, layer, query, None, None, window, rule.scale, suffix, **scores))
     return parts
 
 
@@ -226,7 +275,7 @@ def _decode_attention(
     k_all: torch.Tensor,
     v_all: torch.Tensor,
     window: int | None,
-    scaling: float | None,
+    rule: ScoreRule,
 ) -> torch.Tensor:
     """A bucket's rows of query [1, H, T, D] -> [rows, H, D], each over its own blocks ([rows, KVH, L, D])."""
     rows, bs = bucket.end - bucket.start, kv.block_size
@@ -234,7 +283,7 @@ def _decode_attention(
     lo, hi = bucket.first_block * bs, (bucket.first_block + rows * bucket.max_blocks) * bs
     k = k_all[lo:hi].view(rows, -1, kv.num_kv_heads, kv.head_dim).transpose(1, 2)
     v = v_all[lo:hi].view(rows, -1, kv.num_kv_heads, kv.head_dim).transpose(1, 2)
-    return _masked_sdpa(q, k, v, bucket.mask(window, kv.block_size), scaling).squeeze(2)
+    return _masked_attention(q, k, v, bucket.mask(window, kv.block_size), rule).squeeze(2)
 
 
 def _prefill_attention(
@@ -245,23 +294,41 @@ def _prefill_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     window: int | None,
-    scaling: float | None,
+    rule: ScoreRule,
 ) -> torch.Tensor:
     """A chunk's queries [1, H, t, D] over its cached prefix plus itself -> [t, H, D]."""
     q = query[:, :, seg.start : seg.end]
     t = seg.end - seg.start
     if seg.num_cached == 0:  # nothing in the pool before this chunk: use this step's K/V directly
         k, v = key[:, :, seg.start : seg.end], value[:, :, seg.start : seg.end]
-        if window is None or window >= t:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+        if rule.plain and (window is None or window >= t):
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=rule.scale, enable_gqa=True)
             return o[0].transpose(0, 1)
     else:
         assert seg.block_ids is not None
         k, v = meta.cache.gather(layer, seg.block_ids)
         k = k[: seg.context_len].transpose(0, 1).unsqueeze(0)
         v = v[: seg.context_len].transpose(0, 1).unsqueeze(0)
-    o = _masked_sdpa(q, k, v, seg.mask(window, q.device), scaling)
+    o = _masked_attention(q, k, v, seg.mask(window, q.device)[None, None], rule)
     return o[0].transpose(0, 1)
+
+
+def _masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, rule: ScoreRule
+) -> torch.Tensor:
+    """q [B, H, Q, D] over k/v [B, KVH, L, D] with a boolean mask [B or 1, 1, Q or 1, L] -> [B, H, Q, D].
+
+    Plain rules go to SDPA; soft-capping and sinks to `attend` (fp32), GQA as a view (no repeated K/V)."""
+    if rule.plain:
+        return _masked_sdpa(q, k, v, mask, rule.scale)
+    b, heads, nq, d = q.shape
+    kvh = k.shape[1]
+    q5 = q.reshape(b, kvh, heads // kvh, nq, d)
+    o, lse = attend(q5, k.unsqueeze(2), v.unsqueeze(2), mask.unsqueeze(2), rule.scale, rule.softcap)
+    o, lse = o.reshape(b, heads, nq, d), lse.reshape(b, heads, nq)
+    if rule.sinks is not None:
+        o = add_sinks(o.transpose(1, 2), lse.transpose(1, 2), rule.sinks).transpose(1, 2)
+    return o.to(q.dtype)
 
 
 def _masked_sdpa(

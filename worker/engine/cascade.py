@@ -9,7 +9,8 @@ the two partial results are merged exactly with their log-sum-exp::
     o_r = (o_prefix * e^lse_prefix + o_suffix * e^lse_suffix) / (e^lse_prefix + e^lse_suffix)
 
 Sliding windows are honoured by masking both parts. Attention here is computed in fp32 with
-matmul + softmax (device-generic); only decode rows use it.
+matmul + softmax (device-generic); only decode rows use it. Soft-capped scores (Gemma-2) are capped in
+each part; attention sinks (GPT-OSS) join the denominator once, after the merge (`add_sinks`).
 """
 
 from __future__ import annotations
@@ -72,11 +73,14 @@ def cascade_attention(
     window: int | None,
     scaling: float,
     suffix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The group's rows of query [1, H, T, D] -> [rows, H, D] (prefix once, suffix per row, merged).
 
     The suffix part comes from `k_all`/`v_all` (the step's gathered decode blocks) or, already computed
-    by the native kernel, as `suffix` = (out [rows, H, D], lse [rows, H])."""
+    by the native kernel (with the same `softcap`, no sinks), as `suffix` = (out [rows, H, D], lse [rows, H]).
+    `sinks` [H]: learned per-head logits in the softmax denominator (see `add_sinks`)."""
     sfx = group.suffix
     rows, bs, kvh, d = sfx.end - sfx.start, kv.block_size, kv.num_kv_heads, kv.head_dim
     heads = query.shape[1]
@@ -88,7 +92,7 @@ def cascade_attention(
     mask_p = None
     if window is not None:
         mask_p = group.prefix_mask(window, prefix_len).repeat(heads // kvh, 1)[None]  # [1, G * rows, Lp]
-    o_p, lse_p = attend(qp, kp.transpose(0, 1), vp.transpose(0, 1), mask_p, scaling)
+    o_p, lse_p = attend(qp, kp.transpose(0, 1), vp.transpose(0, 1), mask_p, scaling, softcap)
     o_p = o_p.view(kvh, -1, rows, d).permute(2, 0, 1, 3)  # [rows, KVH, G, D]
     lse_p = lse_p.view(kvh, -1, rows).permute(2, 0, 1)
     if suffix is not None:
@@ -100,20 +104,40 @@ def cascade_attention(
         vs = v_all[lo:hi].view(rows, -1, kvh, d).transpose(1, 2)
         qs = q.view(kvh, -1, rows, d).permute(2, 0, 1, 3)  # [rows, KVH, G, D]
         # Suffix context lengths count from the prefix end: the (translation-invariant) window mask holds.
-        o_s, lse_s = attend(qs, ks, vs, sfx.mask(window, bs), scaling)
+        o_s, lse_s = attend(qs, ks, vs, sfx.mask(window, bs), scaling, softcap)
     lse = torch.logaddexp(lse_p, lse_s)
     o = o_p * (lse_p - lse).exp().unsqueeze(-1) + o_s * (lse_s - lse).exp().unsqueeze(-1)
-    return o.reshape(rows, heads, d).to(query.dtype)
+    o, lse = o.reshape(rows, heads, d), lse.reshape(rows, heads)
+    if sinks is not None:
+        o = add_sinks(o, lse, sinks)
+    return o.to(query.dtype)
+
+
+def add_sinks(o: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """Attention with a sink from attention without: o [..., H, D], lse [..., H], sinks [H] -> [..., H, D].
+
+    A sink is a score with no value (transformers' GPT-OSS appends it to the scores and drops its column
+    after the softmax), so it only enlarges the denominator: o * e^lse / (e^lse + e^sink)
+    = o * sigmoid(lse - sink). A row with no visible key (lse -inf) stays 0."""
+    return o * torch.sigmoid(lse - sinks.float()).unsqueeze(-1)
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention in fp32 that also returns the log-sum-exp of the scores.
 
-    q [..., Q, D], k/v [..., L, D], mask broadcastable to [..., Q, L] (True = attend).
+    q [..., Q, D], k/v [..., L, D], mask broadcastable to [..., Q, L] (True = attend); scores soft-capped
+    (tanh(s / softcap) * softcap, transformers' eager rule) when `softcap` is given.
     A row with no visible key gets output 0 and lse -inf (it then weighs nothing in a merge)."""
-    s = torch.matmul(q, k.float().transpose(-1, -2)) * scaling
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)

@@ -12,6 +12,7 @@ One `step()` = schedule (one token budget over decodes and prefill chunks) -> on
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -28,6 +29,9 @@ from worker.engine.model_runner import ModelRunner, ModelShape
 from worker.engine.request import Request, RequestOutput, TokenCallback
 from worker.engine.sampling import Sampler, SamplingParams, StopChecker
 from worker.engine.scheduler import Scheduler, SchedulerConfig
+from worker.engine.self_check import UnsupportedModel, check_rotary, self_check
+
+log = logging.getLogger(__name__)
 
 
 def eos_token_ids(model: Any, tokenizer: Any = None) -> list[int]:
@@ -62,7 +66,11 @@ class LLMEngine:
 
     Tuning: `long_prefill_token_threshold` caps one request's prefill chunk per step (0: the budget);
     `decode_bucket_rows` decode rows share one padded attention batch; decode rows sharing a cached
-    prefix of >= `cascade_min_tokens` attend to it once per group (0: off)."""
+    prefix of >= `cascade_min_tokens` attend to it once per group (0: off).
+
+    Exact or refused (worker/engine/self_check.py): a model whose paged output would differ from
+    transformers' raises `UnsupportedModel` here, with the reason, logged once -- statically (rotary
+    scaling that depends on the step) or by the load-time probe (`self_check=False` skips the probe)."""
 
     def __init__(
         self,
@@ -78,11 +86,38 @@ class LLMEngine:
         decode_bucket_rows: int = 16,
         cascade_min_tokens: int = 256,
         native_decode: bool | None = None,
+        self_check: bool = True,
+    ) -> None:
+        try:
+            self._build(
+                model, tokenizer, config, namespace, num_blocks, kv_cache_memory_fraction, max_model_len,
+                long_prefill_token_threshold, decode_bucket_rows, cascade_min_tokens, native_decode,
+            )  # fmt: skip
+            if self_check:
+                run_self_check(self)
+        except UnsupportedModel as exc:
+            log.warning("refusing model %s: %s", namespace, exc)
+            raise
+
+    def _build(
+        self,
+        model: Any,
+        tokenizer: Any,
+        config: EngineConfig | None,
+        namespace: str,
+        num_blocks: int | None,
+        kv_cache_memory_fraction: float,
+        max_model_len: int | None,
+        long_prefill_token_threshold: int,
+        decode_bucket_rows: int,
+        cascade_min_tokens: int,
+        native_decode: bool | None,
     ) -> None:
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer, self.namespace = model, tokenizer, namespace
         shape = ModelShape.of(model)
         self.max_model_len = max_model_len or shape.max_model_len
+        check_rotary(model, self.max_model_len)
         device, dtype = model.device, model.dtype
         per_block = PagedKVCache.bytes_per_block(
             shape.num_layers, config.block_size, shape.num_kv_heads, shape.head_dim, dtype
@@ -181,6 +216,16 @@ class LLMEngine:
             done.update((o.request_id, o) for o in self.step() if o.finished)
         return [done[rid] for rid in ids]
 
+    def reset_after_probe(self, request_ids: Sequence[str]) -> None:
+        """Forget a probe's traces: its requests (if it stopped midway), cached blocks and counters."""
+        for rid in request_ids:
+            self.scheduler.abort_request(rid)
+        self.scheduler.schedule()  # collects the aborted (reported, then forgotten); nothing runs
+        self.kv.pool.reset_prefix_cache()
+        self.kv.prefix_cache_queries = self.kv.prefix_cache_hits = 0
+        self.scheduler.num_preemptions = 0
+        self._counters = dict.fromkeys(self._counters, 0)
+
     def stats(self) -> dict[str, float]:
         """Gauges and counters in vLLM's vocabulary (`kv_cache_usage_perc` is a 0..1 fraction)."""
         c = self._counters
@@ -198,3 +243,8 @@ class LLMEngine:
             "kv_waste_slots": sum(self.kv.waste_slots(r) for r in running),
             "num_kv_blocks": self.kv.pool.num_blocks,
         }
+
+
+def run_self_check(engine: LLMEngine) -> None:
+    """The load-time probe (a module-level name, so a test can count or replace it)."""
+    self_check(engine)

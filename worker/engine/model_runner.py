@@ -32,6 +32,7 @@ from worker.engine.decode_plan import plan_decode
 from worker.engine.native import paged_decode_available
 from worker.engine.request import Request
 from worker.engine.scheduler import SchedulerOutput
+from worker.engine.self_check import UnsupportedModel
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention)
 
@@ -58,11 +59,14 @@ class ModelShape:
 
 
 def check_model(model: Any) -> None:
-    """Raise unless `model` is a decoder-only model that can run on a custom attention backend."""
+    """Raise `UnsupportedModel` unless `model` is a decoder-only model that can run on a custom attention
+    backend (the rest of "exact or refused" is worker/engine/self_check.py)."""
     if getattr(model.config, "is_encoder_decoder", False):
-        raise ValueError(f"{type(model).__name__} is an encoder-decoder model; the paged engine runs decoder-only LMs")
+        raise UnsupportedModel(
+            f"{type(model).__name__} is an encoder-decoder model; the paged engine runs decoder-only LMs"
+        )
     if not model.is_backend_compatible():
-        raise ValueError(
+        raise UnsupportedModel(
             f"{type(model).__name__} does not support custom attention backends (is_backend_compatible() is False)"
         )
 
@@ -98,14 +102,18 @@ class ModelRunner:
         """Run one step. Returns logits [N, vocab] (fp32) and the N requests that sample, in order."""
         self.cache.copy_blocks(out.copies)
         input_ids, positions, keep, samplers, meta = self._prepare(out, block_ids)
-        result = self.model(
-            input_ids=input_ids,
-            position_ids=positions,
-            cache=self.cache,
-            use_cache=False,
-            logits_to_keep=keep,
-            **{METADATA_KWARG: meta},
-        )
+        self.cache.step_metadata = meta  # for layers that call cache.update() without their kwargs
+        try:
+            result = self.model(
+                input_ids=input_ids,
+                position_ids=positions,
+                cache=self.cache,
+                use_cache=False,
+                logits_to_keep=keep,
+                **{METADATA_KWARG: meta},
+            )
+        finally:
+            self.cache.step_metadata = None
         return result.logits[0].float(), samplers
 
     def _prepare(

@@ -102,7 +102,7 @@ def _load() -> ctypes.CDLL | None:
             return None
         fn = lib.pagedq_paged_decode_f32
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
+        fn.argtypes = [*[p] * 8, *[i64] * 7, ctypes.c_float, ctypes.c_float, ctypes.c_int]
         fn.restype = ctypes.c_int
         _lib = lib
         return _lib
@@ -122,8 +122,9 @@ def paged_decode(
     lens: torch.Tensor,
     scale: float,
     window: int | None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode rows' attention over their own blocks.
+    """Decode rows' attention over their own blocks; scores soft-capped (tanh(s / softcap) * softcap) if given.
 
     q [rows, H, D] fp32; k_cache/v_cache [num_blocks, block_size, KVH, D] fp32 (one layer; each block
     contiguous, blocks any equal distance apart; the two may be one tensor);
@@ -147,7 +148,7 @@ def paged_decode(
     status = lib.pagedq_paged_decode_f32(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_ids.data_ptr(), table_start.data_ptr(),
         lens.data_ptr(), out.data_ptr(), lse.data_ptr(), rows, heads, kv_heads, dim, block_size, block_stride,
-        window or 0, scale, torch.get_num_threads(),
+        window or 0, scale, softcap or 0.0, torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
         raise RuntimeError(f"paged decode kernel failed (status {status})")

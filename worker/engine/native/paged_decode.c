@@ -14,6 +14,9 @@
  * Outputs: out [rows, heads, head_dim] and lse [rows, heads], the log-sum-exp of the scaled scores (for
  * merging with a shared-prefix part). Scores, softmax and sums are fp32, two passes over the keys
  * (scores, then values), in the same order as a dense softmax.
+ * Soft-capping (softcap > 0, Gemma-2): each scaled score s becomes tanh(s / softcap) * softcap before the
+ * softmax, as transformers' eager attention does. Attention sinks are not applied here: the caller folds
+ * them in from lse (o * sigmoid(lse - sink)), which also keeps the shared-prefix merge exact.
  */
 #include <math.h>
 #include <pthread.h>
@@ -40,7 +43,7 @@ typedef struct {
     const int64_t *block_ids, *table_start, *lens;
     float *out, *lse;
     int64_t rows, heads, kv_heads, head_dim, block_size, block_stride, window;
-    float scale;
+    float scale, softcap;
     int64_t task_begin, task_end; /* rows */
     int status;
 } Job;
@@ -138,6 +141,8 @@ static inline void values8_shared(const float *const *rows, const float *w, int6
 }
 #endif
 
+static inline float capped(float s, float softcap) { return softcap > 0.0f ? tanhf(s / softcap) * softcap : s; }
+
 static void *run(void *arg) {
     Job *job = (Job *)arg;
     const int64_t H = job->heads, KVH = job->kv_heads, D = job->head_dim, BS = job->block_size;
@@ -180,7 +185,7 @@ static void *run(void *arg) {
                 for (; h < H; h += 8) {
                     scores8_shared(q + h * D, k + (h / G) * D, D, s8);
                     for (int i = 0; i < 8; i++) {
-                        const float s = s8[i] * job->scale;
+                        const float s = capped(s8[i] * job->scale, job->softcap);
                         scores[(h + i) * n + (p - lo)] = s;
                         if (s > maxs[h + i]) maxs[h + i] = s;
                     }
@@ -193,7 +198,7 @@ static void *run(void *arg) {
                 for (; h + 8 <= H; h += 8) {
                     dot8(q, k, h, G, D, s8);
                     for (int i = 0; i < 8; i++) {
-                        const float s = s8[i] * job->scale;
+                        const float s = capped(s8[i] * job->scale, job->softcap);
                         scores[(h + i) * n + (p - lo)] = s;
                         if (s > maxs[h + i]) maxs[h + i] = s;
                     }
@@ -201,7 +206,7 @@ static void *run(void *arg) {
             }
 #endif
             for (; h < H; h++) {
-                const float s = dot(q + h * D, k + (h / G) * D, D) * job->scale;
+                const float s = capped(dot(q + h * D, k + (h / G) * D, D) * job->scale, job->softcap);
                 scores[h * n + (p - lo)] = s;
                 if (s > maxs[h]) maxs[h] = s;
             }
@@ -249,7 +254,7 @@ static void *run(void *arg) {
 int pagedq_paged_decode_f32(const float *q, const float *k_cache, const float *v_cache, const int64_t *block_ids,
                             const int64_t *table_start, const int64_t *lens, float *out, float *lse, int64_t rows,
                             int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
-                            int64_t block_stride, int64_t window, float scale, int threads) {
+                            int64_t block_stride, int64_t window, float scale, float softcap, int threads) {
     if (kv_heads <= 0 || heads % kv_heads != 0) return 2;
     const int64_t tasks = rows;
     if (threads < 1) threads = 1;
@@ -267,7 +272,7 @@ int pagedq_paged_decode_f32(const float *q, const float *k_cache, const float *v
             task++;
         }
         Job j = {q, k_cache, v_cache, block_ids, table_start, lens, out, lse, rows, heads, kv_heads,
-                 head_dim, block_size, block_stride, window, scale, begin, task, 0};
+                 head_dim, block_size, block_stride, window, scale, softcap, begin, task, 0};
         jobs[i] = j;
     }
 #ifdef _OPENMP
