@@ -3,12 +3,15 @@
 `self_check(engine)` runs when the executor builds the engine:
 
 1. `PROBE_LENGTHS` source sentences (fixed pseudo-random ids, no special tokens but a final EOS) go through
-   the engine together -- one packed encoder pass, then `PROBE_STEPS` greedy decoder steps with every
-   sentence in each packed pass -- and the logits of every step are recorded (`Seq2SeqEngine.observe_logits`);
+   the engine together -- one packed encoder pass, then `PROBE_STEPS` decoder steps with every sentence in
+   each packed pass -- and the logits of every step are recorded (`Seq2SeqEngine.observe_logits`). The
+   steps sample (seeded, temperature 1) rather than take the argmax: random or untrained weights often
+   repeat one token, and a decoder fed the same token at every position cannot tell a wrong self-attention
+   (T5's relative positions, say) from a right one;
 2. each sentence then runs alone through the model as loaded (its own attention implementation, no hooks):
    one teacher-forced forward over the tokens the engine chose;
-3. it passes when, at every step, the engine's token is the forward's argmax (or within the tolerance of
-   it: a near tie may go either way) and no logit differs by more than
+3. it passes when, at every step, the engine's greedy token (its argmax) is the forward's (or within the
+   tolerance of it: a near tie may go either way) and no logit differs by more than
    `RELATIVE_TOLERANCE[dtype] * max(1, max |logit|)`.
 
 Anything else -- a wrong token, a distance past the tolerance, an exception -- fails the check with a
@@ -113,7 +116,10 @@ def _probe(engine: Seq2SeqEngine) -> tuple[str, float]:
             row += len(request.sequences)
 
     engine.observe_logits = observe
-    outputs = engine.generate(inputs, DecodeSettings(max_new_tokens=PROBE_STEPS, decoder_start_token_id=start))
+    settings = DecodeSettings(
+        max_new_tokens=PROBE_STEPS, decoder_start_token_id=start, do_sample=True, seed=PROBE_SEED, top_k=0
+    )
+    outputs = engine.generate(inputs, settings)
     engine.observe_logits = None
     tolerance = RELATIVE_TOLERANCE.get(model.dtype, RELATIVE_TOLERANCE[torch.bfloat16])
     worst = 0.0
@@ -129,12 +135,12 @@ def _probe(engine: Seq2SeqEngine) -> tuple[str, float]:
             scale = tolerance * max(1.0, float(reference.abs().max()))
             error = float((paged - reference).abs().max())
             worst = max(worst, error)
-            for step, token in enumerate(tokens):
+            for step, token in enumerate(paged.argmax(-1).tolist()):
                 best = int(reference[step].argmax())
                 if token != best and float(reference[step, best] - reference[step, token]) > scale:
                     return (
-                        f"a probe sentence of {len(ids)} tokens, step {step}: the paged path chose token {token}, "
-                        f"the model's own forward {best}"
+                        f"a probe sentence of {len(ids)} tokens, step {step}: the paged path's greedy token is "
+                        f"{token}, the model's own forward's {best}"
                     ), worst
             if error > scale:
                 return f"paged logits differ from the model's own forward by {error:.3g} (tolerance {scale:.3g})", worst
