@@ -32,7 +32,7 @@ from shared.errors import ModelNotFound
 from shared.records import LEASE_PREFIX, WORKER_RETRIES, TaskRecords
 from shared.registry import ModelSpec, Registry
 from shared.settings import Settings
-from worker.engine.executor import EngineConfig, EngineRequest, ModelExecutor
+from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
 from worker.engine.service import Engine, make_executor
 from worker.lease import WorkerLease, new_worker_id
 from worker.reconciler import Reconciler
@@ -78,7 +78,8 @@ class WorkerRuntime:
         if len(refused) == len(registry.models):
             reasons = "; ".join(f"{name}: {reason}" for name, reason in refused.items())
             raise RuntimeError(f"no model of the registry could be loaded, the worker does not start: {reasons}")
-        served = {**executors, **{name: RefusedExecutor(name, reason) for name, reason in refused.items()}}
+        stand_ins = {name: RefusedExecutor(registry.models[name], reason) for name, reason in refused.items()}
+        served = {**executors, **stand_ins}
         engine = Engine(served).start()
         records = TaskRecords.from_url(settings.backend_url, settings.result_ttl_s, retries=WORKER_RETRIES)
         streamer = TokenStreamer(records.redis, settings.result_ttl_s).start()
@@ -151,12 +152,14 @@ class RefusedExecutor(ModelExecutor):
     """Stands in for a model the worker refused: every request fails at once with ModelNotFound and the
     reason (the engine thread calls `add`, which completes the request's future; nothing is ever held)."""
 
-    def __init__(self, name: str, reason: str) -> None:  # no model: super().__init__ is not called
-        self.name, self.reason = name, reason
+    def __init__(self, spec: ModelSpec, reason: str) -> None:
+        super().__init__(LoadedModel(spec=spec, model=None, tokenizer=None, device=None, dtype=None), EngineConfig())
+        self.reason = reason
 
     def add(self, request: EngineRequest) -> None:
-        request.fail(ModelNotFound(f"model {self.name!r} is not served by this worker: it was refused when the "
-                                   f"worker loaded it ({self.reason})"))
+        name = self.loaded.spec.name
+        request.fail(ModelNotFound(f"model {name!r} is not served by this worker: it was refused when the worker "
+                                   f"loaded it ({self.reason})"))
 
     def abort(self, request_id: str, error: BaseException) -> bool:
         return False
