@@ -2,15 +2,22 @@
 
 Example: `PAGEDQ_REDIS_URL=redis://redis:6379/0 PAGEDQ_RESULT_TTL_S=3600`. Lists are JSON
 (`PAGEDQ_API_KEYS='["k1","k2"]'`) or comma-separated.
+
+Secrets can come from files instead of the environment (compose/Docker/Kubernetes secrets): a file named
+like the variable in lower case, in `PAGEDQ_SECRETS_DIR` (default `/run/secrets`, where compose mounts them),
+e.g. `/run/secrets/pagedq_api_keys` or `/run/secrets/pagedq_redis_password`. `PAGEDQ_REDIS_PASSWORD` (or its
+file) is put into the Redis URLs that carry no password of their own, so the URLs themselves hold no secret.
 """
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -41,11 +48,30 @@ class Limits(BaseModel):
     )
 
 
+def _secrets_dir() -> str | None:
+    """Where secret files are read from, if that directory exists (pydantic-settings warns otherwise)."""
+    path = Path(os.environ.get("PAGEDQ_SECRETS_DIR", "/run/secrets"))
+    return str(path) if path.is_dir() else None
+
+
+def with_password(url: str, password: str) -> str:
+    """`url` with `password` in it, unless it names one already (percent-encoded: any character works)."""
+    parts = urlsplit(url)
+    if parts.password is not None or not parts.hostname:
+        return url
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{parts.netloc.rpartition('@')[2]}"))
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PAGEDQ_", env_nested_delimiter="__", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="PAGEDQ_", env_nested_delimiter="__", extra="ignore",
+                                      secrets_dir=_secrets_dir())
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker and result backend.")
     result_redis_url: str | None = Field(None, description="Result backend, if not `redis_url`.")
+    redis_password: SecretStr | None = Field(
+        None, description="Password put into the Redis URLs that carry none (best from a secret file)."
+    )
     result_ttl_s: int = Field(24 * 3600, gt=0, description="How long results and task records are kept.")
     visibility_timeout_s: int = Field(
         2 * 3600, gt=0, description="Redis redelivers an unacked message after this; keep it above the worst-case task."
@@ -95,6 +121,15 @@ class Settings(BaseSettings):
                 return json.loads(value)
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _urls_with_password(self) -> Settings:
+        if self.redis_password is not None:
+            password = self.redis_password.get_secret_value().strip()  # a secret file ends with a newline
+            self.redis_url = with_password(self.redis_url, password)
+            if self.result_redis_url is not None:
+                self.result_redis_url = with_password(self.result_redis_url, password)
+        return self
 
     @property
     def backend_url(self) -> str:
