@@ -17,12 +17,16 @@ on any error.
 # submit routes refer to each loop iteration's local `task_type`.
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from producer.api_auth import require_api_key
@@ -66,6 +70,8 @@ def create_app(settings: Settings | None = None, service: TaskService | None = N
         title="pagedq",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by _docs_routes from local files: /docs works without internet
+        redoc_url=None,
         description="Queue-driven NLP inference: submit classify / translate / qa tasks; wait for them by id "
         "(long poll), many at once, or stream generated text (Server-Sent Events).",
     )
@@ -75,6 +81,7 @@ def create_app(settings: Settings | None = None, service: TaskService | None = N
     app.state.aredis = aioredis.Redis.from_url(settings.backend_url, decode_responses=True, health_check_interval=10)
     install_error_handlers(app)
     app.include_router(_health_routes())
+    _docs_routes(app)
     app.include_router(
         _task_routes(settings.limits), prefix="/v1", dependencies=[Depends(require_api_key)], responses=V1_RESPONSES
     )
@@ -214,6 +221,39 @@ def _health_routes() -> APIRouter:
         )
 
     return router
+
+
+#: Swagger UI 5 (OpenAPI 3.1) and ReDoc 2 as shipped in the `fastapi-offline` package (the `api` extra).
+DOCS_ASSETS = Path(str(resources.files("fastapi_offline") / "static"))
+DOCS_STATIC = "/docs-static"
+
+
+def _docs_routes(app: FastAPI) -> None:
+    """/docs and /redoc from installed files instead of a CDN (FastAPI's "self-hosting JavaScript and CSS
+    for docs" recipe), so they work without internet."""
+    app.mount(DOCS_STATIC, StaticFiles(directory=DOCS_ASSETS), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_STATIC}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_STATIC}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_STATIC}/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_STATIC}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_STATIC}/favicon.png",
+            with_google_fonts=False,
+        )
 
 
 def _readiness(service: TaskService) -> dict[str, dict[str, Any]]:
