@@ -22,6 +22,8 @@ import torch
 from executor_support import SCORE_TOLERANCE, TEXTS, long_text, pipeline_scores, reference_qa, request, run
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
+    AlbertConfig,
+    AlbertForSequenceClassification,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -32,8 +34,6 @@ from transformers import (
     DistilBertConfig,
     DistilBertForQuestionAnswering,
     DistilBertTokenizer,
-    ElectraConfig,
-    ElectraForSequenceClassification,
     RobertaConfig,
     RobertaForQuestionAnswering,
     RobertaForSequenceClassification,
@@ -348,8 +348,8 @@ def test_models_that_cannot_pack_fall_back(model_dirs: dict[str, Path]) -> None:
         ClassificationExecutor(deberta, EngineConfig(), packing=True)
     assert deberta.model.config._attn_implementation != VARLEN_ATTENTION
     tiny: dict[str, Any] = dict(vocab_size=50, **SHAPE)
-    electra = ElectraForSequenceClassification(ElectraConfig(embedding_size=64, **tiny)).eval()
-    assert "no packing layout" in (unsupported_reason(electra) or "")
+    albert = AlbertForSequenceClassification(AlbertConfig(embedding_size=32, **tiny)).eval()  # one shared layer
+    assert "no packing layout" in (unsupported_reason(albert) or "")
     decoder = BertForSequenceClassification(BertConfig(is_decoder=True, **tiny)).eval()
     assert "decoder" in (unsupported_reason(decoder) or "")
     assert "training" in (unsupported_reason(BertForSequenceClassification(BertConfig(**tiny))) or "")
