@@ -180,8 +180,11 @@ def test_an_architecture_the_engine_cannot_page_runs_on_batched_generate(lm: Loa
     torch.manual_seed(0)
     model = UMT5ForConditionalGeneration(config).eval()
     model.generation_config = GenerationConfig(
-        decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, max_length=9, suppress_tokens=[tokenizer.pad_token_id],
+        decoder_start_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        max_length=9,
+        suppress_tokens=[tokenizer.pad_token_id],
     )  # fmt: skip  (random weights emit the pad token; the reference drops trailing pads)
     reference = copy.deepcopy(model)
     umt5 = LoadedModel(lm.spec, model, tokenizer, lm.device, lm.dtype)
@@ -194,6 +197,19 @@ def test_an_architecture_the_engine_cannot_page_runs_on_batched_generate(lm: Loa
     for req, text in zip(reqs, TEXTS, strict=False):
         want = reference_translation(LoadedModel(lm.spec, reference, tokenizer, lm.device, lm.dtype), text)
         assert (req.future.result(timeout=0).translation, req.future.result(timeout=0).output_tokens) == want
+
+
+def test_a_request_option_no_path_implements_is_refused(lm: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never ignored in silence: `_generation.REQUEST_OPTIONS` lists how each option is honoured."""
+    from worker.engine import _generation
+
+    monkeypatch.delitem(_generation.REQUEST_OPTIONS, "top_p")
+    executor = Seq2SeqExecutor(lm, EngineConfig())
+    refused, served = translate(TEXTS[0], generation={"do_sample": True, "top_p": 0.5}), translate(TEXTS[1])
+    run(executor, [refused, served])
+    with pytest.raises(InvalidRequest, match="top_p"):
+        refused.future.result(timeout=0)
+    assert served.future.result(timeout=0).output_tokens > 0
 
 
 def test_the_executor_says_which_path_serves_the_model(lm: LoadedModel) -> None:
