@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from scripts.stack import Stack
+from shared.models import TaskType
 from shared.registry import Registry
 
 pytestmark = pytest.mark.integration
@@ -258,6 +259,28 @@ def test_readyz_and_metrics(stack: Stack) -> None:
     assert 'task="classify",type="InvalidRequest"}' in metrics
     assert 'pagedq_e2e_request_latency_seconds_bucket{le="0.01",model="demo-classifier",task="classify"}' in metrics
     assert "pagedq_num_requests_waiting" in metrics
+
+
+def test_metrics_cover_every_executor_kind_by_model(stack: Stack, registry: Registry) -> None:
+    """After the mixed traffic above (classification, extractive QA, translation, generative QA), every model
+    that ran has its task count, prompt tokens and engine steps under its own `model` label, and the
+    generating ones their generated tokens (the paged causal LM included)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(httpx.get(stack.metrics_url).text):
+        for sample in family.samples:
+            model = sample.labels.get("model")
+            if model is not None and sample.labels.get("outcome", "succeeded") == "succeeded":
+                samples[(sample.name, model)] = samples.get((sample.name, model), 0.0) + sample.value
+    generative = next(s.name for s in registry.models.values() if s.mode == "generative")
+    ran = {registry.defaults[TaskType.CLASSIFY]: False, registry.defaults[TaskType.QA]: False,
+           registry.defaults[TaskType.TRANSLATE]: True, generative: True}  # model -> generates tokens
+    for model, generates in ran.items():
+        assert samples.get(("pagedq_tasks_total", model), 0) > 0, model
+        assert samples.get(("pagedq_prompt_tokens_total", model), 0) > 0, model
+        assert samples.get(("pagedq_engine_steps_total", model), 0) > 0, model
+        assert (samples.get(("pagedq_generation_tokens_total", model), 0) > 0) is generates, model
 
 
 def test_a_redelivered_task_is_not_run_twice(stack: Stack, http: httpx.Client) -> None:

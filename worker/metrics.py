@@ -28,6 +28,10 @@ TASKS = Counter("pagedq_tasks", "Tasks finished on this worker: outcome succeede
                 ["task", "model", "outcome"])
 TASK_ERRORS = Counter("pagedq_task_errors", "Tasks that did not succeed, by the error's type.",
                       ["task", "model", "type"])
+PROMPT_TOKENS = Counter("pagedq_prompt_tokens", "Input tokens the model read (after truncation), of succeeded "
+                        "tasks.", ["task", "model"])
+GENERATION_TOKENS = Counter("pagedq_generation_tokens", "Tokens generated for succeeded tasks (translation, "
+                            "generative QA).", ["task", "model"])
 
 #: error types of a failed task that say the request was at fault, not the service
 USER_ERRORS = frozenset({"InvalidRequest", "ModelNotFound", "UnsupportedLanguagePair"})
@@ -40,9 +44,10 @@ ENGINE_METRICS = {
     "prefix_cache_queries": ("pagedq_prefix_cache_queries", "Tokens looked up in the prefix cache.", "counter"),
     "prefix_cache_hits": ("pagedq_prefix_cache_hits", "Tokens found in the prefix cache.", "counter"),
     "num_preemptions": ("pagedq_num_preemptions", "Requests preempted to free KV blocks.", "counter"),
-    "generated_tokens": ("pagedq_generation_tokens", "Tokens generated.", "counter"),
     "steps": ("pagedq_engine_steps", "Batched model steps run.", "counter"),
 }
+#: other names executors report a key under (the causal-LM engine counts `num_steps`)
+ENGINE_KEY_ALIASES = {"steps": ("num_steps",)}
 
 
 def task_started(task: str, model: str, message: dict[str, Any]) -> None:
@@ -52,10 +57,16 @@ def task_started(task: str, model: str, message: dict[str, Any]) -> None:
         QUEUE_TIME.labels(task, model).observe(max(0.0, time.time() - submitted))
 
 
-def task_finished(task: str, model: str, message: dict[str, Any], state: str, error_type: str | None = None) -> None:
-    """Count a task's final `state` (a failure the request caused as user_error) and its error's type, and
-    observe its end-to-end latency."""
+def task_finished(task: str, model: str, message: dict[str, Any], state: str, error_type: str | None = None,
+                  result: dict[str, Any] | None = None) -> None:
+    """Count a task's final `state` (a failure the request caused as user_error) and its error's type, its
+    tokens (a succeeded task's `result`), and observe its end-to-end latency."""
     TASKS.labels(task, model, "user_error" if error_type in USER_ERRORS else state).inc()
+    if result:
+        if isinstance(tokens := result.get("input_tokens"), int) and tokens > 0:
+            PROMPT_TOKENS.labels(task, model).inc(tokens)
+        if isinstance(tokens := result.get("output_tokens"), int) and tokens > 0:
+            GENERATION_TOKENS.labels(task, model).inc(tokens)
     if error_type is not None:
         TASK_ERRORS.labels(task, model, error_type).inc()
     submitted = message.get("submitted_at") if isinstance(message, dict) else None
@@ -72,8 +83,9 @@ class EngineCollector(Collector):
         for key, (name, doc, kind) in ENGINE_METRICS.items():
             family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, labels=["model"])
             for model, stats in models.items():
-                if key in stats:
-                    family.add_metric([model], float(stats[key]))
+                found = next((k for k in (key, *ENGINE_KEY_ALIASES.get(key, ())) if k in stats), None)
+                if found is not None:
+                    family.add_metric([model], float(stats[found]))
             yield family
 
 

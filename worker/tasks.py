@@ -231,4 +231,5 @@ def _finalize(rt: WorkerRuntime, task_type: TaskType, items: list[Item], outcome
     for outcome in outcomes:
         item = by_id[outcome.task_id]
         error_type = None if outcome.state is TaskState.SUCCEEDED else (outcome.error or {}).get("type", "Error")
-        metrics.task_finished(task_type.value, _model_label(item), item.message, outcome.state.value, error_type)
+        metrics.task_finished(task_type.value, _model_label(item), item.message, outcome.state.value, error_type,
+                              outcome.result if isinstance(outcome.result, dict) else None)
