@@ -254,7 +254,9 @@ def test_packed_bf16_stays_close_to_fp32(model_dirs: dict[str, Path]) -> None:
     lm, ref = load(model_dirs, "roberta-qa"), load(model_dirs, "roberta-qa")
     lm.model.to(torch.bfloat16)
     encodings = [dict(lm.tokenizer(text)) for text in CLASSIFY_TEXTS]
-    packed = EncoderForward(lm, pooled=False).token_outputs(encodings, ("start_logits",))
+    forward = EncoderForward(lm, pooled=False)
+    assert forward.packed  # the self-check's bf16 tolerance (packing_check.TOLERANCES) lets it pack
+    packed = forward.token_outputs(encodings, ("start_logits",))
     with torch.inference_mode():
         for (start,), enc in zip(packed, encodings, strict=True):
             single = ref.model(**{k: torch.tensor([v]) for k, v in enc.items()}).start_logits[0]

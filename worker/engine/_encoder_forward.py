@@ -122,7 +122,7 @@ class EncoderForward:
             error, failure = relative_error(reference, packed), ""
         except Exception as exc:  # noqa: BLE001 - a packed forward that raises is refused like a wrong one
             error, failure = float("inf"), f" ({type(exc).__name__}: {exc})"
-        limit = tolerance(self.loaded.dtype)
+        limit = tolerance(model.dtype)  # the weights' dtype (a caller may have cast the model after loading)
         if error <= limit:
             return None
         self.layout = None
