@@ -17,9 +17,12 @@ DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()
 
 def test_every_service_is_there_with_a_healthcheck() -> None:
     services = COMPOSE["services"]
-    assert set(services) == {"redis", "api", "worker", "flower"}
+    assert set(services) == {"redis", "api", "worker", "flower", "prometheus", "grafana"}
     for name, service in services.items():
         assert "healthcheck" in service, name
+    # monitoring only when asked for: `docker compose --profile monitoring up`
+    assert {n for n, s in services.items() if "profiles" in s} == {"prometheus", "grafana"}
+    assert all(services[n]["profiles"] == ["monitoring"] for n in ("prometheus", "grafana"))
 
 
 def test_worker_reserves_a_gpu_and_waits_for_redis() -> None:
@@ -46,10 +49,13 @@ def _secret_targets(service: dict) -> dict[str, str]:
 def test_secrets_are_files_never_environment_variables() -> None:
     """`docker inspect` shows a container's environment: no password, key or basic auth may be there."""
     secrets = COMPOSE["secrets"]
-    assert set(secrets) == {"redis_password", "api_keys", "flower_basic_auth", "hf_token"}
+    assert set(secrets) == {"redis_password", "api_keys", "flower_basic_auth", "hf_token", "grafana_admin_password"}
     assert all(spec["file"].startswith("./secrets/") for spec in secrets.values())
     for name, service in COMPOSE["services"].items():
         for key, value in (service.get("environment") or {}).items():
+            if key.endswith(("__FILE", "TOKEN_PATH")):  # a path to a secret file, not the secret
+                assert str(value).startswith("/run/secrets/"), (name, key)
+                continue
             assert not re.search(r"PASSWORD|API_KEYS|BASIC_AUTH|TOKEN$", key), (name, key)
             assert "${" not in str(value), (name, key)  # nothing interpolated from the host's environment
     assert "secrets/" in (ROOT / ".gitignore").read_text().split()
@@ -132,7 +138,9 @@ def test_the_image_requirements_come_from_pyproject() -> None:
 
 def test_only_the_api_and_flower_are_published_to_the_host() -> None:
     published = {name: s["ports"] for name, s in COMPOSE["services"].items() if "ports" in s}
-    assert published == {"api": ["8000:8000"], "flower": ["5555:5555"]}
+    loopback = {name: ports for name, ports in published.items() if all(p.startswith("127.0.0.1:") for p in ports)}
+    assert {n: p for n, p in published.items() if n not in loopback} == {"api": ["8000:8000"], "flower": ["5555:5555"]}
+    assert set(loopback) == {"prometheus", "grafana"}
     assert COMPOSE["services"]["worker"]["expose"] == ["9464"]  # metrics for scrapers on the compose network
 
 
@@ -189,3 +197,32 @@ def test_the_build_context_leaves_out_what_the_images_do_not_copy() -> None:
 def test_the_worker_pool_size_comes_from_the_settings() -> None:
     worker_cmd = DOCKERFILE.split("AS worker")[1].split("FROM")[0]
     assert '"-c"' not in worker_cmd and "--concurrency" not in worker_cmd  # PAGEDQ_WORKER_CONCURRENCY decides
+
+
+def test_the_grafana_dashboard_charts_only_metrics_the_workers_export() -> None:
+    """docker/monitoring: Prometheus scrapes the workers, Grafana provisions it and the pagedq dashboard, and
+    every query of the dashboard names a metric worker/metrics.py serves (a renamed metric breaks this)."""
+    import json
+
+    from prometheus_client import Counter, Histogram
+
+    from worker import metrics
+
+    exported = {m._name for m in vars(metrics).values() if isinstance(m, Counter | Histogram)}
+    exported |= {name for name, _, _ in metrics.ENGINE_METRICS.values()}
+    monitoring = ROOT / "docker" / "monitoring"
+    dashboard = json.loads((monitoring / "grafana" / "dashboards" / "pagedq.json").read_text())
+    queries = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {re.sub(r"_(total|bucket|sum|count)$", "", m) for q in queries for m in re.findall(r"pagedq_\w+", q)}
+    assert used and used <= exported, used - exported
+    assert {"pagedq_tasks", "pagedq_e2e_request_latency_seconds", "pagedq_generation_tokens"} <= used
+    prometheus = yaml.safe_load((monitoring / "prometheus.yml").read_text())
+    [job] = prometheus["scrape_configs"]
+    assert job["dns_sd_configs"][0]["names"] == ["worker"] and job["dns_sd_configs"][0]["port"] == 9464
+    grafana = COMPOSE["services"]["grafana"]
+    assert "./docker/monitoring/grafana/dashboards:/var/lib/grafana/dashboards:ro" in grafana["volumes"]
+    provider = yaml.safe_load((monitoring / "grafana" / "provisioning" / "dashboards" / "pagedq.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    provisioning = monitoring / "grafana" / "provisioning"
+    datasource = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
