@@ -1,4 +1,4 @@
-"""Translation on encoder-decoder models through the paged `Seq2SeqEngine` (Marian, BART, mBART, M2M100, T5).
+"""Translation on encoder-decoder models: the paged `Seq2SeqEngine` (`seq2seq_model.PAGED_MODEL_TYPES`) or `generate`.
 
 At load the executor picks the model's path (`stats()["path"]`, with `"path_reason"`): the paged engine if
 the architecture is one it pages (`seq2seq_model.check_model`) and the engine passes its self-check against
