@@ -24,6 +24,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import math
@@ -64,6 +65,10 @@ def make_executor(loaded: LoadedModel, config: EngineConfig) -> ModelExecutor:
 
         return GenerativeExecutor(loaded, config)
     raise ValueError(f"no executor for architecture {arch!r}")
+
+
+def _append_id(ids: deque[str], request_id: str, _future: Future[Any]) -> None:
+    ids.append(request_id)
 
 
 def _shutting_down() -> WorkerShuttingDown:
@@ -215,7 +220,7 @@ class Engine:
         if request.future.done():
             return
         flight = self._flights[request.id] = Flight(request, self.executors[request.model])
-        request.future.add_done_callback(lambda _f, rid=request.id: self._completed.append(rid))
+        request.future.add_done_callback(functools.partial(_append_id, self._completed, request.id))
         if request.deadline is not None:
             self._arrivals += 1
             heapq.heappush(self._deadlines, (request.deadline, self._arrivals, flight))
