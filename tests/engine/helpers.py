@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import torch
 from transformers import (
     GPT2Config,
@@ -166,3 +167,15 @@ def reference_logits(model: Any, prompt: list[int], output: list[int]) -> torch.
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt + output[:-1]]), use_cache=False).logits[0]
     return logits[len(prompt) - 1 :].float()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: one intra-op thread is 5-50x faster than two (no team of
+    spinning threads waiting on a descheduled one). Import it into a test module and mark it used."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

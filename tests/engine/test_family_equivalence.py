@@ -18,8 +18,9 @@ from worker.engine.sampling import SamplingParams
 from worker.engine.self_check import UnsupportedModel
 
 from .families import FAMILY_BUILDERS, build_family, max_attention_score
-from .helpers import TinyModel, random_prompts, recorded_logits, reference_logits, run
+from .helpers import TinyModel, one_torch_thread, random_prompts, recorded_logits, reference_logits, run
 
+pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
 LOGIT_TOL = 1e-4  # fp32, absolute (logits of these models are O(1..10))
 BF16_LOGIT_TOL = 0.15  # bf16 vs transformers' bf16 forward: a few bf16 ulps of logits ~10, compounded
 REFUSED = {

@@ -14,6 +14,9 @@ from worker.engine.llm_engine import LLMEngine
 from worker.engine.self_check import PROBE_LENGTHS, UnsupportedModel, self_check
 
 from .families import build_family
+from .helpers import one_torch_thread
+
+pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
 
 
 def engine_for(name: str, **kw: object) -> LLMEngine:

@@ -8,25 +8,25 @@ Two gates, both when an `LLMEngine` is built (before a worker consumes anything)
    `max_model_len` keeps every request under the switch point (then the frequencies never change).
 2. `self_check` (a probe): `PROBE_LENGTHS` prompts (plus one just past a rotary threshold the config
    names, `original_max_position_embeddings`, when that is at most `PROBE_MAX_THRESHOLD` tokens)
-   go through the engine itself -- packed, chunked by its own budget, prefill then `PROBE_DECODE_STEPS`
-   greedy steps (decode rows through the native kernel where the engine uses it) -- and each request's
-   logits are compared with the model's own eager forward on that request alone (batch of one, no
-   cache, `attn_implementation="eager"`, the reference semantics of soft-capping and sinks).
-   Tolerance: max |logit difference| <= `LOGIT_TOLERANCE[dtype]` * max(1, max |reference logit|); a
-   greedy token may differ from the reference's only where the reference's own top two are within that
-   tolerance (a tie). Beyond it, or when the probe raises (a keyword paged attention cannot honour,
+   go through the engine itself -- packed, chunked by its own budget, prefill then decode steps to
+   `PROBE_NEW_TOKENS` greedy tokens (decode rows through the native kernel where the engine uses it) --
+   and each request's logits are compared with the model's own eager forward on that request alone
+   (batch of one, no cache, `attn_implementation="eager"`, the reference semantics of soft-capping and
+   sinks). Tolerance: max |logit difference| <= `LOGIT_TOLERANCE[dtype]` * max(1, max |reference logit|);
+   a greedy token may differ from the reference's only where the reference's own top two are within
+   that tolerance (a tie). Beyond it, or when the probe raises (a keyword paged attention cannot honour,
    a cache call it cannot serve), `UnsupportedModel` with the reason.
 
 The probe is deterministic: fixed token ids (a seeded generator), greedy sampling, no randomness
-elsewhere. Cost, measured on this repository's 2-core AVX2 CPU (fp32, 2 layers, hidden 64, vocab 512):
-about 40-90 ms per model (three prompts of 5/13/23 tokens and 3 decode steps, plus three eager forwards),
-~0.3 s with a 600-expert-free MoE such as the tiny GPT-OSS; it grows with the model like three short
-prefills plus a few decode steps.
+elsewhere. Cost: 4 engine steps over 41 prompt tokens plus three eager forwards of 8-26 tokens (only the
+last 4 positions through the LM head). Measured on the shared 2-core AVX2 development CPU, fp32, one
+torch thread, while others ran on it: 12-19 ms for the 2-layer x 64 test models (Llama, Gemma-2,
+GPT-OSS), ~0.8 s for a 135M Llama shape (SmolLM-135M: 30 layers x 576, vocab 49k); it scales like
+~100 tokens of forward, i.e. 200 x params FLOPs.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,10 +37,8 @@ from worker.engine.sampling import SamplingParams
 if TYPE_CHECKING:
     from worker.engine.llm_engine import LLMEngine
 
-log = logging.getLogger(__name__)
-
 PROBE_LENGTHS = (5, 13, 23)
-PROBE_DECODE_STEPS = 3
+PROBE_NEW_TOKENS = 4  # greedy tokens per probe: one from the prefill, three from decode steps
 PROBE_MAX_THRESHOLD = 1024  # a rotary threshold further out is not probed (too slow on a real model)
 PROBE_SEED = 20240607
 LOGIT_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # relative to max(1, max |reference logit|)
@@ -114,7 +112,7 @@ def self_check(engine: LLMEngine) -> ProbeResult:
     tolerance = LOGIT_TOLERANCE.get(model.dtype, HALF_TOLERANCE)
     worst = 0.0
     for i, prompt in enumerate(prompts):
-        ref = _eager_logits(model, prompt + tokens[i][:-1])[len(prompt) - 1 :]  # [steps, vocab]
+        ref = _eager_logits(model, prompt + tokens[i][:-1], len(tokens[i]))  # [steps, vocab]
         got = engine_logits[i]
         scale = max(1.0, float(ref.abs().max()))
         worst = max(worst, float((got - ref).abs().max()) / scale)
@@ -142,7 +140,7 @@ def _probe_lengths(engine: LLMEngine) -> list[int]:
     room = engine.kv.pool.num_blocks * engine.config.block_size
     if engine.max_model_len is not None:
         room = min(room, engine.max_model_len - 1)
-    longest = max(1, room - PROBE_DECODE_STEPS)
+    longest = max(1, room - PROBE_NEW_TOKENS)
     return [min(n, longest) for n in lengths]
 
 
@@ -165,7 +163,7 @@ def _run_paged(
             rows[request.request_id].append(row.clone())
         return logits, samplers
 
-    params = SamplingParams(max_new_tokens=PROBE_DECODE_STEPS, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=PROBE_NEW_TOKENS, ignore_eos=True)
     tokens: dict[str, list[int]] = {}
     runner.execute = recording  # type: ignore[method-assign]
     try:
@@ -179,12 +177,13 @@ def _run_paged(
 
 
 @torch.inference_mode()
-def _eager_logits(model: Any, token_ids: list[int]) -> torch.Tensor:
-    """The model's own forward on one request alone (eager attention, no cache): logits [n, vocab]."""
+def _eager_logits(model: Any, token_ids: list[int], last: int) -> torch.Tensor:
+    """The model's own forward on one request alone (eager attention, no cache): logits of the `last`
+    positions, [last, vocab]."""
     paged = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
         ids = torch.tensor([token_ids], device=model.device)
-        return model(input_ids=ids, use_cache=False).logits[0].float()
+        return model(input_ids=ids, use_cache=False, logits_to_keep=last).logits[0].float()
     finally:
         model.set_attn_implementation(paged)
