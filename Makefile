@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m scripts.demo
 
+# Fixed ports (API 8000, Redis 6380, Flower 5555, metrics 9464): `make up PAGEDQ_API_PORT=8001`; see --help.
 up: install
 	$(PY) -m scripts.up
 

@@ -64,12 +64,13 @@ def summarise(result: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    registry_path, is_demo = choose_registry(lambda m: console.print(f"[bold yellow]{m}[/]"))
+    models = choose_registry(lambda m: console.print(f"[bold yellow]{m}[/]"))
     from shared.registry import Registry
 
-    registry = Registry.load(registry_path)
+    registry = Registry.load(models.registry_path)
     generative = next((s.name for s in registry.models.values() if s.mode == "generative"), None)
-    stack = Stack(registry_path=registry_path)
+    stack = Stack(registry_path=models.registry_path, extra_env=models.env,
+                  progress=lambda m: console.print(m, markup=False, highlight=False))
     console.print("Starting Redis, a worker, the HTTP API and Flower ...")
     started = time.perf_counter()
     with stack:
@@ -87,7 +88,7 @@ def main() -> int:
         console.print(f"[bold]throughput: {len(ids)} tasks ({ok} succeeded) in {elapsed:.2f}s = "
                       f"{len(ids) / elapsed:.1f} tasks/s[/] (submit over HTTP, long poll of /v1/statuses)")
         show_flower(stack)
-        if is_demo:
+        if models.is_demo:
             console.print("[yellow]Reminder: these were random-weight demo models; the outputs are meaningless.[/]")
         console.print("Stopping everything the demo started ...")
     return 0 if ok == len(ids) else 1
