@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from worker.engine import model_runner
+from worker.engine.decode_plan import DecodePlan
 from worker.engine.executor import EngineConfig
 from worker.engine.llm_engine import LLMEngine
 from worker.engine.native import paged_decode_available
@@ -54,7 +56,7 @@ def test_test_models_attend_sharply(families: dict[str, TinyModel]) -> None:
 
 @pytest.mark.parametrize("native", [None, False], ids=["auto", "portable"])
 @pytest.mark.parametrize("name", EXACT)
-def test_exact(name: str, native: bool | None, families: dict[str, TinyModel]) -> None:
+def test_exact(name: str, native: bool | None, families: dict[str, TinyModel], monkeypatch: pytest.MonkeyPatch) -> None:
     tm = family(families, name)
     shared = random_prompts([9], seed=7)[0]  # 2 full blocks of 4 + 1: rows sharing them form a cascade group
     prompts = random_prompts([3, 21, 40], seed=2) + random_prompts([5, 2], seed=3, prefix=shared)
@@ -67,8 +69,12 @@ def test_exact(name: str, native: bool | None, families: dict[str, TinyModel]) -
     arrivals: dict[int, list] = {0: [], 2: []}
     for i, (rid, prompt, n) in enumerate(zip(names, prompts, new, strict=True)):
         arrivals[0 if i % 2 == 0 else 2].append((rid, prompt, greedy(n)))
+    plans: list[DecodePlan] = []
+    real_plan = model_runner.plan_decode
+    monkeypatch.setattr(model_runner, "plan_decode", lambda *a: plans.append(real_plan(*a)) or plans[-1])
     with recorded_logits(engine) as logits:
         done = run(engine, arrivals)
+    assert any(p.cascades for p in plans) and any(p.buckets for p in plans)  # both decode paths ran
     for rid, prompt, n in zip(names, prompts, new, strict=True):
         out = done[rid].output_token_ids
         assert out == tm.expected(prompt, n), f"{name} {rid}"
