@@ -10,6 +10,7 @@ priority mapped onto kombu's 0..9. If sending fails, the records of the unsent t
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -29,7 +30,7 @@ from producer.parsing import RequestInput, parse_request, parse_requests
 from producer.status import needs_expiry, task_status
 from producer.submission import BatchMessage, Submission, batch_messages
 from shared.celery_config import BATCH_TASK_NAMES, QUEUES, TASK_NAMES, celery_priority, make_celery
-from shared.errors import InvalidRequest, PagedqError, TaskNotFound
+from shared.errors import InvalidRequest, ModelNotFound, PagedqError, TaskNotFound
 from shared.models import SubmitResponse, TaskError, TaskRequest, TaskState, TaskStatus, TaskType
 from shared.records import STATUS_FIELDS, NewRecord, TaskRecords
 from shared.registry import Registry
@@ -37,6 +38,9 @@ from shared.settings import Settings, get_settings
 
 #: Model name sent when there is no registry and the request names none; the worker picks its default.
 DEFAULT_MODEL = "default"
+
+#: How long the registry the live workers publish is reused before it is read again (seconds).
+PUBLISHED_TTL_S = 2.0
 
 #: Messages per pipelined group when sending a bulk (progress is reported per group).
 SEND_BATCH = 250
@@ -63,15 +67,20 @@ CANCELLED_ERROR = TaskError(type="TaskCancelled", message="the task was cancelle
 class TaskService:
     """Submit, inspect, cancel and wait for tasks, straight on Redis and Celery.
 
-    With a registry (given, or loaded from `settings.registry_path`) the model and language pair of every
-    request are checked before anything is written; without one `request.model` is trusted.
+    The model, language pair and QA mode of every request are checked before anything is written, against
+    (first that applies) the `registry` given, the models the live workers serve (each publishes its
+    registry in its lease, without the models it refused: `Registry.published`; read again every
+    `PUBLISHED_TTL_S`), or the file at `settings.registry_path`. With none of them (no worker up yet, no
+    file) `request.model` is trusted and the worker decides.
     """
 
     def __init__(self, settings: Settings | None = None, registry: Registry | None = None) -> None:
         self.settings = settings or get_settings()
+        self._given = registry is not None
         if registry is None and self.settings.registry_path is not None:
             registry = Registry.load(self.settings.registry_path)
         self.registry = registry
+        self._published: tuple[float, Registry | None, dict[str, str]] = (-math.inf, None, {})
         self.celery: Celery = make_celery(self.settings, main="pagedq-producer")
         self.records = TaskRecords.from_url(self.settings.backend_url, self.settings.result_ttl_s)
         self._local = threading.local()
@@ -80,7 +89,8 @@ class TaskService:
 
     def submit(self, task_type: TaskType, request: RequestInput) -> SubmitResponse:
         """Validate, record and enqueue one request. Raises ValidationError or a PagedqError first."""
-        submission = self._prepare(task_type, parse_request(task_type, request, self.settings.limits))
+        submission = self._prepare(task_type, parse_request(task_type, request, self.settings.limits),
+                                   served=self._served())
         self.records.create(
             submission.id, task_type, submission.model, submission.request.priority, _utc(submission.deadline),
             submission.message,
@@ -104,32 +114,57 @@ class TaskService:
         if len(requests) > limit:
             raise InvalidRequest(f"a bulk submission holds at most {limit} requests; got {len(requests)}")
         parsed = parse_requests(task_type, requests, self.settings.limits)
-        submissions = [self._prepare(task_type, request, index) for index, request in enumerate(parsed)]
+        served = self._served()
+        submissions = [self._prepare(task_type, request, served, index) for index, request in enumerate(parsed)]
         self._create_records(submissions)
         self._send_all(submissions, on_progress)
         return [s.response for s in submissions]
 
-    def _prepare(self, task_type: TaskType, request: TaskRequest, index: int | None = None) -> Submission:
+    def _prepare(self, task_type: TaskType, request: TaskRequest,
+                 served: tuple[Registry | None, dict[str, str]], index: int | None = None) -> Submission:
         now = time.time()
         timeout_s = request.timeout_s or self.settings.default_timeout_s
         return Submission(
             id=str(uuid.uuid4()),
             task_type=task_type,
             request=request,
-            model=self._model_for(task_type, request, index),
+            model=self._model_for(task_type, request, served, index),
             submitted_at=now,
             deadline=now + timeout_s,
         )
 
-    def _model_for(self, task_type: TaskType, request: TaskRequest, index: int | None) -> str:
-        if self.registry is None:
+    def _model_for(self, task_type: TaskType, request: TaskRequest,
+                   served: tuple[Registry | None, dict[str, str]], index: int | None) -> str:
+        registry, refused = served
+        if registry is None:
             return request.model or DEFAULT_MODEL
         try:
-            return self.registry.select(task_type, request).name
+            try:
+                return registry.select(task_type, request).name
+            except ModelNotFound:
+                if request.model in refused:
+                    raise ModelNotFound(f"model {request.model!r} is not served: the workers refused it when "
+                                        f"they loaded it ({refused[request.model]})") from None
+                raise
         except PagedqError as exc:
             if index is None:
                 raise
             raise type(exc)(f"request {index}: {exc}") from None
+
+    def _served(self) -> tuple[Registry | None, dict[str, str]]:
+        """The registry requests are checked against, and the models the workers refused (see the class)."""
+        if self._given:
+            return self.registry, {}
+        at, registry, refused = self._published
+        if time.monotonic() - at > PUBLISHED_TTL_S:
+            try:
+                published = [entry for info in self.records.live_workers().values()
+                             if isinstance(entry := info.get("registry"), dict)]
+                registry, refused = Registry.from_published(published)
+            except (redis.RedisError, ValueError):  # Redis down (the submission fails next) or a bad entry
+                registry, refused = None, {}
+            self._published = (time.monotonic(), registry, refused)
+        return (registry, refused) if registry is not None else (self.registry, refused)
 
     def _create_records(self, submissions: Sequence[Submission]) -> None:
         self.records.create_many(

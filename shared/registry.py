@@ -27,8 +27,9 @@ enqueued; the worker uses it to load models (`worker.registry`).
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -85,6 +86,10 @@ class ModelSpec(BaseModel):
         )
 
 
+#: The model fields a worker publishes (what request validation needs, and where the model comes from).
+PUBLISHED_FIELDS = {"task", "source", "architecture", "mode", "languages"}
+
+
 class Registry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -139,6 +144,37 @@ class Registry(BaseModel):
             raise ModelNotFound(f"no {task.value} model is registered for this request")
         default = self.defaults.get(task)
         return next((s for s in candidates if s.name == default), candidates[0])
+
+    def published(self, refused: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """What a worker publishes in its lease (JSON): the models it serves (not those in `refused`), what a
+        producer needs to validate requests against them, and the refused ones with the reason."""
+        refused = dict(refused or {})
+        served = {name: spec for name, spec in self.models.items() if name not in refused}
+        return {
+            "models": {name: spec.model_dump(mode="json", include=PUBLISHED_FIELDS) for name, spec in served.items()},
+            "defaults": {task.value: name for task, name in self.defaults.items() if name in served},
+            "refused": refused,
+        }
+
+    @classmethod
+    def from_published(cls, published: Sequence[Mapping[str, Any]]) -> tuple[Registry | None, dict[str, str]]:
+        """The union of what live workers publish (`published`; the first worker's entry wins a name they
+        share): the registry they serve together (None if none serves anything) and the models refused by
+        every worker that names them, with a reason."""
+        models: dict[str, Any] = {}
+        defaults: dict[str, str] = {}
+        refused: dict[str, str] = {}
+        for entry in published:
+            for name, spec in (entry.get("models") or {}).items():
+                models.setdefault(name, spec)
+            for task, name in (entry.get("defaults") or {}).items():
+                defaults.setdefault(task, name)
+            for name, reason in (entry.get("refused") or {}).items():
+                refused.setdefault(name, str(reason))
+        refused = {name: reason for name, reason in refused.items() if name not in models}
+        if not models:
+            return None, refused
+        return cls.model_validate({"models": models, "defaults": defaults}), refused
 
     def _check_request(self, spec: ModelSpec, request: TaskRequest) -> None:
         if isinstance(request, TranslateRequest) and not spec.serves_pair(request.source_lang, request.target_lang):

@@ -231,3 +231,25 @@ def test_celery_configuration_is_safe_for_at_least_once_delivery() -> None:
 def test_priorities_map_lower_first_onto_redis_priorities() -> None:
     assert celery_priority(-100) == 0 and celery_priority(100) == 9
     assert celery_priority(-10) <= celery_priority(0) <= celery_priority(10)
+
+
+def test_published_registries_merge_into_what_the_live_workers_serve() -> None:
+    """Each worker publishes `Registry.published` in its lease; producers validate against the union."""
+    one = Registry.model_validate({
+        "models": {"a": {"task": "translate", "source": "x/a", "languages": ["en-de"], "device": "cuda:1"},
+                   "b": {"task": "classify", "source": "x/b"}},
+        "defaults": {"translate": "a", "classify": "b"}})
+    two = Registry.model_validate({"models": {"c": {"task": "qa", "source": "x/c", "mode": "extractive"},
+                                              "b": {"task": "classify", "source": "x/b"}}})
+    first = one.published(refused={"b": "ValueError: no"})
+    assert first["models"] == {"a": {"task": "translate", "source": "x/a", "architecture": "seq2seq",
+                                     "mode": None, "languages": ["en-de"]}}  # what validation needs, no device
+    assert first["defaults"] == {"translate": "a"} and first["refused"] == {"b": "ValueError: no"}
+    merged, refused = Registry.from_published([first, two.published()])
+    assert merged is not None and sorted(merged.models) == ["a", "b", "c"]
+    assert refused == {}  # b is refused by one worker but served by another
+    with pytest.raises(UnsupportedLanguagePair):
+        merged.select(TaskType.TRANSLATE, TranslateRequest(text="hi", source_lang="en", target_lang="fr"))
+    alone, refused = Registry.from_published([first])
+    assert alone is not None and sorted(alone.models) == ["a"] and refused == {"b": "ValueError: no"}
+    assert Registry.from_published([]) == (None, {})

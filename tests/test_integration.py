@@ -261,6 +261,24 @@ def test_readyz_and_metrics(stack: Stack) -> None:
     assert "pagedq_num_requests_waiting" in metrics
 
 
+def test_a_client_without_a_registry_file_validates_against_the_workers(stack: Stack, registry: Registry) -> None:
+    """`Client(url)` as the README shows it (no registry file): the worker's published registry rejects an
+    unknown model and an unserved language pair at submission, before anything is queued."""
+    from producer.client import Client
+    from shared.errors import ModelNotFound, UnsupportedLanguagePair
+    from shared.settings import Settings
+
+    with Client(settings=Settings(redis_url=stack.redis_url or "", registry_path=None)) as client:
+        before = queued_messages(stack)
+        with pytest.raises(ModelNotFound, match="unknown model 'no-such-model'"):
+            client.classify("hi", model="no-such-model")
+        with pytest.raises(UnsupportedLanguagePair):
+            client.translate("hi", source_lang="en", target_lang="xx")
+        assert queued_messages(stack) == before
+        status = client.classify("hi").wait(60)
+        assert status.state.value == "succeeded" and status.model == registry.defaults[TaskType.CLASSIFY]
+
+
 def test_metrics_cover_every_executor_kind_by_model(stack: Stack, registry: Registry) -> None:
     """After the mixed traffic above (classification, extractive QA, translation, generative QA), every model
     that ran has its task count, prompt tokens and engine steps under its own `model` label, and the

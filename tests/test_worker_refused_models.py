@@ -25,6 +25,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 from transformers.utils import logging as hf_logging
 
 import worker.runtime as runtime_module
+from producer.service import TaskService
 from shared.celery_config import make_celery
 from shared.models import ClassifyRequest, TaskType
 from shared.records import LEASE_PREFIX
@@ -155,3 +156,30 @@ def test_a_worker_with_no_loadable_model_refuses_to_start(model_root: Path, redi
     settings = Settings(redis_url=redis_url, registry_path=registry, device="cpu", metrics_port=0)
     with pytest.raises(RuntimeError, match="no model of the registry could be loaded.*corrupt: OSError"):
         WorkerRuntime.start(settings)
+
+
+def test_a_producer_without_a_registry_file_validates_against_what_the_workers_serve(
+    runtime: WorkerRuntime, redis_url: str
+) -> None:
+    """The worker publishes what it serves in its lease; a producer with no registry file checks requests
+    against it: a refused model is rejected at submission with the worker's reason, an unknown one too, and
+    nothing of either is recorded or enqueued."""
+    from shared.errors import ModelNotFound
+    from shared.records import OPEN_KEY
+
+    published = json.loads(runtime.records.redis.get(LEASE_PREFIX + runtime.worker_id))["registry"]
+    assert set(published["models"]) == {"good"} and set(published["refused"]) == {"buggy", "corrupt"}
+    service = TaskService(Settings(redis_url=redis_url, registry_path=None))
+    try:
+        open_before = runtime.records.redis.zcard(OPEN_KEY)
+        with pytest.raises(ModelNotFound, match="'corrupt' is not served: the workers refused it .*valid JSON"):
+            service.submit(TaskType.CLASSIFY, {"text": "hello", "model": "corrupt"})
+        with pytest.raises(ModelNotFound, match="unknown model 'nope'; known: \\['good'\\]"):
+            service.submit(TaskType.CLASSIFY, {"text": "hello", "model": "nope"})
+        with pytest.raises(ModelNotFound, match="'good' serves classify, not translate"):
+            service.submit(TaskType.TRANSLATE, {"text": "hello", "model": "good"})
+        assert runtime.records.redis.zcard(OPEN_KEY) == open_before  # nothing recorded
+        accepted = service.submit(TaskType.CLASSIFY, {"text": "hello"})  # no model named: the served one
+        assert runtime.records.get(accepted.id)["model"] == "good"  # type: ignore[index]
+    finally:
+        service.close()

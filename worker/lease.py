@@ -3,7 +3,9 @@
 Every `heartbeat_interval_s` one pipeline writes:
 
     pagedq:lease:<worker id>   expires after lease_ttl_s     the lease (hostname, pid, ready: engine running,
-                                                             refused: registry models not served here -> why)
+                                                             refused: registry models not served here -> why,
+                                                             registry: what it serves, `Registry.published`:
+                                                             producers validate requests against it)
     pagedq:workers             zset worker id -> last beat   every worker the reconciler must watch
     pagedq:held:<worker id>    set of delivery tags          messages this process holds, unacked
 
@@ -52,6 +54,7 @@ class WorkerLease:
         periodic: Iterable[tuple[float, Callable[[], object]]] = (),
         ready: Callable[[], bool] = lambda: True,
         refused: Mapping[str, str] | None = None,
+        registry: Mapping[str, object] | None = None,
     ) -> None:
         self.redis = client
         self.worker_id = worker_id
@@ -61,6 +64,7 @@ class WorkerLease:
         self.held_tags = held_tags
         self.ready = ready
         self.refused = dict(refused or {})
+        self.registry = dict(registry or {})
         self._periodic = [[every, 0.0, fn] for every, fn in periodic]  # (every s, last run, fn)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pagedq-lease", daemon=True)
@@ -85,7 +89,7 @@ class WorkerLease:
     def beat(self) -> None:
         ttl_ms = int(self.lease_ttl_s * 1000)
         info = json.dumps({"hostname": self.hostname, "pid": os.getpid(), "at": time.time(), "ready": self.ready(),
-                           "refused": self.refused})
+                           "refused": self.refused, "registry": self.registry})
         tags = [str(t) for t in self.held_tags()]
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(LEASE_PREFIX + self.worker_id, info, px=ttl_ms)

@@ -109,6 +109,7 @@ class WorkerRuntime:
                       (s.reconcile_interval_s, lambda: reconciler.recover_own(self.inflight))],
             ready=lambda: self.engine.alive,
             refused=self.refused,
+            registry=self.registry.published(self.refused),
         ).start()
 
     def stop(self, drain_s: float = 0.0) -> None:
