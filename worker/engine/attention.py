@@ -237,8 +237,11 @@ def paged_attention(
         for bucket in meta.decode_buckets:
             parts.append(_decode_attention(meta.cache, bucket, query, k_all, v_all, window, rule))
         for group in meta.cascades:
-            scores = dict(softcap=rule.softcap, sinks=rule.sinks)
-            parts.append(cascade_attention(meta.cache, group, layer, query, k_all, v_all, window, rule.scale, **scores))
+            o = cascade_attention(
+                meta.cache, group, layer, query, k_all, v_all, window, rule.scale,
+                softcap=rule.softcap, sinks=rule.sinks,
+            )  # fmt: skip
+            parts.append(o)
     for seg in meta.prefills:
         parts.append(_prefill_attention(meta, seg, layer, query, key, value, window, rule))
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -263,8 +266,10 @@ def _native_decode(
     for group in meta.cascades:
         rows_ = slice(group.suffix.start, group.suffix.end)
         suffix = (out[rows_], lse[rows_])
-        scores = dict(softcap=rule.softcap, sinks=rule.sinks)
-        parts.append(cascade_attention(cache, group, layer, query, None, None, window, rule.scale, suffix, **scores))
+        o = cascade_attention(
+            cache, group, layer, query, None, None, window, rule.scale, suffix, softcap=rule.softcap, sinks=rule.sinks
+        )
+        parts.append(o)
     return parts
 
 
