@@ -22,6 +22,7 @@ from shared.registry import Registry
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REGISTRY = ROOT / "models.toml"
 DEMO_DIR = ROOT / ".models" / "demo"
+DEMO_BUILDER = ROOT / "worker" / "demo_models.py"
 HUB_TIMEOUT_S = 3.0
 CHOICES = ("auto", "hub", "demo")
 
@@ -92,7 +93,8 @@ def hub_models(say: Callable[[str], None], missing: list[str], offline: bool) ->
 
 
 def demo_models(say: Callable[[str], None], why: str) -> Models:
-    say(f"Demo models ({why}): tiny RANDOM-WEIGHT models built offline into {DEMO_DIR.relative_to(ROOT)}. They "
+    where = DEMO_DIR.relative_to(ROOT) if DEMO_DIR.is_relative_to(ROOT) else DEMO_DIR
+    say(f"Demo models ({why}): tiny RANDOM-WEIGHT models built offline into {where}. They "
         "run the real code paths, but their outputs are MEANINGLESS. PAGEDQ_DEMO_MODELS=hub serves models.toml.")
     built = built_demo_registry(DEMO_DIR)
     if built is not None:
@@ -110,7 +112,7 @@ def built_demo_registry(out_dir: Path) -> Path | None:
     """The registry of a complete demo build in `out_dir`, else None: worker.demo_models' own test (its marker
     holds DEMO_MODELS_VERSION) without importing that module, which imports torch and transformers -- seconds
     the launcher need not spend (the worker loads them anyway)."""
-    source = (ROOT / "worker" / "demo_models.py").read_text()
+    source = DEMO_BUILDER.read_text()
     constants = {target.id: node.value.value for node in ast.parse(source).body if isinstance(node, ast.Assign)
                  for target in node.targets if isinstance(target, ast.Name) and isinstance(node.value, ast.Constant)}
     marker, registry = out_dir / str(constants.get("BUILD_MARKER")), out_dir / str(constants.get("REGISTRY_FILE"))
