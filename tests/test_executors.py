@@ -26,7 +26,8 @@ from executor_support import (
 
 from shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled
 from shared.models import ClassifyRequest, ClassifyResult, TaskType
-from worker.engine._batching import pick_batch, pick_packed
+from worker.engine import _batching
+from worker.engine._batching import WaitingQueue, drop_finished, order_key, pick_batch, pick_packed
 from worker.engine.classify import ClassificationExecutor
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
 
@@ -179,6 +180,34 @@ def test_classify_truncation(loaded: dict[str, LoadedModel], reference: dict[str
     with pytest.raises(InvalidRequest, match=r"text is \d+ tokens; the model's limit is 512"):
         rejected.future.result(timeout=0)
     assert not short.future.result(timeout=0).truncated
+
+
+def test_a_deep_queue_costs_a_step_its_window_and_still_expires_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With thousands waiting, a step looks at the head window only; requests deep in the queue that were
+    cancelled or expired are still dropped by the periodic full check; removing a batch keeps the order."""
+    queue: WaitingQueue[str] = WaitingQueue()
+    reqs = [classify(TEXTS[i % len(TEXTS)], priority=i % 3) for i in range(3000)]
+    for i, req in enumerate(reqs):
+        queue.push(req, f"item{i}", order_key(req))
+    assert [r.priority for r, _ in queue.head(5)] == [0] * 5 and len(queue.head(300)) == 300
+    now = time.time()
+    deep = next(r for r, _ in reversed(list(queue)))  # the last in line
+    deep.deadline = now - 1
+    cancelled = next(r for r, _ in list(queue)[2000:])
+    cancelled.fail(TaskCancelled("cancelled"))
+    queue.scanned_at = now  # a full check just ran: this step looks at its window only
+    assert drop_finished(queue, now, head=_batching.lookahead(64)) == []
+    assert len(queue) == 3000
+    dropped = drop_finished(queue, now + 2 * _batching.FULL_SCAN_S, head=_batching.lookahead(64))
+    assert {r.id for r in dropped} == {deep.id, cancelled.id} and len(queue) == 2998
+    with pytest.raises(DeadlineExceeded):
+        deep.future.result(timeout=0)
+    order = [item for _, item in queue]
+    batch = [order[0], order[3], order[7]]
+    queue.remove_items(batch)
+    assert [item for _, item in queue] == [x for x in order if x not in batch]
+    queue.remove_items(["not queued"])  # nothing to remove: unchanged
+    assert len(queue) == 2995
 
 
 def test_pick_batch_follows_priority_then_length() -> None:

@@ -18,6 +18,11 @@ tokens, so they bucket by length::
     E -> 2 * 120 = 240 ok;  B -> 360 ok;  D -> 480 ok;  C -> 5 * 500 = 2500 over budget, skipped
     this step: A, E, B, D (480 padded tokens); C is the next step's head
 
+Only the first `lookahead(max_items)` waiting items are candidates of a step (and of the per-step check for
+finished or expired requests; the whole queue is checked every `FULL_SCAN_S`): a bulk of thousands waiting
+then costs each step O(its batch), not O(queue) (a 4,000-text bulk spent a third of the engine thread in
+these scans). The queue is sorted, so the window holds the most urgent items.
+
 Invariants:
 - the head (lowest priority value, then earliest arrival) is always in the step's batch, even if it alone
   exceeds the budget -- so every step makes progress and nothing waits behind a smaller request forever;
@@ -53,16 +58,28 @@ def order_key(request: EngineRequest) -> tuple[int, float, int]:
     return (request.priority, request.arrival, next(_sequence))
 
 
+#: The candidates of a step: this many times its request cap, and at least LOOKAHEAD_MIN items.
+LOOKAHEAD_FACTOR = 4
+LOOKAHEAD_MIN = 256
+#: How often `drop_finished` checks the whole queue rather than its head (seconds).
+FULL_SCAN_S = 0.1
+
+
+def lookahead(max_items: int) -> int:
+    return max(LOOKAHEAD_MIN, LOOKAHEAD_FACTOR * max_items)
+
+
 class WaitingQueue(Generic[T]):
     """Items of type T held in `order_key` order, each tagged with the request it belongs to.
 
-    A request may own several items (QA windows). Removal is O(n): n is the executor's in-flight count
-    (hundreds), where a sorted list beats a heap with tombstones for clarity and speed.
+    A request may own several items (QA windows). A sorted list: insertion is a bisect plus a C-level list
+    insert, the head is a slice, and removing a step's batch (near the head) scans only up to its last item.
     """
 
     def __init__(self) -> None:
         self._keys: list[tuple[tuple[int, float, int], int]] = []
         self._items: list[tuple[EngineRequest, T]] = []
+        self.scanned_at = 0.0  # when `drop_finished` last checked every item
 
     def __len__(self) -> int:
         return len(self._items)
@@ -85,21 +102,39 @@ class WaitingQueue(Generic[T]):
         return removed
 
     def remove_items(self, items: Sequence[T]) -> None:
+        """Remove these items (by identity); the scan stops at the last of them."""
         ids = {id(item) for item in items}
-        keep = [i for i, (_, item) in enumerate(self._items) if id(item) not in ids]
-        self._keys = [self._keys[i] for i in keep]
-        self._items = [self._items[i] for i in keep]
+        left, end = len(ids), 0
+        for end, (_, item) in enumerate(self._items, start=1):  # noqa: B007 - `end` is used after the loop
+            if id(item) in ids:
+                left -= 1
+                if not left:
+                    break
+        keep = [i for i in range(end) if id(self._items[i][1]) not in ids]
+        self._keys = [self._keys[i] for i in keep] + self._keys[end:]
+        self._items = [self._items[i] for i in keep] + self._items[end:]
 
-    def requests(self) -> list[EngineRequest]:
-        """Distinct requests with items waiting, in queue order."""
-        return list({req.id: req for req, _ in self._items}.values())
+    def head(self, n: int) -> list[tuple[EngineRequest, T]]:
+        """The first `n` items, in queue order."""
+        return self._items[:n]
+
+    def requests(self, limit: int | None = None) -> list[EngineRequest]:
+        """Distinct requests with items waiting (among the first `limit` items), in queue order."""
+        items = self._items if limit is None else self._items[:limit]
+        return list({req.id: req for req, _ in items}.values())
 
 
-def drop_finished(queue: WaitingQueue[Any], now: float | None = None) -> list[EngineRequest]:
-    """Drop requests that expired (failing them with DeadlineExceeded) or were completed elsewhere."""
+def drop_finished(queue: WaitingQueue[Any], now: float | None = None, head: int | None = None) -> list[EngineRequest]:
+    """Drop requests that expired (failing them with DeadlineExceeded) or were completed elsewhere: among the
+    first `head` items, and in the whole queue when `head` is None or the last full check is `FULL_SCAN_S`
+    old. (Under the engine, deadlines and cancels also reach the executor's `abort` at once.)"""
     now = time.time() if now is None else now
+    if head is not None and now - queue.scanned_at < FULL_SCAN_S:
+        requests = queue.requests(head)
+    else:
+        requests, queue.scanned_at = queue.requests(), now
     dropped = []
-    for request in queue.requests():
+    for request in requests:
         if request.future.done():  # cancelled by its caller
             queue.remove_request(request.id)
             dropped.append(request)

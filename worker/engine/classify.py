@@ -23,7 +23,7 @@ import torch
 
 from shared.errors import InvalidRequest
 from shared.models import ClassifyRequest, ClassifyResult, LabelScore
-from worker.engine._batching import WaitingQueue, drop_finished, input_token_limit, order_key, too_long
+from worker.engine._batching import WaitingQueue, drop_finished, input_token_limit, lookahead, order_key, too_long
 from worker.engine._encoder_forward import EncoderForward
 from worker.engine.cpu_linear import prepare_for_host
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
@@ -107,8 +107,9 @@ class ClassificationExecutor(ModelExecutor):
 
     def step(self) -> None:
         self._tokenize_new()
-        drop_finished(self._waiting)
-        batch = self.forward.pick(list(self._waiting), lambda enc: enc.num_tokens, self.config)
+        window = lookahead(self.config.max_running_requests)
+        drop_finished(self._waiting, head=window)
+        batch = self.forward.pick(self._waiting.head(window), lambda enc: enc.num_tokens, self.config)
         if not batch:
             return
         self._waiting.remove_items([enc for _, enc in batch])

@@ -26,7 +26,7 @@ import numpy as np
 
 from shared.errors import InvalidRequest
 from shared.models import QARequest, QAResult
-from worker.engine._batching import WaitingQueue, drop_finished, input_token_limit, order_key
+from worker.engine._batching import WaitingQueue, drop_finished, input_token_limit, lookahead, order_key
 from worker.engine._encoder_forward import EncoderForward
 from worker.engine._qa_spans import WindowSpan, best_span, combine_windows
 from worker.engine.cpu_linear import prepare_for_host
@@ -115,9 +115,10 @@ class ExtractiveQAExecutor(ModelExecutor):
 
     def step(self) -> None:
         self._tokenize_new()
-        for request in drop_finished(self._waiting):
+        head = lookahead(self.config.max_running_requests)
+        for request in drop_finished(self._waiting, head=head):
             self._pending.pop(request.id, None)
-        batch = self.forward.pick(list(self._waiting), lambda window: window.num_tokens, self.config)
+        batch = self.forward.pick(self._waiting.head(head), lambda window: window.num_tokens, self.config)
         if not batch:
             return
         windows = [window for _, window in batch]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engine._batching import WaitingQueue, drop_finished, pad_batch, pick_batch
+from worker.engine._batching import WaitingQueue, drop_finished, lookahead, pad_batch, pick_batch
 from worker.engine._generation import GenerationKey, generate_kwargs
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
 
@@ -65,7 +65,7 @@ class GenerateBatcher:
 
     def step(self) -> list[tuple[EngineRequest, EncodedText, list[int]]]:
         """One `generate` call; returns (request, encoded, generated token ids) for each request in it."""
-        drop_finished(self.waiting)
+        drop_finished(self.waiting, head=lookahead(self.config.max_running_requests))
         batch = self._pick()
         if not batch:
             return []
@@ -74,7 +74,7 @@ class GenerateBatcher:
         return [(request, enc, row) for (request, enc), row in zip(batch, rows, strict=True)]
 
     def _pick(self) -> list[tuple[EngineRequest, EncodedText]]:
-        candidates = list(self.waiting)
+        candidates = self.waiting.head(lookahead(self.config.max_running_requests))
         if not candidates:
             return []
         key = candidates[0][1].key
