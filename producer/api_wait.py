@@ -48,14 +48,17 @@ async def wait_statuses(service: TaskService, client: aioredis.Redis, ids: Seque
         await pubsub.subscribe(*[done_channel(i) for i in statuses if not statuses[i].state.is_final])
         statuses = {s.id: s for s in await run_in_threadpool(service.statuses, list(ids))}  # since subscribing
         next_read = loop.time() + FALLBACK_S
-        while not _done(statuses.values(), until_any) and loop.time() < deadline:
+        pending = {i for i, s in statuses.items() if not s.state.is_final}  # O(1) per notice, not O(ids)
+        while (pending if not until_any else len(pending) == len(statuses)) and loop.time() < deadline:
             timeout = max(0.0, min(deadline, next_read) - loop.time())
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
             if message is not None and message.get("type") == "message":
-                _apply_notice(statuses, message)
+                task_id = _apply_notice(statuses, message)
+                if task_id is not None and statuses[task_id].state.is_final:
+                    pending.discard(task_id)
             elif loop.time() >= next_read:
-                pending = [i for i, s in statuses.items() if not s.state.is_final]
-                statuses.update({s.id: s for s in await run_in_threadpool(service.statuses, pending)})
+                statuses.update({s.id: s for s in await run_in_threadpool(service.statuses, list(pending))})
+                pending = {i for i in pending if not statuses[i].state.is_final}
                 next_read = loop.time() + FALLBACK_S
     finally:
         await pubsub.aclose()
@@ -67,10 +70,13 @@ def _done(statuses: Iterable[TaskStatus], until_any: bool) -> bool:
     return any(finals) if until_any else all(finals)
 
 
-def _apply_notice(statuses: dict[str, TaskStatus], message: dict[str, Any]) -> None:
+def _apply_notice(statuses: dict[str, TaskStatus], message: dict[str, Any]) -> str | None:
+    """Apply a notice to `statuses`; the id it completed, if any."""
     task_id, notice = parse_notice(message)
     if task_id in statuses and notice is not None:
         statuses[task_id] = status_from_notice(statuses[task_id], notice, datetime.now(UTC))
+        return task_id
+    return None
 
 
 async def stream_events(service: TaskService, client: aioredis.Redis, task_id: str, last_event_id: str | None,

@@ -41,14 +41,14 @@ def wait_pushed(
 
     `pubsub` (made with `ignore_subscribe_messages=True`) is reused across waits: it is left unsubscribed."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    pending = list(dict.fromkeys(task_ids))
-    total = len(pending)
+    ids = list(dict.fromkeys(task_ids))
+    total = len(ids)
     final: dict[str, TaskStatus] = {}
     known: dict[str, TaskStatus] = {}
     try:
-        for start in range(0, len(pending), SUBSCRIBE_CHUNK):
-            pubsub.subscribe(*[done_channel(t) for t in pending[start : start + SUBSCRIBE_CHUNK]])
-        pending = _read(get_statuses, pending, final, known)
+        for start in range(0, len(ids), SUBSCRIBE_CHUNK):
+            pubsub.subscribe(*[done_channel(t) for t in ids[start : start + SUBSCRIBE_CHUNK]])
+        pending = set(_read(get_statuses, ids, final, known))  # each wake-up below costs O(its notices)
         interval, next_fallback = fallback_s, time.monotonic() + fallback_s
         while True:
             if on_progress is not None:
@@ -58,17 +58,22 @@ def wait_pushed(
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 raise TimeoutError(f"{len(pending)} of {total} tasks not finished after {timeout_s} s")
-            notices = _notified(pubsub, min(next_fallback, deadline or next_fallback) - now)
-            for task_id, notice in notices.items():
+            unread = set()
+            for task_id, notice in _notified(pubsub, min(next_fallback, deadline or next_fallback) - now).items():
+                if task_id not in pending:
+                    continue
                 if task_id in known and notice is not None:
                     final[task_id] = status_from_notice(known[task_id], notice, datetime.now(UTC))
-            unread = {t for t, notice in notices.items() if t not in final}
+                    pending.discard(task_id)
+                else:
+                    unread.add(task_id)  # a notice we cannot read: read the record
             if time.monotonic() >= next_fallback:
                 unread = set(pending)
                 interval = min(interval * 2, MAX_FALLBACK_S)
                 next_fallback = time.monotonic() + interval
-            pending = [t for t in pending if t not in final and t not in unread] + _read(
-                get_statuses, [t for t in pending if t in unread and t not in final], final, known)
+            if unread:
+                pending -= unread
+                pending.update(_read(get_statuses, [t for t in ids if t in unread], final, known))
     finally:
         try:
             pubsub.unsubscribe()
