@@ -100,6 +100,8 @@ class Stack:
         return Settings(redis_url=self.redis_url, registry_path=self.registry_path, api_keys=[self.api_key])
 
     def log_path(self, name: str) -> Path:
+        if name == "redis" and self.redis is not None:
+            return Path(self.redis.dir) / "redis.log"  # removed with its data when Redis is stopped
         return self.log_dir / f"{name}.log"
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

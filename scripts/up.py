@@ -115,7 +115,7 @@ def supervise(stack: Stack, signals: Signals) -> int:
         if exited:
             for name, code in exited.items():
                 say(f"{name} exited ({describe(code)}). Last lines of {stack.log_path(name)}:")
-                say("\n".join(stack.log_tail(name, 1500).splitlines()[-10:]) if name != "redis" else "")
+                say("\n".join(stack.log_tail(name, 1500).splitlines()[-10:]))
             say("make up does not restart processes: stopping the whole stack.")
             return 1
     return 0
