@@ -15,10 +15,11 @@ fails alone. Nothing is stored in Celery's result backend; the task records are 
 
 from __future__ import annotations
 
+import functools
 import logging
+import queue
 import time
-from concurrent.futures import FIRST_COMPLETED, Future
-from concurrent.futures import wait as wait_futures
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -201,19 +202,42 @@ def _outcome(item: Item, future: Future[Any]) -> Outcome | None:
 
 
 def _wait(rt: WorkerRuntime, task_type: TaskType, items: list[Item]) -> None:
-    """Wait for the engine; finalize items as they complete; forward Celery revokes to the engine."""
-    pending: dict[Future[Any], Item] = {i.request.future: i for i in items if i.request is not None}
+    """Wait for the engine; finalize items as they complete; forward Celery revokes to the engine.
+
+    Completions arrive through one queue (a done-callback per future), so a wake-up costs O(what completed),
+    not O(items): a batch message of K items is O(K) in all, not O(K^2)."""
+    completed: queue.SimpleQueue[Item] = queue.SimpleQueue()
+    pending: dict[str, Item] = {}
+    for item in items:
+        if item.request is not None:
+            pending[item.id] = item
+            item.request.future.add_done_callback(functools.partial(_put_item, completed, item))
+    next_revoke_check = time.monotonic() + POLL_S
     while pending:
-        done, _ = wait_futures(list(pending), timeout=POLL_S, return_when=FIRST_COMPLETED)
+        try:
+            done = [completed.get(timeout=POLL_S)]
+        except queue.Empty:
+            done = []
         if done:
             time.sleep(0)  # let the engine thread complete the rest of its step: one final write for them all
-        finished = [pending.pop(future) for future in [f for f in pending if f.done()]]
+            while True:
+                try:
+                    done.append(completed.get_nowait())
+                except queue.Empty:
+                    break
+        finished = [pending.pop(item.id) for item in done if item.id in pending]
         outcomes = [o for item in finished if (o := _outcome(item, item.request.future)) is not None]  # type: ignore[union-attr]
         _finalize(rt, task_type, finished, outcomes)
-        for item in pending.values():
-            if not item.cancel_sent and item.id in worker_state.revoked:
-                rt.engine.cancel(item.id, TaskCancelled("cancelled while running"))
-                item.cancel_sent = True
+        if pending and time.monotonic() >= next_revoke_check:
+            next_revoke_check = time.monotonic() + POLL_S
+            for item in pending.values():
+                if not item.cancel_sent and item.id in worker_state.revoked:
+                    rt.engine.cancel(item.id, TaskCancelled("cancelled while running"))
+                    item.cancel_sent = True
+
+
+def _put_item(completed: queue.SimpleQueue[Item], item: Item, _future: Future[Any]) -> None:
+    completed.put(item)
 
 
 def _finalize(rt: WorkerRuntime, task_type: TaskType, items: list[Item], outcomes: list[Outcome]) -> None:
