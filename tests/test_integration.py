@@ -299,6 +299,9 @@ def test_metrics_cover_every_executor_kind_by_model(stack: Stack, registry: Regi
         assert samples.get(("pagedq_prompt_tokens_total", model), 0) > 0, model
         assert samples.get(("pagedq_engine_steps_total", model), 0) > 0, model
         assert (samples.get(("pagedq_generation_tokens_total", model), 0) > 0) is generates, model
+    translator = registry.defaults[TaskType.TRANSLATE]  # the paged seq2seq engine notes each first token
+    assert samples.get(("pagedq_time_to_first_token_seconds_count", translator), 0) > 0
+    assert samples.get(("pagedq_time_per_output_token_seconds_count", translator), 0) > 0
 
 
 def test_a_redelivered_task_is_not_run_twice(stack: Stack, http: httpx.Client) -> None:
@@ -325,8 +328,14 @@ def test_flower_lists_the_worker(stack: Stack) -> None:
         workers = httpx.get(f"{stack.flower_url}/api/workers", auth=(user, password), params={"refresh": "true"},
                             timeout=15).json()
         if any(name.startswith("worker") for name in workers):
-            info = next(v for k, v in workers.items() if k.startswith("worker"))
-            assert "pagedq" in info.get("stats", {}), info.keys()
+            name, info = next((k, v) for k, v in workers.items() if k.startswith("worker"))
+            stats = info.get("stats", {})
+            assert "pagedq" in stats, info.keys()  # the raw engine stats, for tools
+            # and readable lines on the worker page's "Other" tab
+            assert stats["pagedq engine"].startswith("running; "), stats["pagedq engine"]
+            assert stats["pagedq model demo-classifier"].startswith("loaded: "), stats
+            page = httpx.get(f"{stack.flower_url}/worker/{name}", auth=(user, password), timeout=15).text
+            assert "pagedq model demo-classifier" in page and "running; " in page
             return
         time.sleep(1)
     raise AssertionError(f"Flower does not list the worker: {workers}")

@@ -115,7 +115,13 @@ def test_the_worker_serves_the_good_model_and_says_why_the_others_are_refused(
     while len(runtime.engine.stats()["models"]) < 3 and time.monotonic() < deadline:
         time.sleep(0.02)  # the engine thread refreshes executor stats every loop iteration
 
-    info = EngineStep.info(None, SimpleNamespace(app=SimpleNamespace(pagedq_runtime=runtime)))["pagedq"]
+    shown = EngineStep.info(None, SimpleNamespace(app=SimpleNamespace(pagedq_runtime=runtime)))
+    info = shown["pagedq"]
+    # Flower's "Other" tab: a readable line for the engine and each model, beside the raw dict
+    assert shown["pagedq engine"].startswith("running; ")
+    assert shown["pagedq model corrupt"].startswith("refused: OSError: ")
+    assert shown["pagedq model good"].startswith("loaded: ") and "path packed" in shown["pagedq model good"]
+    assert "0 running, 0 waiting" in shown["pagedq model good"]
     assert info["ready"] is True
     states = info["model_states"]
     assert states["good"] == f"loaded: {(runtime.registry.base_dir or Path()) / 'good'}"

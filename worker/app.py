@@ -57,8 +57,43 @@ class EngineStep(bootsteps.StartStopStep):
             return {"pagedq": {"ready": False}}
         # "models" (from the engine stats): each model's executor stats; "model_states": each registry model,
         # `loaded: <source>` or `refused: <reason>`
-        return {"pagedq": {"ready": runtime.engine.alive, "worker_id": runtime.worker_id,
-                           "model_states": runtime.model_states(), **runtime.engine.stats()}}
+        stats = runtime.engine.stats()
+        raw = {"ready": runtime.engine.alive, "worker_id": runtime.worker_id,
+               "model_states": runtime.model_states(), **stats}
+        # Flower's worker page lists every key here as a row of its "Other" tab: one readable line for the
+        # engine and one per model, beside the raw dict that tools (`celery inspect stats`) read
+        rows = {"pagedq engine": _engine_line(raw), **{
+            f"pagedq model {name}": _model_line(state, stats["models"].get(name, {}))
+            for name, state in raw["model_states"].items()}}
+        return {"pagedq": raw, **rows}
+
+
+def _engine_line(raw: dict[str, Any]) -> str:
+    engine = raw.get("engine", {})
+    state = "running" if raw["ready"] else "NOT running"
+    return (f"{state}; {engine.get('requests_submitted', 0):,} requests submitted, "
+            f"{engine.get('requests_finished', 0):,} finished, {engine.get('steps', 0):,} steps, "
+            f"{engine.get('step_errors', 0)} step errors, {engine.get('isolated_requests', 0)} requests isolated, "
+            f"{engine.get('restarts', 0)} thread restarts; worker id {raw['worker_id']}")
+
+
+def _model_line(state: str, stats: dict[str, Any]) -> str:
+    """`loaded: <source>` or `refused: <reason>`, then what the model's executor is doing."""
+    if state.startswith("refused"):
+        return state
+    parts = [state]
+    if stats.get("path"):
+        why = f" ({stats['path_reason']})" if stats.get("path_reason") else ""
+        parts.append(f"path {stats['path']}{why}")
+    parts.append(f"{stats.get('num_requests_running', 0):g} running, {stats.get('num_requests_waiting', 0):g} waiting")
+    for key, label in (("num_requests_finished", "finished"), ("steps", "steps"), ("num_steps", "steps"),
+                       ("generated_tokens", "tokens generated"), ("num_generated_tokens", "tokens generated"),
+                       ("num_preemptions", "preemptions")):
+        if stats.get(key):
+            parts.append(f"{stats[key]:,.0f} {label}")
+    if "kv_cache_usage_perc" in stats:
+        parts.append(f"KV cache {100 * float(stats['kv_cache_usage_perc']):.0f}% used")
+    return "; ".join(parts)
 
 
 def _held_tags(worker: Any) -> Iterator[str]:

@@ -28,6 +28,12 @@ TASKS = Counter("pagedq_tasks", "Tasks finished on this worker: outcome succeede
                 ["task", "model", "outcome"])
 TASK_ERRORS = Counter("pagedq_task_errors", "Tasks that did not succeed, by the error's type.",
                       ["task", "model", "type"])
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 10)
+TTFT = Histogram("pagedq_time_to_first_token_seconds", "From the engine taking a generative task to its first "
+                 "token (paged engines; the generate fallback produces all tokens at once and is not observed).",
+                 ["task", "model"], buckets=LATENCY_BUCKETS)
+TPOT = Histogram("pagedq_time_per_output_token_seconds", "Mean time per output token after the first, per "
+                 "generative task of more than one token.", ["task", "model"], buckets=TOKEN_BUCKETS)
 PROMPT_TOKENS = Counter("pagedq_prompt_tokens", "Input tokens the model read (after truncation), of succeeded "
                         "tasks.", ["task", "model"])
 GENERATION_TOKENS = Counter("pagedq_generation_tokens", "Tokens generated for succeeded tasks (translation, "
@@ -58,9 +64,13 @@ def task_started(task: str, model: str, message: dict[str, Any]) -> None:
 
 
 def task_finished(task: str, model: str, message: dict[str, Any], state: str, error_type: str | None = None,
-                  result: dict[str, Any] | None = None) -> None:
+                  result: dict[str, Any] | None = None, timing: tuple[float, float | None, float | None] | None = None,
+                  ) -> None:
     """Count a task's final `state` (a failure the request caused as user_error) and its error's type, its
-    tokens (a succeeded task's `result`), and observe its end-to-end latency."""
+    tokens (a succeeded task's `result`), and observe its end-to-end latency; `timing` (monotonic seconds:
+    taken by the engine, first token, finished) gives TTFT and TPOT."""
+    if result and timing is not None:
+        _observe_token_times(task, model, result, *timing)
     TASKS.labels(task, model, "user_error" if error_type in USER_ERRORS else state).inc()
     if result:
         if isinstance(tokens := result.get("input_tokens"), int) and tokens > 0:
@@ -72,6 +82,16 @@ def task_finished(task: str, model: str, message: dict[str, Any], state: str, er
     submitted = message.get("submitted_at") if isinstance(message, dict) else None
     if isinstance(submitted, int | float):
         E2E_LATENCY.labels(task, model).observe(max(0.0, time.time() - submitted))
+
+
+def _observe_token_times(task: str, model: str, result: dict[str, Any], arrival: float, first: float | None,
+                         finished: float | None) -> None:
+    if first is None:
+        return
+    TTFT.labels(task, model).observe(max(0.0, first - arrival))
+    tokens = result.get("output_tokens")
+    if finished is not None and isinstance(tokens, int) and tokens > 1:
+        TPOT.labels(task, model).observe(max(0.0, finished - first) / (tokens - 1))
 
 
 class EngineCollector(Collector):

@@ -255,5 +255,7 @@ def _finalize(rt: WorkerRuntime, task_type: TaskType, items: list[Item], outcome
     for outcome in outcomes:
         item = by_id[outcome.task_id]
         error_type = None if outcome.state is TaskState.SUCCEEDED else (outcome.error or {}).get("type", "Error")
+        request = item.request
+        timing = (request.arrival, request.first_token_at, request.finished_at) if request is not None else None
         metrics.task_finished(task_type.value, _model_label(item), item.message, outcome.state.value, error_type,
-                              outcome.result if isinstance(outcome.result, dict) else None)
+                              outcome.result if isinstance(outcome.result, dict) else None, timing)

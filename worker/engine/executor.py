@@ -64,6 +64,10 @@ class EngineRequest:
     #: `on_token(request_id, token_id)` callback (worker/streaming.py); executors that do not generate token
     #: by token ignore it, and the text then arrives in one piece with the result
     stream: Any = None
+    #: time.monotonic() of its first generated token, set by executors that generate token by token (the
+    #: paged engines; not the batched-generate fallback): TTFT and TPOT metrics (worker/metrics.py)
+    first_token_at: float | None = None
+    finished_at: float | None = None  # time.monotonic() when its future completed with a result
 
     def expired(self, now: float | None = None) -> bool:
         return self.deadline is not None and (now if now is not None else time.time()) >= self.deadline
@@ -72,6 +76,7 @@ class EngineRequest:
         """Complete with a result; False if the future was already completed (e.g. cancelled)."""
         try:
             self.future.set_result(result)
+            self.finished_at = time.monotonic()
             return True
         except InvalidStateError:
             return False

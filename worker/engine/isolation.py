@@ -110,6 +110,8 @@ class Flight:
         if error is not None:
             self.request.fail(error)
         else:
+            if self.attempt is not None:  # timings the executor noted on the attempt (TTFT)
+                self.request.first_token_at = self.attempt.first_token_at
             self.request.finish(future.result())
 
 

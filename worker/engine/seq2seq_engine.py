@@ -50,6 +50,7 @@ class Seq2SeqOutput:
     output_token_ids: list[int]
     finish_reason: str  # stop | length | abort | expired
     num_preemptions: int = 0
+    first_token_at: float | None = None  # time.monotonic() of its first token
 
 
 class Seq2SeqEngine:
@@ -158,6 +159,10 @@ class Seq2SeqEngine:
                 beams.append((request, logits[row : row + n]))
             row += n
         finished = self.decoding.sample(sampled, logits) + [(r, self.decoding.beam(r, rows)) for r, rows in beams]
+        stepped_at = time.monotonic()
+        for request in plan.scheduled:
+            if request.first_token_at is None:
+                request.first_token_at = stepped_at
         self._counters["num_generated_tokens"] += len(finished)
         for request, status in finished:
             if status is not None:
@@ -217,4 +222,5 @@ class Seq2SeqEngine:
 
     def _output(self, request: Seq2SeqRequest) -> Seq2SeqOutput:
         reason = request.status.finish_reason or "abort"
-        return Seq2SeqOutput(request.request_id, list(request.output_token_ids), reason, request.num_preemptions)
+        return Seq2SeqOutput(request.request_id, list(request.output_token_ids), reason, request.num_preemptions,
+                             request.first_token_at)

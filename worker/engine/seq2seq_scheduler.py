@@ -54,6 +54,7 @@ class Seq2SeqRequest:
     encoded: bool = False  # its encoder output is in `cross_blocks`
     num_preemptions: int = 0
     output_token_ids: list[int] = field(default_factory=list)  # generated tokens once finished
+    first_token_at: float | None = None  # time.monotonic() at the end of the step that gave its first token
 
     @property
     def encoder_len(self) -> int:

@@ -232,6 +232,7 @@ class Seq2SeqExecutor(ModelExecutor):
         if out.finish_reason == "expired":
             request.fail(DeadlineExceeded(f"deadline passed before task {request.id} finished"))
         elif out.finish_reason in ("stop", "length"):
+            request.first_token_at = out.first_token_at
             self._finish(request, encoded, out.output_token_ids, out.finish_reason)  # type: ignore[arg-type]
 
     def _finish(
