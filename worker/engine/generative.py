@@ -8,6 +8,10 @@ are cut (QA: the context loses its beginning; translation: the text loses its en
 Invariants: only the engine thread calls this; each request's future completes exactly once
 (result, the error given to `abort`, `DeadlineExceeded` when the engine expires it, or
 `InvalidRequest` at `add`); `abort` frees the request's KV blocks before it returns.
+
+Options: a request's `GenerationOptions` over the model's generation_config, exactly as `generate` applies them
+or refused (`causal_generation`: an unsupported request option fails the request, an unsupported
+generation_config field refuses the model when the engine is built).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 from shared.errors import DeadlineExceeded, InvalidRequest
 from shared.models import GenerationOptions, QARequest, QAResult, TranslateRequest, TranslateResult
 from worker.engine._batching import input_token_limit, too_long
+from worker.engine.causal_generation import sampling_params
 from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
 from worker.engine.llm_engine import LLMEngine
 from worker.engine.request import RequestOutput
@@ -27,7 +32,6 @@ from worker.engine.sampling import SamplingParams
 QA_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"
 TRANSLATE_TEMPLATE = "Translate from {source_lang} to {target_lang}:\n{text}\n"
 QA_STOP = ("\nQuestion:", "\nContext:")  # the model started another example: the answer is over
-DEFAULT_MAX_NEW_TOKENS = 64
 
 
 @dataclass
@@ -131,25 +135,9 @@ class GenerativeExecutor(ModelExecutor):
     # ---- options and results ----------------------------------------------------------------------
 
     def _sampling_params(self, options: GenerationOptions, stop: tuple[str, ...]) -> SamplingParams:
-        """GenerationOptions over the model's generation_config (an option left unset is the model's)."""
-        gen = self.loaded.model.generation_config
-        explicit = options.model_fields_set
-        if (options.num_beams or 1) > 1:
-            raise InvalidRequest("beam search is not supported for causal LMs; use num_beams=1 or sampling")
-
-        def pick(name: str) -> Any:
-            model_value = getattr(gen, name, None)
-            return getattr(options, name) if name in explicit or model_value is None else model_value
-
-        do_sample = bool(pick("do_sample"))
-        return SamplingParams(
-            max_new_tokens=options.max_new_tokens or gen.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-            temperature=float(pick("temperature")) if do_sample else 0.0,
-            top_k=int(pick("top_k") or 0) if do_sample else 0,
-            top_p=float(pick("top_p")) if do_sample else 1.0,
-            seed=options.seed,
-            stop=stop if self.loaded.tokenizer is not None else (),
-        )
+        """GenerationOptions over the model's generation_config (`causal_generation.sampling_params`)."""
+        stop = stop if self.loaded.tokenizer is not None else ()
+        return sampling_params(self.loaded.model, options, sorted(self.engine.stop_checker.eos_token_ids), stop)
 
     def _result(self, request: EngineRequest, prompt: _Prompt, out: RequestOutput) -> QAResult | TranslateResult:
         text = (out.text or "").strip()

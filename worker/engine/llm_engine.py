@@ -22,6 +22,7 @@ import torch
 
 from worker.engine.attention import PagedKVCache
 from worker.engine.block_pool import BlockPool
+from worker.engine.causal_generation import check_generation_config
 from worker.engine.cpu_linear import prepare_for_host
 from worker.engine.executor import EngineConfig
 from worker.engine.kv_cache_manager import KVCacheManager, cdiv
@@ -69,8 +70,9 @@ class LLMEngine:
     prefix of >= `cascade_min_tokens` attend to it once per group (0: off).
 
     Exact or refused (worker/engine/self_check.py): a model whose paged output would differ from
-    transformers' raises `UnsupportedModel` here, with the reason, logged once -- statically (rotary
-    scaling that depends on the step) or by the load-time probe (`self_check=False` skips the probe)."""
+    transformers' raises `UnsupportedModel` here, with the reason, logged once -- statically (a
+    generation_config field the engine does not implement, see `causal_generation`; rotary scaling that
+    depends on the step) or by the load-time probe (`self_check=False` skips the probe)."""
 
     def __init__(
         self,
@@ -117,6 +119,7 @@ class LLMEngine:
         self.model, self.tokenizer, self.namespace = model, tokenizer, namespace
         shape = ModelShape.of(model)
         self.max_model_len = max_model_len or shape.max_model_len
+        check_generation_config(model)
         check_rotary(model, self.max_model_len)
         device, dtype = model.device, model.dtype
         per_block = PagedKVCache.bytes_per_block(

@@ -1,8 +1,11 @@
 """Sampling parameters and the batched sampler: logits rows -> next token ids.
 
-Greedy rows are decided with one `argmax` over all of them. Sampled rows apply temperature, top-k and
-top-p in fp32 and draw with the request's own `torch.Generator` when it has a seed, so a seeded
-request gives the same tokens whatever else shares its batch.
+In generate's order (`GenerationMixin._get_logits_processor`): first the request's logits processors
+(`logits_processors`: repetition penalty, n-gram and word bans, minimum length, forced and suppressed
+tokens) on a float32 copy of the raw logits of every row that has any -- greedy and sampled alike; then
+greedy rows are decided with one `argmax` over all of them, and sampled rows apply the warpers in fp32
+(temperature, top-k, top-p, min-p, typical-p, epsilon and eta cutoffs) and draw with the request's own
+`torch.Generator` when it has a seed, so a seeded request gives the same tokens whatever else shares its batch.
 
 Any positive temperature stays finite: logits are shifted so their maximum is exactly 0 before they are
 divided, so a vanishing temperature sends every other logit to -inf (argmax) instead of inf - inf = NaN.
@@ -16,7 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.generation.logits_process import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    MinPLogitsWarper,
+    TypicalLogitsWarper,
+)
 
+from worker.engine.logits_processors import NO_PROCESSORS, ProcessorSettings, Row, process_rows
 from worker.engine.request import Request, RequestStatus
 
 #: Temperatures below this sample greedily: `exp(-gap / T)` for any logit gap the model can tell apart is 0.
@@ -29,7 +39,8 @@ class SamplingParams:
 
     `temperature == 0` (or below `GREEDY_BELOW_TEMPERATURE`) means greedy. `stop` strings need the engine
     to have a tokenizer. EOS ids come from the engine (model generation config) unless `ignore_eos` is set
-    (benchmarks)."""
+    (benchmarks). `processors` apply to greedy and sampled requests; `min_p`, `typical_p`,
+    `epsilon_cutoff` and `eta_cutoff` (after top-p, as generate) only when sampling. Each "off" by default."""
 
     max_new_tokens: int = 16
     temperature: float = 0.0
@@ -40,6 +51,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    min_p: float = 0.0  # 0.0: off
+    typical_p: float = 1.0  # 1.0: off
+    epsilon_cutoff: float = 0.0  # 0.0: off
+    eta_cutoff: float = 0.0  # 0.0: off
+    processors: ProcessorSettings = NO_PROCESSORS
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -50,6 +66,13 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 < self.typical_p <= 1:
+            raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
+        for name in ("epsilon_cutoff", "eta_cutoff"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop", tuple(self.stop))
 
@@ -64,6 +87,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[int]:
         if not requests:
             return []
+        logits = apply_processors(logits, requests)
         out = torch.empty(len(requests), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
         if len(greedy) == len(requests):
@@ -79,17 +103,48 @@ class Sampler:
 
     def _sample_row(self, row: torch.Tensor, request: Request) -> torch.Tensor:
         params = request.sampling_params
-        probs = filtered_probs(row.float(), params.temperature, params.top_k, params.top_p)
+        probs = sampling_probs(row, params)
         if params.seed is not None and request.generator is None:
             request.generator = torch.Generator(device=row.device).manual_seed(params.seed)
         return torch.multinomial(probs, 1, generator=request.generator)[0]
 
 
-def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Softmax of `logits / temperature` restricted to the top-k, then to the top-p nucleus.
+def apply_processors(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """`logits` [len(requests), vocab] after each request's processors: a float32 copy (generate processes
+    float32 logits) when any request has one, else `logits` itself. A row's tokens are its prompt and outputs."""
+    if not any(r.sampling_params.processors.active for r in requests):
+        return logits
+    rows = [Row(r.sampling_params.processors, r.all_token_ids, r.num_prompt_tokens, r.sampling_params.max_new_tokens)
+            for r in requests]  # fmt: skip
+    return process_rows(logits.to(torch.float32, copy=True), rows)
+
+
+def sampling_probs(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled request draws from: `row` (processed logits) through every warper."""
+    return filtered_probs(
+        row, params.temperature, params.top_k, params.top_p,
+        min_p=params.min_p, typical_p=params.typical_p,
+        epsilon_cutoff=params.epsilon_cutoff, eta_cutoff=params.eta_cutoff,
+    )  # fmt: skip
+
+
+def filtered_probs(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    *,
+    min_p: float = 0.0,
+    typical_p: float = 1.0,
+    epsilon_cutoff: float = 0.0,
+    eta_cutoff: float = 0.0,
+) -> torch.Tensor:
+    """Softmax of `logits / temperature` restricted to the top-k, the top-p nucleus, then min-p, typical-p,
+    epsilon and eta cutoffs (generate's warper order).
 
     Matches transformers' warpers: top-p keeps the smallest set whose mass reaches `top_p`
-    (always at least one token). Finite for any temperature > 0 (`scaled_logits`)."""
+    (always at least one token); the last four are transformers' own warpers (one token kept at least).
+    Finite for any temperature > 0 (`scaled_logits`)."""
     logits = scaled_logits(logits, temperature)
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
@@ -100,7 +155,24 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
         remove = cum <= (1 - top_p)
         remove[-1] = False
         logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    for warper in _cutoff_warpers(min_p, typical_p, epsilon_cutoff, eta_cutoff):
+        logits = warper(None, logits[None])[0]
     return logits.softmax(dim=-1)
+
+
+def _cutoff_warpers(min_p: float, typical_p: float, epsilon: float, eta: float) -> list[Any]:
+    """transformers' warpers for the cutoffs that are on, in generate's order (a shift of the logits, which
+    `scaled_logits` makes, changes none of them: each works on their softmax)."""
+    warpers: list[Any] = []
+    if min_p > 0:
+        warpers.append(MinPLogitsWarper(min_p))
+    if typical_p < 1:
+        warpers.append(TypicalLogitsWarper(typical_p))
+    if 0 < epsilon < 1:
+        warpers.append(EpsilonLogitsWarper(epsilon))
+    if 0 < eta < 1:
+        warpers.append(EtaLogitsWarper(eta))
+    return warpers
 
 
 def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -118,7 +190,8 @@ def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 class StopChecker:
     """Decides, after each new token, whether a request is finished and why.
 
-    Order: EOS (unless `ignore_eos`) and stop token ids -> "stop"; a stop string in the detokenized
+    Order: EOS (unless `ignore_eos`) and stop token ids -> "stop" (an EOS `forced_eos_token_id` put at the
+    length limit -> "length"); a stop string in the detokenized
     tail -> "stop"; `max_new_tokens` or the model's maximum length -> "length"."""
 
     def __init__(self, eos_token_ids: Sequence[int] = (), tokenizer: Any = None, max_model_len: int | None = None):
@@ -130,6 +203,8 @@ class StopChecker:
         params = request.sampling_params
         last = request.output_token_ids[-1]
         if (not params.ignore_eos and last in self.eos_token_ids) or last in params.stop_token_ids:
+            if last == params.processors.forced_eos_token_id and request.num_output_tokens >= params.max_new_tokens:
+                return RequestStatus.FINISHED_LENGTH  # an EOS forced at the limit ends it because of the limit
             return RequestStatus.FINISHED_STOPPED
         if params.stop and self._stop_string_in_tail(request):
             return RequestStatus.FINISHED_STOPPED
