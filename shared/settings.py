@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     )
     limits: Limits = Field(default_factory=Limits)
     bulk_message_items: int = Field(
-        32, gt=0, description="A bulk submission travels as messages of this many items (each keeps its own id)."
+        64, gt=0, description="A bulk submission travels as messages of this many items (each keeps its own id)."
     )
 
     registry_path: Path | None = Field(None, description="Model registry file (TOML); see README.")
