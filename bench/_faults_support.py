@@ -14,7 +14,6 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import redis
@@ -298,38 +297,6 @@ def table(rows: list[Row]) -> str:
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
-
-
-def plot(rows: list[Row], path: Path) -> str:
-    """Bars of lost, flips and recovery time per fault; returns what happened (matplotlib is optional)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not importable: no plot written"
-    names = [r.fault for r in rows]
-    series = [
-        ("lost", [r.lost for r in rows]),
-        ("final-state flips", [r.flips for r in rows]),
-        ("in flight back (s); red: some never came back", [r.recover_s or 0.0 for r in rows]),
-    ]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, (title, values) in zip(axes, series, strict=True):
-        bars = ax.bar(names, values)
-        ax.set_title(title)
-        ax.set_ylim(0, max(1.0, *values) * 1.15)
-        ax.tick_params(axis="x", labelrotation=60)
-    for bar, row in zip(bars, rows, strict=True):  # the last panel's bars
-        if row.never_recovered:
-            bar.set_color("tab:red")
-            axes[2].annotate(f"never: {row.never_recovered}", (bar.get_x(), bar.get_height()), fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return f"plot written to {path}"
 
 
 def _seconds(value: float | None) -> str:

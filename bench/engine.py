@@ -9,6 +9,7 @@ W2: 4 contexts of ~1000 tokens x 32 questions of ~30 tokens, 32-token answers; p
 on vs off; hit rate against the best possible (every full context block after each context's first request).
 
 Run: `python bench/engine.py` (full), `python bench/engine.py --quick` (a smoke run of a few minutes less).
+Plots tok/s per system with the ratio to the baseline (bench/plots.py) to bench/plots/w1.png and w2.png (`--plot`).
 Ends with one line: w1_vs_hf_cb=.. w1_vs_sequential=.. w1_bf16_vs_fp32=.. w2_prefix_speedup=.. w2_hit_rate=..
 """
 
@@ -21,8 +22,10 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import plots
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -254,7 +257,20 @@ def table(rows: list[Result], baselines: dict[str, Result]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def plot_w1(res: dict[str, Result], path: Path, note: str) -> str:
+    """tok/s per system, as ratios to transformers continuous batching (to pagedq fp32 without baselines)."""
+    baseline = res["hf_cb"] if "hf_cb" in res else res["fp32"]
+    panel = plots.Panel("ratio: to " + baseline.name, [(r.name, r.tok_s) for r in res.values()], baseline.name)
+    return plots.rates(path, "W1: generation, 56M-param Llama, greedy", "generated tokens/s", [panel], note)
+
+
+def plot_w2(w2res: dict[str, Result], path: Path, note: str) -> str:
+    on, off = w2res["on"], w2res["off"]
+    panel = plots.Panel("ratio: to the cache off", [(on.name, on.tok_s), (off.name, off.tok_s)], off.name)
+    return plots.rates(path, "W2: shared-context QA, prefix caching", "generated tokens/s", [panel], note)
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -266,7 +282,12 @@ def main() -> None:
     p.add_argument("--skip-baselines", action="store_true")
     p.add_argument("--skip-w2", action="store_true")
     p.add_argument("--quick", action="store_true", help="16 requests, 1 repeat, W2 with 8 questions per context")
-    args = p.parse_args()
+    plots.add_plot_argument(p)
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.quick:
         args.requests, args.repeats, args.w2_questions = 16, 1, 8
     torch.set_num_threads(args.threads)
@@ -276,6 +297,8 @@ def main() -> None:
     res = w1(args, model)
     baselines = {k: res[k] for k in ("sequential", "static", "hf_cb") if k in res} or {"fp32": res["fp32"]}
     print(table(list(res.values()), baselines))
+    run = f"{'--quick: ' if args.quick else ''}{args.requests} requests, median of {args.repeats}"
+    print(plot_w1(res, plots.path_for(args.plot, "w1"), run))
     summary = {"w1_bf16_vs_fp32": res["bf16"].tok_s / res["fp32"].tok_s}
     if "sequential" in res:
         same = sum(a == b for a, b in zip(res["fp32"].outputs or [], res["sequential"].outputs or [], strict=True))
@@ -291,6 +314,8 @@ def main() -> None:
         same = w2res["on"].extra["same_as_off"]
         total = 4 * args.w2_questions
         print(f"prefix hits / best possible: {hit_rate:.1%}; greedy outputs equal with/without cache: {same}/{total}")
+        run = f"{'--quick: ' if args.quick else ''}4 contexts x {args.w2_questions} questions, median of {args.repeats}"
+        print(plot_w2(w2res, plots.path_for(args.plot, "w2"), run))
         summary |= {"w2_prefix_speedup": w2res["on"].tok_s / w2res["off"].tok_s, "w2_hit_rate": hit_rate}
     print(" ".join(f"{k}={v:.2f}" for k, v in summary.items()))
 

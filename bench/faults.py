@@ -29,6 +29,7 @@ recovery quick; notes under the table say what each fault did and saw, then ever
 described (its states, its record, the worker log lines naming it).
 
 Run: `python bench/faults.py` (1,000 tasks per fault), `--quick` (150), `--only poison,redis-sigkill`.
+Plots lost, flips and recovery time per fault (bench/plots.py) to bench/plots/faults.png (`--plot`).
 Ends with one line: faults_lost=.. faults_flips=.. faults_unexpected_failures=.. faults_max_recover_s=..
 """
 
@@ -56,7 +57,8 @@ from kombu.exceptions import OperationalError
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # scripts/ is not an installed package
 
-from _faults_support import FINAL, DoneListener, Job, Row, Watcher, mixed_jobs, plot, table  # noqa: E402
+import plots  # noqa: E402
+from _faults_support import FINAL, DoneListener, Job, Row, Watcher, mixed_jobs, table  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
 from producer.errors import TaskAlreadyFinished  # noqa: E402
@@ -591,7 +593,7 @@ def load_average() -> str:
         return " ".join(f.read().split()[:3])
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", type=int, default=1000, help="tasks per fault")
     p.add_argument("--quick", action="store_true", help="150 tasks per fault (a few minutes on 2 cores)")
@@ -619,7 +621,13 @@ def main() -> None:
     )
     p.add_argument("--describe", type=int, default=5, help="tasks described per kind of problem")
     p.add_argument("--models", type=Path, default=ROOT / ".models" / "demo", help="demo models (built if absent)")
-    p.add_argument("--out", type=Path, default=ROOT / ".demo" / "faults", help="logs and the plot go here")
+    p.add_argument("--out", type=Path, default=ROOT / ".demo" / "faults", help="logs go here")
+    plots.add_plot_argument(p, "faults")
+    return p
+
+
+def main() -> None:
+    p = parser()
     args = p.parse_args()
     if args.quick:
         args.tasks = 150
@@ -662,7 +670,7 @@ def main() -> None:
         print(f"- {row.fault}: " + "; ".join(row.notes))
     if problems:
         print("\nProblems:\n" + "\n".join(problems))
-    print(plot(rows, out / "faults.png"))
+    print(plots.faults(rows, args.plot, f"{args.tasks} tasks per fault"))
     recover = [r.recover_s for r in rows if r.recover_s is not None]
     summary = {
         "faults_lost": sum(r.lost for r in rows), "faults_flips": sum(r.flips for r in rows),

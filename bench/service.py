@@ -30,6 +30,7 @@ worker claims it; in the worker; until the final status reaches the client) and 
 
 Run: `python bench/service.py` (2,000 tasks per system; the realistic mix 600), `--quick` (300; the realistic
 mix 120: under 2 minutes on 2 cores). `--torch-threads N` sets the torch threads of every worker alike.
+Plots tasks/s and p50/p99 latency per system (bench/plots.py) to bench/plots/w5.png (`--plot`).
 Ends with one line (ratios of tasks/s; w5_vs_naive from the mix, on the models of `--models`):
 w5_single_vs_noop=.. w5_bulk_vs_inprocess=.. w5_idle_p50_ms=.. w5_vs_naive=..
 """
@@ -45,6 +46,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import plots
 import torch
 from celery import Celery
 from w5_agreement import Answer, agreement, recording, time_by_kind
@@ -63,7 +65,7 @@ from w5_load import (
 )
 from w5_models import build_realistic_models
 from w5_pagedq import bulk, client_session, http_session, in_process, one_at_a_time, stage_medians
-from w5_report import Row, cpu_per_task, engine_work, plot, table
+from w5_report import Row, cpu_per_task, engine_work, table
 from w5_workload import Job, classify_texts, mixed_jobs
 
 from shared.celery_config import make_celery
@@ -274,7 +276,7 @@ def report(rows: dict[str, Row], phases: Phases, notes: list[str], args: argpars
         for failure in rows[key].outcome.failures[:3]:
             print(f"- FAILED in {rows[key].system}: {failure}")
     print(f"- {phases.summary()}")
-    print(f"- {plot([rows[k] for k in order], args.plot)}")
+    print(f"- {plots.service([rows[k] for k in order], args.plot)}")
     summary = {
         "w5_single_vs_noop": ratio(rows["single"], rows["noop"]),
         "w5_bulk_vs_inprocess": ratio(rows["bulk"], rows["inprocess"]),
@@ -291,7 +293,7 @@ def report(rows: dict[str, Row], phases: Phases, notes: list[str], args: argpars
     print(" ".join(f"{key}={value:.3f}" for key, value in summary.items()))
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="300 tasks per system instead of 2,000")
     p.add_argument("--tasks", type=int, default=None, help="tasks per system (default 2000, 300 with --quick)")
@@ -311,7 +313,7 @@ def main() -> None:
     p.add_argument("--worker-threads", type=int, default=None, help="Celery threads per worker (default: settings)")
     p.add_argument("--idle-tasks", type=int, default=50)
     p.add_argument("--task-timeout", type=float, default=300.0, help="seconds a client waits for one result")
-    p.add_argument("--plot", type=Path, default=Path(__file__).resolve().parent / "results" / "w5.png")
+    plots.add_plot_argument(p, "w5")
     p.add_argument(
         "--torch-threads",
         type=int,
@@ -319,7 +321,11 @@ def main() -> None:
         help="torch intra-op threads of every worker and of the in-process engine (OMP_NUM_THREADS; default: "
         "torch's own, one per core). 1 is steadier on a machine other processes keep busy",
     )
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.torch_threads:
         os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # inherited by every worker started below
         torch.set_num_threads(args.torch_threads)

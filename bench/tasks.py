@@ -11,6 +11,8 @@ and, reported separately, the pipeline and pagedq packed in bf16. Scores of ever
 the fp32 pipeline (max abs difference). The GEMM floor: FLOPs of the real tokens / measured GEMM rate.
 
 Run: `python bench/tasks.py --workload w3` (2,000 texts, 3 repeats), `--quick` (200 texts, 1 repeat).
+Plots texts/s per system with the ratio to the pipeline (W4: tokens/s, ratio to static batches; bench/plots.py)
+to bench/plots/w3.png and w4.png (`--plot`).
 Ends with one line of key=value pairs from every workload run, e.g. `w3_vs_pipeline=.. w3_padding_share=..`.
 """
 
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import plots
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer, pipeline
 from transformers.utils import logging as hf_logging
@@ -219,6 +222,8 @@ def w3(args: argparse.Namespace) -> dict[str, float]:
     rates = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
     print(table(systems, count, reference, floor_flops, rates))
     print(f"packed: {stats['pagedq packed']['steps']:.0f} steps; load average after: {load_average()}")
+    note = f"{'--quick: ' if args.quick else ''}{count} texts, BERT {args.w3_layers} x 768, {repeats} timed run(s)"
+    print(plot_w3(systems, count, plots.path_for(args.plot, "w3"), note))
     by_name = {s.name: s for s in systems}
     ours, pipe, bf16_ours = by_name["pagedq packed"], by_name["pipeline batch_size=32 fp32"], systems[-1]
     return {
@@ -228,6 +233,18 @@ def w3(args: argparse.Namespace) -> dict[str, float]:
         "w3_padding_share": ours.padding_share(),
         "w3_bf16_vs_fp32": ours.median / bf16_ours.median,
     }
+
+
+def plot_w3(systems: list[System], count: int, path: Path, note: str) -> str:
+    """texts/s per system, fp32 and bf16 side by side, each as ratios to its own group's pipeline."""
+    panels = []
+    for group in ("fp32", "bf16"):
+        members = [s for s in systems if s.group == group]
+        pipe = next(s.name for s in members if s.name.startswith("pipeline"))
+        panels.append(
+            plots.Panel(f"{group}; ratio: to the {group} pipeline", [(s.name, count / s.median) for s in members], pipe)
+        )
+    return plots.rates(path, "W3: classification, random-weight BERT", "texts/s", panels, note)
 
 
 def padding_share_of_batches(lengths: list[int], batch_size: int) -> float:
@@ -268,7 +285,7 @@ def table(systems: list[System], count: int, reference: np.ndarray, flops: float
 WORKLOADS: dict[str, Callable[[argparse.Namespace], dict[str, float]]] = {"w3": w3, "w4": w4}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", nargs="+", choices=sorted(WORKLOADS), default=sorted(WORKLOADS))
     p.add_argument("--quick", action="store_true", help="a smoke run: fewer inputs, one repeat")
@@ -280,7 +297,12 @@ def main() -> None:
     p.add_argument("--w3-budget", type=int, default=8192, help="max_batch_tokens of the executor")
     p.add_argument("--w3-max-requests", type=int, default=64, help="max_running_requests of the executor")
     add_w4_arguments(p)
-    args = p.parse_args()
+    plots.add_plot_argument(p)
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore")

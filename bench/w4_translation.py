@@ -19,6 +19,8 @@ shared by beams) against generate's cache padded to its batch's longest input an
 per beam, as generate expands encoder outputs).
 
 Run: `python bench/tasks.py --workload w4` (or `python bench/w4_translation.py`), `--quick` for a smoke run.
+Plots tokens/s per system, greedy and beam 4 side by side, with the ratio to the static batches (bench/plots.py)
+to bench/plots/w4.png (`--plot`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import plots
 import torch
 from transformers import GenerationConfig, MarianConfig, MarianMTModel
 from transformers.utils import logging as hf_logging
@@ -215,6 +218,7 @@ def w4(args: argparse.Namespace) -> dict[str, float]:
         f"{repeats} timed run(s) after a warm-up"
     )
     summary: dict[str, float] = {}
+    panels = []
     for beams, label in ((1, "greedy"), (4, "beam")):
         engine_run = EngineRun(model, args, beams)
         systems = [
@@ -229,12 +233,22 @@ def w4(args: argparse.Namespace) -> dict[str, float]:
         checked = sequential.sentences
         same = sum(a == b for a, b in zip(ours.outputs[:checked], sequential.outputs, strict=True))
         print(table(f"{label} (num_beams={beams})", systems, same, checked))
+        panels.append(panel(f"{label} (num_beams={beams})", systems))
         summary[f"w4_{label}_vs_static"] = ours.tokens_per_s() / static.tokens_per_s()
         summary[f"w4_{label}_vs_sequential"] = ours.tokens_per_s() / sequential.tokens_per_s()
         summary[f"w4_{label}_kv_vs_padded"] = ours.kv_bytes / static.kv_bytes
         summary[f"w4_{label}_exact"] = same / checked
     summary["w4_kv_bytes_vs_padded"] = summary["w4_greedy_kv_vs_padded"]
+    note = f"{'--quick: ' if args.quick else ''}{count} sentences, {repeats} timed run(s)"
+    title = "W4: translation, random-weight Marian 6+6 x 512"
+    print(plots.rates(plots.path_for(args.plot, "w4"), title, "generated tokens/s", panels, note))
     return summary
+
+
+def panel(title: str, systems: list[System]) -> plots.Panel:
+    """tokens/s per system, as ratios to generate on static batches (the table's `vs static`)."""
+    rows = [(s.name, s.tokens_per_s()) for s in systems]
+    return plots.Panel(f"{title}; ratio: to static batches", rows, systems[1].name)
 
 
 def table(title: str, systems: list[System], same: int, checked: int) -> str:
@@ -253,12 +267,17 @@ def table(title: str, systems: list[System], same: int, checked: int) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     add_arguments(p)
-    args = p.parse_args()
+    plots.add_plot_argument(p, "w4")
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     hf_logging.set_verbosity_error()

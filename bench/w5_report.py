@@ -1,10 +1,9 @@
-"""W5 results: one `Row` per system, the markdown table, and the plot (tasks/s and latency)."""
+"""W5 results: one `Row` per system and the markdown table (the plot: bench/plots.py `service`)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from w5_load import Outcome, percentile
 
@@ -57,41 +56,6 @@ def table(rows: list[Row]) -> str:
             f"| {_num(r.batch)} | {_num(r.commands_per_task)} |"
         )
     return "\n".join(lines)
-
-
-def plot(rows: list[Row], path: Path) -> str:
-    """Write the tasks/s and p50/p99 latency bars to `path` (PNG); returns a line saying what happened."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import NullFormatter
-    except ImportError:
-        return "plot skipped: matplotlib is not installed (pip install matplotlib)"
-    names = [r.system for r in rows][::-1]
-    shown = rows[::-1]
-    fig, (rate_ax, latency_ax) = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows) + 1.8), sharey=True)
-    rate_ax.bar_label(rate_ax.barh(names, [r.tasks_per_s for r in shown], color="tab:blue"), fmt="%.0f", padding=2)
-    rate_ax.set_xlabel("tasks/s (log)")
-    positions = range(len(shown))
-    for offset, q in ((0.2, 50), (-0.2, 99)):
-        bars = latency_ax.barh(
-            [p + offset for p in positions], [r.latency_ms(q) for r in shown], height=0.4, label=f"p{q}"
-        )
-        latency_ax.bar_label(bars, fmt="%.0f", padding=2, fontsize=8)
-    latency_ax.set_xlabel("submit-to-result latency, ms (log)")
-    latency_ax.legend(loc="upper right")
-    for ax in (rate_ax, latency_ax):
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.margins(x=0.15)
-    fig.suptitle("W5: the whole service through the queue")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return f"plot: {path}"
 
 
 def engine_work(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> str:
