@@ -53,7 +53,8 @@ def stack(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 @pytest.fixture(scope="module")
 def service(stack: Stack) -> Iterator[TaskService]:
-    svc = TaskService(stack.settings())
+    # bulks in messages of 8 items: a bulk of tens spreads over every worker (the faults need that)
+    svc = TaskService(stack.settings().model_copy(update={"bulk_message_items": 8}))
     yield svc
     svc.close()
 

@@ -148,17 +148,19 @@ class ClassificationExecutor(ModelExecutor):
             self._waiting.push(request, _Encoded(inputs, truncated), key)
 
     def _result(self, payload: ClassifyRequest, logits: torch.Tensor, encoded: _Encoded) -> ClassifyResult:
+        """Built with `model_construct`: every field comes from the model and the request, already of its type
+        (validation cost a bulk's engine thread ~8% of its time for nothing)."""
         config = self.loaded.model.config
         function = payload.function_to_apply or default_function(config)
         scores = apply_function(logits, function).tolist()
         id2label = config.id2label  # once: a transformers config attribute read is slow (__getattribute__)
         ranked = sorted(
-            (LabelScore(label=id2label[i], score=s) for i, s in enumerate(scores)),
+            (LabelScore.model_construct(label=str(id2label[i]), score=float(s)) for i, s in enumerate(scores)),
             key=lambda ls: ls.score,
             reverse=True,  # stable, like the pipeline's sort: ties keep label order
         )
         top = ranked if payload.top_k is None else ranked[: payload.top_k]
-        return ClassifyResult(
+        return ClassifyResult.model_construct(
             model=self.loaded.spec.name,
             label=ranked[0].label,
             score=ranked[0].score,
