@@ -17,6 +17,7 @@ generation_config field refuses the model when the engine is built).
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,17 +87,25 @@ class GenerativeExecutor(ModelExecutor):
         return self.engine.has_unfinished_requests()
 
     def step(self) -> None:
-        for out in self.engine.step():
-            if not out.finished or out.request_id not in self._requests:
-                continue  # still generating, or aborted by us (already failed)
+        outputs = self.engine.step()
+        stepped_at = time.monotonic()  # when this step's tokens exist
+        for out in outputs:
+            entry = self._requests.get(out.request_id)
+            if entry is None:
+                continue  # aborted by us (already failed)
+            if entry[0].first_token_at is None and out.output_token_ids:
+                entry[0].first_token_at = stepped_at  # TTFT (worker/metrics.py)
+            if not out.finished:
+                continue  # still generating
             request, prompt = self._requests.pop(out.request_id)
             if out.finish_reason == "expired":
                 request.fail(DeadlineExceeded(f"deadline passed before task {request.id} finished"))
             else:
                 request.finish(self._result(request, prompt, out))
 
-    def stats(self) -> dict[str, float]:
-        return self.engine.stats()
+    def stats(self) -> dict[str, Any]:
+        """The engine's counters, plus `path`: causal LMs are paged or refused at load (no fallback)."""
+        return {**self.engine.stats(), "path": "paged", "path_reason": ""}
 
     # ---- prompts ----------------------------------------------------------------------------------
 
