@@ -29,7 +29,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check shared producer worker scripts tests bench
-	$(VENV)/bin/mypy shared producer
+	$(VENV)/bin/mypy shared producer worker
 
 bench: install
 	$(PY) bench/engine.py
