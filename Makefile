@@ -29,7 +29,9 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check shared producer worker scripts tests bench
-	$(VENV)/bin/mypy shared producer worker
+	@# mypy cannot follow the editable install's import hook: it reads pagedq.* through a tree of links
+	rm -rf .mypy_path && mkdir -p .mypy_path/pagedq && ln -s ../../shared ../../producer ../../worker .mypy_path/pagedq/
+	MYPYPATH=.mypy_path $(VENV)/bin/mypy -p pagedq.shared -p pagedq.producer -p pagedq.worker
 
 bench: install
 	$(PY) bench/engine.py

@@ -18,10 +18,10 @@ from typing import Any, NamedTuple
 
 import redis
 
-from producer.service import TaskService
-from shared.errors import TaskNotFound
-from shared.models import TaskState, TaskType
-from shared.records import DONE_CHANNEL_PREFIX
+from pagedq.producer.service import TaskService
+from pagedq.shared.errors import TaskNotFound
+from pagedq.shared.models import TaskState, TaskType
+from pagedq.shared.records import DONE_CHANNEL_PREFIX
 
 FINAL = frozenset(s.value for s in TaskState if s.is_final)
 RUNNING = TaskState.RUNNING.value

@@ -29,9 +29,9 @@ import plots
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from worker.engine.executor import EngineConfig
-from worker.engine.llm_engine import LLMEngine
-from worker.engine.sampling import SamplingParams
+from pagedq.worker.engine.executor import EngineConfig
+from pagedq.worker.engine.llm_engine import LLMEngine
+from pagedq.worker.engine.sampling import SamplingParams
 
 VOCAB = 32000
 

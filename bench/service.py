@@ -68,11 +68,11 @@ from w5_pagedq import bulk, client_session, http_session, in_process, one_at_a_t
 from w5_report import Row, cpu_per_task, engine_work, table
 from w5_workload import Job, classify_texts, mixed_jobs
 
-from shared.celery_config import make_celery
-from shared.models import TaskType
-from shared.registry import Registry
-from shared.settings import Settings
-from worker.demo_models import build_demo_models
+from pagedq.shared.celery_config import make_celery
+from pagedq.shared.models import TaskType
+from pagedq.shared.registry import Registry
+from pagedq.shared.settings import Settings
+from pagedq.worker.demo_models import build_demo_models
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:

@@ -38,12 +38,12 @@ from transformers.utils import logging as hf_logging
 from w4_translation import add_arguments as add_w4_arguments  # W4 lives in its own module (bench/w4_translation.py)
 from w4_translation import w4
 
-from shared.models import ClassifyRequest, TaskType
-from shared.registry import ModelSpec
-from worker._demo_corpus import ENGLISH_WORDS
-from worker._demo_tokenizers import build_wordpiece
-from worker.engine.classify import ClassificationExecutor
-from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.shared.models import ClassifyRequest, TaskType
+from pagedq.shared.registry import ModelSpec
+from pagedq.worker._demo_corpus import ENGLISH_WORDS
+from pagedq.worker._demo_tokenizers import build_wordpiece
+from pagedq.worker.engine.classify import ClassificationExecutor
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
 
 SEED = 1234
 W3_LABELS = 3

@@ -39,10 +39,10 @@ import torch
 from transformers import GenerationConfig, MarianConfig, MarianMTModel
 from transformers.utils import logging as hf_logging
 
-from shared.models import GenerationOptions
-from worker.engine._generation import decode_settings
-from worker.engine.executor import EngineConfig
-from worker.engine.seq2seq_engine import Seq2SeqEngine
+from pagedq.shared.models import GenerationOptions
+from pagedq.worker.engine._generation import decode_settings
+from pagedq.worker.engine.executor import EngineConfig
+from pagedq.worker.engine.seq2seq_engine import Seq2SeqEngine
 
 SEED = 1234
 VOCAB, EOS, PAD = 58101, 0, 58100  # OPUS-MT en-de's sizes and ids

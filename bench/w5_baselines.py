@@ -23,9 +23,9 @@ from w5_naive_worker import TASKS as NAIVE_TASKS
 from w5_noop_worker import NOOP_TASK, make_app
 from w5_workload import Job
 
-from shared.celery_config import make_celery
-from shared.redis_server import LocalRedis
-from shared.settings import Settings
+from pagedq.shared.celery_config import make_celery
+from pagedq.shared.redis_server import LocalRedis
+from pagedq.shared.settings import Settings
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent

@@ -29,9 +29,9 @@ from transformers.pipelines.document_question_answering import select_starts_end
 from transformers.utils import logging as hf_logging
 from w5_noop_worker import make_app
 
-from shared.models import TaskType
-from shared.registry import Registry
-from shared.settings import get_settings
+from pagedq.shared.models import TaskType
+from pagedq.shared.registry import Registry
+from pagedq.shared.settings import get_settings
 
 TASKS = {kind: f"w5.naive.{kind}" for kind in ("classify", "translate", "qa")}
 MAX_ANSWER_LEN = 30  # pagedq's QARequest default

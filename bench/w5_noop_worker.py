@@ -2,7 +2,7 @@
 
     PAGEDQ_REDIS_URL=redis://... celery -A bench.w5_noop_worker worker -P threads -c 64
 
-Same settings as pagedq (`shared.celery_config.celery_config`: JSON, late acks, prefetch 1, events on, the
+Same settings as pagedq (`pagedq.shared.celery_config.celery_config`: JSON, late acks, prefetch 1, events on, the
 same queues) except `task_ignore_result=False`: a plain Celery client needs the result backend to wait.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 
 from celery import Celery
 
-from shared.celery_config import celery_config
-from shared.settings import Settings, get_settings
+from pagedq.shared.celery_config import celery_config
+from pagedq.shared.settings import Settings, get_settings
 
 NOOP_TASK = "w5.noop"
 

@@ -17,15 +17,15 @@ from pathlib import Path
 from w5_load import Outcome, Sample
 from w5_workload import Job
 
-from producer.base import BaseClient
-from producer.client import Client, HTTPClient
-from producer.handle import result_of
-from shared.models import ClassifyRequest, TaskStatus, TaskType
-from shared.registry import Registry
-from shared.settings import Settings
-from worker.engine.executor import EngineConfig, EngineRequest, ModelExecutor
-from worker.engine.service import make_executor
-from worker.registry import load_model
+from pagedq.producer.base import BaseClient
+from pagedq.producer.client import Client, HTTPClient
+from pagedq.producer.handle import result_of
+from pagedq.shared.models import ClassifyRequest, TaskStatus, TaskType
+from pagedq.shared.registry import Registry
+from pagedq.shared.settings import Settings
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, ModelExecutor
+from pagedq.worker.engine.service import make_executor
+from pagedq.worker.registry import load_model
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """`python -m producer ...` is the `pagedq` command."""
 
-from producer.cli import app
+from pagedq.producer.cli import app
 
 app()

@@ -1,4 +1,4 @@
-"""The HTTP API: `uvicorn producer.api:app` (settings from the `PAGEDQ_` environment) or `create_app(settings)`.
+"""The HTTP API: `uvicorn pagedq.producer.api:app` (settings from the `PAGEDQ_` environment) or `create_app(settings)`.
 
     POST   /v1/{classify,translate,qa}       one request       -> 202 SubmitResponse, Location: /v1/tasks/{id}
     POST   /v1/{classify,translate,qa}/bulk  {"requests": [...]} -> 202 BulkSubmitResponse (all or nothing)
@@ -29,18 +29,18 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.staticfiles import StaticFiles
 
-from producer.api_auth import require_api_key
-from producer.api_body import BULK_MODELS, body_schema, bulk_body, document_bodies, model_body, request_body
-from producer.api_errors import (
+from pagedq.producer.api_auth import require_api_key
+from pagedq.producer.api_body import BULK_MODELS, body_schema, bulk_body, document_bodies, model_body, request_body
+from pagedq.producer.api_errors import (
     ALREADY_FINISHED,
     UNKNOWN_TASK,
     V1_RESPONSES,
     body_responses,
     install_error_handlers,
 )
-from producer.api_wait import stream_events, wait_statuses
-from producer.service import TaskService
-from shared.models import (
+from pagedq.producer.api_wait import stream_events, wait_statuses
+from pagedq.producer.service import TaskService
+from pagedq.shared.models import (
     REQUEST_MODELS,
     BulkSubmitResponse,
     StatusList,
@@ -50,7 +50,7 @@ from shared.models import (
     TaskStatus,
     TaskType,
 )
-from shared.settings import Limits, Settings, get_settings
+from pagedq.shared.settings import Limits, Settings, get_settings
 
 
 def create_app(settings: Settings | None = None, service: TaskService | None = None) -> FastAPI:
@@ -277,7 +277,7 @@ def _readiness(service: TaskService) -> dict[str, dict[str, Any]]:
 
 
 def __getattr__(name: str) -> Any:
-    """`producer.api.app`, built from the environment on first use (so importing this module is cheap)."""
+    """`pagedq.producer.api.app`, built from the environment on first use (so importing this module is cheap)."""
     if name == "app":
         app = create_app()
         globals()["app"] = app

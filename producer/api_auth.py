@@ -12,8 +12,8 @@ from typing import Annotated
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from producer.errors import Unauthorized
-from shared.settings import Settings
+from pagedq.producer.errors import Unauthorized
+from pagedq.shared.settings import Settings
 
 API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="One of PAGEDQ_API_KEYS.")
 BEARER = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`, same keys as X-API-Key.")

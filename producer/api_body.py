@@ -25,12 +25,12 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from pydantic.json_schema import models_json_schema
 
-from producer.api_errors import BodyTooLarge, JSONTooDeep, UnsupportedMediaType
-from producer.errors import InvalidJSON
-from shared.errors import InvalidRequest
-from shared.models import REQUEST_MODELS, StatusQuery, TaskRequest, TaskType, TranslateRequest, limits_schema
-from shared.registry import ModelSpec, Registry
-from shared.settings import Limits
+from pagedq.producer.api_errors import BodyTooLarge, JSONTooDeep, UnsupportedMediaType
+from pagedq.producer.errors import InvalidJSON
+from pagedq.shared.errors import InvalidRequest
+from pagedq.shared.models import REQUEST_MODELS, StatusQuery, TaskRequest, TaskType, TranslateRequest, limits_schema
+from pagedq.shared.registry import ModelSpec, Registry
+from pagedq.shared.settings import Limits
 
 
 #: `{"requests": [...]}` body of `POST /v1/{type}/bulk`, per task type.

@@ -1,6 +1,6 @@
 """Every error the HTTP API returns has one shape: `{"error": {"type": ..., "message": ...}}`.
 
-- `shared.errors.PagedqError` (and the producer's own, and the body errors below) -> its `http_status`;
+- `pagedq.shared.errors.PagedqError` (and the producer's own, and the body errors below) -> its `http_status`;
 - request validation -> 422, the message naming each bad field (`requests.3.text: ...`);
 - Redis or the broker unreachable -> 503;
 - FastAPI's own HTTP errors (unknown route, wrong method) -> their status; a 405's `Allow` names every
@@ -25,10 +25,10 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from producer.errors import InvalidJSON
-from producer.parsing import MAX_LISTED_ERRORS, describe_errors, error_location, error_text
-from shared.errors import PagedqError
-from shared.settings import Limits
+from pagedq.producer.errors import InvalidJSON
+from pagedq.producer.parsing import MAX_LISTED_ERRORS, describe_errors, error_location, error_text
+from pagedq.shared.errors import PagedqError
+from pagedq.shared.settings import Limits
 
 
 class BodyTooLarge(PagedqError):

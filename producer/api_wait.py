@@ -6,7 +6,7 @@
                                         text over), then `status` (the final TaskStatus); `Last-Event-ID` resumes
 
 Waits subscribe to `pagedq:done:<id>` (what `finalize` publishes, with the final fields) and read the records
-once after subscribing, as `producer.completion` does for the Python client; a read every `FALLBACK_S`
+once after subscribing, as `pagedq.producer.completion` does for the Python client; a read every `FALLBACK_S`
 persists deadlines. Streams read `pagedq:stream:<id>` (worker/streaming.py) with a blocking XREAD.
 """
 
@@ -21,11 +21,11 @@ import redis.asyncio as aioredis
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import ServerSentEvent
 
-from producer.completion import parse_notice
-from producer.service import TaskService
-from producer.status import status_from_notice
-from shared.models import TaskStatus
-from shared.records import done_channel, stream_key
+from pagedq.producer.completion import parse_notice
+from pagedq.producer.service import TaskService
+from pagedq.producer.status import status_from_notice
+from pagedq.shared.models import TaskStatus
+from pagedq.shared.records import done_channel, stream_key
 
 #: A waiting request reads its tasks again this often (deadlines, missed notifications).
 FALLBACK_S = 1.0

@@ -8,10 +8,10 @@ from typing import Any, Self
 
 from pydantic import BaseModel
 
-from producer.handle import TaskHandle
-from producer.parsing import RequestInput, task_type_of
-from producer.service import ProgressCallback
-from shared.models import (
+from pagedq.producer.handle import TaskHandle
+from pagedq.producer.parsing import RequestInput, task_type_of
+from pagedq.producer.service import ProgressCallback
+from pagedq.shared.models import (
     ClassifyResult,
     QAResult,
     SubmitResponse,

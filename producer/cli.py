@@ -19,12 +19,12 @@ from typing import Annotated, Any
 
 import typer
 
-from producer.base import BaseClient
-from producer.cli_inputs import InputError, Inputs, jsonl_inputs, text_inputs
-from producer.cli_output import emit, exit_code, exit_codes, progress
-from producer.client import Client, HTTPClient
-from producer.submission import task_location
-from shared.models import SubmitResponse, TaskType
+from pagedq.producer.base import BaseClient
+from pagedq.producer.cli_inputs import InputError, Inputs, jsonl_inputs, text_inputs
+from pagedq.producer.cli_output import emit, exit_code, exit_codes, progress
+from pagedq.producer.client import Client, HTTPClient
+from pagedq.producer.submission import task_location
+from pagedq.shared.models import SubmitResponse, TaskType
 
 app = typer.Typer(
     name="pagedq",

@@ -18,10 +18,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from producer.cli_inputs import InputError
-from producer.parsing import describe_errors
-from shared.errors import PagedqError
-from shared.models import TaskState, TaskStatus
+from pagedq.producer.cli_inputs import InputError
+from pagedq.producer.parsing import describe_errors
+from pagedq.shared.errors import PagedqError
+from pagedq.shared.models import TaskState, TaskStatus
 
 EXIT_OK, EXIT_TASK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 

@@ -1,6 +1,6 @@
 """The Python client apps use: submit straight onto the Redis queues; results are pushed back by id.
 
-    from producer.client import Client
+    from pagedq.producer.client import Client
     client = Client("redis://localhost:6379/0")
     handle = client.classify("I loved it", top_k=2)
     print(handle.result(timeout=30).label)
@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from producer.base import BaseClient
-from producer.errors import APIError, TaskAlreadyFinished, TaskFailed
-from producer.handle import TaskHandle
-from producer.http_client import HTTPClient
-from producer.parsing import RequestInput
-from producer.service import ProgressCallback, TaskService
-from shared.models import SubmitResponse, TaskStatus, TaskType
-from shared.registry import Registry
-from shared.settings import Settings, get_settings
+from pagedq.producer.base import BaseClient
+from pagedq.producer.errors import APIError, TaskAlreadyFinished, TaskFailed
+from pagedq.producer.handle import TaskHandle
+from pagedq.producer.http_client import HTTPClient
+from pagedq.producer.parsing import RequestInput
+from pagedq.producer.service import ProgressCallback, TaskService
+from pagedq.shared.models import SubmitResponse, TaskStatus, TaskType
+from pagedq.shared.registry import Registry
+from pagedq.shared.settings import Settings, get_settings
 
 __all__ = ["APIError", "Client", "HTTPClient", "TaskAlreadyFinished", "TaskFailed", "TaskHandle"]
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import redis
 
-from producer.status import status_from_notice
-from shared.models import TaskStatus
-from shared.records import DONE_CHANNEL_PREFIX, done_channel
+from pagedq.producer.status import status_from_notice
+from pagedq.shared.models import TaskStatus
+from pagedq.shared.records import DONE_CHANNEL_PREFIX, done_channel
 
 FALLBACK_S = 0.5
 MAX_FALLBACK_S = 5.0

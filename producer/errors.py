@@ -1,4 +1,4 @@
-"""Errors the producer adds to `shared.errors`: they only arise on the producer side.
+"""Errors the producer adds to `pagedq.shared.errors`: they only arise on the producer side.
 
 Every class derives from `PagedqError`, so the HTTP API maps each to its `http_status` with the same
 `{"error": {"type", "message"}}` body as the shared errors.
@@ -6,8 +6,8 @@ Every class derives from `PagedqError`, so the HTTP API maps each to its `http_s
 
 from __future__ import annotations
 
-from shared.errors import PagedqError
-from shared.models import TaskError, TaskState, TaskStatus
+from pagedq.shared.errors import PagedqError
+from pagedq.shared.models import TaskError, TaskState, TaskStatus
 
 
 class Unauthorized(PagedqError):

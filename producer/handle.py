@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar, cast
 
-from producer.errors import TaskFailed
-from shared.models import TaskState, TaskStatus, TaskType
+from pagedq.producer.errors import TaskFailed
+from pagedq.shared.models import TaskState, TaskStatus, TaskType
 
 R = TypeVar("R")
 

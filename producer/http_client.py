@@ -11,12 +11,12 @@ from typing import Any
 
 import httpx
 
-from producer.base import BaseClient
-from producer.errors import APIError
-from producer.parsing import RequestInput, parse_request, parse_requests
-from producer.service import ProgressCallback
-from shared.models import BulkSubmitResponse, StatusList, SubmitResponse, TaskStatus, TaskType
-from shared.settings import Limits
+from pagedq.producer.base import BaseClient
+from pagedq.producer.errors import APIError
+from pagedq.producer.parsing import RequestInput, parse_request, parse_requests
+from pagedq.producer.service import ProgressCallback
+from pagedq.shared.models import BulkSubmitResponse, StatusList, SubmitResponse, TaskStatus, TaskType
+from pagedq.shared.settings import Limits
 
 #: Requests are validated here for shape (types, empty text, unknown fields); sizes are the server's to
 #: check, since only the server knows its limits.
@@ -73,7 +73,7 @@ def parse_sse(lines: Iterable[str]) -> Iterator[StreamEvent]:
 
 
 class HTTPClient(BaseClient):
-    """Talks to `producer.api`. Errors from the server raise APIError(status_code, type, message).
+    """Talks to `pagedq.producer.api`. Errors from the server raise APIError(status_code, type, message).
 
     `http` lets a caller pass its own httpx.Client (tests pass FastAPI's TestClient).
     """

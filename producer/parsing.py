@@ -12,8 +12,8 @@ from typing import Any, cast
 
 from pydantic import BaseModel, TypeAdapter
 
-from shared.models import REQUEST_MODELS, TaskRequest, TaskType
-from shared.settings import Limits
+from pagedq.shared.models import REQUEST_MODELS, TaskRequest, TaskType
+from pagedq.shared.settings import Limits
 
 RequestInput = TaskRequest | Mapping[str, Any]
 

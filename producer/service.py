@@ -4,7 +4,7 @@ Submission, in this order, so that a bad request leaves no trace:
 
     validate (request models, limits) -> pick the model (registry) -> write the record -> send the message
 
-The message (`producer.submission`) is sent by task name to the task type's queue, with the request's
+The message (`pagedq.producer.submission`) is sent by task name to the task type's queue, with the request's
 priority mapped onto kombu's 0..9. If sending fails, the records of the unsent tasks are removed again.
 """
 
@@ -24,17 +24,17 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 from kombu.messaging import Producer
 
-from producer.completion import FALLBACK_S, wait_pushed
-from producer.errors import TaskAlreadyFinished
-from producer.parsing import RequestInput, parse_request, parse_requests
-from producer.status import needs_expiry, task_status
-from producer.submission import BatchMessage, Submission, batch_messages
-from shared.celery_config import BATCH_TASK_NAMES, QUEUES, TASK_NAMES, celery_priority, make_celery
-from shared.errors import InvalidRequest, ModelNotFound, PagedqError, TaskNotFound
-from shared.models import SubmitResponse, TaskError, TaskRequest, TaskState, TaskStatus, TaskType
-from shared.records import STATUS_FIELDS, NewRecord, TaskRecords
-from shared.registry import Registry
-from shared.settings import Settings, get_settings
+from pagedq.producer.completion import FALLBACK_S, wait_pushed
+from pagedq.producer.errors import TaskAlreadyFinished
+from pagedq.producer.parsing import RequestInput, parse_request, parse_requests
+from pagedq.producer.status import needs_expiry, task_status
+from pagedq.producer.submission import BatchMessage, Submission, batch_messages
+from pagedq.shared.celery_config import BATCH_TASK_NAMES, QUEUES, TASK_NAMES, celery_priority, make_celery
+from pagedq.shared.errors import InvalidRequest, ModelNotFound, PagedqError, TaskNotFound
+from pagedq.shared.models import SubmitResponse, TaskError, TaskRequest, TaskState, TaskStatus, TaskType
+from pagedq.shared.records import STATUS_FIELDS, NewRecord, TaskRecords
+from pagedq.shared.registry import Registry
+from pagedq.shared.settings import Settings, get_settings
 
 #: Model name sent when there is no registry and the request names none; the worker picks its default.
 DEFAULT_MODEL = "default"
@@ -276,7 +276,7 @@ class TaskService:
 
     def wait_all(self, task_ids: Sequence[str], timeout_s: float | None = None,
                  on_progress: ProgressCallback | None = None, poll_interval: float = FALLBACK_S) -> list[TaskStatus]:
-        """Final statuses of every task, in `task_ids` order (see `producer.completion`)."""
+        """Final statuses of every task, in `task_ids` order (see `pagedq.producer.completion`)."""
         return wait_pushed(self._pubsub(), self.statuses, task_ids, timeout_s, on_progress, poll_interval)
 
     def _pubsub(self) -> redis.client.PubSub:

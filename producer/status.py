@@ -1,4 +1,4 @@
-"""From a task record (`shared.records`) to the `TaskStatus` users see.
+"""From a task record (`pagedq.shared.records`) to the `TaskStatus` users see.
 
 The record is the only source of truth; Celery's result backend is not used:
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from shared.models import TaskError, TaskResult, TaskState, TaskStatus, TaskType
+from pagedq.shared.models import TaskError, TaskResult, TaskState, TaskStatus, TaskType
 
 _RESULT = TypeAdapter(TaskResult)
 EXPIRED_ERROR = TaskError(type="DeadlineExceeded", message="the deadline passed before a worker finished the task")

@@ -1,6 +1,6 @@
 """One submission: a validated request with its id, model and deadline, and the message the worker gets.
 
-The messages are the wire contract with the worker (`worker.tasks`). One task, task name `pagedq.<type>`:
+The messages are the wire contract with the worker (`pagedq.worker.tasks`). One task, task name `pagedq.<type>`:
 `{"request": <request JSON>, "model": <registry name>, "deadline": <epoch s>, "submitted_at": <epoch s>}`.
 Many tasks of a bulk submission, task name `pagedq.<type>.batch`, K items per message:
 `{"items": [{"id": <task id>, "request": ..., "model": ..., "deadline": ..., "submitted_at": ...}, ...]}`.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from shared.models import SubmitResponse, TaskRequest, TaskType
+from pagedq.shared.models import SubmitResponse, TaskRequest, TaskType
 
 
 def task_location(task_id: str) -> str:

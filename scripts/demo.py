@@ -65,7 +65,7 @@ def summarise(result: dict[str, Any]) -> str:
 
 def main() -> int:
     models = choose_registry(lambda m: console.print(f"[bold yellow]{m}[/]"))
-    from shared.registry import Registry
+    from pagedq.shared.registry import Registry
 
     registry = Registry.load(models.registry_path)
     generative = next((s.name for s in registry.models.values() if s.mode == "generative"), None)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from shared.registry import Registry
+from pagedq.shared.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REGISTRY = ROOT / "models.toml"
@@ -101,7 +101,7 @@ def demo_models(say: Callable[[str], None], why: str) -> Models:
         return Models(built, is_demo=True)
     say("Building the demo models (first run; loads torch, a few seconds) ...")
     started = time.perf_counter()
-    from worker.demo_models import build_demo_models
+    from pagedq.worker.demo_models import build_demo_models
 
     path = build_demo_models(DEMO_DIR)
     say(f"Demo models built ({time.perf_counter() - started:.1f} s).")

@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import redis
 
-from shared.celery_config import QUEUES, make_celery
-from shared.redis_server import LocalRedis, free_port, redis_server_binary
-from shared.settings import Settings
+from pagedq.shared.celery_config import QUEUES, make_celery
+from pagedq.shared.redis_server import LocalRedis, free_port, redis_server_binary
+from pagedq.shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -127,7 +127,7 @@ class Stack:
             self.progress(f"Redis is up on port {self.redis_port}.")
         worker = self.start_worker()
         self.api_port = self.api_port or free_port()
-        self._spawn("api", [str(BIN / "uvicorn"), "producer.api:app", "--host", "127.0.0.1",
+        self._spawn("api", [str(BIN / "uvicorn"), "pagedq.producer.api:app", "--host", "127.0.0.1",
                             "--port", str(self.api_port), "--log-level", "warning"])
         if flower:
             self.flower_port = self.flower_port or free_port()
@@ -147,7 +147,7 @@ class Stack:
         name = f"worker{self.worker_count}"
         self.metrics_port = (self.worker_count == 1 and self._first_metrics_port) or free_port()
         env = {**self.env(), "PAGEDQ_METRICS_PORT": str(self.metrics_port), **(env or {})}
-        self._spawn(name, [str(BIN / "celery"), "-A", "worker.app", "worker", "-P", "threads",
+        self._spawn(name, [str(BIN / "celery"), "-A", "pagedq.worker.app", "worker", "-P", "threads",
                            "-c", str(self.worker_concurrency), "-Q", ",".join(QUEUES.values()),
                            "-n", f"{name}@%h", "--loglevel", "INFO", "--without-mingle"], env)
         return name

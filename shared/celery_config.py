@@ -8,9 +8,9 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from shared import kombu_compat
-from shared.models import TaskType
-from shared.settings import Settings, get_settings
+from pagedq.shared import kombu_compat
+from pagedq.shared.models import TaskType
+from pagedq.shared.settings import Settings, get_settings
 
 #: Celery task name == queue name, one per task type.
 TASK_NAMES: dict[TaskType, str] = {t: f"pagedq.{t.value}" for t in TaskType}

@@ -15,7 +15,7 @@ restore is skipped and logged). The messages are not lost: they stay in kombu's 
 reconciler puts back every unacked delivery no live worker holds (worker/reconciler.py, "orphaned
 deliveries"), and the task records keep any of them from running twice.
 
-2. `reuse_clients()` (producer and worker, from `shared.celery_config.make_celery`): kombu's
+2. `reuse_clients()` (producer and worker, from `pagedq.shared.celery_config.make_celery`): kombu's
 `Channel.conn_or_acquire` builds a new `redis.Redis` for every publish, ack and unacked-index write, and
 redis-py 8's constructor fills a dict of some 300 response callbacks each time: through the queue, 15% of a
 worker's Python time went there (py-spy, W5 single-item). The patched channel keeps one client per

@@ -1,7 +1,7 @@
 """Request, result and task-status models: the contracts between apps, the API and the worker.
 
 Every request forbids unknown fields, so a typo is a validation error rather than a silently ignored
-option. Size limits come from `shared.settings.Limits` (env `PAGEDQ_LIMITS__*`) and are checked here, so
+option. Size limits come from `pagedq.shared.settings.Limits` (env `PAGEDQ_LIMITS__*`) and are checked here, so
 the Python client, the HTTP API and the worker enforce the same ones; `limits_schema` states them in the
 JSON schema (the API's OpenAPI document), and each field's static bounds are in its own schema.
 """
@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from shared.settings import Limits, get_settings
+from pagedq.shared.settings import Limits, get_settings
 
 
 class TaskType(StrEnum):

@@ -37,7 +37,7 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 from redis.typing import EncodableT
 
-from shared.models import TaskState, TaskType
+from pagedq.shared.models import TaskState, TaskType
 
 KEY_PREFIX = "pagedq:task:"
 #: Ids with a record and no final state, scored by submission time (epoch seconds).

@@ -21,7 +21,7 @@ source = "./models/tiny-squad"   # relative paths are relative to this file
 ```
 
 The API uses the registry to reject unknown models and unsupported language pairs before anything is
-enqueued; the worker uses it to load models (`worker.registry`).
+enqueued; the worker uses it to load models (`pagedq.worker.registry`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.errors import ModelNotFound, UnsupportedLanguagePair
-from shared.models import QARequest, TaskRequest, TaskType, TranslateRequest
+from pagedq.shared.errors import ModelNotFound, UnsupportedLanguagePair
+from pagedq.shared.models import QARequest, TaskRequest, TaskType, TranslateRequest
 
 Architecture = Literal["sequence-classification", "question-answering", "seq2seq", "causal-lm"]
 

@@ -23,10 +23,10 @@ from transformers import (
 )
 from transformers.pipelines.document_question_answering import select_starts_ends
 
-from shared.models import TaskType
-from shared.registry import Registry
-from worker.engine.executor import EngineRequest, LoadedModel, ModelExecutor
-from worker.engine.varlen_attention import SEGMENTS_KWARG, VARLEN_ATTENTION
+from pagedq.shared.models import TaskType
+from pagedq.shared.registry import Registry
+from pagedq.worker.engine.executor import EngineRequest, LoadedModel, ModelExecutor
+from pagedq.worker.engine.varlen_attention import SEGMENTS_KWARG, VARLEN_ATTENTION
 
 SCORE_TOLERANCE = 1e-4
 TEXTS = [

@@ -14,15 +14,15 @@ import redis
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from producer.api import create_app
-from producer.client import APIError, HTTPClient, TaskFailed
-from producer.http_client import parse_sse
-from shared.celery_config import PRIORITY_SEP as SEP
-from shared.celery_config import redis_queue_keys
-from shared.models import ClassifyResult, TaskState
-from shared.records import KEY_PREFIX, LEASE_PREFIX, WORKERS_KEY, TaskRecords, stream_key
-from shared.redis_server import free_port
-from shared.settings import Limits, Settings
+from pagedq.producer.api import create_app
+from pagedq.producer.client import APIError, HTTPClient, TaskFailed
+from pagedq.producer.http_client import parse_sse
+from pagedq.shared.celery_config import PRIORITY_SEP as SEP
+from pagedq.shared.celery_config import redis_queue_keys
+from pagedq.shared.models import ClassifyResult, TaskState
+from pagedq.shared.records import KEY_PREFIX, LEASE_PREFIX, WORKERS_KEY, TaskRecords, stream_key
+from pagedq.shared.redis_server import free_port
+from pagedq.shared.settings import Limits, Settings
 
 KEY = "s3cret"
 AUTH = {"X-API-Key": KEY}

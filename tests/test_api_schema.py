@@ -21,9 +21,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from producer.api import create_app
-from shared.redis_server import free_port
-from shared.settings import Limits, Settings
+from pagedq.producer.api import create_app
+from pagedq.shared.redis_server import free_port
+from pagedq.shared.settings import Limits, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -130,7 +130,7 @@ def test_every_status_a_route_answers_is_declared(schema: dict[str, Any]) -> Non
 
 @pytest.fixture()
 def live_api(redis_url: str, registry: Path, tmp_path: Path) -> Iterator[str]:
-    """`uvicorn producer.api:app` as a child process, configured through the environment."""
+    """`uvicorn pagedq.producer.api:app` as a child process, configured through the environment."""
     port = free_port()
     limits = {f"PAGEDQ_LIMITS__{name.upper()}": str(value) for name, value in LIMITS.model_dump().items()}
     env = {
@@ -142,7 +142,7 @@ def live_api(redis_url: str, registry: Path, tmp_path: Path) -> Iterator[str]:
         "PAGEDQ_AUTH_ENABLED": "true",
     }
     log = (tmp_path / "api.log").open("wb")
-    serve = ["producer.api:app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    serve = ["pagedq.producer.api:app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     proc = subprocess.Popen([str(BIN / "uvicorn"), *serve], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -19,13 +19,13 @@ import redis
 import uvicorn
 from typer.testing import CliRunner
 
-from producer.api import create_app
-from producer.cli import app
-from shared.celery_config import PRIORITY_SEP as SEP
-from shared.models import TaskState
-from shared.records import KEY_PREFIX, TaskRecords
-from shared.redis_server import free_port
-from shared.settings import Settings, get_settings
+from pagedq.producer.api import create_app
+from pagedq.producer.cli import app
+from pagedq.shared.celery_config import PRIORITY_SEP as SEP
+from pagedq.shared.models import TaskState
+from pagedq.shared.records import KEY_PREFIX, TaskRecords
+from pagedq.shared.redis_server import free_port
+from pagedq.shared.settings import Settings, get_settings
 
 QUEUES = [f"pagedq.{t}{p}" for t in ("classify", "translate", "qa") for p in ("", SEP + "3", SEP + "6", SEP + "9")]
 API_KEY = "cli-key"

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from shared.celery_config import QUEUES, TASK_NAMES, celery_config, celery_priority
-from shared.errors import ModelNotFound, UnsupportedLanguagePair
-from shared.models import (
+from pagedq.shared.celery_config import QUEUES, TASK_NAMES, celery_config, celery_priority
+from pagedq.shared.errors import ModelNotFound, UnsupportedLanguagePair
+from pagedq.shared.models import (
     NOT_BLANK,
     ClassifyRequest,
     GenerationOptions,
@@ -22,8 +22,8 @@ from shared.models import (
     TranslateRequest,
     limits_schema,
 )
-from shared.registry import Registry
-from shared.settings import Limits, Settings
+from pagedq.shared.registry import Registry
+from pagedq.shared.settings import Limits, Settings
 
 SMALL = {"limits": Limits(max_text_chars=10, max_context_chars=20, max_new_tokens=8, max_beams=2, max_timeout_s=5)}
 

@@ -17,9 +17,9 @@ from transformers import (
     GenerationConfig,
 )
 
-from shared.models import TaskType
-from shared.registry import Registry
-from worker.demo_models import BUILD_MARKER, DEMO_MODELS_VERSION, build_demo_models
+from pagedq.shared.models import TaskType
+from pagedq.shared.registry import Registry
+from pagedq.worker.demo_models import BUILD_MARKER, DEMO_MODELS_VERSION, build_demo_models
 
 AUTO_CLASSES = {
     "demo-classifier": AutoModelForSequenceClassification,

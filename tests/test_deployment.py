@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from shared.celery_config import QUEUES
+from pagedq.shared.celery_config import QUEUES
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
@@ -89,7 +89,7 @@ def test_the_password_file_is_put_into_the_redis_urls(tmp_path: Path) -> None:
     """What every pagedq process does with /run/secrets/pagedq_redis_password (shared/settings.py)."""
     from redis.connection import parse_url
 
-    from shared.settings import Settings
+    from pagedq.shared.settings import Settings
 
     (tmp_path / "pagedq_redis_password").write_text("p@ss/w:rd\n")
     (tmp_path / "pagedq_api_keys").write_text("k1, k2\n")
@@ -157,7 +157,7 @@ def test_build_targets_exist_and_worker_runs_the_threads_pool_on_every_queue() -
 
 def test_the_native_kernel_source_ships_with_the_package() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "*.c" in project["tool"]["setuptools"]["package-data"]["worker.engine.native"]
+    assert "*.c" in project["tool"]["setuptools"]["package-data"]["pagedq.worker.engine.native"]
     assert (ROOT / "worker" / "engine" / "native" / "paged_decode.c").is_file()
 
 
@@ -206,7 +206,7 @@ def test_the_grafana_dashboard_charts_only_metrics_the_workers_export() -> None:
 
     from prometheus_client import Counter, Histogram
 
-    from worker import metrics
+    from pagedq.worker import metrics
 
     exported = {m._name for m in vars(metrics).values() if isinstance(m, Counter | Histogram)}
     exported |= {name for name, _, _ in metrics.ENGINE_METRICS.values()}

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from producer.api import create_app
-from shared.redis_server import LocalRedis
-from shared.settings import Settings
+from pagedq.producer.api import create_app
+from pagedq.shared.redis_server import LocalRedis
+from pagedq.shared.settings import Settings
 
 ASSET = re.compile(r"""(?:src|href|spec-url)\s*=\s*["']([^"']+)["']|url\s*:\s*["']([^"']+)["']""")
 

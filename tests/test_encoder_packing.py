@@ -46,17 +46,17 @@ from transformers import (
 from transformers.models.roberta.modeling_roberta import RobertaEmbeddings
 from transformers.utils import logging as hf_logging
 
-from shared.models import ClassifyRequest, QARequest, TaskType
-from shared.registry import ModelSpec
-from worker._demo_corpus import ENGLISH_WORDS, printable_characters, synthetic_sentences
-from worker._demo_tokenizers import build_wordpiece
-from worker.demo_models import ENCODER_INIT_STD, HEAD_INIT_STD
-from worker.engine._encoder_forward import EncoderForward
-from worker.engine.classify import ClassificationExecutor
-from worker.engine.encoder_packing import PositionRule, enable_packing, position_ids, unsupported_reason
-from worker.engine.executor import EngineConfig, LoadedModel
-from worker.engine.extractive_qa import ExtractiveQAExecutor
-from worker.engine.varlen_attention import GROUP_MIN_SHARE, VARLEN_ATTENTION, Segments
+from pagedq.shared.models import ClassifyRequest, QARequest, TaskType
+from pagedq.shared.registry import ModelSpec
+from pagedq.worker._demo_corpus import ENGLISH_WORDS, printable_characters, synthetic_sentences
+from pagedq.worker._demo_tokenizers import build_wordpiece
+from pagedq.worker.demo_models import ENCODER_INIT_STD, HEAD_INIT_STD
+from pagedq.worker.engine._encoder_forward import EncoderForward
+from pagedq.worker.engine.classify import ClassificationExecutor
+from pagedq.worker.engine.encoder_packing import PositionRule, enable_packing, position_ids, unsupported_reason
+from pagedq.worker.engine.executor import EngineConfig, LoadedModel
+from pagedq.worker.engine.extractive_qa import ExtractiveQAExecutor
+from pagedq.worker.engine.varlen_attention import GROUP_MIN_SHARE, VARLEN_ATTENTION, Segments
 
 ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # pad id 1: positions start at 2
 VOCAB_SIZE = 800

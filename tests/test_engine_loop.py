@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from shared.errors import (
+from pagedq.shared.errors import (
     DeadlineExceeded,
     EngineError,
     InvalidRequest,
@@ -27,11 +27,11 @@ from shared.errors import (
     TaskCancelled,
     WorkerShuttingDown,
 )
-from shared.models import ClassifyRequest, GenerationOptions, QARequest, TaskType, TranslateRequest
-from shared.registry import ModelSpec, Registry
-from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
-from worker.engine.service import Engine, make_executor
-from worker.registry import load_model
+from pagedq.shared.models import ClassifyRequest, GenerationOptions, QARequest, TaskType, TranslateRequest
+from pagedq.shared.registry import ModelSpec, Registry
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
+from pagedq.worker.engine.service import Engine, make_executor
+from pagedq.worker.registry import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -24,12 +24,12 @@ from executor_support import (
     run,
 )
 
-from shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled
-from shared.models import ClassifyRequest, ClassifyResult, TaskType
-from worker.engine import _batching
-from worker.engine._batching import WaitingQueue, drop_finished, order_key, pick_batch, pick_packed
-from worker.engine.classify import ClassificationExecutor
-from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled
+from pagedq.shared.models import ClassifyRequest, ClassifyResult, TaskType
+from pagedq.worker.engine import _batching
+from pagedq.worker.engine._batching import WaitingQueue, drop_finished, order_key, pick_batch, pick_packed
+from pagedq.worker.engine.classify import ClassificationExecutor
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
 
 NAMES = ("demo-classifier", "demo-multilabel")
 packing = pytest.mark.parametrize("packing", [None, False], ids=["packed", "padded"])

@@ -25,11 +25,11 @@ from executor_support import (
 )
 from transformers.pipelines.document_question_answering import select_starts_ends
 
-from shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled
-from shared.models import QARequest, QAResult, TaskType
-from worker.engine._qa_spans import WindowSpan, best_span, combine_windows
-from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
-from worker.engine.extractive_qa import ExtractiveQAExecutor
+from pagedq.shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled
+from pagedq.shared.models import QARequest, QAResult, TaskType
+from pagedq.worker.engine._qa_spans import WindowSpan, best_span, combine_windows
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.worker.engine.extractive_qa import ExtractiveQAExecutor
 
 
 @pytest.fixture(scope="module")

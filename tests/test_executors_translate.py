@@ -16,10 +16,10 @@ import torch
 from executor_support import TEXTS, forward_shapes, load_demo, long_text, request, run
 from transformers import GenerationConfig, UMT5Config, UMT5ForConditionalGeneration
 
-from shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled, UnsupportedLanguagePair
-from shared.models import GenerationOptions, TaskType, TranslateRequest, TranslateResult
-from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
-from worker.engine.translate import Seq2SeqExecutor
+from pagedq.shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled, UnsupportedLanguagePair
+from pagedq.shared.models import GenerationOptions, TaskType, TranslateRequest, TranslateResult
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.worker.engine.translate import Seq2SeqExecutor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -201,7 +201,7 @@ def test_an_architecture_the_engine_cannot_page_runs_on_batched_generate(lm: Loa
 
 def test_a_request_option_no_path_implements_is_refused(lm: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never ignored in silence: `_generation.REQUEST_OPTIONS` lists how each option is honoured."""
-    from worker.engine import _generation
+    from pagedq.worker.engine import _generation
 
     monkeypatch.delitem(_generation.REQUEST_OPTIONS, "top_p")
     executor = Seq2SeqExecutor(lm, EngineConfig())

@@ -14,9 +14,9 @@ import httpx
 import pytest
 import redis
 
+from pagedq.shared.models import TaskType
+from pagedq.shared.registry import Registry
 from scripts.stack import Stack
-from shared.models import TaskType
-from shared.registry import Registry
 
 pytestmark = pytest.mark.integration
 
@@ -232,9 +232,9 @@ def test_expired_task_ends_expired(http: httpx.Client) -> None:
 
 
 def test_the_worker_survives_bad_messages_and_keeps_serving(http: httpx.Client, stack: Stack) -> None:
-    from shared.celery_config import make_celery
-    from shared.models import TaskType
-    from shared.records import TaskRecords
+    from pagedq.shared.celery_config import make_celery
+    from pagedq.shared.models import TaskType
+    from pagedq.shared.records import TaskRecords
 
     app = make_celery(stack.settings())
     records = TaskRecords.from_url(stack.redis_url or "", 600)
@@ -264,9 +264,9 @@ def test_readyz_and_metrics(stack: Stack) -> None:
 def test_a_client_without_a_registry_file_validates_against_the_workers(stack: Stack, registry: Registry) -> None:
     """`Client(url)` as the README shows it (no registry file): the worker's published registry rejects an
     unknown model and an unserved language pair at submission, before anything is queued."""
-    from producer.client import Client
-    from shared.errors import ModelNotFound, UnsupportedLanguagePair
-    from shared.settings import Settings
+    from pagedq.producer.client import Client
+    from pagedq.shared.errors import ModelNotFound, UnsupportedLanguagePair
+    from pagedq.shared.settings import Settings
 
     with Client(settings=Settings(redis_url=stack.redis_url or "", registry_path=None)) as client:
         before = queued_messages(stack)
@@ -305,7 +305,7 @@ def test_metrics_cover_every_executor_kind_by_model(stack: Stack, registry: Regi
 
 
 def test_a_redelivered_task_is_not_run_twice(stack: Stack, http: httpx.Client) -> None:
-    from shared.celery_config import make_celery
+    from pagedq.shared.celery_config import make_celery
 
     task_id = submit(http, "classify", {"text": "first body"})
     first = wait(http, task_id)["result"]
@@ -362,7 +362,7 @@ def test_nothing_is_lost_when_a_worker_is_killed(stack: Stack, http: httpx.Clien
 def test_generated_text_streams_over_sse_and_equals_the_result(stack: Stack) -> None:
     """Generative QA on the demo causal LM with `stream`: the Server-Sent Events carry the text while it is
     generated, in several pieces, and put together they are exactly the final answer."""
-    from producer.client import HTTPClient
+    from pagedq.producer.client import HTTPClient
 
     with HTTPClient(stack.api_url, stack.api_key) as api:
         handle = api.qa("who wrote it?", "Ada wrote the first program.", mode="generative",

@@ -9,7 +9,7 @@ import pytest
 import redis
 from kombu.transport import redis as kombu_redis
 
-from shared import kombu_compat
+from pagedq.shared import kombu_compat
 
 
 def test_a_channel_whose_connection_is_gone_raises_a_connection_error_kombu_handles() -> None:

@@ -21,12 +21,12 @@ import redis
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
-from producer.client import Client, TaskFailed
-from producer.errors import TaskAlreadyFinished
-from producer.service import TaskService
-from shared.celery_config import PRIORITY_SEP as SEP
-from shared.celery_config import redis_queue_keys
-from shared.errors import (
+from pagedq.producer.client import Client, TaskFailed
+from pagedq.producer.errors import TaskAlreadyFinished
+from pagedq.producer.service import TaskService
+from pagedq.shared.celery_config import PRIORITY_SEP as SEP
+from pagedq.shared.celery_config import redis_queue_keys
+from pagedq.shared.errors import (
     DeadlineExceeded,
     EngineError,
     InvalidRequest,
@@ -35,11 +35,11 @@ from shared.errors import (
     TaskNotFound,
     UnsupportedLanguagePair,
 )
-from shared.models import ClassifyRequest, ClassifyResult, TaskState, TaskType, TranslateRequest
-from shared.records import KEY_PREFIX, Claim
-from shared.redis_server import free_port
-from shared.registry import Registry
-from shared.settings import Limits, Settings
+from pagedq.shared.models import ClassifyRequest, ClassifyResult, TaskState, TaskType, TranslateRequest
+from pagedq.shared.records import KEY_PREFIX, Claim
+from pagedq.shared.redis_server import free_port
+from pagedq.shared.registry import Registry
+from pagedq.shared.settings import Limits, Settings
 
 REGISTRY_TOML = """
 [defaults]
@@ -514,9 +514,9 @@ def test_client_submit_bulk_wait_and_cancel(settings: Settings, r: redis.Redis) 
 
 def test_the_producer_never_imports_torch_or_transformers() -> None:
     code = (
-        "import sys, producer, producer.client, producer.cli, producer.service\n"
+        "import sys, pagedq.producer, pagedq.producer.client, pagedq.producer.cli, pagedq.producer.service\n"
         "assert 'fastapi' not in sys.modules, 'the client install must not need the api extra'\n"
-        "import producer.api\n"
+        "import pagedq.producer.api\n"
         "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )

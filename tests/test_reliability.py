@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 import redis
 
-from producer.service import TaskService
+from pagedq.producer.service import TaskService
+from pagedq.shared.celery_config import make_celery
+from pagedq.shared.models import TaskState, TaskType
+from pagedq.shared.records import TaskRecords, task_key
 from scripts.stack import Stack
-from shared.celery_config import make_celery
-from shared.models import TaskState, TaskType
-from shared.records import TaskRecords, task_key
 
 pytestmark = pytest.mark.integration
 

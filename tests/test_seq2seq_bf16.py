@@ -19,11 +19,11 @@ import pytest
 import torch
 from seq2seq_support import build_pair, random_inputs
 
-from shared.models import GenerationOptions
-from worker.engine._generation import decode_settings
-from worker.engine.executor import EngineConfig
-from worker.engine.seq2seq_engine import Seq2SeqEngine
-from worker.engine.seq2seq_self_check import RELATIVE_TOLERANCE, self_check
+from pagedq.shared.models import GenerationOptions
+from pagedq.worker.engine._generation import decode_settings
+from pagedq.worker.engine.executor import EngineConfig
+from pagedq.worker.engine.seq2seq_engine import Seq2SeqEngine
+from pagedq.worker.engine.seq2seq_self_check import RELATIVE_TOLERANCE, self_check
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

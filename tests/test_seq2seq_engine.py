@@ -14,11 +14,11 @@ import pytest
 import torch
 from seq2seq_support import EOS, MAX_NEW_TOKENS, PAD, build_pair, random_inputs
 
-from shared.models import GenerationOptions
-from worker.engine._generation import DecodeSettings, decode_settings
-from worker.engine.executor import EngineConfig
-from worker.engine.native import paged_decode_available
-from worker.engine.seq2seq_engine import Seq2SeqEngine, Seq2SeqOutput
+from pagedq.shared.models import GenerationOptions
+from pagedq.worker.engine._generation import DecodeSettings, decode_settings
+from pagedq.worker.engine.executor import EngineConfig
+from pagedq.worker.engine.native import paged_decode_available
+from pagedq.worker.engine.seq2seq_engine import Seq2SeqEngine, Seq2SeqOutput
 
 BLOCK_SIZE = 4
 

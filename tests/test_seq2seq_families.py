@@ -19,13 +19,13 @@ import torch
 from executor_support import request
 from seq2seq_support import EOS, START, attention_sharpness, build_pair, random_inputs
 
-from shared.models import GenerationOptions, TaskType, TranslateRequest
-from worker.engine._generation import decode_settings, generation_key
-from worker.engine.executor import EngineConfig, LoadedModel
-from worker.engine.seq2seq_engine import Seq2SeqEngine
-from worker.engine.seq2seq_generate import EncodedText, GenerateBatcher
-from worker.engine.seq2seq_model import NOT_PAGED, UnsupportedArchitecture, check_model
-from worker.engine.seq2seq_self_check import self_check
+from pagedq.shared.models import GenerationOptions, TaskType, TranslateRequest
+from pagedq.worker.engine._generation import decode_settings, generation_key
+from pagedq.worker.engine.executor import EngineConfig, LoadedModel
+from pagedq.worker.engine.seq2seq_engine import Seq2SeqEngine
+from pagedq.worker.engine.seq2seq_generate import EncodedText, GenerateBatcher
+from pagedq.worker.engine.seq2seq_model import NOT_PAGED, UnsupportedArchitecture, check_model
+from pagedq.worker.engine.seq2seq_self_check import self_check
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

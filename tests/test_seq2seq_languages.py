@@ -17,13 +17,13 @@ import torch
 from executor_support import TEXTS, request, run
 from transformers import GenerationConfig, M2M100Config, M2M100ForConditionalGeneration, M2M100Tokenizer
 
-from shared.errors import InvalidRequest, UnsupportedLanguagePair
-from shared.models import GenerationOptions, TaskType, TranslateRequest
-from shared.registry import ModelSpec
-from worker._demo_corpus import ENGLISH_WORDS
-from worker._demo_tokenizers import _train_sentencepiece
-from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
-from worker.engine.translate import Seq2SeqExecutor
+from pagedq.shared.errors import InvalidRequest, UnsupportedLanguagePair
+from pagedq.shared.models import GenerationOptions, TaskType, TranslateRequest
+from pagedq.shared.registry import ModelSpec
+from pagedq.worker._demo_corpus import ENGLISH_WORDS
+from pagedq.worker._demo_tokenizers import _train_sentencepiece
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.worker.engine.translate import Seq2SeqExecutor
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
 

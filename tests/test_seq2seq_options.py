@@ -9,8 +9,8 @@ import pytest
 from seq2seq_support import build_pair
 from transformers import GenerationConfig
 
-from shared.models import GenerationOptions
-from worker.engine._generation import (
+from pagedq.shared.models import GenerationOptions
+from pagedq.worker.engine._generation import (
     NO_EFFECT_ON_TOKENS,
     REQUEST_OPTIONS,
     UNSUPPORTED_WHEN_SET,

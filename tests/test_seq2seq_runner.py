@@ -22,12 +22,12 @@ import pytest
 import torch
 from seq2seq_support import FIRST_WORD, START, VOCAB, build_pair, random_inputs
 
-from worker.engine.block_pool import BlockPool
-from worker.engine.kv_cache_manager import KVCacheManager
-from worker.engine.request import Request
-from worker.engine.sampling import SamplingParams
-from worker.engine.seq2seq_model import DecoderShape
-from worker.engine.seq2seq_runner import Seq2SeqRunner, StepItem
+from pagedq.worker.engine.block_pool import BlockPool
+from pagedq.worker.engine.kv_cache_manager import KVCacheManager
+from pagedq.worker.engine.request import Request
+from pagedq.worker.engine.sampling import SamplingParams
+from pagedq.worker.engine.seq2seq_model import DecoderShape
+from pagedq.worker.engine.seq2seq_runner import Seq2SeqRunner, StepItem
 
 BLOCK_SIZE = 4
 ERROR_FACTOR = 2.0  # our error against float64 may be this many times transformers' fp32 error ...

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from shared.records import stream_key
-from worker.streaming import TokenStreamer, _TaskStream
+from pagedq.shared.records import stream_key
+from pagedq.worker.streaming import TokenStreamer, _TaskStream
 
 
 @pytest.fixture()

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from pagedq.shared.redis_server import free_port
 from scripts import models, up
-from shared.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

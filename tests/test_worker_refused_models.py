@@ -24,16 +24,16 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 from transformers.utils import logging as hf_logging
 
-import worker.runtime as runtime_module
-from producer.service import TaskService
-from shared.celery_config import make_celery
-from shared.models import ClassifyRequest, TaskType
-from shared.records import LEASE_PREFIX
-from shared.settings import Settings
-from worker._demo_tokenizers import build_wordpiece
-from worker.engine.executor import EngineRequest
-from worker.runtime import WorkerRuntime
-from worker.tasks import Item, run_items
+import pagedq.worker.runtime as runtime_module
+from pagedq.producer.service import TaskService
+from pagedq.shared.celery_config import make_celery
+from pagedq.shared.models import ClassifyRequest, TaskType
+from pagedq.shared.records import LEASE_PREFIX
+from pagedq.shared.settings import Settings
+from pagedq.worker._demo_tokenizers import build_wordpiece
+from pagedq.worker.engine.executor import EngineRequest
+from pagedq.worker.runtime import WorkerRuntime
+from pagedq.worker.tasks import Item, run_items
 
 REGISTRY = """
 [defaults]
@@ -88,7 +88,7 @@ def runtime(model_root: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(runtime_module, "make_executor", make_executor)
     settings = Settings(redis_url=redis_url, registry_path=model_root / "registry.toml", device="cpu",
                         metrics_port=0)
-    with caplog.at_level(logging.ERROR, logger="worker.runtime"):
+    with caplog.at_level(logging.ERROR, logger="pagedq.worker.runtime"):
         rt = WorkerRuntime.start(settings)
     rt.start_lease(make_celery(main="pagedq-test-worker"), "test-host", lambda: ())
     yield rt
@@ -102,14 +102,14 @@ def test_the_worker_serves_the_good_model_and_says_why_the_others_are_refused(
     assert runtime.refused["corrupt"].startswith("OSError: ") and "not a valid JSON file" in runtime.refused["corrupt"]
     assert runtime.refused["buggy"].startswith("AttributeError: ")
 
-    records = {r.getMessage().split()[1]: r for r in caplog.get_records("setup") if r.name == "worker.runtime"}
+    records = {r.getMessage().split()[1]: r for r in caplog.get_records("setup") if r.name == "pagedq.worker.runtime"}
     assert sorted(records) == ["buggy", "corrupt"]  # one line per refused model
     assert all(r.levelname == "ERROR" for r in records.values())
     assert records["corrupt"].exc_info is None  # expected refusal: the reason, no traceback
     assert records["buggy"].exc_info is not None  # a bug: with its traceback
 
     # what Flower's worker info / `celery inspect stats` show (EngineStep.info)
-    from worker.app import EngineStep
+    from pagedq.worker.app import EngineStep
 
     deadline = time.monotonic() + 5
     while len(runtime.engine.stats()["models"]) < 3 and time.monotonic() < deadline:
@@ -170,8 +170,8 @@ def test_a_producer_without_a_registry_file_validates_against_what_the_workers_s
     """The worker publishes what it serves in its lease; a producer with no registry file checks requests
     against it: a refused model is rejected at submission with the worker's reason, an unknown one too, and
     nothing of either is recorded or enqueued."""
-    from shared.errors import ModelNotFound
-    from shared.records import OPEN_KEY
+    from pagedq.shared.errors import ModelNotFound
+    from pagedq.shared.records import OPEN_KEY
 
     published = json.loads(runtime.records.redis.get(LEASE_PREFIX + runtime.worker_id))["registry"]
     assert set(published["models"]) == {"good"} and set(published["refused"]) == {"buggy", "corrupt"}

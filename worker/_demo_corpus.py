@@ -1,4 +1,4 @@
-"""A small synthetic corpus for the offline demo tokenizers (see `worker.demo_models`).
+"""A small synthetic corpus for the offline demo tokenizers (see `pagedq.worker.demo_models`).
 
 There is no hub and no dataset here: the demo tokenizers are trained on these word lists and on
 sentences drawn from them with a fixed seed. The words are common English (and, for the translation

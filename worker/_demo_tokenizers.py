@@ -1,4 +1,4 @@
-"""Offline tokenizers for the demo models, built from `worker._demo_corpus` (no hub, no network).
+"""Offline tokenizers for the demo models, built from `pagedq.worker._demo_corpus` (no hub, no network).
 
 Each builder saves a tokenizer into a directory with `save_pretrained`, so that
 `AutoTokenizer.from_pretrained(dir)` (next to the model's config.json) loads the intended class:
@@ -26,7 +26,13 @@ import sentencepiece as spm
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import MarianTokenizer, PreTrainedTokenizerFast
 
-from worker._demo_corpus import ENGLISH_WORDS, GERMAN_WORDS, LATIN_LETTERS, printable_characters, synthetic_sentences
+from pagedq.worker._demo_corpus import (
+    ENGLISH_WORDS,
+    GERMAN_WORDS,
+    LATIN_LETTERS,
+    printable_characters,
+    synthetic_sentences,
+)
 
 MODEL_MAX_LENGTH = 512  # encoder models: the usual BERT / OPUS-MT limit
 LLM_MAX_LENGTH = 2048

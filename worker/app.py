@@ -1,4 +1,4 @@
-"""The worker's Celery app: `celery -A worker.app worker -P threads -c 64 -Q pagedq.classify,...`.
+"""The worker's Celery app: `celery -A pagedq.worker.app worker -P threads -c 64 -Q pagedq.classify,...`.
 
 Threads pool only: prefork + CUDA fails ("Cannot re-initialize CUDA in forked subprocess") and solo
 blocks heartbeats and `inspect`. `EngineStep` loads the models, starts the engine and takes the worker's
@@ -18,12 +18,12 @@ from typing import Any
 
 from celery import bootsteps
 
-from shared import kombu_compat
-from shared.celery_config import make_celery
-from shared.settings import get_settings
-from worker.metrics import start_metrics
-from worker.runtime import WorkerRuntime
-from worker.tasks import register_tasks
+from pagedq.shared import kombu_compat
+from pagedq.shared.celery_config import make_celery
+from pagedq.shared.settings import get_settings
+from pagedq.worker.metrics import start_metrics
+from pagedq.worker.runtime import WorkerRuntime
+from pagedq.worker.tasks import register_tasks
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Tiny random-weight demo models for tests, demos and local development (no hub, no network).
 
 `build_demo_models(out_dir)` saves five real transformers architectures with RANDOM weights -- their
-outputs are meaningless -- plus offline tokenizers (`worker._demo_tokenizers`), and writes
-`out_dir/registry.toml` (format: `shared.registry`) with relative `source = "./<name>"` paths:
+outputs are meaningless -- plus offline tokenizers (`pagedq.worker._demo_tokenizers`), and writes
+`out_dir/registry.toml` (format: `pagedq.shared.registry`) with relative `source = "./<name>"` paths:
 
 | name            | architecture                                      | task      | tokenizer             |
 |-----------------|---------------------------------------------------|-----------|-----------------------|
@@ -20,7 +20,7 @@ Invariants: the build is deterministic (fixed seeds) and idempotent -- a complet
 `BUILD_MARKER` holding `DEMO_MODELS_VERSION`, written last; a directory with that marker is returned as is.
 Bump the version whenever what is built changes.
 
-CLI: `python -m worker.demo_models OUT_DIR` prints the registry path.
+CLI: `python -m pagedq.worker.demo_models OUT_DIR` prints the registry path.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from worker import _demo_tokenizers as toks
+from pagedq.worker import _demo_tokenizers as toks
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def build_demo_models(out_dir: Path) -> Path:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m worker.demo_models OUT_DIR", file=sys.stderr)
+        print("usage: python -m pagedq.worker.demo_models OUT_DIR", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     print(build_demo_models(Path(argv[0])))

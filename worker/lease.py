@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import redis
 
-from shared.records import LEASE_PREFIX, WORKERS_KEY
+from pagedq.shared.records import LEASE_PREFIX, WORKERS_KEY
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from typing import Any
 import redis
 from celery import Celery
 
-from shared.celery_config import QUEUES, TASK_NAMES, celery_priority, redis_queue_keys
-from shared.models import TaskType
-from shared.records import CLAIMED_PREFIX, OPEN_KEY, WORKERS_KEY, TaskRecords, task_key
-from worker.lease import HELD_PREFIX
+from pagedq.shared.celery_config import QUEUES, TASK_NAMES, celery_priority, redis_queue_keys
+from pagedq.shared.models import TaskType
+from pagedq.shared.records import CLAIMED_PREFIX, OPEN_KEY, WORKERS_KEY, TaskRecords, task_key
+from pagedq.worker.lease import HELD_PREFIX
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from transformers import (
     AutoTokenizer,
 )
 
-from shared.registry import ModelSpec, Registry
-from worker.engine.executor import LoadedModel
+from pagedq.shared.registry import ModelSpec, Registry
+from pagedq.worker.engine.executor import LoadedModel
 
 log = logging.getLogger(__name__)
 

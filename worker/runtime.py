@@ -28,16 +28,16 @@ from typing import Any
 
 from celery import Celery
 
-from shared.errors import ModelNotFound
-from shared.records import LEASE_PREFIX, WORKER_RETRIES, TaskRecords
-from shared.registry import ModelSpec, Registry
-from shared.settings import Settings
-from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
-from worker.engine.service import Engine, make_executor
-from worker.lease import WorkerLease, new_worker_id
-from worker.reconciler import Reconciler
-from worker.registry import load_model
-from worker.streaming import TokenStreamer
+from pagedq.shared.errors import ModelNotFound
+from pagedq.shared.records import LEASE_PREFIX, WORKER_RETRIES, TaskRecords
+from pagedq.shared.registry import ModelSpec, Registry
+from pagedq.shared.settings import Settings
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
+from pagedq.worker.engine.service import Engine, make_executor
+from pagedq.worker.lease import WorkerLease, new_worker_id
+from pagedq.worker.reconciler import Reconciler
+from pagedq.worker.registry import load_model
+from pagedq.worker.streaming import TokenStreamer
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 
-from shared.records import stream_key
+from pagedq.shared.records import stream_key
 
 log = logging.getLogger(__name__)
 

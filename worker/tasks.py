@@ -29,8 +29,8 @@ from celery.worker import state as worker_state
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from shared.celery_config import BATCH_TASK_NAMES, TASK_NAMES
-from shared.errors import (
+from pagedq.shared.celery_config import BATCH_TASK_NAMES, TASK_NAMES
+from pagedq.shared.errors import (
     DeadlineExceeded,
     EngineError,
     InvalidRequest,
@@ -38,12 +38,12 @@ from shared.errors import (
     TaskCancelled,
     WorkerShuttingDown,
 )
-from shared.models import REQUEST_MODELS, TaskRequest, TaskState, TaskType
-from shared.records import Claim, Outcome
-from shared.registry import ModelSpec
-from worker import metrics
-from worker.engine.executor import EngineRequest
-from worker.runtime import WorkerRuntime, current_runtime
+from pagedq.shared.models import REQUEST_MODELS, TaskRequest, TaskState, TaskType
+from pagedq.shared.records import Claim, Outcome
+from pagedq.shared.registry import ModelSpec
+from pagedq.worker import metrics
+from pagedq.worker.engine.executor import EngineRequest
+from pagedq.worker.runtime import WorkerRuntime, current_runtime
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from worker.engine.llm_engine import LLMEngine
-from worker.engine.request import RequestOutput
-from worker.engine.sampling import SamplingParams
+from pagedq.worker.engine.llm_engine import LLMEngine
+from pagedq.worker.engine.request import RequestOutput
+from pagedq.worker.engine.sampling import SamplingParams
 
 VOCAB = 512
 # No EOS in the configs: generate() and the engine both run to max_new_tokens unless a test says otherwise.

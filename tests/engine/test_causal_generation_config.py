@@ -19,22 +19,22 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from shared.errors import InvalidRequest
-from shared.models import GenerationOptions
-from worker.engine import causal_generation
-from worker.engine.causal_generation import (
+from pagedq.shared.errors import InvalidRequest
+from pagedq.shared.models import GenerationOptions
+from pagedq.worker.engine import causal_generation
+from pagedq.worker.engine.causal_generation import (
     HONOURED,
     NO_EFFECT_ON_TOKENS,
     REFUSED_WHEN_SET,
     REQUEST_OPTIONS,
     sampling_params,
 )
-from worker.engine.executor import EngineConfig
-from worker.engine.llm_engine import LLMEngine
-from worker.engine.logits_processors import ProcessorSettings
-from worker.engine.request import Request
-from worker.engine.sampling import SamplingParams, apply_processors, sampling_probs
-from worker.engine.self_check import UnsupportedModel
+from pagedq.worker.engine.executor import EngineConfig
+from pagedq.worker.engine.llm_engine import LLMEngine
+from pagedq.worker.engine.logits_processors import ProcessorSettings
+from pagedq.worker.engine.request import Request
+from pagedq.worker.engine.sampling import SamplingParams, apply_processors, sampling_probs
+from pagedq.worker.engine.self_check import UnsupportedModel
 
 from .families import build_family
 from .helpers import TinyModel, one_torch_thread, random_prompts

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from worker.engine import cpu_linear
-from worker.engine.cpu_linear import PackedLinear, unpack_linears
-from worker.engine.host_memory import keep_freed_memory
+from pagedq.worker.engine import cpu_linear
+from pagedq.worker.engine.cpu_linear import PackedLinear, unpack_linears
+from pagedq.worker.engine.host_memory import keep_freed_memory
 
 pytestmark = pytest.mark.skipif(not cpu_linear._op_available(), reason="torch built without oneDNN")
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled
-from shared.models import ClassifyRequest, GenerationOptions, QARequest, QAResult, TaskType, TranslateRequest
-from shared.registry import ModelSpec
-from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
-from worker.engine.generative import QA_STOP, GenerativeExecutor
+from pagedq.shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled
+from pagedq.shared.models import ClassifyRequest, GenerationOptions, QARequest, QAResult, TaskType, TranslateRequest
+from pagedq.shared.registry import ModelSpec
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.worker.engine.generative import QA_STOP, GenerativeExecutor
 
 from .tiny_tokenizer import build_tokenizer
 
@@ -168,8 +168,8 @@ def test_streamed_text_equals_the_final_answer(loaded: LoadedModel, redis_url: s
     import redis
     from test_streaming import read_stream
 
-    from shared.records import stream_key
-    from worker.streaming import TokenStreamer
+    from pagedq.shared.records import stream_key
+    from pagedq.worker.streaming import TokenStreamer
 
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     streamer = TokenStreamer(r, ttl_s=60).start()

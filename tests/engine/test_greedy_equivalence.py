@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from worker.engine import model_runner
-from worker.engine.decode_plan import DecodePlan
-from worker.engine.executor import EngineConfig
-from worker.engine.llm_engine import LLMEngine
-from worker.engine.native import paged_decode_available
-from worker.engine.sampling import SamplingParams
+from pagedq.worker.engine import model_runner
+from pagedq.worker.engine.decode_plan import DecodePlan
+from pagedq.worker.engine.executor import EngineConfig
+from pagedq.worker.engine.llm_engine import LLMEngine
+from pagedq.worker.engine.native import paged_decode_available
+from pagedq.worker.engine.sampling import SamplingParams
 
 from .helpers import BUILDERS, TinyModel, random_prompts, run
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from worker.engine.block_pool import BlockPool
-from worker.engine.kv_cache_manager import KVCacheManager, hash_block_tokens, root_hash
-from worker.engine.request import Request
-from worker.engine.sampling import SamplingParams
+from pagedq.worker.engine.block_pool import BlockPool
+from pagedq.worker.engine.kv_cache_manager import KVCacheManager, hash_block_tokens, root_hash
+from pagedq.worker.engine.request import Request
+from pagedq.worker.engine.sampling import SamplingParams
 
 BS = 4
 

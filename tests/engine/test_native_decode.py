@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.engine.native import c_compiler, paged_decode, paged_decode_available
+from pagedq.worker.engine.native import c_compiler, paged_decode, paged_decode_available
 
 # Skipped only where nothing can build the kernel; with a compiler, a kernel that fails to build fails here.
 pytestmark = pytest.mark.skipif(

@@ -11,9 +11,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from worker.engine.executor import EngineConfig
-from worker.engine.llm_engine import LLMEngine
-from worker.engine.sampling import GREEDY_BELOW_TEMPERATURE, SamplingParams, filtered_probs, scaled_logits
+from pagedq.worker.engine.executor import EngineConfig
+from pagedq.worker.engine.llm_engine import LLMEngine
+from pagedq.worker.engine.sampling import GREEDY_BELOW_TEMPERATURE, SamplingParams, filtered_probs, scaled_logits
 
 from .helpers import TinyModel, random_prompts
 from .tiny_tokenizer import build_tokenizer

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from worker.engine.block_pool import BlockPool
-from worker.engine.kv_cache_manager import KVCacheManager
-from worker.engine.request import MAX_PREEMPTION_BOOST, Request, RequestStatus
-from worker.engine.sampling import SamplingParams
-from worker.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from pagedq.worker.engine.block_pool import BlockPool
+from pagedq.worker.engine.kv_cache_manager import KVCacheManager
+from pagedq.worker.engine.request import MAX_PREEMPTION_BOOST, Request, RequestStatus
+from pagedq.worker.engine.sampling import SamplingParams
+from pagedq.worker.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 BS = 4
 

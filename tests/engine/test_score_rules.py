@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.engine.cascade import add_sinks, attend
-from worker.engine.native import c_compiler, paged_decode
+from pagedq.worker.engine.cascade import add_sinks, attend
+from pagedq.worker.engine.native import c_compiler, paged_decode
 
 SOFTCAP = 5.0
 

@@ -7,11 +7,11 @@ import time
 import pytest
 import torch
 
-from worker.engine import attention, llm_engine
-from worker.engine.attention import PagedKVCache, ScoreRule, UnsupportedAttention
-from worker.engine.executor import EngineConfig
-from worker.engine.llm_engine import LLMEngine
-from worker.engine.self_check import PROBE_LENGTHS, UnsupportedModel, self_check
+from pagedq.worker.engine import attention, llm_engine
+from pagedq.worker.engine.attention import PagedKVCache, ScoreRule, UnsupportedAttention
+from pagedq.worker.engine.executor import EngineConfig
+from pagedq.worker.engine.llm_engine import LLMEngine
+from pagedq.worker.engine.self_check import PROBE_LENGTHS, UnsupportedModel, self_check
 
 from .families import build_family
 from .helpers import one_torch_thread

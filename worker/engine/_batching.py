@@ -42,8 +42,8 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from shared.errors import DeadlineExceeded, InvalidRequest
-from worker.engine.executor import EngineRequest, LoadedModel
+from pagedq.shared.errors import DeadlineExceeded, InvalidRequest
+from pagedq.worker.engine.executor import EngineRequest, LoadedModel
 
 T = TypeVar("T")
 

@@ -26,17 +26,17 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from worker.engine._batching import pad_batch, pick_batch, pick_packed, unpadded_columns
-from worker.engine.encoder_packing import (
+from pagedq.worker.engine._batching import pad_batch, pick_batch, pick_packed, unpadded_columns
+from pagedq.worker.engine.encoder_packing import (
     EncoderLayout,
     FirstTokenPooling,
     enable_packing,
     pack,
     unsupported_reason,
 )
-from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
-from worker.engine.packing_check import probe_encodings, relative_error, served_outputs, tolerance
-from worker.engine.varlen_attention import SEGMENTS_KWARG, Segments
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.worker.engine.packing_check import probe_encodings, relative_error, served_outputs, tolerance
+from pagedq.worker.engine.varlen_attention import SEGMENTS_KWARG, Segments
 
 log = logging.getLogger(__name__)
 

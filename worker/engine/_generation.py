@@ -24,8 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from shared.models import GenerationOptions
-from worker.engine.sampling import GREEDY_BELOW_TEMPERATURE
+from pagedq.shared.models import GenerationOptions
+from pagedq.worker.engine.sampling import GREEDY_BELOW_TEMPERATURE
 
 DECODER_START_TOKENS = 1  # the decoder_start_token_id every encoder-decoder output begins with
 #: generate's values for options a generation config leaves unset
@@ -176,7 +176,7 @@ NO_EFFECT_ON_TOKENS = frozenset({
     "assistant_ensemble_weight", "max_matching_ngram_size",
 })  # fmt: skip
 
-#: how each request option (`shared.models.GenerationOptions`) is honoured on the paged engine (the
+#: how each request option (`pagedq.shared.models.GenerationOptions`) is honoured on the paged engine (the
 #: `generate` fallback: `generate_kwargs`); a request that sets a field missing here is refused
 REQUEST_OPTIONS = {
     "max_new_tokens": "DecodeSettings.max_new_tokens (generate: max_length / max_new_tokens)",

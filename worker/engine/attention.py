@@ -41,8 +41,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from worker.engine.cascade import CascadeGroup, add_sinks, attend, cascade_attention
-from worker.engine.native import paged_decode
+from pagedq.worker.engine.cascade import CascadeGroup, add_sinks, attend, cascade_attention
+from pagedq.worker.engine.native import paged_decode
 
 ATTENTION_NAME = "pagedq_paged"
 METADATA_KWARG = "pagedq_metadata"

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from worker.engine._generation import DecodeSettings
+from pagedq.worker.engine._generation import DecodeSettings
 
 PENALTY = -1.0e9
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from worker.engine.attention import DecodeBucket, PagedKVCache
+    from pagedq.worker.engine.attention import DecodeBucket, PagedKVCache
 
 
 @dataclass

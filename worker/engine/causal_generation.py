@@ -27,12 +27,12 @@ from typing import Any
 
 from transformers import GenerationConfig
 
-from shared.errors import InvalidRequest
-from shared.models import GenerationOptions
-from worker.engine._generation import NO_EFFECT_ON_TOKENS as SEQ2SEQ_NO_EFFECT
-from worker.engine.logits_processors import ProcessorSettings
-from worker.engine.sampling import SamplingParams
-from worker.engine.self_check import UnsupportedModel
+from pagedq.shared.errors import InvalidRequest
+from pagedq.shared.models import GenerationOptions
+from pagedq.worker.engine._generation import NO_EFFECT_ON_TOKENS as SEQ2SEQ_NO_EFFECT
+from pagedq.worker.engine.logits_processors import ProcessorSettings
+from pagedq.worker.engine.sampling import SamplingParams
+from pagedq.worker.engine.self_check import UnsupportedModel
 
 DEFAULT_MAX_NEW_TOKENS = 64  # when neither the request nor the generation_config says
 #: generate's values for fields a generation config leaves unset
@@ -97,7 +97,7 @@ REFUSED_WHEN_SET: dict[str, Any] = {
     "use_mtp": False,
 }
 
-#: how each request option (`shared.models.GenerationOptions`) is honoured; a request setting another is refused
+#: how each request option (`pagedq.shared.models.GenerationOptions`) is honoured; a request setting another is refused
 REQUEST_OPTIONS: dict[str, str] = {
     "max_new_tokens": "SamplingParams.max_new_tokens",
     "do_sample": "SamplingParams.temperature (0: greedy)",

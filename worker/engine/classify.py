@@ -21,12 +21,19 @@ from typing import Any
 
 import torch
 
-from shared.errors import InvalidRequest
-from shared.models import ClassifyRequest, ClassifyResult, LabelScore
-from worker.engine._batching import WaitingQueue, drop_finished, input_token_limit, lookahead, order_key, too_long
-from worker.engine._encoder_forward import EncoderForward
-from worker.engine.cpu_linear import prepare_for_host
-from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
+from pagedq.shared.errors import InvalidRequest
+from pagedq.shared.models import ClassifyRequest, ClassifyResult, LabelScore
+from pagedq.worker.engine._batching import (
+    WaitingQueue,
+    drop_finished,
+    input_token_limit,
+    lookahead,
+    order_key,
+    too_long,
+)
+from pagedq.worker.engine._encoder_forward import EncoderForward
+from pagedq.worker.engine.cpu_linear import prepare_for_host
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
 
 SOFTMAX, SIGMOID, NO_FUNCTION = "softmax", "sigmoid", "none"
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.engine.host_memory import keep_freed_memory
+from pagedq.worker.engine.host_memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
 

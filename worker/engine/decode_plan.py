@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engine.attention import DecodeBucket
-from worker.engine.cascade import CascadeGroup, find_shared_prefixes
-from worker.engine.request import Request
+from pagedq.worker.engine.attention import DecodeBucket
+from pagedq.worker.engine.cascade import CascadeGroup, find_shared_prefixes
+from pagedq.worker.engine.request import Request
 
 
 @dataclass

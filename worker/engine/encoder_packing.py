@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from worker.engine.varlen_attention import SEGMENTS_KWARG, VARLEN_ATTENTION, Segments, register_varlen_attention
+from pagedq.worker.engine.varlen_attention import SEGMENTS_KWARG, VARLEN_ATTENTION, Segments, register_varlen_attention
 
 PACKED_INPUTS = ("input_ids", "token_type_ids")  # tokenizer outputs that are packed; attention_mask is not
 

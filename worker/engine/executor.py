@@ -5,7 +5,7 @@ One `Engine` (worker/engine/service.py) per worker process owns one thread. Cele
 its model and calls `step()` on every executor that has work, round-robin. An executor micro-batches
 everything it holds under the token budget of `EngineConfig` -- never one forward per request -- and
 completes each request's future with a result model (`ClassifyResult`, `TranslateResult`, `QAResult`)
-or an exception from `shared.errors`.
+or an exception from `pagedq.shared.errors`.
 
 Invariants:
 - executors are touched only from the engine thread (no locks inside them);
@@ -21,13 +21,13 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.models import TaskRequest, TaskType
-from shared.registry import ModelSpec
+from pagedq.shared.models import TaskRequest, TaskType
+from pagedq.shared.registry import ModelSpec
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Scheduling and memory knobs of one engine (from `shared.settings.Settings`)."""
+    """Scheduling and memory knobs of one engine (from `pagedq.shared.settings.Settings`)."""
 
     max_batch_tokens: int = 4096  # token budget of one step, summed over the requests in it
     max_running_requests: int = 64  # cap on requests in one step
@@ -39,7 +39,7 @@ class EngineConfig:
 
 @dataclass
 class LoadedModel:
-    """A model loaded once per worker process by `worker.registry`, with what executors need."""
+    """A model loaded once per worker process by `pagedq.worker.registry`, with what executors need."""
 
     spec: ModelSpec
     model: Any  # a transformers PreTrainedModel, in eval mode, on `device`

@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import InvalidRequest
-from shared.models import QARequest, QAResult
-from worker.engine._batching import WaitingQueue, drop_finished, input_token_limit, lookahead, order_key
-from worker.engine._encoder_forward import EncoderForward
-from worker.engine._qa_spans import WindowSpan, best_span, combine_windows
-from worker.engine.cpu_linear import prepare_for_host
-from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
+from pagedq.shared.errors import InvalidRequest
+from pagedq.shared.models import QARequest, QAResult
+from pagedq.worker.engine._batching import WaitingQueue, drop_finished, input_token_limit, lookahead, order_key
+from pagedq.worker.engine._encoder_forward import EncoderForward
+from pagedq.worker.engine._qa_spans import WindowSpan, best_span, combine_windows
+from pagedq.worker.engine.cpu_linear import prepare_for_host
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
 
 PIPELINE_MAX_SEQ_LEN = 384  # the pipeline's default window length (capped by the model's limit)
 PIPELINE_DOC_STRIDE = 128  # the pipeline's default overlap (at most half a window)

@@ -21,14 +21,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from shared.errors import DeadlineExceeded, InvalidRequest
-from shared.models import GenerationOptions, QARequest, QAResult, TranslateRequest, TranslateResult
-from worker.engine._batching import input_token_limit, too_long
-from worker.engine.causal_generation import sampling_params
-from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
-from worker.engine.llm_engine import LLMEngine
-from worker.engine.request import RequestOutput
-from worker.engine.sampling import SamplingParams
+from pagedq.shared.errors import DeadlineExceeded, InvalidRequest
+from pagedq.shared.models import GenerationOptions, QARequest, QAResult, TranslateRequest, TranslateResult
+from pagedq.worker.engine._batching import input_token_limit, too_long
+from pagedq.worker.engine.causal_generation import sampling_params
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
+from pagedq.worker.engine.llm_engine import LLMEngine
+from pagedq.worker.engine.request import RequestOutput
+from pagedq.worker.engine.sampling import SamplingParams
 
 QA_TEMPLATE = "Context: {context}\nQuestion: {question}\nAnswer:"
 TRANSLATE_TEMPLATE = "Translate from {source_lang} to {target_lang}:\n{text}\n"

@@ -32,8 +32,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from shared.errors import EngineError, ModelError, PagedqError
-from worker.engine.executor import EngineRequest, ModelExecutor
+from pagedq.shared.errors import EngineError, ModelError, PagedqError
+from pagedq.worker.engine.executor import EngineRequest, ModelExecutor
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ import hashlib
 from array import array
 from collections.abc import Sequence
 
-from worker.engine.block_pool import BlockHash, BlockPool, KVBlock
-from worker.engine.request import Request
+from pagedq.worker.engine.block_pool import BlockHash, BlockPool, KVBlock
+from pagedq.worker.engine.request import Request
 
 
 def root_hash(namespace: str) -> BlockHash:

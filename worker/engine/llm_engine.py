@@ -20,17 +20,17 @@ from typing import Any
 
 import torch
 
-from worker.engine.attention import PagedKVCache
-from worker.engine.block_pool import BlockPool
-from worker.engine.causal_generation import check_generation_config
-from worker.engine.cpu_linear import prepare_for_host
-from worker.engine.executor import EngineConfig
-from worker.engine.kv_cache_manager import KVCacheManager, cdiv
-from worker.engine.model_runner import ModelRunner, ModelShape
-from worker.engine.request import Request, RequestOutput, TokenCallback
-from worker.engine.sampling import Sampler, SamplingParams, StopChecker
-from worker.engine.scheduler import Scheduler, SchedulerConfig
-from worker.engine.self_check import UnsupportedModel, check_rotary, self_check
+from pagedq.worker.engine.attention import PagedKVCache
+from pagedq.worker.engine.block_pool import BlockPool
+from pagedq.worker.engine.causal_generation import check_generation_config
+from pagedq.worker.engine.cpu_linear import prepare_for_host
+from pagedq.worker.engine.executor import EngineConfig
+from pagedq.worker.engine.kv_cache_manager import KVCacheManager, cdiv
+from pagedq.worker.engine.model_runner import ModelRunner, ModelShape
+from pagedq.worker.engine.request import Request, RequestOutput, TokenCallback
+from pagedq.worker.engine.sampling import Sampler, SamplingParams, StopChecker
+from pagedq.worker.engine.scheduler import Scheduler, SchedulerConfig
+from pagedq.worker.engine.self_check import UnsupportedModel, check_rotary, self_check
 
 log = logging.getLogger(__name__)
 

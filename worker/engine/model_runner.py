@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
-from worker.engine.attention import (
+from pagedq.worker.engine.attention import (
     ATTENTION_NAME,
     METADATA_KWARG,
     AttentionMetadata,
@@ -28,11 +28,11 @@ from worker.engine.attention import (
     PrefillSegment,
     paged_attention,
 )
-from worker.engine.decode_plan import plan_decode
-from worker.engine.native import paged_decode_available
-from worker.engine.request import Request
-from worker.engine.scheduler import SchedulerOutput
-from worker.engine.self_check import UnsupportedModel
+from pagedq.worker.engine.decode_plan import plan_decode
+from pagedq.worker.engine.native import paged_decode_available
+from pagedq.worker.engine.request import Request
+from pagedq.worker.engine.scheduler import SchedulerOutput
+from pagedq.worker.engine.self_check import UnsupportedModel
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention)
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from worker.engine.block_pool import BlockHash
-    from worker.engine.sampling import SamplingParams
+    from pagedq.worker.engine.block_pool import BlockHash
+    from pagedq.worker.engine.sampling import SamplingParams
 
 #: How many preemptions raise a request's rank among requests of equal priority (vLLM #41951):
 #: bounded, so a request that keeps being preempted cannot starve fresh ones either.

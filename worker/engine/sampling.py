@@ -26,8 +26,8 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from worker.engine.logits_processors import NO_PROCESSORS, ProcessorSettings, Row, process_rows
-from worker.engine.request import Request, RequestStatus
+from pagedq.worker.engine.logits_processors import NO_PROCESSORS, ProcessorSettings, Row, process_rows
+from pagedq.worker.engine.request import Request, RequestStatus
 
 #: Temperatures below this sample greedily: `exp(-gap / T)` for any logit gap the model can tell apart is 0.
 GREEDY_BELOW_TEMPERATURE = 1e-5

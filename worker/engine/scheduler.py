@@ -28,8 +28,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from worker.engine.kv_cache_manager import KVCacheManager
-from worker.engine.request import Request, RequestStatus
+from pagedq.worker.engine.kv_cache_manager import KVCacheManager
+from pagedq.worker.engine.request import Request, RequestStatus
 
 
 @dataclass(frozen=True)

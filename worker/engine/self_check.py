@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from worker.engine.sampling import SamplingParams
+from pagedq.worker.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from worker.engine.llm_engine import LLMEngine
+    from pagedq.worker.engine.llm_engine import LLMEngine
 
 PROBE_LENGTHS = (5, 13, 23)
 PROBE_NEW_TOKENS = 4  # greedy tokens per probe: one from the prefill, three from decode steps

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from worker.engine.native import paged_decode
+from pagedq.worker.engine.native import paged_decode
 
 ATTENTION_NAME = "pagedq_seq2seq"
 METADATA_KWARG = "pagedq_seq2seq_metadata"

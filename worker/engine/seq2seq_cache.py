@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import EncoderDecoderCache
 
-from worker.engine.seq2seq_attention import METADATA_KWARG, KVPool, Seq2SeqMetadata
+from pagedq.worker.engine.seq2seq_attention import METADATA_KWARG, KVPool, Seq2SeqMetadata
 
 
 class _PlaceholderLayer:

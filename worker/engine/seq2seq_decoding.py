@@ -17,11 +17,11 @@ import itertools
 
 import torch
 
-from worker.engine.kv_cache_manager import KVCacheManager
-from worker.engine.request import Request, RequestStatus
-from worker.engine.sampling import Sampler, SamplingParams
-from worker.engine.seq2seq_logits import process_scores
-from worker.engine.seq2seq_scheduler import Seq2SeqRequest
+from pagedq.worker.engine.kv_cache_manager import KVCacheManager
+from pagedq.worker.engine.request import Request, RequestStatus
+from pagedq.worker.engine.sampling import Sampler, SamplingParams
+from pagedq.worker.engine.seq2seq_logits import process_scores
+from pagedq.worker.engine.seq2seq_scheduler import Seq2SeqRequest
 
 _sequence_ids = itertools.count()
 

@@ -23,17 +23,17 @@ from typing import Any
 
 import torch
 
-from worker.engine._generation import DecodeSettings
-from worker.engine.beam_search import BeamSearch
-from worker.engine.block_pool import BlockPool
-from worker.engine.cpu_linear import prepare_for_host
-from worker.engine.executor import EngineConfig
-from worker.engine.kv_cache_manager import KVCacheManager, cdiv
-from worker.engine.seq2seq_attention import KVPool
-from worker.engine.seq2seq_decoding import Decoding
-from worker.engine.seq2seq_model import DecoderShape, check_model
-from worker.engine.seq2seq_runner import Seq2SeqRunner, StepItem
-from worker.engine.seq2seq_scheduler import Seq2SeqRequest, Seq2SeqScheduler
+from pagedq.worker.engine._generation import DecodeSettings
+from pagedq.worker.engine.beam_search import BeamSearch
+from pagedq.worker.engine.block_pool import BlockPool
+from pagedq.worker.engine.cpu_linear import prepare_for_host
+from pagedq.worker.engine.executor import EngineConfig
+from pagedq.worker.engine.kv_cache_manager import KVCacheManager, cdiv
+from pagedq.worker.engine.seq2seq_attention import KVPool
+from pagedq.worker.engine.seq2seq_decoding import Decoding
+from pagedq.worker.engine.seq2seq_model import DecoderShape, check_model
+from pagedq.worker.engine.seq2seq_runner import Seq2SeqRunner, StepItem
+from pagedq.worker.engine.seq2seq_scheduler import Seq2SeqRequest, Seq2SeqScheduler
 
 
 def free_device_memory(device: torch.device) -> int:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engine._batching import WaitingQueue, drop_finished, lookahead, pad_batch, pick_batch
-from worker.engine._generation import GenerationKey, generate_kwargs
-from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.worker.engine._batching import WaitingQueue, drop_finished, lookahead, pad_batch, pick_batch
+from pagedq.worker.engine._generation import GenerationKey, generate_kwargs
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
 
 
 @dataclass

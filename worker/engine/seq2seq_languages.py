@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from shared.errors import InvalidRequest, UnsupportedLanguagePair
-from shared.models import TranslateRequest
-from shared.registry import ModelSpec
+from pagedq.shared.errors import InvalidRequest, UnsupportedLanguagePair
+from pagedq.shared.models import TranslateRequest
+from pagedq.shared.registry import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from functools import lru_cache
 
 import torch
 
-from worker.engine._generation import DECODER_START_TOKENS, DecodeSettings
-from worker.engine.logits_processors import ProcessorSettings, Row, process_rows
+from pagedq.worker.engine._generation import DECODER_START_TOKENS, DecodeSettings
+from pagedq.worker.engine.logits_processors import ProcessorSettings, Row, process_rows
 
 
 def process_scores(scores: torch.Tensor, rows: Sequence[tuple[DecodeSettings, Sequence[int]]]) -> torch.Tensor:

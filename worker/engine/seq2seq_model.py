@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from worker.engine.seq2seq_attention import KVPool
+from pagedq.worker.engine.seq2seq_attention import KVPool
 
 T5_TYPES = ("t5", "mt5")
 BART_TYPES = ("marian", "bart", "mbart", "m2m_100", "pegasus", "blenderbot", "blenderbot-small", "plbart")

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
-from worker.engine.native import paged_decode_available
-from worker.engine.request import Request
-from worker.engine.seq2seq_attention import (
+from pagedq.worker.engine.native import paged_decode_available
+from pagedq.worker.engine.request import Request
+from pagedq.worker.engine.seq2seq_attention import (
     ATTENTION_NAME,
     METADATA_KWARG,
     CrossBucket,
@@ -38,8 +38,8 @@ from worker.engine.seq2seq_attention import (
     Seq2SeqMetadata,
     seq2seq_attention,
 )
-from worker.engine.seq2seq_cache import PagedEncoderDecoderCache
-from worker.engine.seq2seq_model import (
+from pagedq.worker.engine.seq2seq_cache import PagedEncoderDecoderCache
+from pagedq.worker.engine.seq2seq_model import (
     DecoderShape,
     PositionHooks,
     check_model,

@@ -28,11 +28,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from worker.engine._generation import DecodeSettings
-from worker.engine.beam_search import BeamSearch
-from worker.engine.block_pool import BlockPool, KVBlock
-from worker.engine.kv_cache_manager import KVCacheManager, cdiv
-from worker.engine.request import MAX_PREEMPTION_BOOST, Request, RequestStatus
+from pagedq.worker.engine._generation import DecodeSettings
+from pagedq.worker.engine.beam_search import BeamSearch
+from pagedq.worker.engine.block_pool import BlockPool, KVBlock
+from pagedq.worker.engine.kv_cache_manager import KVCacheManager, cdiv
+from pagedq.worker.engine.request import MAX_PREEMPTION_BOOST, Request, RequestStatus
 
 _arrivals = itertools.count()
 

@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from worker.engine._generation import DecodeSettings
-from worker.engine.seq2seq_engine import Seq2SeqEngine
+from pagedq.worker.engine._generation import DecodeSettings
+from pagedq.worker.engine.seq2seq_engine import Seq2SeqEngine
 
 PROBE_LENGTHS = (5, 13, 29)  # source tokens, EOS included; capped by the model's positions
 PROBE_STEPS = 4  # greedy decoder steps after the start token

@@ -30,22 +30,22 @@ from contextlib import nullcontext
 from itertools import groupby
 from typing import Any, Literal
 
-from shared.errors import DeadlineExceeded, InvalidRequest, ModelError, PagedqError, UnsupportedLanguagePair
-from shared.models import TranslateRequest, TranslateResult
-from worker.engine._batching import input_token_limit, order_key, too_long
-from worker.engine._generation import (
+from pagedq.shared.errors import DeadlineExceeded, InvalidRequest, ModelError, PagedqError, UnsupportedLanguagePair
+from pagedq.shared.models import TranslateRequest, TranslateResult
+from pagedq.worker.engine._batching import input_token_limit, order_key, too_long
+from pagedq.worker.engine._generation import (
     decode_settings,
     generation_key,
     split_output,
     unknown_request_options,
     unsupported_options,
 )
-from worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
-from worker.engine.seq2seq_engine import Seq2SeqEngine, Seq2SeqOutput
-from worker.engine.seq2seq_generate import EncodedText, GenerateBatcher
-from worker.engine.seq2seq_languages import Languages, resolve_languages
-from worker.engine.seq2seq_model import UnsupportedArchitecture
-from worker.engine.seq2seq_self_check import self_check
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
+from pagedq.worker.engine.seq2seq_engine import Seq2SeqEngine, Seq2SeqOutput
+from pagedq.worker.engine.seq2seq_generate import EncodedText, GenerateBatcher
+from pagedq.worker.engine.seq2seq_languages import Languages, resolve_languages
+from pagedq.worker.engine.seq2seq_model import UnsupportedArchitecture
+from pagedq.worker.engine.seq2seq_self_check import self_check
 
 log = logging.getLogger(__name__)
 
