@@ -11,11 +11,16 @@ PYTEST_ARGS ?=
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@echo "[1/4] creating the virtual environment $(VENV) (once; again only when pyproject.toml changes)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "[2/4] upgrading pip"
 	$(PY) -m pip install --quiet --upgrade pip
+	@echo "[3/4] installing $(TORCH_SPEC) (the CPU build: about 200 MB, a minute or so)"
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	@echo "[4/4] installing pagedq with every extra (transformers, Celery, FastAPI, Flower, test tools)"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
+	@echo "installed: $(VENV)"
 
 demo: install
 	$(PY) -m scripts.demo
