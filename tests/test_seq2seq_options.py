@@ -55,3 +55,13 @@ def test_a_model_default_the_engine_does_not_implement_routes_to_the_fallback() 
         model = build_pair("marian", **{name: value}).model
         assert name in unsupported_options(model, GenerationOptions())
     assert unsupported_options(build_pair("marian").model, GenerationOptions(num_beams=2)) == []
+
+
+def test_min_new_tokens_replaces_min_length_as_generate_does() -> None:
+    """generate: with `min_new_tokens` set, `min_length` becomes min_new_tokens + the decoder start token."""
+    from pagedq.worker.engine._generation import decode_settings
+
+    both = decode_settings(build_pair("marian", min_length=20, min_new_tokens=3).model, GenerationOptions())
+    assert (both.min_length, both.min_new_tokens) == (4, 3)
+    only_length = decode_settings(build_pair("marian", min_length=20).model, GenerationOptions())
+    assert (only_length.min_length, only_length.min_new_tokens) == (20, 0)

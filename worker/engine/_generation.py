@@ -288,7 +288,8 @@ def decode_settings(model: Any, options: GenerationOptions, forced_bos_token_id:
         forced_bos_token_id=forced_bos_token_id if forced_bos_token_id is not None else config.forced_bos_token_id,
         forced_eos_token_id=forced_eos[0] if forced_eos else None,
         bad_words_ids=tuple(tuple(w) for w in (config.bad_words_ids or ()) if not (len(w) == 1 and w[0] in eos)),
-        min_length=int(_option(config, "min_length")),
+        # generate: a set min_new_tokens replaces min_length with min_new_tokens + the decoder start token
+        min_length=int(_option(config, "min_length")) if config.min_new_tokens is None else config.min_new_tokens + 1,
         min_new_tokens=int(config.min_new_tokens or 0),
         no_repeat_ngram_size=int(_option(config, "no_repeat_ngram_size")),
     )
