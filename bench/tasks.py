@@ -160,7 +160,7 @@ def run_executor(loaded: LoadedModel, config: EngineConfig, packing: bool, texts
     for row, request in enumerate(requests):
         for entry in request.future.result(timeout=0).scores:
             scores[row, label2id[entry.label]] = entry.score
-    return scores, executor.stats()
+    return scores, executor.stats().as_dict()
 
 
 def w3(args: argparse.Namespace) -> dict[str, float]:

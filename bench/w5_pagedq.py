@@ -125,8 +125,8 @@ def in_process(
     before = executor.stats()
     runs = sorted((_drive(executor, spec.name, texts) for _ in range(repeats)), key=lambda o: o.seconds)
     after = executor.stats()
-    steps = after["steps"] - before["steps"]
-    return runs[len(runs) // 2], (after["num_requests_finished"] - before["num_requests_finished"]) / max(steps, 1)
+    steps = after.steps - before.steps
+    return runs[len(runs) // 2], (after.num_requests_finished - before.num_requests_finished) / max(steps, 1)
 
 
 def _drive(executor: ModelExecutor, model: str, texts: Sequence[str]) -> Outcome:

@@ -134,7 +134,7 @@ def test_classify_is_exact_packed_or_padded(tokenizer: Any, family: str) -> None
     lm, reference = build(tokenizer, family)
     packs = _configs(tokenizer.pad_token_id)[family][2]
     executor = ClassificationExecutor(lm, EngineConfig(max_batch_tokens=256, max_running_requests=16))
-    stats = executor.stats()
+    stats = executor.stats().as_dict()
     assert stats["path"] == ("packed" if packs else "padded"), stats["path_reason"]
     assert "self-check" not in stats["path_reason"]  # a padded family is padded by design, not by surprise
     reqs = [request(TaskType.CLASSIFY, ClassifyRequest(text=t, top_k=None, function_to_apply="none"), family)
@@ -148,7 +148,7 @@ def test_classify_is_exact_packed_or_padded(tokenizer: Any, family: str) -> None
                                                                                      abs=LOGIT_TOLERANCE)
         spread.append(float(want[0]))
     assert max(spread) - min(spread) > 100 * LOGIT_TOLERANCE  # logits depend on the text
-    assert (executor.stats()["padded_tokens"] == 0) is packs
+    assert (executor.stats().as_dict()["padded_tokens"] == 0) is packs
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "electra", "albert"])
@@ -157,7 +157,7 @@ def test_extractive_qa_logits_are_exact(tokenizer: Any, family: str) -> None:
     cls = getattr(tf, _configs(0)[family][1].__name__.replace("SequenceClassification", "QuestionAnswering"))
     lm, reference = build(tokenizer, family, head=cls)
     executor = ExtractiveQAExecutor(lm, EngineConfig(max_batch_tokens=1024, max_running_requests=8))
-    assert executor.stats()["path"] == ("packed" if family != "albert" else "padded")
+    assert executor.stats().as_dict()["path"] == ("packed" if family != "albert" else "padded")
     encodings = [dict(tokenizer(q, c)) for q, c in TEXT_PAIR_CASES]
     outputs = executor.forward.token_outputs(encodings, ("start_logits", "end_logits"))
     for (start, end), (question, context) in zip(outputs, TEXT_PAIR_CASES, strict=True):
@@ -193,7 +193,7 @@ def test_self_check_catches_a_broken_packed_attention_and_falls_back(
     config = EngineConfig(max_batch_tokens=256, max_running_requests=16)
     with caplog.at_level(logging.INFO, logger="pagedq.worker.engine._encoder_forward"):
         executor = (ClassificationExecutor if pooled else ExtractiveQAExecutor)(lm, config)
-    stats = executor.stats()
+    stats = executor.stats().as_dict()
     assert stats["path"] == "padded" and stats["path_reason"].startswith("self-check: packed outputs differ")
     assert [r.levelname for r in caplog.records] == ["WARNING"]  # one line, naming the reason
     assert "self-check" in caplog.records[0].getMessage()
@@ -207,7 +207,7 @@ def test_self_check_catches_a_broken_packed_attention_and_falls_back(
             want = alone(reference, tokenizer, text).logits[0].tolist()
             assert [got[label] for label in ("negative", "neutral", "positive")] == pytest.approx(
                 want, abs=LOGIT_TOLERANCE)
-        assert executor.stats()["padded_tokens"] > 0
+        assert executor.stats().as_dict()["padded_tokens"] > 0
 
 
 @pytest.mark.parametrize(("family", "layout"), [
@@ -220,7 +220,7 @@ def test_self_check_catches_a_wrong_layout(
 ) -> None:
     monkeypatch.setitem(LAYOUTS, family, layout)
     lm, _ = build(tokenizer, family)
-    stats = ClassificationExecutor(lm, EngineConfig()).stats()
+    stats = ClassificationExecutor(lm, EngineConfig()).stats().as_dict()
     assert stats["path"] == "padded" and stats["path_reason"].startswith("self-check"), stats
 
 
@@ -233,4 +233,4 @@ def test_packing_required_but_refused_by_the_self_check_raises(tokenizer: Any, l
 def test_the_self_check_passes_a_correct_packing_of_the_same_model(tokenizer: Any) -> None:
     """Control for the broken-attention test: the same model with the real varlen attention packs."""
     lm, _ = build(tokenizer, "bert")
-    assert ClassificationExecutor(lm, EngineConfig()).stats()["path"] == "packed"
+    assert ClassificationExecutor(lm, EngineConfig()).stats().as_dict()["path"] == "packed"

@@ -310,7 +310,7 @@ def test_classify_matches_the_pipeline(model_dirs: dict[str, Path], name: str) -
         assert [s.score for s in result.scores] == pytest.approx([e["score"] for e in expected], abs=SCORE_TOLERANCE)
         top_scores.append(result.score)
     assert max(top_scores) - min(top_scores) > 100 * SCORE_TOLERANCE  # scores depend on the text
-    stats = executor.stats()
+    stats = executor.stats().as_dict()
     assert (stats["padded_tokens"] == 0) is packs and stats["computed_tokens"] > 0
 
 
@@ -324,12 +324,12 @@ def test_extractive_qa_matches_the_reference(model_dirs: dict[str, Path], name: 
         for i, (q, c) in enumerate(QA_CASES)
     ]
     steps = run(executor, reqs)
-    assert steps < executor.stats()["num_windows"]
+    assert steps < executor.stats().as_dict()["num_windows"]
     for i, (req, (question, context)) in enumerate(zip(reqs, QA_CASES, strict=True)):
         got, want = req.future.result(timeout=0), reference_qa(ref, question, context, 15, bool(i % 2))
         assert (got.answer, got.start, got.end) == (want["answer"], want["start"], want["end"])
         assert got.score == pytest.approx(want["score"], abs=SCORE_TOLERANCE)
-    assert executor.stats()["padded_tokens"] == 0
+    assert executor.stats().as_dict()["padded_tokens"] == 0
 
 
 # ---- what the swap leaves behind, and who falls back ---------------------------------------------------

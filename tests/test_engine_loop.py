@@ -29,7 +29,7 @@ from pagedq.shared.errors import (
 )
 from pagedq.shared.models import ClassifyRequest, GenerationOptions, QARequest, TaskType, TranslateRequest
 from pagedq.shared.registry import ModelSpec, Registry
-from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
 from pagedq.worker.engine.service import Engine, make_executor
 from pagedq.worker.registry import load_model
 
@@ -92,8 +92,8 @@ class BatchingExecutor(ModelExecutor):
         for request in batch.values():
             request.finish(f"done:{request.id.partition('@')[0]}")  # the id the caller gave (not a re-run's)
 
-    def stats(self) -> dict[str, float]:
-        return {"num_requests_waiting": len(self.waiting)}
+    def stats(self) -> ModelStats:
+        return ModelStats(num_requests_waiting=len(self.waiting), steps=len(self.batches))
 
 
 def request(rid: str, model: str = "m", deadline: float | None = None, text: str = "x") -> EngineRequest:
@@ -557,13 +557,39 @@ def test_stop_lets_in_flight_generation_finish_within_the_drain(demo_engine: Eng
 
 def test_stop_hands_back_what_the_drain_did_not_finish(demo_engine: Engine) -> None:
     stats = demo_engine.executors["demo-llm"].stats
-    generated = stats()["num_generated_tokens"]
+    generated = stats().generated_tokens
     futures = [demo_engine.submit(generative(q, max_new_tokens=500)) for q in QUESTIONS]
     deadline = time.monotonic() + 30
-    while stats()["num_generated_tokens"] < generated + 8:  # generation is under way
+    while stats().generated_tokens < generated + 8:  # generation is under way
         assert time.monotonic() < deadline
         time.sleep(0.005)
     demo_engine.stop(drain_s=0.05)
     errors = [outcome(f, timeout=0) for f in futures]
     assert all(isinstance(e, WorkerShuttingDown) and not isinstance(e, EngineError) for e in errors), errors
-    assert stats()["num_requests_running"] == 0 and stats()["num_requests_waiting"] == 0
+    assert stats().num_requests_running == 0 and stats().num_requests_waiting == 0
+
+
+def test_every_executor_kind_reports_its_stats_in_one_shape(demo_executors: dict[str, ModelExecutor]) -> None:
+    """Classification, extractive QA, translation and the paged causal LM fill the same `ModelStats` fields
+    the metrics collector, Flower and the benchmarks read (no key of one kind spelled differently)."""
+    engine = Engine(demo_executors).start()
+    try:
+        jobs = [engine_request("demo-classifier", ClassifyRequest(text="a fine day")),
+                engine_request("demo-qa", QARequest(question="who?", context="Ada wrote the first program.")),
+                translate("Good morning."), generative(QUESTIONS[0], max_new_tokens=4)]
+        for job in jobs:
+            engine.submit(job).result(timeout=120)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sum(s.num_requests_finished for s in engine.model_stats().values()) < 4:
+            time.sleep(0.02)
+        stats = engine.model_stats()
+        for job in jobs:
+            got = stats[job.model]
+            assert isinstance(got, ModelStats), job.model
+            assert got.num_requests_finished >= 1 and got.steps >= 1, (job.model, got)
+            assert got.path in ("packed", "padded", "paged", "generate"), (job.model, got)
+        assert stats["demo-translator"].generated_tokens > 0 and stats["demo-llm"].generated_tokens > 0
+        flat = engine.stats()["models"]["demo-llm"]  # what `celery inspect stats` and Flower get
+        assert flat["steps"] == stats["demo-llm"].steps and "mean_batch_tokens" in flat
+    finally:
+        engine.stop()

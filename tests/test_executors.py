@@ -107,7 +107,7 @@ def test_classify_batches_under_the_token_budget(loaded: dict[str, LoadedModel],
     for inputs, computed in batches:  # computed: packed, the real tokens; padded, rows * longest
         assert inputs <= cap and (computed <= budget or inputs == 1)
     real = sum(len(lm.tokenizer(t)["input_ids"]) for t in texts)
-    stats = executor.stats()
+    stats = executor.stats().as_dict()
     assert stats["computed_tokens"] == sum(computed for _, computed in batches)
     assert stats["padded_tokens"] == stats["computed_tokens"] - real
     assert stats["padded_tokens"] == 0 or packing is False
@@ -123,7 +123,7 @@ def test_classify_packs_in_queue_order_first_fit(loaded: dict[str, LoadedModel])
         run(executor, [classify(t) for t in texts])
     # step 1: 26 + 22 = 48; 30 does not fit, 4 and 4 do (56, the cap of 4); step 2: the rest
     assert shapes == [(1, 26 + 22 + 4 + 4), (1, 30 + 3)]
-    assert executor.stats()["padded_tokens"] == 0
+    assert executor.stats().as_dict()["padded_tokens"] == 0
 
 
 def test_classify_length_bucketing_limits_padding(loaded: dict[str, LoadedModel]) -> None:
@@ -164,7 +164,7 @@ def test_classify_deadline_and_abort(loaded: dict[str, LoadedModel]) -> None:
         aborted.future.result(timeout=0)
     assert kept.future.result(timeout=0).label
     assert shapes == [(1, len(lm.tokenizer(TEXTS[2])["input_ids"]))]  # neither dropped request was computed
-    assert executor.stats()["num_requests_waiting"] == 0 and not executor.has_work()
+    assert executor.stats().as_dict()["num_requests_waiting"] == 0 and not executor.has_work()
 
 
 def test_classify_truncation(loaded: dict[str, LoadedModel], reference: dict[str, LoadedModel]) -> None:

@@ -70,7 +70,7 @@ def test_extractive_qa_matches_the_pipeline(
     ]
     with forward_batches(lm.model) as batches:
         steps = run(executor, reqs)
-    stats = executor.stats()
+    stats = executor.stats().as_dict()
     windows = stats["num_windows"]
     assert windows >= len(QUESTIONS) + 5 and steps == len(batches) < windows  # batched across requests
     assert all(computed <= 2048 or inputs == 1 for inputs, computed in batches)
@@ -90,7 +90,7 @@ def test_extractive_qa_long_context_spans_steps(lm: LoadedModel, ref: LoadedMode
     executor = ExtractiveQAExecutor(lm, EngineConfig(max_batch_tokens=800, max_running_requests=8))
     long_req, short_req = ask(question, context), ask(*QUESTIONS[0], priority=1)
     steps = run(executor, [long_req, short_req])
-    assert executor.stats()["num_windows"] >= 4 and steps >= 3  # 384-token windows, two per step at most
+    assert executor.stats().as_dict()["num_windows"] >= 4 and steps >= 3  # 384-token windows, two per step at most
     want = reference_qa(ref, question, context, 30, False)
     assert long_req.future.result(timeout=0).answer == want["answer"]
     assert long_req.future.result(timeout=0).input_tokens > 3 * 300
@@ -115,7 +115,7 @@ def test_extractive_qa_deadline_abort_and_long_question(lm: LoadedModel) -> None
     with pytest.raises(InvalidRequest, match=r"question is 300 tokens; the limit is"):
         too_long.future.result(timeout=0)
     assert kept.future.result(timeout=0).answer
-    assert not executor.has_work() and executor.stats()["num_requests_waiting"] == 0
+    assert not executor.has_work() and executor.stats().as_dict()["num_requests_waiting"] == 0
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -59,7 +59,7 @@ def test_translate_greedy_matches_per_request_generate(lm: LoadedModel, ref: Loa
     with forward_shapes(lm.model.get_decoder()) as shapes:
         run(executor, reqs)
     assert shapes[0] == (1, len(TEXTS)), "one packed decoder pass: a row per request, no padding"
-    stats = executor.stats()
+    stats = executor.stats().as_dict()
     assert stats["num_requests_running"] == 0 and stats["kv_cache_usage_perc"] == 0.0
     assert stats["num_fallback_requests"] == 0 and stats["steps"] == len(shapes)
     reasons = set()
@@ -77,7 +77,7 @@ def test_translate_beam_search_and_greedy_in_one_batch(lm: LoadedModel, ref: Loa
     beams = [translate(t, generation={"num_beams": 3, "max_new_tokens": 12}) for t in TEXTS[:5]]
     greedy = [translate(t, generation={"max_new_tokens": 12}) for t in TEXTS[:5]]
     run(executor, [x for pair in zip(beams, greedy, strict=True) for x in pair])
-    assert executor.stats()["num_fallback_requests"] == 0
+    assert executor.stats().as_dict()["num_fallback_requests"] == 0
     for b, g, text in zip(beams, greedy, TEXTS, strict=False):
         assert b.future.result(timeout=0).translation == reference_translation(ref, text, num_beams=3, max_length=13)[0]
         assert g.future.result(timeout=0).translation == reference_translation(ref, text, max_length=13)[0]
@@ -104,7 +104,7 @@ def test_translate_unsupported_options_fall_back_to_generate(lm: LoadedModel, re
     try:
         reqs = [translate(t, generation={"max_new_tokens": 8}) for t in TEXTS[:3]]
         run(executor, reqs)
-        assert executor.stats()["num_fallback_requests"] == 3
+        assert executor.stats().as_dict()["num_fallback_requests"] == 3
         for req, text in zip(reqs, TEXTS, strict=False):
             assert req.future.result(timeout=0).translation == reference_translation(ref, text, max_length=9)[0]
     finally:
@@ -190,10 +190,11 @@ def test_an_architecture_the_engine_cannot_page_runs_on_batched_generate(lm: Loa
     umt5 = LoadedModel(lm.spec, model, tokenizer, lm.device, lm.dtype)
     executor = Seq2SeqExecutor(umt5, EngineConfig())
     assert executor.engine is None
-    assert executor.stats()["path"] == "generate" and "relative attention bias" in executor.stats()["path_reason"]
+    stats = executor.stats()
+    assert stats.path == "generate" and "relative attention bias" in stats.path_reason
     reqs = [translate(t) for t in TEXTS[:4]]
     run(executor, reqs)
-    assert executor.stats()["num_fallback_requests"] == 4 and executor.stats()["steps"] == 1
+    assert executor.stats().as_dict()["num_fallback_requests"] == 4 and executor.stats().as_dict()["steps"] == 1
     for req, text in zip(reqs, TEXTS, strict=False):
         want = reference_translation(LoadedModel(lm.spec, reference, tokenizer, lm.device, lm.dtype), text)
         assert (req.future.result(timeout=0).translation, req.future.result(timeout=0).output_tokens) == want
@@ -214,7 +215,7 @@ def test_a_request_option_no_path_implements_is_refused(lm: LoadedModel, monkeyp
 
 def test_the_executor_says_which_path_serves_the_model(lm: LoadedModel) -> None:
     executor = Seq2SeqExecutor(lm, EngineConfig())
-    stats = executor.stats()
+    stats = executor.stats().as_dict()
     assert stats["path"] == "paged" and stats["path_reason"].startswith("self-check passed")
     assert stats["steps"] == 0 and stats["num_requests_finished"] == 0, "the probe is not counted"
 

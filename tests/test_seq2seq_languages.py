@@ -80,7 +80,7 @@ def test_target_language_is_the_forced_first_token(m2m: tuple[LoadedModel, Any])
     reqs = [translate(t, source_lang=s, target_lang=g) for t, (s, g) in zip(TEXTS, pairs, strict=False)]
     beam = translate(TEXTS[4], source_lang="en", target_lang="fr", generation={"num_beams": 3})
     run(executor, [*reqs, beam])
-    assert executor.stats()["num_fallback_requests"] == 0
+    assert executor.stats().as_dict()["num_fallback_requests"] == 0
     for req, text, (source, target) in zip(reqs, TEXTS, pairs, strict=False):
         assert req.future.result(timeout=0).translation == reference(loaded, ref, text, source, target)
     assert beam.future.result(timeout=0).translation == reference(loaded, ref, TEXTS[4], "en", "fr", num_beams=3)

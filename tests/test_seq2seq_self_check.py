@@ -82,7 +82,7 @@ def test_a_model_failing_the_check_is_served_by_generate_and_says_so(
         executor = Seq2SeqExecutor(lm, EngineConfig())
     lines = [r for r in caplog.records if r.name == "pagedq.worker.engine.translate"]
     assert len(lines) == 1 and "self-check" in lines[0].getMessage(), [r.getMessage() for r in lines]
-    stats = executor.stats()
+    stats = executor.stats().as_dict()
     assert executor.engine is None and stats["path"] == "generate"
     assert stats["path_reason"].startswith("self-check failed: ")
     assert lm.model.config._attn_implementation != ATTENTION_NAME, "the model is given back as loaded"
@@ -102,5 +102,5 @@ def test_a_model_failing_the_check_is_served_by_generate_and_says_so(
 
 def test_the_demo_translator_passes_and_says_so(demo_models: Path) -> None:
     executor = Seq2SeqExecutor(load_demo(demo_models, "demo-translator"), EngineConfig())
-    assert executor.stats()["path"] == "paged"
-    assert executor.stats()["path_reason"].startswith("self-check passed (")
+    assert executor.stats().as_dict()["path"] == "paged"
+    assert executor.stats().as_dict()["path_reason"].startswith("self-check passed (")

@@ -126,7 +126,8 @@ def test_the_worker_serves_the_good_model_and_says_why_the_others_are_refused(
     states = info["model_states"]
     assert states["good"] == f"loaded: {(runtime.registry.base_dir or Path()) / 'good'}"
     assert states["corrupt"].startswith("refused: OSError: ") and states["buggy"].startswith("refused: Attribute")
-    assert info["models"]["corrupt"] == {"state": "refused", "reason": runtime.refused["corrupt"]}
+    assert info["models"]["corrupt"]["path"] == "refused"
+    assert info["models"]["corrupt"]["path_reason"] == runtime.refused["corrupt"]
     assert info["models"]["good"]["path"] == "packed"
 
     # the lease every live worker writes

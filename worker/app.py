@@ -86,12 +86,11 @@ def _model_line(state: str, stats: dict[str, Any]) -> str:
         why = f" ({stats['path_reason']})" if stats.get("path_reason") else ""
         parts.append(f"path {stats['path']}{why}")
     parts.append(f"{stats.get('num_requests_running', 0):g} running, {stats.get('num_requests_waiting', 0):g} waiting")
-    for key, label in (("num_requests_finished", "finished"), ("steps", "steps"), ("num_steps", "steps"),
-                       ("generated_tokens", "tokens generated"), ("num_generated_tokens", "tokens generated"),
-                       ("num_preemptions", "preemptions")):
+    for key, label in (("num_requests_finished", "finished"), ("steps", "steps"),
+                       ("generated_tokens", "tokens generated"), ("num_preemptions", "preemptions")):
         if stats.get(key):
             parts.append(f"{stats[key]:,.0f} {label}")
-    if "kv_cache_usage_perc" in stats:
+    if stats.get("kv_cache_usage_perc") or stats.get("path") in ("paged",):
         parts.append(f"KV cache {100 * float(stats['kv_cache_usage_perc']):.0f}% used")
     return "; ".join(parts)
 

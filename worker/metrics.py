@@ -42,7 +42,7 @@ GENERATION_TOKENS = Counter("pagedq_generation_tokens", "Tokens generated for su
 #: error types of a failed task that say the request was at fault, not the service
 USER_ERRORS = frozenset({"InvalidRequest", "ModelNotFound", "UnsupportedLanguagePair"})
 
-#: engine stats key -> (metric name, help, kind)
+#: `ModelStats` field -> (metric name, help, kind)
 ENGINE_METRICS = {
     "num_requests_running": ("pagedq_num_requests_running", "Requests in the engine's running set.", "gauge"),
     "num_requests_waiting": ("pagedq_num_requests_waiting", "Requests waiting in the engine.", "gauge"),
@@ -52,8 +52,7 @@ ENGINE_METRICS = {
     "num_preemptions": ("pagedq_num_preemptions", "Requests preempted to free KV blocks.", "counter"),
     "steps": ("pagedq_engine_steps", "Batched model steps run.", "counter"),
 }
-#: other names executors report a key under (the causal-LM engine counts `num_steps`)
-ENGINE_KEY_ALIASES = {"steps": ("num_steps",)}
+
 
 
 def task_started(task: str, model: str, message: dict[str, Any]) -> None:
@@ -99,13 +98,12 @@ class EngineCollector(Collector):
         self.engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        models = self.engine.stats()["models"]
+        models = self.engine.model_stats()
         for key, (name, doc, kind) in ENGINE_METRICS.items():
             family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, labels=["model"])
             for model, stats in models.items():
-                found = next((k for k in (key, *ENGINE_KEY_ALIASES.get(key, ())) if k in stats), None)
-                if found is not None:
-                    family.add_metric([model], float(stats[found]))
+                if stats.path != "refused":  # a refused model has nothing to report
+                    family.add_metric([model], float(getattr(stats, key)))
             yield family
 
 

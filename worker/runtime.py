@@ -24,7 +24,6 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from celery import Celery
 
@@ -32,7 +31,7 @@ from pagedq.shared.errors import ModelNotFound
 from pagedq.shared.records import LEASE_PREFIX, WORKER_RETRIES, TaskRecords
 from pagedq.shared.registry import ModelSpec, Registry
 from pagedq.shared.settings import Settings
-from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
 from pagedq.worker.engine.service import Engine, make_executor
 from pagedq.worker.lease import WorkerLease, new_worker_id
 from pagedq.worker.reconciler import Reconciler
@@ -171,8 +170,8 @@ class RefusedExecutor(ModelExecutor):
     def step(self) -> None:
         return None
 
-    def stats(self) -> dict[str, Any]:
-        return {"state": "refused", "reason": self.reason}
+    def stats(self) -> ModelStats:
+        return ModelStats(path="refused", path_reason=self.reason)
 
 
 def _without_prefix_cache(config: EngineConfig) -> EngineConfig:

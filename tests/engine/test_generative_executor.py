@@ -98,7 +98,7 @@ def test_generative_qa_matches_generate_and_hits_prefix_cache(loaded: LoadedMode
         assert got.mode == "generative" and got.model == "tiny-llm" and not got.truncated
         assert 1 <= got.output_tokens <= MAX_NEW
         assert got.input_tokens == len(loaded.tokenizer.encode(f"Context: {CONTEXT}\nQuestion: {q}\nAnswer:"))
-    stats = ex.stats()
+    stats = ex.stats().as_dict()
     assert stats["prefix_cache_hits"] > 0  # the context's blocks are shared by later questions
     assert stats["num_requests_running"] == 0 and stats["kv_cache_usage_perc"] == 0.0
 

@@ -10,7 +10,7 @@
 
 A model packs only if it has a packing layout (`unsupported_reason`) AND passes the load-time self-check
 (packing_check.py: a probe packed in one forward against the model's own forward of each input alone);
-otherwise it runs padded, and one log line says why. `path_stats()` tells the executors' stats which path
+otherwise it runs padded, and one log line says why. `path` and `path_reason` tell the executors' stats which path
 runs (`path`: "packed" | "padded") and why not packed (`path_reason`).
 
 Counters (cumulative, for the executors' stats): `computed_tokens`, the token rows that went through the
@@ -72,8 +72,9 @@ class EncoderForward:
     def packed(self) -> bool:
         return self.layout is not None
 
-    def path_stats(self) -> dict[str, str]:
-        return {"path": "packed" if self.packed else "padded", "path_reason": self.path_reason}
+    @property
+    def path(self) -> str:
+        return "packed" if self.packed else "padded"
 
     def pick(
         self, candidates: Sequence[tuple[EngineRequest, T]], length: Callable[[T], int], config: EngineConfig

@@ -17,7 +17,6 @@ A request holds nothing between steps except its place in the queue.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -33,7 +32,7 @@ from pagedq.worker.engine._batching import (
 )
 from pagedq.worker.engine._encoder_forward import EncoderForward
 from pagedq.worker.engine.cpu_linear import prepare_for_host
-from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
 
 SOFTMAX, SIGMOID, NO_FUNCTION = "softmax", "sigmoid", "none"
 
@@ -126,11 +125,14 @@ class ClassificationExecutor(ModelExecutor):
             request.finish(self._result(_payload(request), logits[row], encoded))
             self._counters["num_requests_finished"] += 1
 
-    def stats(self) -> dict[str, Any]:
-        """Counters, plus `path` ("packed" | "padded") and `path_reason` (why not packed)."""
-        waiting = len(self._new) + len(self._waiting)
-        return {"num_requests_running": 0, "num_requests_waiting": waiting, **self._counters, **self.forward.counters,
-                **self.forward.path_stats()}
+    def stats(self) -> ModelStats:
+        """Counters, `path` ("packed" | "padded") and `path_reason` (why not packed); extra: computed and
+        padded tokens."""
+        return ModelStats(
+            num_requests_waiting=len(self._new) + len(self._waiting),
+            num_requests_finished=self._counters["num_requests_finished"], steps=self._counters["steps"],
+            path=self.forward.path, path_reason=self.forward.path_reason, extra=dict(self.forward.counters),
+        )
 
     # ---- steps ------------------------------------------------------------------------------------
     def _tokenize_new(self) -> None:

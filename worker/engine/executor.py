@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pagedq.shared.models import TaskRequest, TaskType
@@ -89,6 +89,31 @@ class EngineRequest:
             return False
 
 
+@dataclass
+class ModelStats:
+    """What every executor reports, in one shape, read by the metrics collector (worker/metrics.py), Flower's
+    worker info (worker/app.py) and the benchmarks. Counters count since the executor was built; `extra` holds
+    what only one kind of executor has (e.g. padded tokens, fallback requests)."""
+
+    num_requests_running: int = 0
+    num_requests_waiting: int = 0
+    num_requests_finished: int = 0
+    steps: int = 0  # batched model steps (forward passes, or `generate` calls on the fallback)
+    generated_tokens: int = 0
+    kv_cache_usage_perc: float = 0.0  # 0..1
+    prefix_cache_queries: int = 0  # tokens looked up
+    prefix_cache_hits: int = 0  # tokens found
+    num_preemptions: int = 0
+    path: str = ""  # paged | generate | packed | padded | refused
+    path_reason: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Flat, for JSON readers (`celery inspect stats`, benchmarks): the fields, then `extra`'s keys."""
+        flat: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**flat, **self.extra}
+
+
 class ModelExecutor(ABC):
     """Runs the requests of one loaded model. Only the engine thread calls these methods."""
 
@@ -117,7 +142,6 @@ class ModelExecutor(ABC):
         A failure that concerns one request fails that request's future only; an exception that
         escapes `step()` fails every request the executor holds (the engine loop does that)."""
 
-    def stats(self) -> dict[str, float]:
-        """Gauges and counters for metrics: num_requests_running, num_requests_waiting,
-        kv_cache_usage_perc, prefix_cache_queries, prefix_cache_hits, num_preemptions, ..."""
-        return {}
+    def stats(self) -> ModelStats:
+        """What this executor reports (see `ModelStats`)."""
+        return ModelStats()

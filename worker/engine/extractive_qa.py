@@ -30,7 +30,7 @@ from pagedq.worker.engine._batching import WaitingQueue, drop_finished, input_to
 from pagedq.worker.engine._encoder_forward import EncoderForward
 from pagedq.worker.engine._qa_spans import WindowSpan, best_span, combine_windows
 from pagedq.worker.engine.cpu_linear import prepare_for_host
-from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
 
 PIPELINE_MAX_SEQ_LEN = 384  # the pipeline's default window length (capped by the model's limit)
 PIPELINE_DOC_STRIDE = 128  # the pipeline's default overlap (at most half a window)
@@ -133,17 +133,16 @@ class ExtractiveQAExecutor(ModelExecutor):
             if pending.windows_left == 0:
                 self._finish(self._pending.pop(window.request_id))
 
-    def stats(self) -> dict[str, Any]:
-        """Counters, plus `path` ("packed" | "padded") and `path_reason` (why not packed)."""
+    def stats(self) -> ModelStats:
+        """Counters, `path` ("packed" | "padded") and `path_reason` (why not packed); extra: windows, computed
+        and padded tokens."""
         running = sum(1 for p in self._pending.values() if p.spans)
-        waiting = len(self._new) + len(self._pending) - running
-        return {
-            "num_requests_running": running,
-            "num_requests_waiting": waiting,
-            **self._counters,
-            **self.forward.counters,
-            **self.forward.path_stats(),
-        }
+        return ModelStats(
+            num_requests_running=running, num_requests_waiting=len(self._new) + len(self._pending) - running,
+            num_requests_finished=self._counters["num_requests_finished"], steps=self._counters["steps"],
+            path=self.forward.path, path_reason=self.forward.path_reason,
+            extra={"num_windows": self._counters["num_windows"], **self.forward.counters},
+        )
 
     # ---- steps ------------------------------------------------------------------------------------
     def _tokenize_new(self) -> None:

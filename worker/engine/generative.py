@@ -25,7 +25,7 @@ from pagedq.shared.errors import DeadlineExceeded, InvalidRequest
 from pagedq.shared.models import GenerationOptions, QARequest, QAResult, TranslateRequest, TranslateResult
 from pagedq.worker.engine._batching import input_token_limit, too_long
 from pagedq.worker.engine.causal_generation import sampling_params
-from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
 from pagedq.worker.engine.llm_engine import LLMEngine
 from pagedq.worker.engine.request import RequestOutput
 from pagedq.worker.engine.sampling import SamplingParams
@@ -53,6 +53,7 @@ class GenerativeExecutor(ModelExecutor):
         limit = input_token_limit(loaded)
         self.max_input_tokens = min(limit, self.engine.max_model_len - 1) if self.engine.max_model_len else limit
         self._requests: dict[str, tuple[EngineRequest, _Prompt]] = {}
+        self._finished = 0  # requests completed (a result or an error), for `stats()`
 
     # ---- ModelExecutor ----------------------------------------------------------------------------
 
@@ -98,14 +99,24 @@ class GenerativeExecutor(ModelExecutor):
             if not out.finished:
                 continue  # still generating
             request, prompt = self._requests.pop(out.request_id)
+            self._finished += 1
             if out.finish_reason == "expired":
                 request.fail(DeadlineExceeded(f"deadline passed before task {request.id} finished"))
             else:
                 request.finish(self._result(request, prompt, out))
 
-    def stats(self) -> dict[str, Any]:
-        """The engine's counters, plus `path`: causal LMs are paged or refused at load (no fallback)."""
-        return {**self.engine.stats(), "path": "paged", "path_reason": ""}
+    def stats(self) -> ModelStats:
+        """The paged engine's gauges and counters; `path` is always "paged" (a causal LM the engine cannot run
+        exactly is refused at load: there is no fallback); extra: mean batch tokens, KV waste, blocks."""
+        s = self.engine.stats()
+        return ModelStats(
+            num_requests_running=int(s["num_requests_running"]), num_requests_waiting=int(s["num_requests_waiting"]),
+            num_requests_finished=self._finished, steps=int(s["num_steps"]),
+            generated_tokens=int(s["num_generated_tokens"]), kv_cache_usage_perc=float(s["kv_cache_usage_perc"]),
+            prefix_cache_queries=int(s["prefix_cache_queries"]), prefix_cache_hits=int(s["prefix_cache_hits"]),
+            num_preemptions=int(s["num_preemptions"]), path="paged",
+            extra={k: s[k] for k in ("mean_batch_tokens", "kv_waste_slots", "num_kv_blocks")},
+        )
 
     # ---- prompts ----------------------------------------------------------------------------------
 

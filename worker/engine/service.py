@@ -36,7 +36,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from pagedq.shared.errors import DeadlineExceeded, EngineError, ModelNotFound, TaskCancelled, WorkerShuttingDown
-from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
 from pagedq.worker.engine.isolation import Flight, Isolator
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class Engine:
         self._drain_until = math.inf  # time.monotonic() after which `stop` fails what is left
         self._death: BaseException | None = None  # what ended the previous thread
         self._thread = self._new_thread(recover=False)
-        self._stats: dict[str, dict[str, float]] = {}
+        self._stats: dict[str, ModelStats] = {}
         self._counters = dict.fromkeys(
             ("steps", "requests_submitted", "requests_finished", "step_errors", "isolated_requests", "restarts",
              "loop_errors"), 0)  # fmt: skip
@@ -162,7 +162,11 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """A snapshot: engine counters, `alive`, and each model's executor stats (refreshed every loop)."""
         engine: dict[str, Any] = {**self._counters, "alive": self.alive}
-        return {"engine": engine, "models": {k: dict(v) for k, v in self._stats.items()}}
+        return {"engine": engine, "models": {k: v.as_dict() for k, v in self._stats.items()}}
+
+    def model_stats(self) -> dict[str, ModelStats]:
+        """Each model's executor stats as of the last loop iteration."""
+        return dict(self._stats)
 
     # ---- engine thread: the loop -----------------------------------------------------------------
     def _new_thread(self, recover: bool) -> threading.Thread:

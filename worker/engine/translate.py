@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from itertools import groupby
-from typing import Any, Literal
+from typing import Literal
 
 from pagedq.shared.errors import DeadlineExceeded, InvalidRequest, ModelError, PagedqError, UnsupportedLanguagePair
 from pagedq.shared.models import TranslateRequest, TranslateResult
@@ -40,7 +40,7 @@ from pagedq.worker.engine._generation import (
     unknown_request_options,
     unsupported_options,
 )
-from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor
+from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
 from pagedq.worker.engine.seq2seq_engine import Seq2SeqEngine, Seq2SeqOutput
 from pagedq.worker.engine.seq2seq_generate import EncodedText, GenerateBatcher
 from pagedq.worker.engine.seq2seq_languages import Languages, resolve_languages
@@ -134,20 +134,21 @@ class Seq2SeqExecutor(ModelExecutor):
                 tokens, reason = split_output(row, self.loaded.model, encoded.key.max_new_tokens)
                 self._finish(request, encoded, tokens, reason)
 
-    def stats(self) -> dict[str, Any]:
-        """The `ModelExecutor` gauges, plus `path` ("paged" or "generate") and `path_reason` (strings)."""
+    def stats(self) -> ModelStats:
+        """The paged engine's gauges and both paths' counters, `path` ("paged" | "generate") and `path_reason`;
+        extra: requests that went to the `generate` fallback."""
         engine = self.engine.stats() if self.engine is not None else {}
-        waiting = len(self._new) + len(self.fallback) + engine.get("num_requests_waiting", 0)
-        return {
-            "num_requests_running": engine.get("num_requests_running", 0),
-            "num_requests_waiting": waiting,
-            "kv_cache_usage_perc": engine.get("kv_cache_usage_perc", 0.0),
-            "num_preemptions": engine.get("num_preemptions", 0),
-            "steps": engine.get("num_steps", 0) + self.fallback.steps,
-            **self._counters,
-            "path": "paged" if self.engine is not None else "generate",
-            "path_reason": self.path_reason,
-        }
+        return ModelStats(
+            num_requests_running=int(engine.get("num_requests_running", 0)),
+            num_requests_waiting=len(self._new) + len(self.fallback) + int(engine.get("num_requests_waiting", 0)),
+            num_requests_finished=self._counters["num_requests_finished"],
+            steps=int(engine.get("num_steps", 0)) + self.fallback.steps,
+            generated_tokens=self._counters["generated_tokens"],
+            kv_cache_usage_perc=float(engine.get("kv_cache_usage_perc", 0.0)),
+            num_preemptions=int(engine.get("num_preemptions", 0)),
+            path="paged" if self.engine is not None else "generate", path_reason=self.path_reason,
+            extra={"num_fallback_requests": self._counters["num_fallback_requests"]},
+        )
 
     def _drop_cancelled(self) -> None:
         """Requests whose future was completed elsewhere (e.g. cancelled by the caller) stop at once."""
