@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import redis
 
 from pagedq.shared.celery_config import QUEUES, make_celery
-from pagedq.shared.redis_server import LocalRedis, free_port, redis_server_binary
+from pagedq.shared.redis_server import LocalRedis, free_port
 from pagedq.shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,27 +31,6 @@ PROGRESS_EVERY_S = 10.0
 
 def quiet(message: str) -> None:
     """The default progress reporter: tests want no output."""
-
-
-class SessionRedis(LocalRedis):
-    """LocalRedis in its own session, so Ctrl-C in the terminal does not stop it before the workers."""
-
-    def start(self, timeout_s: float = 10.0) -> SessionRedis:
-        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-                "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-                "--maxmemory-policy", "noeviction", "--logfile", str(Path(self.dir) / "redis.log")]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        with redis.Redis(port=self.port, socket_timeout=1) as client:
-            while True:
-                try:
-                    client.ping()
-                    return self
-                except redis.ConnectionError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"redis-server did not start on port {self.port}") from None
-                    time.sleep(0.05)
 
 
 @dataclass
@@ -122,7 +100,7 @@ class Stack:
 
     def _start(self, flower: bool) -> Stack:
         if self.redis_url is None:
-            self.redis = SessionRedis(port=self.redis_port or None, appendonly=True).start()
+            self.redis = LocalRedis(port=self.redis_port or None, appendonly=True, new_session=True).start()
             self.redis_port, self.redis_url = self.redis.port, self.redis.url
             self.progress(f"Redis is up on port {self.redis_port}.")
         worker = self.start_worker()

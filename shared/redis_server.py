@@ -39,12 +39,14 @@ def redis_server_binary() -> str:
 
 
 class LocalRedis:
-    """A redis-server child process on 127.0.0.1:`port` with its data in a temp dir."""
+    """A redis-server child process on 127.0.0.1:`port` with its data in a temp dir. `new_session`: start it
+    in its own session, so a Ctrl-C in the terminal does not stop it before the processes that use it."""
 
-    def __init__(self, port: int | None = None, appendonly: bool = False) -> None:
+    def __init__(self, port: int | None = None, appendonly: bool = False, new_session: bool = False) -> None:
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="pagedq-redis-")
         self.appendonly = appendonly
+        self.new_session = new_session
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -55,7 +57,8 @@ class LocalRedis:
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no",
                 "--maxmemory-policy", "noeviction", "--logfile", str(Path(self.dir) / "redis.log")]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=self.new_session)
         client = redis.Redis(port=self.port, socket_timeout=1)
         deadline = time.monotonic() + timeout_s
         while True:

@@ -113,7 +113,7 @@ def test_the_worker_serves_the_good_model_and_says_why_the_others_are_refused(
 
     deadline = time.monotonic() + 5
     while len(runtime.engine.stats()["models"]) < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)  # the engine thread refreshes executor stats every loop iteration
+        time.sleep(0.02)  # the engine thread refreshes its stats snapshot every STATS_INTERVAL_S
 
     shown = EngineStep.info(None, SimpleNamespace(app=SimpleNamespace(pagedq_runtime=runtime)))
     info = shown["pagedq"]

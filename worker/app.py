@@ -90,7 +90,7 @@ def _model_line(state: str, stats: dict[str, Any]) -> str:
                        ("generated_tokens", "tokens generated"), ("num_preemptions", "preemptions")):
         if stats.get(key):
             parts.append(f"{stats[key]:,.0f} {label}")
-    if stats.get("kv_cache_usage_perc") or stats.get("path") in ("paged",):
+    if stats.get("path") == "paged":
         parts.append(f"KV cache {100 * float(stats['kv_cache_usage_perc']):.0f}% used")
     return "; ".join(parts)
 

@@ -42,6 +42,7 @@ from pagedq.worker.engine.isolation import Flight, Isolator
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05  # how long the loop blocks on the inbox when no executor has work
+STATS_INTERVAL_S = 0.05  # how often the loop refreshes the executors' stats snapshot (`stats()` reads it)
 STOP_GRACE_S = 10.0  # how long `stop` waits past the drain for a step in progress to return
 
 
@@ -94,6 +95,7 @@ class Engine:
         self._death: BaseException | None = None  # what ended the previous thread
         self._thread = self._new_thread(recover=False)
         self._stats: dict[str, ModelStats] = {}
+        self._stats_at = -math.inf  # time.monotonic() of the last snapshot
         self._counters = dict.fromkeys(
             ("steps", "requests_submitted", "requests_finished", "step_errors", "isolated_requests", "restarts",
              "loop_errors"), 0)  # fmt: skip
@@ -160,7 +162,8 @@ class Engine:
         self._inbox.put(("abort", (request_id, error or TaskCancelled("cancelled by the user"))))
 
     def stats(self) -> dict[str, Any]:
-        """A snapshot: engine counters, `alive`, and each model's executor stats (refreshed every loop)."""
+        """A snapshot: engine counters, `alive`, and each model's executor stats (refreshed by the loop every
+        `STATS_INTERVAL_S`)."""
         engine: dict[str, Any] = {**self._counters, "alive": self.alive}
         return {"engine": engine, "models": {k: v.as_dict() for k, v in self._stats.items()}}
 
@@ -253,8 +256,11 @@ class Engine:
         if len(self._deadlines) > 2 * len(self._flights) + 1024:  # finished flights' entries: drop them
             self._deadlines = [entry for entry in self._deadlines if not entry[2].done]
             heapq.heapify(self._deadlines)
-        for name, executor in self.executors.items():
-            self._stats[name] = executor.stats()
+        now = time.monotonic()
+        if now - self._stats_at >= STATS_INTERVAL_S:  # a snapshot for other threads, not every iteration's work
+            self._stats_at = now
+            for name, executor in self.executors.items():
+                self._stats[name] = executor.stats()
 
     # ---- engine thread: shutdown ---------------------------------------------------------------------
     def _shut_down(self) -> None:
