@@ -7,19 +7,29 @@ every word is one token, so lengths are exact). Systems, all in this process, ro
   pipeline batch_size=32         transformers `pipeline("text-classification", top_k=None)`: pads each batch
   pagedq packed                  ClassificationExecutor driven directly (add all, step until done), packed
   pagedq padded                  the same executor on its padded, length-bucketed fallback path
-and, reported separately, the pipeline and pagedq packed in bf16. Scores of every system are checked against
-the fp32 pipeline (max abs difference). The GEMM floor: FLOPs of the real tokens / measured GEMM rate.
+and, reported separately, the pipeline and pagedq packed in bf16. The peer users would pick instead, ONNX
+Runtime (bench/peers_ort.py: the same model exported in the run, sorted batches of 32 padded to their longest):
+  onnxruntime fp32 (optimized)   ORT_ENABLE_ALL, with or without ORT's BERT fusions (the faster, said which)
+  onnxruntime int8 dynamic       quantize_dynamic, QInt8 weights (the fastest graph/per-channel choice)
+  pagedq int8                    pagedq.worker.engine.quantization's int8, when that module exists
+(no onnxruntime installed: the ORT rows are skipped with a line saying so). Scores of every system are checked
+against the fp32 pipeline (max abs difference); ORT fp32 logits against transformers' forward (1e-4), ORT int8's
+against ORT fp32 (label agreement). "x peer": each row against the fastest ORT row. The GEMM floor: FLOPs of
+the real tokens / measured GEMM rate of the row's precision (int8: ORT's MatMulInteger or torch._int_mm).
 
 Run: `python bench/tasks.py --workload w3` (2,000 texts, 3 repeats), `--quick` (200 texts, 1 repeat).
 Plots texts/s per system with the ratio to the pipeline (W4: tokens/s, ratio to static batches; bench/plots.py)
 to bench/plots/w3.png and w4.png (`--plot`).
-Ends with one line of key=value pairs from every workload run, e.g. `w3_vs_pipeline=.. w3_padding_share=..`.
+Ends with one line of key=value pairs from every workload run, e.g. `w3_vs_pipeline=.. w3_padding_share=..
+w3_bf16_vs_fp32=.. w3_vs_ort_best=.. (the fastest pagedq row / the fastest ORT row) w3_fp32_vs_ort_fp32=..`.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
+import importlib.util
 import random
 import statistics
 import tempfile
@@ -31,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import peers_ort
 import plots
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer, pipeline
@@ -209,6 +220,10 @@ def w3(args: argparse.Namespace) -> dict[str, float]:
         pipeline_system(bf16, "bf16"),
         executor_system("pagedq packed bf16", loaded(bf16, torch.bfloat16), True, "bf16"),
     ]
+    int8_model, int8_note = pagedq_int8(fp32)
+    print(int8_note)
+    if int8_model is not None:
+        systems.append(executor_system(PAGEDQ_INT8, loaded(int8_model, torch.float32), True, "int8"))
     repeats = 1 if args.quick else args.repeats
     print(
         f"W3: {count} texts of {min(lengths)}..{max(lengths)} tokens (mean {np.mean(lengths):.0f}), BERT "
@@ -216,35 +231,136 @@ def w3(args: argparse.Namespace) -> dict[str, float]:
         f"budget {args.w3_budget} tokens / {args.w3_max_requests} requests, {torch.get_num_threads()} threads, "
         f"{repeats} repeat(s) after a warm-up on {args.warmup} texts; load average before: {load_average()}"
     )
+    peers = ort_peers(fp32, tokenizer, texts, lengths, args.threads)
+    systems += peers.systems
     measure(systems, texts, args.warmup, repeats)
     reference = systems[1].outputs
     floor_flops = sum(lengths) * w3_flops_per_token(fp32.config, float(np.mean(lengths)))
     rates = {"fp32": gemm_rate(torch.float32), "bf16": gemm_rate(torch.bfloat16)}
+    if any(s.group == "int8" for s in systems):
+        rates["int8"], int8_source = int8_gemm_rate(args.threads)
+        print(f"int8 GEMM rate: {int8_source}")
     print(table(systems, count, reference, floor_flops, rates))
+    for line in peers.checks():
+        print(line)
     print(f"packed: {stats['pagedq packed']['steps']:.0f} steps; load average after: {load_average()}")
     note = f"{'--quick: ' if args.quick else ''}{count} texts, BERT {args.w3_layers} x 768, {repeats} timed run(s)"
     print(plot_w3(systems, count, plots.path_for(args.plot, "w3"), note))
     by_name = {s.name: s for s in systems}
-    ours, pipe, bf16_ours = by_name["pagedq packed"], by_name["pipeline batch_size=32 fp32"], systems[-1]
-    return {
+    ours, pipe, bf16_ours = by_name["pagedq packed"], by_name["pipeline batch_size=32 fp32"], by_name[PAGEDQ_BF16]
+    summary = {
         "w3_vs_pipeline": pipe.median / ours.median,
         "w3_vs_pipeline_cpu": pipe.median_cpu / ours.median_cpu,
         "w3_vs_one_by_one": systems[0].median / ours.median,
         "w3_padding_share": ours.padding_share(),
         "w3_bf16_vs_fp32": ours.median / bf16_ours.median,
     }
+    best_peer = best_ort(systems)
+    if best_peer is not None:
+        best_ours = min((s for s in systems if s.name.startswith("pagedq")), key=lambda s: s.median)
+        print(f"best pagedq row: {best_ours.name}; best ONNX Runtime row: {best_peer.name}")
+        summary["w3_vs_ort_best"] = best_peer.median / best_ours.median
+        summary["w3_fp32_vs_ort_fp32"] = by_name[ORT_FP32].median / ours.median
+    return summary
+
+
+# ---- W3 peers: ONNX Runtime (bench/peers_ort.py) and pagedq's own int8 ---------------------------------------
+ORT_FP32, ORT_INT8 = "onnxruntime fp32 (optimized)", "onnxruntime int8 dynamic"
+PAGEDQ_BF16, PAGEDQ_INT8 = "pagedq packed bf16", "pagedq int8"
+ORT_CHECK_TEXTS = 96  # texts whose ORT fp32 logits are compared with transformers' forward (3 batches of 32)
+ORT_TOLERANCE = 1e-4  # |logit| difference allowed between ORT fp32 and transformers' fp32 forward
+
+
+@dataclass
+class OrtPeers:
+    """The ONNX Runtime rows of the W3 table, and the accuracy lines printed under it."""
+
+    systems: list[System]
+    checks: Callable[[], list[str]]
+
+
+def ort_peers(model: Any, tokenizer: Any, texts: list[str], lengths: list[int], threads: int) -> OrtPeers:
+    """Export `model` to ONNX and build the fp32 and int8 sessions (bench/peers_ort.py); none without ORT."""
+    skipped = peers_ort.missing()
+    if skipped:
+        print(skipped)
+        return OrtPeers([], lambda: [])
+    with tempfile.TemporaryDirectory() as tmp:  # the sessions hold the graphs in memory once made
+        peers = peers_ort.build(model, tokenizer, Path(tmp), threads, texts[:64])
+    logits: dict[str, np.ndarray] = {}
+    share = peers_ort.padding_share(lengths)
+
+    def system(name: str, classifier: peers_ort.OrtClassifier, group: str) -> System:
+        def run(inputs: list[str]) -> np.ndarray:
+            logits[name] = classifier.logits(inputs)
+            return torch.softmax(torch.from_numpy(logits[name]), -1).numpy()
+
+        return System(name, run, lambda: share, group)
+
+    def checks() -> list[str]:
+        sample = texts[:ORT_CHECK_TEXTS]
+        fp32 = peers_ort.agreement(peers.fp32.logits(sample), peers_ort.transformers_logits(model, tokenizer, sample))
+        verdict = "within" if fp32.max_abs <= ORT_TOLERANCE else "EXCEEDS"
+        int8 = peers_ort.agreement(logits[ORT_INT8], logits[ORT_FP32])
+        return [
+            fp32.line(f"{ORT_FP32} vs transformers' forward (same padded batches)")
+            + f"; {verdict} the tolerance {ORT_TOLERANCE:.0e}",
+            int8.line(f"{ORT_INT8} vs {ORT_FP32}"),
+        ]
+
+    return OrtPeers([system(ORT_FP32, peers.fp32, "fp32"), system(ORT_INT8, peers.int8, "int8")], checks)
+
+
+def best_ort(systems: list[System]) -> System | None:
+    peers = [s for s in systems if s.name.startswith("onnxruntime")]
+    return min(peers, key=lambda s: s.median) if peers else None
+
+
+def pagedq_int8(model: Any) -> tuple[Any | None, str]:
+    """A copy of `model` with its linear layers quantized by pagedq.worker.engine.quantization, when it exists."""
+    name = "pagedq.worker.engine.quantization"
+    if importlib.util.find_spec(name) is None:
+        return None, f"pagedq int8 skipped: {name} is not there"
+    quantize = importlib.import_module(name).quantize_linear_layers
+    int8 = copy.deepcopy(model)
+    quantize(int8)
+    return int8, f"pagedq int8: the fp32 model's linear layers quantized by {name}"
+
+
+def int8_gemm_rate(threads: int) -> tuple[float, str]:
+    """The faster int8 GEMM here (ONNX Runtime's MatMulInteger, torch._int_mm): op/s and a line naming both."""
+    measured: dict[str, float] = {}
+    if not peers_ort.missing():
+        measured["ORT MatMulInteger"] = peers_ort.int8_gemm_rate(threads)
+    try:
+        a = torch.randint(-128, 127, (4096, 768), dtype=torch.int8)
+        b = torch.randint(-128, 127, (768, 3072), dtype=torch.int8)
+        times = []
+        for _ in range(6):
+            start = time.perf_counter()
+            torch._int_mm(a, b)
+            times.append(time.perf_counter() - start)
+        measured["torch._int_mm"] = 2 * 4096 * 768 * 3072 / statistics.median(times[1:])
+    except RuntimeError:
+        pass
+    line = ", ".join(f"{name} {rate / 1e9:.0f} Gop/s" for name, rate in measured.items())
+    return max(measured.values()), f"{line}; the floor uses the faster"
 
 
 def plot_w3(systems: list[System], count: int, path: Path, note: str) -> str:
-    """texts/s per system, fp32 and bf16 side by side, each as ratios to its own group's pipeline."""
+    """texts/s per system, one panel per precision (fp32 | bf16 | int8), each as ratios to its group's pipeline
+    (int8, which has none: to ONNX Runtime's int8)."""
     panels = []
-    for group in ("fp32", "bf16"):
+    for group in groups(systems):
         members = [s for s in systems if s.group == group]
-        pipe = next(s.name for s in members if s.name.startswith("pipeline"))
-        panels.append(
-            plots.Panel(f"{group}; ratio: to the {group} pipeline", [(s.name, count / s.median) for s in members], pipe)
-        )
+        base = next((s.name for s in members if s.name.startswith("pipeline")), ORT_INT8)
+        base = base if base in {s.name for s in members} else members[0].name
+        panels.append(plots.Panel(f"{group}; ratio: to {base}", [(s.name, count / s.median) for s in members], base))
     return plots.rates(path, "W3: classification, random-weight BERT", "texts/s", panels, note)
+
+
+def groups(systems: list[System]) -> list[str]:
+    return [g for g in ("fp32", "bf16", "int8") if any(s.group == g for s in systems)]
 
 
 def padding_share_of_batches(lengths: list[int], batch_size: int) -> float:
@@ -257,26 +373,31 @@ def padding_share_of_batches(lengths: list[int], batch_size: int) -> float:
 
 def table(systems: list[System], count: int, reference: np.ndarray, flops: float, rates: dict[str, float]) -> str:
     lines = [
-        f"{'system':<28} {'texts/s':>8} {'vs 1-by-1':>9} {'vs pipe':>8} {'(cpu)':>6} {'padding':>8} {'floor':>6} "
-        f"{'max|diff|':>10}",
+        f"{'system':<30} {'texts/s':>8} {'vs 1-by-1':>9} {'vs pipe':>8} {'(cpu)':>6} {'x peer':>7} {'padding':>8} "
+        f"{'floor':>6} {'max|diff|':>10}",
     ]
-    for group in ("fp32", "bf16"):
+    peer = best_ort(systems)
+    fp32_pipe = next(s for s in systems if s.name.startswith("pipeline") and s.group == "fp32")
+    for group in groups(systems):
         members = [s for s in systems if s.group == group]
         one_by_one = next((s for s in members if s.name.startswith("one forward")), systems[0])
-        pipe = next(s for s in members if s.name.startswith("pipeline"))
-        lines.append(f"-- {group} (GEMM {rates[group] / 1e9:.0f} GFLOP/s measured now)")
+        pipe = next((s for s in members if s.name.startswith("pipeline")), fp32_pipe)
+        unit = "Gop/s" if group == "int8" else "GFLOP/s"
+        lines.append(f"-- {group} (GEMM {rates[group] / 1e9:.0f} {unit} measured now; vs pipe: to {pipe.name})")
         for s in members:
             floor = flops / rates[group] / s.median  # share of the GEMM floor reached
             diff = float(np.abs(s.outputs - reference).max())
+            x_peer = f"{peer.median / s.median:>6.2f}x" if peer else f"{'-':>7}"
             lines.append(
-                f"{s.name:<28} {count / s.median:>8.2f} {one_by_one.median / s.median:>8.2f}x "
-                f"{pipe.median / s.median:>7.2f}x {pipe.median_cpu / s.median_cpu:>5.2f}x {s.padding_share():>8.1%} "
-                f"{floor:>6.0%} {diff:>10.1e}"
+                f"{s.name:<30} {count / s.median:>8.2f} {one_by_one.median / s.median:>8.2f}x "
+                f"{pipe.median / s.median:>7.2f}x {pipe.median_cpu / s.median_cpu:>5.2f}x {x_peer} "
+                f"{s.padding_share():>8.1%} {floor:>6.0%} {diff:>10.1e}"
             )
     lines.append(
         "(vs: wall-time ratios, 1-by-1 = the fp32 one-forward-per-text run; (cpu): the same ratio to the pipeline in "
-        "process CPU time, less skewed by a shared machine's load; padding: share of the token rows through the "
-        "linear layers that were padding; floor: FLOPs of the real tokens / GEMM rate measured in this run, as a "
+        "process CPU time, less skewed by a shared machine's load; x peer: the best ONNX Runtime row's time / this "
+        "row's (above 1: faster than it); padding: share of the token rows through the linear layers that were "
+        "padding; floor: FLOPs of the real tokens / GEMM rate of the row's precision measured in this run, as a "
         "share of the wall time; max|diff|: scores vs the fp32 pipeline)"
     )
     return "\n".join(lines)
