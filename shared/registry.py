@@ -18,6 +18,7 @@ languages = ["en-de"]      # source-target pairs this model serves
 [models.squad]
 task = "qa"
 source = "./models/tiny-squad"   # relative paths are relative to this file
+dtype = "int8"                   # auto | float32 | bfloat16 | float16 | int8 (CPU: int8 linear layers)
 ```
 
 The API uses the registry to reject unknown models and unsupported language pairs before anything is
@@ -57,7 +58,14 @@ class ModelSpec(BaseModel):
     source: str = Field(description="Hugging Face hub id, or a local directory saved with save_pretrained.")
     architecture: Architecture | None = Field(None, description="Model class; default from the task.")
     mode: Literal["extractive", "generative"] | None = Field(None, description="QA only.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = Field(
+        "auto",
+        description=(
+            "Weights and compute: auto (fp32 on CPU, bf16/fp16 on CUDA), float32, bfloat16, float16, or int8: "
+            "CPU only, fp32 weights quantized at load to int8 linear layers (per-channel weights, per-token "
+            "activations; pagedq.worker.engine.quantization), activations between layers fp32."
+        ),
+    )
     device: str | None = Field(None, description="Overrides PAGEDQ_DEVICE for this model.")
     revision: str | None = None
     languages: list[str] = Field(default_factory=list, description="Translation: 'src-tgt' pairs served.")
@@ -72,6 +80,8 @@ class ModelSpec(BaseModel):
             self.architecture = _DEFAULT_ARCH[key]
         if self.task is TaskType.QA and self.mode is None:
             self.mode = "generative" if self.architecture in ("causal-lm", "seq2seq") else "extractive"
+        if self.dtype == "int8" and self.device is not None and not self.device.startswith("cpu"):
+            raise ValueError(f"dtype 'int8' runs on CPU only, not on device {self.device!r} (use bfloat16 there)")
         for pair in self.languages:
             if pair.count("-") != 1 or not all(pair.split("-")):
                 raise ValueError(f"language pair {pair!r} must look like 'en-de'")

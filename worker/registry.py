@@ -3,6 +3,10 @@
 Called after the worker process has started (the threads pool never forks, so CUDA is safe to use).
 A model entry's `source` is a hub id or a local directory saved with `save_pretrained`; both go through
 `from_pretrained`, so real hub ids work wherever a network or a local cache exists.
+
+`dtype = "int8"` (CPU only; refused on CUDA at load): the model loads in fp32, then its linear layers are
+quantized in place (`pagedq.worker.engine.quantization.quantize_int8`); `LoadedModel.dtype` is float32, the
+dtype of the activations every engine path computes in.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from transformers import (
 
 from pagedq.shared.registry import ModelSpec, Registry
 from pagedq.worker.engine.executor import LoadedModel
+from pagedq.worker.engine.quantization import check_device, quantization_summary, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,11 @@ def resolve_device(requested: str | None) -> torch.device:
 
 
 def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
-    """`auto`: fp32 on CPU (exact scores), bf16 on CUDA when the card supports it."""
+    """The dtype of the weights as loaded and of the activations: `auto` is fp32 on CPU (exact scores), bf16
+    on CUDA when the card supports it; `int8` is fp32 (its linear layers are quantized after loading)."""
+    if spec.dtype == "int8":
+        check_device(device)
+        return torch.float32
     if spec.dtype != "auto":
         return DTYPES[spec.dtype]
     if device.type == "cuda":
@@ -61,6 +70,9 @@ def load_model(spec: ModelSpec, registry: Registry, device: str | None = None) -
     tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision)
     model = AUTO_CLASSES[spec.architecture].from_pretrained(source, revision=spec.revision, dtype=dtype)
     model.to(target).eval()
-    log.info("loaded %s (%s, %s) on %s as %s in %.1fs", spec.name, spec.architecture, source, target, dtype,
-             time.perf_counter() - started)
+    if spec.dtype == "int8":
+        quantize_int8(model)
+    summary = quantization_summary(model)
+    log.info("loaded %s (%s, %s) on %s as %s in %.1fs%s", spec.name, spec.architecture, source, target, dtype,
+             time.perf_counter() - started, f"; {summary.describe()}" if summary else "")
     return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, device=target, dtype=dtype)

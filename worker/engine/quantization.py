@@ -4,34 +4,44 @@
 
     weight      int8 [out, in], symmetric per output channel: w ~= weight * weight_scale[out]
     activation  quantized on every call, symmetric per row (token): x ~= q * s[row], s = max|x[row]| / 127
-    product     q @ weight^T in int32 (torch._int_mm: oneDNN's VNNI / AMX-int8 kernels), then
-                y = acc * weight_scale * s + bias in fp32
+    product     q @ weight^T in int32, times weight_scale, in oneDNN's int8 GEMM (VNNI / AMX-int8;
+                `torch.ops.onednn.qlinear_pointwise`, the op inductor's x86 int8 path calls, on a weight
+                pre-packed once), then y = that * s[row] + bias in fp32
 
 Per-row (not per-tensor) activation scales make a row's result independent of the other rows of the batch:
 a request gets the same output alone, padded, packed or batched with others, which the engine's load-time
 self-checks (packed / paged forward against the model's own forward of one input) rely on; per-tensor
 dynamic quantization (torch.ao's `quantize_dynamic`) changes every row with the batch's largest value.
 
-Where `torch._int_mm` has no fast kernel (it needs AVX512-VNNI; AVX2-only CPUs get a naive loop, ~1000x
-slower), the same arithmetic runs as an fp32 GEMM over the int8 values (`emulated`: the integer products and
-their sums are exact in fp32 for in_features <= 1040, so results equal the int8 kernel's; above that they
-differ by fp32 rounding, ~1e-7 relative). That path has fp32 speed and keeps an fp32 copy of the int8 weights:
-it exists so an int8 registry entry still serves there, not to be fast.
+Kernel (`int8_kernel()`, decided once per process): oneDNN's where the CPU has VNNI (avx512_vnni, avx_vnni or
+amx_int8) and a probe of worst-case operands comes out exact (without VNNI, oneDNN sums u8 x s8 pairs in
+saturating int16). Elsewhere (AVX2-only CPUs, or `emulated_int8()` in tests) the same arithmetic runs as an
+fp32 GEMM over the int8 values: the integer products and their sums are exact in fp32 for in_features <=
+1040, so results equal the int8 kernel's bit for bit (above that they differ by fp32 rounding, ~1e-7
+relative). That path has fp32 speed and an fp32 copy of the int8 weights: it exists so that an int8 registry
+entry serves everywhere, not to be fast there. The pre-packed weight (oneDNN kernel) is a second int8 copy:
+an int8 model holds 2 bytes per quantized weight, against fp32's 4 (8 with cpu_linear's packed copy).
 
-Which layers: every `nn.Linear` (and transformers' GPT-2-style `Conv1D`) of the model's base model, except
+Which layers: every `nn.Linear` (and transformers' GPT-2-style `Conv1D`) of the model, except
   - the task head outside the base model (classifier, QA span head: a few columns, no speed to gain) and a
     pooler (one row per input);
   - the cross-attention key/value projections of an encoder-decoder's decoder: the paged seq2seq engine
     absorbs their weights into its attention (seq2seq_attention.py), so they stay fp32 in both the engine and
     the model's own forward;
-  - the LM head (output embeddings) unless `lm_head=True` (the default: quantized; see `DEFAULT_LM_HEAD`).
-Embeddings and norms stay fp32; activations between layers stay fp32. CPU only: `check_device` refuses others.
+  - the LM head (output embeddings) if `lm_head=False` (default True: see `DEFAULT_LM_HEAD`).
+Embeddings and norms stay fp32; activations between layers stay fp32. `Int8Linear` is not an `nn.Linear`, so
+cpu_linear's pre-packing (fp32 / bf16 oneDNN) leaves it alone and packs only the layers kept fp32.
+CPU only: `check_device` refuses other devices.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,36 +52,94 @@ log = logging.getLogger(__name__)
 
 #: attribute set on a quantized model (its `QuantizationSummary`)
 SUMMARY_ATTR = "pagedq_quantization"
-#: quantize the LM head of generative models (measured: see tests/test_int8.py and the report)
+#: quantize the LM head of generative models (measured in scripts/int8_speed.py: see its docstring)
 DEFAULT_LM_HEAD = True
 #: in_features up to which fp32 sums of int8 products are exact (1040 x 127 x 127 < 2**24)
 EXACT_FP32_IN_FEATURES = 1040
+ONEDNN, EMULATED = "onednn-int8", "emulated-fp32"
 _EPS = 1e-12  # scale floor: an all-zero row quantizes to zeros
+_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+_forced_emulation = False
 
 
-def _int8_kernel_available() -> bool:
-    """True where `torch._int_mm` runs oneDNN's int8 kernel on CPU: AVX512-VNNI (AMX-int8 CPUs have it)."""
+def _cpu_has_vnni() -> bool:
     try:
-        vnni = bool(torch.cpu._is_vnni_supported())  # torch's own gate for _int_mm (avx512_vnni)
+        if torch.cpu._is_vnni_supported():  # avx512_vnni
+            return True
     except (AttributeError, RuntimeError):
-        vnni = False
-    return vnni and torch.backends.mkldnn.is_available()
+        pass
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return any(flag in flags for flag in _VNNI_FLAGS)
 
 
-INT8_KERNEL = _int8_kernel_available()
+def _onednn_ops_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and all(
+            hasattr(torch.ops.onednn, op) for op in ("qlinear_prepack", "qlinear_pointwise")
+        )
+    except RuntimeError:  # an op namespace torch was built without
+        return False
 
 
-def int8_kernel_active() -> bool:
-    """The fast int8 kernel runs now (the CPU has it and oneDNN is not turned off by `torch.backends.mkldnn`)."""
-    return INT8_KERNEL and torch._C._get_mkldnn_enabled()
+def _onednn_linear(q: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(q int8 [M, in] @ weight^T) * scale[out] -> fp32 [M, out], through oneDNN."""
+    zero = torch.zeros(scale.shape[0], dtype=torch.long)
+    return torch.ops.onednn.qlinear_pointwise(
+        q, 1.0, 0, packed, scale, zero, None, 1.0, 0, torch.float32, "none", [], ""
+    )  # fmt: skip
+
+
+@cache
+def _probe_onednn() -> bool:
+    """oneDNN's int8 GEMM gives the exact integer products on operands that saturate an int16 pair sum."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randint(-127, 128, (5, 96), dtype=torch.int8, generator=g)
+        w = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=g)
+        q[0], q[1], w[0], w[1] = 127, -127, 127, -127  # 127 * 127 pairs: 32258 each, past int16 in u8 form
+        got = _onednn_linear(q, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(40))
+        return torch.equal(got, (q.long() @ w.long().t()).float())
+    except Exception:  # noqa: BLE001 - any failure means: emulate
+        log.warning("oneDNN int8 probe failed; int8 layers run emulated in fp32", exc_info=True)
+        return False
+
+
+@cache
+def _native_kernel() -> bool:
+    return _cpu_has_vnni() and _onednn_ops_available() and _probe_onednn()
+
+
+def int8_kernel() -> str:
+    """`ONEDNN` where the int8 GEMM runs natively, else `EMULATED` (module docstring)."""
+    return ONEDNN if _native_kernel() and not _forced_emulation else EMULATED
+
+
+@contextmanager
+def emulated_int8() -> Iterator[None]:
+    """Run every `Int8Linear` through the fp32 emulation while the block runs (tests, measurements)."""
+    global _forced_emulation
+    before, _forced_emulation = _forced_emulation, True
+    try:
+        yield
+    finally:
+        _forced_emulation = before
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 [out, in] -> (int8 [out, in], fp32 scale [out]), symmetric per output channel."""
-    w = weight.detach().float()
+    w = weight.detach().float().contiguous()
     scale = w.abs().amax(dim=1).clamp(min=_EPS) / 127.0
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 [M, in] -> (int8-valued fp32 [M, in], scale [M]): x ~= q * scale[:, None], per row symmetric."""
+    scale = x.abs().amax(dim=1).clamp_(min=_EPS).div_(127.0)
+    return torch.round(x / scale[:, None]), scale  # |q| <= 127: the row's largest value maps to +-127
 
 
 class Int8Linear(nn.Module):
@@ -83,6 +151,7 @@ class Int8Linear(nn.Module):
 
     weight: torch.Tensor
     weight_scale: torch.Tensor
+    _cached: tuple[tuple[Any, ...], torch.Tensor] | None = None  # (key, packed or fp32 weight), rebuilt on use
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -91,7 +160,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", q)
         self.register_buffer("weight_scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-        self._emulated: torch.Tensor | None = None  # fp32 copy of `weight` for the emulated path, built on use
+        if int8_kernel() == ONEDNN and q.device.type == "cpu":
+            self._prepared(ONEDNN)  # packed at load, not on the first request
 
     @classmethod
     def from_float(cls, module: nn.Module) -> Int8Linear:
@@ -102,8 +172,9 @@ class Int8Linear(nn.Module):
         return cls(weight, module.bias)
 
     def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the packed weight behind (an opaque oneDNN tensor); it is rebuilt on use."""
         state = super().__getstate__()
-        state["_emulated"] = None
+        state.pop("_cached", None)
         return state
 
     def extra_repr(self) -> str:
@@ -114,23 +185,30 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if rows.dtype != torch.float32:
             rows = rows.float()
-        scale = rows.abs().amax(dim=1, keepdim=True).clamp_(min=_EPS).div_(127.0)  # [M, 1]
-        q = torch.round(rows / scale)  # |q| <= 127: the row's largest value maps to +-127
-        if x.device.type == "cpu" and int8_kernel_active():
-            acc = torch._int_mm(q.to(torch.int8), self.weight.t())  # int32 [M, out]
+        q, scale = quantize_rows(rows)
+        kernel = int8_kernel() if x.device.type == "cpu" else EMULATED
+        if kernel == ONEDNN:
+            y = _onednn_linear(q.to(torch.int8).contiguous(), self._prepared(kernel), self.weight_scale)
         else:
-            acc = F.linear(q, self._fp32_weight())  # the same integers, summed in fp32
-        y = acc * self.weight_scale  # -> fp32
-        y.mul_(scale)
+            y = F.linear(q, self._prepared(kernel)).mul_(self.weight_scale)  # the same integers, summed in fp32
+        y.t().mul_(scale)  # through the transpose: a broadcast along rows is several times slower
         if self.bias is not None:
             y.add_(self.bias)
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
-    def _fp32_weight(self) -> torch.Tensor:
+    def _prepared(self, kernel: str) -> torch.Tensor:
+        """The weight as `kernel` takes it: oneDNN's packed int8 copy, or an fp32 copy of the int8 values."""
         w = self.weight
-        if self._emulated is None or self._emulated.device != w.device:
-            self._emulated = w.to(torch.float32)
-        return self._emulated
+        try:
+            version = w._version
+        except RuntimeError:  # inference tensors have no version counter
+            version = -1
+        key = (kernel, w.data_ptr(), w.device, version)
+        if self._cached is None or self._cached[0] != key:
+            with torch.no_grad():
+                ready = torch.ops.onednn.qlinear_prepack(w, None) if kernel == ONEDNN else w.to(torch.float32)
+            self._cached = (key, ready)
+        return self._cached[1]
 
 
 @dataclass(frozen=True)
@@ -230,7 +308,7 @@ def quantize_int8(model: nn.Module, *, lm_head: bool = DEFAULT_LM_HEAD) -> nn.Mo
         kept=kept,
         int8_params=int8_params + (previous.int8_params if previous else 0),
         fp32_params=kept_params,
-        kernel="onednn-int8" if int8_kernel_active() else "emulated-fp32",
+        kernel=int8_kernel(),
         lm_head=isinstance(head, Int8Linear),
     )
     setattr(model, SUMMARY_ATTR, summary)
