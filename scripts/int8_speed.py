@@ -8,12 +8,13 @@ Shapes (the benchmarks' models, random weights, seeded):
             --context-token KV cache (transformers' own forward with a DynamicCache, cropped back after each step)
   marian    the W4 Marian 512 (6+6 x 512, FFN 2048, vocab 58101): one encoder pass of --rows sentences of
             --source-len tokens, and one decoder step of --rows rows
-Variants: fp32 and bf16 with their linear weights pre-packed for oneDNN (as the engine runs them;
-worker/engine/cpu_linear.py), int8 (`quantize_int8`: W8A8 per-token activations, LM head int8) and int8 with
-the LM head fp32 (pre-packed). Timings: the median of --repeats rounds, variants interleaved in each round (the
-machine's load hits them alike); compare ratios. Agreement with fp32: classification label agreement and max
-|logit difference|; the LMs: teacher-forced greedy agreement along fp32's greedy continuation (share of positions
-whose argmax equals fp32's), free-running sequences equal to fp32's, max |logit difference| / max |logit|.
+Variants: fp32 and bf16 with their linear weights pre-packed for oneDNN, as the engine runs them
+(worker/engine/cpu_linear.py; glibc malloc keeps freed memory, host_memory.py); int8 (`quantize_int8`:
+W8A8, per-token activations, LM head int8); int8 with the LM head fp32 (pre-packed).
+Timings: the median of --repeats rounds, variants interleaved in each round (the machine's load hits them
+alike); compare ratios. Agreement with fp32: classification label agreement and max |logit difference|; the
+LMs: teacher-forced greedy agreement along fp32's greedy continuation (share of positions whose argmax equals
+fp32's), free-running sequences equal to fp32's, max |logit difference| / max |logit|.
 Prints a table and a last `key=value` line.
 """
 
@@ -39,6 +40,7 @@ from transformers import (
 )
 
 from pagedq.worker.engine.cpu_linear import prepack_linears
+from pagedq.worker.engine.host_memory import keep_freed_memory
 from pagedq.worker.engine.quantization import int8_kernel, quantize_int8
 
 SEED = 1234
@@ -183,6 +185,7 @@ def main() -> None:
     p.add_argument("--only", choices=("bert", "llama", "marian"), action="append")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as every engine does (worker/engine/host_memory.py)
     repeats = args.repeats or (5 if args.quick else 15)
     bert_batch = args.bert_batch or (4 if args.quick else 8)
     prompts_n = 4 if args.quick else 16

@@ -138,8 +138,8 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 [M, in] -> (int8-valued fp32 [M, in], scale [M]): x ~= q * scale[:, None], per row symmetric."""
-    scale = x.abs().amax(dim=1).clamp_(min=_EPS).div_(127.0)
-    return torch.round(x / scale[:, None]), scale  # |q| <= 127: the row's largest value maps to +-127
+    scale = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_()).clamp_(min=_EPS).div_(127.0)  # no |x| copy
+    return x.div(scale[:, None]).round_(), scale  # |q| <= 127: the row's largest value maps to +-127
 
 
 class Int8Linear(nn.Module):
