@@ -15,12 +15,12 @@ dynamic quantization (torch.ao's `quantize_dynamic`) changes every row with the 
 
 Kernel (`int8_kernel()`, decided once per process): oneDNN's where the CPU has VNNI (avx512_vnni, avx_vnni or
 amx_int8) and a probe of worst-case operands comes out exact (without VNNI, oneDNN sums u8 x s8 pairs in
-saturating int16). Elsewhere (AVX2-only CPUs, or `emulated_int8()` in tests) the same arithmetic runs as an
-fp32 GEMM over the int8 values: the integer products and their sums are exact in fp32 for in_features <=
-1040, so results equal the int8 kernel's bit for bit (above that they differ by fp32 rounding, ~1e-7
-relative). That path has fp32 speed and an fp32 copy of the int8 weights: it exists so that an int8 registry
-entry serves everywhere, not to be fast there. The pre-packed weight (oneDNN kernel) is a second int8 copy:
-an int8 model holds 2 bytes per quantized weight, against fp32's 4 (8 with cpu_linear's packed copy).
+saturating int16). Elsewhere (AVX2-only CPUs; `PAGEDQ_INT8_KERNEL=emulated`; `emulated_int8()` in tests) the
+same arithmetic runs as an fp32 GEMM over the int8 values: the integer products and their sums are exact in
+fp32 for in_features <= 1040, so results equal the int8 kernel's bit for bit (above that they differ by fp32
+rounding, ~1e-7 relative). That path has fp32 speed and an fp32 copy of the int8 weights: it exists so that an
+int8 registry entry serves everywhere, not to be fast there. The pre-packed weight (oneDNN kernel) is a second
+int8 copy: an int8 model holds 2 bytes per quantized weight, against fp32's 4 (8 with cpu_linear's packed copy).
 
 Which layers: every `nn.Linear` (and transformers' GPT-2-style `Conv1D`) of the model, except
   - the task head outside the base model (classifier, QA span head: a few columns, no speed to gain) and a
@@ -37,6 +37,7 @@ CPU only: `check_device` refuses other devices.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -109,6 +110,8 @@ def _probe_onednn() -> bool:
 
 @cache
 def _native_kernel() -> bool:
+    if os.environ.get("PAGEDQ_INT8_KERNEL", "auto") == "emulated":  # e.g. to test the AVX2 path on a VNNI CPU
+        return False
     return _cpu_has_vnni() and _onednn_ops_available() and _probe_onednn()
 
 
