@@ -20,7 +20,7 @@ Without onnxruntime/onnx (the `bench` extra) `missing()` returns the line the be
 from __future__ import annotations
 
 import copy
-import importlib.util
+import importlib
 import logging
 import statistics
 import time
@@ -41,8 +41,11 @@ BATCH_SIZE = 32  # ONNX Runtime's BERT examples and the pipeline baseline use 32
 
 def missing() -> str | None:
     """None when ONNX Runtime and onnx import, else the line saying the peers are skipped."""
-    if any(importlib.util.find_spec(name) is None for name in ("onnxruntime", "onnx")):
-        return SKIPPED
+    for name in ("onnxruntime", "onnx"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return SKIPPED
     return None
 
 
