@@ -4,13 +4,24 @@ W1: random 56M-param Llama (hidden 512, 8 layers, 8 heads / 4 KV heads, vocab 32
 (seed 1234) with prompts of 16..256 tokens and 16..128 new tokens, greedy, EOS ignored. Systems, all in this
 process: one `generate` per request; static batches of 16 (left padding); transformers' continuous batching
 (`continuous_batching_context_manager` + per-request `max_new_tokens`, `num_blocks`/`max_batch_tokens` set);
-pagedq fp32; pagedq bf16. Greedy outputs of pagedq fp32 (and HF CB) are checked against `generate`.
+pagedq fp32; pagedq bf16; pagedq int8 (pagedq.worker.engine.quantization, when present). Greedy outputs of
+pagedq fp32 (and HF CB) are checked against `generate`.
+Peers (bench/peers_ct2.py): CTranslate2 `Generator` fp32 and int8 on the same model converted in the run.
+CT2 has no continuous batching and no per-request length in a batch: it gets the output lengths in advance
+(generous to it): requests sorted by prompt length, cut into chunks (the fastest of a few chunk sizes, tried
+on the int8 model, or `--ct2-batching`), each chunk decoded to its longest target with min_length = max_length
+(EOS never stops it), each request keeping only its own tokens (only those are counted). CT2 fp32 greedy is
+checked against `generate` token for token, int8 against CT2 fp32. "x best peer": a row's tok/s over the
+faster CT2 row's. "GEMM floor": the run's model FLOPs (every prompt and fed token through every layer, the LM
+head on generated tokens, attention over each token's context) at the GEMM rate of the row's precision
+measured in the run, as a share of the measured time.
 W2: 4 contexts of ~1000 tokens x 32 questions of ~30 tokens, 32-token answers; pagedq with prefix caching
 on vs off; hit rate against the best possible (every full context block after each context's first request).
 
 Run: `python bench/engine.py` (full), `python bench/engine.py --quick` (a smoke run of a few minutes less).
 Plots tok/s per system with the ratio to the baseline (bench/plots.py) to bench/plots/w1.png and w2.png (`--plot`).
-Ends with one line: w1_vs_hf_cb=.. w1_vs_sequential=.. w1_bf16_vs_fp32=.. w2_prefix_speedup=.. w2_hit_rate=..
+Ends with one line: w1_vs_hf_cb=.. w1_vs_sequential=.. w1_bf16_vs_fp32=.. w1_vs_ct2_best=.. w1_fp32_vs_ct2_fp32=..
+w2_prefix_speedup=.. w2_hit_rate=..
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import peers_ct2
 import plots
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -143,6 +155,7 @@ class System:
     warm: Callable[[], Any]
     rounds: int
     engine: LLMEngine | None = None
+    key: str = ""  # the results' key ("fp32", "ct2_int8", ...)
 
 
 def pagedq_system(name: str, model: Any, reqs: list, rounds: int, num_blocks: int, caching: bool = True) -> System:
@@ -153,7 +166,7 @@ def pagedq_system(name: str, model: Any, reqs: list, rounds: int, num_blocks: in
         engine.kv.pool.reset_prefix_cache()  # every timed run starts cold
         return run_pagedq(engine, reqs)
 
-    return System(name, run, lambda: run_pagedq(engine, reqs[:4]), rounds, engine)
+    return System(name, run, lambda: run_pagedq(engine, reqs[:4]), rounds, engine, name.removeprefix("pagedq "))
 
 
 def measure(systems: list[System], tokens: int) -> dict[str, Result]:
@@ -205,18 +218,79 @@ def w1(args: argparse.Namespace, model: Any) -> dict[str, Result]:
         blocks = len(reqs) * 2 + 8  # page_size 256: at most 384 tokens per request
         n, tok = args.baseline_repeats, args.hf_batch_tokens
         systems += [
-            System("sequential generate", lambda: run_sequential(ref, reqs), lambda: run_sequential(ref, warm), n),
-            System("static batches of 16", lambda: run_static(ref, reqs), lambda: run_static(ref, warm), n),
+            System("sequential generate", lambda: run_sequential(ref, reqs), lambda: run_sequential(ref, warm), n,
+                   key="sequential"),
+            System("static batches of 16", lambda: run_static(ref, reqs), lambda: run_static(ref, warm), n,
+                   key="static"),
             System("transformers continuous batching", lambda: run_hf_cb(cb_model, reqs, blocks, tok),
-                   lambda: run_hf_cb(cb_model, warm, blocks, tok), n),
+                   lambda: run_hf_cb(cb_model, warm, blocks, tok), n, key="hf_cb"),
         ]  # fmt: skip
     num_blocks = len(reqs) * 24 + 64  # 384 tokens / 16 per request, plus slack: no preemption
     systems.append(pagedq_system("pagedq fp32", copy.deepcopy(model), reqs, args.repeats, num_blocks))
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     systems.append(pagedq_system("pagedq bf16", bf16, reqs, args.repeats, num_blocks))
+    int8, why = peers_ct2.pagedq_int8(model)
+    print(why)
+    if int8 is not None:
+        try:
+            systems.append(pagedq_system("pagedq int8", int8, reqs, args.repeats, num_blocks))
+        except ValueError as refused:  # the engine's load-time self-check (UnsupportedModel)
+            print(f"pagedq int8 skipped: the engine refused the int8 model: {refused}")
+    systems += ct2_systems(args, model, reqs)
     res = measure(systems, sum(n for _, n in reqs))
-    keys = ["sequential", "static", "hf_cb"] if not args.skip_baselines else []
-    return dict(zip(keys + ["fp32", "bf16"], res.values(), strict=True))
+    return {s.key: res[s.name] for s in systems}
+
+
+W1_BATCHINGS = [peers_ct2.Batching("examples", n) for n in (4, 8, 16)] + [peers_ct2.Batching("tokens", 2048)]
+
+
+def ct2_systems(args: argparse.Namespace, model: Any, reqs: list[tuple[list[int], int]]) -> list[System]:
+    """CTranslate2 fp32 and int8 (module docstring), or none, with a line saying why."""
+    if args.skip_peers:
+        return []
+    if not peers_ct2.available():
+        print(peers_ct2.SKIPPED)
+        return []
+    with peers_ct2.temp_dir() as tmp:  # a loaded Generator holds its weights: the files can go
+        path, tokens = peers_ct2.convert_llama(model, Path(tmp))
+        generators = {
+            p: peers_ct2.load("generator", path, ct, args.threads) for p, ct in peers_ct2.COMPUTE_TYPES.items()
+        }
+
+    def run(generator: Any, batching: peers_ct2.Batching, subset: list[tuple[list[int], int]]) -> list[list[int]]:
+        return peers_ct2.generate(generator, tokens, subset, batching)
+
+    if args.ct2_batching:
+        kind, size = args.ct2_batching.split(":")
+        batching = peers_ct2.Batching(kind, int(size))
+    else:
+        run(generators["int8"], W1_BATCHINGS[0], reqs[:2])  # warm-up
+        batching, tried = peers_ct2.best_batching(lambda b: run(generators["int8"], b, reqs), W1_BATCHINGS)
+        print("ctranslate2 int8 batching, one run each: " + "; ".join(f"{k} {v:.1f} s" for k, v in tried.items()))
+    args.ct2_note = (
+        f"ctranslate2 rows: {batching} (both precisions), each chunk decoded to its longest target (min_length ="
+        f" max_length, EOS never stops it), each request's own tokens kept and counted; intra_threads="
+        f"{args.threads}, inter_threads=1"
+    )
+    return [
+        System(f"ctranslate2 {p}", lambda g=g: run(g, batching, reqs), lambda g=g: run(g, batching, reqs[:2]),
+               args.repeats, key=f"ct2_{p}")
+        for p, g in generators.items()
+    ]  # fmt: skip
+
+
+def w1_flops(config: Any, reqs: list[tuple[list[int], int]]) -> float:
+    """Model FLOPs of W1's tokens: every prompt token and every fed generated token (prompt + n - 1) through
+    every layer's linear layers, attention (QK^T and PV) over each token's context, the LM head on the n
+    generated tokens. Embedding lookups and norms are not counted."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    linear = 2 * layers * (2 * h * h + 2 * h * kv + 3 * h * i)
+    total = 0.0
+    for prompt, n in reqs:
+        fed = len(prompt) + n - 1
+        total += fed * linear + 4 * layers * h * fed * (fed + 1) / 2 + 2 * h * config.vocab_size * n
+    return total
 
 
 def w2(args: argparse.Namespace, model: Any) -> tuple[dict[str, Result], float]:
@@ -240,9 +314,14 @@ def w2(args: argparse.Namespace, model: Any) -> tuple[dict[str, Result], float]:
 # ---- report ---------------------------------------------------------------------------------------
 
 
-def table(rows: list[Result], baselines: dict[str, Result]) -> str:
+def table(rows: list[Result], baselines: dict[str, Result], floors: dict[str, str] | None = None) -> str:
+    """One line per system; with `floors` (W1) also "x best peer" (over the faster CT2 row) and each row's
+    GEMM floor share."""
     last = list(baselines)[-1]
+    peer = max((r for r in rows if r.name.startswith("ctranslate2")), key=lambda r: r.tok_s, default=None)
     heads = ["system", "tok/s", *[f"x {k}" for k in baselines], "tok/cpu-s", f"x {last} (cpu)"]
+    heads += ["x best peer"] if peer else []
+    heads += ["GEMM floor"] if floors is not None else []
     heads += ["steps", "batch tok", "KV waste", "prefix hits"]
     lines = [" | ".join(heads), " | ".join("---" for _ in heads)]
     for r in rows:
@@ -253,6 +332,8 @@ def table(rows: list[Result], baselines: dict[str, Result]) -> str:
             extra = [f"{e['steps']:.0f}", f"{e['mean_batch_tokens']:.0f}"]
             extra += [f"{e['kv_waste']:.1%}", f"{e['prefix_hit_rate']:.1%}"]
         cpu = [f"{r.tok_cpu_s:.0f}", f"{r.tok_cpu_s / baselines[last].tok_cpu_s:.2f}"]
+        cpu += [f"{r.tok_s / peer.tok_s:.2f}"] if peer else []
+        cpu += [floors.get(r.name, "-")] if floors is not None else []
         lines.append(" | ".join([r.name, f"{r.tok_s:.0f}", *ratios, *cpu, *extra]))
     return "\n".join(lines)
 
@@ -270,6 +351,35 @@ def plot_w2(w2res: dict[str, Result], path: Path, note: str) -> str:
     return plots.rates(path, "W2: shared-context QA, prefix caching", "generated tokens/s", [panel], note)
 
 
+def ct2_checks(model: Any, res: dict[str, Result], reqs: list[tuple[list[int], int]], args: argparse.Namespace
+               ) -> dict[str, float]:  # fmt: skip
+    """Print CT2's agreement (fp32 with `generate`, int8 with CT2 fp32); pagedq against CT2's best row."""
+    if "ct2_fp32" not in res:
+        return {}
+    if "sequential" in res:
+        reference, against = res["sequential"].outputs or [], "generate"
+    else:  # --skip-baselines: generate on the first few requests, untimed
+        reference, against = run_sequential(copy.deepcopy(model), reqs[: args.ct2_check]), "generate (first few)"
+    fp32, int8 = res["ct2_fp32"].outputs or [], res["ct2_int8"].outputs or []
+    print("greedy, " + peers_ct2.agreement_line("ctranslate2 fp32", fp32[: len(reference)], reference, against))
+    print("greedy, " + peers_ct2.agreement_line("ctranslate2 int8", int8, fp32, "ctranslate2 fp32"))
+    if "int8" in res:
+        ours = res["int8"].outputs or []
+        print("greedy, " + peers_ct2.agreement_line("pagedq int8", ours, res["fp32"].outputs or [], "pagedq fp32"))
+    best_peer = max((res[k] for k in ("ct2_fp32", "ct2_int8")), key=lambda r: r.tok_s)
+    ours = max((r for k, r in res.items() if k in ("fp32", "bf16", "int8")), key=lambda r: r.tok_s)
+    print(f"best pagedq row: {ours.name}; best peer: {best_peer.name}")
+    return {
+        "w1_vs_ct2_best": ours.tok_s / best_peer.tok_s,
+        "w1_fp32_vs_ct2_fp32": res["fp32"].tok_s / res["ct2_fp32"].tok_s,
+    }
+
+
+def load_average() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=64)
@@ -279,8 +389,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--w2-context", type=int, default=1000)
     p.add_argument("--w2-questions", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ct2-check", type=int, default=8, help="requests generate checks CT2 on with --skip-baselines")
     p.add_argument("--skip-baselines", action="store_true")
     p.add_argument("--skip-w2", action="store_true")
+    p.add_argument("--skip-peers", action="store_true", help="no CTranslate2 rows")
+    p.add_argument(
+        "--ct2-batching",
+        default="",
+        help="CT2 chunks, e.g. examples:8 or tokens:2048 (default: the fastest of a few, tried on the int8 model)",
+    )
     p.add_argument("--quick", action="store_true", help="16 requests, 1 repeat, W2 with 8 questions per context")
     plots.add_plot_argument(p)
     return p
@@ -296,10 +413,20 @@ def main() -> None:
           f"{args.threads} threads, median of {args.repeats} (baselines {args.baseline_repeats})")  # fmt: skip
     res = w1(args, model)
     baselines = {k: res[k] for k in ("sequential", "static", "hf_cb") if k in res} or {"fp32": res["fp32"]}
-    print(table(list(res.values()), baselines))
+    reqs = w1_requests(args.requests)
+    rates = peers_ct2.gemm_rates()
+    flops = w1_flops(model.config, reqs)
+    floors = {
+        r.name: peers_ct2.floor_share(flops, peers_ct2.precision_of(r.name), rates, statistics.median(r.seconds))
+        for r in res.values()
+    }
+    print(table(list(res.values()), baselines, floors))
+    print(getattr(args, "ct2_note", ""))
+    print(f"{peers_ct2.rates_line(rates)}; the run's model FLOPs {flops / 1e9:.0f} G; load average {load_average()}")
+    summary = {"w1_bf16_vs_fp32": res["bf16"].tok_s / res["fp32"].tok_s}
+    summary |= ct2_checks(model, res, reqs, args)
     run = f"{'--quick: ' if args.quick else ''}{args.requests} requests, median of {args.repeats}"
     print(plot_w1(res, plots.path_for(args.plot, "w1"), run))
-    summary = {"w1_bf16_vs_fp32": res["bf16"].tok_s / res["fp32"].tok_s}
     if "sequential" in res:
         same = sum(a == b for a, b in zip(res["fp32"].outputs or [], res["sequential"].outputs or [], strict=True))
         cb_same = sum(a == b for a, b in zip(res["hf_cb"].outputs or [], res["sequential"].outputs or [], strict=True))
