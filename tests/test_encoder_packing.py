@@ -264,17 +264,23 @@ def test_packed_bf16_stays_close_to_fp32(model_dirs: dict[str, Path]) -> None:
 
 
 def test_segments_attend_in_groups_of_similar_length() -> None:
-    """Longest first; a segment joins while >= GROUP_MIN_SHARE of the group's longest; every token once."""
+    """Longest first; a segment joins while >= GROUP_MIN_SHARE of the group's longest; every token once;
+    padding slots write to spare output rows past the packed row, one each."""
     lengths = [10, 3, 9, 3, 7, 6]
     segments = Segments.from_lengths(lengths)
-    assert GROUP_MIN_SHARE == 0.7
-    assert [(g.size, g.longest) for g in segments.groups] == [(3, 10), (1, 6), (2, 3)]  # [10 9 7] [6] [3 3]
-    assert [g.key_mask is None for g in segments.groups] == [False, True, True]  # equal lengths: no mask
+    assert GROUP_MIN_SHARE == 0.85
+    assert [(g.size, g.longest) for g in segments.groups] == [(2, 10), (2, 7), (2, 3)]  # [10 9] [7 6] [3 3]
+    assert [g.key_mask is None for g in segments.groups] == [False, False, True]  # equal lengths: no mask
     rows = torch.cat([g.rows for g in segments.groups]).sort().values
     assert rows.tolist() == list(range(sum(lengths)))
-    first = segments.groups[0]
-    assert first.slots.view(3, 10)[2, :7].tolist() == list(range(25, 32))  # the 7-token segment starts at 25
-    assert first.real.sum() == 10 + 9 + 7
+    second = segments.groups[1]
+    assert second.slots.view(2, 7)[0].tolist() == list(range(25, 32))  # the 7-token segment starts at 25
+    assert second.real.sum() == 7 + 6
+    assert segments.padding_slots == 1 + 1
+    dest = torch.cat([g.dest for g in segments.groups]).sort().values
+    assert dest.tolist() == list(range(sum(lengths) + segments.padding_slots))
+    for g in segments.groups:
+        assert g.dest[g.real].tolist() == g.rows.tolist()
 
 
 @pytest.mark.parametrize("rule", list(PositionRule))

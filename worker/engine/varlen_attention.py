@@ -32,7 +32,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 VARLEN_ATTENTION = "pagedq_varlen"  # our name in transformers' attention registry (not the paged decoder's)
 SEGMENTS_KWARG = "pagedq_segments"  # the model keyword that carries a step's `Segments`
-GROUP_MIN_SHARE = 0.7  # a segment joins a group while its length >= this share of the group's longest
+GROUP_MIN_SHARE = 0.85  # a segment joins a group while its length >= this share of the group's longest
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class AttentionGroup:
     real: torch.Tensor  # [size * longest] bool: the slot holds a token
     rows: torch.Tensor  # packed rows of the real slots, in slot order
     key_mask: torch.Tensor | None  # [size, 1, 1, longest] True for real keys; None without padding
+    dest: torch.Tensor  # [size * longest] output row of every slot: its packed row, or a spare row past the end
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,11 @@ class Segments:
     def num_tokens(self) -> int:
         return sum(self.lengths)
 
+    @property
+    def padding_slots(self) -> int:
+        """Slots of all groups that hold no token: the spare output rows past the packed row."""
+        return sum(g.size * g.longest for g in self.groups) - self.num_tokens
+
     def split(self, packed: torch.Tensor) -> list[torch.Tensor]:
         """Per-segment views of a per-token tensor [T, ...]."""
         return list(packed.split(self.lengths))
@@ -78,14 +84,18 @@ def _group(starts: Sequence[int], lengths: Sequence[int], device: torch.device) 
         if not members or lengths[i] < GROUP_MIN_SHARE * lengths[members[-1][0]]:
             members.append([])
         members[-1].append(i)
-    groups = []
+    groups, spare = [], sum(lengths)  # padding slots write to rows spare, spare + 1, ... (each its own)
     for segment_ids in members:
         longest = lengths[segment_ids[0]]
         offsets = torch.arange(longest)
         starts_t = torch.tensor([starts[i] for i in segment_ids])[:, None]
         real = offsets[None, :] < torch.tensor([lengths[i] for i in segment_ids])[:, None]  # [size, longest]
         slots = torch.where(real, starts_t + offsets, 0)
-        mask = None if bool(real.all()) else real[:, None, None, :].to(device)
+        padding = int(real.numel() - real.sum())
+        dest = slots.clone()
+        dest[~real] = torch.arange(spare, spare + padding)
+        spare += padding
+        mask = None if not padding else real[:, None, None, :].to(device)
         groups.append(
             AttentionGroup(
                 len(segment_ids),
@@ -94,6 +104,7 @@ def _group(starts: Sequence[int], lengths: Sequence[int], device: torch.device) 
                 real.flatten().to(device),
                 slots[real].to(device),
                 mask,
+                dest.flatten().to(device),
             )  # fmt: skip
         )
     return tuple(groups)
@@ -111,8 +122,11 @@ def varlen_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: q/k/v [1, H, T, D] -> out [1, T, H, D], attention within segments.
 
-    Half precision is upcast per group on CPU, where masked bf16 SDPA is several times slower than fp32.
-    Without `SEGMENTS_KWARG` this is transformers' SDPA attention, mask and all (unpacked callers)."""
+    Runs in the inputs' dtype: bf16 stays bf16 (SDPA's CPU kernel accumulates scores, softmax and output in
+    fp32 internally). Per group, one `index_select` per input gathers its slots as rows of H * D values, and
+    one `index_copy_` puts SDPA's output rows in place: real slots on their packed row, padding slots on spare
+    rows past the end (never read). Without `SEGMENTS_KWARG` this is transformers' SDPA attention, mask and
+    all (unpacked callers)."""
     segments: Segments | None = kwargs.pop(SEGMENTS_KWARG, None)
     if segments is None:
         return sdpa_attention_forward(
@@ -121,20 +135,17 @@ def varlen_attention(
     assert query.shape[0] == 1 and query.shape[2] == segments.num_tokens, "packed batches are one row"
     assert key.shape[1] == query.shape[1], "encoder attention: as many key/value heads as query heads"
     heads, head_dim = query.shape[1], query.shape[3]
-    upcast = query.device.type == "cpu" and query.dtype != torch.float32
-    rows = [t[0].transpose(0, 1) for t in (query, key, value)]  # [T, H, D] views
-    out = rows[0].new_empty(rows[0].shape)
+    tokens, width = segments.num_tokens, heads * head_dim
+    rows = [t[0].transpose(0, 1).reshape(tokens, width) for t in (query, key, value)]  # views when contiguous
+    out = rows[0].new_empty(tokens + segments.padding_slots, width)
     for group in segments.groups:
         q, k, v = (
             t.index_select(0, group.slots).view(group.size, group.longest, heads, head_dim).transpose(1, 2)
             for t in rows
         )
-        if upcast:
-            q, k, v = q.float(), k.float(), v.float()
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=group.key_mask, dropout_p=dropout, scale=scaling)
-        attended = attended.transpose(1, 2).reshape(-1, heads, head_dim)[group.real]
-        out.index_copy_(0, group.rows, attended.to(out.dtype))
-    return out[None], None
+        out.index_copy_(0, group.dest, attended.transpose(1, 2).reshape(-1, width))
+    return out[:tokens].view(1, tokens, heads, head_dim), None
 
 
 def register_varlen_attention() -> None:
