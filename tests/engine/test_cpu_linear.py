@@ -24,6 +24,7 @@ def prepack_linears(model: nn.Module) -> int:
 @pytest.fixture(autouse=True)
 def _every_call_packed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu_linear, "MIN_PACKED_FLOPS", 0)
+    monkeypatch.setattr(cpu_linear, "MIN_PACKED_FLOPS_BF16", 0)
 
 
 def _mlp() -> nn.Module:

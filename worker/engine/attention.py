@@ -24,9 +24,9 @@ Packed batch of one step (T tokens, one row each, no padding)::
 
 Pool layout per layer: `[num_blocks, block_size, num_kv_heads, head_dim]`; slot = block * bs + offset.
 Decode rows are sorted by length into buckets (see `DecodeBucket`): one gather of all their blocks per
-layer, then one SDPA per bucket over `[rows, KVH, L, D]` with a length mask. On CPU with an fp32 pool,
-decode rows go instead through the native kernel (worker/engine/native), which reads each row's blocks in
-place: no gather, no padding (`AttentionMetadata.decode_table_start` is set then).
+layer, then one SDPA per bucket over `[rows, KVH, L, D]` with a length mask. On CPU with an fp32 or bf16
+pool, decode rows go instead through the native kernel (worker/engine/native), which reads each row's blocks
+in place: no gather, no padding, no upcast copy (`AttentionMetadata.decode_table_start` is set then).
 Grouped-query attention is never expanded: SDPA's `enable_gqa` maps query head h to kv head
 h // (H // KVH), as `repeat_kv` does. Sliding windows follow transformers' rule: a query at
 position p sees keys at positions (p - window, p]; blocks that fall out of the window are masked,
@@ -257,12 +257,18 @@ def _native_decode(
     cache = meta.cache
     rows = meta.decode_table_start.shape[0]
     q = query[0, :, :rows].transpose(0, 1).contiguous()  # [rows, H, D]
+    # The kernel writes the model's dtype itself, unless its output is merged (sinks, shared prefixes): fp32 then.
+    direct = rule.sinks is None and not meta.cascades
     out, lse = paged_decode(
         q, cache.key_cache[layer], cache.value_cache[layer], meta.decode_block_ids,
         meta.decode_table_start, meta.decode_context_lens, rule.scale, window, rule.softcap,
+        out_dtype=query.dtype if direct else torch.float32,
     )  # fmt: skip
     plain = meta.decode_buckets[-1].end if meta.decode_buckets else 0
-    parts = [out[:plain] if rule.sinks is None else add_sinks(out[:plain], lse[:plain], rule.sinks)] if plain else []
+    parts = []
+    if plain:
+        o = out[:plain] if rule.sinks is None else add_sinks(out[:plain], lse[:plain], rule.sinks)
+        parts.append(o.to(query.dtype))
     for group in meta.cascades:
         rows_ = slice(group.suffix.start, group.suffix.end)
         suffix = (out[rows_], lse[rows_])

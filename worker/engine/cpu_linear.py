@@ -17,10 +17,20 @@ weights of at least `MIN_PACKED_WEIGHT` elements are packed, and a call whose pr
     [256 x 256]  M=1: 11/33  M=64: 74/86   M=512: 509/472
     [768 x 768]  M=1: 52/61  M=8: 151/109  M=64: 603/512
 
-Results differ from MKL's only by float rounding (~1e-6 relative). The model stays unmodified
-otherwise: each `nn.Linear` keeps its `weight` (state dicts, tied weights and `.to()` still work) and
-only its class changes to `PackedLinear`, which re-packs whenever the weight tensor is replaced or
-modified in place, and falls back to `F.linear` off CPU, with autograd, or with mixed dtypes.
+bf16 (where oneDNN has a bf16 path: AVX-512 BF16 / AMX) is another matter: `F.linear` has no MKL kernel for
+it and calls oneDNN as well, re-blocking the weight each time, so packing wins from small sizes on (us per
+call, bf16, `F.linear`/packed, torch 2.13, AMX machine, 1 thread, others running)::
+
+    [32000 x 512] M=1: 3811/1952  M=16: 4532/1542  M=64: 6582/1917
+    [1408 x 512]  M=1: 94/49      M=16: 100/49     M=64: 176/108
+    [256 x 512]   M=1: 31/20      M=8: 32/19       M=64: 43/28
+    [128 x 64]    M=1: 20/16      M=64: 21/18      [64 x 64] M=1: 4/19
+
+so bf16 weights pack from `MIN_PACKED_WEIGHT_BF16` elements and calls from `MIN_PACKED_FLOPS_BF16`.
+Results differ from MKL's only by float rounding (~1e-6 relative; bf16: one rounding of the output).
+The model stays unmodified otherwise: each `nn.Linear` keeps its `weight` (state dicts, tied weights and
+`.to()` still work) and only its class changes to `PackedLinear`, which re-packs whenever the weight tensor
+is replaced or modified in place, and falls back to `F.linear` off CPU, with autograd, or with mixed dtypes.
 The packed copy costs one more copy of every linear weight in host memory.
 """
 
@@ -53,6 +63,18 @@ _PACKABLE = _packable_dtypes()
 #: Smallest weight (in x out elements) worth a packed copy, and smallest product (rows x in x out) per call.
 MIN_PACKED_WEIGHT = 512 * 512
 MIN_PACKED_FLOPS = 1 << 21
+#: The same for bf16 weights: `F.linear` has no MKL path for bf16 (it runs oneDNN too, re-blocking the weight
+#: on every call), so almost every packed call is faster (module docstring).
+MIN_PACKED_WEIGHT_BF16 = 128 * 128
+MIN_PACKED_FLOPS_BF16 = 1 << 16
+
+
+def _min_weight(dtype: torch.dtype) -> int:
+    return MIN_PACKED_WEIGHT_BF16 if dtype == torch.bfloat16 else MIN_PACKED_WEIGHT
+
+
+def _min_flops(dtype: torch.dtype) -> int:
+    return MIN_PACKED_FLOPS_BF16 if dtype == torch.bfloat16 else MIN_PACKED_FLOPS
 
 
 def _op_available() -> bool:
@@ -94,7 +116,7 @@ class PackedLinear(nn.Linear):
             and w.dtype in _PACKABLE
             and (self.bias is None or self.bias.dtype == w.dtype)
             and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-            and x.numel() * w.shape[0] >= MIN_PACKED_FLOPS
+            and x.numel() * w.shape[0] >= _min_flops(w.dtype)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,9 +130,10 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
 
-def prepack_linears(model: nn.Module, min_weight: int = MIN_PACKED_WEIGHT) -> int:
-    """Switch every plain `nn.Linear` of a CPU model with at least `min_weight` weight elements to
-    `PackedLinear`; returns how many were switched.
+def prepack_linears(model: nn.Module, min_weight: int | None = None) -> int:
+    """Switch every plain `nn.Linear` of a CPU model with at least `min_weight` weight elements (default:
+    `MIN_PACKED_WEIGHT`, `MIN_PACKED_WEIGHT_BF16` for bf16 weights) to `PackedLinear`; returns how many
+    were switched.
 
     Does nothing (returns 0) when the model is not on CPU or torch lacks the oneDNN op."""
     if not _op_available():
@@ -119,7 +142,7 @@ def prepack_linears(model: nn.Module, min_weight: int = MIN_PACKED_WEIGHT) -> in
     for module in model.modules():
         weight = module.weight if type(module) is nn.Linear else None
         if (weight is not None and weight.device.type == "cpu" and weight.dtype in _PACKABLE
-                and weight.numel() >= min_weight):
+                and weight.numel() >= (_min_weight(weight.dtype) if min_weight is None else min_weight)):
             module.__class__ = PackedLinear
             count += 1
     if count:

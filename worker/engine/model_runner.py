@@ -29,7 +29,7 @@ from pagedq.worker.engine.attention import (
     paged_attention,
 )
 from pagedq.worker.engine.decode_plan import plan_decode
-from pagedq.worker.engine.native import paged_decode_available
+from pagedq.worker.engine.native import NATIVE_DTYPES, paged_decode_available
 from pagedq.worker.engine.request import Request
 from pagedq.worker.engine.scheduler import SchedulerOutput
 from pagedq.worker.engine.self_check import UnsupportedModel
@@ -83,7 +83,7 @@ class ModelRunner:
         """`decode_bucket_rows`: decode rows per padded batch; `cascade_min_tokens`: shortest shared
         prefix worth attending once for its whole group (0 disables shared-prefix attention);
         `native_decode`: decode rows through the native kernel (None: wherever it applies, i.e. an fp32
-        pool on CPU with the kernel built; False: always the portable gather + SDPA path)."""
+        or bf16 pool on CPU with the kernel built; False: always the portable gather + SDPA path)."""
         check_model(model)
         model.set_attn_implementation(ATTENTION_NAME)
         self.model = model
@@ -92,9 +92,9 @@ class ModelRunner:
         self.device = cache.key_cache.device
         self.decode_bucket_rows = decode_bucket_rows
         self.cascade_min_blocks = -(-cascade_min_tokens // self.block_size) if cascade_min_tokens > 0 else 0
-        applies = cache.key_cache.device.type == "cpu" and cache.key_cache.dtype == torch.float32
+        applies = cache.key_cache.device.type == "cpu" and cache.key_cache.dtype in NATIVE_DTYPES
         if native_decode and not applies:
-            raise ValueError("the native decode kernel needs an fp32 KV pool on CPU")
+            raise ValueError("the native decode kernel needs an fp32 or bf16 KV pool on CPU")
         self.native_decode = applies and native_decode is not False and paged_decode_available()
 
     @torch.inference_mode()

@@ -1,11 +1,14 @@
 """Native CPU kernels of the engine, compiled from C on first use and loaded with ctypes.
 
-Only `paged_decode.c` for now (see its header). The shared library is built with the system C compiler
-(`$CC`, else `cc`) into `$PAGEDQ_NATIVE_CACHE` (default `~/.cache/pagedq/native`), under a name that
-hashes the source, the flags and the CPU, so a rebuilt source or another CPU never loads a stale
-build; the build is written to a temporary file and renamed, so concurrent workers are safe. Without a
-compiler, or with `PAGEDQ_NATIVE=0`, `paged_decode_available()` is False and the engine keeps its
-portable path (gather + SDPA). ctypes releases the GIL for the call.
+Only `paged_decode.c` for now (see its header): fp32 or bf16 queries, K/V blocks and outputs. The shared
+library is built with the system C compiler (`$CC`, else `cc`) for this CPU (`-march=native`: AVX-512 or
+AVX2 code where the CPU has it, plain C otherwise; `$PAGEDQ_NATIVE_MARCH` names another target, e.g.
+`haswell` or `x86-64`, which the tests use to check the AVX2 and plain-C builds on any x86 machine) into
+`$PAGEDQ_NATIVE_CACHE` (default `~/.cache/pagedq/native`), under a name that hashes the source, the flags
+and the CPU, so a rebuilt source or another CPU never loads a stale build; the build is written to a
+temporary file and renamed, so concurrent workers are safe. Without a compiler, or with `PAGEDQ_NATIVE=0`,
+`paged_decode_available()` is False and the engine keeps its portable path (gather + SDPA). ctypes
+releases the GIL for the call.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ _SOURCE = Path(__file__).with_name("paged_decode.c")
 # turns on flush-to-zero for the whole process when the library loads, and changes torch's numerics.
 # -fopenmp: the kernel's threads are torch's OpenMP team (libgomp.so.1 is already loaded by torch, so the
 # library binds to it); without OpenMP it starts pthreads per call, which wait behind torch's spinning team.
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-std=c11"]
+_FLAGS = ["-O3", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-std=c11"]
 _LINK = ["-shared", "-pthread"]
 _OPENMP = ["-fopenmp"]
 _lock = threading.Lock()
@@ -59,6 +62,7 @@ def _build(openmp: bool) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     flags, link = (_FLAGS + _OPENMP, _LINK + _OPENMP) if openmp else (_FLAGS, _LINK)
+    flags = [f"-march={os.environ.get('PAGEDQ_NATIVE_MARCH') or 'native'}", *flags]
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([cc, *flags, *link]).encode() + _cpu_id().encode()).hexdigest()[:16]
     cache = Path(os.environ.get("PAGEDQ_NATIVE_CACHE") or Path.home() / ".cache" / "pagedq" / "native")
@@ -100,9 +104,9 @@ def _load() -> ctypes.CDLL | None:
         if lib is None:
             log.warning("native paged decode attention unavailable, using gather + SDPA")
             return None
-        fn = lib.pagedq_paged_decode_f32
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [*[p] * 8, *[i64] * 7, ctypes.c_float, ctypes.c_float, ctypes.c_int]
+        fn = lib.pagedq_paged_decode
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        fn.argtypes = [*[p] * 8, *[i64] * 7, ctypes.c_float, ctypes.c_float, *[i32] * 4]
         fn.restype = ctypes.c_int
         _lib = lib
         return _lib
@@ -111,6 +115,11 @@ def _load() -> ctypes.CDLL | None:
 def paged_decode_available() -> bool:
     """True when the kernel is built and loaded (builds it on the first call)."""
     return _load() is not None
+
+
+#: What the kernel reads and writes (queries, K/V blocks, outputs).
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+_DTYPES = NATIVE_DTYPES
 
 
 def paged_decode(
@@ -123,32 +132,42 @@ def paged_decode(
     scale: float,
     window: int | None,
     softcap: float | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode rows' attention over their own blocks; scores soft-capped (tanh(s / softcap) * softcap) if given.
 
-    q [rows, H, D] fp32; k_cache/v_cache [num_blocks, block_size, KVH, D] fp32 (one layer; each block
-    contiguous, blocks any equal distance apart; the two may be one tensor);
+    q [rows, H, D] fp32 or bf16; k_cache/v_cache [num_blocks, block_size, KVH, D], both fp32 or both bf16
+    (one layer; each block contiguous, blocks any equal distance apart; the two may be one tensor);
     block_ids [N] int64 (flat tables); table_start [rows] int64 (row r's table begins at
     block_ids[table_start[r]]); lens [rows] int64 (keys each row sees, its own token included).
-    Returns out [rows, H, D] and lse [rows, H] (fp32)."""
+    Returns out [rows, H, D] in `out_dtype` (fp32 or bf16; default q's dtype) and lse [rows, H] (fp32).
+    bf16 inputs are widened to fp32 exactly and all arithmetic is fp32 (the fp32 kernel's, in its order);
+    a bf16 out is that result rounded to nearest even."""
     lib = _load()
     if lib is None:
         raise RuntimeError("the native paged decode kernel is not available")
     rows, heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
-    for t, dtype in ((q, torch.float32), (k_cache[0], torch.float32), (v_cache[0], torch.float32),
-                     (block_ids, torch.int64), (table_start, torch.int64), (lens, torch.int64)):  # fmt: skip
-        if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"paged_decode needs contiguous CPU {dtype} tensors, got {t.dtype} {t.device}")
+    out_dtype = q.dtype if out_dtype is None else out_dtype
+    for t, dtypes in ((q, _DTYPES), (k_cache[0], _DTYPES), (v_cache[0], (k_cache.dtype,)),
+                      (block_ids, (torch.int64,)), (table_start, (torch.int64,)), (lens, (torch.int64,))):  # fmt: skip
+        if t.dtype not in dtypes or t.device.type != "cpu" or not t.is_contiguous():
+            want = " or ".join(str(d) for d in dtypes)
+            raise ValueError(f"paged_decode needs contiguous CPU {want} tensors, got {t.dtype} {t.device}")
+    if out_dtype not in _DTYPES:
+        raise ValueError(f"paged_decode writes fp32 or bf16, not {out_dtype}")
     block_stride = k_cache.stride(0)
     if v_cache.shape != k_cache.shape or v_cache.stride(0) != block_stride:
         raise ValueError("paged_decode needs K and V caches of one shape and block stride")
-    out = torch.empty(rows, heads, dim, dtype=torch.float32)
+    out = torch.empty(rows, heads, dim, dtype=out_dtype)
     lse = torch.empty(rows, heads, dtype=torch.float32)
-    status = lib.pagedq_paged_decode_f32(
+    bf16 = torch.bfloat16
+    status = lib.pagedq_paged_decode(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_ids.data_ptr(), table_start.data_ptr(),
         lens.data_ptr(), out.data_ptr(), lse.data_ptr(), rows, heads, kv_heads, dim, block_size, block_stride,
-        window or 0, scale, softcap or 0.0, torch.get_num_threads(),
+        window or 0, scale, softcap or 0.0, q.dtype == bf16, k_cache.dtype == bf16, out_dtype == bf16,
+        torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
         raise RuntimeError(f"paged decode kernel failed (status {status})")
