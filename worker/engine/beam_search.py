@@ -1,4 +1,4 @@
-"""Beam search for one request, step by step, reproducing transformers 5.24 `_beam_search` exactly.
+"""Beam search for many requests at once, step by step, reproducing transformers 5.24 `_beam_search` exactly.
 
 generate keeps, per batch item, `num_beams` running beams and `num_beams` finished hypotheses; each step
 (`generation/utils.py`: `_get_top_k_continuations`, `_get_running_beams_for_next_iteration`,
@@ -14,9 +14,20 @@ generate keeps, per batch item, `num_beams` running beams and `num_beams` finish
     early_stopping), all beams are finished and early_stopping is True, or every candidate hits
 
 Every item of a batch evolves independently there, so one request here equals its row in any generate
-batch. The float32 arithmetic (the -1e9 penalties, the divisions) is done with the same torch ops on
-the same shapes ([1, ...]), so ties break the same way. Beams start as generate starts them: `num_beams`
-copies of the decoder start, the first with score 0 and the others with -1e9.
+batch. `step_beams` steps every request of an engine step together, one tensor op for all of them where
+generate does one for its batch:
+
+- the top K of a request's num_beams x vocab scores are among the top K of each beam's own row (adding a
+  beam's running score shifts its row uniformly), so one `topk` over all beam rows [rows, vocab] finds
+  them, and the request's top K are picked from its num_beams x K survivors (the same fp32 sums generate
+  forms; an exact fp32 tie between two candidates may be ordered differently than generate's `topk` over
+  the whole row would order it, as two of its own kernels could);
+- the rest is generate's fp32 arithmetic on [requests, ...] tensors with each request's own length
+  penalty, lengths and early stopping (`x / float` and `x / tensor` of the same fp32 value are equal);
+- between steps a request's state is plain Python (fp32 values held exactly as floats).
+
+Beams start as generate starts them: `num_beams` copies of the decoder start, the first with score 0 and
+the others with -1e9.
 """
 
 from __future__ import annotations
@@ -31,79 +42,113 @@ PENALTY = -1.0e9
 
 
 class BeamSearch:
-    """The beam state of one request; `step` consumes the running beams' scores and picks the next beams."""
+    """The beam state of one request between steps (`step_beams` advances it)."""
 
-    def __init__(self, settings: DecodeSettings, prompt: Sequence[int], device: torch.device | str = "cpu") -> None:
+    def __init__(self, settings: DecodeSettings, prompt: Sequence[int]) -> None:
         nb = self.num_beams = settings.num_beams
         self.length_penalty = settings.length_penalty
         self.early_stopping = settings.early_stopping
         self.max_length = settings.max_length
         self.prompt_len = self.cur_len = len(prompt)
-        self.eos = torch.tensor(settings.eos_token_ids, dtype=torch.long, device=device)
-        self.num_candidates = max(2, 1 + len(settings.eos_token_ids)) * nb
-        self.top_num_beam_mask = torch.cat(
-            (torch.ones(nb, dtype=torch.bool), torch.zeros(self.num_candidates - nb, dtype=torch.bool))
-        ).to(device)
-        self.running_scores = torch.zeros((1, nb), dtype=torch.float, device=device)
-        self.running_scores[:, 1:] = PENALTY
-        self.finished_scores = torch.full((1, nb), fill_value=PENALTY, dtype=torch.float, device=device)
+        self.eos = tuple(settings.eos_token_ids)
+        self.num_candidates = max(2, 1 + len(self.eos)) * nb
+        self.running_scores: list[float] = [0.0] + [PENALTY] * (nb - 1)
+        self.finished_scores: list[float] = [PENALTY] * nb
         self.finished_tokens: list[list[int]] = [list(prompt) for _ in range(nb)]
-        self.is_sent_finished = torch.zeros((1, nb), dtype=torch.bool, device=device)
-        self.improvement_possible = torch.ones((1, 1), dtype=torch.bool, device=device)
+        self.is_sent_finished: list[bool] = [False] * nb
+        self.improvement_possible = True
         self.done = False
 
+    @property
+    def group(self) -> tuple[int, int, tuple[int, ...]]:
+        """Searches stepped together in one set of tensors share these."""
+        return (self.num_beams, self.num_candidates, self.eos)
+
     def step(self, log_probs: torch.Tensor, beam_tokens: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-        """`log_probs` [num_beams, vocab] (on the state's device): processed log-softmax of each running beam;
-        `beam_tokens[b]`: its tokens. Returns the next running beams as (parent beam, token), best first
-        (empty once done)."""
-        nb, vocab = self.num_beams, log_probs.shape[-1]
-        scores = (log_probs.float().unsqueeze(0) + self.running_scores[:, :, None]).reshape(1, -1)
-        top_scores, top_indices = torch.topk(scores, k=self.num_candidates)
-        parents, tokens = top_indices // vocab, top_indices % vocab
-        hits = torch.isin(tokens, self.eos) | (self.cur_len + 1 >= self.max_length)
-        candidates = [[*beam_tokens[p], t] for p, t in zip(parents[0].tolist(), tokens[0].tolist(), strict=True)]
-
-        running = top_scores + hits.to(torch.float32) * PENALTY
-        next_idx = torch.topk(running, k=nb)[1]
-        self.running_scores = torch.take_along_dim(running, next_idx, dim=1)
-        self._update_finished(top_scores, hits, candidates)
-
-        self.cur_len += 1
-        self._update_heuristic()
-        still_running = self.improvement_possible.any() & ~(self.is_sent_finished.all() & (self.early_stopping is True))
-        self.done = not bool(still_running & ~hits.all())
-        if self.done:
-            return []
-        return [(int(parents[0, k]), int(tokens[0, k])) for k in next_idx[0].tolist()]
+        """One step of this search alone (`step_beams` of one)."""
+        return step_beams([self], log_probs, [beam_tokens])[0]
 
     def best(self) -> list[int]:
         """The best finished hypothesis (decoder start included), as generate returns it."""
         return self.finished_tokens[0]
 
-    def _update_finished(self, top_scores: torch.Tensor, hits: torch.Tensor, candidates: list[list[int]]) -> None:
-        just_finished = hits & self.top_num_beam_mask[None, :]
-        scores = top_scores / ((self.cur_len + 1 - self.prompt_len) ** self.length_penalty)
-        full = torch.all(self.is_sent_finished, dim=-1, keepdim=True) & (self.early_stopping is True)
-        scores += full.to(torch.float32) * PENALTY
-        scores += (~self.improvement_possible).to(torch.float32) * PENALTY
-        scores += (~just_finished) * PENALTY
-        merged_scores = torch.cat((self.finished_scores, scores), dim=1)
-        merged_finished = torch.cat((self.is_sent_finished, just_finished), dim=1)
-        keep = torch.topk(merged_scores, k=self.num_beams)[1]
-        merged_tokens = self.finished_tokens + candidates
-        self.finished_tokens = [merged_tokens[k] for k in keep[0].tolist()]
-        self.finished_scores = torch.take_along_dim(merged_scores, keep, dim=1)
-        self.is_sent_finished = torch.take_along_dim(merged_finished, keep, dim=1)
 
-    def _update_heuristic(self) -> None:
-        if self.early_stopping == "never" and self.length_penalty > 0.0:
-            best_length = self.max_length - self.prompt_len
-        else:
-            best_length = self.cur_len - self.prompt_len
-        best_running = self.running_scores[:, :1] / (best_length**self.length_penalty)
-        worst_finished = torch.where(
-            self.is_sent_finished, torch.min(self.finished_scores, dim=1, keepdim=True)[0], PENALTY
-        )
-        self.improvement_possible = self.improvement_possible & torch.any(
-            best_running > worst_finished, dim=-1, keepdim=True
-        )
+def step_beams(
+    searches: Sequence[BeamSearch], log_probs: torch.Tensor, beam_tokens: Sequence[Sequence[Sequence[int]]]
+) -> list[list[tuple[int, int]]]:
+    """Advance `searches` (all of one `group`) by one step.
+
+    `log_probs` [len(searches) * num_beams, vocab]: the processed log-softmax of every running beam, search
+    after search; `beam_tokens[i][b]`: the tokens of search i's beam b. Returns, per search, its next
+    running beams as (parent beam, token), best first (empty once `done`)."""
+    first = searches[0]
+    nb, num_k = first.num_beams, first.num_candidates
+    assert all(s.group == first.group for s in searches), "one group per call"
+    n, vocab = len(searches), log_probs.shape[-1]
+    dev = log_probs.device
+    f32 = torch.float32
+
+    # top K of each request over num_beams x vocab: from the top K (at most vocab) of each beam's row
+    per_row = min(num_k, vocab)
+    row_v, row_i = torch.topk(log_probs.view(n * nb, vocab).to(f32), k=per_row)
+    running = torch.tensor([s.running_scores for s in searches], dtype=f32, device=dev)
+    accumulated = (row_v.view(n, nb, per_row) + running[:, :, None]).view(n, nb * per_row)
+    top_scores, top_at = torch.topk(accumulated, k=num_k)
+    parents = top_at // per_row
+    tokens = row_i.view(n, nb * per_row).gather(1, top_at)
+
+    cur_len = [s.cur_len for s in searches]
+    at_limit = torch.tensor([[c + 1 >= s.max_length] for c, s in zip(cur_len, searches, strict=True)], device=dev)
+    hits = torch.isin(tokens, torch.tensor(first.eos, dtype=torch.long, device=dev)) | at_limit
+
+    # running beams for the next step
+    running_k = top_scores + hits.to(f32) * PENALTY
+    next_at = torch.topk(running_k, k=nb)[1]
+    next_running = torch.take_along_dim(running_k, next_at, dim=1)
+
+    # finished hypotheses
+    top_mask = torch.arange(num_k, device=dev) < nb
+    just_finished = hits & top_mask[None, :]
+    length = [[(c + 1 - s.prompt_len) ** s.length_penalty] for c, s in zip(cur_len, searches, strict=True)]
+    scores = top_scores / torch.tensor(length, dtype=f32, device=dev)
+    early_true = torch.tensor([[s.early_stopping is True] for s in searches], device=dev)
+    is_finished = torch.tensor([s.is_sent_finished for s in searches], dtype=torch.bool, device=dev)
+    improvable = torch.tensor([[s.improvement_possible] for s in searches], dtype=torch.bool, device=dev)
+    full = torch.all(is_finished, dim=-1, keepdim=True) & early_true
+    scores += full.to(f32) * PENALTY
+    scores += (~improvable).to(f32) * PENALTY
+    scores += (~just_finished) * PENALTY
+    merged_scores = torch.cat((torch.tensor([s.finished_scores for s in searches], dtype=f32, device=dev), scores), 1)
+    merged_finished = torch.cat((is_finished, just_finished), dim=1)
+    keep = torch.topk(merged_scores, k=nb)[1]
+    finished_scores = torch.take_along_dim(merged_scores, keep, dim=1)
+    is_finished = torch.take_along_dim(merged_finished, keep, dim=1)
+
+    # the early-stop heuristic, at the new length
+    best_length = [
+        [(s.max_length if s.early_stopping == "never" and s.length_penalty > 0.0 else c + 1) - s.prompt_len]
+        for c, s in zip(cur_len, searches, strict=True)
+    ]
+    denominators = [[b**s.length_penalty] for (b,), s in zip(best_length, searches, strict=True)]
+    best_running = next_running[:, :1] / torch.tensor(denominators, dtype=f32, device=dev)
+    worst_finished = torch.where(is_finished, torch.min(finished_scores, dim=1, keepdim=True)[0], PENALTY)
+    improvable = improvable & torch.any(best_running > worst_finished, dim=-1, keepdim=True)
+    still_running = improvable[:, 0] & ~(torch.all(is_finished, dim=-1) & early_true[:, 0])
+    done = ~(still_running & ~torch.all(hits, dim=-1))
+
+    # back to Python, one transfer per tensor
+    parents_l, tokens_l, next_l = parents.tolist(), tokens.tolist(), next_at.tolist()
+    keep_l, done_l = keep.tolist(), done.tolist()
+    out: list[list[tuple[int, int]]] = []
+    for i, search in enumerate(zip(searches, next_running.tolist(), finished_scores.tolist(),
+                                   is_finished.tolist(), improvable[:, 0].tolist(), strict=True)):  # fmt: skip
+        s, s.running_scores, s.finished_scores, s.is_sent_finished, s.improvement_possible = search
+        parents_i, tokens_i = parents_l[i], tokens_l[i]
+        s.finished_tokens = [
+            s.finished_tokens[k] if k < nb else [*beam_tokens[i][parents_i[k - nb]], tokens_i[k - nb]]
+            for k in keep_l[i]
+        ]
+        s.cur_len += 1
+        s.done = bool(done_l[i])
+        out.append([] if s.done else [(parents_i[k], tokens_i[k]) for k in next_l[i]])
+    return out

@@ -3,9 +3,9 @@
 - greedy and sampling (one sequence per request): generate's logits processors (`seq2seq_logits`) on the raw
   logits of all such rows at once, then `sampling.Sampler` (argmax, or temperature / top-k / top-p with the
   request's own seeded generator); stop on EOS or at the length limit;
-- beam search: log-softmax, the processors, then `beam_search.BeamSearch`; the next beams continue their
-  parents' sequences -- a parent picked twice is forked, sharing its blocks (copy-on-write when they
-  diverge), a parent not picked frees its blocks.
+- beam search: log-softmax, the processors, then `beam_search.step_beams`, for all beam requests of the
+  step at once; the next beams continue their parents' sequences -- a parent picked twice is forked,
+  sharing its blocks (copy-on-write when they diverge), a parent not picked frees its blocks.
 
 A decoder sequence is a `request.Request` (prompt = the decoder start token) so that `KVCacheManager`
 (blocks, fork, copy-on-write) and `Sampler` (per-request generators) work on it unchanged.
@@ -17,6 +17,7 @@ import itertools
 
 import torch
 
+from pagedq.worker.engine.beam_search import step_beams
 from pagedq.worker.engine.kv_cache_manager import KVCacheManager
 from pagedq.worker.engine.request import Request, RequestStatus
 from pagedq.worker.engine.sampling import Sampler, SamplingParams
@@ -72,22 +73,49 @@ class Decoding:
             done.append((request, status))
         return done
 
-    def beam(self, request: Seq2SeqRequest, logits: torch.Tensor) -> RequestStatus | None:
-        """One beam-search step; the next beams fork their parents' blocks (copy-on-write later)."""
-        beam, s = request.beam, request.settings
-        assert beam is not None
+    def beams(
+        self, items: list[tuple[Seq2SeqRequest, int]], logits: torch.Tensor
+    ) -> list[tuple[Seq2SeqRequest, RequestStatus | None]]:
+        """One beam-search step of every beam request (request, its first logits row), all at once: one
+        log-softmax, the processors and `step_beams` per group of equal beam shape; the next beams fork
+        their parents' blocks (copy-on-write later)."""
+        groups: dict[tuple[int, int, tuple[int, ...]], list[tuple[Seq2SeqRequest, int]]] = {}
+        for request, row in items:
+            assert request.beam is not None
+            groups.setdefault(request.beam.group, []).append((request, row))
+        done = []
+        for group in groups.values():
+            done.extend(self._beam_group(group, logits))
+        return done
+
+    def _beam_group(
+        self, group: list[tuple[Seq2SeqRequest, int]], logits: torch.Tensor
+    ) -> list[tuple[Seq2SeqRequest, RequestStatus | None]]:
+        nb = group[0][0].settings.num_beams
         # generate starts with num_beams copies of the start token: one row computed, the others equal to it
-        rows = [min(b, len(request.sequences) - 1) for b in range(s.num_beams)]
-        tokens = [request.sequences[r].all_token_ids for r in rows]
-        scores = torch.log_softmax(logits, dim=-1)[rows]
-        process_scores(scores, [(s, t) for t in tokens])
-        picks = beam.step(scores, tokens)
-        if beam.done:
-            best = beam.best()[1:]
-            ended = bool(best) and best[-1] in s.eos_token_ids
-            return _finish(request, best, RequestStatus.FINISHED_STOPPED if ended else RequestStatus.FINISHED_LENGTH)
-        self._reorder_beams(request, [(rows[parent], token) for parent, token in picks])
-        return None
+        beam_rows = [[min(b, len(r.sequences) - 1) for b in range(nb)] for r, _ in group]
+        rows = [first + b for (_, first), bs in zip(group, beam_rows, strict=True) for b in bs]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            picked = logits[rows[0] : rows[0] + len(rows)]
+        else:
+            picked = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        scores = torch.log_softmax(picked, dim=-1)
+        tokens = [[r.sequences[b].all_token_ids for b in bs] for (r, _), bs in zip(group, beam_rows, strict=True)]
+        process_scores(scores, [(r.settings, t) for (r, _), ts in zip(group, tokens, strict=True) for t in ts])
+        picks = step_beams([r.beam for r, _ in group], scores, tokens)  # type: ignore[misc]
+        done: list[tuple[Seq2SeqRequest, RequestStatus | None]] = []
+        for (request, _), bs, request_picks in zip(group, beam_rows, picks, strict=True):
+            beam = request.beam
+            assert beam is not None
+            if beam.done:
+                best = beam.best()[1:]
+                ended = bool(best) and best[-1] in request.settings.eos_token_ids
+                reason = RequestStatus.FINISHED_STOPPED if ended else RequestStatus.FINISHED_LENGTH
+                done.append((request, _finish(request, best, reason)))
+            else:
+                self._reorder_beams(request, [(bs[parent], token) for parent, token in request_picks])
+                done.append((request, None))
+        return done
 
     def _reorder_beams(self, request: Seq2SeqRequest, picks: list[tuple[int, int]]) -> None:
         """New live sequences = parent sequence + token; a parent picked twice is forked (blocks shared)."""

@@ -120,7 +120,7 @@ class Seq2SeqEngine:
             raise ValueError(f"num_beams={settings.num_beams} exceeds max_running_requests")
         request.sequences = [self.decoding.new_sequence(request, [settings.decoder_start_token_id])]
         if settings.is_beam_search:
-            request.beam = BeamSearch(settings, [settings.decoder_start_token_id], self.pool.device)
+            request.beam = BeamSearch(settings, [settings.decoder_start_token_id])
         self.scheduler.add_request(request)
 
     def abort_request(self, request_id: str) -> bool:
@@ -156,9 +156,9 @@ class Seq2SeqEngine:
             if request.beam is None:
                 sampled.append((request, row))
             else:
-                beams.append((request, logits[row : row + n]))
+                beams.append((request, row))
             row += n
-        finished = self.decoding.sample(sampled, logits) + [(r, self.decoding.beam(r, rows)) for r, rows in beams]
+        finished = self.decoding.sample(sampled, logits) + self.decoding.beams(beams, logits)
         stepped_at = time.monotonic()
         for request in plan.scheduled:
             if request.first_token_at is None:
