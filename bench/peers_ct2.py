@@ -142,13 +142,15 @@ def translate(
     translator: Any, tokens: list[str], sentences: Sequence[list[int]], targets: Sequence[int], beams: int,
     batching: Batching, eos: int,
 ) -> list[list[int]]:  # fmt: skip
-    """W4 on a `ctranslate2.Translator`: each chunk decoded to its longest target; each sentence keeps its own
-    `target` tokens, the last replaced by `eos` -- what generate's forced_eos_token_id does on that step (the
-    W4 model's </s> is biased away, so CT2 never ends a hypothesis early either)."""
+    """W4 on a `ctranslate2.Translator`: each chunk decoded to its longest target less one; each sentence keeps
+    its own `target - 1` tokens and `eos` is appended: generate's forced_eos_token_id makes the last token </s>
+    whatever the model says (log-prob 0, so beams keep their order), which CT2 cannot force, so that step is
+    not decoded (generous to CT2 by one step per sentence). The W4 model's </s> is biased away and
+    min = max length, so no hypothesis ends early either."""
     ids = {token: i for i, token in enumerate(tokens)}  # translation results carry token strings only
     outputs: list[list[int]] = [[] for _ in sentences]
     for chunk in batching.chunks([len(s) for s in sentences], targets):
-        longest = max(targets[i] for i in chunk)
+        longest = max(targets[i] for i in chunk) - 1
         results = translator.translate_batch(
             [[tokens[t] for t in sentences[i]] for i in chunk], beam_size=beams, max_decoding_length=longest,
             min_decoding_length=longest, max_input_length=0,

@@ -12,13 +12,26 @@ Systems, in this process, greedy and beam 4, each warmed up once, then timed rou
   one generate per sentence    `model.generate` on one sentence at a time (on the first `--w4-sequential`
                                sentences only: it is slow; tokens/s is a rate, so it compares)
   generate, static batches     `model.generate` on batches of 16 in arrival order (padded, attention mask)
-  pagedq engine                `Seq2SeqEngine`: every sentence submitted at once, continuous batching
-Checks: the engine's outputs equal per-sentence `generate`, token for token, on the sequential subset.
+  pagedq fp32 / bf16 / int8     `Seq2SeqEngine`: every sentence submitted at once, continuous batching; bf16 the
+                               model cast to bf16; int8 its linear layers quantized by
+                               pagedq.worker.engine.quantization (skipped with a line when absent or refused)
+  ctranslate2 fp32 / int8      the peer (bench/peers_ct2.py): a `Translator` on the model converted in the run,
+                               int8 quantized at load. No continuous batching and no per-sentence length in a
+                               batch, so it is given the lengths (generous to it): sentences sorted by length,
+                               cut into chunks (the fastest of a few sizes, tried on int8, or
+                               `--w4-ct2-batching`), each chunk decoded to its longest target (min = max length),
+                               each sentence keeping its own tokens; the forced </s> appended undecoded
+Checks: the engine's outputs equal per-sentence `generate`, token for token, on the sequential subset; so does
+CT2 fp32 (greedy, and beam 4 where near-ties allow), CT2 int8 against CT2 fp32.
+"x best peer": tokens/s over the faster CT2 row's. "GEMM floor": the run's model FLOPs (module `w4_flops`) at
+the GEMM rate of the row's precision measured in the run, as a share of its time.
 KV bytes per request: the engine's peak blocks (cross blocks at the real encoder length, decoder blocks
 shared by beams) against generate's cache padded to its batch's longest input and output (cross K/V copied
 per beam, as generate expands encoder outputs).
 
 Run: `python bench/tasks.py --workload w4` (or `python bench/w4_translation.py`), `--quick` for a smoke run.
+Summary keys: w4_<greedy|beam>_vs_static, _vs_sequential (pagedq fp32), _vs_ct2_int8 (pagedq's fastest
+precision over CT2 int8), _bf16_vs_fp32, _kv_vs_padded, _exact.
 Plots tokens/s per system, greedy and beam 4 side by side, with the ratio to the static batches (bench/plots.py)
 to bench/plots/w4.png (`--plot`).
 """
@@ -26,14 +39,17 @@ to bench/plots/w4.png (`--plot`).
 from __future__ import annotations
 
 import argparse
+import copy
 import random
 import statistics
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import peers_ct2
 import plots
 import torch
 from transformers import GenerationConfig, MarianConfig, MarianMTModel
@@ -81,8 +97,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--w4-sequential", type=int, default=None, help="sentences for one generate each (16; 4 quick)")
     p.add_argument("--w4-max-requests", type=int, default=256, help="max_running_requests (sequences, beams count)")
     p.add_argument("--w4-budget", type=int, default=8192, help="max_batch_tokens of the engine")
-    p.add_argument("--w4-kv-gib", type=float, default=1.5, help="KV pool of the engine")
+    p.add_argument("--w4-kv-gib", type=float, default=None, help="KV pool of each engine (1.5; 0.5 quick)")
     p.add_argument("--w4-repeats", type=int, default=1, help="timed runs per system (a static beam run is long)")
+    p.add_argument("--w4-skip-peers", action="store_true", help="no CTranslate2 rows")
+    p.add_argument("--w4-ct2-batching", default="", help="CT2 chunks, e.g. examples:16 or tokens:2048 (default: "
+                   "the fastest of a few, tried on the int8 model, per decoding mode)")  # fmt: skip
 
 
 def w4_model() -> Any:
@@ -147,7 +166,7 @@ class EngineRun:
             max_batch_tokens=args.w4_budget,
             max_running_requests=args.w4_max_requests,
             block_size=16,
-            kv_cache_bytes=int(args.w4_kv_gib * 2**30),
+            kv_cache_bytes=int((args.w4_kv_gib or (0.5 if args.quick else 1.5)) * 2**30),
         )
         self.engine: Seq2SeqEngine | None = None
         self.peak_blocks: dict[str, int] = {}
@@ -209,7 +228,6 @@ def w4(args: argparse.Namespace) -> dict[str, float]:
     reference = w4_model()  # the engine switches its model's attention; generate runs on an untouched copy
     sentences, targets = w4_sentences(count)
     head = (sentences[:sequential_count], targets[:sequential_count])
-    per_token = kv_bytes_per_token(model)
     lengths = [len(s) for s in sentences]
     print(
         f"W4: {count} sentences of {min(lengths)}..{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}), "
@@ -217,25 +235,40 @@ def w4(args: argparse.Namespace) -> dict[str, float]:
         f"outputs of {min(targets)}..{max(targets)} tokens, {torch.get_num_threads()} threads, "
         f"{repeats} timed run(s) after a warm-up"
     )
+    models = pagedq_models(model)
+    peers = Peers(args, reference)
+    rates = peers_ct2.gemm_rates()
+    print(f"{peers_ct2.rates_line(rates)}; load average {load_average()}")
     summary: dict[str, float] = {}
     panels = []
     for beams, label in ((1, "greedy"), (4, "beam")):
-        engine_run = EngineRun(model, args, beams)
+        engine_runs = {name: EngineRun(m, args, beams) for name, m in models.items()}
         systems = [
             System("one generate per sentence", one_by_one(reference, beams), head),
             System(f"generate, batches of {STATIC_BATCH}", static_batches(reference, beams), (sentences, targets)),
-            System("pagedq engine", engine_run, (sentences, targets)),
+            *(System(name, run, (sentences, targets)) for name, run in engine_runs.items()),
+            *peers.systems(beams, (sentences, targets)),
         ]
         measure(systems, repeats)
-        sequential, static, ours = systems
-        static.kv_bytes = padded_kv_bytes(sentences, static.outputs, beams, per_token)
-        ours.kv_bytes = engine_run.kv_bytes(per_token)
+        by_name = {s.name: s for s in systems}
+        sequential, static, ours = systems[0], systems[1], by_name[PAGEDQ_FP32]
+        static.kv_bytes = padded_kv_bytes(sentences, static.outputs, beams, kv_bytes_per_token(model))
+        for name, run in engine_runs.items():
+            by_name[name].kv_bytes = run.kv_bytes(kv_bytes_per_token(models[name]))
         checked = sequential.sentences
         same = sum(a == b for a, b in zip(ours.outputs[:checked], sequential.outputs, strict=True))
-        print(table(f"{label} (num_beams={beams})", systems, same, checked))
+        flops = w4_flops(model.config, sentences, targets, beams)
+        print(table(f"{label} (num_beams={beams})", systems, same, checked, floor_shares(systems, flops, rates)))
+        print(peers.checks(by_name, sequential.outputs))
         panels.append(panel(f"{label} (num_beams={beams})", systems))
         summary[f"w4_{label}_vs_static"] = ours.tokens_per_s() / static.tokens_per_s()
         summary[f"w4_{label}_vs_sequential"] = ours.tokens_per_s() / sequential.tokens_per_s()
+        if PEER_INT8 in by_name:
+            best = max((by_name[name] for name in engine_runs), key=System.tokens_per_s)
+            print(f"fastest pagedq row: {best.name}")
+            summary[f"w4_{label}_vs_ct2_int8"] = best.tokens_per_s() / by_name[PEER_INT8].tokens_per_s()
+        if PAGEDQ_BF16 in by_name:
+            summary[f"w4_{label}_bf16_vs_fp32"] = by_name[PAGEDQ_BF16].tokens_per_s() / ours.tokens_per_s()
         summary[f"w4_{label}_kv_vs_padded"] = ours.kv_bytes / static.kv_bytes
         summary[f"w4_{label}_exact"] = same / checked
     summary["w4_kv_bytes_vs_padded"] = summary["w4_greedy_kv_vs_padded"]
@@ -245,23 +278,136 @@ def w4(args: argparse.Namespace) -> dict[str, float]:
     return summary
 
 
+PAGEDQ_FP32, PAGEDQ_BF16, PAGEDQ_INT8 = "pagedq fp32", "pagedq bf16", "pagedq int8"
+PEER_FP32, PEER_INT8 = "ctranslate2 fp32", "ctranslate2 int8"
+
+
+def pagedq_models(model: Any) -> dict[str, Any]:
+    """The models the paged engine runs: fp32, bf16 (a cast copy), int8 (when pagedq's quantization exists)."""
+    models = {PAGEDQ_FP32: model, PAGEDQ_BF16: copy.deepcopy(model).to(torch.bfloat16)}
+    int8, why = peers_ct2.pagedq_int8(model)
+    print(why)
+    if int8 is not None:
+        try:
+            Seq2SeqEngine(int8, EngineConfig(max_running_requests=4, kv_cache_bytes=2**24))  # its self-check
+            models[PAGEDQ_INT8] = int8
+        except ValueError as refused:
+            print(f"pagedq int8 skipped: the engine refused the int8 model: {refused}")
+    return models
+
+
+W4_BATCHINGS = [peers_ct2.Batching("examples", n) for n in (8, 16, 32)] + [peers_ct2.Batching("tokens", 2048)]
+
+
+class Peers:
+    """CTranslate2 fp32 and int8 Translators on the W4 model converted once (none, with a line, when
+    ctranslate2 is not installed or --w4-skip-peers); their batching picked per decoding mode."""
+
+    def __init__(self, args: argparse.Namespace, model: Any) -> None:
+        self.args, self.tokens = args, []
+        self.translators: dict[str, Any] = {}
+        if args.w4_skip_peers:
+            return
+        if not peers_ct2.available():
+            print(peers_ct2.SKIPPED)
+            return
+        with peers_ct2.temp_dir() as tmp:  # a loaded Translator holds its weights: the files can go
+            path, self.tokens = peers_ct2.convert_marian(model, Path(tmp))
+            self.translators = {
+                f"ctranslate2 {p}": peers_ct2.load("translator", path, compute_type, args.threads)
+                for p, compute_type in peers_ct2.COMPUTE_TYPES.items()
+            }
+
+    def run(self, name: str, beams: int, batching: peers_ct2.Batching) -> Run:
+        def run(sentences: list[list[int]], targets: list[int]) -> list[list[int]]:
+            translator = self.translators[name]
+            return peers_ct2.translate(translator, self.tokens, sentences, targets, beams, batching, EOS)
+
+        return run
+
+    def batching(self, beams: int, inputs: tuple[list[list[int]], list[int]]) -> peers_ct2.Batching:
+        if self.args.w4_ct2_batching:
+            kind, size = self.args.w4_ct2_batching.split(":")
+            chosen = peers_ct2.Batching(kind, int(size))
+        else:
+            sentences, targets = inputs
+            self.run(PEER_INT8, beams, W4_BATCHINGS[0])(sentences[:2], targets[:2])  # warm-up
+            chosen, tried = peers_ct2.best_batching(lambda b: self.run(PEER_INT8, beams, b)(*inputs), W4_BATCHINGS)
+            print(f"ctranslate2 int8 batching, beams {beams}, one run each: " + "; ".join(
+                f"{k} {v:.1f} s" for k, v in tried.items()))  # fmt: skip
+        print(
+            f"ctranslate2 rows: {chosen} (both precisions), each chunk decoded to its longest target (min = max "
+            f"length), each sentence's own tokens kept, the forced </s> appended undecoded; "
+            f"intra_threads={self.args.threads}, inter_threads=1"
+        )
+        return chosen
+
+    def systems(self, beams: int, inputs: tuple[list[list[int]], list[int]]) -> list[System]:
+        if not self.translators:
+            return []
+        batching = self.batching(beams, inputs)
+        return [System(name, self.run(name, beams, batching), inputs) for name in self.translators]
+
+    def checks(self, by_name: dict[str, System], reference: list[list[int]]) -> str:
+        """CT2 fp32 against per-sentence generate (the sequential subset), int8 against CT2 fp32."""
+        if PEER_FP32 not in by_name:
+            return ""
+        fp32, int8 = by_name[PEER_FP32].outputs, by_name[PEER_INT8].outputs
+        lines = [peers_ct2.agreement_line(PEER_FP32, fp32[: len(reference)], reference, "generate")]
+        lines.append(peers_ct2.agreement_line(PEER_INT8, int8, fp32, PEER_FP32))
+        if PAGEDQ_INT8 in by_name:
+            lines.append(peers_ct2.agreement_line(PAGEDQ_INT8, by_name[PAGEDQ_INT8].outputs,
+                                                  by_name[PAGEDQ_FP32].outputs, PAGEDQ_FP32))  # fmt: skip
+        return "\n".join(lines)
+
+
+def w4_flops(config: Any, sentences: list[list[int]], targets: list[int], beams: int) -> float:
+    """Model FLOPs of W4's tokens. Encoder: each source token through every layer (linear 4d^2 + 2df, attention
+    over its sentence). Decoder, per beam, per fed token (start + target - 1): self-attention and FFN linears,
+    cross-attention query and output, attention over its prefix and the source, the LM head. Cross-attention
+    K/V: once per sentence and layer (shared by beams). Embeddings and norms are not counted."""
+    d, f, vocab = config.d_model, config.encoder_ffn_dim, config.vocab_size
+    enc, dec = config.encoder_layers, config.decoder_layers
+    total = 0.0
+    for source, target in zip(sentences, targets, strict=True):
+        n = len(source)
+        total += enc * n * (2 * (4 * d * d + 2 * d * f) + 4 * d * n)
+        total += dec * n * 2 * 2 * d * d  # cross K/V
+        decoder = dec * target * (2 * (6 * d * d + 2 * d * f) + 4 * d * (target + 1) / 2 + 4 * d * n)
+        total += beams * (decoder + target * 2 * d * vocab)
+    return total
+
+
+def floor_shares(systems: list[System], flops: float, rates: dict[str, float]) -> dict[str, str]:
+    """Each full-workload row's GEMM floor share (the sequential subset runs other inputs: none)."""
+    return {s.name: peers_ct2.floor_share(flops, peers_ct2.precision_of(s.name), rates, s.median) for s in systems[1:]}
+
+
+def load_average() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def panel(title: str, systems: list[System]) -> plots.Panel:
     """tokens/s per system, as ratios to generate on static batches (the table's `vs static`)."""
     rows = [(s.name, s.tokens_per_s()) for s in systems]
     return plots.Panel(f"{title}; ratio: to static batches", rows, systems[1].name)
 
 
-def table(title: str, systems: list[System], same: int, checked: int) -> str:
+def table(title: str, systems: list[System], same: int, checked: int, floors: dict[str, str]) -> str:
     sequential, static = systems[0], systems[1]
-    header = f"{'system':<28} {'sentences':>9} {'tokens/s':>9} {'vs 1-by-1':>9} {'vs static':>9} {'KV MiB/req':>10}"
+    peer = max((s for s in systems if s.name.startswith("ctranslate2")), key=System.tokens_per_s, default=None)
+    header = f"{'system':<28} {'sentences':>9} {'tokens/s':>9} {'vs 1-by-1':>9} {'vs static':>9}"
+    header += f" {'x best peer':>11}" if peer else ""
+    header += f" {'GEMM floor':>10} {'KV MiB/req':>10}"
     lines = [f"-- {title}", header]
     for s in systems:
         rate = s.tokens_per_s()
         kv = f"{s.kv_bytes / 2**20:>10.2f}" if s.kv_bytes else f"{'':>10}"
-        lines.append(
-            f"{s.name:<28} {s.sentences:>9} {rate:>9.1f} {rate / sequential.tokens_per_s():>8.2f}x "
-            f"{rate / static.tokens_per_s():>8.2f}x {kv}"
-        )
+        line = f"{s.name:<28} {s.sentences:>9} {rate:>9.1f} {rate / sequential.tokens_per_s():>8.2f}x "
+        line += f"{rate / static.tokens_per_s():>8.2f}x"
+        line += f" {rate / peer.tokens_per_s():>10.2f}x" if peer else ""
+        lines.append(f"{line} {floors.get(s.name, '-'):>10} {kv}")
     mean_out = statistics.mean(len(o) for o in systems[2].outputs)
     lines.append(f"(output tokens per sentence: mean {mean_out:.1f}; pagedq == generate on {same}/{checked} sentences)")
     return "\n".join(lines)
