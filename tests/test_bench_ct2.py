@@ -158,3 +158,18 @@ def test_chunks_sort_by_length_within_the_budget() -> None:
 
 def test_agreement_counts_tokens_before_the_first_difference() -> None:
     assert peers_ct2.agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 0, 6]]) == (1, 4 / 6)
+
+
+def test_without_ctranslate2_the_benchmarks_skip_the_peers(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import engine
+    import w4_translation
+
+    monkeypatch.setattr(peers_ct2, "available", lambda: False)
+    w1_args = engine.parser().parse_args(["--quick"])
+    assert engine.ct2_systems(w1_args, model=None, reqs=[]) == []
+    w4_args = w4_translation.parser().parse_args(["--quick"])
+    assert w4_translation.Peers(w4_args, model=None).systems(1, ([], [])) == []
+    assert capsys.readouterr().out == f"{peers_ct2.SKIPPED}\n" * 2
+    assert peers_ct2.SKIPPED == "ctranslate2 not installed: peers skipped (pip install 'pagedq[bench]')"
