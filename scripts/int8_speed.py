@@ -5,7 +5,8 @@
 Shapes (the benchmarks' models, random weights, seeded):
   bert      BERT-base classifier (12 x 768, FFN 3072), one forward of --bert-batch x --bert-len tokens
   llama     the W1 56M Llama (8 x 512, FFN 1408, vocab 32000): one decode step of --rows rows over a
-            --context-token KV cache (transformers' own forward with a DynamicCache, cropped back after each step)
+            --context-token KV cache, in transformers' own forward (a DynamicCache, cropped back after each
+            step: its torch.cat of the cache costs as much as the linears) and in pagedq's paged engine
   marian    the W4 Marian 512 (6+6 x 512, FFN 2048, vocab 58101): one encoder pass of --rows sentences of
             --source-len tokens, and one decoder step of --rows rows
 Variants: fp32 and bf16 with their linear weights pre-packed for oneDNN, as the engine runs them
@@ -40,8 +41,11 @@ from transformers import (
 )
 
 from pagedq.worker.engine.cpu_linear import prepack_linears
+from pagedq.worker.engine.executor import EngineConfig
 from pagedq.worker.engine.host_memory import keep_freed_memory
+from pagedq.worker.engine.llm_engine import LLMEngine
 from pagedq.worker.engine.quantization import int8_kernel, quantize_int8
+from pagedq.worker.engine.sampling import SamplingParams
 
 SEED = 1234
 
@@ -148,6 +152,26 @@ def decode_step(model: Any, rows: int, context: int, encoder: Any = None) -> Cal
     return run
 
 
+def engine_decode_ms(model: Any, rows: int, context: int, steps: int, name: str) -> float:
+    """Median ms of one decode step of `rows` requests with `context`-token prompts through pagedq's own paged
+    engine (no self-check: see worker/engine/quantization.py on int8 and its tolerance)."""
+    config = EngineConfig(max_batch_tokens=rows * context, max_running_requests=rows, block_size=16)
+    engine = LLMEngine(model, config=config, namespace=name, num_blocks=rows * (context + steps + 2) // 16 + 8,
+                       self_check=False)  # fmt: skip
+    g = torch.Generator().manual_seed(SEED)
+    for i in range(rows):
+        prompt = torch.randint(3, model.config.vocab_size - 2, (context,), generator=g).tolist()
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))
+    engine.step()  # the prefill of every prompt (one step: the budget holds them all)
+    engine.step()  # a first decode step (warm-up)
+    times = []
+    while engine.has_unfinished_requests():
+        started = time.perf_counter()
+        engine.step()
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
 def greedy_agreement(models: dict[str, Any], prompts: list[torch.Tensor], new: int, seq2seq: bool) -> dict[str, Any]:
     """Per variant, against fp32: teacher-forced argmax agreement, equal free-running outputs, max rel |dlogit|."""
     ref = models["fp32"]
@@ -217,6 +241,8 @@ def main() -> None:
     if "llama" in shapes:
         vs = variants(llama())
         times = timed({n: decode_step(m, args.rows, args.context) for n, (m, _) in vs.items()}, repeats)
+        engine_times = {n: engine_decode_ms(copy.deepcopy(m), args.rows, args.context, repeats, n)
+                        for n, (m, _) in vs.items()}  # fmt: skip
         prompts = [torch.randint(3, 31000, (24,), generator=g) for _ in range(prompts_n)]
         agreement = greedy_agreement({n: m for n, (m, _) in vs.items()}, prompts, 16, seq2seq=False)
         for n, (_, prep) in vs.items():
@@ -224,7 +250,10 @@ def main() -> None:
             rows.append(("llama decode", n, times[n], f"greedy {a['agree']}/{a['positions']} teacher-forced, "
                          f"{a['equal']}/{len(prompts)} equal, max |dlogit|/max|logit| {a['dlogit']:.3f}; "
                          f"prepare {prep:.2f}s"))
+        for n in vs:
+            rows.append(("llama engine", n, engine_times[n], "pagedq's paged engine: one decode step"))
         summary["llama_decode_int8_speedup"] = times["fp32"] / times["int8"]
+        summary["llama_engine_decode_int8_speedup"] = engine_times["fp32"] / engine_times["int8"]
 
     if "marian" in shapes:
         vs = variants(marian())
