@@ -30,8 +30,8 @@ shared by beams) against generate's cache padded to its batch's longest input an
 per beam, as generate expands encoder outputs).
 
 Run: `python bench/tasks.py --workload w4` (or `python bench/w4_translation.py`), `--quick` for a smoke run.
-Summary keys: w4_<greedy|beam>_vs_static, _vs_sequential (pagedq fp32), _vs_ct2_int8 (pagedq's fastest
-precision over CT2 int8), _bf16_vs_fp32, _kv_vs_padded, _exact.
+Summary keys: w4_<greedy|beam>_vs_static, _vs_sequential (pagedq fp32), _bf16_vs_fp32, _kv_vs_padded, _exact;
+w4_greedy_vs_ct2_int8 and w4_beam4_vs_ct2_int8 (pagedq's fastest precision over CT2 int8).
 Plots tokens/s per system, greedy and beam 4 side by side, with the ratio to the static batches (bench/plots.py)
 to bench/plots/w4.png (`--plot`).
 """
@@ -227,7 +227,6 @@ def w4(args: argparse.Namespace) -> dict[str, float]:
     model = w4_model()
     reference = w4_model()  # the engine switches its model's attention; generate runs on an untouched copy
     sentences, targets = w4_sentences(count)
-    head = (sentences[:sequential_count], targets[:sequential_count])
     lengths = [len(s) for s in sentences]
     print(
         f"W4: {count} sentences of {min(lengths)}..{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}), "
@@ -235,47 +234,74 @@ def w4(args: argparse.Namespace) -> dict[str, float]:
         f"outputs of {min(targets)}..{max(targets)} tokens, {torch.get_num_threads()} threads, "
         f"{repeats} timed run(s) after a warm-up"
     )
-    models = pagedq_models(model)
-    peers = Peers(args, reference)
-    rates = peers_ct2.gemm_rates()
-    print(f"{peers_ct2.rates_line(rates)}; load average {load_average()}")
+    setup = Setup(args, reference, pagedq_models(model), Peers(args, reference), sentences, targets, sequential_count)
+    print(f"{peers_ct2.rates_line(setup.rates)}; load average {load_average()}")
     summary: dict[str, float] = {}
     panels = []
     for beams, label in ((1, "greedy"), (4, "beam")):
-        engine_runs = {name: EngineRun(m, args, beams) for name, m in models.items()}
-        systems = [
-            System("one generate per sentence", one_by_one(reference, beams), head),
-            System(f"generate, batches of {STATIC_BATCH}", static_batches(reference, beams), (sentences, targets)),
-            *(System(name, run, (sentences, targets)) for name, run in engine_runs.items()),
-            *peers.systems(beams, (sentences, targets)),
-        ]
-        measure(systems, repeats)
-        by_name = {s.name: s for s in systems}
-        sequential, static, ours = systems[0], systems[1], by_name[PAGEDQ_FP32]
-        static.kv_bytes = padded_kv_bytes(sentences, static.outputs, beams, kv_bytes_per_token(model))
-        for name, run in engine_runs.items():
-            by_name[name].kv_bytes = run.kv_bytes(kv_bytes_per_token(models[name]))
-        checked = sequential.sentences
-        same = sum(a == b for a, b in zip(ours.outputs[:checked], sequential.outputs, strict=True))
-        flops = w4_flops(model.config, sentences, targets, beams)
-        print(table(f"{label} (num_beams={beams})", systems, same, checked, floor_shares(systems, flops, rates)))
-        print(peers.checks(by_name, sequential.outputs))
-        panels.append(panel(f"{label} (num_beams={beams})", systems))
-        summary[f"w4_{label}_vs_static"] = ours.tokens_per_s() / static.tokens_per_s()
-        summary[f"w4_{label}_vs_sequential"] = ours.tokens_per_s() / sequential.tokens_per_s()
-        if PEER_INT8 in by_name:
-            best = max((by_name[name] for name in engine_runs), key=System.tokens_per_s)
-            print(f"fastest pagedq row: {best.name}")
-            summary[f"w4_{label}_vs_ct2_int8"] = best.tokens_per_s() / by_name[PEER_INT8].tokens_per_s()
-        if PAGEDQ_BF16 in by_name:
-            summary[f"w4_{label}_bf16_vs_fp32"] = by_name[PAGEDQ_BF16].tokens_per_s() / ours.tokens_per_s()
-        summary[f"w4_{label}_kv_vs_padded"] = ours.kv_bytes / static.kv_bytes
-        summary[f"w4_{label}_exact"] = same / checked
+        mode_summary, mode_panel = decoding_mode(setup, beams, label, repeats)
+        summary |= mode_summary
+        panels.append(mode_panel)
     summary["w4_kv_bytes_vs_padded"] = summary["w4_greedy_kv_vs_padded"]
     note = f"{'--quick: ' if args.quick else ''}{count} sentences, {repeats} timed run(s)"
     title = "W4: translation, random-weight Marian 6+6 x 512"
     print(plots.rates(plots.path_for(args.plot, "w4"), title, "generated tokens/s", panels, note))
     return summary
+
+
+@dataclass
+class Setup:
+    """What every decoding mode shares: the models, the peers, the inputs, the GEMM rates measured now."""
+
+    args: argparse.Namespace
+    reference: Any  # untouched by any engine: generate runs on it
+    models: dict[str, Any]  # pagedq row name -> the model its engine runs
+    peers: Peers
+    sentences: list[list[int]]
+    targets: list[int]
+    sequential_count: int
+    rates: dict[str, float] = field(default_factory=peers_ct2.gemm_rates)
+
+
+def decoding_mode(setup: Setup, beams: int, label: str, repeats: int) -> tuple[dict[str, float], plots.Panel]:
+    """Time every system at `beams`, print its table and checks; its summary entries and plot panel. The
+    engines live only here: one mode's KV pools are freed before the next mode's are allocated."""
+    inputs = (setup.sentences, setup.targets)
+    head = (setup.sentences[: setup.sequential_count], setup.targets[: setup.sequential_count])
+    engine_runs = {name: EngineRun(m, setup.args, beams) for name, m in setup.models.items()}
+    systems = [
+        System("one generate per sentence", one_by_one(setup.reference, beams), head),
+        System(f"generate, batches of {STATIC_BATCH}", static_batches(setup.reference, beams), inputs),
+        *(System(name, run, inputs) for name, run in engine_runs.items()),
+        *setup.peers.systems(beams, inputs),
+    ]
+    measure(systems, repeats)
+    by_name = {s.name: s for s in systems}
+    sequential, static, ours = systems[0], systems[1], by_name[PAGEDQ_FP32]
+    static.kv_bytes = padded_kv_bytes(setup.sentences, static.outputs, beams, kv_bytes_per_token(setup.reference))
+    for name, run in engine_runs.items():
+        by_name[name].kv_bytes = run.kv_bytes(kv_bytes_per_token(setup.models[name]))
+    checked = sequential.sentences
+    same = sum(a == b for a, b in zip(ours.outputs[:checked], sequential.outputs, strict=True))
+    flops = w4_flops(setup.reference.config, setup.sentences, setup.targets, beams)
+    title = f"{label} (num_beams={beams})"
+    print(table(title, systems, same, checked, floor_shares(systems, flops, setup.rates)))
+    print(setup.peers.checks(by_name, sequential.outputs))
+    summary = {
+        f"w4_{label}_vs_static": ours.tokens_per_s() / static.tokens_per_s(),
+        f"w4_{label}_vs_sequential": ours.tokens_per_s() / sequential.tokens_per_s(),
+    }
+    if PEER_INT8 in by_name:
+        best = max((by_name[name] for name in engine_runs), key=System.tokens_per_s)
+        print(f"fastest pagedq row: {best.name}")
+        summary[f"w4_{'greedy' if beams == 1 else f'beam{beams}'}_vs_ct2_int8"] = (
+            best.tokens_per_s() / by_name[PEER_INT8].tokens_per_s()
+        )
+    if PAGEDQ_BF16 in by_name:
+        summary[f"w4_{label}_bf16_vs_fp32"] = by_name[PAGEDQ_BF16].tokens_per_s() / ours.tokens_per_s()
+    summary[f"w4_{label}_kv_vs_padded"] = ours.kv_bytes / static.kv_bytes
+    summary[f"w4_{label}_exact"] = same / checked
+    return summary, panel(title, systems)
 
 
 PAGEDQ_FP32, PAGEDQ_BF16, PAGEDQ_INT8 = "pagedq fp32", "pagedq bf16", "pagedq int8"
