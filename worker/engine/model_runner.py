@@ -99,7 +99,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_ids: BlockIdsFn) -> tuple[torch.Tensor, list[Request]]:
-        """Run one step. Returns logits [N, vocab] (fp32) and the N requests that sample, in order."""
+        """Run one step. Returns logits [N, vocab] in the model's dtype (no fp32 copy of a bf16 model's rows:
+        the sampler upcasts only what it processes or samples from) and the N requests that sample, in order."""
         self.cache.copy_blocks(out.copies)
         input_ids, positions, keep, samplers, meta = self._prepare(out, block_ids)
         self.cache.step_metadata = meta  # for layers that call cache.update() without their kwargs
@@ -114,7 +115,7 @@ class ModelRunner:
             )
         finally:
             self.cache.step_metadata = None
-        return result.logits[0].float(), samplers
+        return result.logits[0], samplers
 
     def _prepare(
         self, out: SchedulerOutput, block_ids: BlockIdsFn

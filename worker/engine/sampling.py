@@ -3,9 +3,11 @@
 In generate's order (`GenerationMixin._get_logits_processor`): first the request's logits processors
 (`logits_processors`: repetition penalty, n-gram and word bans, minimum length, forced and suppressed
 tokens) on a float32 copy of the raw logits of every row that has any -- greedy and sampled alike; then
-greedy rows are decided with one `argmax` over all of them, and sampled rows apply the warpers in fp32
-(temperature, top-k, top-p, min-p, typical-p, epsilon and eta cutoffs) and draw with the request's own
-`torch.Generator` when it has a seed, so a seeded request gives the same tokens whatever else shares its batch.
+greedy rows are decided with one `argmax` over all of them (on the logits as the model computed them: for bf16
+that is the argmax of their exact fp32 upcast; the native kernel's where built, `native.argmax_rows`), and
+sampled rows apply the warpers in fp32 (temperature, top-k, top-p, min-p, typical-p, epsilon and eta
+cutoffs) and draw with the request's own `torch.Generator` when it has a seed, so a seeded request gives
+the same tokens whatever else shares its batch.
 
 Any positive temperature stays finite: logits are shifted so their maximum is exactly 0 before they are
 divided, so a vanishing temperature sends every other logit to -inf (argmax) instead of inf - inf = NaN.
@@ -27,6 +29,7 @@ from transformers.generation.logits_process import (
 )
 
 from pagedq.worker.engine.logits_processors import NO_PROCESSORS, ProcessorSettings, Row, process_rows
+from pagedq.worker.engine.native import argmax_rows
 from pagedq.worker.engine.request import Request, RequestStatus
 
 #: Temperatures below this sample greedily: `exp(-gap / T)` for any logit gap the model can tell apart is 0.
@@ -91,11 +94,11 @@ class Sampler:
         out = torch.empty(len(requests), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
         if len(greedy) == len(requests):
-            out = logits.argmax(dim=-1)
+            out = argmax_rows(logits)
         else:
             if greedy:
                 idx = torch.tensor(greedy, device=logits.device)
-                out[idx] = logits[idx].argmax(dim=-1)
+                out[idx] = argmax_rows(logits[idx])
             for i, request in enumerate(requests):
                 if not request.sampling_params.greedy:
                     out[i] = self._sample_row(logits[i], request)

@@ -314,7 +314,7 @@ INLINE void values_all(const void *const *rows, const float *scores, int64_t n, 
 static inline float capped(float s, float softcap) { return softcap > 0.0f ? tanhf(s / softcap) * softcap : s; }
 
 /* s[i] = exp(s[i] - m) for n scores; returns their sum. */
-INLINE float exp_sum(float *s, int64_t n, float m) {
+__attribute__((noinline)) static float exp_sum(float *s, int64_t n, float m) {
     float total = 0.0f;
     int64_t i = 0;
 #if HAVE_VEC
@@ -334,8 +334,10 @@ INLINE float exp_sum(float *s, int64_t n, float m) {
     return total;
 }
 
-INLINE void keep_scores(const float *s8, int64_t h, int count, int64_t n, int64_t i, const Job *job, float *scores,
-                        float *maxs) {
+/* The steps that do not read K/V are out of line, one copy for both dtypes (-ffast-math could otherwise
+ * compile each inlined copy's float arithmetic differently; the K/V paths use intrinsics). */
+__attribute__((noinline)) static void keep_scores(const float *s8, int64_t h, int count, int64_t n, int64_t i,
+                                                  const Job *job, float *scores, float *maxs) {
     for (int j = 0; j < count; j++) {
         const float s = capped(s8[j] * job->scale, job->softcap);
         scores[(h + j) * n + i] = s;
@@ -382,6 +384,23 @@ INLINE void position_scores(const float *q, const void *k, int64_t n, int64_t i,
     for (; h < H; h++) {
         s8[0] = dot(q + h * D, as_f32(offset(k, (h / G) * D, kvb), D, kvb, kf), D);
         keep_scores(s8, h, 1, n, i, job, scores, maxs);
+    }
+}
+
+/* Row r's outputs from its value sums: out = acc / sum (fp32, or rounded to bf16), lse = max + log(sum). */
+__attribute__((noinline)) static void finish_row(const Job *job, int64_t r, const float *acc, const float *maxs,
+                                                 const float *sums) {
+    const int64_t H = job->heads, D = job->head_dim;
+    for (int64_t h = 0; h < H; h++) {
+        const float inv = 1.0f / sums[h];
+        if (job->out_bf16) {
+            uint16_t *o = (uint16_t *)job->out + (r * H + h) * D;
+            for (int64_t d = 0; d < D; d++) o[d] = f32_to_bf16(acc[h * D + d] * inv);
+        } else {
+            float *o = (float *)job->out + (r * H + h) * D;
+            for (int64_t d = 0; d < D; d++) o[d] = acc[h * D + d] * inv;
+        }
+        job->lse[r * H + h] = maxs[h] + logf(sums[h]);
     }
 }
 
@@ -447,17 +466,7 @@ INLINE void run_rows(Job *job, const int kvb) {
                     axpy(acc + h * D, scores[h * n + p - lo], as_f32(offset(v, (h / G) * D, kvb), D, kvb, kf), D);
             }
         }
-        for (int64_t h = 0; h < H; h++) {
-            const float inv = 1.0f / sums[h];
-            if (job->out_bf16) {
-                uint16_t *o = (uint16_t *)job->out + (r * H + h) * D;
-                for (int64_t d = 0; d < D; d++) o[d] = f32_to_bf16(acc[h * D + d] * inv);
-            } else {
-                float *o = (float *)job->out + (r * H + h) * D;
-                for (int64_t d = 0; d < D; d++) o[d] = acc[h * D + d] * inv;
-            }
-            lse[h] = maxs[h] + logf(sums[h]);
-        }
+        finish_row(job, r, acc, maxs, sums);
     }
     free(scores), free(acc), free(qf), free(kf), free(maxs), free(sums), free(vrows);
 }
@@ -525,4 +534,67 @@ int pagedq_paged_decode(const void *q, const void *k_cache, const void *v_cache,
     for (int i = 0; i < threads; i++)
         if (jobs[i].status) status = jobs[i].status;
     return status;
+}
+
+/* ---- greedy sampling ---------------------------------------------------------------------------------- */
+
+/* The index of the first maximum of x[0..n) (fp32 or bf16), the first NaN if there is one: torch.argmax's
+ * answer. One pass for the maximum (vectorised), one to find where it is. */
+INLINE int64_t argmax_row(const void *x, int64_t n, int bf16) {
+    float m = -INFINITY;
+    int nan = 0;
+    int64_t i = 0;
+#if HAVE_VEC
+    vec mv = vset1(-INFINITY), bad = vzero();
+    for (; i + VL <= n; i += VL) {
+        const vec v = vload_kv(x, i, bf16);
+#if VL == 16
+        mv = _mm512_max_ps(mv, v);
+        bad = _mm512_mask_mov_ps(bad, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), vset1(1.0f));
+#else
+        mv = _mm256_max_ps(mv, v);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+#endif
+    }
+    float lanes[VL], flags[VL];
+    vstore(lanes, mv);
+    vstore(flags, bad);
+    for (int j = 0; j < VL; j++) {
+        m = lanes[j] > m ? lanes[j] : m;
+        nan |= flags[j] != 0.0f;
+    }
+#endif
+    for (; i < n; i++) {
+        const float v = bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+        if (v != v) nan = 1;
+        m = v > m ? v : m;
+    }
+    i = 0;
+#if HAVE_VEC
+    if (!nan) {
+        const vec target = vset1(m);
+        for (; i + VL <= n; i += VL) {
+#if VL == 16
+            const unsigned hit = _mm512_cmp_ps_mask(vload_kv(x, i, bf16), target, _CMP_EQ_OQ);
+#else
+            const unsigned hit = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(vload_kv(x, i, bf16), target, _CMP_EQ_OQ));
+#endif
+            if (hit) return i + __builtin_ctz(hit);
+        }
+    }
+#endif
+    for (; i < n; i++) {
+        const float v = bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+        if (nan ? v != v : v == m) return i;
+    }
+    return 0; /* n == 0, or every value is -inf: torch's answer is 0 too */
+}
+
+/* out[r] = argmax of row r of x [rows, n] (rows `row_stride` elements apart); bf16: x is bf16. */
+void pagedq_argmax_rows(const void *x, int64_t rows, int64_t n, int64_t row_stride, int bf16, int64_t *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const void *row = bf16 ? (const void *)((const uint16_t *)x + r * row_stride)
+                               : (const void *)((const float *)x + r * row_stride);
+        out[r] = bf16 ? argmax_row(row, n, 1) : argmax_row(row, n, 0);
+    }
 }
