@@ -176,10 +176,9 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_float(cls, module: nn.Module) -> Int8Linear:
         """From an `nn.Linear` (weight [out, in]) or a transformers `Conv1D` (weight [in, out])."""
-        weight = module.weight
-        if _is_conv1d(module):
-            weight = weight.t()
-        return cls(weight, module.bias)
+        weight, bias = _weight(module), module.bias
+        assert bias is None or isinstance(bias, torch.Tensor)
+        return cls(weight.t() if _is_conv1d(module) else weight, bias)
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles leave the packed weight behind (an opaque oneDNN tensor); it is rebuilt on use."""
@@ -240,6 +239,12 @@ class QuantizationSummary:
             f"({self.int8_params / 1e6:.1f}M weights) int8 via {self.kernel}, {self.kept} kept fp32 "
             f"({self.fp32_params / 1e6:.1f}M), LM head {'int8' if self.lm_head else 'fp32'}"
         )
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -303,9 +308,9 @@ def quantize_int8(model: nn.Module, *, lm_head: bool = DEFAULT_LM_HEAD) -> nn.Mo
                 continue
             if id(child) in kept_ids:
                 kept += 1
-                kept_params += child.weight.numel()
+                kept_params += _weight(child).numel()
                 continue
-            check_device(child.weight.device)
+            check_device(_weight(child).device)
             swaps.append((parent, name, child))
     done: dict[int, Int8Linear] = {}  # a module shared by two parents is quantized once
     for parent, name, child in swaps:
