@@ -170,8 +170,9 @@ _BUILD_CHECK = textwrap.dedent(
         rows = []
         for r, (s, n) in enumerate(zip(starts.tolist(), lens.tolist())):
             table = flat[s : s + 3]
-            kk = k.double()[table].flatten(0, 1)[:n][max(0, n - 5):].transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
-            vv = v.double()[table].flatten(0, 1)[:n][max(0, n - 5):].transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
+            seen = slice(max(0, n - 5), n)
+            kk = k.double()[table].flatten(0, 1)[seen].transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
+            vv = v.double()[table].flatten(0, 1)[seen].transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
             sc = torch.tanh((kk @ q.double()[r, :, :, None])[..., 0] * 0.1 / 30.0) * 30.0
             rows.append((torch.softmax(sc, -1)[:, None] @ vv)[:, 0])
         assert (o16.double() - torch.stack(rows)).abs().max() < 2e-6
