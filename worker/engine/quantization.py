@@ -28,6 +28,18 @@ rounding, ~1e-7 relative). That path has fp32 speed and an fp32 copy of the int8
 int8 registry entry serves everywhere, not to be fast there. The pre-packed weight (oneDNN kernel) is a second
 int8 copy: an int8 model holds 2 bytes per quantized weight, against fp32's 4 (8 with cpu_linear's packed copy).
 
+Why this method (measured on the 2-core AVX-512 VNNI/AMX machine, torch 2.13, one thread, ms per call, min of
+runs): torch.ao's `quantize_dynamic` (onednn engine) is as fast per layer but per-tensor; weight-only int8
+(`torch.ops.aten._weight_int8pack_mm`) has no fast CPU kernel here ([1024 x 768] x [768 x 3072]: 4570 fp32 /
+219 bf16 activations, against 58 for fp32 MKL); `torch._int_mm` needs a separate dequantizing epilogue (2x
+slower than oneDNN's fused per-channel scale). Whole models (scripts/int8_speed.py, one thread, median, load
+~10 on 2 cores; ratios to fp32 with pre-packed weights): BERT-base forward of 8 x 128 tokens int8 2.1-2.3x
+(bf16 3.7-4.1x); W1's 56M Llama, one 32-row decode step in pagedq's engine int8 1.8-2.3x (bf16 2.1-2.7x; int8
+with an fp32 head 1.4-1.8x); Marian 512 encoder int8 1.9x (bf16 3.5x), decoder step 1.8-2.0x (bf16 1.9-2.0x).
+On this AMX machine bf16 is as fast or faster; int8 pays where bf16 has no hardware path (VNNI without
+AVX512-BF16/AMX: Cascade Lake, Ice Lake). Per-token quantization of the activations is 4-5 eager passes over
+them: about as long as the int8 GEMM itself on encoder-sized inputs (a fused kernel would remove most of it).
+
 Which layers: every `nn.Linear` (and transformers' GPT-2-style `Conv1D`) of the model, except
   - the task head outside the base model (classifier, QA span head: a few columns, no speed to gain) and a
     pooler (one row per input);
