@@ -45,6 +45,7 @@ from pagedq.worker.engine.encoder_packing import (
 from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
 from pagedq.worker.engine.host_memory import _MMAP_THRESHOLD_MAX
 from pagedq.worker.engine.packing_check import probe_encodings, relative_error, served_outputs, tolerance
+from pagedq.worker.engine.quantization import check_dtype
 from pagedq.worker.engine.varlen_attention import SEGMENTS_KWARG, Segments
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ class EncoderForward:
             error, failure = relative_error(reference, packed), ""
         except Exception as exc:  # noqa: BLE001 - a packed forward that raises is refused like a wrong one
             error, failure = float("inf"), f" ({type(exc).__name__}: {exc})"
-        limit = tolerance(model.dtype)  # the weights' dtype (a caller may have cast the model after loading)
+        limit = tolerance(check_dtype(model))  # the weights' dtype now (a caller may have cast the model)
         if error <= limit:
             return None
         self.layout = None

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pagedq.worker.engine.quantization import check_dtype
 from pagedq.worker.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ def self_check(engine: LLMEngine) -> ProbeResult:
         raise UnsupportedModel(f"{type(model).__name__} fails on the paged path: {type(exc).__name__}: {exc}") from exc
     finally:
         engine.reset_after_probe(ids)
-    tolerance = LOGIT_TOLERANCE.get(model.dtype, HALF_TOLERANCE)
+    tolerance = LOGIT_TOLERANCE.get(check_dtype(model), HALF_TOLERANCE)
     worst = 0.0
     for i, prompt in enumerate(prompts):
         ref = _eager_logits(model, prompt + tokens[i][:-1], len(tokens[i]))  # [steps, vocab]

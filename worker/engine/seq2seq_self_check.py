@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from pagedq.worker.engine._generation import DecodeSettings
+from pagedq.worker.engine.quantization import check_dtype
 from pagedq.worker.engine.seq2seq_engine import Seq2SeqEngine
 
 PROBE_LENGTHS = (5, 13, 29)  # source tokens, EOS included; capped by the model's positions
@@ -122,7 +123,7 @@ def _probe(engine: Seq2SeqEngine) -> tuple[str, float]:
     )
     outputs = engine.generate(inputs, settings)
     engine.observe_logits = None
-    tolerance = RELATIVE_TOLERANCE.get(model.dtype, RELATIVE_TOLERANCE[torch.bfloat16])
+    tolerance = RELATIVE_TOLERANCE.get(check_dtype(model), RELATIVE_TOLERANCE[torch.bfloat16])
     worst = 0.0
     with engine.runner.original_attention_implementation(), torch.inference_mode():
         for ids, out in zip(inputs, outputs, strict=True):
