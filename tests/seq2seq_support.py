@@ -53,6 +53,9 @@ from transformers import (
     UMT5ForConditionalGeneration,
 )
 
+from pagedq.shared.models import GenerationOptions
+from pagedq.worker.engine._generation import decode_settings
+
 VOCAB = 96
 PAD, EOS, START = 0, 1, 2
 FIRST_WORD = 4  # ids below are special
@@ -232,6 +235,34 @@ def build_pair(name: str, seed: int = 0, sharp: bool = False, **generation: Any)
     defaults = dict(decoder_start_token_id=START, pad_token_id=PAD, eos_token_id=EOS, max_length=MAX_NEW_TOKENS + 1)
     model.generation_config = GenerationConfig(**{**defaults, **generation})
     return Pair(model, copy.deepcopy(model))
+
+
+def teacher_forced_logits(engine: Any, inputs: list[list[int]], teacher: list[list[int]]) -> list[torch.Tensor]:
+    """The engine's fp32 logits [steps, vocab] for each input while its decoder is fed `teacher[i]` (greedy
+    settings, `len(teacher[i])` steps; the picks are replaced by the teacher's tokens)."""
+    logits: dict[str, list[torch.Tensor]] = {}
+    forced = {f"teacher-{i}": tokens for i, tokens in enumerate(teacher)}
+
+    def observe(requests: Any, rows: torch.Tensor) -> None:
+        row = 0
+        for request in requests:
+            logits.setdefault(request.request_id, []).append(rows[row].float())
+            row += len(request.sequences)
+
+    def pick(_rows: torch.Tensor, sequences: Any) -> list[int]:
+        return [forced[seq.request_id.split("#")[0]][len(seq.output_token_ids)] for seq in sequences]
+
+    sampler = engine.decoding.sampler
+    engine.observe_logits, engine.decoding.sampler = observe, pick
+    try:
+        for (rid, tokens), ids in zip(forced.items(), inputs, strict=True):
+            options = GenerationOptions(max_new_tokens=len(tokens))
+            engine.add_request(rid, ids, decode_settings(engine.model, options))
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        engine.observe_logits, engine.decoding.sampler = None, sampler
+    return [torch.stack(logits[rid]) for rid in forced]
 
 
 def random_inputs(n: int, lengths: tuple[int, int] = (3, 40), seed: int = 1) -> list[list[int]]:

@@ -30,9 +30,11 @@ cross-attention memory is its real encoder length of h: 1 / (2 * layers) of page
 The price is compute: per decoder row and layer, two [D] x [D, d_model] projections per head, and scores
 over d_model instead of head_dim -- a few percent of a decoder step's FLOPs for sentences of ~100 tokens.
 
-Native kernel (fp32 pool on CPU, `worker/engine/native`): single-token decoder rows attend to their own
-self blocks, and every decoder row to its request's encoder pages (keys = values = h, one kv head), in
-place: no gather, no padding (`NativeRows`). T5's decoder self-attention keeps SDPA (its bias).
+Native kernel (fp32 or bf16 pool on CPU, `worker/engine/native`): single-token decoder rows attend to their
+own self blocks, and every decoder row to its request's encoder pages (keys = values = h, one kv head), in
+place: no gather, no padding (`NativeRows`). The beams of a request are one kernel row of num_beams * H query
+heads over its pages (`NativeCross`), so the pages are read once per request, not once per beam; each head's
+arithmetic is the same either way. T5's decoder self-attention keeps SDPA (its bias).
 
 Otherwise buckets pad only the attention (never the linear layers): rows of similar length are gathered into one
 `[B, H, L, D]` SDPA with a key mask; the padding is masked, never computed into the result.
@@ -186,6 +188,16 @@ class NativeRows:
 
 
 @dataclass
+class NativeCross:
+    """Requests with `n` decoder rows each (their beams), read by the native kernel as one row of n * H query
+    heads over one key/value head (the encoder rows h): a request's pages are read once for all its beams."""
+
+    n: int
+    tables: NativeRows  # one row per request, in order
+    rows: slice | torch.Tensor  # the requests' decoder rows, request-major: a slice when they are contiguous
+
+
+@dataclass
 class Seq2SeqMetadata:
     """Everything the attention layers need for one forward pass; built once per pass by the runner."""
 
@@ -197,7 +209,7 @@ class Seq2SeqMetadata:
     cross: list[CrossBucket] = field(default_factory=list)
     decoder_bias: Any = None  # T5: the decoder's layer-0 T5Attention (owner of relative_attention_bias)
     native_decode: NativeRows | None = None  # single-token self rows through the kernel (then `decode` is empty)
-    native_cross: NativeRows | None = None  # every row's cross-attention through the kernel (then `cross` is empty)
+    native_cross: list[NativeCross] | None = None  # every row's cross-attention through the kernel (`cross` empty)
 
     @property
     def is_encoder_pass(self) -> bool:
@@ -330,14 +342,18 @@ def _cross_attention(
     w_k, w_v, b_v = _cross_projections(module, heads, dim)
     q = torch.bmm(query[0], w_k)  # [H, T, d_model]: each head's query in h's space
     scale = scaling if scaling is not None else dim**-0.5  # the head's scale: (Wk^T q) . h == q . k
-    native = meta.native_cross
-    if native is not None:  # every row, in row order
+    if meta.native_cross is not None:  # every row, through the kernel, requests grouped by their number of rows
         states = meta.pool.encoder_states.unsqueeze(2)  # [pages, rows per page, 1 kv head, d_model]
-        context, _ = paged_decode(
-            q.transpose(0, 1).contiguous(), states, states, native.block_ids, native.table_start, native.lens,
-            scale, None,
-        )  # fmt: skip
-        context = context.transpose(0, 1)  # [H, T, d_model]
+        by_row = q.transpose(0, 1)  # [T, H, d_model]
+        context_rows = by_row.new_empty(by_row.shape)
+        for group in meta.native_cross:
+            rows_q = by_row[group.rows].reshape(-1, group.n * heads, by_row.shape[2])  # [R, n * H, d_model]
+            tables = group.tables
+            o, _ = paged_decode(
+                rows_q.contiguous(), states, states, tables.block_ids, tables.table_start, tables.lens, scale, None
+            )
+            context_rows[group.rows] = o.view(-1, heads, by_row.shape[2])
+        context = context_rows.transpose(0, 1)  # [H, T, d_model]
     else:
         context = torch.zeros_like(q)
     for bucket in meta.cross:

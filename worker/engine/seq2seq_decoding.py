@@ -2,7 +2,9 @@
 
 - greedy and sampling (one sequence per request): generate's logits processors (`seq2seq_logits`) on the raw
   logits of all such rows at once, then `sampling.Sampler` (argmax, or temperature / top-k / top-p with the
-  request's own seeded generator); stop on EOS or at the length limit;
+  request's own seeded generator); stop on EOS or at the length limit. The rows stay in the model's dtype:
+  the processors only ban (-inf) or force (0 and -inf), exact in bf16, and the argmax of bf16 logits is
+  that of their exact fp32 upcast, which generate takes; sampling widens its rows to fp32;
 - beam search: log-softmax, the processors, then `beam_search.step_beams`, for all beam requests of the
   step at once; the next beams continue their parents' sequences -- a parent picked twice is forked,
   sharing its blocks (copy-on-write when they diverge), a parent not picked frees its blocks.
@@ -99,7 +101,7 @@ class Decoding:
             picked = logits[rows[0] : rows[0] + len(rows)]
         else:
             picked = logits.index_select(0, torch.tensor(rows, device=logits.device))
-        scores = torch.log_softmax(picked, dim=-1)
+        scores = torch.log_softmax(picked, dim=-1, dtype=torch.float32)  # generate: fp32 logits, then log-softmax
         tokens = [[r.sequences[b].all_token_ids for b in bs] for (r, _), bs in zip(group, beam_rows, strict=True)]
         process_scores(scores, [(r.settings, t) for (r, _), ts in zip(group, tokens, strict=True) for t in ts])
         picks = step_beams([r.beam for r, _ in group], scores, tokens)  # type: ignore[misc]
