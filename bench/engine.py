@@ -421,7 +421,8 @@ def main() -> None:
         for r in res.values()
     }
     print(table(list(res.values()), baselines, floors))
-    print(getattr(args, "ct2_note", ""))
+    if hasattr(args, "ct2_note"):
+        print(args.ct2_note)
     print(f"{peers_ct2.rates_line(rates)}; the run's model FLOPs {flops / 1e9:.0f} G; load average {load_average()}")
     summary = {"w1_bf16_vs_fp32": res["bf16"].tok_s / res["fp32"].tok_s}
     summary |= ct2_checks(model, res, reqs, args)
