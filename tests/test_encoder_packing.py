@@ -264,8 +264,8 @@ def test_packed_bf16_stays_close_to_fp32(model_dirs: dict[str, Path]) -> None:
 
 
 def test_segments_attend_in_groups_of_similar_length() -> None:
-    """Longest first; a segment joins while >= GROUP_MIN_SHARE of the group's longest; every token once;
-    padding slots write to spare output rows past the packed row, one each."""
+    """Longest first; a segment joins while >= GROUP_MIN_SHARE of the group's longest; every token once; one
+    gather of every group's slots, one take back to packed order."""
     lengths = [10, 3, 9, 3, 7, 6]
     segments = Segments.from_lengths(lengths)
     assert GROUP_MIN_SHARE == 0.85
@@ -277,10 +277,9 @@ def test_segments_attend_in_groups_of_similar_length() -> None:
     assert second.slots.view(2, 7)[0].tolist() == list(range(25, 32))  # the 7-token segment starts at 25
     assert second.real.sum() == 7 + 6
     assert segments.padding_slots == 1 + 1
-    dest = torch.cat([g.dest for g in segments.groups]).sort().values
-    assert dest.tolist() == list(range(sum(lengths) + segments.padding_slots))
-    for g in segments.groups:
-        assert g.dest[g.real].tolist() == g.rows.tolist()
+    assert [g.offset for g in segments.groups] == [0, 20, 34]
+    assert segments.gather.tolist() == torch.cat([g.slots for g in segments.groups]).tolist()
+    assert segments.gather[segments.take].tolist() == list(range(sum(lengths)))
 
 
 @pytest.mark.parametrize("rule", list(PositionRule))

@@ -5,17 +5,25 @@ step's `Segments` reach every attention call as the extra model keyword `SEGMENT
 
 Segments are attended in groups of similar length, gathered into a padded batch only inside attention::
 
-    segments (lengths)     A(250) B(200) C(180) D(40) E(30) F(30)          sorted longest first
+    segments (lengths)     A(250) B(230) C(220) D(40) E(36) F(35)          sorted longest first
     groups                 [A B C] padded to 250, key mask    [D E F] padded to 40, key mask
-    per group              q/k/v rows gathered to [n, H, longest, D] -> one SDPA call -> real rows scattered back
+    per group              q/k/v rows gathered to [n, H, longest, D] -> one SDPA call -> rows put back in place
 
 A segment joins the current group while it is at least `GROUP_MIN_SHARE` of the group's longest, so padding
-at most doubles a group's attention FLOPs (about 1.3x on average for uniform lengths) and lengths 8..256 make
-at most ~10 groups however many segments there are. Why not one SDPA call per segment (no padding at all):
-on the 2-core CPU, a BERT-base step of 8,192 tokens ran ~17% faster grouped (many small parallel regions
-suffer when the cores are shared); the linear layers, where nearly all FLOPs are, never see padding either way.
+adds at most (1 / 0.85)^2 = 1.38x to a group's attention FLOPs (1.14x measured for uniform lengths 8..256),
+and lengths 8..256 make at most ~22 groups however many segments there are. Why not one SDPA call per
+segment (no padding at all): on the 2-core CPU, a BERT-base step of 8,192 tokens ran ~17% faster grouped (many
+small parallel regions suffer when the cores are shared; bf16 per segment was 3x slower still); the linear
+layers, where nearly all FLOPs are, never see padding either way.
 
-Invariants: groups cover every token of the row exactly once; a group's mask is None when it has no padding.
+bf16 on an AMX CPU (one thread, BERT-base layer, 64 texts of 8..256 tokens = 9,217 tokens; 2026-12, torch
+2.13, a loaded machine): 115 ms per layer when every group was upcast to fp32 and gathered per [T, H, D] row
+(the copies cost more than SDPA), 65 ms in bf16 with one gather per input and one scatter per group at
+GROUP_MIN_SHARE 0.7, ~10% less at 0.85 (less padding; the extra SDPA calls are cheap). SDPA itself is then
+~85% of it, at 80-190 GFLOP/s depending on the group's length (the linear layers reach ~1,000).
+
+Invariants: groups cover every token of the row exactly once; a group's mask is None when it has no padding;
+every slot has its own output row (`dest`), so the scatter never writes a row twice.
 """
 
 from __future__ import annotations
@@ -35,33 +43,61 @@ SEGMENTS_KWARG = "pagedq_segments"  # the model keyword that carries a step's `S
 GROUP_MIN_SHARE = 0.85  # a segment joins a group while its length >= this share of the group's longest
 
 
+def _native_half_dtypes() -> frozenset[torch.dtype]:
+    """Half-precision dtypes this CPU computes natively (AVX512-BF16 / AMX-BF16, AVX512-FP16 / AMX-FP16)."""
+    try:
+        flags = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):  # a torch without the query: treat half precision as emulated
+        return frozenset()
+    native = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+    return frozenset(dtype for dtype, names in native.items() if any(flags.get(name) for name in names))
+
+
+#: SDPA runs in these dtypes on CPU as given; other half precision is upcast to fp32 per group (emulated bf16
+#: SDPA on an AVX2-only CPU is several times slower than fp32).
+CPU_NATIVE_HALF = _native_half_dtypes()
+
+
 @dataclass(frozen=True)
 class AttentionGroup:
     """Segments attended in one SDPA call: `size` segments padded to `longest` slots each."""
 
     size: int
     longest: int
+    offset: int  # its first slot in the step's slot order (`Segments.gather`)
     slots: torch.Tensor  # [size * longest] packed row of every slot (row 0 where the slot is padding)
     real: torch.Tensor  # [size * longest] bool: the slot holds a token
     rows: torch.Tensor  # packed rows of the real slots, in slot order
     key_mask: torch.Tensor | None  # [size, 1, 1, longest] True for real keys; None without padding
-    dest: torch.Tensor  # [size * longest] output row of every slot: its packed row, or a spare row past the end
 
 
 @dataclass(frozen=True)
 class Segments:
-    """A step's packing: segment i holds tokens [starts[i], starts[i] + lengths[i]) of the packed row."""
+    """A step's packing: segment i holds tokens [starts[i], starts[i] + lengths[i]) of the packed row.
+
+    `gather` [slots]: the packed row of every slot of every group, groups in order; `take` [T]: where each
+    packed row's token sits in that slot order (so `gather[take]` is 0, 1, ..., T - 1)."""
 
     starts: tuple[int, ...]
     lengths: tuple[int, ...]
     groups: tuple[AttentionGroup, ...]
+    gather: torch.Tensor
+    take: torch.Tensor
 
     @classmethod
     def from_lengths(cls, lengths: Sequence[int], device: Any = "cpu") -> Segments:
         starts = [0]
         for n in lengths[:-1]:
             starts.append(starts[-1] + n)
-        return cls(tuple(starts), tuple(lengths), _group(starts, lengths, torch.device(device)))
+        groups = _group(starts, lengths)
+        gather = torch.cat([g.slots for g in groups])
+        take = torch.empty(sum(lengths), dtype=torch.long)
+        for g in groups:
+            take[g.rows] = g.offset + g.real.nonzero().flatten()
+        device = torch.device(device)
+        if device.type != "cpu":
+            groups = tuple(_to(g, device) for g in groups)
+        return cls(tuple(starts), tuple(lengths), groups, gather.to(device), take.to(device))
 
     @property
     def num_tokens(self) -> int:
@@ -69,45 +105,39 @@ class Segments:
 
     @property
     def padding_slots(self) -> int:
-        """Slots of all groups that hold no token: the spare output rows past the packed row."""
-        return sum(g.size * g.longest for g in self.groups) - self.num_tokens
+        """Slots of all groups that hold no token."""
+        return len(self.gather) - self.num_tokens
 
     def split(self, packed: torch.Tensor) -> list[torch.Tensor]:
         """Per-segment views of a per-token tensor [T, ...]."""
         return list(packed.split(self.lengths))
 
 
-def _group(starts: Sequence[int], lengths: Sequence[int], device: torch.device) -> tuple[AttentionGroup, ...]:
+def _group(starts: Sequence[int], lengths: Sequence[int]) -> tuple[AttentionGroup, ...]:
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     members: list[list[int]] = []
     for i in order:
         if not members or lengths[i] < GROUP_MIN_SHARE * lengths[members[-1][0]]:
             members.append([])
         members[-1].append(i)
-    groups, spare = [], sum(lengths)  # padding slots write to rows spare, spare + 1, ... (each its own)
+    groups, offset = [], 0
     for segment_ids in members:
         longest = lengths[segment_ids[0]]
         offsets = torch.arange(longest)
         starts_t = torch.tensor([starts[i] for i in segment_ids])[:, None]
         real = offsets[None, :] < torch.tensor([lengths[i] for i in segment_ids])[:, None]  # [size, longest]
         slots = torch.where(real, starts_t + offsets, 0)
-        padding = int(real.numel() - real.sum())
-        dest = slots.clone()
-        dest[~real] = torch.arange(spare, spare + padding)
-        spare += padding
-        mask = None if not padding else real[:, None, None, :].to(device)
-        groups.append(
-            AttentionGroup(
-                len(segment_ids),
-                longest,
-                slots.flatten().to(device),
-                real.flatten().to(device),
-                slots[real].to(device),
-                mask,
-                dest.flatten().to(device),
-            )  # fmt: skip
-        )
+        mask = None if bool(real.all()) else real[:, None, None, :]
+        groups.append(AttentionGroup(len(segment_ids), longest, offset, slots.flatten(), real.flatten(),
+                                     slots[real], mask))  # fmt: skip
+        offset += real.numel()
     return tuple(groups)
+
+
+def _to(group: AttentionGroup, device: torch.device) -> AttentionGroup:
+    mask = None if group.key_mask is None else group.key_mask.to(device)
+    return AttentionGroup(group.size, group.longest, group.offset, group.slots.to(device), group.real.to(device),
+                          group.rows.to(device), mask)  # fmt: skip
 
 
 def varlen_attention(
@@ -122,11 +152,12 @@ def varlen_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: q/k/v [1, H, T, D] -> out [1, T, H, D], attention within segments.
 
-    Runs in the inputs' dtype: bf16 stays bf16 (SDPA's CPU kernel accumulates scores, softmax and output in
-    fp32 internally). Per group, one `index_select` per input gathers its slots as rows of H * D values, and
-    one `index_copy_` puts SDPA's output rows in place: real slots on their packed row, padding slots on spare
-    rows past the end (never read). Without `SEGMENTS_KWARG` this is transformers' SDPA attention, mask and
-    all (unpacked callers)."""
+    Runs in the inputs' dtype where the CPU computes it natively (`CPU_NATIVE_HALF`): bf16 on AMX stays
+    bf16, as SDPA's CPU kernel keeps scores, softmax and the output's sums in fp32 internally. A layer costs
+    one `index_select` per input (every group's slots at once, rows of H * D values), one SDPA call per group
+    on views of those, one `cat` of the outputs and one `index_select` back to packed order: few parallel
+    regions, which matters on shared cores (each region waits for its slowest thread). Without
+    `SEGMENTS_KWARG` this is transformers' SDPA attention, mask and all (unpacked callers)."""
     segments: Segments | None = kwargs.pop(SEGMENTS_KWARG, None)
     if segments is None:
         return sdpa_attention_forward(
@@ -135,17 +166,22 @@ def varlen_attention(
     assert query.shape[0] == 1 and query.shape[2] == segments.num_tokens, "packed batches are one row"
     assert key.shape[1] == query.shape[1], "encoder attention: as many key/value heads as query heads"
     heads, head_dim = query.shape[1], query.shape[3]
+    upcast = query.device.type == "cpu" and query.dtype not in (torch.float32, *CPU_NATIVE_HALF)
     tokens, width = segments.num_tokens, heads * head_dim
-    rows = [t[0].transpose(0, 1).reshape(tokens, width) for t in (query, key, value)]  # views when contiguous
-    out = rows[0].new_empty(tokens + segments.padding_slots, width)
+    slotted = [  # [slots, H * D] each; reshape is a view when the projection's output is contiguous
+        t[0].transpose(0, 1).reshape(tokens, width).index_select(0, segments.gather) for t in (query, key, value)
+    ]
+    outputs = []
     for group in segments.groups:
-        q, k, v = (
-            t.index_select(0, group.slots).view(group.size, group.longest, heads, head_dim).transpose(1, 2)
-            for t in rows
-        )
+        end = group.offset + group.size * group.longest
+        q, k, v = (t[group.offset : end].view(group.size, group.longest, heads, head_dim).transpose(1, 2)
+                   for t in slotted)  # fmt: skip
+        if upcast:
+            q, k, v = q.float(), k.float(), v.float()
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=group.key_mask, dropout_p=dropout, scale=scaling)
-        out.index_copy_(0, group.dest, attended.transpose(1, 2).reshape(-1, width))
-    return out[:tokens].view(1, tokens, heads, head_dim), None
+        outputs.append(attended.transpose(1, 2).reshape(-1, width))
+    out = (torch.cat(outputs) if len(outputs) > 1 else outputs[0]).index_select(0, segments.take)
+    return out.to(query.dtype).view(1, tokens, heads, head_dim), None
 
 
 def register_varlen_attention() -> None:
