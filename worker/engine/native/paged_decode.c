@@ -345,6 +345,25 @@ __attribute__((noinline)) static void keep_scores(const float *s8, int64_t h, in
     }
 }
 
+#if HAVE_DOT8
+/* keep_scores for 8 heads, vectorised where there is no soft-capping (the same values: one multiply each). */
+__attribute__((noinline)) static void keep_scores8(const float *s8, int64_t h, int64_t n, int64_t i, const Job *job,
+                                                   float *scores, float *maxs) {
+    if (job->softcap > 0.0f) {
+        keep_scores(s8, h, 8, n, i, job, scores, maxs);
+        return;
+    }
+    const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(s8), _mm256_set1_ps(job->scale));
+    _mm256_storeu_ps(maxs + h, _mm256_max_ps(s, _mm256_loadu_ps(maxs + h))); /* a NaN score keeps the max */
+    float t[8];
+    _mm256_storeu_ps(t, s);
+    for (int j = 0; j < 8; j++) scores[(h + j) * n + i] = t[j];
+}
+#define KEEP8 keep_scores8
+#else
+#define KEEP8(s8, h, n, i, job, scores, maxs) keep_scores(s8, h, 8, n, i, job, scores, maxs)
+#endif
+
 /* Scores of every head for one position (k: its keys of every kv head), kept in `scores` and `maxs`. */
 INLINE void position_scores(const float *q, const void *k, int64_t n, int64_t i, const Job *job, float *scores,
                             float *maxs, float *kf, int kvb) {
@@ -360,7 +379,7 @@ INLINE void position_scores(const float *q, const void *k, int64_t n, int64_t i,
                 case 4: scores_n(q, k, h, G, D, s8, 8, 4, kvb); break;
                 default: scores_n(q, k, h, G, D, s8, 8, 8, kvb); break;
             }
-            keep_scores(s8, h, 8, n, i, job, scores, maxs);
+            KEEP8(s8, h, n, i, job, scores, maxs);
         }
         if (h + 4 <= H && (G % 4 == 0 || 4 % G == 0)) {
             switch (G >= 4 ? 4 : G) {
@@ -377,7 +396,7 @@ INLINE void position_scores(const float *q, const void *k, int64_t n, int64_t i,
     if (D % 8 == 0) {
         for (; h + 8 <= H; h += 8) {
             dot8(q, k, h, G, D, s8, kvb);
-            keep_scores(s8, h, 8, n, i, job, scores, maxs);
+            KEEP8(s8, h, n, i, job, scores, maxs);
         }
     }
 #endif
