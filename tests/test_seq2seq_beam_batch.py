@@ -19,6 +19,7 @@ from pagedq.shared.models import GenerationOptions
 from pagedq.worker.engine import seq2seq_decoding
 from pagedq.worker.engine._generation import decode_settings
 from pagedq.worker.engine.beam_search import BeamSearch, step_beams
+from pagedq.worker.engine.beam_topk import top_k_rows
 from pagedq.worker.engine.executor import EngineConfig
 from pagedq.worker.engine.seq2seq_engine import Seq2SeqEngine
 
@@ -60,7 +61,8 @@ def test_many_beam_requests_in_one_step_match_generate(arch: str, monkeypatch: p
 
 
 def test_step_beams_of_many_equals_each_alone() -> None:
-    """Stepping searches together gives each exactly what stepping it alone gives (random scores)."""
+    """Stepping searches together gives each exactly what stepping it alone gives (random scores; together:
+    each row's best through `top_k_rows`, alone: through torch's `topk` of the whole row)."""
     gen = torch.Generator().manual_seed(0)
     settings = decode_settings(build_pair("marian").model, GenerationOptions(num_beams=4, max_new_tokens=6))
     penalties = (1.0, 0.5, 2.0, -1.0)
@@ -71,7 +73,8 @@ def test_step_beams_of_many_equals_each_alone() -> None:
     while active := [i for i, s in enumerate(together) if not s.done]:
         scores = torch.log_softmax(torch.randn(4 * len(active), 50, generator=gen) * 3, dim=-1)
         scores[:, 1] += 1.0  # EOS (id 1) often among the candidates: hypotheses finish at varied steps
-        picks = step_beams([together[i] for i in active], scores, [tokens[i] for i in active])
+        values, ids = top_k_rows(scores, together[0].num_candidates, normalize=False)  # the native selection
+        picks = step_beams([together[i] for i in active], values, ids, [tokens[i] for i in active])
         for k, i in enumerate(active):
             assert alone[i].step(scores[4 * k : 4 * k + 4], tokens[i]) == picks[k]
             assert vars(alone[i]) == vars(together[i])

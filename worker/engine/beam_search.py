@@ -18,10 +18,10 @@ batch. `step_beams` steps every request of an engine step together, one tensor o
 generate does one for its batch:
 
 - the top K of a request's num_beams x vocab scores are among the top K of each beam's own row (adding a
-  beam's running score shifts its row uniformly), so one `topk` over all beam rows [rows, vocab] finds
-  them, and the request's top K are picked from its num_beams x K survivors (the same fp32 sums generate
-  forms; an exact fp32 tie between two candidates may be ordered differently than generate's `topk` over
-  the whole row would order it, as two of its own kernels could);
+  beam's running score shifts its row uniformly), so the caller passes each beam row's best K (one pass
+  over all beam rows: `beam_topk.top_k_rows`), and the request's top K are picked from its num_beams x K
+  survivors (the same fp32 sums generate forms; an exact fp32 tie between two candidates may be ordered
+  differently than generate's `topk` over the whole row would order it, as two of its own kernels could);
 - the rest is generate's fp32 arithmetic on [requests, ...] tensors with each request's own length
   penalty, lengths and early stopping (`x / float` and `x / tensor` of the same fp32 value are equal);
 - between steps a request's state is plain Python (fp32 values held exactly as floats).
@@ -65,8 +65,10 @@ class BeamSearch:
         return (self.num_beams, self.num_candidates, self.eos)
 
     def step(self, log_probs: torch.Tensor, beam_tokens: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-        """One step of this search alone (`step_beams` of one)."""
-        return step_beams([self], log_probs, [beam_tokens])[0]
+        """One step of this search alone: `log_probs` [num_beams, vocab], the processed log-softmax of each
+        running beam (`step_beams` of one, with torch's `topk` of each row)."""
+        values, tokens = torch.topk(log_probs.float(), k=min(self.num_candidates, log_probs.shape[-1]))
+        return step_beams([self], values, tokens, [beam_tokens])[0]
 
     def best(self) -> list[int]:
         """The best finished hypothesis (decoder start included), as generate returns it."""
@@ -74,28 +76,30 @@ class BeamSearch:
 
 
 def step_beams(
-    searches: Sequence[BeamSearch], log_probs: torch.Tensor, beam_tokens: Sequence[Sequence[Sequence[int]]]
+    searches: Sequence[BeamSearch],
+    row_scores: torch.Tensor,
+    row_tokens: torch.Tensor,
+    beam_tokens: Sequence[Sequence[Sequence[int]]],
 ) -> list[list[tuple[int, int]]]:
     """Advance `searches` (all of one `group`) by one step.
 
-    `log_probs` [len(searches) * num_beams, vocab]: the processed log-softmax of every running beam, search
-    after search; `beam_tokens[i][b]`: the tokens of search i's beam b. Returns, per search, its next
-    running beams as (parent beam, token), best first (empty once `done`)."""
+    `row_scores` [len(searches) * num_beams, k] fp32: the best k (at least min(num_candidates, vocab)) processed
+    log-probabilities of every running beam, search after search, best first; `row_tokens` their token ids;
+    `beam_tokens[i][b]`: the tokens of search i's beam b. Returns, per search, its next running beams as
+    (parent beam, token), best first (empty once `done`)."""
     first = searches[0]
     nb, num_k = first.num_beams, first.num_candidates
     assert all(s.group == first.group for s in searches), "one group per call"
-    n, vocab = len(searches), log_probs.shape[-1]
-    dev = log_probs.device
+    n, per_row = len(searches), row_scores.shape[-1]
+    dev = row_scores.device
     f32 = torch.float32
 
-    # top K of each request over num_beams x vocab: from the top K (at most vocab) of each beam's row
-    per_row = min(num_k, vocab)
-    row_v, row_i = torch.topk(log_probs.view(n * nb, vocab).to(f32), k=per_row)
+    # top K of each request over num_beams x vocab, from the best of each beam's row
     running = torch.tensor([s.running_scores for s in searches], dtype=f32, device=dev)
-    accumulated = (row_v.view(n, nb, per_row) + running[:, :, None]).view(n, nb * per_row)
+    accumulated = (row_scores.view(n, nb, per_row) + running[:, :, None]).view(n, nb * per_row)
     top_scores, top_at = torch.topk(accumulated, k=num_k)
     parents = top_at // per_row
-    tokens = row_i.view(n, nb * per_row).gather(1, top_at)
+    tokens = row_tokens.view(n, nb * per_row).gather(1, top_at)
 
     cur_len = [s.cur_len for s in searches]
     at_limit = torch.tensor([[c + 1 >= s.max_length] for c, s in zip(cur_len, searches, strict=True)], device=dev)

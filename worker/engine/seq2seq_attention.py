@@ -342,26 +342,25 @@ def _cross_attention(
     w_k, w_v, b_v = _cross_projections(module, heads, dim)
     q = torch.bmm(query[0], w_k)  # [H, T, d_model]: each head's query in h's space
     scale = scaling if scaling is not None else dim**-0.5  # the head's scale: (Wk^T q) . h == q . k
+    by_row = q.transpose(0, 1)  # [T, H, d_model]: a request's rows (its beams) and heads side by side
+    width = by_row.shape[2]
+    context_rows = by_row.new_empty(by_row.shape)
     if meta.native_cross is not None:  # every row, through the kernel, requests grouped by their number of rows
         states = meta.pool.encoder_states.unsqueeze(2)  # [pages, rows per page, 1 kv head, d_model]
-        by_row = q.transpose(0, 1)  # [T, H, d_model]
-        context_rows = by_row.new_empty(by_row.shape)
         for group in meta.native_cross:
-            rows_q = by_row[group.rows].reshape(-1, group.n * heads, by_row.shape[2])  # [R, n * H, d_model]
+            rows_q = by_row[group.rows].reshape(-1, group.n * heads, width)  # [R, n * H, d_model]
             tables = group.tables
             o, _ = paged_decode(
                 rows_q.contiguous(), states, states, tables.block_ids, tables.table_start, tables.lens, scale, None
             )
-            context_rows[group.rows] = o.view(-1, heads, by_row.shape[2])
-        context = context_rows.transpose(0, 1)  # [H, T, d_model]
-    else:
-        context = torch.zeros_like(q)
-    for bucket in meta.cross:
+            context_rows[group.rows] = o.view(-1, heads, width)
+    for bucket in meta.cross:  # every row, through SDPA over the bucket's gathered encoder rows
         states, mask = bucket.states(meta.pool)
-        r, n, width = bucket.encoder_lens.shape[0], bucket.n, q.shape[2]
-        rows_q = q[:, bucket.rows].view(heads, r, n, width).permute(1, 2, 0, 3).reshape(r, 1, n * heads, width)
+        r, n = bucket.encoder_lens.shape[0], bucket.n
+        rows_q = by_row.index_select(0, bucket.rows).view(r, 1, n * heads, width)
         o = F.scaled_dot_product_attention(rows_q, states, states, attn_mask=mask, scale=scale)  # [R, 1, nH, m]
-        context[:, bucket.rows] = o.view(r * n, heads, width).transpose(0, 1)
+        context_rows[bucket.rows] = o.view(r * n, heads, width)
+    context = context_rows.transpose(0, 1)  # [H, T, d_model]
     o = torch.bmm(context, w_v.transpose(1, 2))  # [H, T, D]
     if b_v is not None:
         o += b_v[:, None, :]

@@ -19,11 +19,13 @@ import itertools
 
 import torch
 
+from pagedq.worker.engine._generation import DecodeSettings
 from pagedq.worker.engine.beam_search import step_beams
+from pagedq.worker.engine.beam_topk import top_k_rows
 from pagedq.worker.engine.kv_cache_manager import KVCacheManager
 from pagedq.worker.engine.request import Request, RequestStatus
 from pagedq.worker.engine.sampling import Sampler, SamplingParams
-from pagedq.worker.engine.seq2seq_logits import process_scores
+from pagedq.worker.engine.seq2seq_logits import bans_and_forced, process_scores
 from pagedq.worker.engine.seq2seq_scheduler import Seq2SeqRequest
 
 _sequence_ids = itertools.count()
@@ -93,7 +95,9 @@ class Decoding:
     def _beam_group(
         self, group: list[tuple[Seq2SeqRequest, int]], logits: torch.Tensor
     ) -> list[tuple[Seq2SeqRequest, RequestStatus | None]]:
-        nb = group[0][0].settings.num_beams
+        first_beam = group[0][0].beam
+        assert first_beam is not None
+        nb = first_beam.num_beams
         # generate starts with num_beams copies of the start token: one row computed, the others equal to it
         beam_rows = [[min(b, len(r.sequences) - 1) for b in range(nb)] for r, _ in group]
         rows = [first + b for (_, first), bs in zip(group, beam_rows, strict=True) for b in bs]
@@ -101,10 +105,10 @@ class Decoding:
             picked = logits[rows[0] : rows[0] + len(rows)]
         else:
             picked = logits.index_select(0, torch.tensor(rows, device=logits.device))
-        scores = torch.log_softmax(picked, dim=-1, dtype=torch.float32)  # generate: fp32 logits, then log-softmax
         tokens = [[r.sequences[b].all_token_ids for b in bs] for (r, _), bs in zip(group, beam_rows, strict=True)]
-        process_scores(scores, [(r.settings, t) for (r, _), ts in zip(group, tokens, strict=True) for t in ts])
-        picks = step_beams([r.beam for r, _ in group], scores, tokens)  # type: ignore[misc]
+        processed = [(r.settings, t) for (r, _), ts in zip(group, tokens, strict=True) for t in ts]
+        values, ids = _best_per_row(picked, processed, first_beam.num_candidates)
+        picks = step_beams([r.beam for r, _ in group], values, ids, tokens)  # type: ignore[misc]
         done: list[tuple[Seq2SeqRequest, RequestStatus | None]] = []
         for (request, _), bs, request_picks in zip(group, beam_rows, picks, strict=True):
             beam = request.beam
@@ -139,6 +143,31 @@ class Decoding:
             if i not in used:
                 self.kv.free(seq)
         request.sequences = children
+
+
+def _best_per_row(
+    logits: torch.Tensor, rows: list[tuple[DecodeSettings, list[int]]], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each beam row's best `k` processed log-probabilities (fp32) and their tokens, best first.
+
+    fp32 logits: generate's own arithmetic -- torch's log-softmax, the processors, then the top k (a
+    selection: the values are torch's, bit for bit). Reduced precision (bf16), where no two programs agree
+    bit for bit anyway: one native pass normalizes and selects, leaving each row's banned tokens out (they
+    count in its log-sum-exp, as generate bans after the log-softmax); a row with a forced token takes
+    the first path."""
+    if logits.dtype == torch.float32:
+        scores = torch.log_softmax(logits, dim=-1)
+        process_scores(scores, rows)
+        return top_k_rows(scores, k, normalize=False)
+    effects = [bans_and_forced(settings, tokens) for settings, tokens in rows]
+    values, ids = top_k_rows(logits, k, normalize=True, bans=[bans for bans, _ in effects])
+    forced = [i for i, (_, token) in enumerate(effects) if token is not None]
+    if forced:
+        at = torch.tensor(forced, device=logits.device)
+        scores = torch.log_softmax(logits[at], dim=-1, dtype=torch.float32)
+        process_scores(scores, [rows[i] for i in forced])
+        values[at], ids[at] = top_k_rows(scores, k, normalize=False)
+    return values, ids
 
 
 def _finish(request: Seq2SeqRequest, tokens: list[int], status: RequestStatus) -> RequestStatus:

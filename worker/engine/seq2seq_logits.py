@@ -16,7 +16,14 @@ from functools import lru_cache
 import torch
 
 from pagedq.worker.engine._generation import DECODER_START_TOKENS, DecodeSettings
-from pagedq.worker.engine.logits_processors import ProcessorSettings, Row, process_rows
+from pagedq.worker.engine.logits_processors import (
+    ProcessorSettings,
+    Row,
+    _early_bans,
+    _forced_token,
+    _late_bans,
+    process_rows,
+)
 
 
 def process_scores(scores: torch.Tensor, rows: Sequence[tuple[DecodeSettings, Sequence[int]]]) -> torch.Tensor:
@@ -24,6 +31,15 @@ def process_scores(scores: torch.Tensor, rows: Sequence[tuple[DecodeSettings, Se
     return process_rows(
         scores, [Row(_processors(s), tokens, DECODER_START_TOKENS, s.max_new_tokens) for s, tokens in rows]
     )
+
+
+def bans_and_forced(settings: DecodeSettings, tokens: Sequence[int]) -> tuple[list[int], int | None]:
+    """What the processors do to one row: the tokens they ban, and the token they force (or None).
+
+    A row with no forced token is its scores with the banned ones at -inf (`process_scores` does nothing
+    else: the seq2seq settings carry no repetition penalty); a forced row is -inf but the forced token."""
+    row = Row(_processors(settings), tokens, DECODER_START_TOKENS, settings.max_new_tokens)
+    return _early_bans(row) + _late_bans(row), _forced_token(row)
 
 
 @lru_cache(maxsize=1024)
