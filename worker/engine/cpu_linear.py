@@ -73,10 +73,6 @@ def _min_weight(dtype: torch.dtype) -> int:
     return MIN_PACKED_WEIGHT_BF16 if dtype == torch.bfloat16 else MIN_PACKED_WEIGHT
 
 
-def _min_flops(dtype: torch.dtype) -> int:
-    return MIN_PACKED_FLOPS_BF16 if dtype == torch.bfloat16 else MIN_PACKED_FLOPS
-
-
 def _op_available() -> bool:
     try:
         return torch.backends.mkldnn.is_available() and all(
@@ -108,15 +104,15 @@ class PackedLinear(nn.Linear):
         return (w.data_ptr(), w.dtype, w.device, w.shape, version)
 
     def _usable(self, x: torch.Tensor) -> bool:
-        w = self.weight
+        w, bias, dtype = self.weight, self.bias, self.weight.dtype
         return (
-            x.device.type == "cpu"
+            x.dtype is dtype
+            and dtype in _PACKABLE
+            and x.device.type == "cpu"
             and w.device.type == "cpu"
-            and x.dtype == w.dtype
-            and w.dtype in _PACKABLE
-            and (self.bias is None or self.bias.dtype == w.dtype)
+            and (bias is None or bias.dtype is dtype)
             and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-            and x.numel() * w.shape[0] >= _min_flops(w.dtype)
+            and x.numel() * w.shape[0] >= (MIN_PACKED_FLOPS_BF16 if dtype is torch.bfloat16 else MIN_PACKED_FLOPS)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
