@@ -50,6 +50,7 @@ _UNSUPPORTED = "run the model through LLMEngine"
 # Attention keywords that carry no meaning for paged attention (values the forward passes along anyway).
 _IGNORED_KWARGS = frozenset({"position_ids", "use_cache", "output_attentions", "output_router_logits", "return_dict",
                              "cache_position", "dropout", "is_causal"})  # fmt: skip
+_KNOWN_KWARGS = _IGNORED_KWARGS | {METADATA_KWARG, "sliding_window", "softcap", "s_aux"}
 
 
 class UnsupportedAttention(RuntimeError):
@@ -204,8 +205,7 @@ class ScoreRule:
         """The rule for this call; raises `UnsupportedAttention` for what paged attention cannot honour."""
         if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
             raise UnsupportedAttention(f"{type(module).__name__} attends bidirectionally")
-        known = _IGNORED_KWARGS | {METADATA_KWARG, "sliding_window", "softcap", "s_aux"}
-        unknown = sorted(k for k, v in kwargs.items() if k not in known and v is not None and v is not False)
+        unknown = sorted(k for k, v in kwargs.items() if k not in _KNOWN_KWARGS and v is not None and v is not False)
         if unknown:
             raise UnsupportedAttention(f"{type(module).__name__} passes attention keywords {unknown}")
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
