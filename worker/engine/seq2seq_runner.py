@@ -53,6 +53,7 @@ from pagedq.worker.engine.seq2seq_model import (
 AttentionInterface.register(ATTENTION_NAME, seq2seq_attention)
 
 BUCKET_ROWS = 16  # sequences (or requests, or sentences) padded together in one attention call
+SDPA_CROSS_HEADS = 32  # bf16 with matrix units: requests with rows x heads >= this take SDPA cross-attention
 
 
 @dataclass
@@ -97,9 +98,11 @@ class Seq2SeqRunner:
         self.native = applies and native_decode is not False and paged_decode_available()
         # Cross-attention is scores over d_model-wide encoder rows (`seq2seq_attention`): 8x the FLOPs of
         # per-head attention, which the kernel does on vector units. In bf16 on a CPU with bf16 matrix
-        # instructions, SDPA over the step's gathered rows runs them as matrix products and is faster
-        # (64 beam requests, 6 layers, 2 cores with AMX: 3 ms a layer against 6 for the kernel).
-        self.native_cross = self.native and not (pool.pages.dtype == torch.bfloat16 and bf16_matmul_units())
+        # instructions, SDPA over the step's gathered rows runs them as matrix products, faster once a
+        # request has enough query rows (beams x heads) to fill them: 64 requests of 4 beams x 8 heads,
+        # 2 cores with AMX: SDPA 2.6-3.0 ms a layer, the kernel 4.5-6.2; of 1 row x 8 heads: 1.6 and 1.1.
+        sdpa = pool.pages.dtype == torch.bfloat16 and bf16_matmul_units()
+        self.sdpa_cross_heads = SDPA_CROSS_HEADS if sdpa else None  # query heads per request from which SDPA
         self.model, self.pool = model, pool
         self.shape = DecoderShape.of(model)
         self.cache = PagedEncoderDecoderCache(pool, self.shape.num_layers)
@@ -244,15 +247,22 @@ class Seq2SeqRunner:
             spans.append((first, len(ids) - first, item))
 
         native_self = self.native and self.decoder_bias is None  # T5's self-attention has a bias: SDPA
+        native_spans: list[tuple[int, int, StepItem]] = []  # cross-attention through the kernel, or SDPA
+        sdpa_spans: list[tuple[int, int, StepItem]] = []
+        for span in spans:
+            native = self.native and (
+                self.sdpa_cross_heads is None or span[1] * self.shape.num_heads < self.sdpa_cross_heads
+            )
+            (native_spans if native else sdpa_spans).append(span)
         meta = Seq2SeqMetadata(
             self.pool,
             self_slots=(self._tensor(blocks), self._tensor(offsets)),
             decode=[] if native_self else self._decode_buckets(decode_rows),
             segments=segments,
-            cross=[] if self.native_cross else self._cross_buckets(spans),
+            cross=self._cross_buckets(sdpa_spans),
             decoder_bias=self.decoder_bias,
             native_decode=self._native_decode(decode_rows) if native_self and decode_rows else None,
-            native_cross=self._native_cross(spans) if self.native_cross else None,
+            native_cross=self._native_cross(native_spans) if native_spans else None,
         )
         self._keep = self._tensor(keep)
         self.positions.rows["decoder"] = self._tensor(positions) if self.positions.tables else None
