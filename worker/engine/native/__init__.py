@@ -1,14 +1,15 @@
 """Native CPU kernels of the engine, compiled from C on first use and loaded with ctypes.
 
-Only `paged_decode.c` for now (see its header): fp32 or bf16 queries, K/V blocks and outputs. The shared
-library is built with the system C compiler (`$CC`, else `cc`) for this CPU (`-march=native`: AVX-512 or
-AVX2 code where the CPU has it, plain C otherwise; `$PAGEDQ_NATIVE_MARCH` names another target, e.g.
-`haswell` or `x86-64`, which the tests use to check the AVX2 and plain-C builds on any x86 machine) into
-`$PAGEDQ_NATIVE_CACHE` (default `~/.cache/pagedq/native`), under a name that hashes the source, the flags
-and the CPU, so a rebuilt source or another CPU never loads a stale build; the build is written to a
-temporary file and renamed, so concurrent workers are safe. Without a compiler, or with `PAGEDQ_NATIVE=0`,
-`paged_decode_available()` is False and the engine keeps its portable path (gather + SDPA). ctypes
-releases the GIL for the call.
+Only `paged_decode.c` for now (see its header): paged decode attention (`paged_decode`: fp32 or bf16
+queries, K/V blocks and outputs) and the greedy pick (`argmax_rows`). The shared library is built with
+the system C compiler (`$CC`, else `cc`) for this CPU (`-march=native`: AVX-512 or AVX2 code where the
+CPU has it, plain C otherwise; `$PAGEDQ_NATIVE_MARCH` names another target, e.g. `haswell` or `x86-64`,
+which the tests use to check the AVX2 and plain-C builds on any x86 machine) into `$PAGEDQ_NATIVE_CACHE`
+(default `~/.cache/pagedq/native`), under a name that hashes the source, the flags and the CPU, so a
+rebuilt source or another CPU never loads a stale build; the build is written to a temporary file and
+renamed, so concurrent workers are safe. Without a compiler, or with `PAGEDQ_NATIVE=0`,
+`paged_decode_available()` is False and the engine keeps its portable path (gather + SDPA; torch's
+argmax). ctypes releases the GIL for the call.
 """
 
 from __future__ import annotations
