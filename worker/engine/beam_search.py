@@ -143,10 +143,12 @@ def step_beams(
     # back to Python, one transfer per tensor
     parents_l, tokens_l, next_l = parents.tolist(), tokens.tolist(), next_at.tolist()
     keep_l, done_l = keep.tolist(), done.tolist()
+    running_l, finished_l, is_finished_l = next_running.tolist(), finished_scores.tolist(), is_finished.tolist()
+    improvable_l = improvable[:, 0].tolist()
     out: list[list[tuple[int, int]]] = []
-    for i, search in enumerate(zip(searches, next_running.tolist(), finished_scores.tolist(),
-                                   is_finished.tolist(), improvable[:, 0].tolist(), strict=True)):  # fmt: skip
-        s, s.running_scores, s.finished_scores, s.is_sent_finished, s.improvement_possible = search
+    for i, s in enumerate(searches):
+        s.running_scores, s.finished_scores, s.is_sent_finished = running_l[i], finished_l[i], is_finished_l[i]
+        s.improvement_possible = bool(improvable_l[i])
         parents_i, tokens_i = parents_l[i], tokens_l[i]
         s.finished_tokens = [
             s.finished_tokens[k] if k < nb else [*beam_tokens[i][parents_i[k - nb]], tokens_i[k - nb]]

@@ -28,13 +28,20 @@ h in which the H heads are H query rows of a single key/value head, and projects
 same h serves every layer (one gather per step), the encoder's K/V projections never run, and a request's
 cross-attention memory is its real encoder length of h: 1 / (2 * layers) of paged per-layer K/V.
 The price is compute: per decoder row and layer, two [D] x [D, d_model] projections per head, and scores
-over d_model instead of head_dim -- a few percent of a decoder step's FLOPs for sentences of ~100 tokens.
+over d_model instead of head_dim -- a few percent of a decoder step's FLOPs for sentences of ~100 tokens,
+but on vector units in the kernel. A request's beams share h, so its beams x heads query rows are one
+matrix product against h: in bf16 on a CPU with bf16 matrix units (AMX), requests with at least
+`seq2seq_runner.SDPA_CROSS_HEADS` query rows take SDPA over the step's gathered h (`CrossBucket`), the rest
+(greedy rows) the kernel.
 
 Native kernel (fp32 or bf16 pool on CPU, `worker/engine/native`): single-token decoder rows attend to their
 own self blocks, and every decoder row to its request's encoder pages (keys = values = h, one kv head), in
 place: no gather, no padding (`NativeRows`). The beams of a request are one kernel row of num_beams * H query
 heads over its pages (`NativeCross`), so the pages are read once per request, not once per beam; each head's
 arithmetic is the same either way. T5's decoder self-attention keeps SDPA (its bias).
+
+bf16 end to end: the pool, queries and outputs stay bf16 (the kernel widens bf16 in registers and computes in
+fp32; SDPA's bf16 kernels accumulate in fp32); nothing is upcast per step.
 
 Otherwise buckets pad only the attention (never the linear layers): rows of similar length are gathered into one
 `[B, H, L, D]` SDPA with a key mask; the padding is masked, never computed into the result.

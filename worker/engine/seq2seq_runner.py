@@ -20,7 +20,6 @@ import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,13 +71,13 @@ class StepItem:
 
 @functools.cache
 def bf16_matmul_units() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16; not AVX2, where oneDNN
-    emulates bf16)."""
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX-BF16 or AVX512-BF16; not AVX2, where
+    oneDNN emulates bf16)."""
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
+        flags = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):  # a torch without the query: treat bf16 as emulated
         return False
-    return bool({"amx_bf16", "avx512_bf16"} & set(flags.split()))
+    return bool(flags.get("amx_bf16") or flags.get("avx512_bf16"))
 
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
