@@ -27,7 +27,7 @@ Two questions, two references:
 
    (demo-llm's random logits are nearly flat, so near ties are common: free-running continuations part at
    the first tie and differ after it.) The asserted bounds below are these with margin. Larger shapes
-   (BERT-base, the 56M Llama, Marian 512): scripts/int8_speed.py.
+   (BERT-base, the 56M Llama, Marian 512): bench/precision.py.
 """
 
 from __future__ import annotations

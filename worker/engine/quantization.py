@@ -32,7 +32,7 @@ Why this method (measured on the 2-core AVX-512 VNNI/AMX machine, torch 2.13, on
 runs): torch.ao's `quantize_dynamic` (onednn engine) is as fast per layer but per-tensor; weight-only int8
 (`torch.ops.aten._weight_int8pack_mm`) has no fast CPU kernel here ([1024 x 768] x [768 x 3072]: 4570 fp32 /
 219 bf16 activations, against 58 for fp32 MKL); `torch._int_mm` needs a separate dequantizing epilogue (2x
-slower than oneDNN's fused per-channel scale). Whole models (scripts/int8_speed.py, one thread, median, load
+slower than oneDNN's fused per-channel scale). Whole models (bench/precision.py, one thread, median, load
 ~10 on 2 cores; ratios to fp32 with pre-packed weights): BERT-base forward of 8 x 128 tokens int8 2.1-2.3x
 (bf16 3.7-4.1x); W1's 56M Llama, one 32-row decode step in pagedq's engine int8 1.8-2.3x (bf16 2.1-2.7x; int8
 with an fp32 head 1.4-1.8x); Marian 512 encoder int8 1.9x (bf16 3.5x), decoder step 1.8-2.0x (bf16 1.9-2.0x).
@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 #: attribute set on a quantized model (its `QuantizationSummary`)
 SUMMARY_ATTR = "pagedq_quantization"
 #: quantize the LM head of generative models: decode steps 1.3-1.4x faster than with an fp32 head, greedy
-#: agreement with fp32 the same (scripts/int8_speed.py, random weights); `quantize_int8(lm_head=False)` keeps it
+#: agreement with fp32 the same (bench/precision.py, random weights); `quantize_int8(lm_head=False)` keeps it
 DEFAULT_LM_HEAD = True
 #: in_features up to which fp32 sums of int8 products are exact (1040 x 127 x 127 < 2**24)
 EXACT_FP32_IN_FEATURES = 1040

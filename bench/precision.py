@@ -1,6 +1,6 @@
 """int8 against fp32 and bf16 on three shapes: speed per forward and agreement with fp32 (random weights).
 
-    .venv/bin/python scripts/int8_speed.py [--quick] [--threads N] [--repeats N]
+    .venv/bin/python bench/precision.py [--quick] [--threads N] [--repeats N]
 
 Shapes (the benchmarks' models, random weights, seeded):
   bert      BERT-base classifier (12 x 768, FFN 3072), one forward of --bert-batch x --bert-len tokens
