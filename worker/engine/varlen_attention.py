@@ -5,25 +5,29 @@ step's `Segments` reach every attention call as the extra model keyword `SEGMENT
 
 Segments are attended in groups of similar length, gathered into a padded batch only inside attention::
 
-    segments (lengths)     A(250) B(230) C(220) D(40) E(36) F(35)          sorted longest first
+    segments (lengths)     A(250) B(230) C(210) D(40) E(36) F(33)          sorted longest first
     groups                 [A B C] padded to 250, key mask    [D E F] padded to 40, key mask
     per group              q/k/v rows gathered to [n, H, longest, D] -> one SDPA call -> rows put back in place
 
 A segment joins the current group while it is at least `GROUP_MIN_SHARE` of the group's longest, so padding
-adds at most (1 / 0.85)^2 = 1.38x to a group's attention FLOPs (1.14x measured for uniform lengths 8..256),
-and lengths 8..256 make at most ~22 groups however many segments there are. Why not one SDPA call per
-segment (no padding at all): on the 2-core CPU, a BERT-base step of 8,192 tokens ran ~17% faster grouped (many
-small parallel regions suffer when the cores are shared; bf16 per segment was 3x slower still); the linear
-layers, where nearly all FLOPs are, never see padding either way.
+adds at most (1 / 0.8)^2 = 1.56x to a group's attention FLOPs (1.2x on average for uniform lengths 8..256,
+against 1.34x at 0.7 and 1.14x at 0.85), and a step of 64 such texts makes ~11 groups (8 at 0.7, 14 at 0.85)
+however many segments there are. Why not one SDPA call per segment (no padding at all): on the 2-core CPU,
+a BERT-base step of 8,192 tokens ran ~17% faster grouped, and bf16 per segment was 3x slower still; the
+linear layers, where most FLOPs are, never see padding either way. Fewer, larger calls also matter on
+shared cores: each parallel region waits for its slowest thread, and with other processes on the cores
+that wait is a scheduler time slice (measured: 2 threads on 2 busy cores ran a packed forward several times
+slower than 1 thread).
 
 bf16 on an AMX CPU (one thread, BERT-base layer, 64 texts of 8..256 tokens = 9,217 tokens; 2026-12, torch
 2.13, a loaded machine): 115 ms per layer when every group was upcast to fp32 and gathered per [T, H, D] row
-(the copies cost more than SDPA), 65 ms in bf16 with one gather per input and one scatter per group at
-GROUP_MIN_SHARE 0.7, ~10% less at 0.85 (less padding; the extra SDPA calls are cheap). SDPA itself is then
-~85% of it, at 80-190 GFLOP/s depending on the group's length (the linear layers reach ~1,000).
+(the copies cost more than SDPA), 65 ms in bf16 with one gather per input; 0.8 and 0.85 cost ~5-10% less
+than 0.7 (less padding; the extra SDPA calls are cheap on one thread). SDPA itself is then ~85% of it, at
+80-190 GFLOP/s depending on the group's length (the linear layers reach ~1,000): in a whole W3 forward on
+one thread, SDPA is ~28% of the time, the linear layers ~48%.
 
 Invariants: groups cover every token of the row exactly once; a group's mask is None when it has no padding;
-every slot has its own output row (`dest`), so the scatter never writes a row twice.
+`gather[take]` is 0, 1, ..., T - 1 (each token's output is read back from its own slot).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 VARLEN_ATTENTION = "pagedq_varlen"  # our name in transformers' attention registry (not the paged decoder's)
 SEGMENTS_KWARG = "pagedq_segments"  # the model keyword that carries a step's `Segments`
-GROUP_MIN_SHARE = 0.85  # a segment joins a group while its length >= this share of the group's longest
+GROUP_MIN_SHARE = 0.8  # a segment joins a group while its length >= this share of the group's longest
 
 
 def _native_half_dtypes() -> frozenset[torch.dtype]:
