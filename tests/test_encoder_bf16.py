@@ -7,15 +7,16 @@ between texts. Texts are 8..200 tokens of one-token words, so a step packs segme
 several attention groups with padding.
 
 bf16 cannot equal fp32, nor another bf16 program bit for bit (rounding order); what holds, measured on the
-AMX development machine (2026-12, torch 2.13; 32 texts, logits up to ~4):
+AMX development machine (2026-12, torch 2.13; 32 texts, fp32 logits up to ~4.6, top-2 margins from 0.02):
 
-    packed bf16 vs transformers' bf16 forward of each text alone    max |logit| 0.031, max |prob| 0.011
-    packed bf16 vs transformers' fp32 forward                       max |logit| 0.037, max |prob| 0.013
-    transformers' own bf16 vs its fp32 forward                      max |logit| 0.037, max |prob| 0.013
+    packed bf16 vs transformers' bf16 forward of each text alone    max |logit| 0.027, max |prob| 0.004
+    packed bf16 vs transformers' fp32 forward                       max |logit| 0.064, max |prob| 0.013
+    transformers' own bf16 vs its fp32 forward                      max |logit| 0.064, max |prob| 0.013
+    labels, packed bf16 vs fp32                                     32 of 32 (30 with a margin > 0.2)
 
-so the tests assert `BF16_LOGIT_TOLERANCE` and `BF16_PROB_TOLERANCE` (about 3x the measured), and that the
-labels agree with fp32 on every text whose fp32 top-2 margin is above twice the logit tolerance (texts closer
-than that may flip in any bf16 program, transformers' included: 1 of 32 did here).
+so the tests assert about 3x the measured distances (`BF16_LOGIT_TOLERANCE` against transformers' bf16,
+`FP32_LOGIT_TOLERANCE` and `PROB_TOLERANCE` against fp32), and equal labels on every text whose fp32 top-2
+margin is above `CLEAR_MARGIN` (closer texts may flip in any bf16 program, transformers' included).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ QK_SCALE = 4.0
 HEAD_STD = 0.5
 NUM_TEXTS = 32
 BF16_LOGIT_TOLERANCE = 0.1
-BF16_PROB_TOLERANCE = 0.04
+FP32_LOGIT_TOLERANCE = 0.2
+PROB_TOLERANCE = 0.04
+CLEAR_MARGIN = 0.2
 #: bf16 attention output against an exact (fp64) attention of the same bf16 inputs, relative to max |output|:
 #: the probabilities are rounded to bf16 before they weigh the values (measured 2^-8.6)
 BF16_ATTENTION_TOLERANCE = 2**-7
@@ -146,12 +149,12 @@ def test_packed_bf16_agrees_with_transformers_bf16_and_fp32(model: Any, tokenize
     fp32, bf16 = alone(model, tokenizer, texts, torch.float32), alone(model, tokenizer, texts, torch.bfloat16)
     assert packed.dtype == torch.float32 and packed.shape == fp32.shape
     assert float(fp32.std(0).min()) > 0.2  # logits depend on the text
-    for reference in (bf16, fp32):
-        assert float((packed - reference).abs().max()) <= BF16_LOGIT_TOLERANCE
-        assert float((packed.softmax(-1) - reference.softmax(-1)).abs().max()) <= BF16_PROB_TOLERANCE
+    for reference, tolerance in ((bf16, BF16_LOGIT_TOLERANCE), (fp32, FP32_LOGIT_TOLERANCE)):
+        assert float((packed - reference).abs().max()) <= tolerance
+        assert float((packed.softmax(-1) - reference.softmax(-1)).abs().max()) <= PROB_TOLERANCE
     top2 = fp32.topk(2).values
-    clear = (top2[:, 0] - top2[:, 1]) > 2 * BF16_LOGIT_TOLERANCE
-    assert int(clear.sum()) >= 3 * NUM_TEXTS // 4  # most texts have a clear label
+    clear = (top2[:, 0] - top2[:, 1]) > CLEAR_MARGIN
+    assert int(clear.sum()) >= NUM_TEXTS // 2  # most texts have a clear label
     assert torch.equal(packed.argmax(-1)[clear], fp32.argmax(-1)[clear])
 
 
