@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 from transformers.utils import logging as hf_logging
 
+import pagedq.worker.engine.varlen_attention as varlen
 from pagedq.shared.registry import ModelSpec
 from pagedq.worker._demo_corpus import ENGLISH_WORDS
 from pagedq.worker._demo_tokenizers import build_wordpiece
@@ -117,9 +118,14 @@ def test_attention_scores_reach_tens(model: Any, tokenizer: Any, texts: list[str
         assert ((q @ k.transpose(-1, -2)) / 8.0).abs().max() > 10
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_varlen_attention_equals_each_segment_alone(dtype: torch.dtype) -> None:
-    """Many groups, padding in most; scores in the tens. fp32: exact to rounding; bf16: within its rounding."""
+@pytest.mark.parametrize(("dtype", "native"), [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)])
+def test_varlen_attention_equals_each_segment_alone(
+    dtype: torch.dtype, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many groups, padding in most; scores in the tens. fp32: exact to rounding; bf16: within its rounding,
+    computed in bf16 (a CPU with native bf16) or upcast to fp32 per group (`native=False`: AVX2 CPUs)."""
+    if not native:
+        monkeypatch.setattr(varlen, "CPU_NATIVE_HALF", frozenset())
     rng = random.Random(0)
     lengths = [rng.randint(1, 120) for _ in range(20)] + [120, 1, 7]
     segments = Segments.from_lengths(lengths)
