@@ -4,13 +4,14 @@ Two programs that round every activation to 8 mantissa bits in different orders 
 so bf16 is held to what transformers' own bf16 achieves. On a sharp-attention Marian and T5 (16 sentences,
 12 decoder steps teacher-forced on fp32 greedy's tokens; measured 2026-12 on the AVX-512 + AMX machine):
 
-    distance to the fp32 forward   max |logit|   transformers bf16     pagedq bf16 (kernel / portable)
-    Marian                         2.8           0.056 (mean 0.0070)   0.069 / 0.069 (mean 0.0071)
-    T5 (t5_narrow)                 41.8          2.63  (mean 0.318)    2.63  / 2.63  (mean 0.315)
+    distance to the fp32 forward   max |logit|   transformers bf16     pagedq bf16 (kernel / SDPA cross / portable)
+    Marian                         2.8           0.056 (mean 0.0070)   0.053 / 0.069 / 0.069 (mean 0.0071-0.0072)
+    T5 (t5_narrow)                 41.8          2.63  (mean 0.318)    2.57  / 2.63  / 2.63  (mean 0.310-0.315)
 
-    greedy argmax = fp32's at a step: Marian 191/192 (transformers), 192/192 and 190/192 (pagedq); T5 all
-    free-running greedy = fp32 generate: Marian 15/16 sentences (transformers) and 16/16 (pagedq); T5 16/16
-    free-running beam 4 = fp32 generate: Marian 14/16 (transformers) and 13/16 (pagedq); T5 16/16 both
+    greedy argmax = fp32's at a step (of 192): Marian 191 (transformers), 191 / 192 / 190 (pagedq); T5 all
+    free-running greedy = fp32 generate (of 16): Marian 15 (transformers) and 15 (pagedq); T5 16 and 16
+    free-running beam 4 = fp32 generate (of 16): Marian 14 (transformers), 14 / 13 / 14 (pagedq); T5 all 16;
+    pagedq bf16 beam 4 = transformers' bf16 beam 4: Marian 16 / 11 / 13, T5 16
 
 The tests assert the engine stays within `WORSE_THAN_TRANSFORMERS` of transformers' bf16 distances and
 loses at most `FEWER_AGREEING` agreements. Also: the load-time self-check (the engine against the bf16
@@ -122,8 +123,7 @@ def test_bf16_is_as_close_to_fp32_as_transformers_bf16(arch: str, path: str) -> 
 @pytest.mark.parametrize("arch", ["marian", "t5_narrow"])
 def test_bf16_beam_search_is_as_close_to_fp32_as_transformers_bf16(arch: str, path: str) -> None:
     """Beam 4 in bf16 (each row's log-softmax and top k in one native pass) against fp32 generate, as
-    transformers' bf16 generate is (16 sentences; measured: Marian 13 (ours) and 14 (theirs) of 16 equal to
-    fp32, T5 16 and 16; ours equal to theirs on 11 and 16)."""
+    transformers' bf16 generate is (module docstring)."""
     pair = build_pair(arch, sharp=True, num_beams=4)
     fp32 = pair.reference
     inputs = random_inputs(16, lengths=(3, 40), seed=3)
