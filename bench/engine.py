@@ -4,7 +4,7 @@ W1: random 56M-param Llama (hidden 512, 8 layers, 8 heads / 4 KV heads, vocab 32
 (seed 1234) with prompts of 16..256 tokens and 16..128 new tokens, greedy, EOS ignored. Systems, all in this
 process: one `generate` per request; static batches of 16 (left padding); transformers' continuous batching
 (`continuous_batching_context_manager` + per-request `max_new_tokens`, `num_blocks`/`max_batch_tokens` set);
-pagedq fp32; pagedq bf16; pagedq int8 (pagedq.worker.engine.quantization, when present). Greedy outputs of
+pagedq fp32; pagedq bf16; pagedq int8 (pagedq.worker.engine.cpu.quantization, when present). Greedy outputs of
 pagedq fp32 (and HF CB) are checked against `generate`.
 Peers (bench/peers_ct2.py): CTranslate2 `Generator` fp32 and int8 on the same model converted in the run.
 CT2 has no continuous batching and no per-request length in a batch: it gets the output lengths in advance
@@ -41,9 +41,9 @@ import plots
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from pagedq.worker.engine.executor import EngineConfig
-from pagedq.worker.engine.llm_engine import LLMEngine
-from pagedq.worker.engine.sampling import SamplingParams
+from pagedq.worker.engine.core.executor import EngineConfig
+from pagedq.worker.engine.decoder_only.engine import LLMEngine
+from pagedq.worker.engine.decoding.sampling import SamplingParams
 
 VOCAB = 32000
 
@@ -140,8 +140,8 @@ def run_pagedq(engine: LLMEngine, reqs: list[tuple[list[int], int]], ignore_eos:
                 done[out.request_id] = out.output_token_ids
         running = engine.scheduler.running
         if running:
-            allocated = sum(len(engine.kv.req_blocks.get(r.request_id, ())) for r in running) * bs
-            waste.append(sum(engine.kv.waste_slots(r) for r in running) / max(allocated, 1))
+            allocated = sum(len(engine.kv.req_blocks.get(r.sequence.seq_id, ())) for r in running) * bs
+            waste.append(sum(engine.kv.waste_slots(r.sequence) for r in running) / max(allocated, 1))
     engine.bench_waste = waste  # type: ignore[attr-defined]
     return [done[f"b{i}"] for i in range(len(reqs))]
 

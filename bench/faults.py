@@ -1,7 +1,7 @@
 """Faults benchmark from the handbook's benchmarks.md: N tasks through the real stack under each fault.
 
 The stack is scripts/stack.py's: a private redis-server (AOF on), Celery worker processes over the tiny
-random-weight demo models (`python -m pagedq.worker.demo_models`), the HTTP API. Each fault runs a mixed workload
+random-weight demo models (`python -m pagedq.worker.demo.models`), the HTTP API. Each fault runs a mixed workload
 (classify, translate, generative QA whose length is its max_new_tokens) submitted with `submit_bulk` in
 chunks plus single `submit`s: 60% before the fault, 40% from the moment of the fault on (retried while
 Redis is down; a few of them are cancelled at once). The fault is injected once some tasks are final and
@@ -67,7 +67,7 @@ from pagedq.shared.celery_config import QUEUES, TASK_NAMES, make_celery, redis_q
 from pagedq.shared.errors import PagedqError  # noqa: E402
 from pagedq.shared.models import TaskType  # noqa: E402
 from pagedq.shared.records import OPEN_KEY, task_key  # noqa: E402
-from pagedq.worker.demo_models import build_demo_models  # noqa: E402
+from pagedq.worker.demo.models import build_demo_models  # noqa: E402
 from scripts.stack import Stack  # noqa: E402
 
 #: short leases so that a dead worker's tasks are back within seconds (as in tests/test_reliability.py)

@@ -240,7 +240,7 @@ def floor_share(floor_flops: float, precision: str, rates: dict[str, float], sec
 
 # ---- pagedq int8, the row compared with CT2 int8 ---------------------------------------------------------
 
-QUANTIZATION = "pagedq.worker.engine.quantization"
+QUANTIZATION = "pagedq.worker.engine.cpu.quantization"
 
 
 def _int8_quantizer() -> tuple[Callable[[Any], Any] | None, str]:

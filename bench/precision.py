@@ -10,7 +10,7 @@ Shapes (the benchmarks' models, random weights, seeded):
   marian    the W4 Marian 512 (6+6 x 512, FFN 2048, vocab 58101): one encoder pass of --rows sentences of
             --source-len tokens, and one decoder step of --rows rows
 Variants: fp32 and bf16 with their linear weights pre-packed for oneDNN, as the engine runs them
-(worker/engine/cpu_linear.py; glibc malloc keeps freed memory, host_memory.py); int8 (`quantize_int8`:
+(worker/engine/cpu/linear.py; glibc malloc keeps freed memory, host_memory.py); int8 (`quantize_int8`:
 W8A8, per-token activations, LM head int8); int8 with the LM head fp32 (pre-packed).
 Timings: the median of --repeats rounds, variants interleaved in each round (the machine's load hits them
 alike); compare ratios. Agreement with fp32: classification label agreement and max |logit difference|; the
@@ -40,12 +40,12 @@ from transformers import (
     MarianMTModel,
 )
 
-from pagedq.worker.engine.cpu_linear import prepack_linears
-from pagedq.worker.engine.executor import EngineConfig
-from pagedq.worker.engine.host_memory import keep_freed_memory
-from pagedq.worker.engine.llm_engine import LLMEngine
-from pagedq.worker.engine.quantization import int8_kernel, quantize_int8
-from pagedq.worker.engine.sampling import SamplingParams
+from pagedq.worker.engine.core.executor import EngineConfig
+from pagedq.worker.engine.cpu.host_memory import keep_freed_memory
+from pagedq.worker.engine.cpu.linear import prepack_linears
+from pagedq.worker.engine.cpu.quantization import int8_kernel, quantize_int8
+from pagedq.worker.engine.decoder_only.engine import LLMEngine
+from pagedq.worker.engine.decoding.sampling import SamplingParams
 
 SEED = 1234
 
@@ -154,7 +154,7 @@ def decode_step(model: Any, rows: int, context: int, encoder: Any = None) -> Cal
 
 def engine_decode_ms(model: Any, rows: int, context: int, steps: int, name: str) -> float:
     """Median ms of one decode step of `rows` requests with `context`-token prompts through pagedq's own paged
-    engine (no self-check: see worker/engine/quantization.py on int8 and its tolerance)."""
+    engine (no self-check: see worker/engine/cpu/quantization.py on int8 and its tolerance)."""
     config = EngineConfig(max_batch_tokens=rows * context, max_running_requests=rows, block_size=16)
     engine = LLMEngine(model, config=config, namespace=name, num_blocks=rows * (context + steps + 2) // 16 + 8,
                        self_check=False)  # fmt: skip
@@ -209,7 +209,7 @@ def main() -> None:
     p.add_argument("--only", choices=("bert", "llama", "marian"), action="append")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as every engine does (worker/engine/host_memory.py)
+    keep_freed_memory()  # as every engine does (worker/engine/cpu/host_memory.py)
     repeats = args.repeats or (5 if args.quick else 15)
     bert_batch = args.bert_batch or (4 if args.quick else 8)
     prompts_n = 4 if args.quick else 16

@@ -72,7 +72,7 @@ from pagedq.shared.celery_config import make_celery
 from pagedq.shared.models import TaskType
 from pagedq.shared.registry import Registry
 from pagedq.shared.settings import Settings
-from pagedq.worker.demo_models import build_demo_models
+from pagedq.worker.demo.models import build_demo_models
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:

@@ -11,7 +11,7 @@ and, reported separately, the pipeline and pagedq packed in bf16. The peer users
 Runtime (bench/peers_ort.py: the same model exported in the run, sorted batches of 32 padded to their longest):
   onnxruntime fp32 (optimized)   ORT_ENABLE_ALL, with or without ORT's BERT fusions (the faster, said which)
   onnxruntime int8 dynamic       quantize_dynamic, QInt8 weights (the fastest graph/per-channel choice)
-  pagedq int8                    pagedq.worker.engine.quantization's int8, when that module exists
+  pagedq int8                    pagedq.worker.engine.cpu.quantization's int8, when that module exists
 (no onnxruntime installed: the ORT rows are skipped with a line saying so). Scores of every system are checked
 against the fp32 pipeline (max abs difference); ORT fp32 logits against transformers' forward (1e-4), ORT int8's
 against ORT fp32 (label agreement). "x peer": each row against the fastest ORT row. The GEMM floor: FLOPs of
@@ -51,10 +51,10 @@ from w4_translation import w4
 
 from pagedq.shared.models import ClassifyRequest, TaskType
 from pagedq.shared.registry import ModelSpec
-from pagedq.worker._demo_corpus import ENGLISH_WORDS
-from pagedq.worker._demo_tokenizers import build_wordpiece
-from pagedq.worker.engine.classify import ClassificationExecutor
-from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.worker.demo.corpus import ENGLISH_WORDS
+from pagedq.worker.demo.tokenizers import build_wordpiece
+from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.worker.engine.tasks.classify import ClassificationExecutor
 
 SEED = 1234
 W3_LABELS = 3
@@ -319,8 +319,8 @@ def best_ort(systems: list[System]) -> System | None:
 
 
 def pagedq_int8(model: Any) -> tuple[Any | None, str]:
-    """A copy of `model` with its linear layers int8 (pagedq.worker.engine.quantization), when that module exists."""
-    name = "pagedq.worker.engine.quantization"
+    """A copy of `model` with its linear layers int8 (pagedq.worker.engine.cpu.quantization), if it exists."""
+    name = "pagedq.worker.engine.cpu.quantization"
     quantize = None
     if importlib.util.find_spec(name) is not None:
         quantization = importlib.import_module(name)

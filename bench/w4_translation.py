@@ -14,7 +14,7 @@ Systems, in this process, greedy and beam 4, each warmed up once, then timed rou
   generate, static batches     `model.generate` on batches of 16 in arrival order (padded, attention mask)
   pagedq fp32 / bf16 / int8     `Seq2SeqEngine`: every sentence submitted at once, continuous batching; bf16 the
                                model cast to bf16; int8 its linear layers quantized by
-                               pagedq.worker.engine.quantization (skipped with a line when absent or refused)
+                               pagedq.worker.engine.cpu.quantization (skipped with a line when absent or refused)
   ctranslate2 fp32 / int8      the peer (bench/peers_ct2.py): a `Translator` on the model converted in the run,
                                int8 quantized at load. No continuous batching and no per-sentence length in a
                                batch, so it is given the lengths (generous to it): sentences sorted by length,
@@ -56,9 +56,9 @@ from transformers import GenerationConfig, MarianConfig, MarianMTModel
 from transformers.utils import logging as hf_logging
 
 from pagedq.shared.models import GenerationOptions
-from pagedq.worker.engine._generation import decode_settings
-from pagedq.worker.engine.executor import EngineConfig
-from pagedq.worker.engine.seq2seq_engine import Seq2SeqEngine
+from pagedq.worker.engine.core.executor import EngineConfig
+from pagedq.worker.engine.decoding.seq2seq_options import decode_settings
+from pagedq.worker.engine.seq2seq.engine import Seq2SeqEngine
 
 SEED = 1234
 VOCAB, EOS, PAD = 58101, 0, 58100  # OPUS-MT en-de's sizes and ids
@@ -180,8 +180,8 @@ class EngineRun:
         while engine.has_unfinished_requests():
             outputs = engine.step()
             for request in engine.scheduler.running:
-                held = len(request.cross_blocks) + len(
-                    {b for s in request.sequences for b in engine.kv.block_ids(s.request_id)}
+                held = len(request.encoder_blocks) + len(
+                    {b for s in request.sequences for b in engine.kv.block_ids(s.seq_id)}
                 )
                 self.peak_blocks[request.request_id] = max(self.peak_blocks.get(request.request_id, 0), held)
             done.update((o.request_id, o.output_token_ids) for o in outputs)

@@ -1,7 +1,7 @@
 """W5's realistic model mix: real architectures at the sizes users deploy, random weights, built offline once.
 
 `build_realistic_models(out_dir)` saves three models with `save_pretrained` plus the demo's offline tokenizers
-(`pagedq.worker._demo_tokenizers`) and writes `out_dir/registry.toml`, so that a worker loads them from disk with
+(`pagedq.worker.demo.tokenizers`) and writes `out_dir/registry.toml`, so that a worker loads them from disk with
 `from_pretrained` exactly as it loads any model:
 
 | name          | architecture                         | shape                                    | params |
@@ -46,8 +46,8 @@ from transformers import (
     MarianMTModel,
 )
 
-from pagedq.worker import _demo_tokenizers as toks
-from pagedq.worker.demo_models import ModelSet
+from pagedq.worker.demo import tokenizers as toks
+from pagedq.worker.demo.models import ModelSet
 
 VERSION = "1"
 BUILD_MARKER = ".w5-models-complete"

@@ -23,7 +23,7 @@ from pagedq.producer.handle import result_of
 from pagedq.shared.models import ClassifyRequest, TaskStatus, TaskType
 from pagedq.shared.registry import Registry
 from pagedq.shared.settings import Settings
-from pagedq.worker.engine.executor import EngineConfig, EngineRequest, ModelExecutor
+from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, ModelExecutor
 from pagedq.worker.engine.service import make_executor
 from pagedq.worker.registry import load_model
 

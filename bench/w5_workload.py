@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from pagedq.worker._demo_corpus import ENGLISH_WORDS, synthetic_sentences
+from pagedq.worker.demo.corpus import ENGLISH_WORDS, synthetic_sentences
 
 SEED = 1234
 #: The mix of the issue: 60% classify, 25% translate, 15% extractive QA.

@@ -22,7 +22,7 @@ from pagedq.shared.registry import Registry
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REGISTRY = ROOT / "models.toml"
 DEMO_DIR = ROOT / ".models" / "demo"
-DEMO_BUILDER = ROOT / "worker" / "demo_models.py"
+DEMO_BUILDER = ROOT / "worker" / "demo" / "models.py"
 HUB_TIMEOUT_S = 3.0
 CHOICES = ("auto", "hub", "demo")
 
@@ -101,7 +101,7 @@ def demo_models(say: Callable[[str], None], why: str) -> Models:
         return Models(built, is_demo=True)
     say("Building the demo models (first run; loads torch, a few seconds) ...")
     started = time.perf_counter()
-    from pagedq.worker.demo_models import build_demo_models
+    from pagedq.worker.demo.models import build_demo_models
 
     path = build_demo_models(DEMO_DIR)
     say(f"Demo models built ({time.perf_counter() - started:.1f} s).")

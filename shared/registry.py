@@ -63,7 +63,7 @@ class ModelSpec(BaseModel):
         description=(
             "Weights and compute: auto (fp32 on CPU, bf16/fp16 on CUDA), float32, bfloat16, float16, or int8: "
             "CPU only, fp32 weights quantized at load to int8 linear layers (per-channel weights, per-token "
-            "activations; pagedq.worker.engine.quantization), activations between layers fp32."
+            "activations; pagedq.worker.engine.cpu.quantization), activations between layers fp32."
         ),
     )
     device: str | None = Field(None, description="Overrides PAGEDQ_DEVICE for this model.")

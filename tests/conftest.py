@@ -34,7 +34,7 @@ def redis_url(redis_server: LocalRedis) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny random-weight models + offline tokenizers saved with save_pretrained; returns the registry file."""
-    from pagedq.worker.demo_models import build_demo_models
+    from pagedq.worker.demo.models import build_demo_models
 
     return build_demo_models(tmp_path_factory.mktemp("models"))
 

@@ -25,8 +25,8 @@ from transformers.pipelines.document_question_answering import select_starts_end
 
 from pagedq.shared.models import TaskType
 from pagedq.shared.registry import Registry
-from pagedq.worker.engine.executor import EngineRequest, LoadedModel, ModelExecutor
-from pagedq.worker.engine.varlen_attention import SEGMENTS_KWARG, VARLEN_ATTENTION
+from pagedq.worker.engine.core.executor import EngineRequest, LoadedModel, ModelExecutor
+from pagedq.worker.engine.encoder.varlen_attention import SEGMENTS_KWARG, VARLEN_ATTENTION
 
 SCORE_TOLERANCE = 1e-4
 TEXTS = [

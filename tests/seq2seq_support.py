@@ -54,7 +54,7 @@ from transformers import (
 )
 
 from pagedq.shared.models import GenerationOptions
-from pagedq.worker.engine._generation import decode_settings
+from pagedq.worker.engine.decoding.seq2seq_options import decode_settings
 
 VOCAB = 96
 PAD, EOS, START = 0, 1, 2
@@ -250,7 +250,7 @@ def teacher_forced_logits(engine: Any, inputs: list[list[int]], teacher: list[li
             row += len(request.sequences)
 
     def pick(_rows: torch.Tensor, sequences: Any) -> list[int]:
-        return [forced[seq.request_id.split("#")[0]][len(seq.output_token_ids)] for seq in sequences]
+        return [forced[seq.seq_id.split("#")[0]][len(seq.output_token_ids)] for seq in sequences]
 
     sampler = engine.decoding.sampler
     engine.observe_logits, engine.decoding.sampler = observe, pick

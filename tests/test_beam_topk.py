@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from pagedq.worker.engine import beam_topk
-from pagedq.worker.engine.beam_topk import top_k_rows
-from pagedq.worker.engine.native import c_compiler
+from pagedq.worker.engine.cpu import beam_topk
+from pagedq.worker.engine.cpu.beam_topk import top_k_rows
+from pagedq.worker.engine.cpu.native import c_compiler
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -23,8 +23,8 @@ pytest.importorskip("onnx")
 import peers_ort  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer  # noqa: E402
 
-from pagedq.worker._demo_corpus import ENGLISH_WORDS  # noqa: E402
-from pagedq.worker._demo_tokenizers import build_wordpiece  # noqa: E402
+from pagedq.worker.demo.corpus import ENGLISH_WORDS  # noqa: E402
+from pagedq.worker.demo.tokenizers import build_wordpiece  # noqa: E402
 
 TOLERANCE = 1e-4  # |logit| difference allowed between ORT fp32 and transformers' fp32 forward
 QK_FACTOR = 20.0  # query and key scaled by this: attention scores x400, so attention is sharp (asserted)

@@ -19,7 +19,7 @@ from transformers import (
 
 from pagedq.shared.models import TaskType
 from pagedq.shared.registry import Registry
-from pagedq.worker.demo_models import BUILD_MARKER, DEMO_MODELS_VERSION, build_demo_models
+from pagedq.worker.demo.models import BUILD_MARKER, DEMO_MODELS_VERSION, build_demo_models
 
 AUTO_CLASSES = {
     "demo-classifier": AutoModelForSequenceClassification,

@@ -157,8 +157,8 @@ def test_build_targets_exist_and_worker_runs_the_threads_pool_on_every_queue() -
 
 def test_the_native_kernel_source_ships_with_the_package() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "*.c" in project["tool"]["setuptools"]["package-data"]["pagedq.worker.engine.native"]
-    assert (ROOT / "worker" / "engine" / "native" / "paged_decode.c").is_file()
+    assert "*.c" in project["tool"]["setuptools"]["package-data"]["pagedq.worker.engine.cpu.native"]
+    assert (ROOT / "worker" / "engine" / "cpu" / "native" / "paged_decode.c").is_file()
 
 
 def test_the_api_requires_keys() -> None:

@@ -32,14 +32,14 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 from transformers.utils import logging as hf_logging
 
-import pagedq.worker.engine.varlen_attention as varlen
+import pagedq.worker.engine.encoder.varlen_attention as varlen
 from pagedq.shared.registry import ModelSpec
-from pagedq.worker._demo_corpus import ENGLISH_WORDS
-from pagedq.worker._demo_tokenizers import build_wordpiece
-from pagedq.worker.engine._encoder_forward import CPU_ACTIVATION_BYTES, EncoderForward, forward_token_limit
-from pagedq.worker.engine.cpu_linear import prepare_for_host
-from pagedq.worker.engine.executor import LoadedModel
-from pagedq.worker.engine.varlen_attention import Segments, varlen_attention
+from pagedq.worker.demo.corpus import ENGLISH_WORDS
+from pagedq.worker.demo.tokenizers import build_wordpiece
+from pagedq.worker.engine.core.executor import LoadedModel
+from pagedq.worker.engine.cpu.linear import prepare_for_host
+from pagedq.worker.engine.encoder.forward import CPU_ACTIVATION_BYTES, EncoderForward, forward_token_limit
+from pagedq.worker.engine.encoder.varlen_attention import Segments, varlen_attention
 
 QK_SCALE = 4.0
 HEAD_STD = 0.5

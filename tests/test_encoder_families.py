@@ -27,15 +27,15 @@ from executor_support import TEXTS, request, run
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.utils import logging as hf_logging
 
-import pagedq.worker.engine.varlen_attention as varlen
+import pagedq.worker.engine.encoder.varlen_attention as varlen
 from pagedq.shared.models import ClassifyRequest, QARequest, TaskType
 from pagedq.shared.registry import ModelSpec
-from pagedq.worker._demo_tokenizers import build_wordpiece
-from pagedq.worker.engine.classify import ClassificationExecutor
-from pagedq.worker.engine.encoder_packing import LAYOUTS, EncoderLayout, PositionRule
-from pagedq.worker.engine.executor import EngineConfig, LoadedModel
-from pagedq.worker.engine.extractive_qa import ExtractiveQAExecutor
-from pagedq.worker.engine.varlen_attention import SEGMENTS_KWARG, VARLEN_ATTENTION
+from pagedq.worker.demo.tokenizers import build_wordpiece
+from pagedq.worker.engine.core.executor import EngineConfig, LoadedModel
+from pagedq.worker.engine.encoder.packing import LAYOUTS, EncoderLayout, PositionRule
+from pagedq.worker.engine.encoder.varlen_attention import SEGMENTS_KWARG, VARLEN_ATTENTION
+from pagedq.worker.engine.tasks.classify import ClassificationExecutor
+from pagedq.worker.engine.tasks.extractive_qa import ExtractiveQAExecutor
 
 LOGIT_TOLERANCE = 1e-4  # fp32 logits, packed or padded, against one forward per text
 QK_SCALE = 5.0  # query and key weights x5: attention scores x25, into the tens
@@ -191,7 +191,7 @@ def test_self_check_catches_a_broken_packed_attention_and_falls_back(
     head = None if pooled else tf.BertForQuestionAnswering
     lm, reference = build(tokenizer, "bert", head=head)
     config = EngineConfig(max_batch_tokens=256, max_running_requests=16)
-    with caplog.at_level(logging.INFO, logger="pagedq.worker.engine._encoder_forward"):
+    with caplog.at_level(logging.INFO, logger="pagedq.worker.engine.encoder.forward"):
         executor = (ClassificationExecutor if pooled else ExtractiveQAExecutor)(lm, config)
     stats = executor.stats().as_dict()
     assert stats["path"] == "padded" and stats["path_reason"].startswith("self-check: packed outputs differ")

@@ -48,15 +48,15 @@ from transformers.utils import logging as hf_logging
 
 from pagedq.shared.models import ClassifyRequest, QARequest, TaskType
 from pagedq.shared.registry import ModelSpec
-from pagedq.worker._demo_corpus import ENGLISH_WORDS, printable_characters, synthetic_sentences
-from pagedq.worker._demo_tokenizers import build_wordpiece
-from pagedq.worker.demo_models import ENCODER_INIT_STD, HEAD_INIT_STD
-from pagedq.worker.engine._encoder_forward import EncoderForward
-from pagedq.worker.engine.classify import ClassificationExecutor
-from pagedq.worker.engine.encoder_packing import PositionRule, enable_packing, position_ids, unsupported_reason
-from pagedq.worker.engine.executor import EngineConfig, LoadedModel
-from pagedq.worker.engine.extractive_qa import ExtractiveQAExecutor
-from pagedq.worker.engine.varlen_attention import GROUP_MIN_SHARE, VARLEN_ATTENTION, Segments
+from pagedq.worker.demo.corpus import ENGLISH_WORDS, printable_characters, synthetic_sentences
+from pagedq.worker.demo.models import ENCODER_INIT_STD, HEAD_INIT_STD
+from pagedq.worker.demo.tokenizers import build_wordpiece
+from pagedq.worker.engine.core.executor import EngineConfig, LoadedModel
+from pagedq.worker.engine.encoder.forward import EncoderForward
+from pagedq.worker.engine.encoder.packing import PositionRule, enable_packing, position_ids, unsupported_reason
+from pagedq.worker.engine.encoder.varlen_attention import GROUP_MIN_SHARE, VARLEN_ATTENTION, Segments
+from pagedq.worker.engine.tasks.classify import ClassificationExecutor
+from pagedq.worker.engine.tasks.extractive_qa import ExtractiveQAExecutor
 
 ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # pad id 1: positions start at 2
 VOCAB_SIZE = 800

@@ -29,7 +29,7 @@ from pagedq.shared.errors import (
 )
 from pagedq.shared.models import ClassifyRequest, GenerationOptions, QARequest, TaskType, TranslateRequest
 from pagedq.shared.registry import ModelSpec, Registry
-from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
+from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
 from pagedq.worker.engine.service import Engine, make_executor
 from pagedq.worker.registry import load_model
 

@@ -26,10 +26,10 @@ from executor_support import (
 
 from pagedq.shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled
 from pagedq.shared.models import ClassifyRequest, ClassifyResult, TaskType
-from pagedq.worker.engine import _batching
-from pagedq.worker.engine._batching import WaitingQueue, drop_finished, order_key, pick_batch, pick_packed
-from pagedq.worker.engine.classify import ClassificationExecutor
-from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.worker.engine.tasks import batching as _batching
+from pagedq.worker.engine.tasks.batching import WaitingQueue, drop_finished, order_key, pick_batch, pick_packed
+from pagedq.worker.engine.tasks.classify import ClassificationExecutor
 
 NAMES = ("demo-classifier", "demo-multilabel")
 packing = pytest.mark.parametrize("packing", [None, False], ids=["packed", "padded"])
@@ -213,7 +213,7 @@ def test_a_deep_queue_costs_a_step_its_window_and_still_expires_everything(monke
 
 
 def test_pick_batch_follows_priority_then_length() -> None:
-    """The example of worker/engine/_batching.py's docstring, plus a higher-priority long item."""
+    """The example of worker/engine/tasks/batching.py's docstring, plus a higher-priority long item."""
     lengths = {"A": 120, "B": 30, "C": 500, "D": 28, "E": 33}
     reqs = {name: classify(TEXTS[0]) for name in lengths}
     candidates = [(reqs[name], name) for name in lengths]
@@ -227,7 +227,7 @@ def test_pick_batch_follows_priority_then_length() -> None:
 
 
 def test_pick_packed_is_first_fit_in_queue_order() -> None:
-    """The packed example of worker/engine/_batching.py's docstring; the head runs even over the budget."""
+    """The packed example of worker/engine/tasks/batching.py's docstring; the head runs even over the budget."""
     lengths = {"A": 120, "B": 300, "C": 500, "D": 28}
     candidates = [(classify(TEXTS[0]), name) for name in lengths]
     assert [name for _, name in pick_packed(candidates, lengths.__getitem__, 512, 8)] == ["A", "B", "D"]

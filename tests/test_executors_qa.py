@@ -27,9 +27,9 @@ from transformers.pipelines.document_question_answering import select_starts_end
 
 from pagedq.shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled
 from pagedq.shared.models import QARequest, QAResult, TaskType
-from pagedq.worker.engine._qa_spans import WindowSpan, best_span, combine_windows
-from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
-from pagedq.worker.engine.extractive_qa import ExtractiveQAExecutor
+from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.worker.engine.tasks.extractive_qa import ExtractiveQAExecutor
+from pagedq.worker.engine.tasks.qa_spans import WindowSpan, best_span, combine_windows
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from transformers import GenerationConfig, UMT5Config, UMT5ForConditionalGenerat
 
 from pagedq.shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled, UnsupportedLanguagePair
 from pagedq.shared.models import GenerationOptions, TaskType, TranslateRequest, TranslateResult
-from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
-from pagedq.worker.engine.translate import Seq2SeqExecutor
+from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.worker.engine.tasks.translate import Seq2SeqExecutor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -202,7 +202,7 @@ def test_an_architecture_the_engine_cannot_page_runs_on_batched_generate(lm: Loa
 
 def test_a_request_option_no_path_implements_is_refused(lm: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never ignored in silence: `_generation.REQUEST_OPTIONS` lists how each option is honoured."""
-    from pagedq.worker.engine import _generation
+    from pagedq.worker.engine.decoding import seq2seq_options as _generation
 
     monkeypatch.delitem(_generation.REQUEST_OPTIONS, "top_p")
     executor = Seq2SeqExecutor(lm, EngineConfig())

@@ -1,4 +1,4 @@
-"""int8 (registry `dtype = "int8"`, worker/engine/quantization.py) for every task type.
+"""int8 (registry `dtype = "int8"`, worker/engine/cpu/quantization.py) for every task type.
 
 Two questions, two references:
 
@@ -50,17 +50,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pagedq.shared.models import ClassifyRequest, GenerationOptions, QARequest, TaskType, TranslateRequest
 from pagedq.shared.registry import ModelSpec, Registry
-from pagedq.worker._demo_corpus import ENGLISH_WORDS, synthetic_sentences
-from pagedq.worker.demo_models import LLM_PROMPT
-from pagedq.worker.engine import self_check as causal_self_check
-from pagedq.worker.engine._generation import decode_settings
-from pagedq.worker.engine.classify import ClassificationExecutor
-from pagedq.worker.engine.cpu_linear import PackedLinear, prepack_linears
-from pagedq.worker.engine.executor import EngineConfig, LoadedModel
-from pagedq.worker.engine.extractive_qa import ExtractiveQAExecutor
-from pagedq.worker.engine.generative import QA_STOP, GenerativeExecutor
-from pagedq.worker.engine.llm_engine import LLMEngine
-from pagedq.worker.engine.quantization import (
+from pagedq.worker.demo.corpus import ENGLISH_WORDS, synthetic_sentences
+from pagedq.worker.demo.models import LLM_PROMPT
+from pagedq.worker.engine.core.executor import EngineConfig, LoadedModel
+from pagedq.worker.engine.cpu.linear import PackedLinear, prepack_linears
+from pagedq.worker.engine.cpu.quantization import (
     EMULATED,
     ONEDNN,
     Int8Linear,
@@ -69,10 +63,16 @@ from pagedq.worker.engine.quantization import (
     quantization_summary,
     quantize_int8,
 )
-from pagedq.worker.engine.sampling import SamplingParams
-from pagedq.worker.engine.seq2seq_engine import Seq2SeqEngine
-from pagedq.worker.engine.seq2seq_self_check import self_check
-from pagedq.worker.engine.translate import Seq2SeqExecutor
+from pagedq.worker.engine.decoder_only import self_check as causal_self_check
+from pagedq.worker.engine.decoder_only.engine import LLMEngine
+from pagedq.worker.engine.decoding.sampling import SamplingParams
+from pagedq.worker.engine.decoding.seq2seq_options import decode_settings
+from pagedq.worker.engine.seq2seq.engine import Seq2SeqEngine
+from pagedq.worker.engine.seq2seq.self_check import self_check
+from pagedq.worker.engine.tasks.classify import ClassificationExecutor
+from pagedq.worker.engine.tasks.extractive_qa import ExtractiveQAExecutor
+from pagedq.worker.engine.tasks.generative import QA_STOP, GenerativeExecutor
+from pagedq.worker.engine.tasks.translate import Seq2SeqExecutor
 from pagedq.worker.registry import load_model, resolve_dtype
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -347,7 +347,7 @@ def test_a_mid_size_int8_engine_is_within_the_half_precision_tolerance(monkeypat
     propagates. The tiny models above never hit a boundary; wider and deeper ones do (measured: this 4 x 256
     Llama 1.1e-2 and 1.0e-2 for seeds 0 and 2; the W1 56M Llama 2.2e-2, BERT-base's packing probe 7.3e-3 --
     bf16: 1.1e-2 and 1.1e-2). So int8 models need the self-checks' half-precision tolerance, not fp32's 1e-3
-    (module docstring of worker/engine/quantization.py)."""
+    (module docstring of worker/engine/cpu/quantization.py)."""
     monkeypatch.setitem(causal_self_check.LOGIT_TOLERANCE, torch.float32, causal_self_check.HALF_TOLERANCE)
     for seed in (0, 2):
         torch.manual_seed(seed)

@@ -3,6 +3,7 @@ pagedq.shared, pagedq.producer and pagedq.worker), so apps with packages of thos
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,8 +13,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_wheel_holds_only_the_pagedq_package(tmp_path: Path) -> None:
+    # built from a copy of the sources: setuptools builds in the source tree and reuses its build/ directory,
+    # where a module removed since the last build would linger
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for d in ("shared", "producer", "worker"):
+        shutil.copytree(ROOT / d, src / d, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(tmp_path), str(ROOT)], check=True, timeout=300, capture_output=True)
+                    "--wheel-dir", str(tmp_path), str(src)], check=True, timeout=300, capture_output=True)
     [wheel] = tmp_path.glob("pagedq-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}

@@ -16,12 +16,12 @@ import torch
 from seq2seq_support import build_pair, random_inputs
 
 from pagedq.shared.models import GenerationOptions
-from pagedq.worker.engine import seq2seq_decoding
-from pagedq.worker.engine._generation import decode_settings
-from pagedq.worker.engine.beam_search import BeamSearch, step_beams
-from pagedq.worker.engine.beam_topk import top_k_rows
-from pagedq.worker.engine.executor import EngineConfig
-from pagedq.worker.engine.seq2seq_engine import Seq2SeqEngine
+from pagedq.worker.engine.core.executor import EngineConfig
+from pagedq.worker.engine.cpu.beam_topk import top_k_rows
+from pagedq.worker.engine.decoding import seq2seq_step as seq2seq_decoding
+from pagedq.worker.engine.decoding.beam_search import BeamSearch, step_beams
+from pagedq.worker.engine.decoding.seq2seq_options import decode_settings
+from pagedq.worker.engine.seq2seq.engine import Seq2SeqEngine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

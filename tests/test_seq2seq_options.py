@@ -10,7 +10,7 @@ from seq2seq_support import build_pair
 from transformers import GenerationConfig
 
 from pagedq.shared.models import GenerationOptions
-from pagedq.worker.engine._generation import (
+from pagedq.worker.engine.decoding.seq2seq_options import (
     NO_EFFECT_ON_TOKENS,
     REQUEST_OPTIONS,
     UNSUPPORTED_WHEN_SET,
@@ -46,7 +46,7 @@ def test_every_generation_config_field_is_honoured_routed_or_without_effect() ->
     honoured = {f.name for f in dataclasses.fields(DecodeSettings)} | set(RESOLVED_AS)
     fields = set(GenerationConfig().to_dict())
     unclassified = fields - honoured - set(UNSUPPORTED_WHEN_SET) - NO_EFFECT_ON_TOKENS
-    assert not unclassified, f"classify {sorted(unclassified)} in worker/engine/_generation.py"
+    assert not unclassified, f"classify {sorted(unclassified)} in worker/engine/decoding/seq2seq_options.py"
     assert not honoured & set(UNSUPPORTED_WHEN_SET)
 
 
@@ -59,7 +59,7 @@ def test_a_model_default_the_engine_does_not_implement_routes_to_the_fallback() 
 
 def test_min_new_tokens_replaces_min_length_as_generate_does() -> None:
     """generate: with `min_new_tokens` set, `min_length` becomes min_new_tokens + the decoder start token."""
-    from pagedq.worker.engine._generation import decode_settings
+    from pagedq.worker.engine.decoding.seq2seq_options import decode_settings
 
     both = decode_settings(build_pair("marian", min_length=20, min_new_tokens=3).model, GenerationOptions())
     assert (both.min_length, both.min_new_tokens) == (4, 3)

@@ -22,12 +22,12 @@ import pytest
 import torch
 from seq2seq_support import FIRST_WORD, START, VOCAB, build_pair, random_inputs
 
-from pagedq.worker.engine.block_pool import BlockPool
-from pagedq.worker.engine.kv_cache_manager import KVCacheManager
-from pagedq.worker.engine.request import Request
-from pagedq.worker.engine.sampling import SamplingParams
-from pagedq.worker.engine.seq2seq_model import DecoderShape
-from pagedq.worker.engine.seq2seq_runner import Seq2SeqRunner, StepItem
+from pagedq.worker.engine.core.request import TokenSequence
+from pagedq.worker.engine.decoding.sampling import SamplingParams
+from pagedq.worker.engine.paged.block_pool import BlockPool
+from pagedq.worker.engine.paged.kv_cache_manager import KVCacheManager
+from pagedq.worker.engine.seq2seq.model import DecoderShape
+from pagedq.worker.engine.seq2seq.runner import Seq2SeqRunner, StepItem
 
 BLOCK_SIZE = 4
 ERROR_FACTOR = 2.0  # our error against float64 may be this many times transformers' fp32 error ...
@@ -49,10 +49,10 @@ class Harness:
     def encoder_pages(self, encoder_ids: list[int]) -> list[int]:
         return [b.block_id for b in self.blocks.allocate(math.ceil(len(encoder_ids) / self.pool.encoder_block_size))]
 
-    def item(self, encoder_ids: list[int], seqs: list[Request], cross: list[int], encode: bool) -> StepItem:
+    def item(self, encoder_ids: list[int], seqs: list[TokenSequence], cross: list[int], encode: bool) -> StepItem:
         for seq in seqs:
             assert self.kv.allocate_slots(seq, seq.num_tokens - seq.num_computed_tokens)
-        tables = [self.kv.block_ids(s.request_id) for s in seqs]
+        tables = [self.kv.block_ids(s.seq_id) for s in seqs]
         return StepItem(seqs, tables, cross, len(encoder_ids), encoder_ids if encode else None)
 
     def run(self, items: list[StepItem]) -> torch.Tensor:
@@ -63,8 +63,8 @@ class Harness:
         return logits
 
 
-def sequence(name: str, tokens: list[int]) -> Request:
-    seq = Request(name, [START], SamplingParams())
+def sequence(name: str, tokens: list[int]) -> TokenSequence:
+    seq = TokenSequence(name, [START], SamplingParams())
     for token in tokens:
         seq.append_output(token)
     return seq

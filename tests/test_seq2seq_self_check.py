@@ -14,12 +14,12 @@ from executor_support import TEXTS, load_demo, request, run
 from seq2seq_support import build_pair
 
 from pagedq.shared.models import GenerationOptions, TaskType, TranslateRequest
-from pagedq.worker.engine import seq2seq_attention
-from pagedq.worker.engine.executor import EngineConfig
-from pagedq.worker.engine.seq2seq_attention import ATTENTION_NAME
-from pagedq.worker.engine.seq2seq_engine import Seq2SeqEngine
-from pagedq.worker.engine.seq2seq_self_check import self_check
-from pagedq.worker.engine.translate import Seq2SeqExecutor
+from pagedq.worker.engine.core.executor import EngineConfig
+from pagedq.worker.engine.seq2seq import attention as seq2seq_attention
+from pagedq.worker.engine.seq2seq.attention import ATTENTION_NAME
+from pagedq.worker.engine.seq2seq.engine import Seq2SeqEngine
+from pagedq.worker.engine.seq2seq.self_check import self_check
+from pagedq.worker.engine.tasks.translate import Seq2SeqExecutor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -78,9 +78,9 @@ def test_a_model_failing_the_check_is_served_by_generate_and_says_so(
     lm = load_demo(demo_models, "demo-translator")
     reference = copy.deepcopy(lm.model)
     _cross_values_one_percent_off(monkeypatch)
-    with caplog.at_level(logging.INFO, logger="pagedq.worker.engine.translate"):
+    with caplog.at_level(logging.INFO, logger="pagedq.worker.engine.tasks.translate"):
         executor = Seq2SeqExecutor(lm, EngineConfig())
-    lines = [r for r in caplog.records if r.name == "pagedq.worker.engine.translate"]
+    lines = [r for r in caplog.records if r.name == "pagedq.worker.engine.tasks.translate"]
     assert len(lines) == 1 and "self-check" in lines[0].getMessage(), [r.getMessage() for r in lines]
     stats = executor.stats().as_dict()
     assert executor.engine is None and stats["path"] == "generate"

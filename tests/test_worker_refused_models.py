@@ -30,8 +30,8 @@ from pagedq.shared.celery_config import make_celery
 from pagedq.shared.models import ClassifyRequest, TaskType
 from pagedq.shared.records import LEASE_PREFIX
 from pagedq.shared.settings import Settings
-from pagedq.worker._demo_tokenizers import build_wordpiece
-from pagedq.worker.engine.executor import EngineRequest
+from pagedq.worker.demo.tokenizers import build_wordpiece
+from pagedq.worker.engine.core.executor import EngineRequest
 from pagedq.worker.runtime import WorkerRuntime
 from pagedq.worker.tasks import Item, run_items
 

@@ -5,7 +5,7 @@ A model entry's `source` is a hub id or a local directory saved with `save_pretr
 `from_pretrained`, so real hub ids work wherever a network or a local cache exists.
 
 `dtype = "int8"` (CPU only; refused on CUDA at load): the model loads in fp32, then its linear layers are
-quantized in place (`pagedq.worker.engine.quantization.quantize_int8`); `LoadedModel.dtype` is float32, the
+quantized in place (`pagedq.worker.engine.cpu.quantization.quantize_int8`); `LoadedModel.dtype` is float32, the
 dtype of the activations every engine path computes in.
 """
 
@@ -24,8 +24,8 @@ from transformers import (
 )
 
 from pagedq.shared.registry import ModelSpec, Registry
-from pagedq.worker.engine.executor import LoadedModel
-from pagedq.worker.engine.quantization import check_device, quantization_summary, quantize_int8
+from pagedq.worker.engine.core.executor import LoadedModel
+from pagedq.worker.engine.cpu.quantization import check_device, quantization_summary, quantize_int8
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from pagedq.shared.errors import ModelNotFound
 from pagedq.shared.records import LEASE_PREFIX, WORKER_RETRIES, TaskRecords
 from pagedq.shared.registry import ModelSpec, Registry
 from pagedq.shared.settings import Settings
-from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
+from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
 from pagedq.worker.engine.service import Engine, make_executor
 from pagedq.worker.lease import WorkerLease, new_worker_id
 from pagedq.worker.reconciler import Reconciler

@@ -154,7 +154,7 @@ def _merged(entries: list[dict[str, str]]) -> list[dict[str, str]]:
 
 @dataclass(frozen=True)
 class StreamSink:
-    """A task's end of the streamer, carried by its `EngineRequest` (see worker/engine/executor.py)."""
+    """A task's end of the streamer, carried by its `EngineRequest` (see worker/engine/core/executor.py)."""
 
     streamer: TokenStreamer
     task_id: str

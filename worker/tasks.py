@@ -42,7 +42,7 @@ from pagedq.shared.models import REQUEST_MODELS, TaskRequest, TaskState, TaskTyp
 from pagedq.shared.records import Claim, Outcome
 from pagedq.shared.registry import ModelSpec
 from pagedq.worker import metrics
-from pagedq.worker.engine.executor import EngineRequest
+from pagedq.worker.engine.core.executor import EngineRequest
 from pagedq.worker.runtime import WorkerRuntime, current_runtime
 
 log = logging.getLogger(__name__)

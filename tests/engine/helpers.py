@@ -21,9 +21,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from pagedq.worker.engine.llm_engine import LLMEngine
-from pagedq.worker.engine.request import RequestOutput
-from pagedq.worker.engine.sampling import SamplingParams
+from pagedq.worker.engine.core.request import RequestOutput
+from pagedq.worker.engine.decoder_only.engine import LLMEngine
+from pagedq.worker.engine.decoding.sampling import SamplingParams
 
 VOCAB = 512
 # No EOS in the configs: generate() and the engine both run to max_new_tokens unless a test says otherwise.
@@ -138,7 +138,7 @@ def run(
             if out.finished:
                 done[out.request_id] = out
         for r in engine.scheduler.running:
-            assert 0 <= engine.kv.waste_slots(r) < bs, "more than one partial block allocated-but-unused"
+            assert 0 <= engine.kv.waste_slots(r.sequence) < bs, "more than one partial block allocated-but-unused"
     raise AssertionError("engine did not finish")
 
 

@@ -24,10 +24,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pagedq.worker.engine.executor import EngineConfig
-from pagedq.worker.engine.llm_engine import LLMEngine
-from pagedq.worker.engine.native import paged_decode_available
-from pagedq.worker.engine.sampling import SamplingParams
+from pagedq.worker.engine.core.executor import EngineConfig
+from pagedq.worker.engine.cpu.native import paged_decode_available
+from pagedq.worker.engine.decoder_only.engine import LLMEngine
+from pagedq.worker.engine.decoding.sampling import SamplingParams
 
 from .families import sharpen
 from .helpers import COMMON, TinyModel, one_torch_thread, random_prompts, recorded_logits, reference_logits

@@ -1,4 +1,4 @@
-"""The native paged decode kernel on bf16 blocks (worker/engine/native): against attention in float64 on the
+"""The native paged decode kernel on bf16 blocks (worker/engine/cpu/native): against attention in float64 on the
 same bf16 values, with grouped-query heads of every grouping the kernel tiles differently, sliding windows,
 soft-capping, blocks inside larger pages (the seq2seq pool) and keys that are the values; bit for bit the
 fp32 kernel on the upcast values; bf16 outputs rounded as torch rounds; the AVX2 and plain-C builds too.
@@ -20,7 +20,7 @@ import textwrap
 import pytest
 import torch
 
-from pagedq.worker.engine.native import argmax_rows, c_compiler, paged_decode, paged_decode_available
+from pagedq.worker.engine.cpu.native import argmax_rows, c_compiler, paged_decode, paged_decode_available
 
 pytestmark = pytest.mark.skipif(
     c_compiler() is None or os.environ.get("PAGEDQ_NATIVE") == "0", reason="no C compiler, or PAGEDQ_NATIVE=0"
@@ -156,7 +156,7 @@ def test_argmax_rows_is_torchs_argmax(dtype: torch.dtype) -> None:
 _BUILD_CHECK = textwrap.dedent(
     """
     import torch
-    from pagedq.worker.engine.native import argmax_rows, paged_decode, paged_decode_available
+    from pagedq.worker.engine.cpu.native import argmax_rows, paged_decode, paged_decode_available
     assert paged_decode_available()
     g = torch.Generator().manual_seed(0)
     for heads, kv_heads, dim in [(8, 4, 64), (8, 1, 64), (6, 3, 48), (4, 4, 20), (16, 2, 128)]:

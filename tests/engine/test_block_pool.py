@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pagedq.worker.engine.block_pool import BlockPool, FreeBlockQueue, KVBlock
+from pagedq.worker.engine.paged.block_pool import BlockPool, FreeBlockQueue, KVBlock
 
 
 def free_ids(pool: BlockPool) -> list[int]:

@@ -21,20 +21,20 @@ from transformers import GenerationConfig
 
 from pagedq.shared.errors import InvalidRequest
 from pagedq.shared.models import GenerationOptions
-from pagedq.worker.engine import causal_generation
-from pagedq.worker.engine.causal_generation import (
+from pagedq.worker.engine.core.executor import EngineConfig
+from pagedq.worker.engine.core.request import TokenSequence
+from pagedq.worker.engine.decoder_only.engine import LLMEngine
+from pagedq.worker.engine.decoder_only.self_check import UnsupportedModel
+from pagedq.worker.engine.decoding import causal_options as causal_generation
+from pagedq.worker.engine.decoding.causal_options import (
     HONOURED,
     NO_EFFECT_ON_TOKENS,
     REFUSED_WHEN_SET,
     REQUEST_OPTIONS,
     sampling_params,
 )
-from pagedq.worker.engine.executor import EngineConfig
-from pagedq.worker.engine.llm_engine import LLMEngine
-from pagedq.worker.engine.logits_processors import ProcessorSettings
-from pagedq.worker.engine.request import Request
-from pagedq.worker.engine.sampling import SamplingParams, apply_processors, sampling_probs
-from pagedq.worker.engine.self_check import UnsupportedModel
+from pagedq.worker.engine.decoding.logits_processors import ProcessorSettings
+from pagedq.worker.engine.decoding.sampling import SamplingParams, apply_processors, sampling_probs
 
 from .families import build_family
 from .helpers import TinyModel, one_torch_thread, random_prompts
@@ -185,7 +185,7 @@ def test_sampling_distribution_matches_generate_processors_and_warpers(
                 return_dict_in_generate=True,
             )  # fmt: skip
         generated = out.sequences[0, len(prompt) :].tolist()
-        request = Request("r", prompt, params)
+        request = TokenSequence("r", prompt, params)
         for step, (raw, scores) in enumerate(zip(out.logits, out.scores, strict=True)):
             got = sampling_probs(apply_processors(raw.clone(), [request])[0], params)
             want = scores[0].softmax(-1)
@@ -203,9 +203,9 @@ def causal_generation_eos(tm: TinyModel) -> list[int]:
 
 def test_processors_apply_to_a_float32_copy_and_leave_inactive_batches_alone() -> None:
     logits = torch.tensor([[1.0, -2.0, 3.0, 0.5]], dtype=torch.bfloat16)
-    plain = Request("plain", [0, 1], SamplingParams())
+    plain = TokenSequence("plain", [0, 1], SamplingParams())
     assert apply_processors(logits, [plain]) is logits
-    penalised = Request("p", [0, 1], SamplingParams(processors=ProcessorSettings(repetition_penalty=2.0)))
+    penalised = TokenSequence("p", [0, 1], SamplingParams(processors=ProcessorSettings(repetition_penalty=2.0)))
     out = apply_processors(logits, [penalised])
     assert out.dtype == torch.float32 and logits[0, 0] == 1.0
     assert out[0].tolist() == [0.5, -4.0, 3.0, 0.5]
@@ -219,7 +219,7 @@ def test_every_generation_config_field_is_honoured_without_effect_or_refused() -
     fields = set(GenerationConfig().to_dict())
     tables = [set(HONOURED), set(NO_EFFECT_ON_TOKENS), set(REFUSED_WHEN_SET)]
     unsorted = fields - set().union(*tables)
-    assert not unsorted, f"sort {sorted(unsorted)} in worker/engine/causal_generation.py"
+    assert not unsorted, f"sort {sorted(unsorted)} in worker/engine/decoding/causal_options.py"
     for i, a in enumerate(tables):
         for b in tables[i + 1 :]:
             assert not a & b, f"{sorted(a & b)} are in two tables"

@@ -1,4 +1,4 @@
-"""Pre-packed oneDNN linear layers (worker/engine/cpu_linear.py): same results as `F.linear`, re-packed
+"""Pre-packed oneDNN linear layers (worker/engine/cpu/linear.py): same results as `F.linear`, re-packed
 when the weight changes, the model's parameters and state dict untouched."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from pagedq.worker.engine import cpu_linear
-from pagedq.worker.engine.cpu_linear import PackedLinear, unpack_linears
-from pagedq.worker.engine.host_memory import keep_freed_memory
+from pagedq.worker.engine.cpu import linear as cpu_linear
+from pagedq.worker.engine.cpu.host_memory import keep_freed_memory
+from pagedq.worker.engine.cpu.linear import PackedLinear, unpack_linears
 
 pytestmark = pytest.mark.skipif(not cpu_linear._op_available(), reason="torch built without oneDNN")
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedq.worker.engine import model_runner
-from pagedq.worker.engine.decode_plan import DecodePlan
-from pagedq.worker.engine.executor import EngineConfig
-from pagedq.worker.engine.llm_engine import LLMEngine
-from pagedq.worker.engine.native import paged_decode_available
-from pagedq.worker.engine.sampling import SamplingParams
-from pagedq.worker.engine.self_check import UnsupportedModel
+from pagedq.worker.engine.core.executor import EngineConfig
+from pagedq.worker.engine.cpu.native import paged_decode_available
+from pagedq.worker.engine.decoder_only import runner as model_runner
+from pagedq.worker.engine.decoder_only.engine import LLMEngine
+from pagedq.worker.engine.decoder_only.self_check import UnsupportedModel
+from pagedq.worker.engine.decoding.sampling import SamplingParams
+from pagedq.worker.engine.paged.decode_plan import DecodePlan
 
 from .families import FAMILY_BUILDERS, build_family, max_attention_score
 from .helpers import TinyModel, one_torch_thread, random_prompts, recorded_logits, reference_logits, run

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Ll
 from pagedq.shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled
 from pagedq.shared.models import ClassifyRequest, GenerationOptions, QARequest, QAResult, TaskType, TranslateRequest
 from pagedq.shared.registry import ModelSpec
-from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel
-from pagedq.worker.engine.generative import QA_STOP, GenerativeExecutor
+from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.worker.engine.tasks.generative import QA_STOP, GenerativeExecutor
 
 from .tiny_tokenizer import build_tokenizer
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pagedq.worker.engine.block_pool import BlockPool
-from pagedq.worker.engine.kv_cache_manager import KVCacheManager, hash_block_tokens, root_hash
-from pagedq.worker.engine.request import Request
-from pagedq.worker.engine.sampling import SamplingParams
+from pagedq.worker.engine.core.request import TokenSequence
+from pagedq.worker.engine.decoding.sampling import SamplingParams
+from pagedq.worker.engine.paged.block_pool import BlockPool
+from pagedq.worker.engine.paged.kv_cache_manager import KVCacheManager, hash_block_tokens, root_hash
 
 BS = 4
 
@@ -14,11 +14,11 @@ def make_manager(num_blocks: int = 10, caching: bool = True, namespace: str = "m
     return KVCacheManager(BlockPool(num_blocks), BS, namespace=namespace, enable_caching=caching)
 
 
-def req(rid: str, tokens: list[int]) -> Request:
-    return Request(rid, tokens, SamplingParams())
+def req(rid: str, tokens: list[int]) -> TokenSequence:
+    return TokenSequence(rid, tokens, SamplingParams())
 
 
-def admit(m: KVCacheManager, r: Request) -> int:
+def admit(m: KVCacheManager, r: TokenSequence) -> int:
     """Admission as the scheduler does it: hits, then slots for the rest. Returns hit tokens."""
     hits = m.get_computed_blocks(r)
     assert m.allocate_slots(r, r.num_tokens - len(hits) * BS, hits)

@@ -1,4 +1,4 @@
-"""The native paged decode kernel (worker/engine/native) against dense attention in torch: scattered
+"""The native paged decode kernel (worker/engine/cpu/native) against dense attention in torch: scattered
 block tables of different lengths, grouped-query heads, sliding windows, log-sum-exp; and loading it
 leaves the process's float behaviour alone."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedq.worker.engine.native import c_compiler, paged_decode, paged_decode_available
+from pagedq.worker.engine.cpu.native import c_compiler, paged_decode, paged_decode_available
 
 # Skipped only where nothing can build the kernel; with a compiler, a kernel that fails to build fails here.
 pytestmark = pytest.mark.skipif(

@@ -11,9 +11,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from pagedq.worker.engine.executor import EngineConfig
-from pagedq.worker.engine.llm_engine import LLMEngine
-from pagedq.worker.engine.sampling import GREEDY_BELOW_TEMPERATURE, SamplingParams, filtered_probs, scaled_logits
+from pagedq.worker.engine.core.executor import EngineConfig
+from pagedq.worker.engine.decoder_only.engine import LLMEngine
+from pagedq.worker.engine.decoding.sampling import (
+    GREEDY_BELOW_TEMPERATURE,
+    SamplingParams,
+    filtered_probs,
+    scaled_logits,
+)
 
 from .helpers import TinyModel, random_prompts
 from .tiny_tokenizer import build_tokenizer

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pagedq.worker.engine.block_pool import BlockPool
-from pagedq.worker.engine.kv_cache_manager import KVCacheManager
-from pagedq.worker.engine.request import MAX_PREEMPTION_BOOST, Request, RequestStatus
-from pagedq.worker.engine.sampling import SamplingParams
-from pagedq.worker.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from pagedq.worker.engine.core.request import MAX_PREEMPTION_BOOST, Request, RequestStatus
+from pagedq.worker.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from pagedq.worker.engine.decoding.sampling import SamplingParams
+from pagedq.worker.engine.paged.block_pool import BlockPool
+from pagedq.worker.engine.paged.kv_cache_manager import KVCacheManager
 
 BS = 4
 
@@ -18,7 +18,7 @@ def make(num_blocks: int = 64, budget: int = 32, max_seqs: int = 8, threshold: i
 
 def req(rid: str, n: int, prio: int = 0, max_new: int = 4, deadline: float | None = None, base: int = 0) -> Request:
     tokens = [base + i for i in range(n)]
-    return Request(rid, tokens, SamplingParams(max_new_tokens=max_new), priority=prio, deadline=deadline)
+    return Request.decoder_only(rid, tokens, SamplingParams(max_new_tokens=max_new), priority=prio, deadline=deadline)
 
 
 def step(s: Scheduler, now: float = 0.0) -> SchedulerOutput:
@@ -26,9 +26,10 @@ def step(s: Scheduler, now: float = 0.0) -> SchedulerOutput:
     out = s.schedule(now)
     s.update_from_output(out)
     for r in out.requests:
-        if r.num_computed_tokens == r.num_tokens:
-            r.append_output(7)
-            if r.num_output_tokens >= r.sampling_params.max_new_tokens:
+        seq = r.sequence
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.append_output(7)
+            if seq.num_output_tokens >= seq.sampling_params.max_new_tokens:
                 s.finish_request(r, RequestStatus.FINISHED_LENGTH)
     return out
 
@@ -55,7 +56,7 @@ def test_long_prefill_threshold_chunks_prompts() -> None:
     assert plan(step(s)) == {"a": 8, "b": 3}
     assert plan(step(s)) == {"a": 8, "b": 1}
     assert plan(step(s)) == {"a": 4, "b": 1}
-    assert s.requests["a"].num_output_tokens == 1
+    assert s.requests["a"].sequence.num_output_tokens == 1
 
 
 def test_running_cap() -> None:
@@ -89,7 +90,7 @@ def test_request_preempts_itself_when_it_is_the_worst() -> None:
     step(s)
     out = step(s)
     assert [r.request_id for r in out.preempted] == ["b"] and plan(out) == {"a": 1}
-    assert s.requests["b"].num_computed_tokens == 0 and s.kv.block_ids("b") == []
+    assert s.requests["b"].sequence.num_computed_tokens == 0 and s.kv.block_ids("b") == []
 
 
 def test_no_admission_after_block_pressure_preemption() -> None:
@@ -187,7 +188,7 @@ def test_preempted_request_readmitted_before_newer_equal_priority() -> None:
     out = step(s)
     # b is boosted ahead of 'early' and resumes with a prefix hit on its surviving first block;
     # 'c' finds no block left.
-    assert plan(out) == {"b": 5, "early": 4} and s.requests["b"].num_cached_tokens == 4
+    assert plan(out) == {"b": 5, "early": 4} and s.requests["b"].sequence.num_cached_tokens == 4
 
 
 def test_boost_is_bounded() -> None:
@@ -207,7 +208,7 @@ def test_no_starvation_under_memory_pressure() -> None:
             break
         step(s)
         # At most one partial block of allocated-but-unused slots per running request.
-        assert all(0 <= s.kv.waste_slots(r) < BS for r in s.running)
+        assert all(0 <= s.kv.waste_slots(r.sequence) < BS for r in s.running)
     assert all(r.status is RequestStatus.FINISHED_LENGTH for r in reqs)
-    assert all(r.num_output_tokens == 6 for r in reqs)
+    assert all(r.sequence.num_output_tokens == 6 for r in reqs)
     assert s.num_preemptions > 0 and s.kv.pool.num_free_blocks == 6

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedq.worker.engine.cascade import add_sinks, attend
-from pagedq.worker.engine.native import c_compiler, paged_decode
+from pagedq.worker.engine.cpu.native import c_compiler, paged_decode
+from pagedq.worker.engine.decoder_only.cascade import add_sinks, attend
 
 SOFTCAP = 5.0
 

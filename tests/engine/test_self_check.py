@@ -7,11 +7,12 @@ import time
 import pytest
 import torch
 
-from pagedq.worker.engine import attention, llm_engine
-from pagedq.worker.engine.attention import PagedKVCache, ScoreRule, UnsupportedAttention
-from pagedq.worker.engine.executor import EngineConfig
-from pagedq.worker.engine.llm_engine import LLMEngine
-from pagedq.worker.engine.self_check import PROBE_LENGTHS, UnsupportedModel, self_check
+from pagedq.worker.engine.core.executor import EngineConfig
+from pagedq.worker.engine.decoder_only import attention
+from pagedq.worker.engine.decoder_only import engine as llm_engine
+from pagedq.worker.engine.decoder_only.attention import PagedKVCache, ScoreRule, UnsupportedAttention
+from pagedq.worker.engine.decoder_only.engine import LLMEngine
+from pagedq.worker.engine.decoder_only.self_check import PROBE_LENGTHS, UnsupportedModel, self_check
 
 from .families import build_family
 from .helpers import one_torch_thread

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from pagedq.shared.errors import EngineError, ModelError, PagedqError
-from pagedq.worker.engine.executor import EngineRequest, ModelExecutor
+from pagedq.worker.engine.core.executor import EngineRequest, ModelExecutor
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from pagedq.shared.errors import DeadlineExceeded, EngineError, ModelNotFound, TaskCancelled, WorkerShuttingDown
-from pagedq.worker.engine.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
+from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
 from pagedq.worker.engine.isolation import Flight, Isolator
 
 log = logging.getLogger(__name__)
@@ -50,19 +50,19 @@ def make_executor(loaded: LoadedModel, config: EngineConfig) -> ModelExecutor:
     """The executor class for a model's architecture (imported lazily: each pulls its own deps)."""
     arch = loaded.spec.architecture
     if arch == "sequence-classification":
-        from pagedq.worker.engine.classify import ClassificationExecutor
+        from pagedq.worker.engine.tasks.classify import ClassificationExecutor
 
         return ClassificationExecutor(loaded, config)
     if arch == "question-answering":
-        from pagedq.worker.engine.extractive_qa import ExtractiveQAExecutor
+        from pagedq.worker.engine.tasks.extractive_qa import ExtractiveQAExecutor
 
         return ExtractiveQAExecutor(loaded, config)
     if arch == "seq2seq":
-        from pagedq.worker.engine.translate import Seq2SeqExecutor
+        from pagedq.worker.engine.tasks.translate import Seq2SeqExecutor
 
         return Seq2SeqExecutor(loaded, config)
     if arch == "causal-lm":
-        from pagedq.worker.engine.generative import GenerativeExecutor
+        from pagedq.worker.engine.tasks.generative import GenerativeExecutor
 
         return GenerativeExecutor(loaded, config)
     raise ValueError(f"no executor for architecture {arch!r}")

@@ -1,0 +1,147 @@
+"""The contract between the engine loop and the per-model executors.
+
+One `Engine` (worker/engine/service.py) per worker process owns one thread. Celery task threads call
+`Engine.submit(EngineRequest) -> Future`. The engine thread hands each request to the `ModelExecutor` of
+its model and calls `step()` on every executor that has work, round-robin. An executor micro-batches
+everything it holds under the token budget of `EngineConfig` -- never one forward per request -- and
+completes each request's future with a result model (`ClassifyResult`, `TranslateResult`, `QAResult`)
+or an exception from `pagedq.shared.errors`.
+
+Invariants:
+- executors are touched only from the engine thread (no locks inside them);
+- a request's future is completed exactly once (use `EngineRequest.finish` / `.fail`);
+- `abort` frees everything the request holds (KV blocks, queue slots) before it returns.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from pagedq.shared.models import TaskRequest, TaskType
+from pagedq.shared.registry import ModelSpec
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Scheduling and memory knobs of one engine (from `pagedq.shared.settings.Settings`)."""
+
+    max_batch_tokens: int = 4096  # token budget of one step, summed over the requests in it
+    max_running_requests: int = 64  # cap on requests in one step
+    block_size: int = 16  # tokens per KV block
+    kv_cache_bytes: int | None = None  # KV pool per model; None: a default share of memory
+    enable_prefix_caching: bool = True
+    cpu_prepack_linear: bool = True  # CPU models: linear weights pre-packed for oneDNN (worker/engine/cpu/linear.py)
+
+
+@dataclass
+class LoadedModel:
+    """A model loaded once per worker process by `pagedq.worker.registry`, with what executors need."""
+
+    spec: ModelSpec
+    model: Any  # a transformers PreTrainedModel, in eval mode, on `device`
+    tokenizer: Any  # a transformers tokenizer
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    """One task inside the engine. `deadline` is a `time.time()` epoch; None means no deadline."""
+
+    id: str
+    task: TaskType
+    payload: TaskRequest
+    model: str
+    priority: int = 0
+    deadline: float | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    future: Future[Any] = field(default_factory=Future)
+    #: set when the caller asked to stream: `stream.open(tokenizer, stop_strings)` returns an
+    #: `on_token(request_id, token_id)` callback (worker/streaming.py); executors that do not generate token
+    #: by token ignore it, and the text then arrives in one piece with the result
+    stream: Any = None
+    #: time.monotonic() of its first generated token, set by executors that generate token by token (the
+    #: paged engines; not the batched-generate fallback): TTFT and TPOT metrics (worker/metrics.py)
+    first_token_at: float | None = None
+    finished_at: float | None = None  # time.monotonic() when its future completed with a result
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (now if now is not None else time.time()) >= self.deadline
+
+    def finish(self, result: Any) -> bool:
+        """Complete with a result; False if the future was already completed (e.g. cancelled)."""
+        try:
+            self.future.set_result(result)
+            self.finished_at = time.monotonic()
+            return True
+        except InvalidStateError:
+            return False
+
+    def fail(self, error: BaseException) -> bool:
+        try:
+            self.future.set_exception(error)
+            return True
+        except InvalidStateError:
+            return False
+
+
+@dataclass
+class ModelStats:
+    """What every executor reports, in one shape, read by the metrics collector (worker/metrics.py), Flower's
+    worker info (worker/app.py) and the benchmarks. Counters count since the executor was built; `extra` holds
+    what only one kind of executor has (e.g. padded tokens, fallback requests)."""
+
+    num_requests_running: int = 0
+    num_requests_waiting: int = 0
+    num_requests_finished: int = 0
+    steps: int = 0  # batched model steps (forward passes, or `generate` calls on the fallback)
+    generated_tokens: int = 0
+    kv_cache_usage_perc: float = 0.0  # 0..1
+    prefix_cache_queries: int = 0  # tokens looked up
+    prefix_cache_hits: int = 0  # tokens found
+    num_preemptions: int = 0
+    path: str = ""  # paged | generate | packed | padded | refused
+    path_reason: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Flat, for JSON readers (`celery inspect stats`, benchmarks): the fields, then `extra`'s keys."""
+        flat: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**flat, **self.extra}
+
+
+class ModelExecutor(ABC):
+    """Runs the requests of one loaded model. Only the engine thread calls these methods."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.loaded = loaded
+        self.config = config
+
+    @abstractmethod
+    def add(self, request: EngineRequest) -> None:
+        """Accept a request; it is scheduled by later `step()` calls (priority first, then arrival)."""
+
+    @abstractmethod
+    def abort(self, request_id: str, error: BaseException) -> bool:
+        """Drop a request wherever it is, free what it holds, fail its future with `error`.
+
+        Returns False if the executor does not hold this request."""
+
+    @abstractmethod
+    def has_work(self) -> bool:
+        """True while any request is waiting or running."""
+
+    @abstractmethod
+    def step(self) -> None:
+        """Run one batched model step under `config.max_batch_tokens`; complete finished requests.
+
+        A failure that concerns one request fails that request's future only; an exception that
+        escapes `step()` fails every request the executor holds (the engine loop does that)."""
+
+    def stats(self) -> ModelStats:
+        """What this executor reports (see `ModelStats`)."""
+        return ModelStats()

@@ -1,0 +1,239 @@
+"""LLMEngine: a synchronous, vLLM-like engine for one decoder-only model.
+
+    engine = LLMEngine(model, tokenizer, EngineConfig(), namespace="llama-tiny")
+    engine.add_request("r1", prompt_ids, SamplingParams(max_new_tokens=32))
+    while engine.has_unfinished_requests():
+        for out in engine.step():       # finished or updated requests
+            ...
+
+One `step()` = schedule (one token budget over decodes and prefill chunks) -> one packed forward
+-> sample -> stop checks. Not thread-safe: one thread drives it (the worker's engine thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pagedq.worker.engine.core.executor import EngineConfig
+from pagedq.worker.engine.core.memory import free_device_memory
+from pagedq.worker.engine.core.request import Request, RequestOutput, TokenCallback
+from pagedq.worker.engine.core.scheduler import Scheduler, SchedulerConfig
+from pagedq.worker.engine.cpu.linear import prepare_for_host
+from pagedq.worker.engine.decoder_only.attention import PagedKVCache
+from pagedq.worker.engine.decoder_only.runner import ModelRunner, ModelShape
+from pagedq.worker.engine.decoder_only.self_check import UnsupportedModel, check_rotary, self_check
+from pagedq.worker.engine.decoding.causal_options import check_generation_config
+from pagedq.worker.engine.decoding.sampling import Sampler, SamplingParams, StopChecker
+from pagedq.worker.engine.paged.block_pool import BlockPool
+from pagedq.worker.engine.paged.kv_cache_manager import KVCacheManager, cdiv
+
+log = logging.getLogger(__name__)
+
+
+def eos_token_ids(model: Any, tokenizer: Any = None) -> list[int]:
+    """EOS ids from the model's generation config, else its config, else the tokenizer."""
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return [eos] if eos is not None else []
+
+
+class LLMEngine:
+    """Paged-KV-cache continuous batching over an unmodified transformers causal LM.
+
+    Memory: `num_blocks` if given, else `config.kv_cache_bytes`, else `kv_cache_memory_fraction` of
+    the device's free memory -- capped at what `max_running_requests` requests of `max_model_len`
+    tokens can use. The model's attention implementation is switched to the engine's.
+
+    Tuning: `long_prefill_token_threshold` caps one request's prefill chunk per step (0: the budget);
+    `decode_bucket_rows` decode rows share one padded attention batch; decode rows sharing a cached
+    prefix of >= `cascade_min_tokens` attend to it once per group (0: off).
+
+    Exact or refused (worker/engine/decoder_only/self_check.py): a model whose paged output would differ from
+    transformers' raises `UnsupportedModel` here, with the reason, logged once -- statically (a
+    generation_config field the engine does not implement, see `causal_generation`; rotary scaling that
+    depends on the step) or by the load-time probe (`self_check=False` skips the probe)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        config: EngineConfig | None = None,
+        namespace: str = "default",
+        *,
+        num_blocks: int | None = None,
+        kv_cache_memory_fraction: float = 0.1,
+        max_model_len: int | None = None,
+        long_prefill_token_threshold: int = 0,
+        decode_bucket_rows: int = 16,
+        cascade_min_tokens: int = 256,
+        native_decode: bool | None = None,
+        self_check: bool = True,
+    ) -> None:
+        try:
+            self._build(
+                model, tokenizer, config, namespace, num_blocks, kv_cache_memory_fraction, max_model_len,
+                long_prefill_token_threshold, decode_bucket_rows, cascade_min_tokens, native_decode,
+            )  # fmt: skip
+            if self_check:
+                run_self_check(self)
+        except UnsupportedModel as exc:
+            log.warning("refusing model %s: %s", namespace, exc)
+            raise
+
+    def _build(
+        self,
+        model: Any,
+        tokenizer: Any,
+        config: EngineConfig | None,
+        namespace: str,
+        num_blocks: int | None,
+        kv_cache_memory_fraction: float,
+        max_model_len: int | None,
+        long_prefill_token_threshold: int,
+        decode_bucket_rows: int,
+        cascade_min_tokens: int,
+        native_decode: bool | None,
+    ) -> None:
+        self.config = config = config or EngineConfig()
+        self.model, self.tokenizer, self.namespace = model, tokenizer, namespace
+        shape = ModelShape.of(model)
+        self.max_model_len = max_model_len or shape.max_model_len
+        check_generation_config(model)
+        check_rotary(model, self.max_model_len)
+        device, dtype = model.device, model.dtype
+        per_block = PagedKVCache.bytes_per_block(
+            shape.num_layers, config.block_size, shape.num_kv_heads, shape.head_dim, dtype
+        )
+        if num_blocks is None:
+            budget = config.kv_cache_bytes or int(free_device_memory(device) * kv_cache_memory_fraction)
+            num_blocks = budget // per_block
+            if self.max_model_len:
+                num_blocks = min(num_blocks, config.max_running_requests * cdiv(self.max_model_len, config.block_size))
+        if num_blocks < 1:
+            raise ValueError(f"KV budget too small: one block needs {per_block} bytes")
+        self.cache = PagedKVCache(
+            shape.num_layers, num_blocks, config.block_size, shape.num_kv_heads, shape.head_dim, dtype, device
+        )
+        self.kv = KVCacheManager(BlockPool(num_blocks), config.block_size, namespace, config.enable_prefix_caching)
+        sched_config = SchedulerConfig(
+            config.max_batch_tokens, config.max_running_requests, long_prefill_token_threshold
+        )
+        self.scheduler = Scheduler(sched_config, self.kv)
+        prepare_for_host(model, config.cpu_prepack_linear)
+        self.runner = ModelRunner(model, self.cache, decode_bucket_rows, cascade_min_tokens, native_decode)
+        self.sampler = Sampler()
+        self.stop_checker = StopChecker(eos_token_ids(model, tokenizer), tokenizer, self.max_model_len)
+        self._counters = {"num_generated_tokens": 0, "num_steps": 0, "num_batched_tokens": 0}
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling_params: SamplingParams | None = None,
+        priority: int = 0,
+        deadline: float | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> None:
+        """Queue a request. `deadline` is a `time.time()` epoch; `on_token(request_id, token_id)`
+        streams every generated token as soon as it is sampled."""
+        params = sampling_params or SamplingParams()
+        n = len(prompt_token_ids)
+        if self.max_model_len is not None and n >= self.max_model_len:
+            raise ValueError(f"prompt of {n} tokens does not fit max_model_len={self.max_model_len}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need an engine with a tokenizer")
+        longest = min(n + params.max_new_tokens, self.max_model_len or n + params.max_new_tokens)
+        if cdiv(longest, self.config.block_size) > self.kv.pool.num_blocks:
+            raise ValueError(
+                f"a request of {longest} tokens would not fit the KV pool ({self.kv.pool.num_blocks} blocks)"
+            )
+        request = Request.decoder_only(request_id, list(prompt_token_ids), params, priority, deadline, on_token)
+        self.scheduler.add_request(request)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Cancel a request wherever it is; its blocks are free on return. Reported by the next step."""
+        return self.scheduler.abort_request(request_id) is not None
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduling step and (if anything is scheduled) one forward pass."""
+        out = self.scheduler.schedule()
+        outputs = [RequestOutput.of(r) for r in out.finished]
+        if not out.requests:
+            return outputs
+        try:
+            logits, sampled = self.runner.execute(out, self.kv.block_ids)
+        except BaseException:
+            self.kv.pool.reset_prefix_cache()  # blocks published for this step were never written
+            raise
+        self.scheduler.update_from_output(out)
+        self._counters["num_steps"] += 1
+        self._counters["num_batched_tokens"] += out.total_num_tokens
+        sequences = [request.sequence for request in sampled]
+        for request, seq, token in zip(sampled, sequences, self.sampler(logits, sequences), strict=True):
+            seq.append_output(token)
+            status = self.stop_checker.check(seq)
+            if status is not None:
+                self.scheduler.finish_request(request, status)
+            text = self.stop_checker.output_text(seq) if request.is_finished else None
+            outputs.append(RequestOutput.of(request, text))
+        self._counters["num_generated_tokens"] += len(sampled)
+        return outputs
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; outputs in prompt order (for tests and benchmarks)."""
+        params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
+        ids = [f"generate-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, params, strict=True):
+            self.add_request(rid, prompt, p)
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            done.update((o.request_id, o) for o in self.step() if o.finished)
+        return [done[rid] for rid in ids]
+
+    def reset_after_probe(self, request_ids: Sequence[str]) -> None:
+        """Forget a probe's traces: its requests (if it stopped midway), cached blocks and counters."""
+        for rid in request_ids:
+            self.scheduler.abort_request(rid)
+        self.scheduler.schedule()  # collects the aborted (reported, then forgotten); nothing runs
+        self.kv.pool.reset_prefix_cache()
+        self.kv.prefix_cache_queries = self.kv.prefix_cache_hits = 0
+        self.scheduler.num_preemptions = 0
+        self._counters = dict.fromkeys(self._counters, 0)
+
+    def stats(self) -> dict[str, float]:
+        """Gauges and counters in vLLM's vocabulary (`kv_cache_usage_perc` is a 0..1 fraction)."""
+        c = self._counters
+        running = self.scheduler.running
+        return {
+            "num_requests_running": len(running),
+            "num_requests_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage_perc": self.kv.pool.usage,
+            "prefix_cache_queries": self.kv.prefix_cache_queries,
+            "prefix_cache_hits": self.kv.prefix_cache_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_generated_tokens": c["num_generated_tokens"],
+            "num_steps": c["num_steps"],
+            "mean_batch_tokens": c["num_batched_tokens"] / max(c["num_steps"], 1),
+            "kv_waste_slots": sum(self.kv.waste_slots(r.sequence) for r in running),
+            "num_kv_blocks": self.kv.pool.num_blocks,
+        }
+
+
+def run_self_check(engine: LLMEngine) -> None:
+    """The load-time probe (a module-level name, so a test can count or replace it)."""
+    self_check(engine)

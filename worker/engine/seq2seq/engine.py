@@ -1,0 +1,205 @@
+"""Seq2SeqEngine: continuous batching of encoder-decoder requests over paged self- and cross-attention KV.
+
+    engine = Seq2SeqEngine(model, EngineConfig())
+    engine.add_request("r1", encoder_ids, decode_settings(model, GenerationOptions()))
+    while engine.has_unfinished_requests():
+        for out in engine.step():          # finished requests
+            ...
+
+One `step()` = schedule (one token budget over encoder passes and decoder rows) -> the runner's encoder
+pass for newly admitted requests and one packed decoder pass for every running sequence -> next tokens
+(`seq2seq_decoding`: generate's processors, then greedy / sampling, and one beam step for all beam
+requests at once, `beam_search.step_beams`, whose new beams fork their parents' blocks) and stop checks;
+finished requests free their blocks at once. The model's dtype runs end to end (bf16: pool, attention,
+logits; beam scores are fp32, as generate keeps them). Not thread-safe: one thread drives it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from pagedq.worker.engine.core.executor import EngineConfig
+from pagedq.worker.engine.core.memory import free_device_memory
+from pagedq.worker.engine.core.request import Request, RequestOutput
+from pagedq.worker.engine.core.scheduler import Scheduler, SchedulerConfig
+from pagedq.worker.engine.cpu.linear import prepare_for_host
+from pagedq.worker.engine.decoding.beam_search import BeamSearch
+from pagedq.worker.engine.decoding.seq2seq_options import DecodeSettings
+from pagedq.worker.engine.decoding.seq2seq_step import Decoding
+from pagedq.worker.engine.paged.block_pool import BlockPool
+from pagedq.worker.engine.paged.kv_cache_manager import KVCacheManager, cdiv
+from pagedq.worker.engine.seq2seq.attention import KVPool
+from pagedq.worker.engine.seq2seq.model import DecoderShape, check_model
+from pagedq.worker.engine.seq2seq.runner import Seq2SeqRunner, StepItem
+
+
+class Seq2SeqEngine:
+    """Paged continuous batching over an unmodified transformers encoder-decoder model.
+
+    Memory: `num_blocks` if given, else `config.kv_cache_bytes`, else `kv_cache_memory_fraction` of the
+    device's free memory -- capped at what `max_running_requests` sequences could ever use.
+    `native_decode`: see `Seq2SeqRunner` (None: the native kernel wherever it applies).
+
+    Raises `UnsupportedArchitecture` (before touching the model) for a model it cannot page;
+    `close()` gives the model back as loaded."""
+
+    #: called after every decoder pass with the step's requests and their logits rows (the self-check)
+    observe_logits: Callable[[Sequence[Request], torch.Tensor], None] | None = None
+
+    def __init__(
+        self,
+        model: Any,
+        config: EngineConfig | None = None,
+        *,
+        num_blocks: int | None = None,
+        kv_cache_memory_fraction: float = 0.1,
+        max_encoder_len: int = 512,
+        native_decode: bool | None = None,
+    ) -> None:
+        check_model(model)  # first: raises nothing but UnsupportedArchitecture, changes nothing
+        self.config = config = config or EngineConfig()
+        self.model = model
+        prepare_for_host(model, config.cpu_prepack_linear)
+        shape = DecoderShape.of(model)
+        bs, dtype, device = config.block_size, model.dtype, model.device
+        per_block = KVPool.bytes_per_block(shape.num_layers, bs, shape.num_heads, shape.head_dim, dtype)
+        encoder_rows = shape.encoder_rows_per_page(bs)
+        if num_blocks is None:
+            budget = config.kv_cache_bytes or int(free_device_memory(device) * kv_cache_memory_fraction)
+            longest = cdiv(max_encoder_len, encoder_rows) + cdiv(shape.max_positions or 1024, bs)
+            num_blocks = min(budget // per_block, config.max_running_requests * longest)
+        if num_blocks < 1:
+            raise ValueError(f"KV budget too small: one block needs {per_block} bytes")
+        self.pool = shape.pool(num_blocks, bs, dtype, device)
+        self.kv = KVCacheManager(
+            BlockPool(num_blocks, enable_caching=False), bs, enable_caching=False, encoder_block_size=encoder_rows
+        )
+        self.scheduler = Scheduler(SchedulerConfig(config.max_batch_tokens, config.max_running_requests), self.kv)
+        self.runner = Seq2SeqRunner(model, self.pool, native_decode)
+        self.decoding = Decoding(self.kv)
+        self._counters = {"num_generated_tokens": 0, "num_steps": 0, "num_batched_tokens": 0, "num_encoded_tokens": 0}
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        encoder_ids: Sequence[int],
+        settings: DecodeSettings,
+        priority: int = 0,
+        deadline: float | None = None,
+    ) -> None:
+        """Queue a request. `deadline` is a `time.time()` epoch. Raises ValueError if it can never fit."""
+        if not encoder_ids:
+            raise ValueError(f"request {request_id!r} has no input tokens")
+        start = [settings.decoder_start_token_id]
+        sequence = self.decoding.new_sequence(request_id, settings, start)
+        request = Request(request_id, [sequence], priority, deadline, list(encoder_ids), settings, settings.num_beams)
+        need, have = self.kv.max_blocks(request, settings.max_length), self.kv.pool.num_blocks
+        if need > have:
+            raise ValueError(f"a request needing {need} KV blocks would not fit the pool ({have} blocks)")
+        if settings.num_beams > self.config.max_running_requests:
+            raise ValueError(f"num_beams={settings.num_beams} exceeds max_running_requests")
+        if settings.is_beam_search:
+            request.beam = BeamSearch(settings, [settings.decoder_start_token_id])
+        self.scheduler.add_request(request)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Cancel a request wherever it is; its blocks are free on return. Reported by the next step."""
+        return self.scheduler.abort_request(request_id) is not None
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, now: float | None = None) -> list[RequestOutput]:
+        """One scheduling step and (if anything is scheduled) one encoder + decoder pass.
+
+        `now` (a `time.time()` epoch, default the clock) is what deadlines are checked against."""
+        plan = self.scheduler.schedule(now)
+        outputs = [RequestOutput.of(r) for r in plan.finished]
+        if not plan.requests:
+            return outputs
+        items = [self._item(r) for r in plan.requests]
+        logits = self.runner.execute(items, plan.copies)
+        if self.observe_logits is not None:
+            self.observe_logits(plan.requests, logits)
+        self.scheduler.update_from_output(plan)
+        self._counters["num_steps"] += 1
+        self._counters["num_batched_tokens"] += plan.total_num_tokens
+        sampled, beams, row = [], [], 0
+        for request in plan.requests:
+            n = len(request.sequences)
+            if request.beam is None:
+                sampled.append((request, row))
+            else:
+                beams.append((request, row))
+            row += n
+        finished = self.decoding.sample(sampled, logits) + self.decoding.beams(beams, logits)
+        stepped_at = time.monotonic()
+        for request in plan.requests:
+            if request.first_token_at is None:
+                request.first_token_at = stepped_at
+        self._counters["num_generated_tokens"] += len(finished)
+        for request, status in finished:
+            if status is not None:
+                self.scheduler.finish_request(request, status)
+                outputs.append(RequestOutput.of(request))
+        return outputs
+
+    def generate(
+        self, inputs: Sequence[Sequence[int]], settings: DecodeSettings | Sequence[DecodeSettings]
+    ) -> list[RequestOutput]:
+        """Run inputs to completion; outputs in input order (for tests and benchmarks)."""
+        each = list(settings) if isinstance(settings, Sequence) else [settings] * len(inputs)
+        ids = [f"generate-{time.monotonic_ns()}-{i}" for i in range(len(inputs))]
+        for rid, encoder_ids, s in zip(ids, inputs, each, strict=True):
+            self.add_request(rid, encoder_ids, s)
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            done.update((o.request_id, o) for o in self.step())
+        return [done[rid] for rid in ids]
+
+    def close(self) -> None:
+        """Give the model back as loaded (`Seq2SeqRunner.close`); the engine is unusable after."""
+        self.runner.close()
+
+    def reset_counters(self) -> None:
+        """Zero the step counters (after the self-check's probe, so that stats count real requests)."""
+        self._counters = dict.fromkeys(self._counters, 0)
+
+    def stats(self) -> dict[str, float]:
+        """Gauges and counters in vLLM's vocabulary (`kv_cache_usage_perc` is a 0..1 fraction)."""
+        c, pool = self._counters, self.kv.pool
+        return {
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage_perc": pool.usage,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_generated_tokens": c["num_generated_tokens"],
+            "num_steps": c["num_steps"],
+            "num_encoded_tokens": c["num_encoded_tokens"],
+            "mean_batch_tokens": c["num_batched_tokens"] / max(c["num_steps"], 1),
+            "num_kv_blocks": pool.num_blocks,
+            "num_free_kv_blocks": pool.num_free_blocks,
+        }
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _item(self, request: Request) -> StepItem:
+        encode = not request.encoded
+        if encode:
+            self._counters["num_encoded_tokens"] += request.encoder_len
+        return StepItem(
+            sequences=request.sequences,
+            self_blocks=[self.kv.block_ids(seq.seq_id) for seq in request.sequences],
+            cross_blocks=[b.block_id for b in request.encoder_blocks],
+            encoder_len=request.encoder_len,
+            encoder_ids=request.encoder_ids if encode else None,
+        )

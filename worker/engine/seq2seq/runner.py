@@ -1,0 +1,361 @@
+"""Seq2seq model runner: one step = (encoder pass for newly admitted requests) + one packed decoder pass.
+
+    encoder pass:  input_ids [1, S]  = the new requests' sentences back to back (no padding)
+                   -> its output rows are written into the new requests' encoder pages
+    decoder pass:  decoder_input_ids [1, T] = every running sequence's uncomputed tokens
+                   (one row per beam while decoding; a whole prefix when recomputing after preemption)
+                   encoder_outputs = a placeholder: cross-attention reads each request's pages
+
+Only each sequence's last row reaches the LM head (a forward pre-hook on the output embeddings keeps
+those rows: the `*ForConditionalGeneration` heads take no `logits_to_keep`).
+
+Traps this avoids (transformers 5.x): `use_cache=False` with `cache=` given (layers still call
+`cache.update`); positions from hooks, not from `cache.get_seq_length()`; `set_attn_implementation`
+changes the model's config for every model built from the same config object.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+
+from pagedq.worker.engine.core.request import TokenSequence
+from pagedq.worker.engine.cpu.native import NATIVE_DTYPES, paged_decode_available
+from pagedq.worker.engine.seq2seq.attention import (
+    ATTENTION_NAME,
+    METADATA_KWARG,
+    CrossBucket,
+    EncoderBucket,
+    KVPool,
+    NativeCross,
+    NativeRows,
+    SelfDecodeBucket,
+    SelfSegment,
+    Seq2SeqMetadata,
+    seq2seq_attention,
+)
+from pagedq.worker.engine.seq2seq.cache import PagedEncoderDecoderCache
+from pagedq.worker.engine.seq2seq.model import (
+    DecoderShape,
+    PositionHooks,
+    check_model,
+    max_encoder_pass_tokens,
+    t5_decoder_bias_owner,
+)
+
+AttentionInterface.register(ATTENTION_NAME, seq2seq_attention)
+
+BUCKET_ROWS = 16  # sequences (or requests, or sentences) padded together in one attention call
+SDPA_CROSS_HEADS = 32  # bf16 with matrix units: requests with rows x heads >= this take SDPA cross-attention
+
+
+@dataclass
+class StepItem:
+    """One request's part of a step: its decoder sequences and where its K/V live.
+
+    Each sequence computes its tokens [num_computed_tokens, num_tokens): one while decoding, all of
+    them (from 0) when recomputing. `encoder_ids` is set when the request's encoder runs in this step."""
+
+    sequences: Sequence[TokenSequence]
+    self_blocks: Sequence[Sequence[int]]  # block table of each sequence
+    cross_blocks: Sequence[int]
+    encoder_len: int
+    encoder_ids: Sequence[int] | None = None
+
+
+@functools.cache
+def bf16_matmul_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX-BF16 or AVX512-BF16; not AVX2, where
+    oneDNN emulates bf16)."""
+    try:
+        flags = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):  # a torch without the query: treat bf16 as emulated
+        return False
+    return bool(flags.get("amx_bf16") or flags.get("avx512_bf16"))
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class Seq2SeqRunner:
+    """Owns the model's attention switch, the position and LM-head hooks, and the cache object."""
+
+    def __init__(self, model: Any, pool: KVPool, native_decode: bool | None = None) -> None:
+        """`native_decode`: decoder rows' attention through the native kernel (None: wherever it applies,
+        an fp32 or bf16 pool on CPU with the kernel built; False: always gather + SDPA)."""
+        check_model(model)
+        applies = pool.device.type == "cpu" and pool.pages.dtype in NATIVE_DTYPES
+        if native_decode and not applies:
+            raise ValueError("the native decode kernel needs an fp32 or bf16 KV pool on CPU")
+        self.native = applies and native_decode is not False and paged_decode_available()
+        # Cross-attention is scores over d_model-wide encoder rows (`seq2seq_attention`): 8x the FLOPs of
+        # per-head attention, which the kernel does on vector units. In bf16 on a CPU with bf16 matrix
+        # instructions, SDPA over the step's gathered rows runs them as matrix products, faster once a
+        # request has enough query rows (beams x heads) to fill them: 64 requests of 4 beams x 8 heads,
+        # 2 cores with AMX: SDPA 2.6-3.0 ms a layer, the kernel 4.5-6.2; of 1 row x 8 heads: 1.6 and 1.1.
+        sdpa = pool.pages.dtype == torch.bfloat16 and bf16_matmul_units()
+        self.sdpa_cross_heads = SDPA_CROSS_HEADS if sdpa else None  # query heads per request from which SDPA
+        self.model, self.pool = model, pool
+        self.shape = DecoderShape.of(model)
+        self.cache = PagedEncoderDecoderCache(pool, self.shape.num_layers)
+        self.decoder_bias = t5_decoder_bias_owner(model)
+        self.max_encoder_pass = max_encoder_pass_tokens(model)
+        self.device = pool.device
+        self._keep: torch.Tensor | None = None
+        d_model = model.config.d_model
+        self._placeholder_states = torch.zeros(1, 1, d_model, dtype=model.dtype, device=self.device)
+        # Last, what changes the model (undone by `close`): its hooks and its attention implementation.
+        self.positions = PositionHooks(model)
+        self._head_hook = model.get_output_embeddings().register_forward_pre_hook(self._keep_rows)
+        loaded_with = model.config._attn_implementation  # another runner on the same model may have switched it
+        self.original_attention = loaded_with if loaded_with != ATTENTION_NAME else "sdpa"
+        model.set_attn_implementation(ATTENTION_NAME)
+
+    def close(self) -> None:
+        """Give the model back as loaded: its attention implementation, no hooks. The runner is unusable after."""
+        self.positions.remove()
+        self._head_hook.remove()
+        self.model.set_attn_implementation(self.original_attention)
+
+    @contextmanager
+    def original_attention_implementation(self) -> Iterator[None]:
+        """Run the model as loaded (e.g. `generate` for a fallback request), then switch back."""
+        self.model.set_attn_implementation(self.original_attention)
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(ATTENTION_NAME)
+
+    def _keep_rows(self, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        if self._keep is None:
+            return None
+        return (args[0][:, self._keep], *args[1:])
+
+    def _tensor(self, values: Sequence[int] | Sequence[Sequence[int]]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, items: Sequence[StepItem], copies: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
+        """Run one step; returns logits [N, vocab] in the model's dtype (no fp32 copy: greedy picks read them as
+        they are, beam search's log-softmax widens its rows), one row per sequence (items, then sequences)."""
+        self.pool.copy_blocks(list(copies))
+        new = [item for item in items if item.encoder_ids is not None]
+        if new:
+            self.pool.write_encoder(self._encoder_slots(new), self._encode(new)[0])
+        meta, input_ids = self._decoder_metadata(items)
+        try:
+            out = self.model(
+                encoder_outputs=(self._placeholder_states,),
+                decoder_input_ids=input_ids,
+                cache=self.cache,
+                use_cache=False,
+                **{METADATA_KWARG: meta},
+            )
+        finally:  # the hooks are inert between steps
+            self._keep = None
+            self.positions.rows["decoder"] = None
+        return out.logits[0]
+
+    # ---- encoder ------------------------------------------------------------------------------
+
+    def _encode(self, items: list[StepItem]) -> torch.Tensor:
+        """Encoder states [1, S, d_model] of `items`' sentences, back to back in item order."""
+        limit = self.max_encoder_pass
+        passes: list[list[StepItem]] = [[]]
+        size = 0
+        for item in items:
+            if limit is not None and passes[-1] and size + item.encoder_len > limit:
+                passes.append([])
+                size = 0
+            passes[-1].append(item)
+            size += item.encoder_len
+        return torch.cat([self._encoder_pass(p) for p in passes], dim=1)
+
+    def _encoder_pass(self, items: list[StepItem]) -> torch.Tensor:
+        ids: list[int] = []
+        rows: list[int] = []
+        starts = []
+        for item in items:
+            assert item.encoder_ids is not None
+            starts.append(len(ids))
+            rows.extend(self.positions.positions("encoder", item.encoder_ids, 0, item.encoder_len))
+            ids.extend(item.encoder_ids)
+        order = sorted(range(len(items)), key=lambda i: items[i].encoder_len)
+        buckets = [self._encoder_bucket([(starts[i], items[i].encoder_len) for i in chunk])
+                   for chunk in _chunks(order, BUCKET_ROWS)]  # fmt: skip
+        meta = Seq2SeqMetadata(self.pool, encoder=buckets)
+        self.positions.rows["encoder"] = self._tensor(rows) if rows else None
+        try:
+            out = self.model.get_encoder()(input_ids=self._tensor([ids]).view(1, -1), **{METADATA_KWARG: meta})
+        finally:
+            self.positions.rows["encoder"] = None
+        return out.last_hidden_state
+
+    def _encoder_bucket(self, spans: list[tuple[int, int]]) -> EncoderBucket:
+        """Sentences (start, length) of the packed pass, padded to the longest."""
+        width = max(length for _, length in spans)
+        rows = [[start + i if i < length else 0 for i in range(width)] for start, length in spans]
+        valid = [[i < length for i in range(width)] for _, length in spans]
+        flat_valid = [b * width + i for b, (_, length) in enumerate(spans) for i in range(length)]
+        out_rows = [start + i for start, length in spans for i in range(length)]
+        dev = self.device
+        return EncoderBucket(
+            rows=self._tensor(rows),
+            valid=torch.tensor(valid, dtype=torch.bool, device=dev),
+            flat_valid=self._tensor(flat_valid),
+            out_rows=self._tensor(out_rows),
+        )
+
+    # ---- decoder ------------------------------------------------------------------------------
+
+    def _decoder_metadata(self, items: Sequence[StepItem]) -> tuple[Seq2SeqMetadata, torch.Tensor]:
+        bs = self.pool.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        blocks: list[int] = []
+        offsets: list[int] = []
+        keep: list[int] = []
+        decode_rows: list[tuple[int, int, Sequence[int]]] = []  # (row, context_len, block table)
+        segments: list[SelfSegment] = []
+        spans: list[tuple[int, int, StepItem]] = []  # (first row, rows, item)
+        for item in items:
+            first = len(ids)
+            for seq, table in zip(item.sequences, item.self_blocks, strict=True):
+                p0, end = seq.num_computed_tokens, seq.num_tokens
+                tokens = seq.all_token_ids
+                row = len(ids)
+                ids.extend(tokens[p0:end])
+                positions.extend(self.positions.positions("decoder", tokens, p0, end))
+                blocks.extend(table[p // bs] for p in range(p0, end))
+                offsets.extend(p % bs for p in range(p0, end))
+                if end - p0 == 1:
+                    decode_rows.append((row, end, table))
+                else:
+                    assert p0 == 0, f"{seq} resumes mid-prefix; the engine recomputes prefixes from 0"
+                    segments.append(SelfSegment(row, row + end))
+                keep.append(len(ids) - 1)
+            spans.append((first, len(ids) - first, item))
+
+        native_self = self.native and self.decoder_bias is None  # T5's self-attention has a bias: SDPA
+        native_spans: list[tuple[int, int, StepItem]] = []  # cross-attention through the kernel, or SDPA
+        sdpa_spans: list[tuple[int, int, StepItem]] = []
+        for span in spans:
+            native = self.native and (
+                self.sdpa_cross_heads is None or span[1] * self.shape.num_heads < self.sdpa_cross_heads
+            )
+            (native_spans if native else sdpa_spans).append(span)
+        meta = Seq2SeqMetadata(
+            self.pool,
+            self_slots=(self._tensor(blocks), self._tensor(offsets)),
+            decode=[] if native_self else self._decode_buckets(decode_rows),
+            segments=segments,
+            cross=self._cross_buckets(sdpa_spans),
+            decoder_bias=self.decoder_bias,
+            native_decode=self._native_decode(decode_rows) if native_self and decode_rows else None,
+            native_cross=self._native_cross(native_spans) if native_spans else None,
+        )
+        self._keep = self._tensor(keep)
+        self.positions.rows["decoder"] = self._tensor(positions) if self.positions.tables else None
+        return meta, self._tensor(ids).view(1, -1)
+
+    def _encoder_slots(self, new: list[StepItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page, row) of every encoder position of the new requests, in encoding order."""
+        rows = self.pool.encoder_block_size
+        positions = [(item.cross_blocks, p) for item in new for p in range(item.encoder_len)]
+        pages = self._tensor([blocks[p // rows] for blocks, p in positions])
+        return pages, self._tensor([p % rows for _, p in positions])
+
+    def _native_decode(self, rows: list[tuple[int, int, Sequence[int]]]) -> NativeRows:
+        flat: list[int] = []
+        starts = []
+        for _, _, table in rows:
+            starts.append(len(flat))
+            flat.extend(table)
+        order = [r for r, _, _ in rows]
+        return NativeRows(
+            block_ids=self._tensor(flat),
+            table_start=self._tensor(starts),
+            lens=self._tensor([n for _, n, _ in rows]),
+            rows=None if order == list(range(len(order))) else self._tensor(order),
+        )
+
+    def _native_cross(self, spans: list[tuple[int, int, StepItem]]) -> list[NativeCross]:
+        """Every decoder row over its request's encoder pages: requests grouped by their number of rows, each
+        request one kernel row whose query heads are those of all its rows (beams read their pages once)."""
+        groups: dict[int, list[tuple[int, int, StepItem]]] = {}
+        for span in spans:
+            groups.setdefault(span[1], []).append(span)
+        out = []
+        for n, group in groups.items():
+            flat: list[int] = []
+            starts: list[int] = []
+            for _, _, item in group:
+                starts.append(len(flat))
+                flat.extend(item.cross_blocks)
+            first, last = group[0][0], group[-1][0] + n
+            rows: slice | torch.Tensor
+            if last - first == n * len(group):  # contiguous: no gather
+                rows = slice(first, last)
+            else:
+                rows = self._tensor([r for start, _, _ in group for r in range(start, start + n)])
+            tables = NativeRows(
+                block_ids=self._tensor(flat),
+                table_start=self._tensor(starts),
+                lens=self._tensor([item.encoder_len for _, _, item in group]),
+            )
+            out.append(NativeCross(n, tables, rows))
+        return out
+
+    def _decode_buckets(self, rows: list[tuple[int, int, Sequence[int]]]) -> list[SelfDecodeBucket]:
+        rows = sorted(rows, key=lambda r: r[1])  # similar lengths share a bucket
+        buckets = []
+        for chunk in _chunks(rows, BUCKET_ROWS):
+            width = max(len(table) for _, _, table in chunk)
+            flat = [b for _, _, table in chunk for b in (*table, *[0] * (width - len(table)))]
+            buckets.append(
+                SelfDecodeBucket(
+                    rows=self._tensor([r for r, _, _ in chunk]),
+                    block_ids=self._tensor(flat),
+                    context_lens=self._tensor([n for _, n, _ in chunk]),
+                    max_blocks=width,
+                )
+            )
+        return buckets
+
+    def _cross_buckets(self, spans: list[tuple[int, int, StepItem]]) -> list[CrossBucket]:
+        """Requests with the same number of rows, by encoder length, padded to the bucket's longest."""
+        rows = self.pool.encoder_block_size
+        by_rows: dict[int, list[tuple[int, int, StepItem]]] = {}
+        for span in spans:
+            by_rows.setdefault(span[1], []).append(span)
+        buckets = []
+        for n, group in sorted(by_rows.items()):
+            group.sort(key=lambda s: s[2].encoder_len)
+            for chunk in _chunks(group, BUCKET_ROWS):
+                width = max(item.encoder_len for _, _, item in chunk)
+                most = max(len(item.cross_blocks) for _, _, item in chunk)
+                tables = self._tensor([[*it.cross_blocks, *[0] * (most - len(it.cross_blocks))] for _, _, it in chunk])
+                lens = self._tensor([item.encoder_len for _, _, item in chunk])
+                position = torch.arange(width, device=self.device)
+                valid = position[None, :] < lens[:, None]  # [R, L]
+                pages = tables[:, position // rows].masked_fill(~valid, 0)  # padding reads page 0, row 0
+                offsets = (position % rows)[None, :].masked_fill(~valid, 0)
+                buckets.append(
+                    CrossBucket(
+                        rows=self._tensor([first + i for first, _, _ in chunk for i in range(n)]),
+                        n=n,
+                        blocks=pages,
+                        offsets=offsets,
+                        encoder_lens=lens,
+                    )
+                )
+        return buckets
