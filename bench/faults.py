@@ -70,7 +70,7 @@ from pagedq.shared.records import OPEN_KEY, task_key  # noqa: E402
 from pagedq.worker.demo.models import build_demo_models  # noqa: E402
 from scripts.stack import Stack  # noqa: E402
 
-#: short leases so that a dead worker's tasks are back within seconds (as in tests/test_reliability.py)
+#: short leases so that a dead worker's tasks are back within seconds (as in tests/worker/test_reliability.py)
 LEASE_ENV = {
     "PAGEDQ_LEASE_TTL_S": "3",
     "PAGEDQ_HEARTBEAT_INTERVAL_S": "0.5",

@@ -149,7 +149,7 @@ BUILDERS: dict[str, Callable[[], Any]] = {
     "t5": _t5,
     "m2m100": _m2m100,
     "t5_narrow": _t5_narrow,
-    # the families of tests/test_seq2seq_families.py
+    # the families of tests/worker/engine/seq2seq/test_seq2seq_families.py
     "nllb": _nllb,
     "pegasus": _family(PegasusConfig, PegasusForConditionalGeneration, init_std=0.1, **_SHAPE),
     "blenderbot": _family(BlenderbotConfig, BlenderbotForConditionalGeneration, init_std=0.1, **_SHAPE),

@@ -7,10 +7,10 @@ import tomllib
 from pathlib import Path
 
 import yaml
+from repo_paths import ROOT
 
 from pagedq.shared.celery_config import QUEUES
 
-ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
 DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()
 

@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from repo_paths import ROOT
 
 from pagedq.shared.redis_server import free_port
 from scripts import models, up
 
-ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 PORT_VARIABLES = [p.env for p in up.PORTS]
 

@@ -1,7 +1,7 @@
 """What the paged seq2seq engine must know about each encoder-decoder architecture, and nothing more.
 
 Verified architectures (`PAGED_MODEL_TYPES`, each against `generate` token for token in
-tests/test_seq2seq_engine.py and tests/test_seq2seq_families.py): Marian, BART, mBART, M2M100 (also NLLB),
+tests/worker/engine/seq2seq/test_seq2seq_engine.py and tests/worker/engine/seq2seq/test_seq2seq_families.py): Marian, BART, mBART, M2M100 (also NLLB),
 Pegasus, Blenderbot, Blenderbot-small, PLBart, T5 and mT5. Anything else runs on the batched-`generate`
 fallback (`seq2seq_generate.py`); `NOT_PAGED` says why for the families we know. `check_model` decides
 before the engine touches the model: it only reads attributes, and raises nothing but

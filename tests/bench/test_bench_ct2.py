@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 import torch
+from repo_paths import BENCH
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, MarianConfig, MarianMTModel
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))  # the scripts import their siblings by bare name, as `python bench/x.py` does
 
 import peers_ct2  # noqa: E402

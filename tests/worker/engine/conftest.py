@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .helpers import BUILDERS, TinyModel, build_tiny
+from worker.engine.helpers import BUILDERS, TinyModel, build_tiny
 
 
 @pytest.fixture(scope="session")

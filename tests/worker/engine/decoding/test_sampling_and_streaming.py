@@ -19,9 +19,8 @@ from pagedq.worker.engine.decoding.sampling import (
     filtered_probs,
     scaled_logits,
 )
-
-from .helpers import TinyModel, random_prompts
-from .tiny_tokenizer import build_tokenizer
+from worker.engine.helpers import TinyModel, random_prompts
+from worker.engine.tiny_tokenizer import build_tokenizer
 
 
 def test_filters_match_transformers_warpers() -> None:

@@ -1,5 +1,5 @@
 """Token streaming (worker/streaming.py) into a real Redis stream; with a real executor and model in
-tests/engine/test_generative_executor.py, through the HTTP API in tests/test_reliability.py.
+tests/worker/engine/tasks/test_generative_executor.py, through the HTTP API in tests/worker/test_reliability.py.
 
 The property users rely on: the streamed text, put together, is exactly the task's final text -- never the
 stop string the final answer drops, never trailing whitespace it strips -- and a re-run starts over."""

@@ -13,9 +13,8 @@ from pagedq.worker.engine.decoder_only import engine as llm_engine
 from pagedq.worker.engine.decoder_only.attention import PagedKVCache, ScoreRule, UnsupportedAttention
 from pagedq.worker.engine.decoder_only.engine import LLMEngine
 from pagedq.worker.engine.decoder_only.self_check import PROBE_LENGTHS, UnsupportedModel, self_check
-
-from .families import build_family
-from .helpers import one_torch_thread
+from worker.engine.families import build_family
+from worker.engine.helpers import one_torch_thread
 
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from repo_paths import BENCH
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))  # the scripts import their siblings by bare name, as `python bench/x.py` does
 
 import plots  # noqa: E402
@@ -98,7 +98,7 @@ def test_without_matplotlib_the_plot_is_skipped(tmp_path: Path, monkeypatch: pyt
 
 
 def load_script(name: str) -> ModuleType:
-    """bench/<name>.py under a name of its own: a bare `engine` is tests/engine in a whole-suite run."""
+    """bench/<name>.py under a name of its own: a bare `engine` could be another test package in a whole-suite run."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look themselves up

@@ -15,8 +15,7 @@ from pagedq.shared.models import ClassifyRequest, GenerationOptions, QARequest, 
 from pagedq.shared.registry import ModelSpec
 from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel
 from pagedq.worker.engine.tasks.generative import QA_STOP, GenerativeExecutor
-
-from .tiny_tokenizer import build_tokenizer
+from worker.engine.tiny_tokenizer import build_tokenizer
 
 MAX_NEW = 12
 CONTEXT = "Ada Lovelace wrote the first program for the Analytical Engine in 1843."

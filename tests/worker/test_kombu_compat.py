@@ -1,5 +1,5 @@
 """The guard that keeps a worker up across a Redis restart (shared/kombu_compat.py); the restart itself runs
-on real processes in tests/test_reliability.py and bench/faults.py."""
+on real processes in tests/worker/test_reliability.py and bench/faults.py."""
 
 from __future__ import annotations
 

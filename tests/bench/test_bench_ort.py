@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from repo_paths import BENCH
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))  # the scripts import their siblings by bare name, as `python bench/x.py` does
 
 pytest.importorskip("onnxruntime")

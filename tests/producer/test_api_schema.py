@@ -20,12 +20,12 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from repo_paths import ROOT
 
 from pagedq.producer.api import create_app
 from pagedq.shared.redis_server import free_port
 from pagedq.shared.settings import Limits, Settings
 
-ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 KEY = "schema-key"
 REGISTRY_TOML = """

@@ -28,9 +28,8 @@ from pagedq.worker.engine.core.executor import EngineConfig
 from pagedq.worker.engine.cpu.native import paged_decode_available
 from pagedq.worker.engine.decoder_only.engine import LLMEngine
 from pagedq.worker.engine.decoding.sampling import SamplingParams
-
-from .families import sharpen
-from .helpers import COMMON, TinyModel, one_torch_thread, random_prompts, recorded_logits, reference_logits
+from worker.engine.families import sharpen
+from worker.engine.helpers import COMMON, TinyModel, one_torch_thread, random_prompts, recorded_logits, reference_logits
 
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
 TIE = 0.05

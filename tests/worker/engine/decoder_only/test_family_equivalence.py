@@ -18,9 +18,8 @@ from pagedq.worker.engine.decoder_only.engine import LLMEngine
 from pagedq.worker.engine.decoder_only.self_check import UnsupportedModel
 from pagedq.worker.engine.decoding.sampling import SamplingParams
 from pagedq.worker.engine.paged.decode_plan import DecodePlan
-
-from .families import FAMILY_BUILDERS, build_family, max_attention_score
-from .helpers import TinyModel, one_torch_thread, random_prompts, recorded_logits, reference_logits, run
+from worker.engine.families import FAMILY_BUILDERS, build_family, max_attention_score
+from worker.engine.helpers import TinyModel, one_torch_thread, random_prompts, recorded_logits, reference_logits, run
 
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
 LOGIT_TOL = 1e-4  # fp32, absolute (logits of these models are O(1..10))

@@ -42,8 +42,6 @@ from typing import Any
 import pydantic
 import pytest
 import torch
-from engine.families import build_family
-from engine.helpers import random_prompts
 from executor_support import SCORE_TOLERANCE, TEXTS, pipeline_scores, reference_qa, request, run
 from seq2seq_support import build_pair, random_inputs
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -74,6 +72,8 @@ from pagedq.worker.engine.tasks.extractive_qa import ExtractiveQAExecutor
 from pagedq.worker.engine.tasks.generative import QA_STOP, GenerativeExecutor
 from pagedq.worker.engine.tasks.translate import Seq2SeqExecutor
 from pagedq.worker.registry import load_model, resolve_dtype
+from worker.engine.families import build_family
+from worker.engine.helpers import random_prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -310,7 +310,7 @@ def test_generative_qa_int8_paged_equals_its_own_generate(
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen3", "opt"])
 def test_causal_families_int8_paged_greedy_equals_generate(family: str) -> None:
-    """Sharp attention (tests/engine/families.py); GPT-2's Conv1D layers are quantized too."""
+    """Sharp attention (tests/worker/engine/families.py); GPT-2's Conv1D layers are quantized too."""
     tiny = build_family(family)
     quantize_int8(tiny.model)
     quantize_int8(tiny.reference)

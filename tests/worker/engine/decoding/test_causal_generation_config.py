@@ -35,9 +35,8 @@ from pagedq.worker.engine.decoding.causal_options import (
 )
 from pagedq.worker.engine.decoding.logits_processors import ProcessorSettings
 from pagedq.worker.engine.decoding.sampling import SamplingParams, apply_processors, sampling_probs
-
-from .families import build_family
-from .helpers import TinyModel, one_torch_thread, random_prompts
+from worker.engine.families import build_family
+from worker.engine.helpers import TinyModel, one_torch_thread, random_prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 assert one_torch_thread

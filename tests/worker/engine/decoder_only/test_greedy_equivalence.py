@@ -10,8 +10,7 @@ from pagedq.worker.engine.decoder_only import runner as model_runner
 from pagedq.worker.engine.decoder_only.engine import LLMEngine
 from pagedq.worker.engine.decoding.sampling import SamplingParams
 from pagedq.worker.engine.paged.decode_plan import DecodePlan
-
-from .helpers import BUILDERS, TinyModel, random_prompts, run
+from worker.engine.helpers import BUILDERS, TinyModel, random_prompts, run
 
 
 def greedy(n: int) -> SamplingParams:

@@ -16,7 +16,7 @@ import transformers as tf
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-from .helpers import BUILDERS, COMMON, TinyModel
+from worker.engine.helpers import BUILDERS, COMMON, TinyModel
 
 SHARP_SCORE = 30.0  # target max |q.k * scaling| after `sharpen`
 _SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
