@@ -26,7 +26,7 @@ same arithmetic runs as an fp32 GEMM over the int8 values: the integer products 
 fp32 for in_features <= 1040, so results equal the int8 kernel's bit for bit (above that they differ by fp32
 rounding, ~1e-7 relative). That path has fp32 speed and an fp32 copy of the int8 weights: it exists so that an
 int8 registry entry serves everywhere, not to be fast there. The pre-packed weight (oneDNN kernel) is a second
-int8 copy: an int8 model holds 2 bytes per quantized weight, against fp32's 4 (8 with cpu_linear's packed copy).
+int8 copy: an int8 model holds 2 bytes per quantized weight, against fp32's 4 (8 with cpu.linear's packed copy).
 
 Why this method (measured on the 2-core AVX-512 VNNI/AMX machine, torch 2.13, one thread, ms per call, min of
 runs): torch.ao's `quantize_dynamic` (onednn engine) is as fast per layer but per-tensor; weight-only int8
@@ -44,11 +44,11 @@ Which layers: every `nn.Linear` (and transformers' GPT-2-style `Conv1D`) of the 
   - the task head outside the base model (classifier, QA span head: a few columns, no speed to gain) and a
     pooler (one row per input);
   - the cross-attention key/value projections of an encoder-decoder's decoder: the paged seq2seq engine
-    absorbs their weights into its attention (seq2seq_attention.py), so they stay fp32 in both the engine and
+    absorbs their weights into its attention (seq2seq/attention.py), so they stay fp32 in both the engine and
     the model's own forward;
   - the LM head (output embeddings) if `lm_head=False` (default True: see `DEFAULT_LM_HEAD`).
 Embeddings and norms stay fp32; activations between layers stay fp32. `Int8Linear` is not an `nn.Linear`, so
-cpu_linear's pre-packing (fp32 / bf16 oneDNN) leaves it alone and packs only the layers kept fp32.
+cpu.linear's pre-packing (fp32 / bf16 oneDNN) leaves it alone and packs only the layers kept fp32.
 CPU only: `check_device` refuses other devices.
 """
 

@@ -56,7 +56,7 @@ class LLMEngine:
 
     Exact or refused (worker/engine/decoder_only/self_check.py): a model whose paged output would differ from
     transformers' raises `UnsupportedModel` here, with the reason, logged once -- statically (a
-    generation_config field the engine does not implement, see `causal_generation`; rotary scaling that
+    generation_config field the engine does not implement, see `causal_options`; rotary scaling that
     depends on the step) or by the load-time probe (`self_check=False` skips the probe)."""
 
     def __init__(

@@ -5,7 +5,7 @@ request's `DecodeSettings` onto them. An encoder-decoder row's prefix is its dec
 `cur_len` counts decoder tokens including it (generate's `input_ids.shape[-1]`) and `max_length` =
 `max_new_tokens + 1`. `DecodeSettings` carries no_repeat_ngram_size, bad_words_ids, min_length /
 min_new_tokens and forced BOS/EOS; the other processors send a request to the `generate` fallback
-(`_generation.UNSUPPORTED_WHEN_SET`).
+(`seq2seq_options.UNSUPPORTED_WHEN_SET`).
 """
 
 from __future__ import annotations

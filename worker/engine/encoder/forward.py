@@ -2,7 +2,7 @@
 
 `EncoderForward` keeps the two paths out of the executors::
 
-                packed (encoder_packing.py)                    padded (_batching.pad_batch)
+                packed (encoder/packing.py)                    padded (batching.pad_batch)
     pick        pick_packed: sum of lengths <= budget           pick_batch: rows * longest <= budget
     forward     input_ids [1, sum L], attention per segment     input_ids [B, max L] + attention mask
     logits      [B, labels] (FirstTokenPooling hooks)           [B, labels] (the model's own pooling)
@@ -111,7 +111,7 @@ class EncoderForward:
     def pick(
         self, candidates: Sequence[tuple[EngineRequest, T]], length: Callable[[T], int], config: EngineConfig
     ) -> list[tuple[EngineRequest, T]]:
-        """This step's batch under `config`'s token budget and request cap (see _batching)."""
+        """This step's batch under `config`'s token budget and request cap (see batching.py)."""
         choose = pick_packed if self.packed else pick_batch
         return choose(candidates, length, config.max_batch_tokens, config.max_running_requests)
 

@@ -18,10 +18,10 @@ Positions (`LAYOUTS`): BERT, DistilBERT and ELECTRA count from 0; RoBERTa-family
 and leave pad tokens at padding_idx (`create_position_ids_from_input_ids`): the same rules, per segment.
 
 Which models pack (`unsupported_reason`): model types in `LAYOUTS` (embeddings and heads checked against
-transformers' own outputs in tests/worker/engine/encoder/test_encoder_packing.py and tests/worker/engine/encoder/test_encoder_families.py), whose class
-supports the attention interface (`_supports_attention_backend`, `_can_set_attn_implementation`), as plain
+transformers' own outputs in tests/worker/engine/encoder/: test_encoder_packing.py, test_encoder_families.py),
+whose class supports the attention interface (`_supports_attention_backend`, `_can_set_attn_implementation`), as plain
 encoders (no decoder, no cross-attention) -- and then only if the load-time self-check passes
-(packing_check.py, run by `_encoder_forward.EncoderForward`). Any other model runs the padded path: DeBERTa-v2,
+(packing_check.py, run by `forward.EncoderForward`). Any other model runs the padded path: DeBERTa-v2,
 MPNet and RoFormer (relative or rotary positions; no attention interface), ALBERT (one layer shared by every
 depth: the first-token cut would run at each), ModernBERT (rotary positions, local attention windows).
 """

@@ -1,6 +1,6 @@
 """Load-time self-check of packed encoder forwards: exact or not packed.
 
-Packing (encoder_packing.py) swaps the model's attention and computes positions itself; a family whose
+Packing (encoder/packing.py) swaps the model's attention and computes positions itself; a family whose
 attention or positions work differently (relative positions, rotary, an offset, shared layers) would come
 out silently wrong. So before an executor serves packed batches, `EncoderForward` runs this probe once::
 

@@ -1,6 +1,6 @@
 """Attention within segments of a packed row, registered with transformers as `VARLEN_ATTENTION`.
 
-A packed step holds several inputs in one row [1, T] (encoder_packing.py); each attends to itself only. The
+A packed step holds several inputs in one row [1, T] (encoder/packing.py); each attends to itself only. The
 step's `Segments` reach every attention call as the extra model keyword `SEGMENTS_KWARG`.
 
 Segments are attended in groups of similar length, gathered into a padded batch only inside attention::

@@ -8,9 +8,9 @@ Encoder-decoder layers in transformers 5.x branch on `isinstance(cache, EncoderD
 - cross-attention with `is_updated[layer] == True` skips the K/V projection of `encoder_hidden_states`
   and reads `cross_attention_cache.layers[layer].keys/.values`: placeholders of one key, never attended
   to. `is_updated` is always True: the attention function reads each request's encoder output from its
-  pages and absorbs the layer's K/V projections (`seq2seq_attention`), so no cross K/V are ever made.
+  pages and absorbs the layer's K/V projections (`seq2seq.attention`), so no cross K/V are ever made.
 
-`get_seq_length()` is 0: positions come from the engine (`seq2seq_model`), never from the cache.
+`get_seq_length()` is 0: positions come from the engine (`seq2seq.model`), never from the cache.
 """
 
 from __future__ import annotations

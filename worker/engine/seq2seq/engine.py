@@ -8,7 +8,7 @@
 
 One `step()` = schedule (one token budget over encoder passes and decoder rows) -> the runner's encoder
 pass for newly admitted requests and one packed decoder pass for every running sequence -> next tokens
-(`seq2seq_decoding`: generate's processors, then greedy / sampling, and one beam step for all beam
+(`seq2seq_step`: generate's processors, then greedy / sampling, and one beam step for all beam
 requests at once, `beam_search.step_beams`, whose new beams fork their parents' blocks) and stop checks;
 finished requests free their blocks at once. The model's dtype runs end to end (bf16: pool, attention,
 logits; beam scores are fp32, as generate keeps them). Not thread-safe: one thread drives it.

@@ -1,7 +1,7 @@
 """The batched-`generate` fallback for translations the paged engine cannot run.
 
 Used for architectures outside `seq2seq_model.PAGED_MODEL_TYPES` and for requests whose effective
-generation config sets an option the engine does not implement (`_generation.unsupported_options`,
+generation config sets an option the engine does not implement (`seq2seq_options.unsupported_options`,
 e.g. `repetition_penalty` or beam sampling). Each `step()`:
 
 1. drops requests that expired (DeadlineExceeded) or were completed elsewhere;

@@ -1,9 +1,9 @@
 """What the paged seq2seq engine must know about each encoder-decoder architecture, and nothing more.
 
 Verified architectures (`PAGED_MODEL_TYPES`, each against `generate` token for token in
-tests/worker/engine/seq2seq/test_seq2seq_engine.py and tests/worker/engine/seq2seq/test_seq2seq_families.py): Marian, BART, mBART, M2M100 (also NLLB),
-Pegasus, Blenderbot, Blenderbot-small, PLBart, T5 and mT5. Anything else runs on the batched-`generate`
-fallback (`seq2seq_generate.py`); `NOT_PAGED` says why for the families we know. `check_model` decides
+tests/worker/engine/seq2seq/: test_seq2seq_engine.py, test_seq2seq_families.py): Marian, BART, mBART, M2M100
+(also NLLB), Pegasus, Blenderbot, Blenderbot-small, PLBart, T5 and mT5. Anything else runs on the batched-`generate`
+fallback (`generate_fallback.py`); `NOT_PAGED` says why for the families we know. `check_model` decides
 before the engine touches the model: it only reads attributes, and raises nothing but
 `UnsupportedArchitecture`.
 
@@ -19,7 +19,7 @@ apply the engine's per-sequence positions p (`PositionTable`):
                                        (a pad token: weights[padding_idx])
 
 T5 and mT5 (the same modelling code; mT5 is T5 v1.1: gated-gelu, untied head) have no absolute positions:
-one relative bias owned by each stack's first layer (see `seq2seq_attention`).
+one relative bias owned by each stack's first layer (see `seq2seq.attention`).
 """
 
 from __future__ import annotations

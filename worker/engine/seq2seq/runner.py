@@ -95,7 +95,7 @@ class Seq2SeqRunner:
         if native_decode and not applies:
             raise ValueError("the native decode kernel needs an fp32 or bf16 KV pool on CPU")
         self.native = applies and native_decode is not False and paged_decode_available()
-        # Cross-attention is scores over d_model-wide encoder rows (`seq2seq_attention`): 8x the FLOPs of
+        # Cross-attention is scores over d_model-wide encoder rows (`seq2seq.attention`): 8x the FLOPs of
         # per-head attention, which the kernel does on vector units. In bf16 on a CPU with bf16 matrix
         # instructions, SDPA over the step's gathered rows runs them as matrix products, faster once a
         # request has enough query rows (beams x heads) to fill them: 64 requests of 4 beams x 8 heads,

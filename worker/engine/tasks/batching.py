@@ -3,7 +3,7 @@
 These executors run a whole request (or a whole QA window) in one forward, so they need no KV blocks:
 only a priority queue of waiting work and a rule that fills a step under the token budget.
 
-Packed batches (`pick_packed`; classify and extractive QA on models that pack, see encoder_packing.py) cost
+Packed batches (`pick_packed`; classify and extractive QA on models that pack, see encoder/packing.py) cost
 exactly their real tokens, so items join in queue order, first fit::
 
     waiting, in priority order:   A(120)  B(300)  C(500)  D(28)      budget 512 tokens, cap 8

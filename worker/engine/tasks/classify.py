@@ -6,7 +6,7 @@ Each `step()`:
    or rejecting (InvalidRequest) inputs longer than the model's limit;
 3. picks one batch under `EngineConfig.max_batch_tokens` / `max_running_requests`, head of the priority
    queue first: packed (real tokens only, first fit in queue order) on models that pack, else padded and
-   bucketed by length (`_encoder_forward.EncoderForward`, `_batching`);
+   bucketed by length (`forward.EncoderForward`, `batching`);
 4. runs ONE forward and completes each request with a `ClassifyResult`.
 
 Scores follow transformers' `pipeline("text-classification")`: sigmoid for multi-label models or a single
@@ -79,7 +79,7 @@ def apply_function(logits: torch.Tensor, function: str) -> torch.Tensor:
 class ClassificationExecutor(ModelExecutor):
     """Runs `ClassifyRequest`s on a `*ForSequenceClassification` model (see the module docstring).
 
-    `packing`: None packs the requests of a step when the model allows it (encoder_packing.py), False keeps
+    `packing`: None packs the requests of a step when the model allows it (encoder/packing.py), False keeps
     padded batches, True requires packing. A packing executor owns its model: it swaps its attention."""
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, packing: bool | None = None) -> None:

@@ -9,9 +9,9 @@ question first, `truncation="only_second"`, `max_length=max_seq_len`, `stride=do
     [CLS] question [SEP]                       context tokens 506 .. 700 [SEP]
 
 Every window is a queue item of its request (ordered by the request's priority and arrival, then window
-number). Each `step()` runs ONE forward over the windows `_encoder_forward.EncoderForward` picks -- packed
+number). Each `step()` runs ONE forward over the windows `forward.EncoderForward` picks -- packed
 (real tokens only) on models that pack, else a padded batch bucketed by length -- so a request may span
-several steps; when its last window is scored, `_qa_spans.combine_windows` picks the answer.
+several steps; when its last window is scored, `qa_spans.combine_windows` picks the answer.
 
 Invariants: a request is either in `_new` (not tokenized yet) or in `_pending` with exactly
 `windows_left` items in the queue; abort and expiry remove both.
@@ -69,7 +69,7 @@ class _Pending:
 class ExtractiveQAExecutor(ModelExecutor):
     """Runs extractive `QARequest`s on a `*ForQuestionAnswering` model (see the module docstring).
 
-    `packing`: None packs the windows of a step when the model allows it (encoder_packing.py), False keeps
+    `packing`: None packs the windows of a step when the model allows it (encoder/packing.py), False keeps
     padded batches, True requires packing. A packing executor owns its model: it swaps its attention."""
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, packing: bool | None = None) -> None:

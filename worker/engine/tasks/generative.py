@@ -10,7 +10,7 @@ Invariants: only the engine thread calls this; each request's future completes e
 `InvalidRequest` at `add`); `abort` frees the request's KV blocks before it returns.
 
 Options: a request's `GenerationOptions` over the model's generation_config, exactly as `generate` applies them
-or refused (`causal_generation`: an unsupported request option fails the request, an unsupported
+or refused (`causal_options`: an unsupported request option fails the request, an unsupported
 generation_config field refuses the model when the engine is built).
 """
 
@@ -155,7 +155,7 @@ class GenerativeExecutor(ModelExecutor):
     # ---- options and results ----------------------------------------------------------------------
 
     def _sampling_params(self, options: GenerationOptions, stop: tuple[str, ...]) -> SamplingParams:
-        """GenerationOptions over the model's generation_config (`causal_generation.sampling_params`)."""
+        """GenerationOptions over the model's generation_config (`causal_options.sampling_params`)."""
         stop = stop if self.loaded.tokenizer is not None else ()
         return sampling_params(self.loaded.model, options, sorted(self.engine.stop_checker.eos_token_ids), stop)
 

@@ -2,7 +2,7 @@
 
 At load the executor picks the model's path (`stats()["path"]`, with `"path_reason"`): the paged engine if
 the architecture is one it pages (`seq2seq_model.check_model`) and the engine passes its self-check against
-the model's own forward (`seq2seq_self_check`); otherwise every request runs on the batched-`generate`
+the model's own forward (`seq2seq.self_check`); otherwise every request runs on the batched-`generate`
 fallback, which is transformers' own generate and so exact by construction. A model that is not an
 encoder-decoder is refused (`ModelError`). Nothing about an unknown architecture stops the worker.
 
@@ -10,13 +10,13 @@ Each `step()`:
 1. tokenizes the requests added since the last step, grouped by source language (multilingual
    tokenizers keep it as state), truncating and reporting, or rejecting over-long input;
 2. hands each to the paged engine -- or, for an architecture the engine cannot page or options it does
-   not implement, to the batched-`generate` fallback (`seq2seq_generate`);
+   not implement, to the batched-`generate` fallback (`seq2seq.generate_fallback`);
 3. runs one engine step (an encoder pass for newly admitted requests plus one packed decoder pass for
    every running sequence) and, if the fallback holds work, one `generate` batch;
 4. completes finished requests with a `TranslateResult`.
 
 The model's `generation_config` is the default; a request overrides only what it sets. Languages select
-the model (registry) and, within it, the target token or prefix (`seq2seq_languages`).
+the model (registry) and, within it, the target token or prefix (`seq2seq.languages`).
 
 Invariants: only the engine thread calls this; each request's future completes exactly once (result,
 the error given to `abort`, `DeadlineExceeded`, or `InvalidRequest`/`UnsupportedLanguagePair` at

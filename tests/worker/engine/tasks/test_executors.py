@@ -1,8 +1,8 @@
 """The classification executor, driven through add()/step(), against transformers' pipeline on the same models.
 
 The demo models (BERT, DistilBERT) pack; tests marked `packing` run both the packed and the padded path.
-(Extractive QA: tests/worker/engine/tasks/test_executors_qa.py; translation: tests/worker/engine/tasks/test_executors_translate.py; RoBERTa,
-XLM-RoBERTa, DeBERTa-v2 and the packing internals: tests/worker/engine/encoder/test_encoder_packing.py.)
+(Extractive QA: test_executors_qa.py; translation: test_executors_translate.py; RoBERTa, XLM-RoBERTa,
+DeBERTa-v2 and the packing internals: tests/worker/engine/encoder/test_encoder_packing.py.)
 """
 
 from __future__ import annotations

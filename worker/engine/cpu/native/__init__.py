@@ -1,7 +1,8 @@
 """Native CPU kernels of the engine, compiled from C on first use and loaded with ctypes.
 
-Only `paged_decode.c` for now (see its header): paged decode attention (`paged_decode`: fp32 or bf16
-queries, K/V blocks and outputs) and the greedy pick (`argmax_rows`). The shared library is built with
+`paged_decode.c` (see its header): paged decode attention (`paged_decode`: fp32 or bf16 queries, K/V blocks
+and outputs) and the greedy pick (`argmax_rows`); `beam_topk.c`: each beam row's top k (`cpu.beam_topk`).
+Each source is built by `load_library` with
 the system C compiler (`$CC`, else `cc`) for this CPU (`-march=native`: AVX-512 or AVX2 code where the
 CPU has it, plain C otherwise; `$PAGEDQ_NATIVE_MARCH` names another target, e.g. `haswell` or `x86-64`,
 which the tests use to check the AVX2 and plain-C builds on any x86 machine) into `$PAGEDQ_NATIVE_CACHE`
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,8 +42,7 @@ _FLAGS = ["-O3", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-std=c11"]
 _LINK = ["-shared", "-pthread"]
 _OPENMP = ["-fopenmp"]
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
+_libraries: dict[Path, ctypes.CDLL | None] = {}  # every source tried in this process, None if it failed
 
 
 def _cpu_id() -> str:
@@ -54,20 +55,21 @@ def _cpu_id() -> str:
 
 
 def c_compiler() -> str | None:
-    """The C compiler the kernel is built with: `$CC`, else `cc` or `gcc` on PATH."""
+    """The C compiler the kernels are built with: `$CC`, else `cc` or `gcc` on PATH."""
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _build(openmp: bool) -> Path:
+def build_library(source_path: Path, openmp: bool) -> Path:
+    """Compile one C source into the native cache (module docstring: flags, cache key, atomic rename)."""
     cc = c_compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     flags, link = (_FLAGS + _OPENMP, _LINK + _OPENMP) if openmp else (_FLAGS, _LINK)
     flags = [f"-march={os.environ.get('PAGEDQ_NATIVE_MARCH') or 'native'}", *flags]
-    source = _SOURCE.read_bytes()
+    source = source_path.read_bytes()
     key = hashlib.sha256(source + " ".join([cc, *flags, *link]).encode() + _cpu_id().encode()).hexdigest()[:16]
     cache = Path(os.environ.get("PAGEDQ_NATIVE_CACHE") or Path.home() / ".cache" / "pagedq" / "native")
-    target = cache / f"paged_decode-{key}.so"
+    target = cache / f"{source_path.stem}-{key}.so"
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
@@ -75,11 +77,11 @@ def _build(openmp: bool) -> Path:
     os.close(fd)
     try:
         obj = tmp + ".o"
-        subprocess.run([cc, *flags, "-c", str(_SOURCE), "-o", obj], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *flags, "-c", str(source_path), "-o", obj], check=True, capture_output=True, text=True)
         subprocess.run([cc, *link, obj, "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     except subprocess.CalledProcessError as exc:
-        raise RuntimeError(f"compiling {_SOURCE.name} failed: {exc.stderr.strip()[-2000:]}") from exc
+        raise RuntimeError(f"compiling {source_path.name} failed: {exc.stderr.strip()[-2000:]}") from exc
     finally:
         for leftover in (tmp, tmp + ".o"):
             if os.path.exists(leftover):
@@ -87,32 +89,42 @@ def _build(openmp: bool) -> Path:
     return target
 
 
-def _load() -> ctypes.CDLL | None:
-    global _lib, _tried
+def load_library(
+    source_path: Path, configure: Callable[[ctypes.CDLL], None], what: str, fallback: str
+) -> ctypes.CDLL | None:
+    """The library of `source_path`, built (with OpenMP, else without) and loaded once per process, its
+    functions typed by `configure`; None without a compiler, off Linux or with PAGEDQ_NATIVE=0 (logged once:
+    `what` is unavailable, the engine uses `fallback`)."""
     with _lock:
-        if _tried:
-            return _lib
-        _tried = True
-        if os.environ.get("PAGEDQ_NATIVE", "1") == "0" or not sys.platform.startswith("linux"):
-            return None
+        if source_path in _libraries:
+            return _libraries[source_path]
         lib = None
-        for openmp in (True, False):
-            try:
-                lib = ctypes.CDLL(str(_build(openmp)))
-                break
-            except (OSError, RuntimeError) as exc:
-                log.log(logging.INFO if openmp else logging.WARNING, "native paged decode (openmp=%s): %s", openmp, exc)
-        if lib is None:
-            log.warning("native paged decode attention unavailable, using gather + SDPA")
-            return None
-        fn = lib.pagedq_paged_decode
-        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        fn.argtypes = [*[p] * 8, *[i64] * 7, ctypes.c_float, ctypes.c_float, *[i32] * 4]
-        fn.restype = ctypes.c_int
-        lib.pagedq_argmax_rows.argtypes = [p, i64, i64, i64, i32, p]
-        lib.pagedq_argmax_rows.restype = None
-        _lib = lib
-        return _lib
+        if os.environ.get("PAGEDQ_NATIVE", "1") != "0" and sys.platform.startswith("linux"):
+            for openmp in (True, False):
+                try:
+                    lib = ctypes.CDLL(str(build_library(source_path, openmp)))
+                    break
+                except (OSError, RuntimeError) as exc:
+                    log.log(logging.INFO if openmp else logging.WARNING, "%s (openmp=%s): %s", what, openmp, exc)
+            if lib is None:
+                log.warning("%s unavailable, using %s", what, fallback)
+            else:
+                configure(lib)
+        _libraries[source_path] = lib
+        return lib
+
+
+def _configure(lib: ctypes.CDLL) -> None:
+    fn = lib.pagedq_paged_decode
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    fn.argtypes = [*[p] * 8, *[i64] * 7, ctypes.c_float, ctypes.c_float, *[i32] * 4]
+    fn.restype = ctypes.c_int
+    lib.pagedq_argmax_rows.argtypes = [p, i64, i64, i64, i32, p]
+    lib.pagedq_argmax_rows.restype = None
+
+
+def _load() -> ctypes.CDLL | None:
+    return load_library(_SOURCE, _configure, "native paged decode attention", "gather + SDPA")
 
 
 def paged_decode_available() -> bool:
