@@ -98,15 +98,20 @@ def quantize_int8(path: Path, out: Path, per_channel: bool) -> Path:
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic logs every node it skips
-    quantize_dynamic(
-        str(path),
-        str(out),
-        weight_type=QuantType.QInt8,
-        per_channel=per_channel,
-        reduce_range=not has_vnni(),
-        extra_options={"DefaultTensorType": TensorProto.FLOAT},  # shape inference stops at the fused contrib ops
-    )
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs every node it skips (to the root logger)
+    try:
+        quantize_dynamic(
+            str(path),
+            str(out),
+            weight_type=QuantType.QInt8,
+            per_channel=per_channel,
+            reduce_range=not has_vnni(),
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},  # shape inference stops at the fused contrib ops
+        )
+    finally:
+        root.setLevel(level)  # the caller's logging as it was
     return out
 
 

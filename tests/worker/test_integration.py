@@ -100,8 +100,7 @@ def test_translate_matches_generate(http: httpx.Client, registry: Registry) -> N
 
 def test_extractive_qa_matches_the_pipeline(http: httpx.Client, demo_models: Path, registry: Registry) -> None:
     """Reference: transformers' v4 question-answering pipeline (removed in v5), ported in the executor tests."""
-    from executor_support import load_demo
-    from test_executors_qa import reference_qa
+    from executor_support import load_demo, reference_qa
 
     context = "The Eiffel Tower in Paris was completed in 1889 by the company of Gustave Eiffel. " * 12
     task_id = submit(http, "qa", {"question": "When was it completed?", "context": context})

@@ -150,8 +150,8 @@ def recorded_logits(engine: LLMEngine) -> Iterator[dict[str, list[torch.Tensor]]
 
     def recording(out: Any, block_ids: Any) -> Any:
         logits, samplers = execute(out, block_ids)
-        for row, request in zip(logits, samplers, strict=True):
-            rows.setdefault(request.request_id, []).append(row.clone())
+        for row, seq in zip(logits, samplers, strict=True):
+            rows.setdefault(seq.seq_id, []).append(row.clone())
         return logits, samplers
 
     engine.runner.execute = recording  # type: ignore[method-assign]

@@ -225,7 +225,9 @@ class RequestOutput:
     @classmethod
     def of(cls, request: Request, text: str | None = None) -> RequestOutput:
         seq = request.sequence
-        outputs = request.output_token_ids if request.has_encoder else seq.output_token_ids
+        # a beam request's output is its best hypothesis, chosen when it ends; an encoder-decoder's likewise
+        chosen = request.has_encoder or request.beam is not None
+        outputs = request.output_token_ids if chosen else seq.output_token_ids
         return cls(
             request_id=request.request_id,
             prompt_token_ids=request.encoder_ids if request.encoder_ids is not None else seq.prompt_token_ids,

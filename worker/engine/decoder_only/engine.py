@@ -17,16 +17,20 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from pagedq.worker.engine.core.executor import EngineConfig
 from pagedq.worker.engine.core.memory import free_device_memory
-from pagedq.worker.engine.core.request import Request, RequestOutput, TokenCallback
-from pagedq.worker.engine.core.scheduler import Scheduler, SchedulerConfig
+from pagedq.worker.engine.core.request import Request, RequestOutput, RequestStatus, TokenCallback, TokenSequence
+from pagedq.worker.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from pagedq.worker.engine.cpu.linear import prepare_for_host
 from pagedq.worker.engine.decoder_only.attention import PagedKVCache
 from pagedq.worker.engine.decoder_only.runner import ModelRunner, ModelShape
 from pagedq.worker.engine.decoder_only.self_check import UnsupportedModel, check_rotary, self_check
+from pagedq.worker.engine.decoding.beam_search import BeamSearch
 from pagedq.worker.engine.decoding.causal_options import check_generation_config
-from pagedq.worker.engine.decoding.sampling import Sampler, SamplingParams, StopChecker
+from pagedq.worker.engine.decoding.sampling import SamplingParams, StopChecker
+from pagedq.worker.engine.decoding.step import Decoding
 from pagedq.worker.engine.paged.block_pool import BlockPool
 from pagedq.worker.engine.paged.kv_cache_manager import KVCacheManager, cdiv
 
@@ -127,8 +131,9 @@ class LLMEngine:
         self.scheduler = Scheduler(sched_config, self.kv)
         prepare_for_host(model, config.cpu_prepack_linear)
         self.runner = ModelRunner(model, self.cache, decode_bucket_rows, cascade_min_tokens, native_decode)
-        self.sampler = Sampler()
         self.stop_checker = StopChecker(eos_token_ids(model, tokenizer), tokenizer, self.max_model_len)
+        self.decoding = Decoding(self.kv, self.stop_checker)
+        self._beam_streams: dict[str, TokenCallback] = {}  # beam requests' token callbacks, called when they end
         self._counters = {"num_generated_tokens": 0, "num_steps": 0, "num_batched_tokens": 0}
 
     # ---- requests -----------------------------------------------------------------------------
@@ -155,11 +160,36 @@ class LLMEngine:
             raise ValueError(
                 f"a request of {longest} tokens would not fit the KV pool ({self.kv.pool.num_blocks} blocks)"
             )
-        request = Request.decoder_only(request_id, list(prompt_token_ids), params, priority, deadline, on_token)
+        if params.num_beams == 1:
+            request = Request.decoder_only(request_id, list(prompt_token_ids), params, priority, deadline, on_token)
+        else:
+            request = self._beam_request(request_id, list(prompt_token_ids), params, priority, deadline, longest)
+            if on_token is not None:
+                self._beam_streams[request_id] = on_token
         self.scheduler.add_request(request)
+
+    def _beam_request(
+        self, request_id: str, prompt: list[int], params: SamplingParams, priority: int, deadline: float | None,
+        max_length: int,
+    ) -> Request:
+        """A beam-search request: `num_beams` seats from admission, generate's search over the prompt
+        (`decoding.beam_search`; EOS: the engine's unless ignored, plus the stop tokens)."""
+        if params.num_beams > self.config.max_running_requests:
+            raise ValueError(f"num_beams={params.num_beams} exceeds max_running_requests")
+        eos = () if params.ignore_eos else tuple(sorted(self.stop_checker.eos_token_ids))
+        beam = BeamSearch(params.num_beams, params.length_penalty, params.early_stopping,
+                          eos + params.stop_token_ids, max_length, prompt)  # fmt: skip
+        request = Request(request_id, [TokenSequence(request_id, prompt, params)], priority, deadline,
+                          seats=params.num_beams, beam=beam)  # fmt: skip
+        need = self.kv.max_blocks(request, max_length)
+        if need > self.kv.pool.num_blocks:
+            raise ValueError(f"a beam request needing {need} KV blocks would not fit the pool "
+                             f"({self.kv.pool.num_blocks} blocks)")  # fmt: skip
+        return request
 
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request wherever it is; its blocks are free on return. Reported by the next step."""
+        self._beam_streams.pop(request_id, None)
         return self.scheduler.abort_request(request_id) is not None
 
     def has_unfinished_requests(self) -> bool:
@@ -167,10 +197,13 @@ class LLMEngine:
 
     # ---- the loop -----------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """One scheduling step and (if anything is scheduled) one forward pass."""
         out = self.scheduler.schedule()
         outputs = [RequestOutput.of(r) for r in out.finished]
+        for request in out.finished:  # expired or aborted: no output to stream
+            self._beam_streams.pop(request.request_id, None)
         if not out.requests:
             return outputs
         try:
@@ -181,16 +214,39 @@ class LLMEngine:
         self.scheduler.update_from_output(out)
         self._counters["num_steps"] += 1
         self._counters["num_batched_tokens"] += out.total_num_tokens
-        sequences = [request.sequence for request in sampled]
-        for request, seq, token in zip(sampled, sequences, self.sampler(logits, sequences), strict=True):
-            seq.append_output(token)
-            status = self.stop_checker.check(seq)
+        self._counters["num_generated_tokens"] += len(sampled)
+        for request, status in self._decode(out, logits, sampled):
             if status is not None:
                 self.scheduler.finish_request(request, status)
-            text = self.stop_checker.output_text(seq) if request.is_finished else None
-            outputs.append(RequestOutput.of(request, text))
-        self._counters["num_generated_tokens"] += len(sampled)
+            outputs.append(RequestOutput.of(request, self._text(request) if request.is_finished else None))
         return outputs
+
+    def _decode(
+        self, out: SchedulerOutput, logits: torch.Tensor, sampled: list[TokenSequence]
+    ) -> list[tuple[Request, RequestStatus | None]]:
+        """Next tokens of every request whose sequences' last tokens were computed in this step (`sampled`:
+        the sequences of the logits rows, in row order): sampled requests and beam requests apart."""
+        row_of = {id(seq): row for row, seq in enumerate(sampled)}
+        samples: list[tuple[Request, int]] = []
+        beams: list[tuple[Request, list[int]]] = []
+        for request in out.requests:
+            row = row_of.get(id(request.sequence))
+            if row is None:
+                continue  # a prompt chunk that is not its last
+            if request.beam is None:
+                samples.append((request, row))
+            else:
+                beams.append((request, [row_of[id(seq)] for seq in request.sequences]))
+        return self.decoding.sample(samples, logits) + self.decoding.beams(beams, logits)
+
+    def _text(self, request: Request) -> str | None:
+        """A finished request's text; a beam request's tokens reach its stream only now (each step's beams
+        are candidates, not output)."""
+        stream = self._beam_streams.pop(request.request_id, None)
+        if stream is not None:
+            for token in request.output_token_ids:
+                stream(request.request_id, token)
+        return self.stop_checker.output_text(request.sequence, request.output_token_ids)
 
     def generate(
         self, prompts: Sequence[Sequence[int]], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None

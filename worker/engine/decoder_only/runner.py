@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
-from pagedq.worker.engine.core.request import Request, TokenSequence
+from pagedq.worker.engine.core.request import TokenSequence
 from pagedq.worker.engine.core.scheduler import SchedulerOutput
 from pagedq.worker.engine.cpu.native import NATIVE_DTYPES, paged_decode_available
 from pagedq.worker.engine.decoder_only.attention import (
@@ -98,10 +98,10 @@ class ModelRunner:
         self.native_decode = applies and native_decode is not False and paged_decode_available()
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, block_ids: BlockIdsFn) -> tuple[torch.Tensor, list[Request]]:
+    def execute(self, out: SchedulerOutput, block_ids: BlockIdsFn) -> tuple[torch.Tensor, list[TokenSequence]]:
         """Run one step. Returns logits [N, vocab] in the model's dtype (no fp32 copy of a bf16 model's rows:
-        the sampler upcasts only what it processes or samples from) and the N requests that sample, in order
-        (a request samples when its sequence's last token is computed in this step)."""
+        the sampler upcasts only what it processes or samples from) and the N sequences that sample, in order
+        (a sequence samples when its last token is computed in this step)."""
         self.cache.copy_blocks(out.copies)
         input_ids, positions, keep, samplers, meta = self._prepare(out, block_ids)
         self.cache.step_metadata = meta  # for layers that call cache.update() without their kwargs
@@ -120,9 +120,8 @@ class ModelRunner:
 
     def _prepare(
         self, out: SchedulerOutput, block_ids: BlockIdsFn
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Request], AttentionMetadata]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[TokenSequence], AttentionMetadata]:
         bs = self.block_size
-        owner = {id(seq): request for request in out.requests for seq in request.sequences}
         pairs = list(zip(out.sequences, out.rows, strict=True))
         decode = [r for r, n in pairs if n == 1]
         chunks = [(r, n) for r, n in pairs if n > 1]
@@ -173,4 +172,4 @@ class ModelRunner:
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         positions = torch.tensor([pos], dtype=torch.long, device=dev)
         keep_rows = torch.tensor(keep, dtype=torch.long, device=dev)
-        return input_ids, positions, keep_rows, [owner[id(seq)] for seq in samplers], meta
+        return input_ids, positions, keep_rows, samplers, meta

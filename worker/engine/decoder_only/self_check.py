@@ -160,8 +160,8 @@ def _run_paged(
 
     def recording(out: Any, block_ids: Any) -> tuple[torch.Tensor, list]:
         logits, samplers = execute(out, block_ids)
-        for row, request in zip(logits, samplers, strict=True):
-            rows[request.request_id].append(row.clone())
+        for row, seq in zip(logits, samplers, strict=True):
+            rows[seq.seq_id].append(row.clone())
         return logits, samplers
 
     params = SamplingParams(max_new_tokens=PROBE_NEW_TOKENS, ignore_eos=True)

@@ -26,8 +26,9 @@ generate does one for its batch:
   penalty, lengths and early stopping (`x / float` and `x / tensor` of the same fp32 value are equal);
 - between steps a request's state is plain Python (fp32 values held exactly as floats).
 
-Beams start as generate starts them: `num_beams` copies of the decoder start, the first with score 0 and
-the others with -1e9.
+Beams start as generate starts them: `num_beams` copies of the prompt (a causal LM's prompt, an encoder-decoder's
+decoder start token), the first with score 0 and the others with -1e9. Causal LMs and encoder-decoder models
+share it through `decoding.step`.
 """
 
 from __future__ import annotations
@@ -44,13 +45,23 @@ PENALTY = -1.0e9
 class BeamSearch:
     """The beam state of one request between steps (`step_beams` advances it)."""
 
-    def __init__(self, settings: DecodeSettings, prompt: Sequence[int]) -> None:
-        nb = self.num_beams = settings.num_beams
-        self.length_penalty = settings.length_penalty
-        self.early_stopping = settings.early_stopping
-        self.max_length = settings.max_length
+    def __init__(
+        self,
+        num_beams: int,
+        length_penalty: float,
+        early_stopping: bool | str,
+        eos_token_ids: Sequence[int],
+        max_length: int,
+        prompt: Sequence[int],
+    ) -> None:
+        """`max_length` and `prompt` in generate's unit: the decoder-side tokens (a causal LM's prompt, an
+        encoder-decoder's start token) plus the generated ones."""
+        nb = self.num_beams = num_beams
+        self.length_penalty = length_penalty
+        self.early_stopping = early_stopping
+        self.max_length = max_length
         self.prompt_len = self.cur_len = len(prompt)
-        self.eos = tuple(settings.eos_token_ids)
+        self.eos = tuple(eos_token_ids)
         self.num_candidates = max(2, 1 + len(self.eos)) * nb
         self.running_scores: list[float] = [0.0] + [PENALTY] * (nb - 1)
         self.finished_scores: list[float] = [PENALTY] * nb
@@ -58,6 +69,12 @@ class BeamSearch:
         self.is_sent_finished: list[bool] = [False] * nb
         self.improvement_possible = True
         self.done = False
+
+    @classmethod
+    def for_settings(cls, settings: DecodeSettings, prompt: Sequence[int]) -> BeamSearch:
+        """An encoder-decoder request's search (`prompt`: its decoder start token)."""
+        return cls(settings.num_beams, settings.length_penalty, settings.early_stopping, settings.eos_token_ids,
+                   settings.max_length, prompt)  # fmt: skip
 
     @property
     def group(self) -> tuple[int, int, tuple[int, ...]]:
@@ -71,8 +88,12 @@ class BeamSearch:
         return step_beams([self], values, tokens, [beam_tokens])[0]
 
     def best(self) -> list[int]:
-        """The best finished hypothesis (decoder start included), as generate returns it."""
+        """The best finished hypothesis (its prompt included), as generate returns it."""
         return self.finished_tokens[0]
+
+    def best_output(self) -> list[int]:
+        """The generated tokens of the best finished hypothesis."""
+        return self.finished_tokens[0][self.prompt_len :]
 
 
 def step_beams(

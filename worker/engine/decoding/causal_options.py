@@ -12,8 +12,10 @@ one that nobody sorted):
 
 A request's `GenerationOptions` resolve once, in `sampling_params`: what the request sets, else the model's
 generation_config, else generate's own default (`GenerationConfig._get_default_generation_params`, e.g.
-top_k 50 when sampling). A request option outside `REQUEST_OPTIONS`, or beam search, fails the request with
-`InvalidRequest`.
+top_k 50 when sampling). A request option outside `REQUEST_OPTIONS`, or beam sampling (`do_sample` with
+`num_beams > 1`), fails the request with `InvalidRequest`. Beam search (`num_beams > 1`, greedy) runs on the
+engine as generate runs it (`decoding.beam_search`: its length penalty and early stopping, lengths counted from
+the prompt).
 
 Units follow generate for a decoder-only model called on one unpadded prompt: `min_length` counts the prompt
 too; `min_new_tokens` (which then replaces `min_length`), repetition penalty, n-gram and bad-word bans see the
@@ -59,21 +61,22 @@ HONOURED: dict[str, str] = {
     "forced_eos_token_id": "ProcessorSettings.forced_eos_token_id (one id: the last token max_new_tokens allows)",
     "suppress_tokens": "ProcessorSettings.suppress_tokens",
     "begin_suppress_tokens": "ProcessorSettings.begin_suppress_tokens (the first generated token)",
+    "num_beams": "SamplingParams.num_beams: beam search (decoding.beam_search), greedy only",
+    "length_penalty": "SamplingParams.length_penalty (beam search)",
+    "early_stopping": "SamplingParams.early_stopping (beam search)",
 }
 
 #: fields that never change the tokens here: seq2seq's list (outputs, caches, compilation, assistant knobs), plus
-#: ids generate needs only without a prompt or for padding, beam-search-only knobs (beams are refused), and
-#: renormalize_logits (a final log-softmax: argmax and softmax unchanged)
+#: ids generate needs only without a prompt or for padding, and renormalize_logits (a final log-softmax: argmax,
+#: softmax and beam search's log-softmaxed scores unchanged)
 NO_EFFECT_ON_TOKENS = SEQ2SEQ_NO_EFFECT | {
-    "pad_token_id", "bos_token_id", "decoder_start_token_id", "length_penalty", "early_stopping",
-    "renormalize_logits",
+    "pad_token_id", "bos_token_id", "decoder_start_token_id", "renormalize_logits",
 }  # fmt: skip
 
 #: not implemented on the paged causal path: a generation_config that sets one (to other than the value on the
 #: right, or None) is refused. encoder_* act on the prompt for a decoder-only model (generate passes it as
 #: `encoder_input_ids`).
 REFUSED_WHEN_SET: dict[str, Any] = {
-    "num_beams": 1,
     "num_return_sequences": 1,
     "num_beam_groups": 1,
     "diversity_penalty": 0.0,
@@ -105,7 +108,7 @@ REQUEST_OPTIONS: dict[str, str] = {
     "top_p": "SamplingParams.top_p (sampling only)",
     "top_k": "SamplingParams.top_k (sampling only)",
     "seed": "SamplingParams.seed: the request's own generator",
-    "num_beams": "1 only: beam search is refused (InvalidRequest)",
+    "num_beams": "SamplingParams.num_beams: beam search (greedy only; with do_sample: InvalidRequest)",
     "stream": "the executor: on_token streams every token",
 }
 
@@ -122,6 +125,8 @@ def refused_fields(generation_config: Any) -> list[str]:
     forced_eos = generation_config.forced_eos_token_id
     if isinstance(forced_eos, (list, tuple)) and len(forced_eos) > 1:
         found.append(f"forced_eos_token_id={list(forced_eos)!r} (several ids)")
+    if (generation_config.num_beams or 1) > 1 and generation_config.do_sample:
+        found.append(f"num_beams={generation_config.num_beams} with do_sample=True (beam sampling)")
     return found
 
 
@@ -143,8 +148,6 @@ def sampling_params(
     unknown = sorted(set(options.model_fields_set) - REQUEST_OPTIONS.keys())
     if unknown:
         raise InvalidRequest(f"generation options {unknown} are not supported for causal LMs")
-    if (options.num_beams or 1) > 1:
-        raise InvalidRequest("beam search is not supported for causal LMs; use num_beams=1 or sampling")
     gen = model.generation_config
 
     def pick(name: str) -> Any:
@@ -154,6 +157,9 @@ def sampling_params(
         return GENERATE_DEFAULTS.get(name) if value is None else value
 
     sample = bool(pick("do_sample"))
+    beams = options.num_beams or gen.num_beams or 1
+    if beams > 1 and sample:
+        raise InvalidRequest("beam sampling (do_sample with num_beams > 1) is not supported; use one of the two")
     return SamplingParams(
         max_new_tokens=options.max_new_tokens or gen.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         temperature=float(pick("temperature")) if sample else 0.0,
@@ -166,6 +172,9 @@ def sampling_params(
         seed=options.seed,
         stop=stop,
         processors=processor_settings(gen, eos_token_ids),
+        num_beams=beams,
+        length_penalty=float(_value(gen, "length_penalty")),
+        early_stopping=_value(gen, "early_stopping"),
     )
 
 

@@ -52,6 +52,11 @@ class ProcessorSettings:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
     @property
+    def masks_only(self) -> bool:
+        """Whether the processors only ban or force tokens (exact in any dtype: -inf and 0 are)."""
+        return self.repetition_penalty == 1.0
+
+    @property
     def active(self) -> bool:
         """Whether any processor can change a score (EOS ids alone do nothing)."""
         return (
@@ -87,6 +92,14 @@ def process_rows(scores: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
             scores[i, token] = 0.0
     _ban(scores, [_late_bans(row) for row in rows])
     return scores
+
+
+def bans_and_forced(row: Row) -> tuple[list[int], int | None]:
+    """What the processors do to one row without a repetition penalty: the tokens they ban, and the token they
+    force (or None). Such a row's processed scores are its scores with the banned ones at -inf; a forced row
+    is -inf but the forced token (0)."""
+    assert row.settings.repetition_penalty == 1.0, "a repetition penalty changes scores, not only masks them"
+    return _early_bans(row) + _late_bans(row), _forced_token(row)
 
 
 def _repetition_penalty(scores: torch.Tensor, rows: Sequence[Row]) -> None:

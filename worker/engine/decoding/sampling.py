@@ -59,6 +59,9 @@ class SamplingParams:
     epsilon_cutoff: float = 0.0  # 0.0: off
     eta_cutoff: float = 0.0  # 0.0: off
     processors: ProcessorSettings = NO_PROCESSORS
+    num_beams: int = 1  # > 1: beam search (greedy only), `decoding.beam_search`
+    length_penalty: float = 1.0  # beam search: a finished hypothesis scores sum / length ** length_penalty
+    early_stopping: bool | str = False  # beam search: generate's True / False / "never"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -73,6 +76,10 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0 < self.typical_p <= 1:
             raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1 and not self.greedy:
+            raise ValueError("beam search samples nothing: num_beams > 1 needs temperature 0")
         for name in ("epsilon_cutoff", "eta_cutoff"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -113,13 +120,23 @@ class Sampler:
 
 
 def apply_processors(logits: torch.Tensor, requests: Sequence[TokenSequence]) -> torch.Tensor:
-    """`logits` [len(requests), vocab] after each request's processors: a float32 copy (generate processes
-    float32 logits) when any request has one, else `logits` itself. A row's tokens are its prompt and outputs."""
+    """`logits` [len(requests), vocab] after each sequence's processors. Processors that only ban or force
+    tokens work in place, in the logits' dtype (-inf and 0 are exact in any dtype, and the argmax of bf16
+    rows is that of their fp32 upcast); a repetition penalty multiplies, so then a float32 copy is processed
+    (generate processes float32 logits). A row's tokens are its prompt and outputs."""
     if not any(r.sampling_params.processors.active for r in requests):
         return logits
-    rows = [Row(r.sampling_params.processors, r.all_token_ids, r.num_prompt_tokens, r.sampling_params.max_new_tokens)
-            for r in requests]  # fmt: skip
+    rows = [processor_row(r) for r in requests]
+    if all(row.settings.masks_only for row in rows):
+        return process_rows(logits, rows)
     return process_rows(logits.to(torch.float32, copy=True), rows)
+
+
+def processor_row(seq: TokenSequence, tokens: Sequence[int] | None = None) -> Row:
+    """The processors' view of a sequence (`tokens`: another token list, e.g. a beam's, of the same length)."""
+    params = seq.sampling_params
+    return Row(params.processors, seq.all_token_ids if tokens is None else tokens, seq.num_prompt_tokens,
+               params.max_new_tokens)  # fmt: skip
 
 
 def sampling_probs(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -225,11 +242,13 @@ class StopChecker:
         tail = self.tokenizer.decode(request.output_token_ids[-span:], skip_special_tokens=True)
         return any(s in tail for s in request.sampling_params.stop)
 
-    def output_text(self, request: TokenSequence) -> str | None:
-        """The decoded output, cut before the first stop string (kept if `include_stop_str_in_output`)."""
+    def output_text(self, request: TokenSequence, tokens: Sequence[int] | None = None) -> str | None:
+        """The decoded output (`tokens`, default the sequence's), cut before the first stop string (kept if
+        `include_stop_str_in_output`)."""
         if self.tokenizer is None:
             return None
-        text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
+        output = request.output_token_ids if tokens is None else tokens
+        text = self.tokenizer.decode(output, skip_special_tokens=True)
         params = request.sampling_params
         cuts = [(i, s) for s in params.stop if (i := text.find(s)) >= 0]
         if cuts:

@@ -22,10 +22,12 @@ transformers never sees both (it warns on every call if it does).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 from pagedq.shared.models import GenerationOptions
-from pagedq.worker.engine.decoding.sampling import GREEDY_BELOW_TEMPERATURE
+from pagedq.worker.engine.decoding.logits_processors import ProcessorSettings
+from pagedq.worker.engine.decoding.sampling import GREEDY_BELOW_TEMPERATURE, SamplingParams
 
 DECODER_START_TOKENS = 1  # the decoder_start_token_id every encoder-decoder output begins with
 #: generate's values for options a generation config leaves unset
@@ -222,6 +224,34 @@ class DecodeSettings:
     @property
     def is_beam_search(self) -> bool:
         return self.num_beams > 1
+
+    @cached_property
+    def sampling_params(self) -> SamplingParams:
+        """What each of the request's decoder sequences samples and stops with (`decoding.step`): its
+        processors (an encoder-decoder row's prefix is its decoder start token, so `cur_len` counts decoder
+        tokens including it, generate's `input_ids.shape[-1]`), EOS as its stop tokens, the length limit."""
+        processors = ProcessorSettings(
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            bad_words_ids=self.bad_words_ids,
+            eos_token_ids=self.eos_token_ids,
+            min_length=self.min_length,
+            min_new_tokens=self.min_new_tokens,
+            forced_bos_token_id=self.forced_bos_token_id,
+            forced_eos_token_id=self.forced_eos_token_id,
+        )
+        sample = self.do_sample
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature if sample else 0.0,
+            top_k=self.top_k if sample else 0,
+            top_p=self.top_p if sample else 1.0,
+            seed=self.seed if sample else None,
+            stop_token_ids=self.eos_token_ids,
+            processors=processors,
+            num_beams=self.num_beams,
+            length_penalty=self.length_penalty,
+            early_stopping=self.early_stopping,
+        )
 
 
 def _ids(value: Any) -> tuple[int, ...]:

@@ -8,7 +8,7 @@
 
 One `step()` = schedule (one token budget over encoder passes and decoder rows) -> the runner's encoder
 pass for newly admitted requests and one packed decoder pass for every running sequence -> next tokens
-(`seq2seq_step`: generate's processors, then greedy / sampling, and one beam step for all beam
+(`decoding.step`: generate's processors, then greedy / sampling, and one beam step for all beam
 requests at once, `beam_search.step_beams`, whose new beams fork their parents' blocks) and stop checks;
 finished requests free their blocks at once. The model's dtype runs end to end (bf16: pool, attention,
 logits; beam scores are fp32, as generate keeps them). Not thread-safe: one thread drives it.
@@ -29,7 +29,7 @@ from pagedq.worker.engine.core.scheduler import Scheduler, SchedulerConfig
 from pagedq.worker.engine.cpu.linear import prepare_for_host
 from pagedq.worker.engine.decoding.beam_search import BeamSearch
 from pagedq.worker.engine.decoding.seq2seq_options import DecodeSettings
-from pagedq.worker.engine.decoding.seq2seq_step import Decoding
+from pagedq.worker.engine.decoding.step import Decoding
 from pagedq.worker.engine.paged.block_pool import BlockPool
 from pagedq.worker.engine.paged.kv_cache_manager import KVCacheManager, cdiv
 from pagedq.worker.engine.seq2seq.attention import KVPool
@@ -97,7 +97,7 @@ class Seq2SeqEngine:
         if not encoder_ids:
             raise ValueError(f"request {request_id!r} has no input tokens")
         start = [settings.decoder_start_token_id]
-        sequence = self.decoding.new_sequence(request_id, settings, start)
+        sequence = self.decoding.new_sequence(request_id, settings.sampling_params, start, start)
         request = Request(request_id, [sequence], priority, deadline, list(encoder_ids), settings, settings.num_beams)
         need, have = self.kv.max_blocks(request, settings.max_length), self.kv.pool.num_blocks
         if need > have:
@@ -105,7 +105,7 @@ class Seq2SeqEngine:
         if settings.num_beams > self.config.max_running_requests:
             raise ValueError(f"num_beams={settings.num_beams} exceeds max_running_requests")
         if settings.is_beam_search:
-            request.beam = BeamSearch(settings, [settings.decoder_start_token_id])
+            request.beam = BeamSearch.for_settings(settings, start)
         self.scheduler.add_request(request)
 
     def abort_request(self, request_id: str) -> bool:
@@ -133,13 +133,15 @@ class Seq2SeqEngine:
         self.scheduler.update_from_output(plan)
         self._counters["num_steps"] += 1
         self._counters["num_batched_tokens"] += plan.total_num_tokens
-        sampled, beams, row = [], [], 0
+        sampled: list[tuple[Request, int]] = []
+        beams: list[tuple[Request, list[int]]] = []
+        row = 0
         for request in plan.requests:
             n = len(request.sequences)
             if request.beam is None:
                 sampled.append((request, row))
             else:
-                beams.append((request, row))
+                beams.append((request, list(range(row, row + n))))
             row += n
         finished = self.decoding.sample(sampled, logits) + self.decoding.beams(beams, logits)
         stepped_at = time.monotonic()

@@ -150,6 +150,69 @@ def test_an_eos_forced_at_the_limit_finishes_by_length(tm: TinyModel, configured
     assert all(o.output_token_ids[-1] == 5 and o.finish_reason == "length" for o in outs)
 
 
+# ---- beam search ------------------------------------------------------------------------------------------------
+
+BEAM_CASES: dict[str, dict[str, Any]] = {
+    "beams_4": {"num_beams": 4},
+    "beams_3_eos": {"num_beams": 3, "eos": True},  # hypotheses finish at different lengths
+    "length_penalty_2_early": {"num_beams": 4, "eos": True, "length_penalty": 2.0, "early_stopping": True},
+    "length_penalty_-1_never": {"num_beams": 2, "eos": True, "length_penalty": -1.0, "early_stopping": "never"},
+    "beams_with_processors": {"num_beams": 4, "eos": True, "no_repeat_ngram_size": 2, "repetition_penalty": 1.3,
+                              "min_new_tokens": 3},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BEAM_CASES))
+def test_beam_search_matches_generate(tm: TinyModel, baseline: list[list[int]], configured: Any, case: str) -> None:
+    """Beam requests batched with each other and with a greedy one, prompts chunked over steps, equal
+    `generate(num_beams=...)` on each prompt alone, token for token; the generation_config's length penalty,
+    early stopping and processors apply (the request sets num_beams)."""
+    fields = dict(BEAM_CASES[case])
+    beams = fields.pop("num_beams")
+    if fields.pop("eos", False):
+        fields["eos_token_id"] = baseline[1][2]
+    configured(**fields)
+    engine = LLMEngine(tm.model, config=EngineConfig(block_size=4, max_batch_tokens=16), num_blocks=128)
+    eos = sorted(engine.stop_checker.eos_token_ids)
+    beam = sampling_params(tm.model, GenerationOptions(max_new_tokens=MAX_NEW, num_beams=beams), eos)
+    greedy = sampling_params(tm.model, GenerationOptions(max_new_tokens=MAX_NEW), eos)
+    assert beam.num_beams == beams and beam.length_penalty == fields.get("length_penalty", 1.0)
+    outs = engine.generate([*prompts(), prompts()[1]], [beam] * len(prompts()) + [greedy])
+    want = [reference(tm, p, do_sample=False, num_beams=beams) for p in prompts()]
+    assert [o.output_token_ids for o in outs[:-1]] == want
+    assert outs[-1].output_token_ids == reference(tm, prompts()[1], do_sample=False)
+    assert want != [reference(tm, p, do_sample=False) for p in prompts()], "beams change nothing here"
+    assert engine.kv.pool.num_free_blocks == engine.kv.pool.num_blocks, "every beam's blocks are back"
+    for out, tokens in zip(outs, want, strict=False):
+        ended = bool(tokens) and tokens[-1] in eos and len(tokens) <= MAX_NEW
+        assert out.finish_reason == ("stop" if ended else "length")
+
+
+def test_beam_search_survives_preemption(tm: TinyModel, baseline: list[list[int]], configured: Any) -> None:
+    """A pool too small for every beam at once: beam requests are preempted (every beam's blocks freed) and
+    recomputed, and still equal generate."""
+    configured(eos_token_id=baseline[1][2])
+    engine = LLMEngine(tm.model, config=EngineConfig(block_size=4, max_batch_tokens=64), num_blocks=40)
+    params = sampling_params(tm.model, GenerationOptions(max_new_tokens=MAX_NEW, num_beams=4), [baseline[1][2]])
+    outs = engine.generate(prompts(), params)
+    assert engine.scheduler.num_preemptions > 0, "the pool was big enough: nothing was preempted"
+    assert [o.output_token_ids for o in outs] == [reference(tm, p, do_sample=False, num_beams=4) for p in prompts()]
+    assert engine.kv.pool.num_free_blocks == engine.kv.pool.num_blocks
+
+
+def test_beam_requests_stream_their_tokens_when_they_end(tm: TinyModel, configured: Any) -> None:
+    configured()
+    engine = LLMEngine(tm.model, config=EngineConfig(block_size=4), num_blocks=128)
+    streamed: list[int] = []
+    params = sampling_params(tm.model, GenerationOptions(max_new_tokens=MAX_NEW, num_beams=3), [])
+    engine.add_request("b", prompts()[2], params, on_token=lambda _rid, token: streamed.append(token))
+    outs: list[Any] = []
+    while engine.has_unfinished_requests():
+        outs.extend(o for o in engine.step() if o.request_id == "b")
+        assert streamed == [] or outs[-1].finished, "beams are candidates, never streamed while they run"
+    assert outs[-1].finished and streamed == outs[-1].output_token_ids
+
+
 SAMPLING_CASES: dict[str, dict[str, Any]] = {
     "qwen_like": {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.1},
     "min_p": {"temperature": 1.3, "min_p": 0.1},
@@ -232,7 +295,7 @@ def test_every_request_option_has_a_path() -> None:
     ("fields", "named"),
     [
         ({"sequence_bias": {(5,): -1.0}}, "sequence_bias={(5,): -1.0}"),
-        ({"num_beams": 4}, "num_beams=4"),
+        ({"num_beams": 4, "do_sample": True}, "num_beams=4 with do_sample=True (beam sampling)"),
         ({"penalty_alpha": 0.6, "top_k": 4}, "penalty_alpha=0.6"),
         ({"exponential_decay_length_penalty": (4, 1.5)}, "exponential_decay_length_penalty=(4, 1.5)"),
         ({"stop_strings": ["\n"]}, "stop_strings=['\\n']"),
@@ -256,10 +319,13 @@ def test_fields_at_their_defaults_are_not_refused(tm: TinyModel, configured: Any
 
 
 def test_a_request_option_that_is_not_supported_fails_with_invalid_request(
-    tm: TinyModel, monkeypatch: pytest.MonkeyPatch
+    tm: TinyModel, configured: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with pytest.raises(InvalidRequest, match="beam search"):
+    configured(do_sample=True)  # the request's beams over the model's sampling default: beam sampling
+    with pytest.raises(InvalidRequest, match="beam sampling"):
         sampling_params(tm.model, GenerationOptions(num_beams=2), [])
+    assert sampling_params(tm.model, GenerationOptions(num_beams=2, do_sample=False), []).num_beams == 2
+    configured()
     monkeypatch.delitem(REQUEST_OPTIONS, "top_k")
     with pytest.raises(InvalidRequest, match="top_k"):
         sampling_params(tm.model, GenerationOptions(do_sample=True, top_k=5), [])

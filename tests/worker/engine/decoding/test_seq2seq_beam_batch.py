@@ -18,7 +18,7 @@ from seq2seq_support import build_pair, random_inputs
 from pagedq.shared.models import GenerationOptions
 from pagedq.worker.engine.core.executor import EngineConfig
 from pagedq.worker.engine.cpu.beam_topk import top_k_rows
-from pagedq.worker.engine.decoding import seq2seq_step as seq2seq_decoding
+from pagedq.worker.engine.decoding import step as decoding_step
 from pagedq.worker.engine.decoding.beam_search import BeamSearch, step_beams
 from pagedq.worker.engine.decoding.seq2seq_options import decode_settings
 from pagedq.worker.engine.seq2seq.engine import Seq2SeqEngine
@@ -50,7 +50,7 @@ def test_many_beam_requests_in_one_step_match_generate(arch: str, monkeypatch: p
         groups.append(len(searches))
         return step_beams(searches, *args)
 
-    monkeypatch.setattr(seq2seq_decoding, "step_beams", recording)
+    monkeypatch.setattr(decoding_step, "step_beams", recording)
     done = {}
     while engine.has_unfinished_requests():
         done.update((o.request_id, o) for o in engine.step())
@@ -66,8 +66,8 @@ def test_step_beams_of_many_equals_each_alone() -> None:
     gen = torch.Generator().manual_seed(0)
     settings = decode_settings(build_pair("marian").model, GenerationOptions(num_beams=4, max_new_tokens=6))
     penalties = (1.0, 0.5, 2.0, -1.0)
-    together = [BeamSearch(dataclasses.replace(settings, length_penalty=p), [2]) for p in penalties]
-    alone = [BeamSearch(dataclasses.replace(settings, length_penalty=p), [2]) for p in penalties]
+    together = [BeamSearch.for_settings(dataclasses.replace(settings, length_penalty=p), [2]) for p in penalties]
+    alone = [BeamSearch.for_settings(dataclasses.replace(settings, length_penalty=p), [2]) for p in penalties]
     tokens = [[[2]] * 4 for _ in penalties]
     steps = 0
     while active := [i for i, s in enumerate(together) if not s.done]:

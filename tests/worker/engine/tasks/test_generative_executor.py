@@ -142,11 +142,13 @@ def test_abort_expiry_and_bad_requests(loaded: LoadedModel) -> None:
         expired.future.result(timeout=0)
     assert ex.engine.kv.pool.num_free_blocks == ex.engine.kv.pool.num_blocks
     wrong = EngineRequest(id="c", task=TaskType.CLASSIFY, payload=ClassifyRequest(text="hi"), model="tiny-llm")
-    beams = qa("Beams?", generation={"num_beams": 2})
-    for r in (wrong, beams):
-        ex.add(r)
-        with pytest.raises(InvalidRequest):
-            r.future.result(timeout=0)
+    ex.add(wrong)
+    with pytest.raises(InvalidRequest):
+        wrong.future.result(timeout=0)
+    beams = qa("Beams?", generation={"num_beams": 2, "max_new_tokens": 6})  # beam search runs (exactness:
+    ex.add(beams)  # tests/worker/engine/decoding/test_causal_generation_config.py)
+    drain(ex)
+    assert 1 <= beams.future.result(timeout=0).output_tokens <= 6
 
 
 def test_seeded_sampling_is_reproducible(loaded: LoadedModel) -> None:
@@ -165,10 +167,10 @@ def test_seeded_sampling_is_reproducible(loaded: LoadedModel) -> None:
 
 def test_streamed_text_equals_the_final_answer(loaded: LoadedModel, redis_url: str) -> None:
     import redis
-    from test_streaming import read_stream
 
     from pagedq.shared.records import stream_key
     from pagedq.worker.streaming import TokenStreamer
+    from worker.test_streaming import read_stream
 
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     streamer = TokenStreamer(r, ttl_s=60).start()
