@@ -144,8 +144,11 @@ class GenerationOptions(BaseModel):
         description=f"Sampling only (ignored for greedy and beam search); at least {MIN_SAMPLING_TEMPERATURE} "
         "with do_sample, since a smaller one divides the logits into overflow.",
     )
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="0 disables top-k filtering.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Sampling only; unset: the model's generation_config, else 1.0.")
+    top_k: int = Field(
+        0, ge=0, description="Sampling only; 0 disables top-k filtering; unset: the model's generation_config, "
+        "else 50 (transformers' generate default)."
+    )
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     num_beams: int | None = Field(
         None, ge=1, description="Beam search width, at most `max_beams`; more than 1 excludes do_sample."

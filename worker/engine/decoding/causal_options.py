@@ -10,9 +10,9 @@ one that nobody sorted):
   so a model whose generation_config sets one is refused when its engine is built (`check_generation_config`
   raises `UnsupportedModel` naming the field, its value and what to do).
 
-A request's `GenerationOptions` resolve once, in `sampling_params`: what the request sets, else the model's
-generation_config, else generate's own default (`GenerationConfig._get_default_generation_params`, e.g.
-top_k 50 when sampling). A request option outside `REQUEST_OPTIONS`, or beam sampling (`do_sample` with
+A request's `GenerationOptions` resolve once, in `sampling_params`, as for every architecture (`options.resolve`):
+what the request sets, else the model's generation_config, else generate's own default (e.g. top_k 50 when
+sampling). A request option outside `REQUEST_OPTIONS`, or beam sampling (`do_sample` with
 `num_beams > 1`), fails the request with `InvalidRequest`. Beam search (`num_beams > 1`, greedy) runs on the
 engine as generate runs it (`decoding.beam_search`: its length penalty and early stopping, lengths counted from
 the prompt).
@@ -27,18 +27,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from transformers import GenerationConfig
-
 from pagedq.shared.errors import InvalidRequest
 from pagedq.shared.models import GenerationOptions
 from pagedq.worker.engine.decoder_only.self_check import UnsupportedModel
 from pagedq.worker.engine.decoding.logits_processors import ProcessorSettings
+from pagedq.worker.engine.decoding.options import resolve, value
 from pagedq.worker.engine.decoding.sampling import SamplingParams
 from pagedq.worker.engine.decoding.seq2seq_options import NO_EFFECT_ON_TOKENS as SEQ2SEQ_NO_EFFECT
 
 DEFAULT_MAX_NEW_TOKENS = 64  # when neither the request nor the generation_config says
-#: generate's values for fields a generation config leaves unset
-GENERATE_DEFAULTS: dict[str, Any] = GenerationConfig._get_default_generation_params()
 
 HONOURED: dict[str, str] = {
     "max_new_tokens": "SamplingParams.max_new_tokens (the request's, else this, else DEFAULT_MAX_NEW_TOKENS)",
@@ -149,32 +146,25 @@ def sampling_params(
     if unknown:
         raise InvalidRequest(f"generation options {unknown} are not supported for causal LMs")
     gen = model.generation_config
-
-    def pick(name: str) -> Any:
-        if name in options.model_fields_set:
-            return getattr(options, name)
-        value = getattr(gen, name, None)
-        return GENERATE_DEFAULTS.get(name) if value is None else value
-
-    sample = bool(pick("do_sample"))
-    beams = options.num_beams or gen.num_beams or 1
+    r = resolve(options, gen)
+    sample, beams = r.do_sample, r.num_beams
     if beams > 1 and sample:
         raise InvalidRequest("beam sampling (do_sample with num_beams > 1) is not supported; use one of the two")
     return SamplingParams(
         max_new_tokens=options.max_new_tokens or gen.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-        temperature=float(pick("temperature")) if sample else 0.0,
-        top_k=int(pick("top_k") or 0) if sample else 0,
-        top_p=float(pick("top_p")) if sample else 1.0,
+        temperature=r.temperature if sample else 0.0,
+        top_k=r.top_k if sample else 0,
+        top_p=r.top_p if sample else 1.0,
         min_p=float(gen.min_p or 0.0) if sample else 0.0,
-        typical_p=float(_value(gen, "typical_p")) if sample else 1.0,
-        epsilon_cutoff=float(_value(gen, "epsilon_cutoff")) if sample else 0.0,
-        eta_cutoff=float(_value(gen, "eta_cutoff")) if sample else 0.0,
+        typical_p=float(value(gen, "typical_p")) if sample else 1.0,
+        epsilon_cutoff=float(value(gen, "epsilon_cutoff")) if sample else 0.0,
+        eta_cutoff=float(value(gen, "eta_cutoff")) if sample else 0.0,
         seed=options.seed,
         stop=stop,
         processors=processor_settings(gen, eos_token_ids),
         num_beams=beams,
-        length_penalty=float(_value(gen, "length_penalty")),
-        early_stopping=_value(gen, "early_stopping"),
+        length_penalty=float(value(gen, "length_penalty")),
+        early_stopping=value(gen, "early_stopping"),
     )
 
 
@@ -184,23 +174,18 @@ def processor_settings(gen: Any, eos_token_ids: Sequence[int]) -> ProcessorSetti
     forced_eos = _ids(gen.forced_eos_token_id)
     min_new = gen.min_new_tokens
     return ProcessorSettings(
-        repetition_penalty=float(_value(gen, "repetition_penalty")),
-        no_repeat_ngram_size=int(_value(gen, "no_repeat_ngram_size")),
+        repetition_penalty=float(value(gen, "repetition_penalty")),
+        no_repeat_ngram_size=int(value(gen, "no_repeat_ngram_size")),
         bad_words_ids=tuple(tuple(w) for w in (gen.bad_words_ids or ()) if not (len(w) == 1 and w[0] in eos)),
         eos_token_ids=eos,
         # generate: min_new_tokens replaces min_length by min_new_tokens + prompt length
-        min_length=int(_value(gen, "min_length")) if min_new is None else 0,
+        min_length=int(value(gen, "min_length")) if min_new is None else 0,
         min_new_tokens=int(min_new or 0),
         forced_bos_token_id=gen.forced_bos_token_id,
         forced_eos_token_id=forced_eos[0] if forced_eos else None,
         suppress_tokens=_ids(gen.suppress_tokens),
         begin_suppress_tokens=_ids(gen.begin_suppress_tokens),
     )
-
-
-def _value(gen: Any, name: str) -> Any:
-    value = getattr(gen, name, None)
-    return GENERATE_DEFAULTS[name] if value is None else value
 
 
 def _ids(value: Any) -> tuple[int, ...]:

@@ -1,7 +1,7 @@
 """Generation options of encoder-decoder requests: what `generate` would apply, for both translation paths.
 
-Defaults come from the model's `generation_config` (then generate's own defaults); a request overrides only
-what it sets.
+Each option resolves as for every architecture (`options.resolve`): the request's value if it set it, else the
+model's `generation_config`, else generate's own default.
 
 - The paged engine resolves everything once per request into `DecodeSettings` (`decode_settings`), and
   refuses what it does not implement (`unsupported_options`: such a request runs on the fallback).
@@ -27,32 +27,17 @@ from typing import Any, Literal
 
 from pagedq.shared.models import GenerationOptions
 from pagedq.worker.engine.decoding.logits_processors import ProcessorSettings
-from pagedq.worker.engine.decoding.sampling import GREEDY_BELOW_TEMPERATURE, SamplingParams
+from pagedq.worker.engine.decoding.options import resolve, value
+from pagedq.worker.engine.decoding.sampling import SamplingParams
 
 DECODER_START_TOKENS = 1  # the decoder_start_token_id every encoder-decoder output begins with
-#: generate's values for options a generation config leaves unset
-#: (`GenerationConfig._get_default_generation_params` in transformers 5.24)
-HF_DEFAULTS: dict[str, Any] = {
-    "max_length": 20,
-    "min_length": 0,
-    "do_sample": False,
-    "early_stopping": False,
-    "num_beams": 1,
-    "temperature": 1.0,
-    "top_k": 50,
-    "top_p": 1.0,
-    "length_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-}
-
-
 @dataclass(frozen=True)
 class GenerationKey:
     """Effective options of one request; None means the model's default for that option."""
 
     max_new_tokens: int
     num_beams: int
-    do_sample: bool | None
+    do_sample: bool
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -69,8 +54,7 @@ def default_max_new_tokens(model: Any) -> int:
     config = model.generation_config
     if config.max_new_tokens is not None:
         return int(config.max_new_tokens)
-    max_length = config.max_length if config.max_length is not None else HF_DEFAULTS["max_length"]
-    return int(max_length) - DECODER_START_TOKENS
+    return int(value(config, "max_length")) - DECODER_START_TOKENS
 
 
 def generation_key(
@@ -81,17 +65,14 @@ def generation_key(
     positions = getattr(model.config, "max_position_embeddings", None)  # learned/sinusoidal decoder positions
     if positions is not None:
         max_new = min(max_new, positions - DECODER_START_TOKENS)
-    explicit = "do_sample" in options.model_fields_set or options.do_sample
-    do_sample = options.do_sample if explicit else None
-    if do_sample and options.temperature < GREEDY_BELOW_TEMPERATURE:
-        do_sample = False  # argmax: what sampling at this temperature gives, without generate's NaN
+    r = resolve(options, model.generation_config)
     return GenerationKey(
         max_new_tokens=max_new,
-        num_beams=options.num_beams or model.generation_config.num_beams or 1,
-        do_sample=do_sample,
-        temperature=options.temperature if do_sample else None,  # sampling knobs only matter when sampling
-        top_p=options.top_p if do_sample else None,
-        top_k=options.top_k if do_sample else None,
+        num_beams=r.num_beams,
+        do_sample=r.do_sample,
+        temperature=r.temperature if r.do_sample else None,  # sampling knobs only matter when sampling
+        top_p=r.top_p if r.do_sample else None,
+        top_k=r.top_k if r.do_sample else None,
         seed=options.seed,
         alone=request_id if options.seed is not None else None,
         forced_bos_token_id=forced_bos_token_id,
@@ -105,8 +86,7 @@ def generate_kwargs(key: GenerationKey, model: Any) -> dict[str, Any]:
         kwargs["max_new_tokens"] = key.max_new_tokens
     else:
         kwargs["max_length"] = key.max_new_tokens + DECODER_START_TOKENS
-    if key.do_sample is not None:
-        kwargs["do_sample"] = key.do_sample
+    kwargs["do_sample"] = key.do_sample
     if key.do_sample:
         kwargs.update(temperature=key.temperature, top_p=key.top_p, top_k=key.top_k)
     if key.forced_bos_token_id is not None:
@@ -269,19 +249,13 @@ def unsupported_options(model: Any, options: GenerationOptions) -> list[str]:
     """The options (model defaults included) that the paged engine cannot apply exactly as generate does."""
     config = model.generation_config
     found = [name for name, off in UNSUPPORTED_WHEN_SET.items() if getattr(config, name, off) not in (off, None)]
-    sample = options.do_sample if "do_sample" in options.model_fields_set or options.do_sample else config.do_sample
-    beams = options.num_beams or config.num_beams or 1
-    if sample and beams > 1:
+    r = resolve(options, config)
+    if r.do_sample and r.num_beams > 1:
         found.append("do_sample with num_beams > 1 (beam sampling)")
     forced_eos = config.forced_eos_token_id
     if forced_eos is not None and not isinstance(forced_eos, int) and len(_ids(forced_eos)) != 1:
         found.append("forced_eos_token_id with several ids")
     return found
-
-
-def _option(config: Any, name: str) -> Any:
-    value = getattr(config, name, None)
-    return HF_DEFAULTS[name] if value is None else value
 
 
 def decode_settings(model: Any, options: GenerationOptions, forced_bos_token_id: int | None = None) -> DecodeSettings:
@@ -290,11 +264,7 @@ def decode_settings(model: Any, options: GenerationOptions, forced_bos_token_id:
     `forced_bos_token_id` (the request's target-language token) overrides the model's default."""
     config = model.generation_config
     key = generation_key(options, "", model)
-    sample = key.do_sample if key.do_sample is not None else bool(_option(config, "do_sample"))
-    if key.do_sample is None and sample:  # sampling by the model's default: its knobs too
-        temperature, top_k, top_p = (_option(config, n) for n in ("temperature", "top_k", "top_p"))
-    else:
-        temperature, top_k, top_p = options.temperature, options.top_k, options.top_p
+    temperature, top_k, top_p = resolve(options, config).knobs
     eos = _ids(config.eos_token_id)
     start = config.decoder_start_token_id
     if start is None:
@@ -308,18 +278,18 @@ def decode_settings(model: Any, options: GenerationOptions, forced_bos_token_id:
         eos_token_ids=eos,
         pad_token_id=config.pad_token_id,
         num_beams=key.num_beams,
-        do_sample=sample,
+        do_sample=key.do_sample,
         temperature=float(temperature),
         top_k=int(top_k),
         top_p=float(top_p),
         seed=options.seed,
-        length_penalty=float(_option(config, "length_penalty")),
-        early_stopping=_option(config, "early_stopping"),
+        length_penalty=float(value(config, "length_penalty")),
+        early_stopping=value(config, "early_stopping"),
         forced_bos_token_id=forced_bos_token_id if forced_bos_token_id is not None else config.forced_bos_token_id,
         forced_eos_token_id=forced_eos[0] if forced_eos else None,
         bad_words_ids=tuple(tuple(w) for w in (config.bad_words_ids or ()) if not (len(w) == 1 and w[0] in eos)),
         # generate: a set min_new_tokens replaces min_length with min_new_tokens + the decoder start token
-        min_length=int(_option(config, "min_length")) if config.min_new_tokens is None else config.min_new_tokens + 1,
+        min_length=int(value(config, "min_length")) if config.min_new_tokens is None else config.min_new_tokens + 1,
         min_new_tokens=int(config.min_new_tokens or 0),
-        no_repeat_ngram_size=int(_option(config, "no_repeat_ngram_size")),
+        no_repeat_ngram_size=int(value(config, "no_repeat_ngram_size")),
     )
