@@ -50,7 +50,7 @@ class LoadedModel:
 
 @dataclass(eq=False)
 class EngineRequest:
-    """One task inside the engine. `deadline` is a `time.time()` epoch; None means no deadline."""
+    """One task inside the engine. `deadline` is a `time.time()` epoch (None: no deadline), kept by the engine loop."""
 
     id: str
     task: TaskType
@@ -68,9 +68,6 @@ class EngineRequest:
     #: paged engines; not the batched-generate fallback): TTFT and TPOT metrics (worker/metrics.py)
     first_token_at: float | None = None
     finished_at: float | None = None  # time.monotonic() when its future completed with a result
-
-    def expired(self, now: float | None = None) -> bool:
-        return self.deadline is not None and (now if now is not None else time.time()) >= self.deadline
 
     def finish(self, result: Any) -> bool:
         """Complete with a result; False if the future was already completed (e.g. cancelled)."""

@@ -1,6 +1,6 @@
 """One generation request -- decoder-only or encoder-decoder -- as the scheduler and the KV manager see it.
 
-A `Request` is what a caller asked for: a priority, a deadline, an optional encoder input, and one or more
+A `Request` is what a caller asked for: a priority, an optional encoder input, and one or more
 `TokenSequence`s (one per beam) whose tokens the model extends step by step. The scheduler orders and admits
 requests; the KV manager gives each sequence its self-attention blocks and each encoder-decoder request its
 encoder pages (`KVCacheManager.allocate`).
@@ -49,8 +49,7 @@ class FinishReason(enum.StrEnum):
 
     STOP = "stop"  # EOS, a stop token or a stop string
     LENGTH = "length"  # max_new_tokens or the model's length
-    ABORT = "abort"  # cancelled
-    EXPIRED = "expired"  # its deadline passed
+    ABORT = "abort"  # cancelled (by its caller, or by the engine loop when its deadline passed)
 
 
 class RequestStatus(enum.Enum):
@@ -60,7 +59,6 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
-    FINISHED_EXPIRED = "expired"
 
     @property
     def is_finished(self) -> bool:
@@ -131,7 +129,6 @@ class Request:
     request_id: str
     sequences: list[TokenSequence]
     priority: int = 0
-    deadline: float | None = None  # time.time() epoch
     encoder_ids: list[int] | None = None  # encoder-decoder models: the encoder's input
     settings: DecodeSettings | None = None  # encoder-decoder models: every decode option, resolved once
     seats: int = 1  # running sequences it may hold at once (num_beams), counted against max_num_seqs
@@ -157,14 +154,13 @@ class Request:
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
         priority: int = 0,
-        deadline: float | None = None,
         on_token: TokenCallback | None = None,
     ) -> Request:
         """A request of one sequence whose prompt is the model's input."""
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r} has an empty prompt")
         sequence = TokenSequence(request_id, prompt_token_ids, sampling_params, on_token)
-        return cls(request_id, [sequence], priority, deadline)
+        return cls(request_id, [sequence], priority)
 
     @property
     def sequence(self) -> TokenSequence:
@@ -200,9 +196,6 @@ class Request:
     def step_cost(self) -> int:
         """Its tokens in the next step: every row, plus the encoder input if the encoder has not run."""
         return self.num_rows() + (self.encoder_len if not self.encoded else 0)
-
-    def expired(self, now: float) -> bool:
-        return self.deadline is not None and now >= self.deadline
 
     def __repr__(self) -> str:
         return f"Request({self.request_id!r}, {self.status.value}, prio={self.priority}, seqs={len(self.sequences)})"

@@ -7,14 +7,14 @@ them share the step. Requests are visited in one merged order::
     (priority, running-before-waiting, preemption boost, arrival)
 
 so the token budget, KV blocks and running seats go to higher priority first, and at equal priority running
-requests go before new ones (vLLM's rule). What depends on the architecture is asked of the request and the KV
-manager, never branched on here: `Request.step_cost` (and `Request.splittable`: only a decoder-only prompt is
-cut into chunks; other rows are never split) and `KVCacheManager.allocate` (self-attention blocks of every
-sequence, plus encoder pages for an encoder-decoder request whose encoder runs in this step). Cases, one
+requests go before new ones (vLLM's rule). Deadlines are not the scheduler's: the worker's engine loop
+(`engine/service.py`) owns every request's deadline and cancels it through its executor, which aborts it
+here. What depends on the architecture is asked of the request and the KV manager, never branched on here:
+`Request.step_cost` (and `Request.splittable`: only a decoder-only prompt is cut into chunks; other rows are
+never split) and `KVCacheManager.allocate` (self-attention blocks of every sequence, plus encoder pages for an
+encoder-decoder request whose encoder runs in this step). Cases, one
 method each:
 
-- `_expire`: deadlines passed -> finished `expired`, blocks freed (the scheduler is the one owner of
-  deadlines inside an engine: executors and the engine loop only pass them in);
 - `_schedule_running`: a running request gets its next rows; if blocks run out, the worst running
   request not yet visited this step (possibly itself) is preempted by recompute;
 - `_schedule_waiting`: a waiting request is admitted with its prefix-cache hit; if blocks or the
@@ -32,7 +32,6 @@ Seats: a request takes `Request.seats` (its beams) of `max_num_seqs`, so a step'
 from __future__ import annotations
 
 import heapq
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -60,7 +59,7 @@ class SchedulerOutput:
     rows: list[int] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) blocks
     preempted: list[Request] = field(default_factory=list)
-    finished: list[Request] = field(default_factory=list)  # aborted / expired since the last step
+    finished: list[Request] = field(default_factory=list)  # aborted since the last step
 
     @property
     def total_num_tokens(self) -> int:
@@ -82,8 +81,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.running: list[Request] = []
         self._waiting: list[tuple[tuple[int, int, int], Request]] = []  # heap; finished entries skipped
-        self._deadlines: list[tuple[float, int, Request]] = []  # heap of (deadline, arrival, request)
-        self._finished: list[Request] = []  # aborted / expired, reported by the next schedule()
+        self._finished: list[Request] = []  # aborted, reported by the next schedule()
         self.num_waiting = 0
         self.num_seats = 0  # seats of running requests
         self.num_preemptions = 0
@@ -97,8 +95,6 @@ class Scheduler:
             raise ValueError(f"a request of {request.seats} sequences exceeds max_num_seqs={self.config.max_num_seqs}")
         self.requests[request.request_id] = request
         self._push_waiting(request)
-        if request.deadline is not None:
-            heapq.heappush(self._deadlines, (request.deadline, request.arrival, request))
 
     def abort_request(self, request_id: str) -> Request | None:
         """Finish a request wherever it is; its blocks are free when this returns."""
@@ -124,10 +120,9 @@ class Scheduler:
 
     # ---- one step -----------------------------------------------------------------------------
 
-    def schedule(self, now: float | None = None) -> SchedulerOutput:
+    def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished=self._finished)
         self._finished = []
-        self._expire(time.time() if now is None else now, out)
         self._schedule(out)
         for request in out.preempted:  # requeued only now, so not re-admitted in the same step
             self._push_waiting(request)
@@ -221,13 +216,6 @@ class Scheduler:
     def _leave_running(self, request: Request) -> None:
         self.running.remove(request)
         self.num_seats -= request.seats
-
-    def _expire(self, now: float, out: SchedulerOutput) -> None:
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, request = heapq.heappop(self._deadlines)
-            if not request.is_finished:
-                self.finish_request(request, RequestStatus.FINISHED_EXPIRED)
-                out.finished.append(request)
 
     # ---- waiting queue ------------------------------------------------------------------------
 

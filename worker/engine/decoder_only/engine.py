@@ -144,11 +144,10 @@ class LLMEngine:
         prompt_token_ids: Sequence[int],
         sampling_params: SamplingParams | None = None,
         priority: int = 0,
-        deadline: float | None = None,
         on_token: TokenCallback | None = None,
     ) -> None:
-        """Queue a request. `deadline` is a `time.time()` epoch; `on_token(request_id, token_id)`
-        streams every generated token as soon as it is sampled."""
+        """Queue a request. `on_token(request_id, token_id)` streams every generated token as soon as it is
+        sampled. (Deadlines are the caller's: the worker's engine loop aborts a request whose deadline passes.)"""
         params = sampling_params or SamplingParams()
         n = len(prompt_token_ids)
         if self.max_model_len is not None and n >= self.max_model_len:
@@ -161,15 +160,15 @@ class LLMEngine:
                 f"a request of {longest} tokens would not fit the KV pool ({self.kv.pool.num_blocks} blocks)"
             )
         if params.num_beams == 1:
-            request = Request.decoder_only(request_id, list(prompt_token_ids), params, priority, deadline, on_token)
+            request = Request.decoder_only(request_id, list(prompt_token_ids), params, priority, on_token)
         else:
-            request = self._beam_request(request_id, list(prompt_token_ids), params, priority, deadline, longest)
+            request = self._beam_request(request_id, list(prompt_token_ids), params, priority, longest)
             if on_token is not None:
                 self._beam_streams[request_id] = on_token
         self.scheduler.add_request(request)
 
     def _beam_request(
-        self, request_id: str, prompt: list[int], params: SamplingParams, priority: int, deadline: float | None,
+        self, request_id: str, prompt: list[int], params: SamplingParams, priority: int,
         max_length: int,
     ) -> Request:
         """A beam-search request: `num_beams` seats from admission, generate's search over the prompt
@@ -179,7 +178,7 @@ class LLMEngine:
         eos = () if params.ignore_eos else tuple(sorted(self.stop_checker.eos_token_ids))
         beam = BeamSearch(params.num_beams, params.length_penalty, params.early_stopping,
                           eos + params.stop_token_ids, max_length, prompt)  # fmt: skip
-        request = Request(request_id, [TokenSequence(request_id, prompt, params)], priority, deadline,
+        request = Request(request_id, [TokenSequence(request_id, prompt, params)], priority,
                           seats=params.num_beams, beam=beam)  # fmt: skip
         need = self.kv.max_blocks(request, max_length)
         if need > self.kv.pool.num_blocks:
@@ -202,7 +201,7 @@ class LLMEngine:
         """One scheduling step and (if anything is scheduled) one forward pass."""
         out = self.scheduler.schedule()
         outputs = [RequestOutput.of(r) for r in out.finished]
-        for request in out.finished:  # expired or aborted: no output to stream
+        for request in out.finished:  # aborted: no output to stream
             self._beam_streams.pop(request.request_id, None)
         if not out.requests:
             return outputs

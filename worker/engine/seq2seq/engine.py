@@ -91,14 +91,14 @@ class Seq2SeqEngine:
         encoder_ids: Sequence[int],
         settings: DecodeSettings,
         priority: int = 0,
-        deadline: float | None = None,
     ) -> None:
-        """Queue a request. `deadline` is a `time.time()` epoch. Raises ValueError if it can never fit."""
+        """Queue a request; ValueError if it can never fit. (Deadlines are the caller's: the worker's engine loop
+        aborts a request whose deadline passes.)"""
         if not encoder_ids:
             raise ValueError(f"request {request_id!r} has no input tokens")
         start = [settings.decoder_start_token_id]
         sequence = self.decoding.new_sequence(request_id, settings.sampling_params, start, start)
-        request = Request(request_id, [sequence], priority, deadline, list(encoder_ids), settings, settings.num_beams)
+        request = Request(request_id, [sequence], priority, list(encoder_ids), settings, settings.num_beams)
         need, have = self.kv.max_blocks(request, settings.max_length), self.kv.pool.num_blocks
         if need > have:
             raise ValueError(f"a request needing {need} KV blocks would not fit the pool ({have} blocks)")
@@ -118,11 +118,9 @@ class Seq2SeqEngine:
     # ---- the loop -----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self, now: float | None = None) -> list[RequestOutput]:
-        """One scheduling step and (if anything is scheduled) one encoder + decoder pass.
-
-        `now` (a `time.time()` epoch, default the clock) is what deadlines are checked against."""
-        plan = self.scheduler.schedule(now)
+    def step(self) -> list[RequestOutput]:
+        """One scheduling step and (if anything is scheduled) one encoder + decoder pass."""
+        plan = self.scheduler.schedule()
         outputs = [RequestOutput.of(r) for r in plan.finished]
         if not plan.requests:
             return outputs

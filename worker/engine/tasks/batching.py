@@ -42,7 +42,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from pagedq.shared.errors import DeadlineExceeded, InvalidRequest
+from pagedq.shared.errors import InvalidRequest
 from pagedq.worker.engine.core.executor import EngineRequest, LoadedModel
 
 T = TypeVar("T")
@@ -125,9 +125,9 @@ class WaitingQueue(Generic[T]):
 
 
 def drop_finished(queue: WaitingQueue[Any], now: float | None = None, head: int | None = None) -> list[EngineRequest]:
-    """Drop requests that expired (failing them with DeadlineExceeded) or were completed elsewhere: among the
-    first `head` items, and in the whole queue when `head` is None or the last full check is `FULL_SCAN_S`
-    old. (Under the engine, deadlines and cancels also reach the executor's `abort` at once.)"""
+    """Drop requests that were completed elsewhere (a caller cancelled the future): among the first `head` items,
+    and in the whole queue when `head` is None or the last full check is `FULL_SCAN_S` old. Deadlines are not
+    checked here: the engine loop owns them, and an expired request reaches the executor's `abort` at once."""
     now = time.time() if now is None else now
     if head is not None and now - queue.scanned_at < FULL_SCAN_S:
         requests = queue.requests(head)
@@ -137,10 +137,6 @@ def drop_finished(queue: WaitingQueue[Any], now: float | None = None, head: int 
     for request in requests:
         if request.future.done():  # cancelled by its caller
             queue.remove_request(request.id)
-            dropped.append(request)
-        elif request.expired(now):
-            queue.remove_request(request.id)
-            request.fail(DeadlineExceeded(f"deadline passed before request {request.id} finished"))
             dropped.append(request)
     return dropped
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pagedq.shared.errors import DeadlineExceeded, InvalidRequest
+from pagedq.shared.errors import InvalidRequest
 from pagedq.shared.models import GenerationOptions, QARequest, QAResult, TranslateRequest, TranslateResult
 from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
 from pagedq.worker.engine.core.request import RequestOutput
@@ -69,8 +69,7 @@ class GenerativeExecutor(ModelExecutor):
                 raise InvalidRequest(f"{self.loaded.spec.name} does generative QA and translation, not {request.task}")
             params = self._sampling_params(payload.generation, stop)
             on_token = request.stream.open(self.loaded.tokenizer, stop) if request.stream is not None else None
-            self.engine.add_request(request.id, prompt.token_ids, params, request.priority, request.deadline,
-                                    on_token)
+            self.engine.add_request(request.id, prompt.token_ids, params, request.priority, on_token)
         except (InvalidRequest, ValueError) as exc:
             request.fail(exc if isinstance(exc, InvalidRequest) else InvalidRequest(str(exc)))
             return
@@ -100,10 +99,7 @@ class GenerativeExecutor(ModelExecutor):
                 continue  # still generating
             request, prompt = self._requests.pop(out.request_id)
             self._finished += 1
-            if out.finish_reason == "expired":
-                request.fail(DeadlineExceeded(f"deadline passed before task {request.id} finished"))
-            else:
-                request.finish(self._result(request, prompt, out))
+            request.finish(self._result(request, prompt, out))
 
     def stats(self) -> ModelStats:
         """The paged engine's gauges and counters; `path` is always "paged" (a causal LM the engine cannot run

@@ -30,7 +30,7 @@ from contextlib import nullcontext
 from itertools import groupby
 from typing import Literal
 
-from pagedq.shared.errors import DeadlineExceeded, InvalidRequest, ModelError, PagedqError, UnsupportedLanguagePair
+from pagedq.shared.errors import InvalidRequest, ModelError, PagedqError, UnsupportedLanguagePair
 from pagedq.shared.models import TranslateRequest, TranslateResult
 from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
 from pagedq.worker.engine.core.request import RequestOutput
@@ -219,7 +219,7 @@ class Seq2SeqExecutor(ModelExecutor):
             return
         settings = decode_settings(model, payload.generation, forced_bos)
         try:
-            self.engine.add_request(request.id, inputs["input_ids"], settings, request.priority, request.deadline)
+            self.engine.add_request(request.id, inputs["input_ids"], settings, request.priority)
         except ValueError as exc:
             request.fail(InvalidRequest(str(exc)))
             return
@@ -231,9 +231,7 @@ class Seq2SeqExecutor(ModelExecutor):
         if entry is None:
             return  # aborted by us: already failed
         request, encoded = entry
-        if out.finish_reason == "expired":
-            request.fail(DeadlineExceeded(f"deadline passed before task {request.id} finished"))
-        elif out.finish_reason in ("stop", "length"):
+        if out.finish_reason in ("stop", "length"):
             request.first_token_at = out.first_token_at
             self._finish(request, encoded, out.output_token_ids, out.finish_reason)  # type: ignore[arg-type]
 

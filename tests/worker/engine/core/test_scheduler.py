@@ -1,4 +1,4 @@
-"""Scheduler: one token budget, chunking, preemption victims, priorities, deadlines, cancellation."""
+"""Scheduler: one token budget, chunking, preemption victims, priorities, cancellation (deadlines: the loop's)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ def make(num_blocks: int = 64, budget: int = 32, max_seqs: int = 8, threshold: i
     return Scheduler(SchedulerConfig(budget, max_seqs, threshold), kv)
 
 
-def req(rid: str, n: int, prio: int = 0, max_new: int = 4, deadline: float | None = None, base: int = 0) -> Request:
+def req(rid: str, n: int, prio: int = 0, max_new: int = 4, base: int = 0) -> Request:
     tokens = [base + i for i in range(n)]
-    return Request.decoder_only(rid, tokens, SamplingParams(max_new_tokens=max_new), priority=prio, deadline=deadline)
+    return Request.decoder_only(rid, tokens, SamplingParams(max_new_tokens=max_new), priority=prio)
 
 
-def step(s: Scheduler, now: float = 0.0) -> SchedulerOutput:
+def step(s: Scheduler) -> SchedulerOutput:
     """Schedule, pretend the model ran, sample token 7 for caught-up requests, finish at max_new."""
-    out = s.schedule(now)
+    out = s.schedule()
     s.update_from_output(out)
     for r in out.requests:
         seq = r.sequence
@@ -142,22 +142,6 @@ def test_token_budget_goes_to_higher_priority_first() -> None:
     assert plan(step(s)) == {"low": 8}
     s.add_request(req("high", 6, prio=0, base=100))
     assert plan(step(s)) == {"high": 6, "low": 2}
-
-
-def test_deadline_expiry_frees_blocks() -> None:
-    s = make()
-    s.add_request(req("a", 8, deadline=10.0, max_new=100))
-    s.add_request(req("b", 8, deadline=20.0, base=100, max_new=100))
-    s.add_request(req("w", 8, deadline=5.0, base=200, max_new=100))
-    s.config = SchedulerConfig(16, 8)  # room for a and b only
-    step(s, now=0.0)
-    out = step(s, now=5.0)
-    assert [r.request_id for r in out.finished] == ["w"]  # expired while waiting
-    out = step(s, now=10.0)
-    assert [r.request_id for r in out.finished] == ["a"]
-    assert s.requests.keys() == {"b"}
-    assert out.finished[0].status is RequestStatus.FINISHED_EXPIRED
-    assert s.kv.block_ids("a") == [] and plan(out) == {"b": 1}
 
 
 def test_cancellation_anywhere() -> None:

@@ -22,14 +22,14 @@ def make(num_blocks: int = 32, budget: int = 64, max_seqs: int = 8) -> Scheduler
     return Scheduler(SchedulerConfig(budget, max_seqs), kv)
 
 
-def req(rid: str, encoder_len: int, prio: int = 0, beams: int = 1, deadline: float | None = None) -> Request:
+def req(rid: str, encoder_len: int, prio: int = 0, beams: int = 1) -> Request:
     seq = TokenSequence(f"{rid}#0", [START], SamplingParams())
-    return Request(rid, [seq], prio, deadline, encoder_ids=list(range(1, encoder_len + 1)), seats=beams)
+    return Request(rid, [seq], prio, encoder_ids=list(range(1, encoder_len + 1)), seats=beams)
 
 
-def step(s: Scheduler, now: float = 0.0) -> SchedulerOutput:
+def step(s: Scheduler) -> SchedulerOutput:
     """Schedule, pretend the model ran, and give every scheduled sequence its next token."""
-    out = s.schedule(now)
+    out = s.schedule()
     s.update_from_output(out)
     for seq in out.sequences:
         seq.append_output(5)
@@ -125,14 +125,14 @@ def test_preemption_frees_the_encoder_pages_and_the_encoder_runs_again() -> None
     assert b.num_preemptions == 1 and b.encoded
 
 
-def test_expiry_and_abort_free_every_block() -> None:
+def test_abort_frees_every_block_at_once() -> None:
     s = make(num_blocks=16)
-    s.add_request(req("soon", 20, deadline=5.0))
-    s.add_request(req("late", 20, deadline=50.0))
+    s.add_request(req("first", 20))
+    s.add_request(req("second", 20))
     step(s)
     assert s.kv.pool.num_free_blocks == 16 - 2 * (3 + 1)
-    out = step(s, now=6.0)
-    assert [r.request_id for r in out.finished] == ["soon"] and plan(out) == {"late": 1}
-    assert s.kv.pool.num_free_blocks == 16 - 4
-    assert s.abort_request("late") is not None and s.kv.pool.num_free_blocks == 16
-    assert not s.has_unfinished_requests() or step(s).finished[0].status is RequestStatus.FINISHED_ABORTED
+    assert s.abort_request("first") is not None and s.kv.pool.num_free_blocks == 16 - 4
+    out = step(s)
+    assert [r.request_id for r in out.finished] == ["first"] and plan(out) == {"second": 1}
+    assert out.finished[0].status is RequestStatus.FINISHED_ABORTED
+    assert s.abort_request("second") is not None and s.kv.pool.num_free_blocks == 16

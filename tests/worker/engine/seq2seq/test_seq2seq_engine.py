@@ -7,7 +7,6 @@ free. Models: Marian, BART, mBART, T5, M2M100 (2+2 layers, d_model 64; see `seq2
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import pytest
@@ -164,22 +163,22 @@ def test_encoder_pages_hold_the_real_encoder_length() -> None:
     assert engine.kv.pool.num_free_blocks == engine.kv.pool.num_blocks
 
 
-def test_abort_and_expiry_free_blocks_at_once() -> None:
+def test_abort_frees_blocks_at_once() -> None:
+    """Aborts (a cancel, or the engine loop's deadline) free a running and a waiting request's blocks at once."""
     pair = build_pair("marian")
     engine = make_engine(pair.model, max_running_requests=2)
     settings = decode_settings(pair.model, GenerationOptions(max_new_tokens=MAX_NEW_TOKENS))
     inputs = random_inputs(4, lengths=(20, 30))
     engine.add_request("running", inputs[0], settings)
-    deadline = time.time() + 3600
-    engine.add_request("expiring", inputs[1], settings, deadline=deadline)
+    engine.add_request("expiring", inputs[1], settings)
     engine.add_request("waiting", inputs[2], settings)
     engine.add_request("kept", inputs[3], settings, priority=-1)
     engine.step()
     assert set(engine.scheduler.requests) == {"running", "expiring", "waiting", "kept"}
-    assert engine.abort_request("running") and engine.abort_request("waiting")
+    assert engine.abort_request("running") and engine.abort_request("waiting") and engine.abort_request("expiring")
     assert not engine.abort_request("unknown")
-    reasons = {o.request_id: o.finish_reason for o in engine.step(now=deadline)}
-    assert reasons == {"running": "abort", "waiting": "abort", "expiring": "expired"}
+    reasons = {o.request_id: o.finish_reason for o in engine.step()}
+    assert reasons == {"running": "abort", "waiting": "abort", "expiring": "abort"}
     used = engine.kv.pool.num_blocks - engine.kv.pool.num_free_blocks
     kept = engine.scheduler.requests["kept"]
     assert used == len(kept.encoder_blocks) + len(engine.kv.block_ids(kept.sequences[0].seq_id))

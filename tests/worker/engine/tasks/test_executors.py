@@ -150,12 +150,15 @@ def test_classify_priority_then_arrival(loaded: dict[str, LoadedModel]) -> None:
 
 
 def test_classify_deadline_and_abort(loaded: dict[str, LoadedModel]) -> None:
+    """A cancel and a deadline reach the executor as `abort` (the engine loop owns deadlines: it aborts an expired
+    request through its executor, tests/worker/engine/test_engine_loop.py and test_deadlines_through_the_loop.py):
+    neither request is computed."""
     lm = loaded["demo-classifier"]
     executor = ClassificationExecutor(lm, EngineConfig())
-    expired = classify(TEXTS[0], deadline=time.time() - 1)
-    aborted, kept = classify(TEXTS[1]), classify(TEXTS[2])
+    expired, aborted, kept = classify(TEXTS[0], deadline=time.time() - 1), classify(TEXTS[1]), classify(TEXTS[2])
     for req in (expired, aborted, kept):
         executor.add(req)
+    assert executor.abort(expired.id, DeadlineExceeded("deadline passed"))
     assert executor.abort(aborted.id, TaskCancelled("cancelled by the user"))
     assert not executor.abort("no-such-request", TaskCancelled("x"))
     with forward_shapes(lm.model) as shapes:
@@ -186,7 +189,8 @@ def test_classify_truncation(loaded: dict[str, LoadedModel], reference: dict[str
 
 def test_a_deep_queue_costs_a_step_its_window_and_still_expires_everything(monkeypatch: pytest.MonkeyPatch) -> None:
     """With thousands waiting, a step looks at the head window only; requests deep in the queue that were
-    cancelled or expired are still dropped by the periodic full check; removing a batch keeps the order."""
+    completed elsewhere (cancelled, or failed by the engine loop's deadline) are still dropped by the periodic
+    full check; removing a batch keeps the order."""
     queue: WaitingQueue[str] = WaitingQueue()
     reqs = [classify(TEXTS[i % len(TEXTS)], priority=i % 3) for i in range(3000)]
     for i, req in enumerate(reqs):
@@ -194,7 +198,7 @@ def test_a_deep_queue_costs_a_step_its_window_and_still_expires_everything(monke
     assert [r.priority for r, _ in queue.head(5)] == [0] * 5 and len(queue.head(300)) == 300
     now = time.time()
     deep = next(r for r, _ in reversed(list(queue)))  # the last in line
-    deep.deadline = now - 1
+    deep.fail(DeadlineExceeded("deadline passed"))  # as the engine loop fails an expired request
     cancelled = next(r for r, _ in list(queue)[2000:])
     cancelled.fail(TaskCancelled("cancelled"))
     queue.scanned_at = now  # a full check just ran: this step looks at its window only

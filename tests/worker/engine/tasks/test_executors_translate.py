@@ -123,6 +123,7 @@ def test_translate_rejections_truncation_deadline_abort(lm: LoadedModel) -> None
     expired, aborted = translate(TEXTS[1], deadline=time.time() - 1), translate(TEXTS[3])
     for req in (french, cut, rejected, expired, aborted):
         executor.add(req)
+    assert executor.abort(expired.id, DeadlineExceeded("deadline passed"))  # what the engine loop does
     assert executor.abort(aborted.id, TaskCancelled("cancelled"))
     run(executor, [])
     with pytest.raises(UnsupportedLanguagePair, match="serves"):

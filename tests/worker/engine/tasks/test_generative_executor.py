@@ -14,6 +14,7 @@ from pagedq.shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled
 from pagedq.shared.models import ClassifyRequest, GenerationOptions, QARequest, QAResult, TaskType, TranslateRequest
 from pagedq.shared.registry import ModelSpec
 from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.worker.engine.service import Engine
 from pagedq.worker.engine.tasks.generative import QA_STOP, GenerativeExecutor
 from worker.engine.tiny_tokenizer import build_tokenizer
 
@@ -133,6 +134,7 @@ def test_abort_expiry_and_bad_requests(loaded: LoadedModel) -> None:
     expired = qa("When?", deadline=time.time() - 1)
     ex.add(running)
     ex.add(expired)
+    assert ex.abort(expired.id, DeadlineExceeded("deadline passed"))  # what the engine loop does
     ex.step()
     assert ex.abort(running.id, TaskCancelled("user")) and not ex.abort("nope", TaskCancelled("x"))
     drain(ex)
@@ -189,3 +191,27 @@ def test_streamed_text_equals_the_final_answer(loaded: LoadedModel, redis_url: s
             assert r.xlen(stream_key(request.id)) >= 2  # it streamed, not one piece at the end
     finally:
         streamer.stop()
+
+
+def test_deadlines_through_the_engine_loop_free_the_kv_cache(loaded: LoadedModel) -> None:
+    """The engine loop owns deadlines (worker/engine/service.py): a request whose deadline passes while it
+    generates, and one that arrives expired, fail with DeadlineExceeded through the executor's abort, their
+    blocks are free at once, and a request without a deadline is unaffected."""
+    ex = executor(loaded)
+    engine = Engine({"tiny-llm": ex}).start()
+    try:
+        slow = qa("Slow?", generation={"max_new_tokens": 200}, deadline=time.time() + 0.05)
+        late = qa("Late?", deadline=time.time() - 1)
+        kept = qa("Kept?", generation={"max_new_tokens": 4})
+        futures = [engine.submit(r) for r in (slow, late, kept)]
+        for future in futures[:2]:
+            with pytest.raises(DeadlineExceeded):
+                future.result(timeout=30)
+        assert 1 <= futures[2].result(timeout=30).output_tokens <= 4
+        wait_until = time.monotonic() + 10
+        while ex.engine.has_unfinished_requests() and time.monotonic() < wait_until:
+            time.sleep(0.01)
+        assert ex.engine.kv.pool.num_free_blocks == ex.engine.kv.pool.num_blocks
+        assert ex.engine.stats()["num_generated_tokens"] < 200, "the slow request ran to its end"
+    finally:
+        engine.stop()
