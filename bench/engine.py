@@ -179,7 +179,7 @@ def measure(systems: list[System], tokens: int) -> dict[str, Result]:
             if i >= system.rounds:
                 continue
             res, engine = results[system.name], system.engine
-            before = engine.stats() if engine else {}
+            before = engine.stats() if engine else None
             start, cpu = time.perf_counter(), time.process_time()
             res.outputs = system.run()
             res.seconds.append(time.perf_counter() - start)
@@ -189,18 +189,18 @@ def measure(systems: list[System], tokens: int) -> dict[str, Result]:
     return results
 
 
-def engine_extra(engine: LLMEngine, before: dict[str, float]) -> dict[str, float]:
+def engine_extra(engine: LLMEngine, before: Any) -> dict[str, float]:
     """Steps, mean batch tokens, KV waste and prefix hits of the latest run (stats are cumulative)."""
     after = engine.stats()
-    steps = after["num_steps"] - before["num_steps"]
-    batched = after["mean_batch_tokens"] * after["num_steps"] - before["mean_batch_tokens"] * before["num_steps"]
-    hits = after["prefix_cache_hits"] - before["prefix_cache_hits"]
+    steps = after.num_steps - before.num_steps
+    batched = after.mean_batch_tokens * after.num_steps - before.mean_batch_tokens * before.num_steps
+    hits = after.prefix_cache_hits - before.prefix_cache_hits
     waste = engine.bench_waste  # type: ignore[attr-defined]
     return {
         "steps": steps,
         "mean_batch_tokens": batched / max(steps, 1),
         "kv_waste": statistics.mean(waste) if waste else 0.0,
-        "prefix_hit_rate": hits / max(after["prefix_cache_queries"] - before["prefix_cache_queries"], 1),
+        "prefix_hit_rate": hits / max(after.prefix_cache_queries - before.prefix_cache_queries, 1),
         "prefix_hits": hits,
     }
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from pagedq.worker.engine.cpu.native import paged_decode
 from pagedq.worker.engine.decoder_only.cascade import CascadeGroup, add_sinks, attend, cascade_attention
 from pagedq.worker.engine.encoder.varlen_attention import CPU_NATIVE_HALF
+from pagedq.worker.engine.paged.pages import KVPages
 
 ATTENTION_NAME = "pagedq_paged"
 METADATA_KWARG = "pagedq_metadata"
@@ -58,8 +59,8 @@ class UnsupportedAttention(RuntimeError):
     """A model asked paged attention for something it does not implement (a keyword, bidirectional)."""
 
 
-class PagedKVCache:
-    """The K/V pool tensors of one model. Duck-types the `Cache` calls that decoder layers make."""
+class PagedKVCache(KVPages):
+    """The model's page pool (`paged.pages`), duck-typing the `Cache` calls that decoder layers make."""
 
     def __init__(
         self,
@@ -71,21 +72,8 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        # Zeros, not empty: padded decode rows read unused slots; they are masked, but 0 * NaN is NaN.
-        self.key_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.value_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        super().__init__(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
         self.step_metadata: AttentionMetadata | None = None  # set by the runner during a forward
-
-    @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
-    @property
-    def nbytes(self) -> int:
-        return self.key_cache.nbytes + self.value_cache.nbytes
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict | None = None
@@ -97,28 +85,13 @@ class PagedKVCache:
         meta: AttentionMetadata | None = (kwargs or {}).get(METADATA_KWARG) or self.step_metadata
         if meta is None:
             raise RuntimeError(f"cache.update() outside a step: no step metadata; {_UNSUPPORTED}")
-        flat_k = self.key_cache[layer_idx].view(-1, self.num_kv_heads, self.head_dim)
-        flat_v = self.value_cache[layer_idx].view(-1, self.num_kv_heads, self.head_dim)
-        flat_k.index_copy_(0, meta.slot_mapping, key_states[0].transpose(0, 1))
-        flat_v.index_copy_(0, meta.slot_mapping, value_states[0].transpose(0, 1))
+        k, v = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)
+        self.write(layer_idx, meta.slots(self.block_size), k, v)
         return key_states, value_states
-
-    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy-on-write: duplicate whole blocks, every layer at once."""
-        if copies:
-            src = torch.tensor([s for s, _ in copies], device=self.key_cache.device)
-            dst = torch.tensor([d for _, d in copies], device=self.key_cache.device)
-            self.key_cache[:, dst] = self.key_cache[:, src]
-            self.value_cache[:, dst] = self.value_cache[:, src]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always given explicitly; nothing may rely on this
 
-    def gather(self, layer_idx: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of `block_ids` (flat, [N]) as [N * block_size, KVH, D]."""
-        k = self.key_cache[layer_idx].index_select(0, block_ids)
-        v = self.value_cache[layer_idx].index_select(0, block_ids)
-        return k.flatten(0, 1), v.flatten(0, 1)
 
 
 @dataclass
@@ -186,6 +159,13 @@ class AttentionMetadata:
     # starts in `decode_block_ids` and how many keys it reads there.
     decode_table_start: torch.Tensor | None = None
     decode_context_lens: torch.Tensor | None = None
+    _slots: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def slots(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset) of every row's new K/V, computed once per step (every layer writes there)."""
+        if self._slots is None:
+            self._slots = (self.slot_mapping // block_size, self.slot_mapping % block_size)
+        return self._slots
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from pagedq.worker.engine.core.executor import EngineConfig
 from pagedq.worker.engine.core.memory import free_device_memory
 from pagedq.worker.engine.core.request import Request, RequestOutput, RequestStatus, TokenCallback, TokenSequence
 from pagedq.worker.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from pagedq.worker.engine.core.stats import EngineStats, StepCounters
 from pagedq.worker.engine.cpu.linear import prepare_for_host
 from pagedq.worker.engine.decoder_only.attention import PagedKVCache
 from pagedq.worker.engine.decoder_only.runner import ModelRunner, ModelShape
@@ -134,7 +135,7 @@ class LLMEngine:
         self.stop_checker = StopChecker(eos_token_ids(model, tokenizer), tokenizer, self.max_model_len)
         self.decoding = Decoding(self.kv, self.stop_checker)
         self._beam_streams: dict[str, TokenCallback] = {}  # beam requests' token callbacks, called when they end
-        self._counters = {"num_generated_tokens": 0, "num_steps": 0, "num_batched_tokens": 0}
+        self.counters = StepCounters()
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -211,9 +212,7 @@ class LLMEngine:
             self.kv.pool.reset_prefix_cache()  # blocks published for this step were never written
             raise
         self.scheduler.update_from_output(out)
-        self._counters["num_steps"] += 1
-        self._counters["num_batched_tokens"] += out.total_num_tokens
-        self._counters["num_generated_tokens"] += len(sampled)
+        self.counters.step(out.total_num_tokens, len(sampled))
         for request, status in self._decode(out, logits, sampled):
             if status is not None:
                 self.scheduler.finish_request(request, status)
@@ -268,25 +267,10 @@ class LLMEngine:
         self.kv.pool.reset_prefix_cache()
         self.kv.prefix_cache_queries = self.kv.prefix_cache_hits = 0
         self.scheduler.num_preemptions = 0
-        self._counters = dict.fromkeys(self._counters, 0)
+        self.counters = StepCounters()
 
-    def stats(self) -> dict[str, float]:
-        """Gauges and counters in vLLM's vocabulary (`kv_cache_usage_perc` is a 0..1 fraction)."""
-        c = self._counters
-        running = self.scheduler.running
-        return {
-            "num_requests_running": len(running),
-            "num_requests_waiting": self.scheduler.num_waiting,
-            "kv_cache_usage_perc": self.kv.pool.usage,
-            "prefix_cache_queries": self.kv.prefix_cache_queries,
-            "prefix_cache_hits": self.kv.prefix_cache_hits,
-            "num_preemptions": self.scheduler.num_preemptions,
-            "num_generated_tokens": c["num_generated_tokens"],
-            "num_steps": c["num_steps"],
-            "mean_batch_tokens": c["num_batched_tokens"] / max(c["num_steps"], 1),
-            "kv_waste_slots": sum(self.kv.waste_slots(r.sequence) for r in running),
-            "num_kv_blocks": self.kv.pool.num_blocks,
-        }
+    def stats(self) -> EngineStats:
+        return EngineStats.of(self.scheduler, self.counters)
 
 
 def run_self_check(engine: LLMEngine) -> None:

@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 
 from pagedq.worker.engine.core.request import TokenSequence
 from pagedq.worker.engine.core.scheduler import SchedulerOutput
-from pagedq.worker.engine.cpu.native import NATIVE_DTYPES, paged_decode_available
+from pagedq.worker.engine.cpu.native import use_native_decode
 from pagedq.worker.engine.decoder_only.attention import (
     ATTENTION_NAME,
     METADATA_KWARG,
@@ -92,10 +92,7 @@ class ModelRunner:
         self.device = cache.key_cache.device
         self.decode_bucket_rows = decode_bucket_rows
         self.cascade_min_blocks = -(-cascade_min_tokens // self.block_size) if cascade_min_tokens > 0 else 0
-        applies = cache.key_cache.device.type == "cpu" and cache.key_cache.dtype in NATIVE_DTYPES
-        if native_decode and not applies:
-            raise ValueError("the native decode kernel needs an fp32 or bf16 KV pool on CPU")
-        self.native_decode = applies and native_decode is not False and paged_decode_available()
+        self.native_decode = use_native_decode(cache.key_cache, native_decode)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, block_ids: BlockIdsFn) -> tuple[torch.Tensor, list[TokenSequence]]:

@@ -1,6 +1,6 @@
 """KV block bookkeeping: reference counts, an LRU free list and the prefix-cache map.
 
-The pool only tracks *which* block ids are in use; the K/V tensors live in `attention.PagedKVCache`
+The pool only tracks *which* block ids are in use; the K/V tensors live in `paged.pages.KVPages`
 and are indexed by the same ids. Block ids are `0 .. num_blocks-1`.
 
 Free list (least recently used first)::

@@ -1,6 +1,9 @@
-"""Where each single-token (decode) row goes in a step: its row order, bucket, and shared-prefix group.
+"""Where each single-token (decode) row goes in a step, for both generative architectures.
 
-The runner puts decode rows first in the packed batch, in the order planned here::
+`flat_tables` lays the block tables of rows the native kernel reads end to end (each row: where its table
+starts); `padded_tables` pads a bucket's tables to its longest (block 0, masked out) for a batched gather.
+The encoder-decoder runner keeps its rows where they are and buckets them by length (`sorted_buckets`); the
+decoder-only runner plans its own order (`plan_decode`), putting decode rows first in the packed batch::
 
     rows: [ plain rows, sorted by length, in buckets of <= bucket_rows | group A rows | group B rows ]
                                                                         share prefix A  share prefix B
@@ -11,6 +14,7 @@ flat list, padded per bucket with block 0 (masked out), so each layer gathers on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +22,30 @@ import torch
 from pagedq.worker.engine.core.request import TokenSequence
 from pagedq.worker.engine.decoder_only.attention import DecodeBucket
 from pagedq.worker.engine.decoder_only.cascade import CascadeGroup, find_shared_prefixes
+
+DecodeRow = tuple[int, int, Sequence[int]]  # (packed row, keys it attends to, its block table)
+
+
+def flat_tables(tables: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """Block tables end to end, and where each begins (the native kernel's `block_ids`, `table_start`)."""
+    flat: list[int] = []
+    starts: list[int] = []
+    for table in tables:
+        starts.append(len(flat))
+        flat.extend(table)
+    return flat, starts
+
+
+def padded_tables(tables: Sequence[Sequence[int]]) -> tuple[list[int], int]:
+    """Tables padded with block 0 to the longest, flattened, and that width."""
+    width = max(len(t) for t in tables)
+    return [b for t in tables for b in (*t, *[0] * (width - len(t)))], width
+
+
+def sorted_buckets(rows: Sequence[DecodeRow], bucket_rows: int) -> list[list[DecodeRow]]:
+    """Rows in buckets of at most `bucket_rows`, by context length (similar lengths share a bucket's padding)."""
+    ordered = sorted(rows, key=lambda r: r[1])
+    return [ordered[i : i + bucket_rows] for i in range(0, len(ordered), bucket_rows)]
 
 
 @dataclass
@@ -63,7 +91,7 @@ def _bucket(
     device: torch.device,
 ) -> DecodeBucket:
     """Append rows (and their padded tables) to the plan; context lengths count from `offset` tokens."""
-    width = max(len(t) for t in tables)
+    flat, width = padded_tables(tables)
     lens = [requests[i].num_computed_tokens + 1 - offset for i in rows]
     bucket = DecodeBucket(
         len(plan.order),
@@ -75,5 +103,5 @@ def _bucket(
     plan.order.extend(rows)
     plan.table_start.extend(len(plan.block_ids) + i * width for i in range(len(rows)))
     plan.context_lens.extend(lens)
-    plan.block_ids.extend(b for t in tables for b in (t + [0] * (width - len(t))))
+    plan.block_ids.extend(flat)
     return bucket

@@ -8,7 +8,8 @@ pass and by `module.is_causal` (decoder self-attention is causal, cross-attentio
     decoder pass   [ rows of r0 | rows of r1 | ...]  self: causal over the row's own decoder blocks
                                                      cross: over the request's encoder pages (CrossBucket)
 
-Pool layout: one `KVPool` of pages, one page per `BlockPool` block id. A page holds either
+Pool layout: one `KVPool` of pages (`paged.pages.KVPages`, as a decoder-only model's), one page per
+`BlockPool` block id. A page holds either
 
     self K/V     one block of `block_size` decoder positions: K and V of every decoder layer
                  (`key_cache` / `value_cache`, views [layers, blocks, block_size, heads, head_dim])
@@ -61,13 +62,14 @@ import torch
 import torch.nn.functional as F
 
 from pagedq.worker.engine.cpu.native import paged_decode
+from pagedq.worker.engine.paged.pages import KVPages
 
 ATTENTION_NAME = "pagedq_seq2seq"
 METADATA_KWARG = "pagedq_seq2seq_metadata"
 
 
-class KVPool:
-    """Pages indexed by `BlockPool` block ids: decoder self K/V of every layer, or rows of encoder output."""
+class KVPool(KVPages):
+    """The model's page pool (`paged.pages`), whose pages are also read as rows of encoder output."""
 
     def __init__(
         self,
@@ -80,22 +82,12 @@ class KVPool:
         device: torch.device | str,
         encoder_dim: int,
     ) -> None:
-        # Zeros, not empty: padded bucket rows read unused slots; they are masked, but 0 * NaN is NaN.
-        self.pages = torch.zeros(num_blocks, 2, num_layers, block_size, num_heads, head_dim, dtype=dtype, device=device)
-        self.key_cache = self.pages[:, 0].transpose(0, 1)  # [layers, blocks, block_size, heads, head_dim]
-        self.value_cache = self.pages[:, 1].transpose(0, 1)
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.num_heads, self.head_dim = num_heads, head_dim
+        super().__init__(num_layers, num_blocks, block_size, num_heads, head_dim, dtype, device)
+        self.num_heads = num_heads
         self.encoder_dim = encoder_dim
-        self.encoder_block_size = self.encoder_rows_per_page(
-            num_layers, block_size, num_heads, head_dim, self.encoder_dim
-        )
+        self.encoder_block_size = self.encoder_rows_per_page(num_layers, block_size, num_heads, head_dim, encoder_dim)
         rows = self.pages.view(num_blocks, -1)[:, : self.encoder_block_size * self.encoder_dim]
         self.encoder_states = rows.view(num_blocks, self.encoder_block_size, self.encoder_dim)
-
-    @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * num_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     @staticmethod
     def encoder_rows_per_page(num_layers: int, block_size: int, num_heads: int, head_dim: int, encoder_dim: int) -> int:
@@ -104,33 +96,9 @@ class KVPool:
             raise ValueError(f"a page of {block_size} positions cannot hold one encoder row of {encoder_dim}")
         return rows
 
-    @property
-    def device(self) -> torch.device:
-        return self.pages.device
-
-    def write(
-        self, layer: int, slots: tuple[torch.Tensor, torch.Tensor], key: torch.Tensor, value: torch.Tensor
-    ) -> None:
-        """Store K/V rows [N, H, D] of `layer` at (blocks [N], offsets [N])."""
-        self.key_cache[layer].index_put_(slots, key)
-        self.value_cache[layer].index_put_(slots, value)
-
     def write_encoder(self, slots: tuple[torch.Tensor, torch.Tensor], states: torch.Tensor) -> None:
         """Store encoder output rows [N, d_model] at (blocks [N], offsets [N])."""
         self.encoder_states.index_put_(slots, states.to(self.encoder_states.dtype))
-
-    def gather(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of `block_ids` [N] as [N * block_size, H, D]."""
-        k = self.key_cache[layer].index_select(0, block_ids)
-        v = self.value_cache[layer].index_select(0, block_ids)
-        return k.flatten(0, 1), v.flatten(0, 1)
-
-    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        """Copy-on-write: duplicate whole pages (src -> dst), every layer at once."""
-        if copies:
-            src = torch.tensor([s for s, _ in copies], device=self.pages.device)
-            dst = torch.tensor([d for _, d in copies], device=self.pages.device)
-            self.pages[dst] = self.pages[src]
 
 
 @dataclass

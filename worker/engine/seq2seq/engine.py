@@ -26,6 +26,7 @@ from pagedq.worker.engine.core.executor import EngineConfig
 from pagedq.worker.engine.core.memory import free_device_memory
 from pagedq.worker.engine.core.request import Request, RequestOutput
 from pagedq.worker.engine.core.scheduler import Scheduler, SchedulerConfig
+from pagedq.worker.engine.core.stats import EngineStats, StepCounters
 from pagedq.worker.engine.cpu.linear import prepare_for_host
 from pagedq.worker.engine.decoding.beam_search import BeamSearch
 from pagedq.worker.engine.decoding.seq2seq_options import DecodeSettings
@@ -81,7 +82,7 @@ class Seq2SeqEngine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_tokens, config.max_running_requests), self.kv)
         self.runner = Seq2SeqRunner(model, self.pool, native_decode)
         self.decoding = Decoding(self.kv)
-        self._counters = {"num_generated_tokens": 0, "num_steps": 0, "num_batched_tokens": 0, "num_encoded_tokens": 0}
+        self.counters = StepCounters()
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -129,8 +130,6 @@ class Seq2SeqEngine:
         if self.observe_logits is not None:
             self.observe_logits(plan.requests, logits)
         self.scheduler.update_from_output(plan)
-        self._counters["num_steps"] += 1
-        self._counters["num_batched_tokens"] += plan.total_num_tokens
         sampled: list[tuple[Request, int]] = []
         beams: list[tuple[Request, list[int]]] = []
         row = 0
@@ -146,7 +145,7 @@ class Seq2SeqEngine:
         for request in plan.requests:
             if request.first_token_at is None:
                 request.first_token_at = stepped_at
-        self._counters["num_generated_tokens"] += len(finished)
+        self.counters.step(plan.total_num_tokens, len(finished))
         for request, status in finished:
             if status is not None:
                 self.scheduler.finish_request(request, status)
@@ -172,30 +171,17 @@ class Seq2SeqEngine:
 
     def reset_counters(self) -> None:
         """Zero the step counters (after the self-check's probe, so that stats count real requests)."""
-        self._counters = dict.fromkeys(self._counters, 0)
+        self.counters = StepCounters()
 
-    def stats(self) -> dict[str, float]:
-        """Gauges and counters in vLLM's vocabulary (`kv_cache_usage_perc` is a 0..1 fraction)."""
-        c, pool = self._counters, self.kv.pool
-        return {
-            "num_requests_running": len(self.scheduler.running),
-            "num_requests_waiting": self.scheduler.num_waiting,
-            "kv_cache_usage_perc": pool.usage,
-            "num_preemptions": self.scheduler.num_preemptions,
-            "num_generated_tokens": c["num_generated_tokens"],
-            "num_steps": c["num_steps"],
-            "num_encoded_tokens": c["num_encoded_tokens"],
-            "mean_batch_tokens": c["num_batched_tokens"] / max(c["num_steps"], 1),
-            "num_kv_blocks": pool.num_blocks,
-            "num_free_kv_blocks": pool.num_free_blocks,
-        }
+    def stats(self) -> EngineStats:
+        return EngineStats.of(self.scheduler, self.counters)
 
     # ---- internals ----------------------------------------------------------------------------
 
     def _item(self, request: Request) -> StepItem:
         encode = not request.encoded
         if encode:
-            self._counters["num_encoded_tokens"] += request.encoder_len
+            self.counters.encoded_tokens += request.encoder_len
         return StepItem(
             sequences=request.sequences,
             self_blocks=[self.kv.block_ids(seq.seq_id) for seq in request.sequences],

@@ -26,7 +26,8 @@ import torch
 from transformers import AttentionInterface
 
 from pagedq.worker.engine.core.request import TokenSequence
-from pagedq.worker.engine.cpu.native import NATIVE_DTYPES, paged_decode_available
+from pagedq.worker.engine.cpu.native import use_native_decode
+from pagedq.worker.engine.paged.decode_plan import DecodeRow, flat_tables, padded_tables, sorted_buckets
 from pagedq.worker.engine.seq2seq.attention import (
     ATTENTION_NAME,
     METADATA_KWARG,
@@ -91,10 +92,7 @@ class Seq2SeqRunner:
         """`native_decode`: decoder rows' attention through the native kernel (None: wherever it applies,
         an fp32 or bf16 pool on CPU with the kernel built; False: always gather + SDPA)."""
         check_model(model)
-        applies = pool.device.type == "cpu" and pool.pages.dtype in NATIVE_DTYPES
-        if native_decode and not applies:
-            raise ValueError("the native decode kernel needs an fp32 or bf16 KV pool on CPU")
-        self.native = applies and native_decode is not False and paged_decode_available()
+        self.native = use_native_decode(pool.pages, native_decode)
         # Cross-attention is scores over d_model-wide encoder rows (`seq2seq.attention`): 8x the FLOPs of
         # per-head attention, which the kernel does on vector units. In bf16 on a CPU with bf16 matrix
         # instructions, SDPA over the step's gathered rows runs them as matrix products, faster once a
@@ -224,7 +222,7 @@ class Seq2SeqRunner:
         blocks: list[int] = []
         offsets: list[int] = []
         keep: list[int] = []
-        decode_rows: list[tuple[int, int, Sequence[int]]] = []  # (row, context_len, block table)
+        decode_rows: list[DecodeRow] = []
         segments: list[SelfSegment] = []
         spans: list[tuple[int, int, StepItem]] = []  # (first row, rows, item)
         for item in items:
@@ -274,12 +272,8 @@ class Seq2SeqRunner:
         pages = self._tensor([blocks[p // rows] for blocks, p in positions])
         return pages, self._tensor([p % rows for _, p in positions])
 
-    def _native_decode(self, rows: list[tuple[int, int, Sequence[int]]]) -> NativeRows:
-        flat: list[int] = []
-        starts = []
-        for _, _, table in rows:
-            starts.append(len(flat))
-            flat.extend(table)
+    def _native_decode(self, rows: list[DecodeRow]) -> NativeRows:
+        flat, starts = flat_tables([table for _, _, table in rows])
         order = [r for r, _, _ in rows]
         return NativeRows(
             block_ids=self._tensor(flat),
@@ -296,11 +290,7 @@ class Seq2SeqRunner:
             groups.setdefault(span[1], []).append(span)
         out = []
         for n, group in groups.items():
-            flat: list[int] = []
-            starts: list[int] = []
-            for _, _, item in group:
-                starts.append(len(flat))
-                flat.extend(item.cross_blocks)
+            flat, starts = flat_tables([item.cross_blocks for _, _, item in group])
             first, last = group[0][0], group[-1][0] + n
             rows: slice | torch.Tensor
             if last - first == n * len(group):  # contiguous: no gather
@@ -315,12 +305,10 @@ class Seq2SeqRunner:
             out.append(NativeCross(n, tables, rows))
         return out
 
-    def _decode_buckets(self, rows: list[tuple[int, int, Sequence[int]]]) -> list[SelfDecodeBucket]:
-        rows = sorted(rows, key=lambda r: r[1])  # similar lengths share a bucket
+    def _decode_buckets(self, rows: list[DecodeRow]) -> list[SelfDecodeBucket]:
         buckets = []
-        for chunk in _chunks(rows, BUCKET_ROWS):
-            width = max(len(table) for _, _, table in chunk)
-            flat = [b for _, _, table in chunk for b in (*table, *[0] * (width - len(table)))]
+        for chunk in sorted_buckets(rows, BUCKET_ROWS):
+            flat, width = padded_tables([table for _, _, table in chunk])
             buckets.append(
                 SelfDecodeBucket(
                     rows=self._tensor([r for r, _, _ in chunk]),

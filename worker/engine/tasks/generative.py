@@ -106,13 +106,13 @@ class GenerativeExecutor(ModelExecutor):
         exactly is refused at load: there is no fallback); extra: mean batch tokens, KV waste, blocks."""
         s = self.engine.stats()
         return ModelStats(
-            num_requests_running=int(s["num_requests_running"]), num_requests_waiting=int(s["num_requests_waiting"]),
-            num_requests_finished=self._finished, steps=int(s["num_steps"]),
-            generated_tokens=int(s["num_generated_tokens"]), kv_cache_usage_perc=float(s["kv_cache_usage_perc"]),
-            prefix_cache_queries=int(s["prefix_cache_queries"]), prefix_cache_hits=int(s["prefix_cache_hits"]),
-            num_preemptions=int(s["num_preemptions"]), path="paged",
-            extra={k: s[k] for k in ("mean_batch_tokens", "kv_waste_slots", "num_kv_blocks")},
-        )
+            num_requests_running=s.num_requests_running, num_requests_waiting=s.num_requests_waiting,
+            num_requests_finished=self._finished, steps=s.num_steps, generated_tokens=s.num_generated_tokens,
+            kv_cache_usage_perc=s.kv_cache_usage_perc, prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits, num_preemptions=s.num_preemptions, path="paged",
+            extra={"mean_batch_tokens": s.mean_batch_tokens, "kv_waste_slots": s.kv_waste_slots,
+                   "num_kv_blocks": s.num_kv_blocks},
+        )  # fmt: skip
 
     # ---- prompts ----------------------------------------------------------------------------------
 

@@ -138,15 +138,15 @@ class Seq2SeqExecutor(ModelExecutor):
     def stats(self) -> ModelStats:
         """The paged engine's gauges and both paths' counters, `path` ("paged" | "generate") and `path_reason`;
         extra: requests that went to the `generate` fallback."""
-        engine = self.engine.stats() if self.engine is not None else {}
+        engine = self.engine.stats() if self.engine is not None else None
         return ModelStats(
-            num_requests_running=int(engine.get("num_requests_running", 0)),
-            num_requests_waiting=len(self._new) + len(self.fallback) + int(engine.get("num_requests_waiting", 0)),
+            num_requests_running=engine.num_requests_running if engine else 0,
+            num_requests_waiting=len(self._new) + len(self.fallback) + (engine.num_requests_waiting if engine else 0),
             num_requests_finished=self._counters["num_requests_finished"],
-            steps=int(engine.get("num_steps", 0)) + self.fallback.steps,
+            steps=(engine.num_steps if engine else 0) + self.fallback.steps,
             generated_tokens=self._counters["generated_tokens"],
-            kv_cache_usage_perc=float(engine.get("kv_cache_usage_perc", 0.0)),
-            num_preemptions=int(engine.get("num_preemptions", 0)),
+            kv_cache_usage_perc=engine.kv_cache_usage_perc if engine else 0.0,
+            num_preemptions=engine.num_preemptions if engine else 0,
             path="paged" if self.engine is not None else "generate", path_reason=self.path_reason,
             extra={"num_fallback_requests": self._counters["num_fallback_requests"]},
         )

@@ -49,9 +49,9 @@ def test_concurrent_chunked_prefix_hits(
         assert done[name].output_token_ids == tm.expected(prompt, n), f"{arch} {name}"
         assert done[name].finish_reason == "length"
     stats = engine.stats()
-    assert stats["prefix_cache_hits"] >= 2 * 12  # s1 and s2 reuse the shared prefix's full blocks
+    assert stats.prefix_cache_hits >= 2 * 12  # s1 and s2 reuse the shared prefix's full blocks
     assert done["s1"].num_cached_tokens == 12 and done["s2"].num_cached_tokens == 12
-    assert stats["kv_cache_usage_perc"] == 0.0  # everything freed
+    assert stats.kv_cache_usage_perc == 0.0  # everything freed
     assert any(p.cascades for p in plans) == bool(cascade)
 
 
@@ -63,7 +63,7 @@ def test_preemption_under_tiny_pool(tiny_models: dict[str, TinyModel]) -> None:
     engine = LLMEngine(tm.model, config=config, num_blocks=14, namespace="preempt")
     arrivals = {0: [(f"r{i}", p, greedy(n)) for i, (p, n) in enumerate(zip(prompts, new, strict=True))]}
     done = run(engine, arrivals)
-    assert engine.stats()["num_preemptions"] > 0
+    assert engine.stats().num_preemptions > 0
     for i, (p, n) in enumerate(zip(prompts, new, strict=True)):
         assert done[f"r{i}"].output_token_ids == tm.expected(p, n)
 

@@ -91,7 +91,7 @@ def test_probe_is_deterministic_and_leaves_the_engine_clean() -> None:
     assert 0 <= first.max_logit_error < first.tolerance
     assert not engine.has_unfinished_requests() and engine.kv.pool.num_free_blocks == 64
     stats = engine.stats()
-    assert stats["num_steps"] == stats["prefix_cache_queries"] == stats["num_preemptions"] == 0
+    assert stats.num_steps == stats.prefix_cache_queries == stats.num_preemptions == 0
 
 
 def test_probe_fits_a_small_pool_and_a_short_max_model_len() -> None:

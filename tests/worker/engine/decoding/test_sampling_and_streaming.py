@@ -147,6 +147,6 @@ def test_engine_priority_and_abort(tiny_models: dict[str, TinyModel]) -> None:
         finished += [(o.request_id, o.finish_reason) for o in engine.step() if o.finished]
     assert finished == [("late", "abort"), ("high", "length"), ("low", "length")]
     stats = engine.stats()
-    assert stats["num_preemptions"] == 1 and stats["num_generated_tokens"] >= 33
+    assert stats.num_preemptions == 1 and stats.num_generated_tokens >= 33
     with pytest.raises(ValueError):
         engine.add_request("huge", [1] * 300, SamplingParams())  # over max_model_len (256)

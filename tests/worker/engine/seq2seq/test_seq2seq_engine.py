@@ -136,7 +136,7 @@ def test_preemption_under_a_tiny_pool(arch: str, beams: int, num_blocks: int) ->
     inputs = random_inputs(8, lengths=(10, 40), seed=3)
     engine = make_engine(pair.model, num_blocks=num_blocks)  # one or two requests' worth (T5 stops early)
     outputs = run(engine, inputs, decode_settings(pair.model, GenerationOptions()))
-    assert engine.stats()["num_preemptions"] > 0
+    assert engine.stats().num_preemptions > 0
     assert_matches_generate(pair, inputs, outputs)
 
 
@@ -247,7 +247,7 @@ def test_a_waiting_higher_priority_request_preempts_a_lower_one() -> None:
     done.update((o.request_id, o) for o in engine.step())
     running = {r.request_id for r in engine.scheduler.running}
     assert "urgent" in running and len(running) == 2, "the latest low-priority request made room"
-    assert engine.stats()["num_preemptions"] == 1
+    assert engine.stats().num_preemptions == 1
     while engine.has_unfinished_requests():
         done.update((o.request_id, o) for o in engine.step())
     for name, ids in zip(("low-a", "low-b", "urgent"), inputs, strict=True):

@@ -57,7 +57,7 @@ def test_the_paged_families_pass_deterministically_in_well_under_a_second(arch: 
     assert first.passed and second.passed, first.reason
     assert first.max_logit_error == second.max_logit_error, "deterministic"
     assert first.seconds < 1.0
-    assert engine.stats()["num_steps"] == 0 and engine.kv.pool.num_free_blocks == engine.kv.pool.num_blocks
+    assert engine.stats().num_steps == 0 and engine.kv.pool.num_free_blocks == engine.kv.pool.num_blocks
 
 
 @pytest.mark.parametrize("arch", ["marian", "mt5"])  # mT5's test model: T5's (init x4) saturates every score

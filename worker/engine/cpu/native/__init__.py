@@ -134,6 +134,15 @@ def paged_decode_available() -> bool:
 
 #: What the kernel reads and writes (queries, K/V blocks, outputs).
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def use_native_decode(pages: torch.Tensor, requested: bool | None) -> bool:
+    """Whether a runner's decode rows go through the kernel: `requested` None means wherever it applies (a
+    pool of `NATIVE_DTYPES` on CPU, the kernel built), False never; True where it cannot apply is an error."""
+    applies = pages.device.type == "cpu" and pages.dtype in NATIVE_DTYPES
+    if requested and not applies:
+        raise ValueError("the native decode kernel needs an fp32 or bf16 KV pool on CPU")
+    return applies and requested is not False and paged_decode_available()
 _DTYPES = NATIVE_DTYPES
 
 
