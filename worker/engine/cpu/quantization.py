@@ -20,8 +20,9 @@ So int8 models need the self-checks' half-precision tolerances (6e-2 causal and 
 not fp32's (1e-3, 1e-3, 1e-4): `quantization_summary(model)` tells them a model is quantized.
 
 Kernel (`int8_kernel()`, decided once per process): oneDNN's where the CPU has VNNI (avx512_vnni, avx_vnni or
-amx_int8) and a probe of worst-case operands comes out exact (without VNNI, oneDNN sums u8 x s8 pairs in
-saturating int16). Elsewhere (AVX2-only CPUs; `PAGEDQ_INT8_KERNEL=emulated`; `emulated_int8()` in tests) the
+amx_int8), a probe of worst-case operands comes out exact (without VNNI, oneDNN sums u8 x s8 pairs in
+saturating int16) and a timed probe finds it faster than the emulation (some VNNI CPUs get a reference kernel).
+Elsewhere (AVX2-only CPUs; slow oneDNN; `PAGEDQ_INT8_KERNEL=emulated`; `emulated_int8()` in tests) the
 same arithmetic runs as an fp32 GEMM over the int8 values: the integer products and their sums are exact in
 fp32 for in_features <= 1040, so results equal the int8 kernel's bit for bit (above that they differ by fp32
 rounding, ~1e-7 relative). That path has fp32 speed and an fp32 copy of the int8 weights: it exists so that an
@@ -56,7 +57,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -126,11 +128,39 @@ def _probe_onednn() -> bool:
         return False
 
 
+def _best_seconds(fn: Callable[[], Any], repeats: int = 3) -> float:
+    fn()  # warm-up: oneDNN builds its primitive on the first call
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@cache
+def _onednn_is_faster() -> bool:
+    """oneDNN's int8 GEMM beats the fp32 emulation on this CPU. A VNNI flag is not enough: on some CPUs (measured:
+    an AMD EPYC with AVX512-VNNI, torch 2.13) oneDNN dispatches this op to a reference kernel, 500x slower than
+    fp32 (730 ms against 1.4 ms for 64 x 512 x 2048). A [64, 512] x [512, 512] product decides (< 50 ms)."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (64, 512), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (512, 512), dtype=torch.int8, generator=g)
+    packed, scale, zero = torch.ops.onednn.qlinear_prepack(w, None), torch.ones(512), torch.zeros(512).long()
+    qf, wf = q.float(), w.float()
+    onednn = _best_seconds(lambda: _onednn_linear(q, packed, scale, zero))
+    emulated = _best_seconds(lambda: F.linear(qf, wf))
+    if onednn >= emulated:
+        log.warning("oneDNN's int8 GEMM is slower than the fp32 emulation on this CPU (%.2f ms against %.2f ms): "
+                    "int8 layers run emulated", onednn * 1e3, emulated * 1e3)  # fmt: skip
+    return onednn < emulated
+
+
 @cache
 def _native_kernel() -> bool:
     if os.environ.get("PAGEDQ_INT8_KERNEL", "auto") == "emulated":  # e.g. to test the AVX2 path on a VNNI CPU
         return False
-    return _cpu_has_vnni() and _onednn_ops_available() and _probe_onednn()
+    return _cpu_has_vnni() and _onednn_ops_available() and _probe_onednn() and _onednn_is_faster()
 
 
 def int8_kernel() -> str:

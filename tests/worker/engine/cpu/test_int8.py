@@ -410,3 +410,25 @@ def test_generators_int8_against_fp32(demo_models: Path, int8_reference: dict[st
         steps += want.shape[0]
     assert worst <= MAX_LOGIT_DIFF[name]
     assert agree / steps >= MIN_GREEDY_AGREEMENT[name], f"{agree}/{steps}"
+
+
+def test_a_slow_onednn_int8_gemm_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel probe times oneDNN against the emulation: a CPU whose oneDNN int8 GEMM is slower (some VNNI
+    CPUs get a reference kernel, 500x slower) runs the emulation, which gives the same integers."""
+    from pagedq.worker.engine.cpu import quantization
+
+    calls: list[str] = []
+
+    def timed(fn: Any, repeats: int = 3) -> float:
+        calls.append("onednn" if not calls else "emulated")
+        fn()  # both candidates run for real
+        return 1.0 if len(calls) == 1 else 0.001  # oneDNN first: the slower
+
+    if not quantization._onednn_ops_available():
+        pytest.skip("torch without oneDNN's int8 ops: nothing to time")
+    monkeypatch.setattr(quantization, "_best_seconds", timed)
+    quantization._onednn_is_faster.cache_clear()
+    try:
+        assert quantization._onednn_is_faster() is False and calls == ["onednn", "emulated"]
+    finally:
+        quantization._onednn_is_faster.cache_clear()
