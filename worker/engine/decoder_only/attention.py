@@ -62,18 +62,7 @@ class UnsupportedAttention(RuntimeError):
 class PagedKVCache(KVPages):
     """The model's page pool (`paged.pages`), duck-typing the `Cache` calls that decoder layers make."""
 
-    def __init__(
-        self,
-        num_layers: int,
-        num_blocks: int,
-        block_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ) -> None:
-        super().__init__(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
-        self.step_metadata: AttentionMetadata | None = None  # set by the runner during a forward
+    step_metadata: AttentionMetadata | None = None  # set by the runner for the length of each forward
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict | None = None

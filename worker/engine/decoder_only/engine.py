@@ -13,17 +13,17 @@ One `step()` = schedule (one token budget over decodes and prefill chunks) -> on
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from pagedq.worker.engine.core.engine import PagedEngine
 from pagedq.worker.engine.core.executor import EngineConfig
 from pagedq.worker.engine.core.memory import free_device_memory
 from pagedq.worker.engine.core.request import Request, RequestOutput, RequestStatus, TokenCallback, TokenSequence
 from pagedq.worker.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from pagedq.worker.engine.core.stats import EngineStats, StepCounters
+from pagedq.worker.engine.core.stats import StepCounters
 from pagedq.worker.engine.cpu.linear import prepare_for_host
 from pagedq.worker.engine.decoder_only.attention import PagedKVCache
 from pagedq.worker.engine.decoder_only.runner import ModelRunner, ModelShape
@@ -48,7 +48,7 @@ def eos_token_ids(model: Any, tokenizer: Any = None) -> list[int]:
     return [eos] if eos is not None else []
 
 
-class LLMEngine:
+class LLMEngine(PagedEngine):
     """Paged-KV-cache continuous batching over an unmodified transformers causal LM.
 
     Memory: `num_blocks` if given, else `config.kv_cache_bytes`, else `kv_cache_memory_fraction` of
@@ -188,12 +188,8 @@ class LLMEngine:
         return request
 
     def abort_request(self, request_id: str) -> bool:
-        """Cancel a request wherever it is; its blocks are free on return. Reported by the next step."""
         self._beam_streams.pop(request_id, None)
-        return self.scheduler.abort_request(request_id) is not None
-
-    def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return super().abort_request(request_id)
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -250,14 +246,7 @@ class LLMEngine:
         self, prompts: Sequence[Sequence[int]], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
     ) -> list[RequestOutput]:
         """Run prompts to completion; outputs in prompt order (for tests and benchmarks)."""
-        params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
-        ids = [f"generate-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
-        for rid, prompt, p in zip(ids, prompts, params, strict=True):
-            self.add_request(rid, prompt, p)
-        done: dict[str, RequestOutput] = {}
-        while len(done) < len(ids):
-            done.update((o.request_id, o) for o in self.step() if o.finished)
-        return [done[rid] for rid in ids]
+        return self._run_all(self.add_request, prompts, sampling_params)
 
     def reset_after_probe(self, request_ids: Sequence[str]) -> None:
         """Forget a probe's traces: its requests (if it stopped midway), cached blocks and counters."""
@@ -267,10 +256,7 @@ class LLMEngine:
         self.kv.pool.reset_prefix_cache()
         self.kv.prefix_cache_queries = self.kv.prefix_cache_hits = 0
         self.scheduler.num_preemptions = 0
-        self.counters = StepCounters()
-
-    def stats(self) -> EngineStats:
-        return EngineStats.of(self.scheduler, self.counters)
+        self.reset_counters()
 
 
 def run_self_check(engine: LLMEngine) -> None:

@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 
+from pagedq.worker.engine.core.engine import PagedEngine
 from pagedq.worker.engine.core.executor import EngineConfig
 from pagedq.worker.engine.core.memory import free_device_memory
 from pagedq.worker.engine.core.request import Request, RequestOutput
 from pagedq.worker.engine.core.scheduler import Scheduler, SchedulerConfig
-from pagedq.worker.engine.core.stats import EngineStats, StepCounters
+from pagedq.worker.engine.core.stats import StepCounters
 from pagedq.worker.engine.cpu.linear import prepare_for_host
 from pagedq.worker.engine.decoding.beam_search import BeamSearch
 from pagedq.worker.engine.decoding.seq2seq_options import DecodeSettings
@@ -38,7 +39,7 @@ from pagedq.worker.engine.seq2seq.model import DecoderShape, check_model
 from pagedq.worker.engine.seq2seq.runner import Seq2SeqRunner, StepItem
 
 
-class Seq2SeqEngine:
+class Seq2SeqEngine(PagedEngine):
     """Paged continuous batching over an unmodified transformers encoder-decoder model.
 
     Memory: `num_blocks` if given, else `config.kv_cache_bytes`, else `kv_cache_memory_fraction` of the
@@ -109,13 +110,6 @@ class Seq2SeqEngine:
             request.beam = BeamSearch.for_settings(settings, start)
         self.scheduler.add_request(request)
 
-    def abort_request(self, request_id: str) -> bool:
-        """Cancel a request wherever it is; its blocks are free on return. Reported by the next step."""
-        return self.scheduler.abort_request(request_id) is not None
-
-    def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
-
     # ---- the loop -----------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -156,25 +150,11 @@ class Seq2SeqEngine:
         self, inputs: Sequence[Sequence[int]], settings: DecodeSettings | Sequence[DecodeSettings]
     ) -> list[RequestOutput]:
         """Run inputs to completion; outputs in input order (for tests and benchmarks)."""
-        each = list(settings) if isinstance(settings, Sequence) else [settings] * len(inputs)
-        ids = [f"generate-{time.monotonic_ns()}-{i}" for i in range(len(inputs))]
-        for rid, encoder_ids, s in zip(ids, inputs, each, strict=True):
-            self.add_request(rid, encoder_ids, s)
-        done: dict[str, RequestOutput] = {}
-        while len(done) < len(ids):
-            done.update((o.request_id, o) for o in self.step())
-        return [done[rid] for rid in ids]
+        return self._run_all(self.add_request, inputs, settings)
 
     def close(self) -> None:
         """Give the model back as loaded (`Seq2SeqRunner.close`); the engine is unusable after."""
         self.runner.close()
-
-    def reset_counters(self) -> None:
-        """Zero the step counters (after the self-check's probe, so that stats count real requests)."""
-        self.counters = StepCounters()
-
-    def stats(self) -> EngineStats:
-        return EngineStats.of(self.scheduler, self.counters)
 
     # ---- internals ----------------------------------------------------------------------------
 
