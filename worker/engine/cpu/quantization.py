@@ -19,10 +19,13 @@ W1's 56M Llama 2.2e-2 relative, BERT-base packing 7.3e-3, Marian 512 6e-7; bf16:
 So int8 models need the self-checks' half-precision tolerances (6e-2 causal and seq2seq, 4e-2 packing),
 not fp32's (1e-3, 1e-3, 1e-4): `quantization_summary(model)` tells them a model is quantized.
 
-Kernel (`int8_kernel()`, decided once per process): oneDNN's where the CPU has VNNI (avx512_vnni, avx_vnni or
-amx_int8), a probe of worst-case operands comes out exact (without VNNI, oneDNN sums u8 x s8 pairs in
-saturating int16) and a timed probe finds it faster than the emulation (some VNNI CPUs get a reference kernel).
-Elsewhere (AVX2-only CPUs; slow oneDNN; `PAGEDQ_INT8_KERNEL=emulated`; `emulated_int8()` in tests) the
+Kernel (`int8_kernel()`, decided once per process): the fastest exact one of oneDNN's fused int8 GEMM (where the
+CPU has VNNI: avx512_vnni, avx_vnni or amx_int8), `torch._int_mm` (int32 products, then the scales) and the fp32
+emulation, timed on a [64, 512] x [512, 512] product. A candidate must first give the exact integer products on
+worst-case operands (without VNNI, oneDNN sums u8 x s8 pairs in saturating int16). Measured: on the Intel AMX
+machine oneDNN wins; on an AMD EPYC with AVX512-VNNI oneDNN gets a reference kernel (500x slower than fp32)
+and `_int_mm` wins (2.7x the emulation at 64 rows, 5.8x at 7). Elsewhere (no exact int8 kernel, or none faster;
+`PAGEDQ_INT8_KERNEL=emulated`; `emulated_int8()` in tests) the
 same arithmetic runs as an fp32 GEMM over the int8 values: the integer products and their sums are exact in
 fp32 for in_features <= 1040, so results equal the int8 kernel's bit for bit (above that they differ by fp32
 rounding, ~1e-7 relative). That path has fp32 speed and an fp32 copy of the int8 weights: it exists so that an
@@ -78,7 +81,7 @@ SUMMARY_ATTR = "pagedq_quantization"
 DEFAULT_LM_HEAD = True
 #: in_features up to which fp32 sums of int8 products are exact (1040 x 127 x 127 < 2**24)
 EXACT_FP32_IN_FEATURES = 1040
-ONEDNN, EMULATED = "onednn-int8", "emulated-fp32"
+ONEDNN, INT_MM, EMULATED = "onednn-int8", "int-mm", "emulated-fp32"
 _EPS = 1e-12  # scale floor: an all-zero row quantizes to zeros
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 _forced_emulation = False
@@ -113,22 +116,34 @@ def _onednn_linear(q: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, z
     )  # fmt: skip
 
 
-@cache
-def _probe_onednn() -> bool:
-    """oneDNN's int8 GEMM gives the exact integer products on operands that saturate an int16 pair sum."""
+def _worst_case_operands() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (5, 96), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=g)
+    q[0], q[1], w[0], w[1] = 127, -127, 127, -127  # 127 * 127 pairs: 32258 each, past int16 in u8 form
+    return q, w
+
+
+def _exact(name: str, product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
+    """`product(q, w)` gives q @ w^T exactly on worst-case operands (any failure: not used)."""
     try:
-        g = torch.Generator().manual_seed(0)
-        q = torch.randint(-127, 128, (5, 96), dtype=torch.int8, generator=g)
-        w = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=g)
-        q[0], q[1], w[0], w[1] = 127, -127, 127, -127  # 127 * 127 pairs: 32258 each, past int16 in u8 form
-        got = _onednn_linear(q, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(40), torch.zeros(40).long())
-        return torch.equal(got, (q.long() @ w.long().t()).float())
-    except Exception:  # noqa: BLE001 - any failure means: emulate
-        log.warning("oneDNN int8 probe failed; int8 layers run emulated in fp32", exc_info=True)
+        q, w = _worst_case_operands()
+        return torch.equal(product(q, w).float(), (q.long() @ w.long().t()).float())
+    except Exception:  # noqa: BLE001 - any failure means: not this kernel
+        log.info("int8 kernel %s unavailable", name, exc_info=True)
         return False
 
 
-def _best_seconds(fn: Callable[[], Any], repeats: int = 3) -> float:
+def _onednn_product(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    out = w.shape[0]
+    return _onednn_linear(q, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(out), torch.zeros(out).long())
+
+
+def _int_mm_product(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch._int_mm(q, w.t().contiguous())
+
+
+def _best_seconds(fn: Callable[[], Any], repeats: int = 5) -> float:
     fn()  # warm-up: oneDNN builds its primitive on the first call
     best = float("inf")
     for _ in range(repeats):
@@ -138,34 +153,36 @@ def _best_seconds(fn: Callable[[], Any], repeats: int = 3) -> float:
     return best
 
 
-@cache
-def _onednn_is_faster() -> bool:
-    """oneDNN's int8 GEMM beats the fp32 emulation on this CPU. A VNNI flag is not enough: on some CPUs (measured:
-    an AMD EPYC with AVX512-VNNI, torch 2.13) oneDNN dispatches this op to a reference kernel, 500x slower than
-    fp32 (730 ms against 1.4 ms for 64 x 512 x 2048). A [64, 512] x [512, 512] product decides (< 50 ms)."""
+def _candidates() -> dict[str, Callable[[], Any]]:
+    """The exact kernels of this CPU, each as a [64, 512] x [512, 512] product to time."""
     g = torch.Generator().manual_seed(1)
     q = torch.randint(-127, 128, (64, 512), dtype=torch.int8, generator=g)
     w = torch.randint(-127, 128, (512, 512), dtype=torch.int8, generator=g)
-    packed, scale, zero = torch.ops.onednn.qlinear_prepack(w, None), torch.ones(512), torch.zeros(512).long()
-    qf, wf = q.float(), w.float()
-    onednn = _best_seconds(lambda: _onednn_linear(q, packed, scale, zero))
-    emulated = _best_seconds(lambda: F.linear(qf, wf))
-    if onednn >= emulated:
-        log.warning("oneDNN's int8 GEMM is slower than the fp32 emulation on this CPU (%.2f ms against %.2f ms): "
-                    "int8 layers run emulated", onednn * 1e3, emulated * 1e3)  # fmt: skip
-    return onednn < emulated
+    qf, wf, wt = q.float(), w.float(), w.t().contiguous()
+    found: dict[str, Callable[[], Any]] = {EMULATED: lambda: F.linear(qf, wf)}
+    if _cpu_has_vnni() and _onednn_ops_available() and _exact(ONEDNN, _onednn_product):
+        packed, scale, zero = torch.ops.onednn.qlinear_prepack(w, None), torch.ones(512), torch.zeros(512).long()
+        found[ONEDNN] = lambda: _onednn_linear(q, packed, scale, zero)
+    if hasattr(torch, "_int_mm") and _exact(INT_MM, _int_mm_product):
+        found[INT_MM] = lambda: torch._int_mm(q, wt)
+    return found
 
 
 @cache
-def _native_kernel() -> bool:
-    if os.environ.get("PAGEDQ_INT8_KERNEL", "auto") == "emulated":  # e.g. to test the AVX2 path on a VNNI CPU
-        return False
-    return _cpu_has_vnni() and _onednn_ops_available() and _probe_onednn() and _onednn_is_faster()
+def _best_kernel() -> str:
+    """The fastest exact kernel (module docstring); logged once."""
+    if os.environ.get("PAGEDQ_INT8_KERNEL", "auto") == "emulated":  # e.g. to test the emulation on a VNNI CPU
+        return EMULATED
+    seconds = {name: _best_seconds(product) for name, product in _candidates().items()}
+    best = min(seconds, key=seconds.__getitem__)
+    log.info("int8 kernel: %s (ms per [64, 512] x [512, 512]: %s)", best,
+             ", ".join(f"{k} {v * 1e3:.2f}" for k, v in seconds.items()))  # fmt: skip
+    return best
 
 
 def int8_kernel() -> str:
-    """`ONEDNN` where the int8 GEMM runs natively, else `EMULATED` (module docstring)."""
-    return ONEDNN if _native_kernel() and not _forced_emulation else EMULATED
+    """`ONEDNN`, `INT_MM` or `EMULATED`: the fastest exact kernel here (module docstring)."""
+    return EMULATED if _forced_emulation else _best_kernel()
 
 
 @contextmanager
@@ -241,6 +258,8 @@ class Int8Linear(nn.Module):
         kernel = int8_kernel() if x.device.type == "cpu" else EMULATED
         if kernel == ONEDNN:
             y = _onednn_linear(q.to(torch.int8).contiguous(), self._prepared(kernel), self.weight_scale, self._zero)
+        elif kernel == INT_MM:
+            y = torch._int_mm(q.to(torch.int8), self._prepared(kernel)).float().mul_(self.weight_scale)
         else:
             y = F.linear(q, self._prepared(kernel)).mul_(self.weight_scale)  # the same integers, summed in fp32
         y.t().mul_(scale)  # through the transpose: a broadcast along rows is several times slower
@@ -249,7 +268,8 @@ class Int8Linear(nn.Module):
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
     def _prepared(self, kernel: str) -> torch.Tensor:
-        """The weight as `kernel` takes it: oneDNN's packed int8 copy, or an fp32 copy of the int8 values."""
+        """The weight as `kernel` takes it: oneDNN's packed int8 copy, its transpose for `_int_mm` [in, out], or an
+        fp32 copy of the int8 values."""
         w = self.weight
         try:
             version = w._version
@@ -258,7 +278,12 @@ class Int8Linear(nn.Module):
         key = (kernel, w.data_ptr(), w.device, version)
         if self._cached is None or self._cached[0] != key:
             with torch.no_grad():
-                ready = torch.ops.onednn.qlinear_prepack(w, None) if kernel == ONEDNN else w.to(torch.float32)
+                if kernel == ONEDNN:
+                    ready = torch.ops.onednn.qlinear_prepack(w, None)
+                elif kernel == INT_MM:
+                    ready = w.t().contiguous()
+                else:
+                    ready = w.to(torch.float32)
             self._cached = (key, ready)
             self._zero = torch.zeros(w.shape[0], dtype=torch.long, device=w.device)  # oneDNN's weight zero points
         return self._cached[1]
@@ -272,7 +297,7 @@ class QuantizationSummary:
     kept: int  # linear layers left fp32 (heads, cross-attention K/V, ...)
     int8_params: int  # weight elements now int8
     fp32_params: int  # weight elements of the kept linear layers
-    kernel: str  # "onednn-int8" (VNNI/AMX) or "emulated-fp32"
+    kernel: str  # "onednn-int8", "int-mm" or "emulated-fp32"
     lm_head: bool
 
     def describe(self) -> str:

@@ -412,23 +412,23 @@ def test_generators_int8_against_fp32(demo_models: Path, int8_reference: dict[st
     assert agree / steps >= MIN_GREEDY_AGREEMENT[name], f"{agree}/{steps}"
 
 
-def test_a_slow_onednn_int8_gemm_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kernel probe times oneDNN against the emulation: a CPU whose oneDNN int8 GEMM is slower (some VNNI
-    CPUs get a reference kernel, 500x slower) runs the emulation, which gives the same integers."""
+def test_the_fastest_exact_int8_kernel_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel probe times every exact candidate and keeps the fastest: a CPU whose oneDNN int8 GEMM is slow
+    (some VNNI CPUs get a reference kernel, 500x slower than fp32) runs another; every candidate gives the same
+    integers (test above), and each one found here passed the worst-case exactness probe."""
     from pagedq.worker.engine.cpu import quantization
 
-    calls: list[str] = []
-
-    def timed(fn: Any, repeats: int = 3) -> float:
-        calls.append("onednn" if not calls else "emulated")
-        fn()  # both candidates run for real
-        return 1.0 if len(calls) == 1 else 0.001  # oneDNN first: the slower
-
-    if not quantization._onednn_ops_available():
-        pytest.skip("torch without oneDNN's int8 ops: nothing to time")
-    monkeypatch.setattr(quantization, "_best_seconds", timed)
-    quantization._onednn_is_faster.cache_clear()
+    candidates = quantization._candidates()
+    assert EMULATED in candidates
+    for product in candidates.values():
+        product()  # each runs for real
+    order = list(candidates)
+    speeds = {name: 1.0 + i for i, name in enumerate(reversed(order))}  # the last found is the fastest
+    timed = iter([speeds[name] for name in order])
+    monkeypatch.setattr(quantization, "_best_seconds", lambda fn, repeats=3: next(timed))
+    monkeypatch.delenv("PAGEDQ_INT8_KERNEL", raising=False)
+    quantization._best_kernel.cache_clear()
     try:
-        assert quantization._onednn_is_faster() is False and calls == ["onednn", "emulated"]
+        assert quantization._best_kernel() == order[-1] and quantization.int8_kernel() == order[-1]
     finally:
-        quantization._onednn_is_faster.cache_clear()
+        quantization._best_kernel.cache_clear()
