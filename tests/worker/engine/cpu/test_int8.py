@@ -425,7 +425,7 @@ def test_the_fastest_exact_int8_kernel_is_used(monkeypatch: pytest.MonkeyPatch) 
     order = list(candidates)
     speeds = {name: 1.0 + i for i, name in enumerate(reversed(order))}  # the last found is the fastest
     timed = iter([speeds[name] for name in order])
-    monkeypatch.setattr(quantization, "_best_seconds", lambda fn, repeats=3: next(timed))
+    monkeypatch.setattr(quantization, "_best_seconds", lambda fn, repeats=5, give_up=0.0: next(timed))
     monkeypatch.delenv("PAGEDQ_INT8_KERNEL", raising=False)
     quantization._best_kernel.cache_clear()
     try:
