@@ -33,7 +33,7 @@ from pagedq.worker.engine.decoding.sampling import SamplingParams
 DECODER_START_TOKENS = 1  # the decoder_start_token_id every encoder-decoder output begins with
 @dataclass(frozen=True)
 class GenerationKey:
-    """Effective options of one request; None means the model's default for that option."""
+    """Effective options of one request (`options.resolve`); the sampling knobs are None when it does not sample."""
 
     max_new_tokens: int
     num_beams: int
