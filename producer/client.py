@@ -46,7 +46,7 @@ class Client(BaseClient):
         settings = settings or get_settings()
         if redis_url is not None:
             settings = settings.model_copy(update={"redis_url": redis_url})
-        self.service = TaskService(settings, registry)
+        self.service = TaskService(settings, registry, listen=True)
         self.poll_interval = poll_interval
 
     def _submit(self, task_type: TaskType, request: RequestInput) -> SubmitResponse:

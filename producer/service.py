@@ -14,6 +14,7 @@ import math
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from datetime import UTC, datetime
@@ -24,9 +25,10 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 from kombu.messaging import Producer
 
-from pagedq.producer.completion import FALLBACK_S, wait_pushed
+from pagedq.producer.completion import FALLBACK_S, wait_pushed, wait_replied
 from pagedq.producer.errors import TaskAlreadyFinished
 from pagedq.producer.parsing import RequestInput, parse_request, parse_requests
+from pagedq.producer.replies import MAX_KEPT, Replies
 from pagedq.producer.status import needs_expiry, task_status
 from pagedq.producer.submission import BatchMessage, Submission, batch_messages
 from pagedq.shared.celery_config import BATCH_TASK_NAMES, QUEUES, TASK_NAMES, celery_priority, make_celery
@@ -74,7 +76,10 @@ class TaskService:
     file) `request.model` is trusted and the worker decides.
     """
 
-    def __init__(self, settings: Settings | None = None, registry: Registry | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, registry: Registry | None = None, *,
+                 listen: bool = False) -> None:
+        """`listen`: keep a reply channel (producer/replies.py) and wait for the tasks submitted here on it, with
+        no per-task subscription or read (the Python client; the HTTP API waits by id, asynchronously)."""
         self.settings = settings or get_settings()
         self._given = registry is not None
         if registry is None and self.settings.registry_path is not None:
@@ -84,6 +89,11 @@ class TaskService:
         self.celery: Celery = make_celery(self.settings, main="pagedq-producer")
         self.records = TaskRecords.from_url(self.settings.backend_url, self.settings.result_ttl_s)
         self._local = threading.local()
+        self._replies = Replies(self.records.redis) if listen else None
+        #: the status as submitted of the tasks submitted here and not yet waited to the end (oldest dropped
+        #: past MAX_KEPT: a wait for such a task reads its record first, as for a task submitted elsewhere)
+        self._submitted: OrderedDict[str, TaskStatus] = OrderedDict()
+        self._submitted_lock = threading.Lock()
 
     # -- submission ---------------------------------------------------------------------------------------
 
@@ -91,10 +101,7 @@ class TaskService:
         """Validate, record and enqueue one request. Raises ValidationError or a PagedqError first."""
         submission = self._prepare(task_type, parse_request(task_type, request, self.settings.limits),
                                    served=self._served())
-        self.records.create(
-            submission.id, task_type, submission.model, submission.request.priority, _utc(submission.deadline),
-            submission.message,
-        )
+        self._create_records([submission])
         try:
             self._send(submission)
         except Exception:
@@ -167,10 +174,18 @@ class TaskService:
         return (registry, refused) if registry is not None else (self.registry, refused)
 
     def _create_records(self, submissions: Sequence[Submission]) -> None:
-        self.records.create_many(
+        notify = self._replies.start() if self._replies is not None else None  # subscribed before any record
+        created = self.records.create_many(
             [NewRecord(s.id, s.task_type, s.model, s.request.priority, _utc(s.deadline), s.message)
-             for s in submissions]
-        )
+             for s in submissions], notify)
+        if notify is not None:
+            with self._submitted_lock:
+                for s in submissions:
+                    self._submitted[s.id] = TaskStatus(
+                        id=s.id, type=s.task_type, state=TaskState.QUEUED, model=s.model or None,
+                        priority=s.request.priority, created_at=created, deadline=_utc(s.deadline))
+                while len(self._submitted) > MAX_KEPT:
+                    self._submitted.popitem(last=False)
 
     def _send(self, submission: Submission, producer: Producer | None = None) -> None:
         self.celery.send_task(
@@ -220,6 +235,9 @@ class TaskService:
 
     def _forget(self, submissions: Sequence[Submission]) -> None:
         """Best effort: Redis may be what failed."""
+        with self._submitted_lock:
+            for s in submissions:
+                self._submitted.pop(s.id, None)
         with suppress(redis.RedisError):
             self.records.delete([s.id for s in submissions])
 
@@ -277,7 +295,18 @@ class TaskService:
     def wait_all(self, task_ids: Sequence[str], timeout_s: float | None = None,
                  on_progress: ProgressCallback | None = None, poll_interval: float = FALLBACK_S) -> list[TaskStatus]:
         """Final statuses of every task, in `task_ids` order (see `pagedq.producer.completion`)."""
-        return wait_pushed(self._pubsub(), self.statuses, task_ids, timeout_s, on_progress, poll_interval)
+        if self._replies is not None:
+            with self._submitted_lock:
+                known = {t: status for t in task_ids if (status := self._submitted.get(t)) is not None}
+            if len(known) == len(set(task_ids)):  # all submitted here: their notices come on the reply channel
+                statuses = wait_replied(self._replies, known, self.statuses, task_ids, timeout_s, on_progress,
+                                        poll_interval, self.records.settled)
+                with self._submitted_lock:
+                    for task_id in known:
+                        self._submitted.pop(task_id, None)
+                return statuses
+        return wait_pushed(self._pubsub(), self.statuses, task_ids, timeout_s, on_progress, poll_interval,
+                           self.records.settled)
 
     def _pubsub(self) -> redis.client.PubSub:
         """This thread's subscriber connection, kept between waits (a connection per wait costs a handshake)."""
@@ -307,6 +336,8 @@ class TaskService:
         return sorted(name for reply in replies for name in reply)
 
     def close(self) -> None:
+        if self._replies is not None:
+            self._replies.close()
         pubsub = getattr(self._local, "pubsub", None)
         if pubsub is not None:
             pubsub.close()

@@ -1,7 +1,8 @@
 """One submission: a validated request with its id, model and deadline, and the message the worker gets.
 
 The messages are the wire contract with the worker (`pagedq.worker.tasks`). One task, task name `pagedq.<type>`:
-`{"request": <request JSON>, "model": <registry name>, "deadline": <epoch s>, "submitted_at": <epoch s>}`.
+`{"request": <request JSON>, "model": <registry name>, "deadline": <epoch s>, "submitted_at": <epoch s>}`, the
+request without the fields at their defaults (the worker's validation fills them in).
 Many tasks of a bulk submission, task name `pagedq.<type>.batch`, K items per message:
 `{"items": [{"id": <task id>, "request": ..., "model": ..., "deadline": ..., "submitted_at": ...}, ...]}`.
 Every item keeps its own id, record, status, deadline, priority and cancel; only the transport is shared.
@@ -37,7 +38,7 @@ class Submission:
     @cached_property
     def message(self) -> dict[str, Any]:
         return {
-            "request": self.request.model_dump(mode="json"),
+            "request": self.request.model_dump(mode="json", exclude_defaults=True),  # the worker fills them in
             "model": self.model,
             "deadline": self.deadline,
             "submitted_at": self.submitted_at,

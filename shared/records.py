@@ -4,8 +4,9 @@ One hash per task, `pagedq:task:<id>`, written by the producer at submission and
 by the atomic scripts below (one Redis round trip each, no read-modify-write races between processes):
 
     fields            written by        meaning
-    type model priority created_at deadline deadline_ts message
-                      create_many       what was submitted; `message` is the Celery body, for re-sending
+    type model priority created_at deadline deadline_ts message notify
+                      create_many       what was submitted; `message` is the Celery body, for re-sending;
+                                        `notify` the submitter's reply channel
     cancel_requested  request_cancel    a user asked to cancel
     worker started_at claim             the worker process that runs it now (cleared by release)
     deliveries        claim             how many times a worker started it
@@ -18,7 +19,8 @@ Invariants:
 - every transition is a script on one key, so a worker, a producer and the reconciler never interleave;
 - `pagedq:open` holds exactly the ids that have a record and no final state (the reconciler's work list);
 - finalize publishes the final fields (state, result, error, finished_at; JSON) on `pagedq:done:<id>`, so
-  waiters learn of it, and what it is, without polling or a second read.
+  waiters learn of it, and what it is, without polling or a second read; and, with the task's id, on the
+  record's `notify` channel (one list per call and channel), where its submitter already listens.
 Records expire with the results (`PAGEDQ_RESULT_TTL_S`).
 """
 
@@ -32,8 +34,6 @@ from typing import Any, NamedTuple
 
 import redis
 from redis.backoff import ExponentialBackoff
-from redis.commands.core import Script
-from redis.exceptions import NoScriptError
 from redis.retry import Retry
 from redis.typing import EncodableT
 
@@ -44,6 +44,9 @@ KEY_PREFIX = "pagedq:task:"
 OPEN_KEY = "pagedq:open"
 #: Channel prefix on which `finalize` publishes a task's final state.
 DONE_CHANNEL_PREFIX = "pagedq:done:"
+#: Channel prefix of a producer's reply channel (producer/replies.py): a record's `notify` field names one, and
+#: finalize publishes the task's final fields there too, as a list per call (with the task `id`).
+REPLY_CHANNEL_PREFIX = "pagedq:reply:"
 #: Per worker process: the ids it claimed, id -> delivery tag (what the reconciler hands back if it dies).
 CLAIMED_PREFIX = "pagedq:claimed:"
 
@@ -113,51 +116,101 @@ class Claim(StrEnum):
     MISSING = "missing"  # no record (never submitted through pagedq, or expired): skip
 
 
-# KEYS[1] task, KEYS[2] open set, KEYS[3] claimed hash of this worker
-# ARGV: worker, lease prefix, now (epoch s), started_at (iso), delivery tag, ttl s
+# Claim the tasks of one delivery, each on its own (one call for all of a message's items: a pipeline of one
+# call per item cost a bulk's worker ~25 us of Python per item, and Redis a command per item).
+# KEYS[1] open set, KEYS[2] claimed hash of this worker, KEYS[3..] the tasks
+# ARGV: worker, lease prefix, now (epoch s), started_at (iso), delivery tag, ttl s, key prefix, done prefix
 _CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
-if redis.call('HEXISTS', KEYS[1], 'state') == 1 then return 'final' end
-local function finalize(state, etype, message)
+local function finalize(key, id, state, etype, message)
   local err = cjson.encode({type=etype, message=message})
-  redis.call('HSET', KEYS[1], 'state', state, 'finished_at', ARGV[4], 'error', err)
-  redis.call('ZREM', KEYS[2], string.sub(KEYS[1], #ARGV[7] + 1))
-  redis.call('PUBLISH', ARGV[8] .. string.sub(KEYS[1], #ARGV[7] + 1),
+  redis.call('HSET', key, 'state', state, 'finished_at', ARGV[4], 'error', err)
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('PUBLISH', ARGV[8] .. id,
              cjson.encode({state=state, result='', error=err, finished_at=ARGV[4], started_at=''}))
+  local notify = redis.call('HGET', key, 'notify')
+  if notify then
+    redis.call('PUBLISH', notify, cjson.encode({{id=id, state=state, result='', error=err, finished_at=ARGV[4],
+                                                 started_at=''}}))
+  end
   return state
 end
-if redis.call('HEXISTS', KEYS[1], 'cancel_requested') == 1 then
-  return finalize('cancelled', 'TaskCancelled', 'cancelled before it started')
+local function claim(key)
+  local id = string.sub(key, #ARGV[7] + 1)
+  if redis.call('EXISTS', key) == 0 then return 'missing' end
+  if redis.call('HEXISTS', key, 'state') == 1 then return 'final' end
+  if redis.call('HEXISTS', key, 'cancel_requested') == 1 then
+    return finalize(key, id, 'cancelled', 'TaskCancelled', 'cancelled before it started')
+  end
+  local deadline = tonumber(redis.call('HGET', key, 'deadline_ts') or '')
+  if deadline and tonumber(ARGV[3]) >= deadline then
+    return finalize(key, id, 'expired', 'DeadlineExceeded', 'the deadline passed while the task was queued')
+  end
+  local owner = redis.call('HGET', key, 'worker')
+  if owner == ARGV[1] then return 'mine' end
+  if owner and redis.call('EXISTS', ARGV[2] .. owner) == 1 then return 'owned' end
+  redis.call('HSET', key, 'worker', ARGV[1], 'started_at', ARGV[4])
+  redis.call('HINCRBY', key, 'deliveries', 1)
+  redis.call('HSET', KEYS[2], id, ARGV[5])
+  return 'run'
 end
-local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline_ts') or '')
-if deadline and tonumber(ARGV[3]) >= deadline then
-  return finalize('expired', 'DeadlineExceeded', 'the deadline passed while the task was queued')
-end
-local owner = redis.call('HGET', KEYS[1], 'worker')
-if owner == ARGV[1] then return 'mine' end
-if owner and redis.call('EXISTS', ARGV[2] .. owner) == 1 then return 'owned' end
-redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'started_at', ARGV[4])
-redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
-redis.call('HSET', KEYS[3], string.sub(KEYS[1], #ARGV[7] + 1), ARGV[5])
-redis.call('EXPIRE', KEYS[3], ARGV[6])
-return 'run'
+local out = {}
+for i = 3, #KEYS do out[i - 2] = claim(KEYS[i]) end
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+return out
 """
 
-# KEYS[1] task, KEYS[2] open set; ARGV: state, result json, error json, finished_at, id, done channel,
-# claimed prefix. Returns the final state that holds afterwards (this one, or the one written first).
+# Write the final states of many tasks, each only if it has none. KEYS[1] open set, KEYS[2..] the tasks;
+# ARGV: finished_at, claimed prefix, done prefix, key prefix, then per task: state, result json, error json.
+# Returns per task the final state that holds afterwards (this one, or the one written first; '' no record).
 _FINALIZE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local existing = redis.call('HGET', KEYS[1], 'state')
-if existing then return existing end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[4])
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'result', ARGV[2]) end
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
-redis.call('ZREM', KEYS[2], ARGV[5])
-local owner = redis.call('HGET', KEYS[1], 'worker')
-if owner then redis.call('HDEL', ARGV[7] .. owner, ARGV[5]) end
-redis.call('PUBLISH', ARGV[6], cjson.encode({state=ARGV[1], result=ARGV[2], error=ARGV[3], finished_at=ARGV[4],
-                                              started_at=redis.call('HGET', KEYS[1], 'started_at') or ''}))
-return ARGV[1]
+local out, replies = {}, {}
+for i = 2, #KEYS do
+  local key, a = KEYS[i], 5 + 3 * (i - 2)
+  local state, result, err = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local id = string.sub(key, #ARGV[4] + 1)
+  if redis.call('EXISTS', key) == 0 then
+    out[i - 1] = ''
+  else
+    local existing = redis.call('HGET', key, 'state')
+    if existing then
+      out[i - 1] = existing
+    else
+      redis.call('HSET', key, 'state', state, 'finished_at', ARGV[1])
+      if result ~= '' then redis.call('HSET', key, 'result', result) end
+      if err ~= '' then redis.call('HSET', key, 'error', err) end
+      redis.call('ZREM', KEYS[1], id)
+      local owner = redis.call('HGET', key, 'worker')
+      if owner then redis.call('HDEL', ARGV[2] .. owner, id) end
+      local notice = {state=state, result=result, error=err, finished_at=ARGV[1],
+                      started_at=redis.call('HGET', key, 'started_at') or ''}
+      redis.call('PUBLISH', ARGV[3] .. id, cjson.encode(notice))
+      local notify = redis.call('HGET', key, 'notify')
+      if notify then
+        notice.id = id
+        replies[notify] = replies[notify] or {}
+        table.insert(replies[notify], notice)
+      end
+      out[i - 1] = state
+    end
+  end
+end
+for channel, notices in pairs(replies) do redis.call('PUBLISH', channel, cjson.encode(notices)) end
+return out
+"""
+
+# KEYS: tasks; ARGV[1]: now (epoch s). The positions (1-based) of the tasks whose status can no longer be
+# queued or running: final, past their deadline, or without a record. A waiter's fallback (one command for
+# thousands of ids, no record read, nothing for the caller to parse per id).
+_SETTLED = """
+local out = {}
+local now = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  local state, deadline = unpack(redis.call('HMGET', key, 'state', 'deadline_ts'))
+  if state or (deadline and now >= tonumber(deadline)) or redis.call('EXISTS', key) == 0 then
+    out[#out + 1] = i
+  end
+end
+return out
 """
 
 # KEYS[1] task; ARGV: worker, id, claimed prefix. Hand a task back (worker stop or death): not final, and
@@ -181,6 +234,7 @@ class TaskRecords:
         self._claim = client.register_script(_CLAIM)
         self._finalize = client.register_script(_FINALIZE)
         self._release = client.register_script(_RELEASE)
+        self._settled = client.register_script(_SETTLED)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int, retries: int = 1) -> TaskRecords:
@@ -200,8 +254,9 @@ class TaskRecords:
                message: dict[str, Any] | None = None) -> None:
         self.create_many([NewRecord(task_id, task, model, priority, deadline, message)])
 
-    def create_many(self, records: Sequence[NewRecord]) -> None:
-        """Write many records (and their entries in the open set) in one round trip."""
+    def create_many(self, records: Sequence[NewRecord], notify: str | None = None) -> datetime:
+        """Write many records (and their entries in the open set) in one round trip; `notify`: the submitter's
+        reply channel. Returns their `created_at`."""
         created = now()
         with self.redis.pipeline(transaction=False) as pipe:
             for r in records:
@@ -212,11 +267,14 @@ class TaskRecords:
                     fields["deadline_ts"] = repr(r.deadline.timestamp())
                 if r.message is not None:
                     fields["message"] = json.dumps(r.message)
+                if notify is not None:
+                    fields["notify"] = notify
                 pipe.hset(task_key(r.task_id), mapping=fields)
                 pipe.expire(task_key(r.task_id), self.ttl_s)
             if records:
                 pipe.zadd(OPEN_KEY, {r.task_id: created.timestamp() for r in records})
             pipe.execute()
+        return created
 
     def delete(self, task_ids: Sequence[str]) -> None:
         if task_ids:
@@ -248,6 +306,16 @@ class TaskRecords:
             return [data or None for data in replies]
         return [{f: v for f, v in zip(fields, values, strict=True) if v is not None} or None for values in replies]
 
+    def settled(self, task_ids: Sequence[str], chunk: int = 5000) -> list[str]:
+        """The ids among `task_ids` whose status is final, or must be read to be made final (past their
+        deadline, or no record): one command per `chunk` ids."""
+        found: list[str] = []
+        for start in range(0, len(task_ids), chunk):
+            part = task_ids[start : start + chunk]
+            positions = self._settled(keys=[task_key(t) for t in part], args=[repr(now().timestamp())])
+            found += [part[i - 1] for i in positions]
+        return found
+
     # -- transitions --------------------------------------------------------------------------------------
 
     def claim(self, task_id: str, worker: str, delivery_tag: str, lease_prefix: str) -> Claim:
@@ -256,12 +324,14 @@ class TaskRecords:
 
     def claim_many(self, task_ids: Sequence[str], worker: str, delivery_tag: str, lease_prefix: str,
                    claimed_ttl_s: int = 7 * 24 * 3600) -> list[Claim]:
-        """`claim` for the items of one message, in one round trip."""
+        """`claim` for the items of one message, in one call (each item decided on its own)."""
+        if not task_ids:
+            return []
         at = now()
-        calls = [([task_key(t), OPEN_KEY, CLAIMED_PREFIX + worker],
-                  [worker, lease_prefix, repr(at.timestamp()), at.isoformat(), delivery_tag, claimed_ttl_s,
-                   KEY_PREFIX, DONE_CHANNEL_PREFIX]) for t in task_ids]
-        return [Claim(outcome) for outcome in self._eval_many(self._claim, calls)]
+        keys = [OPEN_KEY, CLAIMED_PREFIX + worker, *map(task_key, task_ids)]
+        args = [worker, lease_prefix, repr(at.timestamp()), at.isoformat(), delivery_tag, claimed_ttl_s,
+                KEY_PREFIX, DONE_CHANNEL_PREFIX]
+        return [Claim(outcome) for outcome in self._claim(keys=keys, args=args)]
 
     def finalize(self, task_id: str, state: TaskState, result: Any = None, error: dict[str, str] | None = None,
                  ) -> TaskState | None:
@@ -269,35 +339,18 @@ class TaskRecords:
         return self.finalize_many([Outcome(task_id, state, result, error)])[0]
 
     def finalize_many(self, outcomes: Sequence[Outcome]) -> list[TaskState | None]:
-        """`finalize` for many tasks in one round trip (each is still atomic on its own)."""
-        at = now().isoformat()
-        calls = []
+        """`finalize` for many tasks in one call (each written only if it has no final state yet)."""
+        if not outcomes:
+            return []
+        keys: list[Any] = [OPEN_KEY]
+        args: list[Any] = [now().isoformat(), CLAIMED_PREFIX, DONE_CHANNEL_PREFIX, KEY_PREFIX]
         for o in outcomes:
             if not o.state.is_final:
                 raise ValueError(f"{o.state} is not a final state")
-            calls.append(([task_key(o.task_id), OPEN_KEY],
-                          [o.state.value, "" if o.result is None else json.dumps(o.result),
-                           "" if o.error is None else json.dumps(o.error), at, o.task_id, done_channel(o.task_id),
-                           CLAIMED_PREFIX]))
-        return [TaskState(state) if state else None for state in self._eval_many(self._finalize, calls)]
-
-    def _eval_many(self, script: Script, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
-        """Run `script` once per (keys, args) in one round trip, by its SHA (no SCRIPT EXISTS per call, which
-        redis-py's pipelined scripts send); after a Redis restart the script is loaded again once."""
-        if len(calls) == 1:
-            keys, args = calls[0]
-            return [script(keys=keys, args=args)]  # EVALSHA, loading the script on NoScriptError
-        for attempt in range(2):
-            with self.redis.pipeline(transaction=False) as pipe:
-                for keys, args in calls:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                try:
-                    return pipe.execute()  # type: ignore[no-any-return]
-                except NoScriptError:
-                    if attempt:
-                        raise
-                    script.sha = self.redis.script_load(script.script)
-        raise AssertionError("unreachable")
+            keys.append(task_key(o.task_id))
+            args += [o.state.value, "" if o.result is None else json.dumps(o.result),
+                     "" if o.error is None else json.dumps(o.error)]
+        return [TaskState(state) if state else None for state in self._finalize(keys=keys, args=args)]
 
     def release(self, task_id: str, worker: str) -> bool:
         """Hand a task that `worker` claimed back to the queue state (not final). True if it was released."""

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from pagedq.producer.api import create_app
 from pagedq.producer.cli import app
 from pagedq.shared.celery_config import PRIORITY_SEP as SEP
-from pagedq.shared.models import TaskState
+from pagedq.shared.models import REQUEST_MODELS, TaskState, TaskType
 from pagedq.shared.records import KEY_PREFIX, TaskRecords
 from pagedq.shared.redis_server import free_port
 from pagedq.shared.settings import Settings, get_settings
@@ -38,11 +38,14 @@ def message_items(message: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def sent_requests(r: redis.Redis) -> list[dict[str, Any]]:
-    """The `request` of every message waiting on any queue, oldest first."""
+    """The `request` of every message waiting on any queue, oldest first, as the worker reads it (messages
+    leave out the fields at their defaults)."""
     found = []
     for queue in QUEUES:
+        model = REQUEST_MODELS[TaskType(queue.split(SEP)[0].removeprefix("pagedq."))]
         for raw in reversed(r.lrange(queue, 0, -1)):
-            found += [item["request"] for item in message_items(json.loads(raw))]
+            found += [model.model_validate(item["request"]).model_dump(mode="json")
+                      for item in message_items(json.loads(raw))]
     return found
 
 

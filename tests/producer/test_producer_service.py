@@ -36,7 +36,7 @@ from pagedq.shared.errors import (
     UnsupportedLanguagePair,
 )
 from pagedq.shared.models import ClassifyRequest, ClassifyResult, TaskState, TaskType, TranslateRequest
-from pagedq.shared.records import KEY_PREFIX, Claim
+from pagedq.shared.records import KEY_PREFIX, Claim, Outcome
 from pagedq.shared.redis_server import free_port
 from pagedq.shared.registry import Registry
 from pagedq.shared.settings import Limits, Settings
@@ -142,7 +142,8 @@ def test_submit_writes_a_record_and_one_message_with_the_contract_body(service: 
     assert kwargs == {}
     [sent] = args
     assert set(sent) == {"request", "model", "deadline", "submitted_at"}
-    assert sent["request"] == ClassifyRequest(text="I loved it", top_k=2).model_dump(mode="json")
+    assert sent["request"] == {"text": "I loved it", "top_k": 2}  # the fields at their defaults are left out
+    assert ClassifyRequest.model_validate(sent["request"]) == ClassifyRequest(text="I loved it", top_k=2)
     assert sent["model"] == "default"
     assert before <= sent["submitted_at"] <= time.time()
     assert sent["deadline"] == pytest.approx(sent["submitted_at"] + 600.0)
@@ -575,3 +576,97 @@ def test_wait_sees_tasks_that_finished_before_it_subscribed(service: TaskService
 def test_wait_expires_a_queued_task_at_its_deadline(service: TaskService) -> None:
     task_id = service.submit(TaskType.CLASSIFY, {"text": "hi", "timeout_s": 0.3}).id
     assert service.wait(task_id, timeout_s=5, poll_interval=0.1).state is TaskState.EXPIRED
+
+
+# -- the reply channel of a listening producer (the Python client) --------------------------------------
+
+
+@pytest.fixture()
+def listening(settings: Settings) -> Any:
+    service = TaskService(settings, listen=True)
+    yield service
+    service.close()
+
+
+def test_a_listening_producer_waits_on_its_reply_channel_without_a_subscription_per_task(
+    listening: TaskService, service: TaskService, r: redis.Redis
+) -> None:
+    task_id = listening.submit(TaskType.CLASSIFY, {"text": "hi"}).id
+    channel = r.hget(KEY_PREFIX + task_id, "notify")
+    assert channel is not None and channel.startswith("pagedq:reply:")
+    subscribed: list[int] = []
+
+    def finish() -> None:  # another process (here: another producer) writes the final state
+        subscribed.append(r.pubsub_numsub(f"pagedq:done:{task_id}")[0][1])
+        service.records.finalize(task_id, TaskState.SUCCEEDED, result=SUCCESS)
+
+    finisher = threading.Timer(0.3, finish)
+    finisher.start()
+    start = time.monotonic()
+    status = listening.wait(task_id, timeout_s=10, poll_interval=60)  # no fallback read within the test
+    assert status.state is TaskState.SUCCEEDED and time.monotonic() - start < 3  # a full read comes at 5 s
+    assert subscribed == [0]  # nobody subscribed to the task's own channel: the notice came on the reply channel
+    assert status == service.statuses([task_id])[0]  # built from the notice, equal to what a read says
+    finisher.join()
+    # a producer that did not submit it waits by the task's own channel, and sees the same
+    assert service.wait(task_id, timeout_s=5) == status
+
+
+def test_a_bulk_finalized_at_once_sends_one_reply_with_every_item(
+    listening: TaskService, service: TaskService, r: redis.Redis
+) -> None:
+    ids = [s.id for s in listening.submit_bulk(TaskType.CLASSIFY, [{"text": "a"}, {"text": "b"}, {"text": "c"}])]
+    sniffer = r.pubsub(ignore_subscribe_messages=True)
+    sniffer.subscribe(r.hget(KEY_PREFIX + ids[0], "notify"))
+    sniffer.get_message(timeout=1.0)
+    states = service.records.finalize_many([Outcome(ids[0], TaskState.SUCCEEDED, SUCCESS),
+                                            Outcome(ids[1], TaskState.FAILED, None, {"type": "E", "message": "m"}),
+                                            Outcome(ids[2], TaskState.SUCCEEDED, SUCCESS)])
+    assert states == [TaskState.SUCCEEDED, TaskState.FAILED, TaskState.SUCCEEDED]
+    message = sniffer.get_message(timeout=2.0)
+    assert message is not None and [n["id"] for n in json.loads(message["data"])] == ids
+    assert sniffer.get_message(timeout=0.2) is None  # one message for the three
+    sniffer.close()
+    statuses = listening.wait_all(ids, timeout_s=5, poll_interval=60)
+    assert [s.state for s in statuses] == [TaskState.SUCCEEDED, TaskState.FAILED, TaskState.SUCCEEDED]
+    assert statuses == service.statuses(ids)
+
+
+def test_a_listening_producer_shared_by_threads_wakes_each_waiter(listening: TaskService, service: TaskService) -> None:
+    ids = [listening.submit(TaskType.CLASSIFY, {"text": f"t{i}"}).id for i in range(4)]
+    results: dict[str, TaskState] = {}
+
+    def wait(task_id: str) -> None:
+        results[task_id] = listening.wait(task_id, timeout_s=10, poll_interval=60).state
+
+    waiters = [threading.Thread(target=wait, args=(t,)) for t in ids]
+    for waiter in waiters:
+        waiter.start()
+    for task_id in reversed(ids):  # one at a time, the last first
+        time.sleep(0.1)
+        service.records.finalize(task_id, TaskState.SUCCEEDED, result=SUCCESS)
+    for waiter in waiters:
+        waiter.join(timeout=10)
+    assert results == {t: TaskState.SUCCEEDED for t in ids}
+
+
+def test_a_listening_producer_falls_back_to_reading_when_its_reply_is_missed(
+    listening: TaskService, r: redis.Redis
+) -> None:
+    task_id = listening.submit(TaskType.CLASSIFY, {"text": "hi"}).id
+    threading.Timer(0.2, lambda: r.hset(KEY_PREFIX + task_id, mapping={
+        "state": "succeeded", "result": json.dumps(SUCCESS), "finished_at": "2030-01-01T00:00:00+00:00"})).start()
+    assert listening.wait(task_id, timeout_s=5, poll_interval=0.1).state is TaskState.SUCCEEDED
+
+
+def test_a_listening_producer_survives_losing_its_subscription(listening: TaskService, service: TaskService,
+                                                               r: redis.Redis) -> None:
+    first = listening.submit(TaskType.CLASSIFY, {"text": "a"}).id
+    r.client_kill_filter(_type="pubsub")  # as in a Redis restart: the reply channel's connection drops
+    service.records.finalize(first, TaskState.SUCCEEDED, result=SUCCESS)  # published while nobody listens
+    assert listening.wait(first, timeout_s=10, poll_interval=0.2).state is TaskState.SUCCEEDED  # read instead
+    second = listening.submit(TaskType.CLASSIFY, {"text": "b"}).id
+    threading.Timer(0.3, lambda: service.records.finalize(second, TaskState.SUCCEEDED, result=SUCCESS)).start()
+    start = time.monotonic()
+    assert listening.wait(second, timeout_s=10, poll_interval=60).state is TaskState.SUCCEEDED
+    assert time.monotonic() - start < 3  # pushed again (a full read comes at 5 s): the subscription is back
