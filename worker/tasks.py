@@ -230,8 +230,14 @@ def _wait(rt: WorkerRuntime, task_type: TaskType, items: list[Item]) -> None:
         _finalize(rt, task_type, finished, outcomes)
         if pending and time.monotonic() >= next_revoke_check:
             next_revoke_check = time.monotonic() + POLL_S
-            for item in pending.values():
-                if not item.cancel_sent and item.id in worker_state.revoked:
+            revoked = worker_state.revoked  # look up the fewer: a batch waits for hundreds of items
+            try:
+                ids = [t for t in tuple(revoked) if t in pending] if len(revoked) < len(pending) else \
+                    [t for t in pending if t in revoked]
+            except RuntimeError:  # a revoke arrived while the set was copied (the consumer thread adds them)
+                ids = [t for t in pending if t in revoked]
+            for item in (pending[t] for t in ids):
+                if not item.cancel_sent:
                     rt.engine.cancel(item.id, TaskCancelled("cancelled while running"))
                     item.cancel_sent = True
 
