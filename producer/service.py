@@ -28,7 +28,7 @@ from kombu.messaging import Producer
 from pagedq.producer.completion import FALLBACK_S, wait_pushed, wait_replied
 from pagedq.producer.errors import TaskAlreadyFinished
 from pagedq.producer.parsing import RequestInput, parse_request, parse_requests
-from pagedq.producer.replies import MAX_KEPT, Replies
+from pagedq.producer.replies import Replies
 from pagedq.producer.status import needs_expiry, task_status
 from pagedq.producer.submission import BatchMessage, Submission, batch_messages
 from pagedq.shared.celery_config import BATCH_TASK_NAMES, QUEUES, TASK_NAMES, celery_priority, make_celery
@@ -43,6 +43,11 @@ DEFAULT_MODEL = "default"
 
 #: How long the registry the live workers publish is reused before it is read again (seconds).
 PUBLISHED_TTL_S = 2.0
+
+#: Tasks submitted here whose submitted status is kept for a wait on the reply channel (a few bulks' worth).
+MAX_SUBMITTED = 50_000
+#: type, model, priority, created_at, deadline (epoch s): a queued task's status as submitted
+_Submitted = tuple[TaskType, str, int, datetime, float]
 
 #: Messages per pipelined group when sending a bulk (progress is reported per group).
 SEND_BATCH = 250
@@ -90,9 +95,10 @@ class TaskService:
         self.records = TaskRecords.from_url(self.settings.backend_url, self.settings.result_ttl_s)
         self._local = threading.local()
         self._replies = Replies(self.records.redis) if listen else None
-        #: the status as submitted of the tasks submitted here and not yet waited to the end (oldest dropped
-        #: past MAX_KEPT: a wait for such a task reads its record first, as for a task submitted elsewhere)
-        self._submitted: OrderedDict[str, TaskStatus] = OrderedDict()
+        #: what the status of a task submitted here (and not yet waited to the end) is made of, as submitted
+        #: (oldest dropped past MAX_SUBMITTED: a wait for such a task reads its record, as for one submitted
+        #: elsewhere); a tuple, not a TaskStatus: ~250 bytes a task, not ~3 KB
+        self._submitted: OrderedDict[str, _Submitted] = OrderedDict()
         self._submitted_lock = threading.Lock()
 
     # -- submission ---------------------------------------------------------------------------------------
@@ -181,10 +187,8 @@ class TaskService:
         if notify is not None:
             with self._submitted_lock:
                 for s in submissions:
-                    self._submitted[s.id] = TaskStatus(
-                        id=s.id, type=s.task_type, state=TaskState.QUEUED, model=s.model or None,
-                        priority=s.request.priority, created_at=created, deadline=_utc(s.deadline))
-                while len(self._submitted) > MAX_KEPT:
+                    self._submitted[s.id] = (s.task_type, s.model, s.request.priority, created, s.deadline)
+                while len(self._submitted) > MAX_SUBMITTED:
                     self._submitted.popitem(last=False)
 
     def _send(self, submission: Submission, producer: Producer | None = None) -> None:
@@ -297,8 +301,11 @@ class TaskService:
         """Final statuses of every task, in `task_ids` order (see `pagedq.producer.completion`)."""
         if self._replies is not None:
             with self._submitted_lock:
-                known = {t: status for t in task_ids if (status := self._submitted.get(t)) is not None}
-            if len(known) == len(set(task_ids)):  # all submitted here: their notices come on the reply channel
+                submitted = {t: fields for t in task_ids if (fields := self._submitted.get(t)) is not None}
+            if len(submitted) == len(set(task_ids)):  # all submitted here: their notices come on the reply channel
+                known = {t: TaskStatus(id=t, type=task_type, state=TaskState.QUEUED, model=model or None,
+                                       priority=priority, created_at=created, deadline=_utc(deadline))
+                         for t, (task_type, model, priority, created, deadline) in submitted.items()}
                 statuses = wait_replied(self._replies, known, self.statuses, task_ids, timeout_s, on_progress,
                                         poll_interval, self.records.settled)
                 with self._submitted_lock:
