@@ -329,8 +329,8 @@ class TaskRecords:
             return []
         at = now()
         keys = [OPEN_KEY, CLAIMED_PREFIX + worker, *map(task_key, task_ids)]
-        args = [worker, lease_prefix, repr(at.timestamp()), at.isoformat(), delivery_tag, claimed_ttl_s,
-                KEY_PREFIX, DONE_CHANNEL_PREFIX]
+        args: list[EncodableT] = [worker, lease_prefix, repr(at.timestamp()), at.isoformat(), delivery_tag,
+                                  claimed_ttl_s, KEY_PREFIX, DONE_CHANNEL_PREFIX]
         return [Claim(outcome) for outcome in self._claim(keys=keys, args=args)]
 
     def finalize(self, task_id: str, state: TaskState, result: Any = None, error: dict[str, str] | None = None,
