@@ -38,6 +38,7 @@ w5_single_vs_noop=.. w5_bulk_vs_inprocess=.. w5_idle_p50_ms=.. w5_vs_naive=..
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -357,6 +358,11 @@ def main() -> None:
     with phases("engine in-process"):
         outcome, batch = in_process(registry_path, settings, texts, WARMUP)
         rows["inprocess"] = Row("classifier executor in-process (no queue)", outcome, None, batch)
+    # This process runs every system's clients: what it imported (torch, transformers) out of the garbage
+    # collector's reach, as the worker does at startup (worker/app.py), so that no client pays a full
+    # collection over it in a timed run (one cost a 2,000-text bulk call ~0.3 s). The same for every system.
+    gc.collect()
+    gc.freeze()
     rows.update(run_pagedq(args, registry_path, texts, phases, notes))
     rows.update(run_noop(args, registry_path, texts, phases))
     rows.update(run_pagedq_mix(args, mix, phases))

@@ -116,7 +116,7 @@ def run_items(task: Task, rt: WorkerRuntime, task_type: TaskType, items: list[It
         else:
             log.info("task %s: %s, not run by this delivery", item.id, claim.value)
     try:
-        rejected = [o for item in runnable if (o := _submit(rt, task_type, item)) is not None]
+        rejected = _submit(rt, task_type, runnable)
         _finalize(rt, task_type, runnable, rejected)
         _wait(rt, task_type, [i for i in runnable if i.request is not None])
     except RedisError as exc:
@@ -135,28 +135,43 @@ def run_items(task: Task, rt: WorkerRuntime, task_type: TaskType, items: list[It
     return items
 
 
-def _submit(rt: WorkerRuntime, task_type: TaskType, item: Item) -> Outcome | None:
-    """Hand an item to the engine; the item's failure outcome if it cannot be (nothing else fails)."""
+def _submit(rt: WorkerRuntime, task_type: TaskType, items: list[Item]) -> list[Outcome]:
+    """Hand the items to the engine in one `submit_many`; the failure outcomes of those that cannot run (an
+    invalid request fails alone). Items the engine refuses because the worker stops are marked handed back."""
+    outcomes, requests = [], []
+    for item in items:
+        try:
+            requests.append(_engine_request(rt, task_type, item))
+        except (KeyError, TypeError, ValidationError) as exc:
+            outcomes.append(_failed(item, InvalidRequest(f"invalid {task_type.value} request: {exc}")))
+        except PagedqError as exc:
+            outcomes.append(_failed(item, exc))
+    if not requests:
+        return outcomes
     try:
-        payload = cast(TaskRequest, REQUEST_MODELS[task_type].model_validate(item.message["request"]))
-        deadline = item.message.get("deadline")
-        if deadline is not None and time.time() >= deadline:
-            raise DeadlineExceeded("deadline passed while the task was queued")
-        spec = _model_for(rt, task_type, item.message, payload)
-        item.model = spec.name
-        item.request = EngineRequest(id=item.id, task=task_type, payload=payload, model=spec.name,
-                                     priority=payload.priority, deadline=deadline)
-        if _wants_stream(payload) and rt.streamer is not None:
-            item.request.stream = rt.streamer.sink(item.id)
-        rt.engine.submit(item.request)
-        return None
-    except (KeyError, TypeError, ValidationError) as exc:
-        return _failed(item, InvalidRequest(f"invalid {task_type.value} request: {exc}"))
+        rt.engine.submit_many(requests)
+    except WorkerShuttingDown as exc:
+        for item in items:
+            if item.request is not None:
+                item.error, item.request = exc, None
     except PagedqError as exc:
-        if isinstance(exc, WorkerShuttingDown):
-            item.error = exc
-            return None
-        return _failed(item, exc)
+        outcomes += [_failed(item, exc) for item in items if item.request is not None]
+    return outcomes
+
+
+def _engine_request(rt: WorkerRuntime, task_type: TaskType, item: Item) -> EngineRequest:
+    """The item's validated request, set on `item.request` (raises for an invalid or expired item)."""
+    payload = cast(TaskRequest, REQUEST_MODELS[task_type].model_validate(item.message["request"]))
+    deadline = item.message.get("deadline")
+    if deadline is not None and time.time() >= deadline:
+        raise DeadlineExceeded("deadline passed while the task was queued")
+    spec = _model_for(rt, task_type, item.message, payload)
+    item.model = spec.name
+    item.request = EngineRequest(id=item.id, task=task_type, payload=payload, model=spec.name,
+                                 priority=payload.priority, deadline=deadline)
+    if _wants_stream(payload) and rt.streamer is not None:
+        item.request.stream = rt.streamer.sink(item.id)
+    return item.request
 
 
 def _model_label(item: Item) -> str:

@@ -3,7 +3,8 @@
 ```
  Celery task threads                      engine thread (this module)
  ───────────────────                      ─────────────────────────────────────────────
- submit(req) ──► inbox ──────────────────► drain inbox: executor.add(attempt) / executor.abort(id)
+ submit_many(reqs) ─► prepare (tokenize)
+                    ─► inbox ─────────────► drain inbox: executor.add(attempt) / executor.abort(id)
  cancel(id)  ──► inbox                     expire requests past their deadline
  future.result(timeout) ◄── completed ──── executor.step() for every model with work (round-robin)
  ensure_alive() (watchdog, periodic) ────► restarts the thread if it died
@@ -32,6 +33,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -148,14 +150,39 @@ class Engine:
     def submit(self, request: EngineRequest) -> Future[Any]:
         if request.model not in self.executors:
             raise ModelNotFound(f"model {request.model!r} is not loaded on this worker")
+        self.submit_many([request])
+        return request.future
+
+    def submit_many(self, requests: Sequence[EngineRequest]) -> None:
+        """Submit requests in one hand-off to the engine thread, after each model's executor prepared its
+        requests here, in the caller's thread (`ModelExecutor.prepare`: the classifier tokenizes, and the Rust
+        tokenizer runs outside the GIL). A request for a model not loaded here fails alone (ModelNotFound, on
+        its future); WorkerShuttingDown or EngineError (the engine does not run) concern them all and are
+        raised, with nothing submitted."""
         with self._lock:
             if self._stopping:
                 raise WorkerShuttingDown("the worker is shutting down; the task goes back to its queue")
             if not self._started:
                 raise EngineError("the engine thread is not running")
-            self._inbox.put(("add", request))
+        by_model: dict[str, list[EngineRequest]] = {}
+        for request in requests:
+            if request.model in self.executors:
+                by_model.setdefault(request.model, []).append(request)
+            else:
+                request.fail(ModelNotFound(f"model {request.model!r} is not loaded on this worker"))
+        for model, group in by_model.items():
+            try:
+                self.executors[model].prepare(group)
+            except Exception as exc:  # noqa: BLE001 - an optimisation only: the executor computes it in `step`
+                # (a broken input, say: the step then fails it alone by bisection)
+                log.warning("preparing %d requests of %s failed (%r); the engine thread will", len(group), model, exc)
+                for request in group:
+                    request.prepared = None
+        with self._lock:
+            if self._stopping:
+                raise WorkerShuttingDown("the worker is shutting down; the task goes back to its queue")
+            self._inbox.put(("add", [r for group in by_model.values() for r in group]))
         self.ensure_alive()
-        return request.future
 
     def cancel(self, request_id: str, error: BaseException | None = None) -> None:
         """Ask the engine to drop a request; its blocks are freed by the next loop iteration."""
@@ -214,7 +241,8 @@ class Engine:
         while True:
             kind, payload = item
             if kind == "add":
-                self._add(payload)
+                for request in payload:
+                    self._add(request)
             elif kind == "abort":
                 self._abort(*payload)
             try:
@@ -272,7 +300,8 @@ class Engine:
             except queue.Empty:
                 break
             if kind == "add":
-                payload.fail(_shutting_down())
+                for request in payload:
+                    request.fail(_shutting_down())
         for request_id in list(self._flights):
             self._abort(request_id, _shutting_down())
         self._isolator.quarantines.clear()

@@ -133,6 +133,18 @@ def test_unknown_model_is_refused_at_submit(engine: Engine) -> None:
         engine.submit(request("x", model="missing"))
 
 
+def test_submit_many_hands_over_together_and_an_unknown_model_fails_alone(engine: Engine) -> None:
+    ex = engine.executors["m"]
+    ex.hold = True
+    reqs = [request("a"), request("b", model="missing"), request("c")]
+    engine.submit_many(reqs)
+    with pytest.raises(ModelNotFound):
+        reqs[1].future.result(timeout=5)
+    ex.hold = False
+    assert [reqs[0].future.result(timeout=5), reqs[2].future.result(timeout=5)] == ["done:a", "done:c"]
+    assert [sorted(b) for b in ex.batches] == [["a", "c"]]
+
+
 def test_deadline_expires_a_waiting_request(engine: Engine) -> None:
     engine.executors["m"].hold = True
     future = engine.submit(request("late", deadline=time.time() + 0.2))

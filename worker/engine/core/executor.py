@@ -8,7 +8,8 @@ completes each request's future with a result model (`ClassifyResult`, `Translat
 or an exception from `pagedq.shared.errors`.
 
 Invariants:
-- executors are touched only from the engine thread (no locks inside them);
+- executors are touched only from the engine thread (no locks inside them), except `prepare`, which any
+  thread may call before the request reaches the engine: it reads nothing the engine thread changes;
 - a request's future is completed exactly once (use `EngineRequest.finish` / `.fail`);
 - `abort` frees everything the request holds (KV blocks, queue slots) before it returns.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -68,6 +70,9 @@ class EngineRequest:
     #: paged engines; not the batched-generate fallback): TTFT and TPOT metrics (worker/metrics.py)
     first_token_at: float | None = None
     finished_at: float | None = None  # time.monotonic() when its future completed with a result
+    #: what its executor's `prepare` computed in the submitting thread (e.g. the tokenized text); executors
+    #: that find None compute it themselves
+    prepared: Any = None
 
     def finish(self, result: Any) -> bool:
         """Complete with a result; False if the future was already completed (e.g. cancelled)."""
@@ -112,11 +117,16 @@ class ModelStats:
 
 
 class ModelExecutor(ABC):
-    """Runs the requests of one loaded model. Only the engine thread calls these methods."""
+    """Runs the requests of one loaded model. Only the engine thread calls these methods, but `prepare`."""
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.loaded = loaded
         self.config = config
+
+    def prepare(self, requests: Sequence[EngineRequest]) -> None:  # noqa: B027 - optional, empty by default
+        """Any thread, before the requests are submitted: compute what can be computed outside the engine
+        thread into `request.prepared` (the classifier tokenizes). Thread-safe; touches no executor state;
+        may leave any request unprepared. The default prepares nothing."""
 
     @abstractmethod
     def add(self, request: EngineRequest) -> None:

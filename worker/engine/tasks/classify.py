@@ -2,8 +2,10 @@
 
 Each `step()`:
 1. drops requests that expired (DeadlineExceeded) or were completed elsewhere;
-2. tokenizes the requests added since the last step in one tokenizer call, truncating (and reporting it)
-   or rejecting (InvalidRequest) inputs longer than the model's limit;
+2. queues the requests tokenized before they arrived (`prepare`, in the submitting thread), and tokenizes
+   at most `lookahead(max_running_requests)` of the others, most urgent first, in one call -- so a bulk of
+   thousands never holds the engine thread (and every other model on it) in one long tokenizer call;
+   inputs longer than the model's limit are truncated (and reported) or rejected (InvalidRequest);
 3. picks one batch under `EngineConfig.max_batch_tokens` / `max_running_requests`, head of the priority
    queue first: packed (real tokens only, first fit in queue order) on models that pack, else padded and
    bucketed by length (`forward.EncoderForward`, `batching`);
@@ -16,6 +18,8 @@ A request holds nothing between steps except its place in the queue.
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +29,7 @@ from pagedq.shared.errors import InvalidRequest
 from pagedq.shared.models import ClassifyRequest, ClassifyResult
 from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
 from pagedq.worker.engine.cpu.linear import prepare_for_host
+from pagedq.worker.engine.encoder.batch_encoder import BatchEncoder
 from pagedq.worker.engine.encoder.forward import EncoderForward
 from pagedq.worker.engine.tasks.batching import (
     WaitingQueue,
@@ -102,21 +107,38 @@ class ClassificationExecutor(ModelExecutor):
         prepare_for_host(loaded.model, config.cpu_prepack_linear)
         self.forward = EncoderForward(loaded, pooled=True, packing=packing)
         self._input_names = [n for n in loaded.tokenizer.model_input_names if n != "offset_mapping"]
-        self._new: list[tuple[EngineRequest, tuple[int, float, int]]] = []  # added, not yet tokenized
+        self._encoder = BatchEncoder.for_tokenizer(loaded.tokenizer, self._input_names)  # None: transformers'
+        self._new: list[tuple[tuple[int, float, int], EngineRequest]] = []  # a heap: added, not yet tokenized
         self._waiting: WaitingQueue[_Encoded] = WaitingQueue()
         self._counters = {"steps": 0, "num_requests_finished": 0}
         self._id2label = dict(loaded.model.config.id2label)  # once: a transformers config read is slow
 
     # ---- the ModelExecutor interface ------------------------------------------------------------
+    def prepare(self, requests: Sequence[EngineRequest]) -> None:
+        """Any thread: tokenize the requests' texts (one call) into `request.prepared`, where the private
+        `BatchEncoder` applies and the text fits the model (the rest are tokenized by `step`)."""
+        encoder, limit = self._encoder, self.max_input_tokens
+        todo = [r for r in requests if isinstance(r.payload, ClassifyRequest) and r.prepared is None]
+        if encoder is None or not todo:
+            return
+        for request, inputs in zip(todo, encoder.encode([_payload(r).text for r in todo]), strict=True):
+            if len(inputs["input_ids"]) <= limit:
+                request.prepared = _Encoded(inputs, truncated=False)
+
     def add(self, request: EngineRequest) -> None:
         if not isinstance(request.payload, ClassifyRequest):
             request.fail(InvalidRequest(f"{self.loaded.spec.name} classifies text; got {request.task.value}"))
             return
-        self._new.append((request, order_key(request)))
+        if isinstance(request.prepared, _Encoded):
+            self._waiting.push(request, request.prepared, order_key(request))
+        else:
+            heapq.heappush(self._new, (order_key(request), request))
 
     def abort(self, request_id: str, error: BaseException) -> bool:
-        held = [req for req, _ in self._new if req.id == request_id]
-        self._new = [(req, key) for req, key in self._new if req.id != request_id]
+        held = [req for _, req in self._new if req.id == request_id]
+        if held:
+            self._new = [(key, req) for key, req in self._new if req.id != request_id]
+            heapq.heapify(self._new)
         held += [req for req in self._waiting.requests() if req.id == request_id]
         self._waiting.remove_request(request_id)
         for request in held:
@@ -154,27 +176,36 @@ class ClassificationExecutor(ModelExecutor):
 
     # ---- steps ------------------------------------------------------------------------------------
     def _tokenize_new(self) -> None:
-        """Tokenize every newly added request in one call; queue it, or fail it if it is too long."""
-        new, self._new = self._new, []
-        if not new:
+        """Tokenize the most urgent `lookahead(max_running_requests)` of the requests not yet tokenized, in one
+        call; queue each, or fail it if it is too long. The rest wait for the next steps: never more than
+        this step could consider (they rank after every request tokenized here)."""
+        if not self._new:
             return
+        count = min(len(self._new), lookahead(self.config.max_running_requests))
+        new = [heapq.heappop(self._new) for _ in range(count)]
         tokenizer, limit = self.loaded.tokenizer, self.max_input_tokens
-        texts = [_payload(req).text for req, _ in new]
-        full = tokenizer(texts, truncation=False, verbose=False)
-        long_rows = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > limit]
-        cut_row = {i: n for n, i in enumerate(long_rows)}  # row in `full` -> row in `cut`
-        cut = tokenizer([texts[i] for i in long_rows], truncation=True, max_length=limit) if long_rows else None
-        columns = {name: full[name] for name in self._input_names if name in full}  # BatchEncoding[...] is slow
-        cut_columns = {name: cut[name] for name in self._input_names if name in cut} if cut is not None else {}
-        for i, (request, key) in enumerate(new):
-            source, row, truncated = full, i, False
-            if i in cut_row:
+        texts = [_payload(req).text for _, req in new]
+        if self._encoder is not None:
+            rows = self._encoder.encode(texts)
+        else:
+            full = tokenizer(texts, truncation=False, verbose=False)
+            columns = [full[name] for name in self._input_names if name in full]  # BatchEncoding[...] is slow
+            names = [name for name in self._input_names if name in full]
+            rows = [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+        long_rows = [i for i, inputs in enumerate(rows) if len(inputs["input_ids"]) > limit]
+        cut_rows: dict[int, dict[str, list[int]]] = {}
+        if long_rows:
+            cut = tokenizer([texts[i] for i in long_rows], truncation=True, max_length=limit)
+            names = [name for name in self._input_names if name in cut]
+            cut_rows = {i: {name: cut[name][n] for name in names} for n, i in enumerate(long_rows)}
+        for i, (key, request) in enumerate(new):
+            if i in cut_rows:
                 if not _payload(request).truncate:
-                    request.fail(too_long(len(full["input_ids"][i]), limit, "text"))
+                    request.fail(too_long(len(rows[i]["input_ids"]), limit, "text"))
                     continue
-                source, row, truncated = cut, cut_row[i], True
-            inputs = {name: column[row] for name, column in (columns if source is full else cut_columns).items()}
-            self._waiting.push(request, _Encoded(inputs, truncated), key)
+                self._waiting.push(request, _Encoded(cut_rows[i], truncated=True), key)
+            else:
+                self._waiting.push(request, _Encoded(rows[i], truncated=False), key)
 
     def _result(self, payload: ClassifyRequest, scores: list[float], encoded: _Encoded) -> ClassifyResult:
         """Validated from plain data in one pydantic-core call (6 us), 4x cheaper than `model_construct` of the

@@ -187,6 +187,47 @@ def test_classify_truncation(loaded: dict[str, LoadedModel], reference: dict[str
     assert not short.future.result(timeout=0).truncated
 
 
+def test_a_bulk_is_tokenized_a_window_per_step_most_urgent_first(loaded: dict[str, LoadedModel]) -> None:
+    """Thousands added at once are not tokenized in one call that holds the engine thread: each step tokenizes
+    at most its lookahead window, most urgent first -- so an urgent request added behind a bulk runs in the
+    first step."""
+    executor = ClassificationExecutor(loaded["demo-classifier"], EngineConfig(max_running_requests=16))
+    assert executor._encoder is not None  # the demo tokenizer takes the thread-safe path
+    calls: list[int] = []
+    encode = executor._encoder.encode
+    executor._encoder.encode = lambda texts: calls.append(len(texts)) or encode(texts)  # type: ignore[method-assign]
+    bulk = [classify(TEXTS[i % len(TEXTS)], priority=5) for i in range(1000)]
+    urgent = classify(TEXTS[0], priority=0)
+    for req in [*bulk, urgent]:
+        executor.add(req)
+    executor.step()
+    assert urgent.future.done() and calls == [_batching.lookahead(16)]
+    steps = run(executor, [])
+    assert all(n <= _batching.lookahead(16) for n in calls) and sum(calls) == len(bulk) + 1 and steps > 1
+    assert all(r.future.result(timeout=0).label for r in bulk)
+
+
+@packing
+def test_prepared_requests_give_what_the_engine_thread_computes(loaded: dict[str, LoadedModel],
+                                                                packing: bool | None) -> None:
+    """`prepare` (a task thread tokenizing before the hand-off) changes nothing in the results; texts over the
+    model's limit stay unprepared and are truncated or rejected by the step as before."""
+    lm = loaded["demo-classifier"]
+    executor = ClassificationExecutor(lm, EngineConfig(max_running_requests=8), packing)
+    texts = [*TEXTS, long_text(700)]
+    plain = [classify(t, top_k=None) for t in texts]
+    prepared = [classify(t, top_k=None) for t in texts]
+    executor.prepare(prepared)
+    assert [r.prepared is not None for r in prepared] == [True] * len(TEXTS) + [False]
+    run(executor, plain)
+    run(executor, prepared)
+    for a, b in zip(plain, prepared, strict=True):
+        ra, rb = a.future.result(timeout=0), b.future.result(timeout=0)
+        assert (ra.label, ra.input_tokens, ra.truncated) == (rb.label, rb.input_tokens, rb.truncated)
+        assert [s.score for s in ra.scores] == pytest.approx([s.score for s in rb.scores], abs=1e-6)
+    assert prepared[-1].future.result(timeout=0).truncated
+
+
 def test_a_deep_queue_costs_a_step_its_window_and_still_expires_everything(monkeypatch: pytest.MonkeyPatch) -> None:
     """With thousands waiting, a step looks at the head window only; requests deep in the queue that were
     completed elsewhere (cancelled, or failed by the engine loop's deadline) are still dropped by the periodic
