@@ -28,11 +28,13 @@ from pathlib import Path
 from celery import Celery
 
 from pagedq.shared.errors import ModelNotFound
-from pagedq.shared.records import LEASE_PREFIX, WORKER_RETRIES, TaskRecords
+from pagedq.shared.models import TaskState
+from pagedq.shared.records import LEASE_PREFIX, WORKER_RETRIES, Outcome, TaskRecords
 from pagedq.shared.registry import ModelSpec, Registry
 from pagedq.shared.settings import Settings
 from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
 from pagedq.worker.engine.service import Engine, make_executor
+from pagedq.worker.group_commit import GroupCommit
 from pagedq.worker.lease import WorkerLease, new_worker_id
 from pagedq.worker.reconciler import Reconciler
 from pagedq.worker.registry import load_model
@@ -58,6 +60,11 @@ class WorkerRuntime:
     inflight: set[str] = field(default_factory=set)
     #: registry models this worker does not serve -> why (see the module docstring)
     refused: dict[str, str] = field(default_factory=dict)
+    #: writes the final states of every task thread that finishes at about the same time in one call
+    finalizer: GroupCommit[Outcome, TaskState | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.finalizer = GroupCommit(self.records.finalize_many)
 
     #: prefix of the lease keys `TaskRecords.claim` checks an owner's liveness with
     lease_prefix = LEASE_PREFIX

@@ -5,7 +5,8 @@ Two message kinds per task type (see producer/submission.py): `pagedq.<type>` ca
 
     claim_many (one round trip)   -> per item: run | final | owned | mine | cancelled | expired | missing
     submit every runnable item    -> the engine batches them with everything else in flight
-    as futures complete           -> finalize_many (one round trip per wake-up; first final state wins)
+    as futures complete           -> finalize_many (one round trip per wake-up, shared with the other task
+                                     threads finishing then: worker/group_commit.py; first final state wins)
     items the engine handed back  -> release them, reject the message with requeue (worker shutting down)
 
 `claim` decides atomically in Redis (shared/records.py): a redelivered message runs only the items that are
@@ -272,7 +273,7 @@ def _finalize(rt: WorkerRuntime, task_type: TaskType, items: list[Item], outcome
         if rt.streamer is not None and request is not None and request.stream is not None:
             text = (outcome.result or {}).get("answer") or (outcome.result or {}).get("translation") or ""
             rt.streamer.close(outcome.task_id, outcome.state.value, str(text))
-    rt.records.finalize_many(outcomes)
+    rt.finalizer.commit(outcomes)  # with the outcomes other task threads write now: one round trip
     for outcome in outcomes:
         item = by_id[outcome.task_id]
         error_type = None if outcome.state is TaskState.SUCCEEDED else (outcome.error or {}).get("type", "Error")

@@ -41,6 +41,10 @@ from pagedq.worker.engine.tasks.batching import (
 )
 
 SOFTMAX, SIGMOID, NO_FUNCTION = "softmax", "sigmoid", "none"
+#: `prepare` tokenizes groups of at least this many texts (a batch message); a single text is cheaper to
+#: tokenize with the others of its step, in one call on the engine thread: one call per text cost a busy
+#: worker ~0.25 ms of CPU per task, against ~0.06 ms in a step's batch
+PREPARE_MIN = 2
 
 
 @dataclass
@@ -119,7 +123,7 @@ class ClassificationExecutor(ModelExecutor):
         `BatchEncoder` applies and the text fits the model (the rest are tokenized by `step`)."""
         encoder, limit = self._encoder, self.max_input_tokens
         todo = [r for r in requests if isinstance(r.payload, ClassifyRequest) and r.prepared is None]
-        if encoder is None or not todo:
+        if encoder is None or len(todo) < PREPARE_MIN:
             return
         for request, inputs in zip(todo, encoder.encode([_payload(r).text for r in todo]), strict=True):
             if len(inputs["input_ids"]) <= limit:
