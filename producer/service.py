@@ -118,7 +118,7 @@ class TaskService:
     def submit_bulk(
         self, task_type: TaskType, requests: Sequence[RequestInput], on_progress: ProgressCallback | None = None
     ) -> list[SubmitResponse]:
-        """Validate ALL requests, then write every record in one pipeline and send every message.
+        """Validate ALL requests, then record and send them, the first message's items first (see `_send_all`).
 
         Nothing is recorded or enqueued if any item is invalid: the ValidationError names each bad item by
         index, a registry error says `request N: ...`. `on_progress(done, total)` follows the sending.
@@ -129,7 +129,6 @@ class TaskService:
         parsed = parse_requests(task_type, requests, self.settings.limits)
         served = self._served()
         submissions = [self._prepare(task_type, request, served, index) for index, request in enumerate(parsed)]
-        self._create_records(submissions)
         self._send_all(submissions, on_progress)
         return [s.response for s in submissions]
 
@@ -218,15 +217,20 @@ class TaskService:
         )
 
     def _send_all(self, submissions: Sequence[Submission], on_progress: ProgressCallback | None) -> None:
-        """Send a bulk as messages of `bulk_message_items` items, through one producer in pipelined groups
-        (kombu >= 5.7); a group that fails is discarded and the records of its items and of every later item
-        are removed before the error propagates."""
+        """Record and send a bulk as messages of `bulk_message_items` items, through one producer in pipelined
+        groups (kombu >= 5.7), each group's records written (one pipeline) just before it is sent: the first
+        group is the first message alone, so a worker starts on it while the rest is recorded. A group that
+        fails is discarded and the records of its items and of every later item are removed before the error
+        propagates."""
         messages = batch_messages(submissions, self.settings.bulk_message_items)
         total, sent = len(submissions), 0
+        starts = [0, *range(1, len(messages), SEND_BATCH)] if messages else []
+        ends = [*starts[1:], len(messages)] if messages else []
         with self.celery.producer_or_acquire() as producer:
-            for start in range(0, len(messages), SEND_BATCH):
-                group = messages[start : start + SEND_BATCH]
+            for start, end in zip(starts, ends, strict=True):
+                group = messages[start:end]
                 try:
+                    self._create_records([s for m in group for s in m.items])
                     with _batched(producer):
                         for message in group:
                             self._send_batch(message, producer)

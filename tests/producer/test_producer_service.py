@@ -264,7 +264,7 @@ def test_bulk_records_and_sends_every_request_in_order(service: TaskService, r: 
     assert [i["request"]["text"] for i in items] == [f"t{i}" for i in range(5)]
     assert all(i["deadline"] > i["submitted_at"] for i in items)
     assert messages[0]["headers"]["argsrepr"] == "<2 classify requests for 'default', priority 0>"  # Flower
-    assert progress == [(5, 5)]  # reported per pipelined group of sends
+    assert progress == [(2, 5), (5, 5)]  # per group: the first message alone (a worker starts on it), then the rest
 
 
 def test_bulk_items_of_different_priorities_travel_apart(service: TaskService, r: redis.Redis) -> None:
