@@ -234,7 +234,7 @@ def _wait(rt: WorkerRuntime, task_type: TaskType, items: list[Item]) -> None:
             done = [completed.get(timeout=POLL_S)]
         except queue.Empty:
             done = []
-        if done:
+        if done and len(pending) > 1:
             time.sleep(0)  # let the engine thread complete the rest of its step: one final write for them all
             while True:
                 try:
