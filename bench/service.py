@@ -1,13 +1,18 @@
 """W5 -- the whole service through the queue (handbook benchmarks.md), in one run.
 
-Each system runs alone on the machine (one stack up at a time), with its own private Redis (AOF on) and one
-worker process of `--worker-threads` threads (default: PAGEDQ_WORKER_CONCURRENCY, 64):
+Each stack has its own private Redis (AOF on) and one worker process of `--worker-threads` threads (default:
+PAGEDQ_WORKER_CONCURRENCY, 64), logging at Celery's default level (WARNING) like the baseline workers. The
+systems a target ratio compares -- in-process engine and pagedq bulk, pagedq single-item and the no-op closed
+loop -- run in `--rounds` alternating rounds (default 3) with both stacks up, one system measured at a time,
+so that both sides of a ratio see the same machine (this shared VM's speed drifts by up to 2x within a run);
+the per-round ratios are printed. The mix and its naive baseline run afterwards, one stack up at a time:
   classifier executor in-process   the default classifier loaded as the worker loads it, every text added to
-                                   its executor at once, stepped until done (median of 3): the engine's
+                                   its executor at once, stepped until done, once per round: the engine's
                                    ceiling, no queue
   pagedq, one task on an idle stack  `Client.classify(text).result()` for `--idle-tasks` texts, one at a time
   pagedq single-item, Client       C closed-loop clients (threads, own Client each): classify, wait, repeat
-  pagedq bulk                      one `bulk_classify` of every text, then `wait_all`
+                                   (a 1/rounds share of the tasks per round)
+  pagedq bulk                      one `bulk_classify` of every text, then `wait_all` (once per round)
   pagedq single-item, HTTP API     the same closed loop through `HTTPClient` (it polls: 0.2 s, then x1.5)
   Celery no-op, closed / open      a no-op task with pagedq's Celery settings (results stored), the same pool;
                                    closed loop `send_task(...).get()`, and open loop (submit all, then get)
@@ -65,8 +70,8 @@ from w5_load import (
     redis_cpu_s,
 )
 from w5_models import build_realistic_models
-from w5_pagedq import bulk, client_session, http_session, in_process, one_at_a_time, stage_medians
-from w5_report import Row, cpu_per_task, engine_work, table
+from w5_pagedq import InProcess, bulk, client_session, http_session, one_at_a_time, stage_medians
+from w5_report import Row, cpu_per_task, engine_work, merge, table
 from w5_workload import Job, classify_texts, mixed_jobs
 
 from pagedq.shared.celery_config import make_celery
@@ -84,6 +89,9 @@ DEMO_DIR = ROOT / ".models" / "demo"
 REALISTIC_DIR = ROOT / ".models" / "w5-realistic"
 WARMUP = 64
 MIX_WARMUP = 32  # mix jobs each mix system runs before it is timed (every model, translations included)
+#: every worker of the run logs at Celery's default level, as the baseline workers do (w5_baselines): INFO
+#: would cost each task two log records the baselines do not write
+WORKER_LOGLEVEL = "WARNING"
 MAX_NEW_TOKENS = (16, 48)  # a realistic-mix translation's length, uniform in this range
 
 
@@ -108,68 +116,87 @@ class Probe:
         return {**cpu, "redis": redis_cpu_s(self.redis_url), "clients": time.process_time()}
 
 
-def run_pagedq(
+def run_queue(
     args: argparse.Namespace, registry_path: Path, texts: list[str], phases: Phases, notes: list[str]
 ) -> dict[str, Row]:
+    """The rows on the demo classifier. pagedq's stack and Celery's no-op worker (each with its own Redis) are
+    up together, and the in-process engine is loaded here; the systems compared by a target ratio run in
+    alternating rounds -- in-process, pagedq single-item, no-op closed loop, pagedq bulk, `--rounds` times, a
+    `1/rounds` share of the single-item tasks each round -- so that each ratio sees the same machine: this
+    shared VM's speed drifts by up to 2x within a run. A stack waiting for its turn costs ~nothing (heartbeats)."""
     c, timeout = args.clients, args.task_timeout
     singles = [Job("classify", {"text": t}) for t in texts]
     classifier = Registry.load(registry_path).defaults[TaskType.CLASSIFY]
-    stack = Stack(registry_path=registry_path, log_dir=args.log_dir, worker_concurrency=args.worker_threads)
+    stack = Stack(registry_path=registry_path, log_dir=args.log_dir, worker_concurrency=args.worker_threads,
+                  worker_loglevel=WORKER_LOGLEVEL)
+    noop = BaselineWorker("w5_noop_worker", args.worker_threads, registry_path, args.log_dir)
+    with phases("engine in-process: load"):
+        engine = InProcess(registry_path, Settings(registry_path=registry_path), texts[:WARMUP])
+    _freeze_clients_heap()
+    rounds: dict[str, list[Row]] = {"inprocess": [], "single": [], "noop": [], "bulk": []}
     rows: dict[str, Row] = {}
-    with phases("pagedq: start stack"):
-        stack.start(flower=False)
     try:
+        with phases("stacks: start"):
+            stack.start(flower=False)
+            noop.start()
         settings = stack.settings()
         app = make_celery(settings)
         pids = {"worker": stack.procs[f"worker{stack.worker_count}"].pid, "api": stack.procs["api"].pid}
         probe = Probe(stack.redis_url or "", pids, app, classifier)
+        noop_probe = Probe(noop.url, noop.pids())
         client = partial(client_session, settings, timeout)
-        with phases("pagedq: warm-up"):
+        noop_client_ = partial(noop_client, noop.settings(), timeout)
+        with phases("warm-up"):
             closed_loop(client, [Job("classify", {"text": t}) for t in classify_texts(WARMUP, seed=7)], c)
+            closed_loop(noop_client_, texts[:WARMUP], c)
         with phases("pagedq: idle"):
             rows["idle"] = probe.measure(
                 "pagedq, one task on an idle stack",
                 1,
                 lambda: one_at_a_time(settings, singles[: args.idle_tasks], timeout),
             )
-        with phases("pagedq: single"):
-            rows["single"] = probe.measure("pagedq single-item, Client", c, lambda: closed_loop(client, singles, c))
-        with phases("pagedq: bulk"):
-            rows["bulk"] = probe.measure(
-                "pagedq bulk_classify + wait_all", None, lambda: bulk(settings, texts, timeout)
-            )
-            notes.append(
-                f"bulk: the bulk_classify call of {len(texts)} texts took "
-                f"{rows['bulk'].outcome.extra['bulk call']:.2f} s"
-            )
+        share = -(-len(texts) // args.rounds)
+        for r in range(args.rounds):
+            part = slice(r * share, (r + 1) * share)
+            with phases("engine in-process"):
+                rounds["inprocess"].append(Row("classifier executor in-process (no queue)", engine.run(texts), None,
+                                               engine.batches[-1]))  # fmt: skip
+            with phases("pagedq: single"):
+                rounds["single"].append(probe.measure("pagedq single-item, Client", c,
+                                                      lambda p=part: closed_loop(client, singles[p], c)))  # type: ignore[misc]
+            with phases("no-op: closed"):
+                rounds["noop"].append(noop_probe.measure("Celery no-op, closed loop (same settings, pool, Redis)", c,
+                                                         lambda p=part: closed_loop(noop_client_, texts[p], c)))  # type: ignore[misc]
+            with phases("pagedq: bulk"):
+                rounds["bulk"].append(probe.measure("pagedq bulk_classify + wait_all", None,
+                                                    lambda: bulk(settings, texts, timeout)))
+        rows.update({key: merge(parts) for key, parts in rounds.items()})
+        calls = [f"{row.outcome.extra['bulk call']:.2f}" for row in rounds["bulk"]]
+        notes.append(f"bulk: the bulk_classify call of {len(texts)} texts took {', '.join(calls)} s (each round)")
+        ratios = [f"{ratio(a, b):.2f}" for a, b in zip(rounds["single"], rounds["noop"], strict=True)]
+        bulk_ratios = [f"{ratio(a, b):.2f}" for a, b in zip(rounds["bulk"], rounds["inprocess"], strict=True)]
+        notes.append(f"per round: single vs no-op {', '.join(ratios)}; bulk vs in-process {', '.join(bulk_ratios)}")
         with phases("pagedq: http"):
             http = partial(http_session, stack.api_url, stack.api_key, timeout)
             rows["http"] = probe.measure("pagedq single-item, HTTP API", c, lambda: closed_loop(http, singles, c))
+        with phases("no-op: open"):
+            rows["noop_open"] = noop_probe.measure(
+                "Celery no-op, open loop", None, lambda: noop_open_loop(noop.settings(), texts, timeout)
+            )
         app.close()
     finally:
-        with phases("pagedq: stop stack"):
+        with phases("stacks: stop"):
             stack.stop()
+            noop.stop()
     return rows
 
 
-def run_noop(args: argparse.Namespace, registry_path: Path, texts: list[str], phases: Phases) -> dict[str, Row]:
-    c, timeout = args.clients, args.task_timeout
-    with phases("no-op: start worker"):
-        worker = BaselineWorker("w5_noop_worker", args.worker_threads, registry_path, args.log_dir).start()
-    try:
-        probe, client = Probe(worker.url, worker.pids()), partial(noop_client, worker.settings(), timeout)
-        with phases("no-op: warm-up"):
-            closed_loop(client, texts[:WARMUP], c)
-        with phases("no-op: closed"):
-            closed = probe.measure("Celery no-op, closed loop", c, lambda: closed_loop(client, texts, c))
-        with phases("no-op: open"):
-            opened = probe.measure(
-                "Celery no-op, open loop", None, lambda: noop_open_loop(worker.settings(), texts, timeout)
-            )
-    finally:
-        with phases("no-op: stop worker"):
-            worker.stop()
-    return {"noop": closed, "noop_open": opened}
+def _freeze_clients_heap() -> None:
+    """This process runs every system's clients: what it imported and loaded (torch, transformers, the
+    in-process model) out of the garbage collector's reach, as the worker does at startup (worker/app.py), so
+    that no client pays a full collection over it in a timed run (one cost a 2,000-text bulk call ~0.3 s)."""
+    gc.collect()
+    gc.freeze()
 
 
 class Mix:
@@ -208,7 +235,8 @@ def run_pagedq_mix(args: argparse.Namespace, mix: Mix, phases: Phases) -> dict[s
     """The mix on a pagedq stack of its own, loaded with the mix's models; answers kept in `mix.answers`."""
     c, timeout = args.clients, args.task_timeout
     classifier = Registry.load(mix.registry_path).defaults[TaskType.CLASSIFY]
-    stack = Stack(registry_path=mix.registry_path, log_dir=args.log_dir, worker_concurrency=args.worker_threads)
+    stack = Stack(registry_path=mix.registry_path, log_dir=args.log_dir, worker_concurrency=args.worker_threads,
+                  worker_loglevel=WORKER_LOGLEVEL)
     with phases("pagedq mix: start stack"):
         stack.start(flower=False)
     try:
@@ -311,6 +339,7 @@ def parser() -> argparse.ArgumentParser:
         help="mix tasks per system (default: --tasks on demo models; 600 realistic, 120 with --quick)",
     )
     p.add_argument("--clients", type=int, default=32, help="closed-loop clients (threads)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the systems a target compares")
     p.add_argument("--worker-threads", type=int, default=None, help="Celery threads per worker (default: settings)")
     p.add_argument("--idle-tasks", type=int, default=50)
     p.add_argument("--task-timeout", type=float, default=300.0, help="seconds a client waits for one result")
@@ -355,16 +384,7 @@ def main() -> None:
             f"the machine was busy before this run (load average {busy:.1f} on {os.cpu_count()} CPUs): "
             "other processes share the cores, so expect noise; compare ratios from quiet runs"
         )
-    with phases("engine in-process"):
-        outcome, batch = in_process(registry_path, settings, texts, WARMUP)
-        rows["inprocess"] = Row("classifier executor in-process (no queue)", outcome, None, batch)
-    # This process runs every system's clients: what it imported (torch, transformers) out of the garbage
-    # collector's reach, as the worker does at startup (worker/app.py), so that no client pays a full
-    # collection over it in a timed run (one cost a 2,000-text bulk call ~0.3 s). The same for every system.
-    gc.collect()
-    gc.freeze()
-    rows.update(run_pagedq(args, registry_path, texts, phases, notes))
-    rows.update(run_noop(args, registry_path, texts, phases))
+    rows.update(run_queue(args, registry_path, texts, phases, notes))
     rows.update(run_pagedq_mix(args, mix, phases))
     rows.update(run_naive(args, mix, phases))
     notes += mix.notes()

@@ -105,28 +105,32 @@ def bulk(settings: Settings, texts: Sequence[str], timeout_s: float) -> Outcome:
     return Outcome(seconds, samples, failures, {"bulk call": submitted})
 
 
-def in_process(
-    registry_path: Path, settings: Settings, texts: Sequence[str], warmup: int, repeats: int = 3
-) -> tuple[Outcome, float]:
-    """The default classifier loaded as the worker loads it, with the worker's engine settings; every text added
-    to its executor at once, then `step()` until done, `repeats` times (the median run is kept: a step is
-    milliseconds, so one busy moment of a shared machine skews a single run). Latency: from the first add to
-    each request's result. Returns the outcome and the mean requests per step."""
-    registry = Registry.load(registry_path)
-    spec = registry.models[registry.defaults[TaskType.CLASSIFY]]
-    config = EngineConfig(
-        max_batch_tokens=settings.max_batch_tokens,
-        max_running_requests=settings.max_running_requests,
-        kv_cache_bytes=settings.kv_cache_bytes,
-        cpu_prepack_linear=settings.cpu_prepack_linear,
-    )
-    executor = make_executor(load_model(spec, registry, settings.device), config)
-    _drive(executor, spec.name, texts[:warmup])
-    before = executor.stats()
-    runs = sorted((_drive(executor, spec.name, texts) for _ in range(repeats)), key=lambda o: o.seconds)
-    after = executor.stats()
-    steps = after.steps - before.steps
-    return runs[len(runs) // 2], (after.num_requests_finished - before.num_requests_finished) / max(steps, 1)
+class InProcess:
+    """The default classifier loaded as the worker loads it, with the worker's engine settings, in this
+    process: `run(texts)` adds every text to its executor at once, then `step()`s until done. Latency: from the
+    first add to each request's result. `batch` of a run: its mean requests per step."""
+
+    def __init__(self, registry_path: Path, settings: Settings, warmup_texts: Sequence[str]) -> None:
+        registry = Registry.load(registry_path)
+        spec = registry.models[registry.defaults[TaskType.CLASSIFY]]
+        config = EngineConfig(
+            max_batch_tokens=settings.max_batch_tokens,
+            max_running_requests=settings.max_running_requests,
+            kv_cache_bytes=settings.kv_cache_bytes,
+            cpu_prepack_linear=settings.cpu_prepack_linear,
+        )
+        self.model = spec.name
+        self.executor = make_executor(load_model(spec, registry, settings.device), config)
+        _drive(self.executor, self.model, warmup_texts)
+        self.batches: list[float] = []
+
+    def run(self, texts: Sequence[str]) -> Outcome:
+        before = self.executor.stats()
+        outcome = _drive(self.executor, self.model, texts)
+        after = self.executor.stats()
+        finished = after.num_requests_finished - before.num_requests_finished
+        self.batches.append(finished / max(after.steps - before.steps, 1))
+        return outcome
 
 
 def _drive(executor: ModelExecutor, model: str, texts: Sequence[str]) -> Outcome:

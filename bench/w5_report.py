@@ -33,6 +33,23 @@ class Row:
         return None if self.redis_calls is None or not self.tasks else self.redis_calls / self.tasks
 
 
+def merge(rows: list[Row]) -> Row:
+    """One row from the rounds of one system: seconds, samples, failures, Redis commands and CPU summed (so
+    tasks/s is all tasks over all the time), the mean batch weighted by tasks."""
+    first = rows[0]
+    outcome = Outcome(
+        sum(r.outcome.seconds for r in rows),
+        [s for r in rows for s in r.outcome.samples],
+        [f for r in rows for f in r.outcome.failures],
+        {key: sum(r.outcome.extra.get(key, 0.0) for r in rows) for key in first.outcome.extra},
+    )
+    batches = [(r.batch, r.tasks) for r in rows if r.batch is not None]
+    batch = sum(b * n for b, n in batches) / max(sum(n for _, n in batches), 1) if batches else None
+    calls = [r.redis_calls for r in rows]
+    cpu = {key: sum(r.cpu_s.get(key, 0.0) for r in rows) for key in first.cpu_s}
+    return Row(first.system, outcome, first.clients, batch, None if None in calls else sum(calls), cpu)  # type: ignore[arg-type]
+
+
 def cpu_per_task(row: Row) -> str:
     """`worker 5.1, redis 0.8, ...` CPU ms per task; empty when the row has no CPU counts."""
     if not row.cpu_s or not row.tasks:

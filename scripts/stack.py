@@ -41,6 +41,7 @@ class Stack:
     flower_auth: str = "admin:pagedq"
     log_dir: Path = field(default_factory=lambda: ROOT / ".demo" / "logs")
     worker_concurrency: int = 32
+    worker_loglevel: str = "INFO"  # INFO logs a line as each task is received and as it ends
     extra_env: dict[str, str] = field(default_factory=dict)
     progress: Callable[[str], None] = quiet  # told what is being started and waited for
 
@@ -127,7 +128,7 @@ class Stack:
         env = {**self.env(), "PAGEDQ_METRICS_PORT": str(self.metrics_port), **(env or {})}
         self._spawn(name, [str(BIN / "celery"), "-A", "pagedq.worker.app", "worker", "-P", "threads",
                            "-c", str(self.worker_concurrency), "-Q", ",".join(QUEUES.values()),
-                           "-n", f"{name}@%h", "--loglevel", "INFO", "--without-mingle"], env)
+                           "-n", f"{name}@%h", "--loglevel", self.worker_loglevel, "--without-mingle"], env)
         return name
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
