@@ -82,18 +82,23 @@ def _rate_text(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
-def rates(path: Path, title: str, unit: str, panels: Sequence[Panel], note: str = "") -> str:
+def rates(path: Path, title: str, unit: str, panels: Sequence[Panel], note: str = "", columns: int = 0) -> str:
     """Horizontal bars of each panel's rates (pagedq's in blue), labelled `rate  (ratio x)`; the baseline's
-    reads `(1.00x, baseline)`. Panels sit side by side and share the y axis when they list the same
-    systems. Returns `plot: <path>`, or the skipped line."""
+    reads `(1.00x, baseline)`. Panels sit side by side (at most `columns` to a row; 0: all in one row) and share
+    the y axis when they list the same systems. Returns `plot: <path>`, or the skipped line."""
     plt = _pyplot()
     if plt is None:
         return SKIPPED
     same_systems = len({tuple(name for name, _ in p.rows) for p in panels}) == 1
     tallest = max(len(p.rows) for p in panels)
-    width = (5.5 if same_systems else 7.0) * len(panels) + (2.5 if same_systems else 0.0)
-    fig, axes = plt.subplots(1, len(panels), figsize=(width, 0.5 * tallest + 2.0), sharey=same_systems, squeeze=False)
-    for ax, panel in zip(axes[0], panels, strict=True):
+    cols = min(columns or len(panels), len(panels))
+    lines = -(-len(panels) // cols)
+    width = (5.5 if same_systems else 7.0) * cols + (2.5 if same_systems else 0.0)
+    fig, axes = plt.subplots(lines, cols, figsize=(width, (0.5 * tallest + 2.0) * lines), sharey=same_systems,
+                             squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
         names = [name for name, _ in panel.rows][::-1]  # the table's first row on top
         values = [value for _, value in panel.rows][::-1]
         colors = [OURS if name.startswith("pagedq") else OTHERS for name in names]

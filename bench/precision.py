@@ -16,7 +16,8 @@ Timings: the median of --repeats rounds, variants interleaved in each round (the
 alike); compare ratios. Agreement with fp32: classification label agreement and max |logit difference|; the
 LMs: teacher-forced greedy agreement along fp32's greedy continuation (share of positions whose argmax equals
 fp32's), free-running sequences equal to fp32's, max |logit difference| / max |logit|.
-Prints a table and a last `key=value` line.
+Prints a table and a last `key=value` line; draws bench/plots/precision.png (`--plot`): runs/s per variant,
+each shape its own panel, fp32 the baseline.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import plots
 import torch
 from transformers import (
     BertConfig,
@@ -196,7 +198,14 @@ def greedy_agreement(models: dict[str, Any], prompts: list[torch.Tensor], new: i
     return result
 
 
-def main() -> None:
+def panels(rows: list[tuple[str, str, float, str]]) -> list[plots.Panel]:
+    """One panel per shape: each variant's runs per second (1000 / ms), fp32 the baseline."""
+    shapes = list(dict.fromkeys(shape for shape, _, _, _ in rows))
+    return [plots.Panel(shape, [(variant, 1000.0 / ms) for s, variant, ms, _ in rows if s == shape], "fp32")
+            for shape in shapes]
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller inputs, fewer rounds and agreement prompts")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -207,7 +216,12 @@ def main() -> None:
     p.add_argument("--bert-batch", type=int, default=None)
     p.add_argument("--bert-len", type=int, default=128)
     p.add_argument("--only", choices=("bert", "llama", "marian"), action="append")
-    args = p.parse_args()
+    plots.add_plot_argument(p, "precision")
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as every engine does (worker/engine/cpu/host_memory.py)
     repeats = args.repeats or (5 if args.quick else 15)
@@ -276,6 +290,9 @@ def main() -> None:
     print(f"{'shape':<14} {'variant':<16} {'ms':>9} {'vs fp32':>8}  agreement with fp32")
     for shape, n, ms, note in rows:
         print(f"{shape:<14} {n:<16} {ms:>9.2f} {base[shape] / ms:>7.2f}x  {note}")
+    note = f"{'--quick; ' if args.quick else ''}{args.threads} threads, int8 kernel {int8_kernel()}"
+    print(plots.rates(args.plot, "Precision: each shape's forward or decode step per variant", "runs/s (1000 / ms)",
+                      panels(rows), note, columns=3))
     summary["load"] = os.getloadavg()[0]
     print(" ".join(f"{k}={v:.2f}" for k, v in summary.items()))
 

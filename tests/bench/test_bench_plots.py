@@ -63,6 +63,11 @@ def test_ratio_is_to_the_panel_baseline() -> None:
     assert W3[1].ratio(13.89) == pytest.approx(13.89 / 7.09)
 
 
+def test_rates_panels_wrap_into_rows_of_columns(tmp_path: Path) -> None:
+    path = tmp_path / "grid.png"  # five panels of different systems, three to a row: one cell left empty
+    assert_png(path, plots.rates(path, "W: five panels", "runs/s", [W1, W2, *W3, W4[0]], columns=3))
+
+
 def test_service_plot_is_a_png(tmp_path: Path) -> None:
     from w5_load import Outcome, Sample
     from w5_report import Row
@@ -114,6 +119,7 @@ def load_script(name: str) -> ModuleType:
         ("w4_translation", {"w4": "w4.png"}),
         ("service", {"w5": "w5.png"}),
         ("faults", {"faults": "faults.png"}),
+        ("precision", {"precision": "precision.png"}),
     ],
 )
 def test_plot_defaults_into_bench_plots(script: str, paths: dict[str, str]) -> None:
