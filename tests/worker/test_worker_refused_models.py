@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 import time
 import uuid
 import warnings
@@ -155,6 +156,32 @@ def test_a_task_for_a_refused_model_fails_with_the_reason(runtime: WorkerRuntime
     error = json.loads(record["error"])
     assert error["type"] == "ModelNotFound"
     assert "refused when the worker loaded it" in error["message"] and "not a valid JSON file" in error["message"]
+
+
+def test_a_task_arriving_while_the_engine_stops_is_handed_back_at_once(runtime: WorkerRuntime) -> None:
+    """The engine refuses new requests once it stops (WorkerShuttingDown): the task body releases the claim and
+    rejects the message for requeue right away -- it does not wait for a future the engine never took."""
+    from celery.exceptions import Reject
+
+    task_id = uuid.uuid4().hex
+    runtime.records.create(task_id, TaskType.CLASSIFY, "good", 0, None)
+    runtime.engine.stop()
+    task = SimpleNamespace(request=SimpleNamespace(delivery_info={"delivery_tag": "1"}))
+    raised: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            run_items(task, runtime, TaskType.CLASSIFY, [Item(task_id, {"request": {"text": "hi"}, "model": "good"})])  # type: ignore[arg-type]
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            raised.append(exc)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "the task body waited for a request the engine never took"
+    assert len(raised) == 1 and isinstance(raised[0], Reject) and raised[0].requeue
+    record = runtime.records.get(task_id) or {}
+    assert "state" not in record and not record.get("worker"), record  # released: not final, owned by nobody
 
 
 def test_a_worker_with_no_loadable_model_refuses_to_start(model_root: Path, redis_url: str, tmp_path: Path) -> None:
