@@ -13,12 +13,16 @@ number). Each `step()` runs ONE forward over the windows `forward.EncoderForward
 (real tokens only) on models that pack, else a padded batch bucketed by length -- so a request may span
 several steps; when its last window is scored, `qa_spans.combine_windows` picks the answer.
 
+A step tokenizes at most `lookahead(max_running_requests)` new requests, most urgent first: a bulk of thousands
+is split into windows a slice per step, never in one call that holds the engine thread (and every other model).
+
 Invariants: a request is either in `_new` (not tokenized yet) or in `_pending` with exactly
 `windows_left` items in the queue; abort and expiry remove both.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +90,7 @@ class ExtractiveQAExecutor(ModelExecutor):
         specials = tokenizer.num_special_tokens_to_add(pair=True)
         self.max_question_tokens = self.max_seq_len - specials - self.doc_stride - 1
         self._input_names = list(tokenizer.model_input_names)
-        self._new: list[tuple[EngineRequest, tuple[int, float, int]]] = []
+        self._new: list[tuple[tuple[int, float, int], EngineRequest]] = []  # a heap: added, not yet tokenized
         self._pending: dict[str, _Pending] = {}
         self._waiting: WaitingQueue[_Window] = WaitingQueue()
         self._counters = {"steps": 0, "num_windows": 0, "num_requests_finished": 0}
@@ -97,11 +101,13 @@ class ExtractiveQAExecutor(ModelExecutor):
         if not isinstance(payload, QARequest) or payload.mode == "generative":
             request.fail(InvalidRequest(f"{self.loaded.spec.name} answers extractive questions only"))
             return
-        self._new.append((request, order_key(request)))
+        heapq.heappush(self._new, (order_key(request), request))
 
     def abort(self, request_id: str, error: BaseException) -> bool:
-        held = [req for req, _ in self._new if req.id == request_id]
-        self._new = [(req, key) for req, key in self._new if req.id != request_id]
+        held = [req for _, req in self._new if req.id == request_id]
+        if held:
+            self._new = [(key, req) for key, req in self._new if req.id != request_id]
+            heapq.heapify(self._new)
         pending = self._pending.pop(request_id, None)
         if pending is not None:
             self._waiting.remove_request(request_id)
@@ -146,10 +152,13 @@ class ExtractiveQAExecutor(ModelExecutor):
 
     # ---- steps ------------------------------------------------------------------------------------
     def _tokenize_new(self) -> None:
-        """Split every new request into windows (one tokenizer call) and queue them."""
-        new, self._new = self._new, []
-        if not new:
+        """Split the most urgent `lookahead(max_running_requests)` new requests into windows (one tokenizer
+        call) and queue them; the rest wait for the next steps, so a bulk never holds the engine thread in one
+        long tokenizer call."""
+        if not self._new:
             return
+        count = min(len(self._new), lookahead(self.config.max_running_requests))
+        new = [(request, key) for key, request in (heapq.heappop(self._new) for _ in range(count))]
         tokenizer = self.loaded.tokenizer
         questions = tokenizer([_payload(req).question for req, _ in new], add_special_tokens=False, verbose=False)
         accepted = []

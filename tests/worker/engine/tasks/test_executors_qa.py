@@ -28,6 +28,7 @@ from transformers.pipelines.document_question_answering import select_starts_end
 from pagedq.shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled
 from pagedq.shared.models import QARequest, QAResult, TaskType
 from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.worker.engine.tasks import batching as _batching
 from pagedq.worker.engine.tasks.extractive_qa import ExtractiveQAExecutor
 from pagedq.worker.engine.tasks.qa_spans import WindowSpan, best_span, combine_windows
 
@@ -117,6 +118,32 @@ def test_extractive_qa_deadline_abort_and_long_question(lm: LoadedModel) -> None
         too_long.future.result(timeout=0)
     assert kept.future.result(timeout=0).answer
     assert not executor.has_work() and executor.stats().as_dict()["num_requests_waiting"] == 0
+
+
+def test_extractive_qa_tokenizes_a_bulk_a_window_per_step_most_urgent_first(lm: LoadedModel) -> None:
+    executor = ExtractiveQAExecutor(lm, EngineConfig(max_running_requests=16))
+    calls: list[int] = []
+    tokenizer = lm.tokenizer
+
+    class Counting:  # the executor's tokenizer, counting the questions of each call (the first call per step)
+        def __getattr__(self, name: str) -> Any:
+            return getattr(tokenizer, name)
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("add_special_tokens") is False:
+                calls.append(len(args[0]))
+            return tokenizer(*args, **kwargs)
+
+    executor.loaded = LoadedModel(lm.spec, lm.model, Counting(), lm.device, lm.dtype)
+    bulk = [ask("Who wrote it?", f"Ada Lovelace wrote it in {1800 + i}.", priority=5) for i in range(600)]
+    urgent = ask("Who wrote it?", "Ada Lovelace wrote it.", priority=0)
+    for req in [*bulk, urgent]:
+        executor.add(req)
+    executor.step()
+    assert urgent.future.done() and calls == [_batching.lookahead(16)]
+    run(executor, [])
+    assert all(n <= _batching.lookahead(16) for n in calls) and sum(calls) == len(bulk) + 1
+    assert all(isinstance(r.future.result(timeout=0), QAResult) for r in bulk)
 
 
 @pytest.mark.parametrize("seed", range(20))
