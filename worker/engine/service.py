@@ -13,7 +13,8 @@
 ```
 
 Invariants:
-- executors are touched only by the engine thread (a restarted thread takes over from a dead one);
+- executors are touched only by the engine thread (a restarted thread takes over from a dead one), but
+  `prepare`, which `submit_many` calls in the submitting thread and which touches no executor state;
 - every submitted request's future is completed exactly once: its result, DeadlineExceeded, TaskCancelled,
   an error its executor chose (e.g. InvalidRequest), ModelError when it alone breaks its model, EngineError
   when its executor loses it, or WorkerShuttingDown when the worker stops first;
