@@ -19,6 +19,7 @@ from transformers import GenerationConfig, UMT5Config, UMT5ForConditionalGenerat
 from pagedq.shared.errors import DeadlineExceeded, InvalidRequest, TaskCancelled, UnsupportedLanguagePair
 from pagedq.shared.models import GenerationOptions, TaskType, TranslateRequest, TranslateResult
 from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.worker.engine.tasks import batching as _batching
 from pagedq.worker.engine.tasks.translate import Seq2SeqExecutor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -70,6 +71,26 @@ def test_translate_greedy_matches_per_request_generate(lm: LoadedModel, ref: Loa
         reasons.add(got.finish_reason)
         assert got.finish_reason == ("length" if got.output_tokens == 32 else "stop")
     assert reasons == {"stop", "length"}  # the demo translator stops at varied lengths
+
+
+def test_translate_admits_a_bulk_a_window_per_step_most_urgent_first(lm: LoadedModel) -> None:
+    """A bulk is tokenized and admitted `lookahead` requests per step, most urgent first: an urgent request
+    added behind 600 others is admitted (and tokenized) in the first step, the rest over the next steps."""
+    executor = Seq2SeqExecutor(lm, EngineConfig(max_batch_tokens=1024, max_running_requests=16))
+    tokenized: list[int] = []
+    tokenize = executor._tokenize
+    executor._tokenize = lambda texts: tokenized.append(len(texts)) or tokenize(texts)  # type: ignore[method-assign]
+    bulk = [translate(TEXTS[i % len(TEXTS)], priority=5) for i in range(600)]
+    urgent = translate(TEXTS[0], priority=0)
+    for req in [*bulk, urgent]:
+        executor.add(req)
+    executor.step()
+    window = _batching.lookahead(16)
+    assert tokenized == [window] and len(executor._new) == len(bulk) + 1 - window
+    assert urgent.future.done() or urgent.id in executor._paged  # admitted to the paged engine in the first step
+    run(executor, [], max_steps=5000)
+    assert sum(tokenized) == len(bulk) + 1 and max(tokenized) <= window
+    assert all(isinstance(r.future.result(timeout=0), TranslateResult) for r in [*bulk, urgent])
 
 
 def test_translate_beam_search_and_greedy_in_one_batch(lm: LoadedModel, ref: LoadedModel) -> None:
