@@ -159,8 +159,8 @@ def run_queue(
         for r in range(args.rounds):
             part = slice(r * share, (r + 1) * share)
             with phases("engine in-process"):
-                rounds["inprocess"].append(Row("classifier executor in-process (no queue)", engine.run(texts), None,
-                                               engine.batches[-1]))  # fmt: skip
+                outcome, batch = engine.run(texts)
+                rounds["inprocess"].append(Row("classifier executor in-process (no queue)", outcome, None, batch))
             with phases("pagedq: single"):
                 rounds["single"].append(probe.measure("pagedq single-item, Client", c,
                                                       lambda p=part: closed_loop(client, singles[p], c)))  # type: ignore[misc]

@@ -107,8 +107,8 @@ def bulk(settings: Settings, texts: Sequence[str], timeout_s: float) -> Outcome:
 
 class InProcess:
     """The default classifier loaded as the worker loads it, with the worker's engine settings, in this
-    process: `run(texts)` adds every text to its executor at once, then `step()`s until done. Latency: from the
-    first add to each request's result. `batch` of a run: its mean requests per step."""
+    process: `run(texts)` adds every text to its executor at once, then `step()`s until done, and returns the
+    outcome and the run's mean requests per step. Latency: from the first add to each request's result."""
 
     def __init__(self, registry_path: Path, settings: Settings, warmup_texts: Sequence[str]) -> None:
         registry = Registry.load(registry_path)
@@ -122,15 +122,13 @@ class InProcess:
         self.model = spec.name
         self.executor = make_executor(load_model(spec, registry, settings.device), config)
         _drive(self.executor, self.model, warmup_texts)
-        self.batches: list[float] = []
 
-    def run(self, texts: Sequence[str]) -> Outcome:
+    def run(self, texts: Sequence[str]) -> tuple[Outcome, float]:
         before = self.executor.stats()
         outcome = _drive(self.executor, self.model, texts)
         after = self.executor.stats()
         finished = after.num_requests_finished - before.num_requests_finished
-        self.batches.append(finished / max(after.steps - before.steps, 1))
-        return outcome
+        return outcome, finished / max(after.steps - before.steps, 1)
 
 
 def _drive(executor: ModelExecutor, model: str, texts: Sequence[str]) -> Outcome:

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from datetime import UTC, datetime
+from itertools import pairwise
 from typing import TypeGuard
 
 import redis
@@ -224,10 +225,9 @@ class TaskService:
         propagates."""
         messages = batch_messages(submissions, self.settings.bulk_message_items)
         total, sent = len(submissions), 0
-        starts = [0, *range(1, len(messages), SEND_BATCH)] if messages else []
-        ends = [*starts[1:], len(messages)] if messages else []
+        bounds = [0, *range(1, len(messages), SEND_BATCH), len(messages)] if messages else []
         with self.celery.producer_or_acquire() as producer:
-            for start, end in zip(starts, ends, strict=True):
+            for start, end in pairwise(bounds):
                 group = messages[start:end]
                 try:
                     self._create_records([s for m in group for s in m.items])

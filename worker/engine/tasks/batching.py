@@ -35,6 +35,7 @@ Invariants:
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -67,6 +68,34 @@ FULL_SCAN_S = 0.1
 
 def lookahead(max_items: int) -> int:
     return max(LOOKAHEAD_MIN, LOOKAHEAD_FACTOR * max_items)
+
+
+class Arrivals:
+    """Requests added and not tokenized yet, most urgent first (`order_key`). A step `take`s at most its
+    lookahead of them, so a bulk of thousands never holds the engine thread (and every other model on it) in
+    one long tokenizer call; whatever is left ranks after everything taken."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[tuple[int, float, int], EngineRequest]] = []
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, request: EngineRequest) -> None:
+        heapq.heappush(self._heap, (order_key(request), request))
+
+    def take(self, count: int) -> list[tuple[EngineRequest, tuple[int, float, int]]]:
+        """The `count` most urgent requests (fewer if fewer wait), each with its queue key."""
+        taken = [heapq.heappop(self._heap) for _ in range(min(count, len(self._heap)))]
+        return [(request, key) for key, request in taken]
+
+    def remove(self, request_id: str) -> list[EngineRequest]:
+        """Take the request with this id out (aborted); returns it, or nothing if it is not here."""
+        held = [request for _, request in self._heap if request.id == request_id]
+        if held:
+            self._heap = [(key, request) for key, request in self._heap if request.id != request_id]
+            heapq.heapify(self._heap)
+        return held
 
 
 class WaitingQueue(Generic[T]):

@@ -18,7 +18,6 @@ A request holds nothing between steps except its place in the queue.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ from pagedq.worker.engine.cpu.linear import prepare_for_host
 from pagedq.worker.engine.encoder.batch_encoder import BatchEncoder
 from pagedq.worker.engine.encoder.forward import EncoderForward
 from pagedq.worker.engine.tasks.batching import (
+    Arrivals,
     WaitingQueue,
     drop_finished,
     input_token_limit,
@@ -112,7 +112,7 @@ class ClassificationExecutor(ModelExecutor):
         self.forward = EncoderForward(loaded, pooled=True, packing=packing)
         self._input_names = [n for n in loaded.tokenizer.model_input_names if n != "offset_mapping"]
         self._encoder = BatchEncoder.for_tokenizer(loaded.tokenizer, self._input_names)  # None: transformers'
-        self._new: list[tuple[tuple[int, float, int], EngineRequest]] = []  # a heap: added, not yet tokenized
+        self._new = Arrivals()  # added, not yet tokenized
         self._waiting: WaitingQueue[_Encoded] = WaitingQueue()
         self._counters = {"steps": 0, "num_requests_finished": 0}
         self._id2label = dict(loaded.model.config.id2label)  # once: a transformers config read is slow
@@ -136,13 +136,10 @@ class ClassificationExecutor(ModelExecutor):
         if isinstance(request.prepared, _Encoded):
             self._waiting.push(request, request.prepared, order_key(request))
         else:
-            heapq.heappush(self._new, (order_key(request), request))
+            self._new.push(request)
 
     def abort(self, request_id: str, error: BaseException) -> bool:
-        held = [req for _, req in self._new if req.id == request_id]
-        if held:
-            self._new = [(key, req) for key, req in self._new if req.id != request_id]
-            heapq.heapify(self._new)
+        held = self._new.remove(request_id)
         held += [req for req in self._waiting.requests() if req.id == request_id]
         self._waiting.remove_request(request_id)
         for request in held:
@@ -183,12 +180,11 @@ class ClassificationExecutor(ModelExecutor):
         """Tokenize the most urgent `lookahead(max_running_requests)` of the requests not yet tokenized, in one
         call; queue each, or fail it if it is too long. The rest wait for the next steps: never more than
         this step could consider (they rank after every request tokenized here)."""
-        if not self._new:
+        new = self._new.take(lookahead(self.config.max_running_requests))
+        if not new:
             return
-        count = min(len(self._new), lookahead(self.config.max_running_requests))
-        new = [heapq.heappop(self._new) for _ in range(count)]
         tokenizer, limit = self.loaded.tokenizer, self.max_input_tokens
-        texts = [_payload(req).text for _, req in new]
+        texts = [_payload(req).text for req, _ in new]
         if self._encoder is not None:
             rows = self._encoder.encode(texts)
         else:
@@ -202,7 +198,7 @@ class ClassificationExecutor(ModelExecutor):
             cut = tokenizer([texts[i] for i in long_rows], truncation=True, max_length=limit)
             names = [name for name in self._input_names if name in cut]
             cut_rows = {i: {name: cut[name][n] for name in names} for n, i in enumerate(long_rows)}
-        for i, (key, request) in enumerate(new):
+        for i, (request, key) in enumerate(new):
             if i in cut_rows:
                 if not _payload(request).truncate:
                     request.fail(too_long(len(rows[i]["input_ids"]), limit, "text"))

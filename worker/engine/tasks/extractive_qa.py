@@ -22,7 +22,6 @@ Invariants: a request is either in `_new` (not tokenized yet) or in `_pending` w
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +32,13 @@ from pagedq.shared.models import QARequest, QAResult
 from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
 from pagedq.worker.engine.cpu.linear import prepare_for_host
 from pagedq.worker.engine.encoder.forward import EncoderForward
-from pagedq.worker.engine.tasks.batching import WaitingQueue, drop_finished, input_token_limit, lookahead, order_key
+from pagedq.worker.engine.tasks.batching import (
+    Arrivals,
+    WaitingQueue,
+    drop_finished,
+    input_token_limit,
+    lookahead,
+)
 from pagedq.worker.engine.tasks.qa_spans import WindowSpan, best_span, combine_windows
 
 PIPELINE_MAX_SEQ_LEN = 384  # the pipeline's default window length (capped by the model's limit)
@@ -90,7 +95,7 @@ class ExtractiveQAExecutor(ModelExecutor):
         specials = tokenizer.num_special_tokens_to_add(pair=True)
         self.max_question_tokens = self.max_seq_len - specials - self.doc_stride - 1
         self._input_names = list(tokenizer.model_input_names)
-        self._new: list[tuple[tuple[int, float, int], EngineRequest]] = []  # a heap: added, not yet tokenized
+        self._new = Arrivals()  # added, not yet tokenized
         self._pending: dict[str, _Pending] = {}
         self._waiting: WaitingQueue[_Window] = WaitingQueue()
         self._counters = {"steps": 0, "num_windows": 0, "num_requests_finished": 0}
@@ -101,13 +106,10 @@ class ExtractiveQAExecutor(ModelExecutor):
         if not isinstance(payload, QARequest) or payload.mode == "generative":
             request.fail(InvalidRequest(f"{self.loaded.spec.name} answers extractive questions only"))
             return
-        heapq.heappush(self._new, (order_key(request), request))
+        self._new.push(request)
 
     def abort(self, request_id: str, error: BaseException) -> bool:
-        held = [req for _, req in self._new if req.id == request_id]
-        if held:
-            self._new = [(key, req) for key, req in self._new if req.id != request_id]
-            heapq.heapify(self._new)
+        held = self._new.remove(request_id)
         pending = self._pending.pop(request_id, None)
         if pending is not None:
             self._waiting.remove_request(request_id)
@@ -155,10 +157,9 @@ class ExtractiveQAExecutor(ModelExecutor):
         """Split the most urgent `lookahead(max_running_requests)` new requests into windows (one tokenizer
         call) and queue them; the rest wait for the next steps, so a bulk never holds the engine thread in one
         long tokenizer call."""
-        if not self._new:
+        new = self._new.take(lookahead(self.config.max_running_requests))
+        if not new:
             return
-        count = min(len(self._new), lookahead(self.config.max_running_requests))
-        new = [(request, key) for key, request in (heapq.heappop(self._new) for _ in range(count))]
         tokenizer = self.loaded.tokenizer
         questions = tokenizer([_payload(req).question for req, _ in new], add_special_tokens=False, verbose=False)
         accepted = []

@@ -25,7 +25,6 @@ tokenization); `abort` frees the request's KV blocks before it returns.
 
 from __future__ import annotations
 
-import heapq
 import logging
 from contextlib import nullcontext
 from itertools import groupby
@@ -47,7 +46,7 @@ from pagedq.worker.engine.seq2seq.generate_fallback import EncodedText, Generate
 from pagedq.worker.engine.seq2seq.languages import Languages, resolve_languages
 from pagedq.worker.engine.seq2seq.model import UnsupportedArchitecture
 from pagedq.worker.engine.seq2seq.self_check import self_check
-from pagedq.worker.engine.tasks.batching import input_token_limit, lookahead, order_key, too_long
+from pagedq.worker.engine.tasks.batching import Arrivals, input_token_limit, lookahead, order_key, too_long
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ class Seq2SeqExecutor(ModelExecutor):
         super().__init__(loaded, config)
         self.max_input_tokens = input_token_limit(loaded)
         self._input_names = [n for n in loaded.tokenizer.model_input_names if n != "token_type_ids"]
-        self._new: list[tuple[tuple[int, float, int], EngineRequest]] = []  # a heap: added, not yet tokenized
+        self._new = Arrivals()  # added, not yet tokenized
         self._paged: dict[str, tuple[EngineRequest, EncodedText]] = {}
         if not getattr(getattr(loaded.model, "config", None), "is_encoder_decoder", False):
             raise ModelError(f"model {loaded.spec.name!r} ({type(loaded.model).__name__}) is not an encoder-decoder")
@@ -106,13 +105,10 @@ class Seq2SeqExecutor(ModelExecutor):
                 )
             )
         else:
-            heapq.heappush(self._new, (order_key(request), request))
+            self._new.push(request)
 
     def abort(self, request_id: str, error: BaseException) -> bool:
-        held = [req for _, req in self._new if req.id == request_id]
-        if held:
-            self._new = [(key, req) for key, req in self._new if req.id != request_id]
-            heapq.heapify(self._new)
+        held = self._new.remove(request_id)
         paged = self._paged.pop(request_id, None)
         if paged is not None and self.engine is not None:
             self.engine.abort_request(request_id)  # blocks freed on return
@@ -167,8 +163,7 @@ class Seq2SeqExecutor(ModelExecutor):
         """Tokenize the most urgent `lookahead(max_running_requests)` new requests (one call per source language:
         multilingual tokenizers keep it as state), then route them, most urgent first, to the engine or the
         fallback; the rest wait for the next steps, so a bulk never holds the engine thread in one long call."""
-        count = min(len(self._new), lookahead(self.config.max_running_requests))
-        new = [heapq.heappop(self._new)[1] for _ in range(count)]
+        new = [request for request, _ in self._new.take(lookahead(self.config.max_running_requests))]
         resolved: list[tuple[EngineRequest, Languages]] = []
         for request in new:
             try:
