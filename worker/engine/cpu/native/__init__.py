@@ -1,7 +1,8 @@
 """Native CPU kernels of the engine, compiled from C on first use and loaded with ctypes.
 
 `paged_decode.c` (see its header): paged decode attention (`paged_decode`: fp32 or bf16 queries, K/V blocks
-and outputs) and the greedy pick (`argmax_rows`); `beam_topk.c`: each beam row's top k (`cpu.beam_topk`).
+and outputs) and the greedy pick (`argmax_rows`); `beam_topk.c`: each beam row's top k (`cpu.beam_topk`);
+`int8_linear.c`: the quantize and dequantize passes of int8 linear layers (`cpu.quantization`, built `exact`).
 Each source is built by `load_library` with
 the system C compiler (`$CC`, else `cc`) for this CPU (`-march=native`: AVX-512 or AVX2 code where the
 CPU has it, plain C otherwise; `$PAGEDQ_NATIVE_MARCH` names another target, e.g. `haswell` or `x86-64`,
@@ -39,6 +40,9 @@ _SOURCE = Path(__file__).with_name("paged_decode.c")
 # -fopenmp: the kernel's threads are torch's OpenMP team (libgomp.so.1 is already loaded by torch, so the
 # library binds to it); without OpenMP it starts pthreads per call, which wait behind torch's spinning team.
 _FLAGS = ["-O3", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-std=c11"]
+# A source whose results must equal torch's eager arithmetic bit for bit (int8_linear.c): IEEE division, no
+# reassociation, no fused multiply-add.
+_EXACT_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-std=c11"]
 _LINK = ["-shared", "-pthread"]
 _OPENMP = ["-fopenmp"]
 _lock = threading.Lock()
@@ -59,12 +63,14 @@ def c_compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def build_library(source_path: Path, openmp: bool) -> Path:
-    """Compile one C source into the native cache (module docstring: flags, cache key, atomic rename)."""
+def build_library(source_path: Path, openmp: bool, exact: bool = False) -> Path:
+    """Compile one C source into the native cache (module docstring: flags, cache key, atomic rename); `exact`:
+    without -ffast-math and with -ffp-contract=off (results equal to torch's eager arithmetic)."""
     cc = c_compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    flags, link = (_FLAGS + _OPENMP, _LINK + _OPENMP) if openmp else (_FLAGS, _LINK)
+    base = _EXACT_FLAGS if exact else _FLAGS
+    flags, link = (base + _OPENMP, _LINK + _OPENMP) if openmp else (base, _LINK)
     flags = [f"-march={os.environ.get('PAGEDQ_NATIVE_MARCH') or 'native'}", *flags]
     source = source_path.read_bytes()
     key = hashlib.sha256(source + " ".join([cc, *flags, *link]).encode() + _cpu_id().encode()).hexdigest()[:16]
@@ -90,11 +96,11 @@ def build_library(source_path: Path, openmp: bool) -> Path:
 
 
 def load_library(
-    source_path: Path, configure: Callable[[ctypes.CDLL], None], what: str, fallback: str
+    source_path: Path, configure: Callable[[ctypes.CDLL], None], what: str, fallback: str, exact: bool = False
 ) -> ctypes.CDLL | None:
-    """The library of `source_path`, built (with OpenMP, else without) and loaded once per process, its
-    functions typed by `configure`; None without a compiler, off Linux or with PAGEDQ_NATIVE=0 (logged once:
-    `what` is unavailable, the engine uses `fallback`)."""
+    """The library of `source_path`, built (with OpenMP, else without; `exact`: see `build_library`) and loaded
+    once per process, its functions typed by `configure`; None without a compiler, off Linux or with
+    PAGEDQ_NATIVE=0 (logged once: `what` is unavailable, the engine uses `fallback`)."""
     with _lock:
         if source_path in _libraries:
             return _libraries[source_path]
@@ -102,7 +108,7 @@ def load_library(
         if os.environ.get("PAGEDQ_NATIVE", "1") != "0" and sys.platform.startswith("linux"):
             for openmp in (True, False):
                 try:
-                    lib = ctypes.CDLL(str(build_library(source_path, openmp)))
+                    lib = ctypes.CDLL(str(build_library(source_path, openmp, exact)))
                     break
                 except (OSError, RuntimeError) as exc:
                     log.log(logging.INFO if openmp else logging.WARNING, "%s (openmp=%s): %s", what, openmp, exc)
