@@ -74,6 +74,7 @@ import ctypes
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -96,8 +97,9 @@ SUMMARY_ATTR = "pagedq_quantization"
 DEFAULT_LM_HEAD = True
 #: in_features up to which fp32 sums of int8 products are exact (1040 x 127 x 127 < 2**24)
 EXACT_FP32_IN_FEATURES = 1040
-ONEDNN, INT_MM, EMULATED = "onednn-int8", "int-mm", "emulated-fp32"
+ONEDNN, ONEDNN_U8, INT_MM, EMULATED = "onednn-int8", "onednn-int8-u8", "int-mm", "emulated-fp32"
 _EPS = 1e-12  # scale floor: an all-zero row quantizes to zeros
+_U8_ZERO = 128  # ONEDNN_U8's activations: q + 128 as uint8, zero point 128
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 _forced_emulation = False
 
@@ -125,10 +127,17 @@ def _onednn_ops_available() -> bool:
 
 
 def _onednn_linear(q: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """(q int8 [M, in] @ weight^T) * scale[out] -> fp32 [M, out], through oneDNN (`zero`: int64 zeros [out])."""
+    """(q @ weight^T) * scale[out] -> fp32 [M, out], through oneDNN (`zero`: int64 zeros [out]); q int8 [M, in], or
+    uint8 holding q + 128 (ONEDNN_U8: zero point 128, oneDNN's u8 x s8 kernels)."""
+    zero_point = _U8_ZERO if q.dtype == torch.uint8 else 0
     return torch.ops.onednn.qlinear_pointwise(
-        q, 1.0, 0, packed, scale, zero, None, 1.0, 0, torch.float32, "none", [], ""
+        q, 1.0, zero_point, packed, scale, zero, None, 1.0, 0, torch.float32, "none", [], ""
     )  # fmt: skip
+
+
+def _as_u8(q: torch.Tensor) -> torch.Tensor:
+    """int8 values (any integer or integral float dtype) -> uint8 q + 128."""
+    return (q.to(torch.int16) + _U8_ZERO).to(torch.uint8)
 
 
 def _worst_case_operands() -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,9 +158,10 @@ def _exact(name: str, product: Callable[[torch.Tensor, torch.Tensor], torch.Tens
         return False
 
 
-def _onednn_product(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _onednn_product(q: torch.Tensor, w: torch.Tensor, u8: bool = False) -> torch.Tensor:
     out = w.shape[0]
-    return _onednn_linear(q, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(out), torch.zeros(out).long())
+    packed = torch.ops.onednn.qlinear_prepack(w, None)
+    return _onednn_linear(_as_u8(q) if u8 else q, packed, torch.ones(out), torch.zeros(out).long())
 
 
 def _int_mm_product(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -174,18 +184,38 @@ def _best_seconds(fn: Callable[[], Any], repeats: int = 5, give_up: float = floa
     return best
 
 
-def _candidates() -> dict[str, Callable[[], Any]]:
-    """The exact kernels of this CPU, each as a [64, 512] x [512, 512] product to time."""
-    g = torch.Generator().manual_seed(1)
-    q = torch.randint(-127, 128, (64, 512), dtype=torch.int8, generator=g)
-    w = torch.randint(-127, 128, (512, 512), dtype=torch.int8, generator=g)
-    qf, wf, wt = q.float(), w.float(), w.t().contiguous()
-    found: dict[str, Callable[[], Any]] = {EMULATED: lambda: F.linear(qf, wf)}
-    if _cpu_has_vnni() and _onednn_ops_available() and _exact(ONEDNN, _onednn_product):
-        packed, scale, zero = torch.ops.onednn.qlinear_prepack(w, None), torch.ones(512), torch.zeros(512).long()
-        found[ONEDNN] = lambda: _onednn_linear(q, packed, scale, zero)
+@cache
+def _exact_kernels() -> tuple[str, ...]:
+    """The kernels that give exact integer products on this CPU, the emulation first (module docstring)."""
+    found = [EMULATED]
+    if _cpu_has_vnni() and _onednn_ops_available():
+        found += [name for name, u8 in ((ONEDNN, False), (ONEDNN_U8, True))
+                  if _exact(name, lambda q, w, u8=u8: _onednn_product(q, w, u8))]  # fmt: skip
     if hasattr(torch, "_int_mm") and _exact(INT_MM, _int_mm_product):
-        found[INT_MM] = lambda: torch._int_mm(q, wt)
+        found.append(INT_MM)
+    return tuple(found)
+
+
+def _candidates(
+    rows: int = 64, in_features: int = 512, out_features: int = 512, kernels: tuple[str, ...] | None = None
+) -> dict[str, Callable[[], Any]]:
+    """The exact kernels of this CPU (or those of `kernels`), each as a [rows, in] x [in, out] product to time."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (rows, in_features), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8, generator=g)
+    found: dict[str, Callable[[], Any]] = {}
+    for name in _exact_kernels() if kernels is None else kernels:
+        if name == EMULATED:
+            qf, wf = q.float(), w.float()
+            found[name] = lambda qf=qf, wf=wf: F.linear(qf, wf)
+        elif name == INT_MM:
+            wt = w.t().contiguous()
+            found[name] = lambda wt=wt: torch._int_mm(q, wt)
+        else:
+            packed, scale, zero = torch.ops.onednn.qlinear_prepack(w, None), torch.ones(out_features), torch.zeros(
+                out_features, dtype=torch.long)  # fmt: skip
+            x = _as_u8(q) if name == ONEDNN_U8 else q
+            found[name] = lambda x=x, packed=packed, scale=scale, zero=zero: _onednn_linear(x, packed, scale, zero)
     return found
 
 
@@ -194,17 +224,13 @@ def _candidates() -> dict[str, Callable[[], Any]]:
 PROBE_ATTEMPTS, PROBE_DROP = 5, 300.0
 
 
-@cache
-def _best_kernel() -> str:
-    """The fastest exact kernel (module docstring); logged once.
+def _timings(candidates: dict[str, Callable[[], Any]], what: str) -> dict[str, float]:
+    """Seconds per call of each of `candidates` (the emulation first); the fastest logged.
 
     On a shared VM a moment when a core is taken away can make `_int_mm` 50x slower for a fraction of a second
     (measured here: 5.6 ms per call instead of 0.08 for a whole probe), which once made a process run int8 on
     the emulation for its lifetime. So while the emulation looks fastest the probe looks again, up to
     `PROBE_ATTEMPTS` times 0.1 s apart, keeping each kernel's fastest time."""
-    if os.environ.get("PAGEDQ_INT8_KERNEL", "auto") == "emulated":  # e.g. to test the emulation on a VNNI CPU
-        return EMULATED
-    candidates = _candidates()
     seconds: dict[str, float] = {}
     for attempt in range(PROBE_ATTEMPTS):
         if attempt:
@@ -217,13 +243,49 @@ def _best_kernel() -> str:
         best = min(seconds, key=seconds.__getitem__)
         if best != EMULATED or len(candidates) == 1:
             break
-    log.info("int8 kernel: %s (ms per [64, 512] x [512, 512]: %s)", best,
+    log.info("int8 kernel for %s: %s (ms per call: %s)", what, best,
              ", ".join(f"{k} {v * 1e3:.2f}" for k, v in seconds.items()))  # fmt: skip
-    return best
+    return seconds
+
+
+def _emulation_asked() -> bool:
+    return os.environ.get("PAGEDQ_INT8_KERNEL", "auto") == "emulated"  # e.g. to test the emulation on a VNNI CPU
+
+
+@cache
+def _probe() -> dict[str, float]:
+    return _timings(_candidates(), "[64, 512] x [512, 512]")
+
+
+@cache
+def _best_kernel() -> str:
+    """The fastest exact kernel on a [64, 512] x [512, 512] product (module docstring)."""
+    if _emulation_asked():
+        return EMULATED
+    seconds = _probe()
+    return min(seconds, key=seconds.__getitem__)
+
+
+@cache
+def _layer_kernel(in_features: int, out_features: int) -> str:
+    """The fastest exact kernel for a layer of this shape, timed on 32 rows (a decode step's order of size):
+    which kernel wins depends on it (Intel Xeon, AVX512-VNNI, 2 threads, ms per call at 32 rows: [512 x 512]
+    int_mm 0.030, oneDNN u8 0.052; [58101 x 512] int_mm 5.4, oneDNN u8 3.3; one row 3.8 and 0.93)."""
+    best = _best_kernel()
+    if best == EMULATED:
+        return best
+    seconds = _probe()  # kernels 10x slower than the best there (a reference kernel) are not timed on big shapes
+    contenders = tuple(name for name, t in seconds.items() if t <= 10 * seconds[best])
+    if len(contenders) == 1:
+        return best
+    timed = _timings(_candidates(32, in_features, out_features, contenders),
+                     f"[32, {in_features}] x [{in_features}, {out_features}]")  # fmt: skip
+    return min(timed, key=timed.__getitem__)
 
 
 def int8_kernel() -> str:
-    """`ONEDNN`, `INT_MM` or `EMULATED`: the fastest exact kernel here (module docstring)."""
+    """The fastest exact kernel here on a [64, 512] x [512, 512] product (module docstring); each layer runs the
+    fastest for its own shape (`Int8Linear.kernel`)."""
     return EMULATED if _forced_emulation else _best_kernel()
 
 
@@ -251,7 +313,7 @@ _NATIVE_SOURCE = Path(__file__).with_name("native") / "int8_linear.c"
 
 def _configure_native(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.pagedq_quantize_rows.argtypes = [p, i64, i64, i64, ctypes.c_float, p, p, i32]
+    lib.pagedq_quantize_rows.argtypes = [p, i64, i64, i64, ctypes.c_float, i32, p, p, i32]
     lib.pagedq_quantize_rows.restype = i32
     lib.pagedq_dequantize.argtypes = [p, i32, i64, i64, p, p, p, p, i32]
     lib.pagedq_dequantize.restype = i32
@@ -289,8 +351,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", q)
         self.register_buffer("weight_scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-        if int8_kernel() == ONEDNN and q.device.type == "cpu":
-            self._prepared(ONEDNN)  # packed at load, not on the first request
+        if q.device.type == "cpu":
+            self._prepared(self.kernel())  # chosen and packed at load, not on the first request
+
+    def kernel(self) -> str:
+        """The int8 kernel this layer runs on CPU: the fastest exact one for its shape (`_layer_kernel`), or the
+        emulation inside `emulated_int8()`."""
+        return EMULATED if _forced_emulation else _layer_kernel(self.in_features, self.out_features)
 
     @classmethod
     def from_float(cls, module: nn.Module) -> Int8Linear:
@@ -314,7 +381,7 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if rows.dtype != torch.float32:
             rows = rows.float()
-        kernel = int8_kernel() if x.device.type == "cpu" else EMULATED
+        kernel = self.kernel() if x.device.type == "cpu" else EMULATED
         lib = _native_passes() if kernel != EMULATED and rows.shape[0] > 0 else None
         y = self._eager(rows, kernel) if lib is None else self._native(lib, rows, kernel)
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
@@ -326,10 +393,12 @@ class Int8Linear(nn.Module):
             rows = rows.contiguous()
         m, k = rows.shape
         threads = torch.get_num_threads()
-        q = torch.empty(m, k, dtype=torch.int8)
+        u8 = kernel == ONEDNN_U8
+        q = torch.empty(m, k, dtype=torch.uint8 if u8 else torch.int8)
         scale = torch.empty(m, dtype=torch.float32)
-        lib.pagedq_quantize_rows(rows.data_ptr(), m, k, rows.stride(0), _EPS, q.data_ptr(), scale.data_ptr(), threads)
-        if kernel == ONEDNN:  # the per-channel scale is fused into oneDNN's GEMM already
+        lib.pagedq_quantize_rows(rows.data_ptr(), m, k, rows.stride(0), _EPS, _U8_ZERO if u8 else 0, q.data_ptr(),
+                                 scale.data_ptr(), threads)  # fmt: skip
+        if kernel in (ONEDNN, ONEDNN_U8):  # the per-channel scale is fused into oneDNN's GEMM already
             acc, column_scale = _onednn_linear(q, self._prepared(kernel), self.weight_scale, self._zero), None
         else:
             acc, column_scale = torch._int_mm(q, self._prepared(kernel)).contiguous(), self.weight_scale
@@ -343,8 +412,9 @@ class Int8Linear(nn.Module):
 
     def _eager(self, rows: torch.Tensor, kernel: str) -> torch.Tensor:
         q, scale = quantize_rows(rows)
-        if kernel == ONEDNN:
-            y = _onednn_linear(q.to(torch.int8).contiguous(), self._prepared(kernel), self.weight_scale, self._zero)
+        if kernel in (ONEDNN, ONEDNN_U8):
+            x = _as_u8(q) if kernel == ONEDNN_U8 else q.to(torch.int8)
+            y = _onednn_linear(x.contiguous(), self._prepared(kernel), self.weight_scale, self._zero)
         elif kernel == INT_MM:
             y = torch._int_mm(q.to(torch.int8), self._prepared(kernel)).float().mul_(self.weight_scale)
         else:
@@ -365,7 +435,7 @@ class Int8Linear(nn.Module):
         key = (kernel, w.data_ptr(), w.device, version)
         if self._cached is None or self._cached[0] != key:
             with torch.no_grad():
-                if kernel == ONEDNN:
+                if kernel in (ONEDNN, ONEDNN_U8):
                     ready = torch.ops.onednn.qlinear_prepack(w, None)
                 elif kernel == INT_MM:
                     ready = w.t().contiguous()
@@ -384,13 +454,15 @@ class QuantizationSummary:
     kept: int  # linear layers left fp32 (heads, cross-attention K/V, ...)
     int8_params: int  # weight elements now int8
     fp32_params: int  # weight elements of the kept linear layers
-    kernel: str  # "onednn-int8", "int-mm" or "emulated-fp32"
+    kernel: str  # the process's probe: "onednn-int8", "onednn-int8-u8", "int-mm" or "emulated-fp32"
     lm_head: bool
+    layer_kernels: tuple[tuple[str, int], ...] = ()  # (kernel, layers running it) of this model's int8 layers
 
     def describe(self) -> str:
+        via = ", ".join(f"{k} x{n}" for k, n in self.layer_kernels) or self.kernel
         return (
             f"int8 W8A8 (per-channel weights, per-token activations): {self.quantized} linear layers "
-            f"({self.int8_params / 1e6:.1f}M weights) int8 via {self.kernel}, {self.kept} kept fp32 "
+            f"({self.int8_params / 1e6:.1f}M weights) int8 via {via}, {self.kept} kept fp32 "
             f"({self.fp32_params / 1e6:.1f}M), LM head {'int8' if self.lm_head else 'fp32'}"
         )
 
@@ -481,6 +553,7 @@ def quantize_int8(model: nn.Module, *, lm_head: bool = DEFAULT_LM_HEAD) -> nn.Mo
         fp32_params=kept_params,
         kernel=int8_kernel(),
         lm_head=isinstance(head, Int8Linear),
+        layer_kernels=tuple(Counter(m.kernel() for m in model.modules() if isinstance(m, Int8Linear)).most_common()),
     )
     setattr(model, SUMMARY_ATTR, summary)
     log.info("%s: %s", type(model).__name__, summary.describe())

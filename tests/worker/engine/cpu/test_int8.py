@@ -427,8 +427,10 @@ def test_the_fastest_exact_int8_kernel_is_used(monkeypatch: pytest.MonkeyPatch) 
     timed = iter([speeds[name] for name in order])
     monkeypatch.setattr(quantization, "_best_seconds", lambda fn, repeats=5, give_up=0.0: next(timed))
     monkeypatch.delenv("PAGEDQ_INT8_KERNEL", raising=False)
+    quantization._probe.cache_clear()
     quantization._best_kernel.cache_clear()
     try:
         assert quantization._best_kernel() == order[-1] and quantization.int8_kernel() == order[-1]
     finally:
+        quantization._probe.cache_clear()
         quantization._best_kernel.cache_clear()

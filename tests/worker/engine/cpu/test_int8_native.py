@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pagedq.worker.engine.cpu import quantization
-from pagedq.worker.engine.cpu.quantization import EMULATED, INT_MM, ONEDNN, Int8Linear, quantize_rows
+from pagedq.worker.engine.cpu.quantization import EMULATED, INT_MM, ONEDNN, ONEDNN_U8, Int8Linear, quantize_rows
 
 
 def _lib() -> object:
@@ -42,27 +42,53 @@ def test_quantizing_rows_natively_equals_torch(rows: int, width: int) -> None:
     want_q, want_scale = quantize_rows(x)
     q = torch.empty(rows, width, dtype=torch.int8)
     scale = torch.empty(rows)
-    lib.pagedq_quantize_rows(x.data_ptr(), rows, width, x.stride(0), quantization._EPS, q.data_ptr(),  # type: ignore[attr-defined]
+    lib.pagedq_quantize_rows(x.data_ptr(), rows, width, x.stride(0), quantization._EPS, 0, q.data_ptr(),  # type: ignore[attr-defined]
                              scale.data_ptr(), torch.get_num_threads())  # fmt: skip
     assert torch.equal(scale, want_scale)
     assert torch.equal(q, want_q.to(torch.int8))
     assert q.abs().max() == 127
 
 
+def _exact_here(kernel: str) -> None:
+    if kernel not in quantization._exact_kernels():
+        if kernel == INT_MM:
+            pytest.fail("torch._int_mm is not exact here")
+        pytest.skip(f"{kernel} is not exact on this CPU (no VNNI): the int_mm cases cover the passes")
+
+
+@pytest.mark.parametrize("kernel", [INT_MM, ONEDNN_U8])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize(("rows", "width", "out"), [(1, 96, 5), (3, 7, 40), (17, 512, 2049), (300, 2048, 300)])
-def test_an_int8_layer_with_native_passes_equals_its_eager_passes(rows: int, width: int, out: int, bias: bool) -> None:
-    """The whole layer through `torch._int_mm` (int32 products, scaled in the native epilogue, in place)."""
-    if INT_MM not in quantization._candidates():
-        pytest.fail("torch._int_mm is not exact here: the test needs another int8 kernel")
+def test_an_int8_layer_with_native_passes_equals_its_eager_passes(
+    rows: int, width: int, out: int, bias: bool, kernel: str
+) -> None:
+    """The whole layer: `torch._int_mm` (int32 products, scaled in the native epilogue, in place), or oneDNN's
+    u8 x s8 GEMM (activations quantized to uint8 q + 128, the column scale fused, fp32 products)."""
+    _exact_here(kernel)
     g = torch.Generator().manual_seed(rows + width)
     layer = Int8Linear(torch.randn(out, width, generator=g) * 0.05, torch.randn(out, generator=g) if bias else None)
     x = _activations(rows, width, seed=7)
     with torch.inference_mode():
-        native = layer._native(_lib(), x, INT_MM)  # type: ignore[arg-type]
-        eager = layer._eager(x, INT_MM)
+        native = layer._native(_lib(), x, kernel)  # type: ignore[arg-type]
+        eager = layer._eager(x, kernel)
     assert native.shape == (rows, out) and native.dtype == torch.float32
     assert torch.equal(native, eager)
+
+
+@pytest.mark.parametrize("width", [64, 1024])
+def test_every_exact_kernel_gives_the_emulations_bits(width: int) -> None:
+    """Which kernel a layer runs (chosen per shape) does not change its results: up to 1040 input features every
+    exact kernel's products, scaled, equal the fp32 emulation's bit for bit."""
+    g = torch.Generator().manual_seed(width)
+    layer = Int8Linear(torch.randn(300, width, generator=g) * 0.05, torch.randn(300, generator=g))
+    x = _activations(9, width, seed=13)
+    # oneDNN s8 is left out: a reference kernel on some VNNI CPUs, too slow at this size (its own test below)
+    kernels = [k for k in quantization._exact_kernels() if k not in (EMULATED, ONEDNN)]
+    with torch.inference_mode():
+        emulated = layer._eager(x, EMULATED)
+        for kernel in kernels:
+            assert torch.equal(layer._native(_lib(), x, kernel), emulated), kernel  # type: ignore[arg-type]
+    assert INT_MM in kernels
 
 
 def test_the_float_epilogue_of_the_fused_onednn_kernel_equals_torch() -> None:
@@ -148,9 +174,35 @@ def test_the_probe_looks_again_while_the_emulation_looks_fastest(monkeypatch: py
     monkeypatch.setattr(quantization, "_best_seconds", timed)
     monkeypatch.setattr(quantization.time, "sleep", lambda s: None)
     monkeypatch.delenv("PAGEDQ_INT8_KERNEL", raising=False)
+    quantization._probe.cache_clear()
     quantization._best_kernel.cache_clear()
     try:
         assert quantization._best_kernel() == INT_MM
     finally:
+        quantization._probe.cache_clear()
         quantization._best_kernel.cache_clear()
     assert calls.count(ONEDNN) == 1 and calls.count(INT_MM) == 3 and calls.count(EMULATED) == 3
+
+
+def test_each_layer_runs_the_fastest_kernel_for_its_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """int_mm wins on small layers and oneDNN's u8 GEMM on an LM head (measured, `_layer_kernel`): each layer is
+    timed among the kernels within 10x of the process's best, so a reference kernel is never run on a big
+    shape."""
+    monkeypatch.setattr(quantization, "_probe", lambda: {EMULATED: 1.0, ONEDNN: 500.0, ONEDNN_U8: 0.6, INT_MM: 0.4})
+    monkeypatch.setattr(quantization, "_best_kernel", lambda: INT_MM)
+    timed: list[tuple[int, tuple[str, ...]]] = []
+
+    def timings(candidates: dict[str, object], what: str) -> dict[str, float]:
+        big = "58101" in what
+        timed.append((58101 if big else 512, tuple(candidates)))
+        return {EMULATED: 30.0, ONEDNN_U8: 3.0, INT_MM: 5.0} if big else {EMULATED: 0.2, ONEDNN_U8: 0.09, INT_MM: 0.05}
+
+    monkeypatch.setattr(quantization, "_candidates", lambda rows, i, o, kernels: dict.fromkeys(kernels))
+    monkeypatch.setattr(quantization, "_timings", timings)
+    quantization._layer_kernel.cache_clear()
+    try:
+        assert quantization._layer_kernel(512, 512) == INT_MM
+        assert quantization._layer_kernel(512, 58101) == ONEDNN_U8
+    finally:
+        quantization._layer_kernel.cache_clear()
+    assert [kernels for _, kernels in timed] == [(EMULATED, ONEDNN_U8, INT_MM)] * 2

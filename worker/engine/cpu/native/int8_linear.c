@@ -1,7 +1,7 @@
 /* The two passes around an int8 GEMM of pagedq.worker.engine.cpu.quantization's Int8Linear, each one pass over
  * memory instead of torch's four or five eager ones (the module's docstring says why that matters):
  *
- *   pagedq_quantize_rows   x fp32 [M, K] -> q int8 [M, K], scale fp32 [M]:
+ *   pagedq_quantize_rows   x fp32 [M, K] -> q int8 [M, K] (or uint8 q + 128), scale fp32 [M]:
  *                          scale = max(max(x[m]), -min(x[m])), floored at eps, / 127; q = rint(x / scale)
  *   pagedq_dequantize      acc [M, N] (int32 sums, or fp32 products already scaled per column) -> out fp32:
  *                          out = ((float)acc * ws[n]) * rs[m] + bias[n]   (ws, bias optional)
@@ -20,7 +20,7 @@
 
 #define TILE 2048 /* columns per work item of the dequantize pass */
 
-static void quantize_row(const float *x, int64_t K, float eps, int8_t *q, float *scale) {
+static void quantize_row(const float *x, int64_t K, float eps, int offset, uint8_t *q, float *scale) {
     float hi = -INFINITY, lo = INFINITY;
     int nan = 0;
     int64_t k = 0;
@@ -51,20 +51,22 @@ static void quantize_row(const float *x, int64_t K, float eps, int8_t *q, float 
     k = 0;
 #if defined(__AVX512F__)
     const __m512 vs = _mm512_set1_ps(s);
+    const __m128i flip = _mm_set1_epi8(offset ? (char)0x80 : 0); /* + 128 on a two's complement byte */
     for (; k + 16 <= K; k += 16) {
         const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), vs),
                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
+        _mm_storeu_si128((__m128i *)(q + k), _mm_xor_si128(_mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)), flip));
     }
 #endif
-    for (; k < K; k++) q[k] = (int8_t)rintf(x[k] / s); /* |x / s| <= 127 */
+    for (; k < K; k++) q[k] = (uint8_t)((int)rintf(x[k] / s) + offset); /* |x / s| <= 127 */
 }
 
-/* x rows `ldx` floats apart; q contiguous. Returns 0. */
-int pagedq_quantize_rows(const float *x, int64_t M, int64_t K, int64_t ldx, float eps, int8_t *q, float *scale,
-                         int threads) {
+/* x rows `ldx` floats apart; q contiguous: int8 (offset 0), or uint8 q + 128 (offset 128: oneDNN's u8
+ * activations with zero point 128). Returns 0. */
+int pagedq_quantize_rows(const float *x, int64_t M, int64_t K, int64_t ldx, float eps, int offset, void *q,
+                         float *scale, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (M * K >= 32768 && M > 1)
-    for (int64_t m = 0; m < M; m++) quantize_row(x + m * ldx, K, eps, q + m * K, scale + m);
+    for (int64_t m = 0; m < M; m++) quantize_row(x + m * ldx, K, eps, offset, (uint8_t *)q + m * K, scale + m);
     return 0;
 }
 
