@@ -30,6 +30,9 @@ shared by beams) against generate's cache padded to its batch's longest input an
 per beam, as generate expands encoder outputs).
 
 Run: `python bench/tasks.py --workload w4` (or `python bench/w4_translation.py`), `--quick` for a smoke run.
+`--w4-static N` runs generate's static batches on the first N sentences only (a rate: it compares; the beam
+baseline alone takes ~15 minutes of 256 sentences on 2 cores), `--w4-precisions fp32,int8` leaves pagedq's bf16
+row out (emulated and slow on a CPU without bf16 instructions), `--w4-ct2-batching` skips CT2's batching search.
 Summary keys: w4_<greedy|beam>_vs_static, _vs_sequential (pagedq fp32), _bf16_vs_fp32, _kv_vs_padded, _exact;
 w4_greedy_vs_ct2_int8 and w4_beam4_vs_ct2_int8 (pagedq's fastest precision over CT2 int8).
 Plots tokens/s per system, greedy and beam 4 side by side, with the ratio to the static batches (bench/plots.py)
@@ -95,6 +98,10 @@ class System:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--w4-sentences", type=int, default=None, help="default 256 (32 with --quick)")
     p.add_argument("--w4-sequential", type=int, default=None, help="sentences for one generate each (16; 4 quick)")
+    p.add_argument("--w4-static", type=int, default=None, help="sentences for generate's static batches (default all; "
+                   "a rate, so a subset compares: the beam baseline alone takes ~15 min of 256 sentences)")
+    p.add_argument("--w4-precisions", default="fp32,bf16,int8", help="pagedq rows, e.g. fp32,int8 (bf16 where the "
+                   "CPU has no bf16 instructions is emulated and slow)")  # fmt: skip
     p.add_argument("--w4-max-requests", type=int, default=256, help="max_running_requests (sequences, beams count)")
     p.add_argument("--w4-budget", type=int, default=8192, help="max_batch_tokens of the engine")
     p.add_argument("--w4-kv-gib", type=float, default=None, help="KV pool of each engine (1.5; 0.5 quick)")
@@ -223,6 +230,7 @@ def static_batches(model: Any, beams: int) -> Run:
 def w4(args: argparse.Namespace) -> dict[str, float]:
     count = args.w4_sentences or (32 if args.quick else 256)
     sequential_count = args.w4_sequential or (4 if args.quick else 16)
+    static_count = args.w4_static or count
     repeats = 1 if args.quick else args.w4_repeats
     model = w4_model()
     reference = w4_model()  # the engine switches its model's attention; generate runs on an untouched copy
@@ -234,7 +242,9 @@ def w4(args: argparse.Namespace) -> dict[str, float]:
         f"outputs of {min(targets)}..{max(targets)} tokens, {torch.get_num_threads()} threads, "
         f"{repeats} timed run(s) after a warm-up"
     )
-    setup = Setup(args, reference, pagedq_models(model), Peers(args, reference), sentences, targets, sequential_count)
+    precisions = {p.strip() for p in args.w4_precisions.split(",")} | {"fp32"}  # fp32: every ratio's reference
+    models = {name: m for name, m in pagedq_models(model, "bf16" in precisions, "int8" in precisions).items()}
+    setup = Setup(args, reference, models, Peers(args, reference), sentences, targets, sequential_count, static_count)
     print(f"{peers_ct2.rates_line(setup.rates)}; load average {load_average()}")
     summary: dict[str, float] = {}
     panels = []
@@ -260,6 +270,7 @@ class Setup:
     sentences: list[list[int]]
     targets: list[int]
     sequential_count: int
+    static_count: int
     rates: dict[str, float] = field(default_factory=peers_ct2.gemm_rates)
 
 
@@ -268,17 +279,18 @@ def decoding_mode(setup: Setup, beams: int, label: str, repeats: int) -> tuple[d
     engines live only here: one mode's KV pools are freed before the next mode's are allocated."""
     inputs = (setup.sentences, setup.targets)
     head = (setup.sentences[: setup.sequential_count], setup.targets[: setup.sequential_count])
+    static_inputs = (setup.sentences[: setup.static_count], setup.targets[: setup.static_count])
     engine_runs = {name: EngineRun(m, setup.args, beams) for name, m in setup.models.items()}
     systems = [
         System("one generate per sentence", one_by_one(setup.reference, beams), head),
-        System(f"generate, batches of {STATIC_BATCH}", static_batches(setup.reference, beams), inputs),
+        System(f"generate, batches of {STATIC_BATCH}", static_batches(setup.reference, beams), static_inputs),
         *(System(name, run, inputs) for name, run in engine_runs.items()),
         *setup.peers.systems(beams, inputs),
     ]
     measure(systems, repeats)
     by_name = {s.name: s for s in systems}
     sequential, static, ours = systems[0], systems[1], by_name[PAGEDQ_FP32]
-    static.kv_bytes = padded_kv_bytes(setup.sentences, static.outputs, beams, kv_bytes_per_token(setup.reference))
+    static.kv_bytes = padded_kv_bytes(static_inputs[0], static.outputs, beams, kv_bytes_per_token(setup.reference))
     for name, run in engine_runs.items():
         by_name[name].kv_bytes = run.kv_bytes(kv_bytes_per_token(setup.models[name]))
     checked = sequential.sentences
@@ -308,9 +320,13 @@ PAGEDQ_FP32, PAGEDQ_BF16, PAGEDQ_INT8 = "pagedq fp32", "pagedq bf16", "pagedq in
 PEER_FP32, PEER_INT8 = "ctranslate2 fp32", "ctranslate2 int8"
 
 
-def pagedq_models(model: Any) -> dict[str, Any]:
+def pagedq_models(model: Any, bf16: bool = True, int8_row: bool = True) -> dict[str, Any]:
     """The models the paged engine runs: fp32, bf16 (a cast copy), int8 (when pagedq's quantization exists)."""
-    models = {PAGEDQ_FP32: model, PAGEDQ_BF16: copy.deepcopy(model).to(torch.bfloat16)}
+    models = {PAGEDQ_FP32: model}
+    if bf16:
+        models[PAGEDQ_BF16] = copy.deepcopy(model).to(torch.bfloat16)
+    if not int8_row:
+        return models
     int8, why = peers_ct2.pagedq_int8(model)
     print(why)
     if int8 is not None:
@@ -405,8 +421,10 @@ def w4_flops(config: Any, sentences: list[list[int]], targets: list[int], beams:
 
 
 def floor_shares(systems: list[System], flops: float, rates: dict[str, float]) -> dict[str, str]:
-    """Each full-workload row's GEMM floor share (the sequential subset runs other inputs: none)."""
-    return {s.name: peers_ct2.floor_share(flops, peers_ct2.precision_of(s.name), rates, s.median) for s in systems[1:]}
+    """Each full-workload row's GEMM floor share (rows run on a subset of the sentences: none)."""
+    full = max(s.sentences for s in systems)
+    return {s.name: peers_ct2.floor_share(flops, peers_ct2.precision_of(s.name), rates, s.median)
+            for s in systems if s.sentences == full}  # fmt: skip
 
 
 def load_average() -> str:

@@ -78,7 +78,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +190,7 @@ def _exact_kernels() -> tuple[str, ...]:
     found = [EMULATED]
     if _cpu_has_vnni() and _onednn_ops_available():
         found += [name for name, u8 in ((ONEDNN, False), (ONEDNN_U8, True))
-                  if _exact(name, lambda q, w, u8=u8: _onednn_product(q, w, u8))]  # fmt: skip
+                  if _exact(name, partial(_onednn_product, u8=u8))]  # fmt: skip
     if hasattr(torch, "_int_mm") and _exact(INT_MM, _int_mm_product):
         found.append(INT_MM)
     return tuple(found)
@@ -206,16 +206,13 @@ def _candidates(
     found: dict[str, Callable[[], Any]] = {}
     for name in _exact_kernels() if kernels is None else kernels:
         if name == EMULATED:
-            qf, wf = q.float(), w.float()
-            found[name] = lambda qf=qf, wf=wf: F.linear(qf, wf)
+            found[name] = partial(F.linear, q.float(), w.float())
         elif name == INT_MM:
-            wt = w.t().contiguous()
-            found[name] = lambda wt=wt: torch._int_mm(q, wt)
+            found[name] = partial(torch._int_mm, q, w.t().contiguous())
         else:
-            packed, scale, zero = torch.ops.onednn.qlinear_prepack(w, None), torch.ones(out_features), torch.zeros(
-                out_features, dtype=torch.long)  # fmt: skip
+            packed = torch.ops.onednn.qlinear_prepack(w, None)
             x = _as_u8(q) if name == ONEDNN_U8 else q
-            found[name] = lambda x=x, packed=packed, scale=scale, zero=zero: _onednn_linear(x, packed, scale, zero)
+            found[name] = partial(_onednn_linear, x, packed, torch.ones(out_features), torch.zeros(out_features).long())
     return found
 
 
