@@ -17,7 +17,8 @@ against the fp32 pipeline (max abs difference); ORT fp32 logits against transfor
 against ORT fp32 (label agreement). "x peer": each row against the fastest ORT row. The GEMM floor: FLOPs of
 the real tokens / measured GEMM rate of the row's precision (int8: ORT's MatMulInteger or torch._int_mm).
 
-Run: `python bench/tasks.py --workload w3` (2,000 texts, 3 repeats), `--quick` (200 texts, 1 repeat).
+Run: `python bench/tasks.py --workload w3` (2,000 texts, 3 repeats), `--quick` (200 texts, 1 repeat);
+`--w3-precisions fp32,int8` leaves the bf16 rows out (emulated and slow on a CPU without bf16 instructions).
 Plots texts/s per system with the ratio to the pipeline (W4: tokens/s, ratio to static batches; bench/plots.py)
 to bench/plots/w3.png and w4.png (`--plot`).
 Ends with one line of key=value pairs from every workload run, e.g. `w3_vs_pipeline=.. w3_padding_share=..
@@ -182,7 +183,8 @@ def w3(args: argparse.Namespace) -> dict[str, float]:
     lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
     assert min(lengths) >= 8 and max(lengths) <= 256, "every word must be one token"
     fp32 = w3_model(len(tokenizer), args.w3_layers)
-    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    precisions = {p.strip() for p in args.w3_precisions.split(",")}
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16) if "bf16" in precisions else None
     spec = ModelSpec(name="w3", task=TaskType.CLASSIFY, source="w3")
 
     def loaded(model: Any, dtype: torch.dtype) -> LoadedModel:  # a separate copy: packing swaps attention
@@ -217,10 +219,13 @@ def w3(args: argparse.Namespace) -> dict[str, float]:
         pipeline_system(fp32, "fp32"),
         executor_system("pagedq packed", loaded(fp32, torch.float32), True, "fp32"),
         executor_system("pagedq padded (bucketed)", loaded(fp32, torch.float32), False, "fp32"),
-        pipeline_system(bf16, "bf16"),
-        executor_system("pagedq packed bf16", loaded(bf16, torch.bfloat16), True, "bf16"),
     ]
-    int8_model, int8_note = pagedq_int8(fp32)
+    if bf16 is not None:
+        systems += [
+            pipeline_system(bf16, "bf16"),
+            executor_system("pagedq packed bf16", loaded(bf16, torch.bfloat16), True, "bf16"),
+        ]
+    int8_model, int8_note = pagedq_int8(fp32) if "int8" in precisions else (None, "pagedq int8: not asked for")
     print(int8_note)
     if int8_model is not None:
         int8_loaded = loaded(int8_model, torch.float32)
@@ -249,14 +254,15 @@ def w3(args: argparse.Namespace) -> dict[str, float]:
     note = f"{'--quick: ' if args.quick else ''}{count} texts, BERT {args.w3_layers} x 768, {repeats} timed run(s)"
     print(plot_w3(systems, count, plots.path_for(args.plot, "w3"), note))
     by_name = {s.name: s for s in systems}
-    ours, pipe, bf16_ours = by_name["pagedq packed"], by_name["pipeline batch_size=32 fp32"], by_name[PAGEDQ_BF16]
+    ours, pipe = by_name["pagedq packed"], by_name["pipeline batch_size=32 fp32"]
     summary = {
         "w3_vs_pipeline": pipe.median / ours.median,
         "w3_vs_pipeline_cpu": pipe.median_cpu / ours.median_cpu,
         "w3_vs_one_by_one": systems[0].median / ours.median,
         "w3_padding_share": ours.padding_share(),
-        "w3_bf16_vs_fp32": ours.median / bf16_ours.median,
     }
+    if PAGEDQ_BF16 in by_name:
+        summary["w3_bf16_vs_fp32"] = ours.median / by_name[PAGEDQ_BF16].median
     best_peer = best_ort(systems)
     if best_peer is not None:
         best_ours = min((s for s in systems if s.name.startswith("pagedq")), key=lambda s: s.median)
@@ -430,6 +436,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=64, help="inputs each system runs once before timing")
     p.add_argument("--w3-texts", type=int, default=None, help="default 2000 (200 with --quick)")
     p.add_argument("--w3-layers", type=int, default=12)
+    p.add_argument("--w3-precisions", default="fp32,bf16,int8", help="rows beyond fp32, e.g. fp32,int8 (bf16 where the "
+                   "CPU has no bf16 instructions is emulated and slow)")  # fmt: skip
     p.add_argument("--w3-budget", type=int, default=8192, help="max_batch_tokens of the executor")
     p.add_argument("--w3-max-requests", type=int, default=64, help="max_running_requests of the executor")
     add_w4_arguments(p)
