@@ -19,14 +19,17 @@ W1's 56M Llama 2.2e-2 relative, BERT-base packing 7.3e-3, Marian 512 6e-7; bf16:
 So int8 models need the self-checks' half-precision tolerances (6e-2 causal and seq2seq, 4e-2 packing),
 not fp32's (1e-3, 1e-3, 1e-4): `quantization_summary(model)` tells them a model is quantized.
 
-Kernel (`int8_kernel()`, decided once per process): the fastest exact one of oneDNN's fused int8 GEMM (where the
-CPU has VNNI: avx512_vnni, avx_vnni or amx_int8), `torch._int_mm` (int32 products, then the scales) and the fp32
-emulation, timed on a [64, 512] x [512, 512] product. A candidate must first give the exact integer products on
-worst-case operands (without VNNI, oneDNN sums u8 x s8 pairs in saturating int16). Measured: on the Intel AMX
-machine oneDNN wins; on an AMD EPYC with AVX512-VNNI oneDNN gets a reference kernel (500x slower than fp32)
-and `_int_mm` wins (2.7x the emulation at 64 rows, 5.8x at 7). Elsewhere (no exact int8 kernel, or none faster;
-`PAGEDQ_INT8_KERNEL=emulated`; `emulated_int8()` in tests) the
-same arithmetic runs as an fp32 GEMM over the int8 values: the integer products and their sums are exact in
+Kernel (`int8_kernel()`, decided once per process, then per layer shape by `Int8Linear.kernel`): the fastest
+exact one of oneDNN's fused int8 GEMM on int8 activations and on uint8 ones (q + 128, zero point 128: oneDNN's
+u8 x s8 VNNI path) where the CPU has VNNI (avx512_vnni, avx_vnni or amx_int8), `torch._int_mm` (int32 products,
+then the scales) and the fp32 emulation, timed on a [64, 512] x [512, 512] product, and each layer's shape again
+on 32 rows among the kernels within 10x of the best (`_layer_kernel`). A candidate must first give the exact
+integer products on worst-case operands (without VNNI, oneDNN sums u8 x s8 pairs in saturating int16). Measured:
+on the Intel AMX machine oneDNN wins; on an AMD EPYC and an Intel Xeon with AVX512-VNNI (no AMX) oneDNN's int8 x
+int8 path gets a reference kernel (500x slower than fp32), `_int_mm` wins on small layers (2.7x the emulation
+at 64 rows, 5.8x at 7) and, on the Xeon, oneDNN's u8 path on an LM head. Elsewhere (no exact int8 kernel, or
+none faster; `PAGEDQ_INT8_KERNEL=emulated`; `emulated_int8()` in tests) the same arithmetic runs as an fp32
+GEMM over the int8 values: the integer products and their sums are exact in
 fp32 for in_features <= 1040, so results equal the int8 kernel's bit for bit (above that they differ by fp32
 rounding, ~1e-7 relative). That path has fp32 speed and an fp32 copy of the int8 weights: it exists so that an
 int8 registry entry serves everywhere, not to be fast there. The pre-packed weight (oneDNN kernel) is a second
