@@ -92,7 +92,7 @@ class Decoding:
         # tokens) and read in place where the rows are adjacent: gathering [beams, vocab] rows cost a third of
         # the beam search of a step in which new requests joined running ones.
         rows: dict[int, int] = {}  # logits row -> its place among the rows processed
-        processed = []
+        processed: list[Row] = []
         beam_at = []  # each beam's place among them
         for (request, seq_rows), ts, bs in zip(group, tokens, beam_rows, strict=True):
             for t, b in zip(ts, bs, strict=True):
