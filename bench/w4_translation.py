@@ -243,7 +243,7 @@ def w4(args: argparse.Namespace) -> dict[str, float]:
         f"{repeats} timed run(s) after a warm-up"
     )
     precisions = {p.strip() for p in args.w4_precisions.split(",")} | {"fp32"}  # fp32: every ratio's reference
-    models = {name: m for name, m in pagedq_models(model, "bf16" in precisions, "int8" in precisions).items()}
+    models = pagedq_models(model, "bf16" in precisions, "int8" in precisions)
     setup = Setup(args, reference, models, Peers(args, reference), sentences, targets, sequential_count, static_count)
     print(f"{peers_ct2.rates_line(setup.rates)}; load average {load_average()}")
     summary: dict[str, float] = {}

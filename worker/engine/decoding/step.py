@@ -100,7 +100,8 @@ class Decoding:
                     rows[seq_rows[b]] = len(processed)
                     processed.append(processor_row(request.sequence, t))
                 beam_at.append(rows[seq_rows[b]])
-        first, order = next(iter(rows)), list(rows)
+        order = list(rows)
+        first = order[0]
         if order == list(range(first, first + len(order))):
             picked = logits[first : first + len(order)]
         else:

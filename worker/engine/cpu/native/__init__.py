@@ -101,6 +101,8 @@ def load_library(
     """The library of `source_path`, built (with OpenMP, else without; `exact`: see `build_library`) and loaded
     once per process, its functions typed by `configure`; None without a compiler, off Linux or with
     PAGEDQ_NATIVE=0 (logged once: `what` is unavailable, the engine uses `fallback`)."""
+    if source_path in _libraries:  # loaded (or failed) already: no lock on the kernels' every call
+        return _libraries[source_path]
     with _lock:
         if source_path in _libraries:
             return _libraries[source_path]
