@@ -50,8 +50,10 @@ MAX_SUBMITTED = 50_000
 #: type, model, priority, created_at, deadline (epoch s): a queued task's status as submitted
 _Submitted = tuple[TaskType, str, int, datetime, float]
 
-#: Messages per pipelined group when sending a bulk (progress is reported per group).
-SEND_BATCH = 250
+#: Messages per pipelined group when sending a bulk (progress is reported per group): the groups double from
+#: one message up to this many, so a worker starts on the first message at once and is never starved while the
+#: rest is recorded (recording runs ~5x faster than the engine classifies the tiny demo model).
+SEND_BATCH = 256
 
 ProgressCallback = Callable[[int, int], None]  # (done, total)
 
@@ -220,12 +222,13 @@ class TaskService:
     def _send_all(self, submissions: Sequence[Submission], on_progress: ProgressCallback | None) -> None:
         """Record and send a bulk as messages of `bulk_message_items` items, through one producer in pipelined
         groups (kombu >= 5.7), each group's records written (one pipeline) just before it is sent: the first
-        group is the first message alone, so a worker starts on it while the rest is recorded. A group that
+        group is the first message alone, so a worker starts on it while the rest is recorded, and the groups
+        double from there (up to `SEND_BATCH` messages) so that the queue stays ahead of the workers. A group that
         fails is discarded and the records of its items and of every later item are removed before the error
         propagates."""
         messages = batch_messages(submissions, self.settings.bulk_message_items)
         total, sent = len(submissions), 0
-        bounds = [0, *range(1, len(messages), SEND_BATCH), len(messages)] if messages else []
+        bounds = _group_bounds(len(messages))
         with self.celery.producer_or_acquire() as producer:
             for start, end in pairwise(bounds):
                 group = messages[start:end]
@@ -363,6 +366,15 @@ def _is_submitted(record: dict[str, str] | None) -> TypeGuard[dict[str, str]]:
 
 def _utc(epoch_s: float) -> datetime:
     return datetime.fromtimestamp(epoch_s, UTC)
+
+
+def _group_bounds(count: int) -> list[int]:
+    """Where the send groups of `count` messages start and end: groups of 1, 2, 4, ... `SEND_BATCH` messages."""
+    bounds, size = [0], 1
+    while bounds[-1] < count:
+        bounds.append(min(bounds[-1] + size, count))
+        size = min(size * 2, SEND_BATCH)
+    return bounds if count else []
 
 
 @contextmanager

@@ -21,6 +21,7 @@ exits with an error instead of consuming messages it could only fail.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,11 @@ class WorkerRuntime:
     refused: dict[str, str] = field(default_factory=dict)
     #: writes the final states of every task thread that finishes at about the same time in one call
     finalizer: GroupCommit[Outcome, TaskState | None] = field(init=False)
+    #: held while a batch message's items are validated and prepared (tokenized) for the engine: messages that
+    #: arrive together are prepared one after another, in about their arrival order, so the engine gets the
+    #: first one's items after one message's worth of work instead of after all of them (the GIL runs one
+    #: preparation at a time anyway; interleaved, they would all finish together, late)
+    preparing: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.finalizer = GroupCommit(self.records.finalize_many)

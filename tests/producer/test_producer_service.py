@@ -267,6 +267,18 @@ def test_bulk_records_and_sends_every_request_in_order(service: TaskService, r: 
     assert progress == [(2, 5), (5, 5)]  # per group: the first message alone (a worker starts on it), then the rest
 
 
+def test_bulk_send_groups_double_so_workers_start_at_once(settings: Settings, r: redis.Redis) -> None:
+    service = TaskService(settings.model_copy(update={"limits": Limits(max_text_chars=100, max_bulk=30)}))
+    # 15 messages of 2 items: recorded and sent in groups of 1, 2, 4 and 8 messages, so the first message is
+    # on the queue before the rest is recorded and the queue stays ahead of the workers
+    progress: list[tuple[int, int]] = []
+    submitted = service.submit_bulk(TaskType.CLASSIFY, [{"text": f"t{i}"} for i in range(30)],
+                                    on_progress=lambda done, total: progress.append((done, total)))
+    assert progress == [(2, 30), (6, 30), (14, 30), (30, 30)]
+    items = [item for _, m in reversed(queued(r, "pagedq.classify")) for item in body_of(m)[0][0]["items"]]
+    assert [i["id"] for i in items] == [s.id for s in submitted]
+
+
 def test_bulk_items_of_different_priorities_travel_apart(service: TaskService, r: redis.Redis) -> None:
     service.submit_bulk(TaskType.CLASSIFY, [{"text": "a", "priority": 50}, {"text": "b"}, {"text": "c"}])
     by_key = {key: [i["request"]["text"] for i in body_of(m)[0][0]["items"]] for key, m in queued(r, "pagedq.classify")}
