@@ -284,7 +284,7 @@ class TaskRecords:
         """Write many records (and their entries in the open set) in one round trip; `notify`: the submitter's
         reply channel. Returns their `created_at`."""
         created = now()
-        head = [self.ttl_s, created.isoformat(), repr(created.timestamp()), notify or ""]
+        head: list[EncodableT] = [self.ttl_s, created.isoformat(), repr(created.timestamp()), notify or ""]
         with self.redis.pipeline(transaction=False) as pipe:
             for start in range(0, len(records), CREATE_CHUNK):
                 chunk = records[start : start + CREATE_CHUNK]
