@@ -136,8 +136,8 @@ class Request:
     arrival: int = field(default_factory=lambda: next(_arrival_counter))
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
-    encoder_blocks: list[KVBlock] = field(default_factory=list)  # its encoder output's pages
-    encoded: bool = False  # its encoder output is in `encoder_blocks`
+    encoder_blocks: list[KVBlock] = field(default_factory=list)  # its cross-attention K/V pages
+    encoded: bool = False  # its cross K/V are in `encoder_blocks`
     output_token_ids: list[int] = field(default_factory=list)  # encoder-decoder: the chosen output, once finished
     first_token_at: float | None = None  # time.monotonic() at the end of the step that gave its first token
 

@@ -62,9 +62,6 @@ fp32 pre-packed / int8 with eager passes / int8 with native passes:
 Which layers: every `nn.Linear` (and transformers' GPT-2-style `Conv1D`) of the model, except
   - the task head outside the base model (classifier, QA span head: a few columns, no speed to gain) and a
     pooler (one row per input);
-  - the cross-attention key/value projections of an encoder-decoder's decoder: the paged seq2seq engine
-    absorbs their weights into its attention (seq2seq/attention.py), so they stay fp32 in both the engine and
-    the model's own forward;
   - the LM head (output embeddings) if `lm_head=False` (default True: see `DEFAULT_LM_HEAD`).
 Embeddings and norms stay fp32; activations between layers stay fp32. `Int8Linear` is not an `nn.Linear`, so
 cpu.linear's pre-packing (fp32 / bf16 oneDNN) leaves it alone and packs only the layers kept fp32.
@@ -451,7 +448,7 @@ class QuantizationSummary:
     """What `quantize_int8` did, for logs and stats."""
 
     quantized: int  # linear layers now Int8Linear
-    kept: int  # linear layers left fp32 (heads, cross-attention K/V, ...)
+    kept: int  # linear layers left fp32 (task heads, poolers, ...)
     int8_params: int  # weight elements now int8
     fp32_params: int  # weight elements of the kept linear layers
     kernel: str  # the process's probe: "onednn-int8", "onednn-int8-u8", "int-mm" or "emulated-fp32"
@@ -498,16 +495,6 @@ def _kept_fp32(model: nn.Module, lm_head: bool) -> set[int]:
             kept.discard(id(head))
         else:
             kept.add(id(head))
-    config = getattr(model, "config", None)
-    get_decoder = getattr(model, "get_decoder", None)
-    if getattr(config, "is_encoder_decoder", False) and callable(get_decoder):
-        for module in get_decoder().modules():
-            if getattr(module, "is_causal", True):
-                continue  # self-attention (or not attention at all)
-            for names in (("k_proj", "v_proj"), ("k", "v")):
-                parts = [getattr(module, n, None) for n in names]
-                if all(isinstance(p, nn.Module) and _is_linear(p) for p in parts):
-                    kept |= {id(p) for p in parts}
     return kept
 
 

@@ -2,7 +2,8 @@
 
 One pool (`BlockPool`) holds every block of a model. Each decoder sequence has a block table of its
 self-attention K/V; an encoder-decoder request also holds exactly ceil(encoder_len / encoder_block_size)
-pages of its encoder output (`Request.encoder_blocks`, read by every layer's cross-attention) from the step
+pages of its cross-attention K/V (`Request.encoder_blocks`: every decoder layer's K and V of its encoder
+output, made once when its encoder runs, read by every layer's cross-attention) from the step
 its encoder runs until it ends or is preempted -- its real length, never a batch maximum. `allocate` is the
 scheduler's one call: a request's pages and its sequences' rows, all or nothing.
 
@@ -67,7 +68,7 @@ class KVCacheManager:
     ) -> None:
         self.pool = pool
         self.block_size = block_size
-        self.encoder_block_size = encoder_block_size  # encoder rows per page (encoder-decoder models)
+        self.encoder_block_size = encoder_block_size  # encoder positions per page (encoder-decoder models)
         self.enable_caching = enable_caching and pool.enable_caching
         self.root = root_hash(namespace)
         self.extra_keys = extra_keys

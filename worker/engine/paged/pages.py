@@ -3,8 +3,8 @@
     pages: [num_blocks, 2 (K, V), num_layers, block_size, kv_heads, head_dim]
 
 A page holds one block of K and V for every layer (a sequence's blocks, read by paged self-attention and the
-native kernel: each block of a layer contiguous, blocks `pages.stride(0)` apart); an encoder-decoder model
-also reads a page as rows of its encoder output (`encoder_states`: an encoder page, `Request.encoder_blocks`).
+native kernel: each block of a layer contiguous, blocks `pages.stride(0)` apart); an encoder-decoder request's
+cross-attention K/V take pages of the same layout, `block_size` encoder positions each (`Request.encoder_blocks`).
 Copy-on-write copies whole pages, every layer at once. Zeros, not empty: padded rows read unused slots; they
 are masked, but 0 * NaN is NaN.
 """

@@ -6,40 +6,27 @@ pass and by `module.is_causal` (decoder self-attention is causal, cross-attentio
 
     encoder pass   [ s0 tokens | s1 tokens | ... ]   bidirectional within each sentence (EncoderBucket)
     decoder pass   [ rows of r0 | rows of r1 | ...]  self: causal over the row's own decoder blocks
-                                                     cross: over the request's encoder pages (CrossBucket)
+                                                     cross: over the request's cross K/V pages
 
 Pool layout: one `KVPool` of pages (`paged.pages.KVPages`, as a decoder-only model's), one page per
-`BlockPool` block id. A page holds either
+`BlockPool` block id; a page holds K and V of every decoder layer for `block_size` positions, either
 
-    self K/V     one block of `block_size` decoder positions: K and V of every decoder layer
-                 (`key_cache` / `value_cache`, views [layers, blocks, block_size, heads, head_dim])
-    encoder      `encoder_block_size` rows of one request's encoder output h (`encoder_states`, a view
-                 [blocks, encoder_block_size, d_model]): 2 * layers * block_size rows when
-                 heads * head_dim == d_model, so with 6 decoder layers and blocks of 16 a sentence of up
-                 to 192 tokens takes one page, where per-layer cross K/V would take 12
+    self K/V     `block_size` decoder positions of one sequence (its block table; beams share blocks)
+    cross K/V    `block_size` encoder positions of one request (`Request.encoder_blocks`): every decoder
+                 layer's cross-attention K and V of the request's encoder output, at its real length
 
-Cross-attention reads h, never per-layer K/V. Every decoder layer's cross K/V are linear in the same h
-(K = h Wk^T + bk, V = h Wv^T + bv), so per head (weight absorption, as DeepSeek's MLA does):
+Cross K/V are made once, in the step a request's encoder runs: the runner passes the new requests' encoder
+output as `encoder_hidden_states` with the cache's `is_updated` False, so each layer's own K/V projections
+(`k_proj`/`v_proj`, int8 ones included) run on those rows and the cache writes them at
+`Seq2SeqMetadata.cross_slots`; every other step reads them from the pages. Per decoder row and layer, the
+cross-attention is then per-head attention over head_dim, like self-attention: an earlier design kept only
+the encoder output h in the pages (1/12 of the memory with 6 layers) and absorbed the K/V projections into
+the queries, which made every row's scores 8x wider and cost a quarter of a Marian decode step on CPU.
 
-    scores_j = scale * q . (Wk h_j + bk) = scale * (Wk^T q) . h_j + (a constant: softmax drops it)
-    output   = sum_j p_j (Wv h_j + bv)   = Wv (sum_j p_j h_j) + bv            (sum_j p_j = 1)
-
-so a layer projects its query rows into h's space ([H, T, D] x [H, D, d_model]), runs one attention over
-h in which the H heads are H query rows of a single key/value head, and projects back through Wv. The
-same h serves every layer (one gather per step), the encoder's K/V projections never run, and a request's
-cross-attention memory is its real encoder length of h: 1 / (2 * layers) of paged per-layer K/V.
-The price is compute: per decoder row and layer, two [D] x [D, d_model] projections per head, and scores
-over d_model instead of head_dim -- a few percent of a decoder step's FLOPs for sentences of ~100 tokens,
-but on vector units in the kernel. A request's beams share h, so its beams x heads query rows are one
-matrix product against h: in bf16 on a CPU with bf16 matrix units (AMX), requests with at least
-`seq2seq_runner.SDPA_CROSS_HEADS` query rows take SDPA over the step's gathered h (`CrossBucket`), the rest
-(greedy rows) the kernel.
-
-Native kernel (fp32 or bf16 pool on CPU, `worker/engine/cpu/native`): single-token decoder rows attend to their
-own self blocks, and every decoder row to its request's encoder pages (keys = values = h, one kv head), in
-place: no gather, no padding (`NativeRows`). The beams of a request are one kernel row of num_beams * H query
-heads over its pages (`NativeCross`), so the pages are read once per request, not once per beam; each head's
-arithmetic is the same either way. T5's decoder self-attention keeps SDPA (its bias).
+Native kernel (fp32 or bf16 pool on CPU, `worker/engine/cpu/native`): single-token decoder rows attend to
+their own self blocks, and every decoder row to its request's cross pages, in place: no gather, no padding
+(`NativeRows`; the beams of a request are rows sharing one block table). T5's decoder self-attention keeps
+SDPA (its bias); its cross-attention has none and takes the kernel.
 
 bf16 end to end: the pool, queries and outputs stay bf16 (the kernel widens bf16 in registers and computes in
 fp32; SDPA's bf16 kernels accumulate in fp32); nothing is upcast per step.
@@ -69,7 +56,7 @@ METADATA_KWARG = "pagedq_seq2seq_metadata"
 
 
 class KVPool(KVPages):
-    """The model's page pool (`paged.pages`), whose pages are also read as rows of encoder output."""
+    """The model's page pool (`paged.pages`): decoder self K/V blocks and requests' cross K/V pages."""
 
     def __init__(
         self,
@@ -80,25 +67,9 @@ class KVPool(KVPages):
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
-        encoder_dim: int,
     ) -> None:
         super().__init__(num_layers, num_blocks, block_size, num_heads, head_dim, dtype, device)
         self.num_heads = num_heads
-        self.encoder_dim = encoder_dim
-        self.encoder_block_size = self.encoder_rows_per_page(num_layers, block_size, num_heads, head_dim, encoder_dim)
-        rows = self.pages.view(num_blocks, -1)[:, : self.encoder_block_size * self.encoder_dim]
-        self.encoder_states = rows.view(num_blocks, self.encoder_block_size, self.encoder_dim)
-
-    @staticmethod
-    def encoder_rows_per_page(num_layers: int, block_size: int, num_heads: int, head_dim: int, encoder_dim: int) -> int:
-        rows = 2 * num_layers * block_size * num_heads * head_dim // encoder_dim
-        if rows < 1:
-            raise ValueError(f"a page of {block_size} positions cannot hold one encoder row of {encoder_dim}")
-        return rows
-
-    def write_encoder(self, slots: tuple[torch.Tensor, torch.Tensor], states: torch.Tensor) -> None:
-        """Store encoder output rows [N, d_model] at (blocks [N], offsets [N])."""
-        self.encoder_states.index_put_(slots, states.to(self.encoder_states.dtype))
 
 
 @dataclass
@@ -133,23 +104,12 @@ class SelfSegment:
 
 @dataclass
 class CrossBucket:
-    """Requests with `n` query rows each, attending to their encoder rows (padded to the longest)."""
+    """Requests with `n` decoder rows each (their beams) over their cross K/V pages, padded to the longest."""
 
     rows: torch.Tensor  # [R * n] packed rows, request-major
     n: int
-    blocks: torch.Tensor  # [R, L]: page of each encoder position (0 where padded)
-    offsets: torch.Tensor  # [R, L]: row within that page
-    encoder_lens: torch.Tensor  # [R]
-    _states: torch.Tensor | None = field(default=None, repr=False)  # gathered once, read by every layer
-    _mask: torch.Tensor | None = field(default=None, repr=False)
-
-    def states(self, pool: KVPool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The requests' encoder rows [R, 1, L, d_model] and the key mask [R, 1, 1, L]."""
-        if self._states is None or self._mask is None:
-            self._states = pool.encoder_states[self.blocks, self.offsets].unsqueeze(1)
-            key_pos = torch.arange(self.blocks.shape[1], device=self.blocks.device)[None, :]
-            self._mask = (key_pos < self.encoder_lens[:, None])[:, None, None, :]
-        return self._states, self._mask
+    block_ids: torch.Tensor  # [R * max_blocks] padded block tables, flattened (block 0 where padded)
+    mask: torch.Tensor  # [R, 1, 1, max_blocks * block_size]: the requests' real encoder positions
 
 
 @dataclass
@@ -163,28 +123,19 @@ class NativeRows:
 
 
 @dataclass
-class NativeCross:
-    """Requests with `n` decoder rows each (their beams), read by the native kernel as one row of n * H query
-    heads over one key/value head (the encoder rows h): a request's pages are read once for all its beams."""
-
-    n: int
-    tables: NativeRows  # one row per request, in order
-    rows: slice | torch.Tensor  # the requests' decoder rows, request-major: a slice when they are contiguous
-
-
-@dataclass
 class Seq2SeqMetadata:
     """Everything the attention layers need for one forward pass; built once per pass by the runner."""
 
     pool: KVPool
     encoder: list[EncoderBucket] | None = None  # set for an encoder pass
     self_slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (block, offset) of each decoder row's new K/V
+    cross_slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (page, offset) of each new encoder row's K/V
     decode: list[SelfDecodeBucket] = field(default_factory=list)
     segments: list[SelfSegment] = field(default_factory=list)
     cross: list[CrossBucket] = field(default_factory=list)
     decoder_bias: Any = None  # T5: the decoder's layer-0 T5Attention (owner of relative_attention_bias)
     native_decode: NativeRows | None = None  # single-token self rows through the kernel (then `decode` is empty)
-    native_cross: list[NativeCross] | None = None  # every row's cross-attention through the kernel (`cross` empty)
+    native_cross: NativeRows | None = None  # every row's cross-attention through the kernel (then `cross` is empty)
 
     @property
     def is_encoder_pass(self) -> bool:
@@ -215,13 +166,13 @@ def seq2seq_attention(
     elif getattr(module, "is_causal", False):
         layer = int(module.layer_idx)  # type: ignore[arg-type]
         if meta.native_decode is not None:
-            _native_self_attention(meta, meta.native_decode, layer, query, scaling, out)
+            _native_attention(meta, meta.native_decode, layer, query, scaling, out)
         for dbucket in meta.decode:
             out[dbucket.rows] = _decode_attention(meta, dbucket, layer, query, scaling)
         for seg in meta.segments:
             out[seg.start : seg.end] = _segment_attention(meta, seg, query, key, value, scaling)
     else:
-        _cross_attention(meta, module, query, scaling, out)
+        _cross_attention(meta, int(module.layer_idx), query, scaling, out)  # type: ignore[arg-type]
     return out.unsqueeze(0), None
 
 
@@ -268,10 +219,11 @@ def _decode_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling).squeeze(2)
 
 
-def _native_self_attention(
+def _native_attention(
     meta: Seq2SeqMetadata, rows: NativeRows, layer: int, query: torch.Tensor, scaling: float | None, out: torch.Tensor
 ) -> None:
-    """Single-token decoder rows over their own self blocks, read in place by the native kernel."""
+    """Decoder rows over their blocks (single-token rows over their own self blocks, or every row over its
+    request's cross pages), read in place by the native kernel."""
     pool = meta.pool
     q = query[0][:, : rows.lens.shape[0]] if rows.rows is None else query[0][:, rows.rows]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -309,47 +261,20 @@ def _segment_attention(
 
 
 def _cross_attention(
-    meta: Seq2SeqMetadata, module: torch.nn.Module, query: torch.Tensor, scaling: float | None, out: torch.Tensor
+    meta: Seq2SeqMetadata, layer: int, query: torch.Tensor, scaling: float | None, out: torch.Tensor
 ) -> None:
-    """Every row over its request's encoder rows h, through the layer's absorbed K/V projections (module
-    docstring); the beams of a request are extra query rows of one attention."""
-    heads, dim = query.shape[1], query.shape[3]
-    w_k, w_v, b_v = _cross_projections(module, heads, dim)
-    q = torch.bmm(query[0], w_k)  # [H, T, d_model]: each head's query in h's space
-    scale = scaling if scaling is not None else dim**-0.5  # the head's scale: (Wk^T q) . h == q . k
-    by_row = q.transpose(0, 1)  # [T, H, d_model]: a request's rows (its beams) and heads side by side
-    width = by_row.shape[2]
-    context_rows = by_row.new_empty(by_row.shape)
-    if meta.native_cross is not None:  # every row, through the kernel, requests grouped by their number of rows
-        states = meta.pool.encoder_states.unsqueeze(2)  # [pages, rows per page, 1 kv head, d_model]
-        for group in meta.native_cross:
-            rows_q = by_row[group.rows].reshape(-1, group.n * heads, width)  # [R, n * H, d_model]
-            tables = group.tables
-            o, _ = paged_decode(
-                rows_q.contiguous(), states, states, tables.block_ids, tables.table_start, tables.lens, scale, None
-            )
-            context_rows[group.rows] = o.view(-1, heads, width)
-    for bucket in meta.cross:  # every row, through SDPA over the bucket's gathered encoder rows
-        states, mask = bucket.states(meta.pool)
-        r, n = bucket.encoder_lens.shape[0], bucket.n
-        rows_q = by_row.index_select(0, bucket.rows).view(r, 1, n * heads, width)
-        o = F.scaled_dot_product_attention(rows_q, states, states, attn_mask=mask, scale=scale)  # [R, 1, nH, m]
-        context_rows[bucket.rows] = o.view(r * n, heads, width)
-    context = context_rows.transpose(0, 1)  # [H, T, d_model]
-    o = torch.bmm(context, w_v.transpose(1, 2))  # [H, T, D]
-    if b_v is not None:
-        o += b_v[:, None, :]
-    out.copy_(o.transpose(0, 1))
-
-
-def _cross_projections(
-    module: torch.nn.Module, heads: int, dim: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A cross-attention layer's K and V weights as [H, D, d_model] and V's bias as [H, D] (K's bias only
-    shifts every score of a row by the same amount)."""
-    k, v = (getattr(module, name) for name in (("k_proj", "v_proj") if hasattr(module, "k_proj") else ("k", "v")))
-    b_v = None if v.bias is None else v.bias.view(heads, dim)
-    return k.weight.view(heads, dim, -1), v.weight.view(heads, dim, -1), b_v
+    """Every decoder row over its request's cross K/V pages of `layer` (written when its encoder ran)."""
+    if meta.native_cross is not None:
+        _native_attention(meta, meta.native_cross, layer, query, scaling, out)
+    pool = meta.pool
+    for bucket in meta.cross:  # SDPA over the bucket's gathered pages; a request's beams are its n query rows
+        r, n, heads, dim = bucket.mask.shape[0], bucket.n, query.shape[1], query.shape[3]
+        q = query[0][:, bucket.rows].view(heads, r, n, dim).transpose(0, 1)  # [R, H, n, D]
+        k, v = pool.gather(layer, bucket.block_ids)
+        k = k.view(r, -1, heads, dim).transpose(1, 2)  # [R, H, L, D]
+        v = v.view(r, -1, heads, dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.mask, scale=scaling)  # [R, H, n, D]
+        out[bucket.rows] = o.transpose(1, 2).reshape(r * n, heads, dim)
 
 
 def _t5_bias(owner: Any, relative_position: torch.Tensor) -> torch.Tensor:

@@ -5,10 +5,12 @@ Encoder-decoder layers in transformers 5.x branch on `isinstance(cache, EncoderD
 
 - self-attention always calls `cache.self_attention_cache.update(k, v, layer)`: we write the decoder
   rows' K/V into their slots (`Seq2SeqMetadata.self_slots`);
-- cross-attention with `is_updated[layer] == True` skips the K/V projection of `encoder_hidden_states`
-  and reads `cross_attention_cache.layers[layer].keys/.values`: placeholders of one key, never attended
-  to. `is_updated` is always True: the attention function reads each request's encoder output from its
-  pages and absorbs the layer's K/V projections (`seq2seq.attention`), so no cross K/V are ever made.
+- cross-attention with `is_updated[layer] == False` projects `encoder_hidden_states` (the encoder output of
+  the requests whose encoder ran in this step) and calls `cross_attention_cache.update(k, v, layer)`: we
+  write them into those requests' cross pages (`Seq2SeqMetadata.cross_slots`); with `is_updated` True it
+  skips the projection and reads `cross_attention_cache.layers[layer].keys/.values`: placeholders of one
+  key, never attended to. The runner sets `is_updated` before each pass (`project_cross`); the attention
+  function reads every request's cross K/V from its pages (`seq2seq.attention`).
 
 `get_seq_length()` is 0: positions come from the engine (`seq2seq.model`), never from the cache.
 """
@@ -31,31 +33,25 @@ class _PlaceholderLayer:
         self.values = self.keys
 
 
-class _CrossPlaceholders:
-    """What cross-attention reads with `is_updated` True; it never projects, so `update` is a bug."""
+class _PagedWriter:
+    """Writes one pass's new K/V ([1, H, N, D]) into the pool at the slots the metadata names (`slots`:
+    `self_slots` for decoder rows, `cross_slots` for the rows of newly encoded requests)."""
 
-    def __init__(self, pool: KVPool, num_layers: int) -> None:
-        self.pool = pool
+    def __init__(self, pool: KVPool, num_layers: int, slots: str) -> None:
+        self.pool, self.slots = pool, slots
         self.layers = [_PlaceholderLayer(pool.num_heads, pool.head_dim, pool.pages.dtype, pool.device)] * num_layers
 
-    def update(self, *_args: Any, **_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        raise RuntimeError("cross-attention projected encoder states; the paged cache expects is_updated=True")
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-
-class _SelfWriter(_CrossPlaceholders):
-    """Writes one pass's new decoder K/V ([1, H, N, D]) into the pool at `Seq2SeqMetadata.self_slots`."""
-
-    def update(  # type: ignore[override]
+    def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         meta: Seq2SeqMetadata = (kwargs or {})[METADATA_KWARG]
-        slots = meta.self_slots
-        assert slots is not None and slots[0].shape[0] == key_states.shape[2], "K/V rows do not match their slots"
+        slots = getattr(meta, self.slots)
+        assert slots is not None and slots[0].shape[0] == key_states.shape[2], f"K/V rows do not match {self.slots}"
         self.pool.write(layer_idx, slots, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
         return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
 
 
 class PagedEncoderDecoderCache(EncoderDecoderCache):
@@ -64,9 +60,14 @@ class PagedEncoderDecoderCache(EncoderDecoderCache):
     def __init__(self, pool: KVPool, num_layers: int) -> None:  # no super().__init__: no dynamic layers
         self.pool = pool
         self.num_layers = num_layers
-        self.self_attention_cache: Any = _SelfWriter(pool, num_layers)
-        self.cross_attention_cache: Any = _CrossPlaceholders(pool, num_layers)
+        self.self_attention_cache: Any = _PagedWriter(pool, num_layers, "self_slots")
+        self.cross_attention_cache: Any = _PagedWriter(pool, num_layers, "cross_slots")
         self.is_updated = dict.fromkeys(range(num_layers), True)
+
+    def project_cross(self, new_requests: bool) -> None:
+        """Before a pass: its cross-attention projects `encoder_hidden_states` (the encoder output of the
+        requests whose encoder ran in this step) into their pages, or reads the placeholders."""
+        self.is_updated = dict.fromkeys(range(self.num_layers), not new_requests)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0

@@ -69,16 +69,15 @@ class Seq2SeqEngine(PagedEngine):
         shape = DecoderShape.of(model)
         bs, dtype, device = config.block_size, model.dtype, model.device
         per_block = KVPool.bytes_per_block(shape.num_layers, bs, shape.num_heads, shape.head_dim, dtype)
-        encoder_rows = shape.encoder_rows_per_page(bs)
         if num_blocks is None:
             budget = config.kv_cache_bytes or int(free_device_memory(device) * kv_cache_memory_fraction)
-            longest = cdiv(max_encoder_len, encoder_rows) + cdiv(shape.max_positions or 1024, bs)
+            longest = cdiv(max_encoder_len, bs) + cdiv(shape.max_positions or 1024, bs)
             num_blocks = min(budget // per_block, config.max_running_requests * longest)
         if num_blocks < 1:
             raise ValueError(f"KV budget too small: one block needs {per_block} bytes")
         self.pool = shape.pool(num_blocks, bs, dtype, device)
         self.kv = KVCacheManager(
-            BlockPool(num_blocks, enable_caching=False), bs, enable_caching=False, encoder_block_size=encoder_rows
+            BlockPool(num_blocks, enable_caching=False), bs, enable_caching=False, encoder_block_size=bs
         )
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_tokens, config.max_running_requests), self.kv)
         self.runner = Seq2SeqRunner(model, self.pool, native_decode)

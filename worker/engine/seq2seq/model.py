@@ -63,32 +63,23 @@ class UnsupportedArchitecture(ValueError):
 
 @dataclass(frozen=True)
 class DecoderShape:
-    """What the KV pool needs: decoder layers, heads and head size (cross and self attention agree), and
-    the width of the encoder output that cross-attention reads."""
+    """What the KV pool needs: decoder layers, heads and head size (cross and self attention agree)."""
 
     num_layers: int
     num_heads: int
     head_dim: int
     max_positions: int | None  # learned/sinusoidal decoder positions; None for T5
-    encoder_dim: int
 
     @classmethod
     def of(cls, model: Any) -> DecoderShape:
         config = model.config
         if config.model_type in T5_TYPES:
-            return cls(config.num_decoder_layers, config.num_heads, config.d_kv, None, config.d_model)
+            return cls(config.num_decoder_layers, config.num_heads, config.d_kv, None)
         heads = config.decoder_attention_heads
-        return cls(
-            config.decoder_layers, heads, config.d_model // heads, config.max_position_embeddings, config.d_model
-        )
+        return cls(config.decoder_layers, heads, config.d_model // heads, config.max_position_embeddings)
 
     def pool(self, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str) -> KVPool:
-        return KVPool(self.num_layers, num_blocks, block_size, self.num_heads, self.head_dim, dtype, device,
-                      self.encoder_dim)  # fmt: skip
-
-    def encoder_rows_per_page(self, block_size: int) -> int:
-        shape = (self.num_layers, block_size, self.num_heads, self.head_dim, self.encoder_dim)
-        return KVPool.encoder_rows_per_page(*shape)
+        return KVPool(self.num_layers, num_blocks, block_size, self.num_heads, self.head_dim, dtype, device)
 
 
 def check_model(model: Any) -> None:

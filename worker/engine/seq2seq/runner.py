@@ -1,10 +1,11 @@
 """Seq2seq model runner: one step = (encoder pass for newly admitted requests) + one packed decoder pass.
 
     encoder pass:  input_ids [1, S]  = the new requests' sentences back to back (no padding)
-                   -> its output rows are written into the new requests' encoder pages
     decoder pass:  decoder_input_ids [1, T] = every running sequence's uncomputed tokens
                    (one row per beam while decoding; a whole prefix when recomputing after preemption)
-                   encoder_outputs = a placeholder: cross-attention reads each request's pages
+                   encoder_outputs = the encoder pass's output [1, S, d_model]: each layer's cross K/V
+                   projections run on it once and write the new requests' cross pages (`seq2seq.cache`);
+                   with no new request, a placeholder. Cross-attention reads every request's pages.
 
 Only each sequence's last row reaches the LM head (a forward pre-hook on the output embeddings keeps
 those rows: the `*ForConditionalGeneration` heads take no `logits_to_keep`).
@@ -16,7 +17,6 @@ changes the model's config for every model built from the same config object.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,7 +34,6 @@ from pagedq.worker.engine.seq2seq.attention import (
     CrossBucket,
     EncoderBucket,
     KVPool,
-    NativeCross,
     NativeRows,
     SelfDecodeBucket,
     SelfSegment,
@@ -53,7 +52,6 @@ from pagedq.worker.engine.seq2seq.model import (
 AttentionInterface.register(ATTENTION_NAME, seq2seq_attention)
 
 BUCKET_ROWS = 16  # sequences (or requests, or sentences) padded together in one attention call
-SDPA_CROSS_HEADS = 32  # bf16 with matrix units: requests with rows x heads >= this take SDPA cross-attention
 
 
 @dataclass
@@ -70,17 +68,6 @@ class StepItem:
     encoder_ids: Sequence[int] | None = None
 
 
-@functools.cache
-def bf16_matmul_units() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AMX-BF16 or AVX512-BF16; not AVX2, where
-    oneDNN emulates bf16)."""
-    try:
-        flags = torch.cpu.get_capabilities()
-    except (AttributeError, RuntimeError):  # a torch without the query: treat bf16 as emulated
-        return False
-    return bool(flags.get("amx_bf16") or flags.get("avx512_bf16"))
-
-
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -93,13 +80,6 @@ class Seq2SeqRunner:
         an fp32 or bf16 pool on CPU with the kernel built; False: always gather + SDPA)."""
         check_model(model)
         self.native = use_native_decode(pool.pages, native_decode)
-        # Cross-attention is scores over d_model-wide encoder rows (`seq2seq.attention`): 8x the FLOPs of
-        # per-head attention, which the kernel does on vector units. In bf16 on a CPU with bf16 matrix
-        # instructions, SDPA over the step's gathered rows runs them as matrix products, faster once a
-        # request has enough query rows (beams x heads) to fill them: 64 requests of 4 beams x 8 heads,
-        # 2 cores with AMX: SDPA 2.6-3.0 ms a layer, the kernel 4.5-6.2; of 1 row x 8 heads: 1.6 and 1.1.
-        sdpa = pool.pages.dtype == torch.bfloat16 and bf16_matmul_units()
-        self.sdpa_cross_heads = SDPA_CROSS_HEADS if sdpa else None  # query heads per request from which SDPA
         self.model, self.pool = model, pool
         self.shape = DecoderShape.of(model)
         self.cache = PagedEncoderDecoderCache(pool, self.shape.num_layers)
@@ -147,12 +127,14 @@ class Seq2SeqRunner:
         they are, beam search's log-softmax widens its rows), one row per sequence (items, then sequences)."""
         self.pool.copy_blocks(list(copies))
         new = [item for item in items if item.encoder_ids is not None]
-        if new:
-            self.pool.write_encoder(self._encoder_slots(new), self._encode(new)[0])
+        states = self._encode(new) if new else self._placeholder_states
         meta, input_ids = self._decoder_metadata(items)
+        if new:
+            meta.cross_slots = self._cross_slots(new)
+        self.cache.project_cross(bool(new))
         try:
             out = self.model(
-                encoder_outputs=(self._placeholder_states,),
+                encoder_outputs=(states,),
                 decoder_input_ids=input_ids,
                 cache=self.cache,
                 use_cache=False,
@@ -244,33 +226,26 @@ class Seq2SeqRunner:
             spans.append((first, len(ids) - first, item))
 
         native_self = self.native and self.decoder_bias is None  # T5's self-attention has a bias: SDPA
-        native_spans: list[tuple[int, int, StepItem]] = []  # cross-attention through the kernel, or SDPA
-        sdpa_spans: list[tuple[int, int, StepItem]] = []
-        for span in spans:
-            native = self.native and (
-                self.sdpa_cross_heads is None or span[1] * self.shape.num_heads < self.sdpa_cross_heads
-            )
-            (native_spans if native else sdpa_spans).append(span)
         meta = Seq2SeqMetadata(
             self.pool,
             self_slots=(self._tensor(blocks), self._tensor(offsets)),
             decode=[] if native_self else self._decode_buckets(decode_rows),
             segments=segments,
-            cross=self._cross_buckets(sdpa_spans),
+            cross=[] if self.native else self._cross_buckets(spans),
             decoder_bias=self.decoder_bias,
             native_decode=self._native_decode(decode_rows) if native_self and decode_rows else None,
-            native_cross=self._native_cross(native_spans) if native_spans else None,
+            native_cross=self._native_cross(spans) if self.native else None,
         )
         self._keep = self._tensor(keep)
         self.positions.rows["decoder"] = self._tensor(positions) if self.positions.tables else None
         return meta, self._tensor(ids).view(1, -1)
 
-    def _encoder_slots(self, new: list[StepItem]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(page, row) of every encoder position of the new requests, in encoding order."""
-        rows = self.pool.encoder_block_size
+    def _cross_slots(self, new: list[StepItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page, offset) of every encoder position of the new requests, in encoding order."""
+        bs = self.pool.block_size
         positions = [(item.cross_blocks, p) for item in new for p in range(item.encoder_len)]
-        pages = self._tensor([blocks[p // rows] for blocks, p in positions])
-        return pages, self._tensor([p % rows for _, p in positions])
+        pages = self._tensor([blocks[p // bs] for blocks, p in positions])
+        return pages, self._tensor([p % bs for _, p in positions])
 
     def _native_decode(self, rows: list[DecodeRow]) -> NativeRows:
         flat, starts = flat_tables([table for _, _, table in rows])
@@ -282,28 +257,14 @@ class Seq2SeqRunner:
             rows=None if order == list(range(len(order))) else self._tensor(order),
         )
 
-    def _native_cross(self, spans: list[tuple[int, int, StepItem]]) -> list[NativeCross]:
-        """Every decoder row over its request's encoder pages: requests grouped by their number of rows, each
-        request one kernel row whose query heads are those of all its rows (beams read their pages once)."""
-        groups: dict[int, list[tuple[int, int, StepItem]]] = {}
-        for span in spans:
-            groups.setdefault(span[1], []).append(span)
-        out = []
-        for n, group in groups.items():
-            flat, starts = flat_tables([item.cross_blocks for _, _, item in group])
-            first, last = group[0][0], group[-1][0] + n
-            rows: slice | torch.Tensor
-            if last - first == n * len(group):  # contiguous: no gather
-                rows = slice(first, last)
-            else:
-                rows = self._tensor([r for start, _, _ in group for r in range(start, start + n)])
-            tables = NativeRows(
-                block_ids=self._tensor(flat),
-                table_start=self._tensor(starts),
-                lens=self._tensor([item.encoder_len for _, _, item in group]),
-            )
-            out.append(NativeCross(n, tables, rows))
-        return out
+    def _native_cross(self, spans: list[tuple[int, int, StepItem]]) -> NativeRows:
+        """Every decoder row, in order, over its request's cross pages (a request's rows share its table)."""
+        flat, starts = flat_tables([item.cross_blocks for _, _, item in spans])
+        return NativeRows(
+            block_ids=self._tensor(flat),
+            table_start=self._tensor([start for (_, n, _), start in zip(spans, starts, strict=True) for _ in range(n)]),
+            lens=self._tensor([item.encoder_len for _, n, item in spans for _ in range(n)]),
+        )
 
     def _decode_buckets(self, rows: list[DecodeRow]) -> list[SelfDecodeBucket]:
         buckets = []
@@ -320,8 +281,8 @@ class Seq2SeqRunner:
         return buckets
 
     def _cross_buckets(self, spans: list[tuple[int, int, StepItem]]) -> list[CrossBucket]:
-        """Requests with the same number of rows, by encoder length, padded to the bucket's longest."""
-        rows = self.pool.encoder_block_size
+        """Requests with the same number of rows, by encoder length, their tables padded to the bucket's longest."""
+        bs = self.pool.block_size
         by_rows: dict[int, list[tuple[int, int, StepItem]]] = {}
         for span in spans:
             by_rows.setdefault(span[1], []).append(span)
@@ -329,21 +290,15 @@ class Seq2SeqRunner:
         for n, group in sorted(by_rows.items()):
             group.sort(key=lambda s: s[2].encoder_len)
             for chunk in _chunks(group, BUCKET_ROWS):
-                width = max(item.encoder_len for _, _, item in chunk)
-                most = max(len(item.cross_blocks) for _, _, item in chunk)
-                tables = self._tensor([[*it.cross_blocks, *[0] * (most - len(it.cross_blocks))] for _, _, it in chunk])
+                flat, width = padded_tables([item.cross_blocks for _, _, item in chunk])
                 lens = self._tensor([item.encoder_len for _, _, item in chunk])
-                position = torch.arange(width, device=self.device)
-                valid = position[None, :] < lens[:, None]  # [R, L]
-                pages = tables[:, position // rows].masked_fill(~valid, 0)  # padding reads page 0, row 0
-                offsets = (position % rows)[None, :].masked_fill(~valid, 0)
+                position = torch.arange(width * bs, device=self.device)
                 buckets.append(
                     CrossBucket(
                         rows=self._tensor([first + i for first, _, _ in chunk for i in range(n)]),
                         n=n,
-                        blocks=pages,
-                        offsets=offsets,
-                        encoder_lens=lens,
+                        block_ids=self._tensor(flat),
+                        mask=(position[None, :] < lens[:, None])[:, None, None, :],
                     )
                 )
         return buckets

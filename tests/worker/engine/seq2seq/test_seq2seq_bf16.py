@@ -50,16 +50,13 @@ FEWER_AGREEING = 2  # teacher-forced greedy steps, of 192; free-running greedy a
 STEPS = 12
 
 
-#: the engine's attention paths: the native kernel everywhere; the kernel for self-attention and SDPA for
-#: cross-attention (what bf16 beams take on CPUs with bf16 matrix units); gather + SDPA everywhere
-PATHS = ["kernel", "sdpa-cross", "portable"]
+#: the engine's attention paths: the native kernel everywhere; gather + SDPA everywhere (other devices)
+PATHS = ["kernel", "portable"]
 
 
 def _engine(model: Any, path: str = "kernel") -> Seq2SeqEngine:
     config = EngineConfig(max_batch_tokens=512, block_size=4)
-    engine = Seq2SeqEngine(model, config, num_blocks=512, native_decode=False if path == "portable" else None)
-    engine.runner.sdpa_cross_heads = 1 if path == "sdpa-cross" else None
-    return engine
+    return Seq2SeqEngine(model, config, num_blocks=512, native_decode=False if path == "portable" else None)
 
 
 @pytest.mark.parametrize("arch", sorted(MAX_LOGIT_ERROR))

@@ -1,11 +1,9 @@
 """The seq2seq runner's logits against the model's own forward (teacher forcing), as accurate as it.
 
 Reference: the model's forward in float64. The runner's fp32 logits must be as close to it as
-transformers' own fp32 forward is (within a factor of 2, plus 2e-6 of the logits' scale). The runner
-computes cross-attention through absorbed K/V projections (`seq2seq_attention`), a different order of
-the same sums, so it is not bit-equal to transformers; its error is the same size. Measured, of the
-scale: Marian/BART/M2M100 ~4e-7 for both; the wide-init T5 (logits in the hundreds) ~2.8e-4 against
-transformers' ~2.5e-4.
+transformers' own fp32 forward is (within a factor of 2, plus 2e-6 of the logits' scale): packed rows,
+paged K/V and the native kernel sum in other orders than transformers' padded SDPA, so the runner is not
+bit-equal to it; its error is the same size.
 
 Random-weight outputs are repetitive, so equal tokens alone could hide a wrong position or a wrong
 cross-attention row; logits cannot. One packed step mixes recomputed prefixes (multi-row segments),
@@ -47,7 +45,7 @@ class Harness:
         self.runner = Seq2SeqRunner(model, pool, native_decode)
 
     def encoder_pages(self, encoder_ids: list[int]) -> list[int]:
-        return [b.block_id for b in self.blocks.allocate(math.ceil(len(encoder_ids) / self.pool.encoder_block_size))]
+        return [b.block_id for b in self.blocks.allocate(math.ceil(len(encoder_ids) / BLOCK_SIZE))]
 
     def item(self, encoder_ids: list[int], seqs: list[TokenSequence], cross: list[int], encode: bool) -> StepItem:
         for seq in seqs:

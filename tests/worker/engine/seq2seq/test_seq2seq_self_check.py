@@ -27,13 +27,13 @@ CONFIG = EngineConfig(max_batch_tokens=256, max_running_requests=16, block_size=
 
 
 def _cross_values_one_percent_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = seq2seq_attention._cross_projections
+    original = seq2seq_attention._cross_attention
 
-    def broken(module: Any, heads: int, dim: int) -> Any:
-        w_k, w_v, b_v = original(module, heads, dim)
-        return w_k, w_v * 1.01, b_v
+    def broken(meta: Any, layer: int, query: torch.Tensor, scaling: float | None, out: torch.Tensor) -> None:
+        original(meta, layer, query, scaling, out)
+        out.mul_(1.01)  # sum_j p_j (1.01 v_j): every value 1% off
 
-    monkeypatch.setattr(seq2seq_attention, "_cross_projections", broken)
+    monkeypatch.setattr(seq2seq_attention, "_cross_attention", broken)
 
 
 def _encoder_scale_two_percent_off(monkeypatch: pytest.MonkeyPatch) -> None:
