@@ -373,19 +373,27 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """`add`: an fp32 [out] vector added to the result where the bias would be, for a layer without one:
+        the same bits as `layer(x) + add` in one pass less (an LM head's `final_logits_bias`)."""
+        if add is not None and (self.bias is not None or add.dtype != torch.float32 or add.shape != (self.out_features,)):
+            raise ValueError(f"add= takes an fp32 [{self.out_features}] vector, on a layer without a bias")
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
         if rows.dtype != torch.float32:
             rows = rows.float()
         kernel = self.kernel() if x.device.type == "cpu" else EMULATED
         lib = _native_passes() if kernel != EMULATED and rows.shape[0] > 0 else None
-        y = self._eager(rows, kernel) if lib is None else self._native(lib, rows, kernel)
+        y = self._eager(rows, kernel, add) if lib is None else self._native(lib, rows, kernel, add)
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
-    def _native(self, lib: ctypes.CDLL, rows: torch.Tensor, kernel: str) -> torch.Tensor:
+    def _native(
+        self, lib: ctypes.CDLL, rows: torch.Tensor, kernel: str, add: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The int8 kernel between the native quantize and dequantize passes: one pass over the activations,
-        one over the products (torch's eager passes are four and three), the same bits as `_eager`."""
+        one over the products (torch's eager passes are four and three), the same bits as `_eager`. `add`:
+        `forward`'s, in place of the (absent) bias."""
+        bias = self.bias if add is None else add.contiguous()
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
         m, k = rows.shape
@@ -403,11 +411,12 @@ class Int8Linear(nn.Module):
         lib.pagedq_dequantize(
             acc.data_ptr(), acc.dtype == torch.int32, m, self.out_features,
             None if column_scale is None else column_scale.data_ptr(), scale.data_ptr(),
-            None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), threads,
+            None if bias is None else bias.data_ptr(), out.data_ptr(), threads,
         )  # fmt: skip
         return out
 
-    def _eager(self, rows: torch.Tensor, kernel: str) -> torch.Tensor:
+    def _eager(self, rows: torch.Tensor, kernel: str, add: torch.Tensor | None = None) -> torch.Tensor:
+        bias = self.bias if add is None else add
         q, scale = quantize_rows(rows)
         if kernel in (ONEDNN, ONEDNN_U8):
             x = _as_u8(q) if kernel == ONEDNN_U8 else q.to(torch.int8)
@@ -417,8 +426,8 @@ class Int8Linear(nn.Module):
         else:
             y = F.linear(q, self._prepared(kernel)).mul_(self.weight_scale)  # the same integers, summed in fp32
         y.t().mul_(scale)  # through the transpose: a broadcast along rows is several times slower
-        if self.bias is not None:
-            y.add_(self.bias)
+        if bias is not None:
+            y.add_(bias)
         return y
 
     def _prepared(self, kernel: str) -> torch.Tensor:

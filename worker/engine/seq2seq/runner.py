@@ -7,8 +7,13 @@
                    projections run on it once and write the new requests' cross pages (`seq2seq.cache`);
                    with no new request, a placeholder. Cross-attention reads every request's pages.
 
-Only each sequence's last row reaches the LM head (a forward pre-hook on the output embeddings keeps
-those rows: the `*ForConditionalGeneration` heads take no `logits_to_keep`).
+Only each sequence's last row reaches the LM head: a forward pre-hook on the output embeddings takes
+those rows of its input (T5's scaling already applied) and hands the head an empty slice, and the runner
+runs the head on the rows it took (the `*ForConditionalGeneration` heads take no `logits_to_keep`). The
+BART family's `final_logits_bias` is then added in place, or by the int8 head's dequantize pass as its
+bias: one pass over [rows, vocab] less than the model's `lm_head(h) + final_logits_bias` (a tenth of a
+beam-search step of Marian at 256 rows x 58k words), the same bits. The load-time self-check compares
+the result with the model's own forward.
 
 Traps this avoids (transformers 5.x): `use_cache=False` with `cache=` given (layers still call
 `cache.update`); positions from hooks, not from `cache.get_seq_length()`; `set_attn_implementation`
@@ -27,6 +32,7 @@ from transformers import AttentionInterface
 
 from pagedq.worker.engine.core.request import TokenSequence
 from pagedq.worker.engine.cpu.native import use_native_decode
+from pagedq.worker.engine.cpu.quantization import Int8Linear
 from pagedq.worker.engine.paged.decode_plan import DecodeRow, flat_tables, padded_tables, sorted_buckets
 from pagedq.worker.engine.seq2seq.attention import (
     ATTENTION_NAME,
@@ -87,11 +93,15 @@ class Seq2SeqRunner:
         self.max_encoder_pass = max_encoder_pass_tokens(model)
         self.device = pool.device
         self._keep: torch.Tensor | None = None
+        self._head_rows: torch.Tensor | None = None  # what the head's pre-hook took in this pass
+        self.head = model.get_output_embeddings()
+        bias = getattr(model, "final_logits_bias", None)  # the BART family: lm_head(h) + final_logits_bias
+        self.logits_bias = bias.reshape(-1) if isinstance(bias, torch.Tensor) else None
         d_model = model.config.d_model
         self._placeholder_states = torch.zeros(1, 1, d_model, dtype=model.dtype, device=self.device)
         # Last, what changes the model (undone by `close`): its hooks and its attention implementation.
         self.positions = PositionHooks(model)
-        self._head_hook = model.get_output_embeddings().register_forward_pre_hook(self._keep_rows)
+        self._head_hook = model.get_output_embeddings().register_forward_pre_hook(self._take_head_rows)
         loaded_with = model.config._attn_implementation  # another runner on the same model may have switched it
         self.original_attention = loaded_with if loaded_with != ATTENTION_NAME else "sdpa"
         model.set_attn_implementation(ATTENTION_NAME)
@@ -111,10 +121,23 @@ class Seq2SeqRunner:
         finally:
             self.model.set_attn_implementation(ATTENTION_NAME)
 
-    def _keep_rows(self, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+    def _take_head_rows(
+        self, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, ...] | None:
         if self._keep is None:
             return None
-        return (args[0][:, self._keep], *args[1:])
+        self._head_rows = args[0][0, self._keep]
+        return (args[0][:, :0], *args[1:])
+
+    def _logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """The model's logits of the kept rows [N, d_model] -> [N, vocab] (module docstring)."""
+        bias = self.logits_bias
+        if bias is not None and isinstance(self.head, Int8Linear) and self.head.bias is None and bias.dtype == torch.float32:
+            return self.head(rows, add=bias)
+        logits = self.head(rows)
+        if bias is not None:
+            logits.add_(bias)
+        return logits
 
     def _tensor(self, values: Sequence[int] | Sequence[Sequence[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -140,10 +163,12 @@ class Seq2SeqRunner:
                 use_cache=False,
                 **{METADATA_KWARG: meta},
             )
+            rows = self._head_rows
+            assert rows is not None and out.logits.shape[1] == 0, "the LM head's pre-hook did not run"
         finally:  # the hooks are inert between steps
-            self._keep = None
+            self._keep = self._head_rows = None
             self.positions.rows["decoder"] = None
-        return out.logits[0]
+        return self._logits(rows)
 
     # ---- encoder ------------------------------------------------------------------------------
 

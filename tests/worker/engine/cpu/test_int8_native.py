@@ -119,6 +119,26 @@ def test_the_onednn_kernel_with_native_passes_equals_its_eager_passes() -> None:
         assert torch.equal(layer._native(_lib(), x, ONEDNN), layer._eager(x, ONEDNN))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("kernel", [INT_MM, ONEDNN, EMULATED])
+def test_an_added_vector_is_the_bias_of_a_layer_without_one(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`layer(x, add=b)` (an LM head plus the BART family's final_logits_bias, added by the dequantize pass)
+    gives the bits of `layer(x) + b`; a layer with a bias, or a wrong vector, is refused."""
+    if kernel != EMULATED and kernel not in quantization._candidates():
+        pytest.skip(f"{kernel} is not exact on this CPU")
+    monkeypatch.setattr(quantization, "_layer_kernel", lambda *_: kernel)
+    monkeypatch.setattr(quantization, "_forced_emulation", kernel == EMULATED)
+    g = torch.Generator().manual_seed(6)
+    layer = Int8Linear(torch.randn(300, 48, generator=g) * 0.05, None)
+    add = torch.randn(300, generator=g)
+    x = _activations(7, 48, seed=3)
+    with torch.inference_mode():
+        assert torch.equal(layer(x, add=add), layer(x) + add)
+        with pytest.raises(ValueError, match="without a bias"):
+            Int8Linear(torch.randn(300, 48, generator=g), torch.randn(300, generator=g))(x, add=add)
+        with pytest.raises(ValueError, match="fp32"):
+            layer(x, add=add.double())
+
+
 def test_a_row_of_nan_fails_alone() -> None:
     """A request whose activations hold NaN gets NaN; the other rows of the batch keep their results."""
     layer = Int8Linear(torch.randn(64, 96) * 0.05, torch.randn(64))
