@@ -25,7 +25,8 @@ the queries, which made every row's scores 8x wider and cost a quarter of a Mari
 
 Native kernel (fp32 or bf16 pool on CPU, `worker/engine/cpu/native`): single-token decoder rows attend to
 their own self blocks, and every decoder row to its request's cross pages, in place: no gather, no padding
-(`NativeRows`; the beams of a request are rows sharing one block table). T5's decoder self-attention keeps
+(`NativeRows`; the beams of a request are one kernel row of beams x heads query heads, `NativeCross`, so
+its cross pages are read once per step, not once per beam). T5's decoder self-attention keeps
 SDPA (its bias); its cross-attention has none and takes the kernel.
 
 bf16 end to end: the pool, queries and outputs stay bf16 (the kernel widens bf16 in registers and computes in
@@ -123,6 +124,17 @@ class NativeRows:
 
 
 @dataclass
+class NativeCross:
+    """Requests with `n` decoder rows each (their beams), read by the native kernel as one row of n * H query
+    heads over the request's H kv heads (grouped-query attention, heads-major: query head h * n + b is beam b's
+    head h): a request's cross pages are read once for all its beams."""
+
+    n: int
+    tables: NativeRows  # one row per request, in order
+    rows: slice | torch.Tensor  # the requests' decoder rows, request-major: a slice when they are contiguous
+
+
+@dataclass
 class Seq2SeqMetadata:
     """Everything the attention layers need for one forward pass; built once per pass by the runner."""
 
@@ -135,7 +147,7 @@ class Seq2SeqMetadata:
     cross: list[CrossBucket] = field(default_factory=list)
     decoder_bias: Any = None  # T5: the decoder's layer-0 T5Attention (owner of relative_attention_bias)
     native_decode: NativeRows | None = None  # single-token self rows through the kernel (then `decode` is empty)
-    native_cross: NativeRows | None = None  # every row's cross-attention through the kernel (then `cross` is empty)
+    native_cross: list[NativeCross] | None = None  # every row's cross-attention through the kernel (`cross` empty)
 
     @property
     def is_encoder_pass(self) -> bool:
@@ -264,11 +276,18 @@ def _cross_attention(
     meta: Seq2SeqMetadata, layer: int, query: torch.Tensor, scaling: float | None, out: torch.Tensor
 ) -> None:
     """Every decoder row over its request's cross K/V pages of `layer` (written when its encoder ran)."""
-    if meta.native_cross is not None:
-        _native_attention(meta, meta.native_cross, layer, query, scaling, out)
-    pool = meta.pool
+    pool, heads, dim = meta.pool, query.shape[1], query.shape[3]
+    scale = scaling if scaling is not None else dim**-0.5
+    for group in meta.native_cross or ():
+        r, n, tables = group.tables.lens.shape[0], group.n, group.tables
+        q = query[0][:, group.rows].reshape(heads, r, n, dim).transpose(0, 1).reshape(r, heads * n, dim).contiguous()
+        o, _ = paged_decode(
+            q, pool.key_cache[layer], pool.value_cache[layer], tables.block_ids, tables.table_start, tables.lens,
+            scale, None,
+        )  # fmt: skip
+        out[group.rows] = o.view(r, heads, n, dim).transpose(1, 2).reshape(r * n, heads, dim)
     for bucket in meta.cross:  # SDPA over the bucket's gathered pages; a request's beams are its n query rows
-        r, n, heads, dim = bucket.mask.shape[0], bucket.n, query.shape[1], query.shape[3]
+        r, n = bucket.mask.shape[0], bucket.n
         q = query[0][:, bucket.rows].view(heads, r, n, dim).transpose(0, 1)  # [R, H, n, D]
         k, v = pool.gather(layer, bucket.block_ids)
         k = k.view(r, -1, heads, dim).transpose(1, 2)  # [R, H, L, D]

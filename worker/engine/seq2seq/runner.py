@@ -40,6 +40,7 @@ from pagedq.worker.engine.seq2seq.attention import (
     CrossBucket,
     EncoderBucket,
     KVPool,
+    NativeCross,
     NativeRows,
     SelfDecodeBucket,
     SelfSegment,
@@ -282,14 +283,28 @@ class Seq2SeqRunner:
             rows=None if order == list(range(len(order))) else self._tensor(order),
         )
 
-    def _native_cross(self, spans: list[tuple[int, int, StepItem]]) -> NativeRows:
-        """Every decoder row, in order, over its request's cross pages (a request's rows share its table)."""
-        flat, starts = flat_tables([item.cross_blocks for _, _, item in spans])
-        return NativeRows(
-            block_ids=self._tensor(flat),
-            table_start=self._tensor([start for (_, n, _), start in zip(spans, starts, strict=True) for _ in range(n)]),
-            lens=self._tensor([item.encoder_len for _, n, item in spans for _ in range(n)]),
-        )
+    def _native_cross(self, spans: list[tuple[int, int, StepItem]]) -> list[NativeCross]:
+        """Every decoder row over its request's cross pages: requests grouped by their number of rows, each
+        request one kernel row whose query heads are those of all its rows (beams read their pages once)."""
+        groups: dict[int, list[tuple[int, int, StepItem]]] = {}
+        for span in spans:
+            groups.setdefault(span[1], []).append(span)
+        out = []
+        for n, group in groups.items():
+            flat, starts = flat_tables([item.cross_blocks for _, _, item in group])
+            first, last = group[0][0], group[-1][0] + n
+            rows: slice | torch.Tensor
+            if last - first == n * len(group):  # contiguous: no gather
+                rows = slice(first, last)
+            else:
+                rows = self._tensor([r for start, _, _ in group for r in range(start, start + n)])
+            tables = NativeRows(
+                block_ids=self._tensor(flat),
+                table_start=self._tensor(starts),
+                lens=self._tensor([item.encoder_len for _, _, item in group]),
+            )
+            out.append(NativeCross(n, tables, rows))
+        return out
 
     def _decode_buckets(self, rows: list[DecodeRow]) -> list[SelfDecodeBucket]:
         buckets = []
