@@ -376,7 +376,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """`add`: an fp32 [out] vector added to the result where the bias would be, for a layer without one:
         the same bits as `layer(x) + add` in one pass less (an LM head's `final_logits_bias`)."""
-        if add is not None and (self.bias is not None or add.dtype != torch.float32 or add.shape != (self.out_features,)):
+        if add is not None and (
+            self.bias is not None or add.dtype != torch.float32 or add.shape != (self.out_features,)
+        ):
             raise ValueError(f"add= takes an fp32 [{self.out_features}] vector, on a layer without a bias")
         shape = x.shape
         rows = x.reshape(-1, self.in_features)

@@ -25,6 +25,7 @@ from pagedq.worker.engine.core.request import Request, RequestOutput, RequestSta
 from pagedq.worker.engine.core.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from pagedq.worker.engine.core.stats import StepCounters
 from pagedq.worker.engine.cpu.linear import prepare_for_host
+from pagedq.worker.engine.cpu.quantization import quantization_summary
 from pagedq.worker.engine.decoder_only.attention import PagedKVCache
 from pagedq.worker.engine.decoder_only.runner import ModelRunner, ModelShape
 from pagedq.worker.engine.decoder_only.self_check import UnsupportedModel, check_rotary, self_check
@@ -133,7 +134,7 @@ class LLMEngine(PagedEngine):
         prepare_for_host(model, config.cpu_prepack_linear)
         self.runner = ModelRunner(model, self.cache, decode_bucket_rows, cascade_min_tokens, native_decode)
         self.stop_checker = StopChecker(eos_token_ids(model, tokenizer), tokenizer, self.max_model_len)
-        self.decoding = Decoding(self.kv, self.stop_checker)
+        self.decoding = Decoding(self.kv, self.stop_checker, exact_log_softmax=quantization_summary(model) is None)
         self._beam_streams: dict[str, TokenCallback] = {}  # beam requests' token callbacks, called when they end
         self.counters = StepCounters()
 

@@ -39,8 +39,13 @@ Finished = list[tuple[Request, RequestStatus | None]]
 class Decoding:
     """Picks next tokens for the requests of one step and manages their sequences (beams)."""
 
-    def __init__(self, kv: KVCacheManager, stop_checker: StopChecker | None = None) -> None:
+    def __init__(
+        self, kv: KVCacheManager, stop_checker: StopChecker | None = None, exact_log_softmax: bool = True
+    ) -> None:
+        """`exact_log_softmax` False (an int8 model: its logits are not its fp32 model's anyway): beam rows of
+        fp32 logits are normalized and selected by the native pass, as bf16 rows are (`_best_per_row`)."""
         self.kv = kv
+        self.exact_log_softmax = exact_log_softmax
         self.sampler = Sampler()
         self.stop_checker = stop_checker or StopChecker()
 
@@ -106,7 +111,7 @@ class Decoding:
             picked = logits[first : first + len(order)]
         else:
             picked = logits.index_select(0, torch.tensor(order, device=logits.device))
-        values, ids = _best_per_row(picked, processed, first_beam.num_candidates)
+        values, ids = _best_per_row(picked, processed, first_beam.num_candidates, self.exact_log_softmax)
         if len(beam_at) != len(order):
             expand = torch.tensor(beam_at, device=values.device)
             values, ids = values.index_select(0, expand), ids.index_select(0, expand)
@@ -158,15 +163,17 @@ class Decoding:
         request.sequences = children
 
 
-def _best_per_row(logits: torch.Tensor, rows: list[Row], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _best_per_row(
+    logits: torch.Tensor, rows: list[Row], k: int, exact: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each beam row's best `k` processed log-probabilities (fp32) and their tokens, best first.
 
-    fp32 logits: generate's own arithmetic -- torch's log-softmax, the processors, then the top k (a
-    selection: the values are torch's, bit for bit). Reduced precision (bf16), where no two programs agree
-    bit for bit anyway: one native pass normalizes and selects, leaving each row's banned tokens out (they
-    count in its log-sum-exp, as generate bans after the log-softmax); a row with a forced token or a
-    repetition penalty takes the first path."""
-    if logits.dtype == torch.float32 or not all(row.settings.masks_only for row in rows):
+    fp32 logits (`exact`): generate's own arithmetic -- torch's log-softmax, the processors, then the top k
+    (a selection: the values are torch's, bit for bit). Reduced precision (bf16, or the fp32 logits of an
+    int8 model: not `exact`), where no two programs agree bit for bit anyway: one native pass normalizes
+    and selects, leaving each row's banned tokens out (they count in its log-sum-exp, as generate bans
+    after the log-softmax); a row with a forced token or a repetition penalty takes the first path."""
+    if (exact and logits.dtype == torch.float32) or not all(row.settings.masks_only for row in rows):
         scores = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
         process_rows(scores, rows)
         return top_k_rows(scores, k, normalize=False)

@@ -29,6 +29,7 @@ from pagedq.worker.engine.core.request import Request, RequestOutput
 from pagedq.worker.engine.core.scheduler import Scheduler, SchedulerConfig
 from pagedq.worker.engine.core.stats import StepCounters
 from pagedq.worker.engine.cpu.linear import prepare_for_host
+from pagedq.worker.engine.cpu.quantization import quantization_summary
 from pagedq.worker.engine.decoding.beam_search import BeamSearch
 from pagedq.worker.engine.decoding.seq2seq_options import DecodeSettings
 from pagedq.worker.engine.decoding.step import Decoding
@@ -81,7 +82,7 @@ class Seq2SeqEngine(PagedEngine):
         )
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_tokens, config.max_running_requests), self.kv)
         self.runner = Seq2SeqRunner(model, self.pool, native_decode)
-        self.decoding = Decoding(self.kv)
+        self.decoding = Decoding(self.kv, exact_log_softmax=quantization_summary(model) is None)
         self.counters = StepCounters()
 
     # ---- requests -----------------------------------------------------------------------------

@@ -132,10 +132,10 @@ class Seq2SeqRunner:
 
     def _logits(self, rows: torch.Tensor) -> torch.Tensor:
         """The model's logits of the kept rows [N, d_model] -> [N, vocab] (module docstring)."""
-        bias = self.logits_bias
-        if bias is not None and isinstance(self.head, Int8Linear) and self.head.bias is None and bias.dtype == torch.float32:
-            return self.head(rows, add=bias)
-        logits = self.head(rows)
+        bias, head = self.logits_bias, self.head
+        if bias is not None and isinstance(head, Int8Linear) and head.bias is None and bias.dtype == torch.float32:
+            return head(rows, add=bias)
+        logits = head(rows)
         if bias is not None:
             logits.add_(bias)
         return logits

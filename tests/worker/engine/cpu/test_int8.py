@@ -338,6 +338,12 @@ def test_seq2seq_families_int8_pass_the_self_check_and_equal_generate(arch: str)
     outputs = engine.generate(inputs, decode_settings(pair.model, GenerationOptions(max_new_tokens=8)))
     for ids, out in zip(inputs, outputs, strict=True):
         assert out.output_token_ids == pair.generate(ids, max_new_tokens=8)
+    # beams: the int8 model's fp32 logits are normalized and selected by the native pass (one read of each
+    # row, not torch's log-softmax then top-k): the same beams as the int8 model's own generate here
+    assert not engine.decoding.exact_log_softmax
+    beams = engine.generate(inputs, decode_settings(pair.model, GenerationOptions(max_new_tokens=8, num_beams=3)))
+    for ids, out in zip(inputs, beams, strict=True):
+        assert out.output_token_ids == pair.generate(ids, max_new_tokens=8, num_beams=3)
 
 
 def test_a_mid_size_int8_engine_is_within_the_half_precision_tolerance(monkeypatch: pytest.MonkeyPatch) -> None:
