@@ -222,6 +222,41 @@ def test_forced_eos_at_the_limit_is_a_length_finish() -> None:
     assert any(len(o.output_token_ids) == 6 and o.finish_reason == "length" for o in outputs)
 
 
+@pytest.mark.parametrize("arch", ["marian", "t5"])
+def test_cross_k_v_are_projected_once_per_request_when_its_encoder_runs(arch: str) -> None:
+    """Each layer's cross-attention K/V projections run on a request's encoder output once, in the step its
+    encoder runs, never in a decode step (they are read from its pages after), and beams share them."""
+    pair = build_pair(arch, num_beams=2)
+    layer = pair.model.get_decoder().block[0].layer[1].EncDecAttention if arch == "t5" else None
+    cross = layer if layer is not None else pair.model.get_decoder().layers[0].encoder_attn
+    projected: list[int] = []
+    hook = (cross.k if arch == "t5" else cross.k_proj).register_forward_hook(
+        lambda _m, args, _out: projected.append(args[0].shape[1])
+    )
+    engine = make_engine(pair.model)
+    settings = decode_settings(pair.model, GenerationOptions(max_new_tokens=6, num_beams=2))
+    first, later = random_inputs(3, lengths=(5, 30), seed=6), random_inputs(2, lengths=(5, 30), seed=7)
+    try:
+        for i, ids in enumerate(first):
+            engine.add_request(f"a{i}", ids, settings)
+        outputs = list(engine.step())
+        assert projected == [sum(len(ids) for ids in first)], "one projection of the three encoder outputs"
+        outputs += engine.step() + engine.step()
+        assert len(projected) == 1, "decode steps read cross K/V from the pages"
+        for i, ids in enumerate(later):
+            engine.add_request(f"b{i}", ids, settings)
+        outputs += engine.step()
+        assert projected[1:] == [sum(len(ids) for ids in later)], "only the joining requests are projected"
+        while engine.has_unfinished_requests():
+            outputs += engine.step()
+    finally:
+        hook.remove()
+    assert len(projected) == 2 and engine.stats().num_preemptions == 0
+    done = {o.request_id: o.output_token_ids for o in outputs if o.finished}
+    for name, ids in [*((f"a{i}", x) for i, x in enumerate(first)), *((f"b{i}", x) for i, x in enumerate(later))]:
+        assert done[name] == pair.generate(ids, max_new_tokens=6, num_beams=2), name
+
+
 def test_requests_that_can_never_fit_are_rejected() -> None:
     pair = build_pair("marian")
     engine = make_engine(pair.model, num_blocks=8)
