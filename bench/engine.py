@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _host  # noqa: F401  (first: the worker's allocator settings, before torch)
 import peers_ct2
 import plots
 import torch

@@ -31,6 +31,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import _host  # noqa: F401  (first: the worker's allocator settings, before torch)
 import plots
 import torch
 from transformers import (

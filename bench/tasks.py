@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _host  # noqa: F401  (first: the worker's allocator settings, before torch)
 import numpy as np
 import peers_ort
 import plots
