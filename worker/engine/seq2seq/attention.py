@@ -178,7 +178,7 @@ def seq2seq_attention(
     elif getattr(module, "is_causal", False):
         layer = int(module.layer_idx)  # type: ignore[arg-type]
         if meta.native_decode is not None:
-            _native_attention(meta, meta.native_decode, layer, query, scaling, out)
+            _native_self_attention(meta, meta.native_decode, layer, query, scaling, out)
         for dbucket in meta.decode:
             out[dbucket.rows] = _decode_attention(meta, dbucket, layer, query, scaling)
         for seg in meta.segments:
@@ -231,11 +231,10 @@ def _decode_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling).squeeze(2)
 
 
-def _native_attention(
+def _native_self_attention(
     meta: Seq2SeqMetadata, rows: NativeRows, layer: int, query: torch.Tensor, scaling: float | None, out: torch.Tensor
 ) -> None:
-    """Decoder rows over their blocks (single-token rows over their own self blocks, or every row over its
-    request's cross pages), read in place by the native kernel."""
+    """Single-token decoder rows over their own self blocks, read in place by the native kernel."""
     pool = meta.pool
     q = query[0][:, : rows.lens.shape[0]] if rows.rows is None else query[0][:, rows.rows]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5

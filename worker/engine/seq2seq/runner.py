@@ -102,7 +102,7 @@ class Seq2SeqRunner:
         self._placeholder_states = torch.zeros(1, 1, d_model, dtype=model.dtype, device=self.device)
         # Last, what changes the model (undone by `close`): its hooks and its attention implementation.
         self.positions = PositionHooks(model)
-        self._head_hook = model.get_output_embeddings().register_forward_pre_hook(self._take_head_rows)
+        self._head_hook = self.head.register_forward_pre_hook(self._take_head_rows)
         loaded_with = model.config._attn_implementation  # another runner on the same model may have switched it
         self.original_attention = loaded_with if loaded_with != ATTENTION_NAME else "sdpa"
         model.set_attn_implementation(ATTENTION_NAME)
