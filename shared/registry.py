@@ -66,6 +66,15 @@ class ModelSpec(BaseModel):
             "activations; pagedq.worker.engine.cpu.quantization), activations between layers fp32."
         ),
     )
+    kv_cache_dtype: Literal["auto", "bfloat16"] = Field(
+        "auto",
+        description=(
+            "Generative models (causal-lm, seq2seq): what the paged KV cache stores. auto: the model's dtype "
+            "(exact); bfloat16: K/V rounded to bf16 for an fp32 or int8 model -- half the KV memory and the "
+            "bytes a decode step reads, at a stated accuracy cost (README, Precision); the engine then equals "
+            "the model run with a cache that rounds its K/V to bf16 (pagedq.worker.engine.paged.kv_dtype)."
+        ),
+    )
     device: str | None = Field(None, description="Overrides PAGEDQ_DEVICE for this model.")
     revision: str | None = None
     languages: list[str] = Field(default_factory=list, description="Translation: 'src-tgt' pairs served.")
@@ -80,6 +89,10 @@ class ModelSpec(BaseModel):
             self.architecture = _DEFAULT_ARCH[key]
         if self.task is TaskType.QA and self.mode is None:
             self.mode = "generative" if self.architecture in ("causal-lm", "seq2seq") else "extractive"
+        if self.kv_cache_dtype != "auto" and self.architecture not in ("causal-lm", "seq2seq"):
+            raise ValueError(f"kv_cache_dtype applies to causal-lm and seq2seq models, not {self.architecture}")
+        if self.kv_cache_dtype == "bfloat16" and self.dtype == "float16":
+            raise ValueError("kv_cache_dtype 'bfloat16' narrows fp32 and int8 models; a float16 model keeps 'auto'")
         if self.dtype == "int8" and self.device is not None and not self.device.startswith("cpu"):
             raise ValueError(f"dtype 'int8' runs on CPU only, not on device {self.device!r} (use bfloat16 there)")
         for pair in self.languages:

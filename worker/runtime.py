@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from celery import Celery
@@ -154,7 +154,7 @@ def load_executors(
 
 def _load_one(spec: ModelSpec, registry: Registry, device: str | None, config: EngineConfig) -> ModelExecutor:
     loaded = load_model(spec, registry, device)
-    return make_executor(loaded, config if spec.prefix_caching else _without_prefix_cache(config))
+    return make_executor(loaded, model_config(spec, config))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -187,10 +187,14 @@ class RefusedExecutor(ModelExecutor):
         return ModelStats(path="refused", path_reason=self.reason)
 
 
-def _without_prefix_cache(config: EngineConfig) -> EngineConfig:
-    from dataclasses import replace
-
-    return replace(config, enable_prefix_caching=False)
+def model_config(spec: ModelSpec, config: EngineConfig) -> EngineConfig:
+    """The worker's engine knobs with what one registry entry decides for its model (prefix caching, the KV
+    cache's dtype)."""
+    return replace(
+        config,
+        enable_prefix_caching=config.enable_prefix_caching and spec.prefix_caching,
+        kv_cache_dtype=spec.kv_cache_dtype,
+    )
 
 
 def current_runtime(app: Celery) -> WorkerRuntime:

@@ -37,6 +37,8 @@ class EngineConfig:
     kv_cache_bytes: int | None = None  # KV pool per model; None: a default share of memory
     enable_prefix_caching: bool = True
     cpu_prepack_linear: bool = True  # CPU models: linear weights pre-packed for oneDNN (worker/engine/cpu/linear.py)
+    #: what the KV pages store: "auto" (the model's dtype) or "bfloat16" (fp32 / int8 models; paged/kv_dtype.py)
+    kv_cache_dtype: str = "auto"
 
 
 @dataclass

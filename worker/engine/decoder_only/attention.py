@@ -67,7 +67,8 @@ class PagedKVCache(KVPages):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's K/V ([1, KVH, T, D]) into their slots; return them unchanged.
+        """Write this step's K/V ([1, KVH, T, D]) into their slots; return them as the pages hold them
+        (unchanged, unless the pages store a narrower dtype: `paged.pages`).
 
         The slots come from the step metadata in `kwargs`, else from `step_metadata` (layers that call
         `update(k, v, layer_idx)` without kwargs)."""
@@ -76,7 +77,7 @@ class PagedKVCache(KVPages):
             raise RuntimeError(f"cache.update() outside a step: no step metadata; {_UNSUPPORTED}")
         k, v = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)
         self.write(layer_idx, meta.slots(self.block_size), k, v)
-        return key_states, value_states
+        return self.stored(key_states), self.stored(value_states)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always given explicitly; nothing may rely on this

@@ -35,6 +35,7 @@ from pagedq.worker.engine.decoding.sampling import SamplingParams, StopChecker
 from pagedq.worker.engine.decoding.step import Decoding
 from pagedq.worker.engine.paged.block_pool import BlockPool
 from pagedq.worker.engine.paged.kv_cache_manager import KVCacheManager, cdiv
+from pagedq.worker.engine.paged.kv_dtype import resolve_kv_dtype
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class LLMEngine(PagedEngine):
         self.max_model_len = max_model_len or shape.max_model_len
         check_generation_config(model)
         check_rotary(model, self.max_model_len)
-        device, dtype = model.device, model.dtype
+        device, dtype = model.device, resolve_kv_dtype(config.kv_cache_dtype, model.dtype)
         per_block = PagedKVCache.bytes_per_block(
             shape.num_layers, config.block_size, shape.num_kv_heads, shape.head_dim, dtype
         )
@@ -124,8 +125,9 @@ class LLMEngine(PagedEngine):
         if num_blocks < 1:
             raise ValueError(f"KV budget too small: one block needs {per_block} bytes")
         self.cache = PagedKVCache(
-            shape.num_layers, num_blocks, config.block_size, shape.num_kv_heads, shape.head_dim, dtype, device
-        )
+            shape.num_layers, num_blocks, config.block_size, shape.num_kv_heads, shape.head_dim, dtype, device,
+            compute_dtype=model.dtype,
+        )  # fmt: skip
         self.kv = KVCacheManager(BlockPool(num_blocks), config.block_size, namespace, config.enable_prefix_caching)
         sched_config = SchedulerConfig(
             config.max_batch_tokens, config.max_running_requests, long_prefill_token_threshold

@@ -34,6 +34,7 @@ import torch
 
 from pagedq.worker.engine.cpu.quantization import check_dtype
 from pagedq.worker.engine.decoding.sampling import SamplingParams
+from pagedq.worker.engine.paged.kv_dtype import rounding_cache
 
 if TYPE_CHECKING:
     from pagedq.worker.engine.decoder_only.engine import LLMEngine
@@ -113,7 +114,7 @@ def self_check(engine: LLMEngine) -> ProbeResult:
     tolerance = LOGIT_TOLERANCE.get(check_dtype(model), HALF_TOLERANCE)
     worst = 0.0
     for i, prompt in enumerate(prompts):
-        ref = _eager_logits(model, prompt + tokens[i][:-1], len(tokens[i]))  # [steps, vocab]
+        ref = _eager_logits(model, prompt + tokens[i][:-1], len(tokens[i]), engine.cache)  # [steps, vocab]
         got = engine_logits[i]
         scale = max(1.0, float(ref.abs().max()))
         worst = max(worst, float((got - ref).abs().max()) / scale)
@@ -178,13 +179,17 @@ def _run_paged(
 
 
 @torch.inference_mode()
-def _eager_logits(model: Any, token_ids: list[int], last: int) -> torch.Tensor:
+def _eager_logits(model: Any, token_ids: list[int], last: int, pages: Any = None) -> torch.Tensor:
     """The model's own forward on one request alone (eager attention, no cache): logits of the `last`
-    positions, [last, vocab]."""
+    positions, [last, vocab]. Where the engine's `pages` store a narrower dtype than the model's
+    (`kv_cache_dtype`), the forward runs with a cache that rounds its K/V the same way (`paged.kv_dtype`)."""
     paged = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
         ids = torch.tensor([token_ids], device=model.device)
+        if pages is not None and pages.rounds:
+            cache = rounding_cache(model, pages.pages.dtype)
+            return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=last).logits[0].float()
         return model(input_ids=ids, use_cache=False, logits_to_keep=last).logits[0].float()
     finally:
         model.set_attn_implementation(paged)

@@ -68,8 +68,9 @@ class KVPool(KVPages):
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(num_layers, num_blocks, block_size, num_heads, head_dim, dtype, device)
+        super().__init__(num_layers, num_blocks, block_size, num_heads, head_dim, dtype, device, compute_dtype)
         self.num_heads = num_heads
 
 

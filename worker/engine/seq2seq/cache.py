@@ -39,7 +39,7 @@ class _PagedWriter:
 
     def __init__(self, pool: KVPool, num_layers: int, slots: str) -> None:
         self.pool, self.slots = pool, slots
-        self.layers = [_PlaceholderLayer(pool.num_heads, pool.head_dim, pool.pages.dtype, pool.device)] * num_layers
+        self.layers = [_PlaceholderLayer(pool.num_heads, pool.head_dim, pool.compute_dtype, pool.device)] * num_layers
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict | None = None
@@ -48,7 +48,7 @@ class _PagedWriter:
         slots = getattr(meta, self.slots)
         assert slots is not None and slots[0].shape[0] == key_states.shape[2], f"K/V rows do not match {self.slots}"
         self.pool.write(layer_idx, slots, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
-        return key_states, value_states
+        return self.pool.stored(key_states), self.pool.stored(value_states)  # what attention reads back
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0

@@ -35,6 +35,7 @@ from pagedq.worker.engine.decoding.seq2seq_options import DecodeSettings
 from pagedq.worker.engine.decoding.step import Decoding
 from pagedq.worker.engine.paged.block_pool import BlockPool
 from pagedq.worker.engine.paged.kv_cache_manager import KVCacheManager, cdiv
+from pagedq.worker.engine.paged.kv_dtype import resolve_kv_dtype
 from pagedq.worker.engine.seq2seq.attention import KVPool
 from pagedq.worker.engine.seq2seq.model import DecoderShape, check_model
 from pagedq.worker.engine.seq2seq.runner import Seq2SeqRunner, StepItem
@@ -68,7 +69,7 @@ class Seq2SeqEngine(PagedEngine):
         self.model = model
         prepare_for_host(model, config.cpu_prepack_linear)
         shape = DecoderShape.of(model)
-        bs, dtype, device = config.block_size, model.dtype, model.device
+        bs, dtype, device = config.block_size, resolve_kv_dtype(config.kv_cache_dtype, model.dtype), model.device
         per_block = KVPool.bytes_per_block(shape.num_layers, bs, shape.num_heads, shape.head_dim, dtype)
         if num_blocks is None:
             budget = config.kv_cache_bytes or int(free_device_memory(device) * kv_cache_memory_fraction)
@@ -76,7 +77,7 @@ class Seq2SeqEngine(PagedEngine):
             num_blocks = min(budget // per_block, config.max_running_requests * longest)
         if num_blocks < 1:
             raise ValueError(f"KV budget too small: one block needs {per_block} bytes")
-        self.pool = shape.pool(num_blocks, bs, dtype, device)
+        self.pool = shape.pool(num_blocks, bs, dtype, device, compute_dtype=model.dtype)
         self.kv = KVCacheManager(
             BlockPool(num_blocks, enable_caching=False), bs, enable_caching=False, encoder_block_size=bs
         )

@@ -78,8 +78,17 @@ class DecoderShape:
         heads = config.decoder_attention_heads
         return cls(config.decoder_layers, heads, config.d_model // heads, config.max_position_embeddings)
 
-    def pool(self, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str) -> KVPool:
-        return KVPool(self.num_layers, num_blocks, block_size, self.num_heads, self.head_dim, dtype, device)
+    def pool(
+        self,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        compute_dtype: torch.dtype | None = None,
+    ) -> KVPool:
+        return KVPool(
+            self.num_layers, num_blocks, block_size, self.num_heads, self.head_dim, dtype, device, compute_dtype
+        )
 
 
 def check_model(model: Any) -> None:

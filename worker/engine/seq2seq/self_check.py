@@ -9,7 +9,8 @@
    repeat one token, and a decoder fed the same token at every position cannot tell a wrong self-attention
    (T5's relative positions, say) from a right one;
 2. each sentence then runs alone through the model as loaded (its own attention implementation, no hooks):
-   one teacher-forced forward over the tokens the engine chose;
+   one teacher-forced forward over the tokens the engine chose (with a cache that rounds its K/V as the
+   engine's pages do, where they store a narrower dtype: `paged.kv_dtype`);
 3. it passes when, at every step, the engine's greedy token (its argmax) is the forward's (or within the
    tolerance of it: a near tie may go either way) and no logit differs by more than
    `RELATIVE_TOLERANCE[dtype] * max(1, max |logit|)`.
@@ -35,6 +36,7 @@ import torch
 
 from pagedq.worker.engine.cpu.quantization import check_dtype
 from pagedq.worker.engine.decoding.seq2seq_options import DecodeSettings
+from pagedq.worker.engine.paged.kv_dtype import rounding_cache
 from pagedq.worker.engine.seq2seq.engine import Seq2SeqEngine
 
 PROBE_LENGTHS = (5, 13, 29)  # source tokens, EOS included; capped by the model's positions
@@ -130,7 +132,10 @@ def _probe(engine: Seq2SeqEngine) -> tuple[str, float]:
             tokens = out.output_token_ids
             decoder_ids = torch.tensor([[start, *tokens[:-1]]], device=engine.pool.device)
             encoder_ids = torch.tensor([ids], device=engine.pool.device)
-            reference = model(input_ids=encoder_ids, decoder_input_ids=decoder_ids).logits[0].float()
+            cache = rounding_cache(model, engine.pool.pages.dtype) if engine.pool.rounds else None
+            reference = model(
+                input_ids=encoder_ids, decoder_input_ids=decoder_ids, cache=cache, use_cache=cache is not None
+            ).logits[0].float()
             paged = torch.stack(steps[out.request_id])
             if paged.shape != reference.shape:
                 return f"{paged.shape[0]} paged steps for {reference.shape[0]} decoder tokens", float("inf")
