@@ -16,6 +16,9 @@ Timings: the median of --repeats rounds, variants interleaved in each round (the
 alike); compare ratios. Agreement with fp32: classification label agreement and max |logit difference|; the
 LMs: teacher-forced greedy agreement along fp32's greedy continuation (share of positions whose argmax equals
 fp32's), free-running sequences equal to fp32's, max |logit difference| / max |logit|.
+bf16 K/V (`kv_cache_dtype="bfloat16"`, the LMs): the fp32 and int8 models run with a cache that rounds its K/V to
+bf16 (`paged.kv_dtype.rounding_cache`; the engine equals that, tests/worker/engine/paged/test_kv_cache_dtype.py),
+their agreement with fp32 stated the same way (no timing row: transformers' cache is not the engine's pages).
 Prints a table and a last `key=value` line; draws bench/plots/precision.png (`--plot`): runs/s per variant,
 each shape its own panel, fp32 the baseline.
 """
@@ -49,6 +52,7 @@ from pagedq.worker.engine.cpu.linear import prepack_linears
 from pagedq.worker.engine.cpu.quantization import int8_kernel, quantize_int8
 from pagedq.worker.engine.decoder_only.engine import LLMEngine
 from pagedq.worker.engine.decoding.sampling import SamplingParams
+from pagedq.worker.engine.paged.kv_dtype import rounding_cache
 
 SEED = 1234
 
@@ -175,28 +179,52 @@ def engine_decode_ms(model: Any, rows: int, context: int, steps: int, name: str)
     return statistics.median(times)
 
 
+KV_BF16 = ", bf16 KV"  # variant suffix: the model run with a cache rounding its K/V to bf16
+
+
+def with_bf16_kv(models: dict[str, Any], names: tuple[str, ...] = ("fp32", "int8")) -> dict[str, Any]:
+    """`models` plus, for `names`, the same model as a bf16-K/V variant (`greedy_agreement` gives it the cache)."""
+    return {**models, **{name + KV_BF16: models[name] for name in names if name in models}}
+
+
 def greedy_agreement(models: dict[str, Any], prompts: list[torch.Tensor], new: int, seq2seq: bool) -> dict[str, Any]:
-    """Per variant, against fp32: teacher-forced argmax agreement, equal free-running outputs, max rel |dlogit|."""
+    """Per variant, against fp32: teacher-forced argmax agreement, equal free-running outputs, max rel |dlogit|.
+    A variant named "... , bf16 KV" runs with a fresh bf16-rounding cache in every call."""
     ref = models["fp32"]
     result: dict[str, Any] = {name: {"agree": 0, "positions": 0, "equal": 0, "dlogit": 0.0} for name in models}
+
+    def cache(name: str, model: Any) -> dict[str, Any]:
+        return {"cache": rounding_cache(model, torch.bfloat16), "use_cache": True} if name.endswith(KV_BF16) else {}
+
     with torch.inference_mode():
         for prompt in prompts:
             kw = dict(max_new_tokens=new, do_sample=False, min_new_tokens=new)
             want = ref.generate(input_ids=prompt[None], **kw)[0]
             for name, model in models.items():
-                got = model.generate(input_ids=prompt[None], **kw)[0]
+                got = model.generate(input_ids=prompt[None], **kw, **cache(name, model))[0]
                 if seq2seq:
                     lf = ref(input_ids=prompt[None], decoder_input_ids=want[None, :-1]).logits[0].float()
-                    lq = model(input_ids=prompt[None], decoder_input_ids=want[None, :-1]).logits[0].float()
+                    lq = model(input_ids=prompt[None], decoder_input_ids=want[None, :-1], **cache(name, model))
+                    lq = lq.logits[0].float()
                 else:
                     lf = ref(input_ids=want[None, :-1]).logits[0, len(prompt) - 1 :].float()
-                    lq = model(input_ids=want[None, :-1]).logits[0, len(prompt) - 1 :].float()
+                    lq = model(input_ids=want[None, :-1], **cache(name, model)).logits[0, len(prompt) - 1 :].float()
                 r = result[name]
                 r["agree"] += int((lf.argmax(-1) == lq.argmax(-1)).sum())
                 r["positions"] += lf.shape[0]
                 r["equal"] += int(got.tolist() == want.tolist())
                 r["dlogit"] = max(r["dlogit"], float((lf - lq).abs().max() / lf.abs().max()))
     return result
+
+
+def agreement_lines(shape: str, agreement: dict[str, Any], prompts: int) -> list[str]:
+    """The bf16-K/V variants' agreement with fp32, one line each."""
+    return [
+        f"{shape:<14} {name:<16} {'':>9} {'':>8}  greedy {a['agree']}/{a['positions']} teacher-forced, "
+        f"{a['equal']}/{prompts} equal, max |dlogit|/max|logit| {a['dlogit']:.3f} (K/V stored bf16)"
+        for name, a in agreement.items()
+        if name.endswith(KV_BF16)
+    ]
 
 
 def panels(rows: list[tuple[str, str, float, str]]) -> list[plots.Panel]:
@@ -233,6 +261,7 @@ def main() -> None:
           f"{int8_kernel()}, bf16: {bf16_supported()}, "
           f"load {os.getloadavg()[0]:.1f} at start")
     rows: list[tuple[str, str, float, str]] = []  # shape, variant, ms, agreement
+    kv_lines: list[str] = []  # the bf16-K/V variants' agreement (no timing)
     summary: dict[str, float] = {}
     g = torch.Generator().manual_seed(SEED + 1)
 
@@ -259,12 +288,13 @@ def main() -> None:
         engine_times = {n: engine_decode_ms(copy.deepcopy(m), args.rows, args.context, repeats, n)
                         for n, (m, _) in vs.items()}  # fmt: skip
         prompts = [torch.randint(3, 31000, (24,), generator=g) for _ in range(prompts_n)]
-        agreement = greedy_agreement({n: m for n, (m, _) in vs.items()}, prompts, 16, seq2seq=False)
+        agreement = greedy_agreement(with_bf16_kv({n: m for n, (m, _) in vs.items()}), prompts, 16, seq2seq=False)
         for n, (_, prep) in vs.items():
             a = agreement[n]
             rows.append(("llama decode", n, times[n], f"greedy {a['agree']}/{a['positions']} teacher-forced, "
                          f"{a['equal']}/{len(prompts)} equal, max |dlogit|/max|logit| {a['dlogit']:.3f}; "
                          f"prepare {prep:.2f}s"))
+        kv_lines += agreement_lines("llama", agreement, len(prompts))
         for n in vs:
             rows.append(("llama engine", n, engine_times[n], "pagedq's paged engine: one decode step"))
         summary["llama_decode_int8_speedup"] = times["fp32"] / times["int8"]
@@ -278,7 +308,8 @@ def main() -> None:
             encoded = {n: m.get_encoder()(input_ids=source) for n, (m, _) in vs.items()}
         dec_times = timed({n: decode_step(m, args.rows, 16, encoded[n]) for n, (m, _) in vs.items()}, repeats)
         prompts = [torch.randint(3, 58000, (20,), generator=g) for _ in range(prompts_n)]
-        agreement = greedy_agreement({n: m for n, (m, _) in vs.items()}, prompts, 16, seq2seq=True)
+        agreement = greedy_agreement(with_bf16_kv({n: m for n, (m, _) in vs.items()}), prompts, 16, seq2seq=True)
+        kv_lines += agreement_lines("marian", agreement, len(prompts))
         for n, (_, prep) in vs.items():
             a = agreement[n]
             rows.append(("marian encode", n, enc_times[n], f"prepare {prep:.2f}s"))
@@ -291,6 +322,7 @@ def main() -> None:
     print(f"{'shape':<14} {'variant':<16} {'ms':>9} {'vs fp32':>8}  agreement with fp32")
     for shape, n, ms, note in rows:
         print(f"{shape:<14} {n:<16} {ms:>9.2f} {base[shape] / ms:>7.2f}x  {note}")
+    print("\n".join(kv_lines))
     note = f"{'--quick; ' if args.quick else ''}{args.threads} threads, int8 kernel {int8_kernel()}"
     print(plots.rates(args.plot, "Precision: each shape's forward or decode step per variant", "runs/s (1000 / ms)",
                       panels(rows), note, columns=3))

@@ -15,6 +15,8 @@ Systems, in this process, greedy and beam 4, each warmed up once, then timed rou
   pagedq fp32 / bf16 / int8     `Seq2SeqEngine`: every sentence submitted at once, continuous batching; bf16 the
                                model cast to bf16; int8 its linear layers quantized by
                                pagedq.worker.engine.cpu.quantization (skipped with a line when absent or refused)
+  pagedq int8, bf16 KV         the int8 model with `kv_cache_dtype="bfloat16"`: K/V pages in bf16 (half the bytes a
+                               decode step reads; pagedq.worker.engine.paged.kv_dtype), compared with int8 and fp32
   ctranslate2 fp32 / int8      the peer (bench/peers_ct2.py): a `Translator` on the model converted in the run,
                                int8 quantized at load. No continuous batching and no per-sentence length in a
                                batch, so it is given the lengths (generous to it): sentences sorted by length,
@@ -100,8 +102,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--w4-sequential", type=int, default=None, help="sentences for one generate each (16; 4 quick)")
     p.add_argument("--w4-static", type=int, default=None, help="sentences for generate's static batches (default all; "
                    "a rate, so a subset compares: the beam baseline alone takes ~15 min of 256 sentences)")
-    p.add_argument("--w4-precisions", default="fp32,bf16,int8", help="pagedq rows, e.g. fp32,int8 (bf16 where the "
-                   "CPU has no bf16 instructions is emulated and slow)")  # fmt: skip
+    p.add_argument("--w4-precisions", default="fp32,bf16,int8,int8+kv-bf16", help="pagedq rows, e.g. fp32,int8 "
+                   "(bf16 where the CPU has no bf16 instructions is emulated and slow; int8+kv-bf16: the int8 "
+                   "model with bf16 K/V pages)")  # fmt: skip
     p.add_argument("--w4-max-requests", type=int, default=256, help="max_running_requests (sequences, beams count)")
     p.add_argument("--w4-budget", type=int, default=8192, help="max_batch_tokens of the engine")
     p.add_argument("--w4-kv-gib", type=float, default=None, help="KV pool of each engine (1.5; 0.5 quick)")
@@ -167,13 +170,14 @@ def padded_kv_bytes(sentences: list[list[int]], outputs: list[list[int]], beams:
 class EngineRun:
     """Drives a fresh `Seq2SeqEngine` over all sentences; records each request's peak KV blocks."""
 
-    def __init__(self, model: Any, args: argparse.Namespace, beams: int) -> None:
+    def __init__(self, model: Any, args: argparse.Namespace, beams: int, kv_cache_dtype: str = "auto") -> None:
         self.model, self.beams = model, beams
         self.config = EngineConfig(
             max_batch_tokens=args.w4_budget,
             max_running_requests=args.w4_max_requests,
             block_size=16,
             kv_cache_bytes=int((args.w4_kv_gib or (0.5 if args.quick else 1.5)) * 2**30),
+            kv_cache_dtype=kv_cache_dtype,
         )
         self.engine: Seq2SeqEngine | None = None
         self.peak_blocks: dict[str, int] = {}
@@ -195,7 +199,9 @@ class EngineRun:
         return [done[str(i)] for i in range(len(sentences))]
 
     def kv_bytes(self, per_token: int) -> float:
-        return statistics.mean(self.peak_blocks.values()) * self.config.block_size * per_token
+        """Mean peak bytes per request; `per_token` in the model's dtype, scaled to what the pages store."""
+        stored = self.engine.pool.pages.element_size() / self.model.dtype.itemsize if self.engine else 1.0
+        return statistics.mean(self.peak_blocks.values()) * self.config.block_size * per_token * stored
 
 
 def measure(systems: list[System], repeats: int) -> None:
@@ -243,7 +249,10 @@ def w4(args: argparse.Namespace) -> dict[str, float]:
         f"{repeats} timed run(s) after a warm-up"
     )
     precisions = {p.strip() for p in args.w4_precisions.split(",")} | {"fp32"}  # fp32: every ratio's reference
-    models = pagedq_models(model, "bf16" in precisions, "int8" in precisions)
+    int8_kv = "int8+kv-bf16" in precisions
+    models = pagedq_models(model, "bf16" in precisions, "int8" in precisions or int8_kv, int8_kv)
+    if int8_kv and "int8" not in precisions:
+        models.pop(PAGEDQ_INT8, None)
     setup = Setup(args, reference, models, Peers(args, reference), sentences, targets, sequential_count, static_count)
     print(f"{peers_ct2.rates_line(setup.rates)}; load average {load_average()}")
     summary: dict[str, float] = {}
@@ -280,7 +289,10 @@ def decoding_mode(setup: Setup, beams: int, label: str, repeats: int) -> tuple[d
     inputs = (setup.sentences, setup.targets)
     head = (setup.sentences[: setup.sequential_count], setup.targets[: setup.sequential_count])
     static_inputs = (setup.sentences[: setup.static_count], setup.targets[: setup.static_count])
-    engine_runs = {name: EngineRun(m, setup.args, beams) for name, m in setup.models.items()}
+    engine_runs = {
+        name: EngineRun(m, setup.args, beams, KV_BF16 if name.endswith(KV_BF16_ROW) else "auto")
+        for name, m in setup.models.items()
+    }
     systems = [
         System("one generate per sentence", one_by_one(setup.reference, beams), head),
         System(f"generate, batches of {STATIC_BATCH}", static_batches(setup.reference, beams), static_inputs),
@@ -317,11 +329,14 @@ def decoding_mode(setup: Setup, beams: int, label: str, repeats: int) -> tuple[d
 
 
 PAGEDQ_FP32, PAGEDQ_BF16, PAGEDQ_INT8 = "pagedq fp32", "pagedq bf16", "pagedq int8"
+KV_BF16, KV_BF16_ROW = "bfloat16", ", bf16 KV"
+PAGEDQ_INT8_KV = PAGEDQ_INT8 + KV_BF16_ROW
 PEER_FP32, PEER_INT8 = "ctranslate2 fp32", "ctranslate2 int8"
 
 
-def pagedq_models(model: Any, bf16: bool = True, int8_row: bool = True) -> dict[str, Any]:
-    """The models the paged engine runs: fp32, bf16 (a cast copy), int8 (when pagedq's quantization exists)."""
+def pagedq_models(model: Any, bf16: bool = True, int8_row: bool = True, int8_kv_row: bool = False) -> dict[str, Any]:
+    """The models the paged engine runs: fp32, bf16 (a cast copy), int8 (when pagedq's quantization exists),
+    and the int8 model again for the row whose engine stores bf16 K/V."""
     models = {PAGEDQ_FP32: model}
     if bf16:
         models[PAGEDQ_BF16] = copy.deepcopy(model).to(torch.bfloat16)
@@ -333,6 +348,8 @@ def pagedq_models(model: Any, bf16: bool = True, int8_row: bool = True) -> dict[
         try:
             Seq2SeqEngine(int8, EngineConfig(max_running_requests=4, kv_cache_bytes=2**24))  # its self-check
             models[PAGEDQ_INT8] = int8
+            if int8_kv_row:
+                models[PAGEDQ_INT8_KV] = int8
         except ValueError as refused:
             print(f"pagedq int8 skipped: the engine refused the int8 model: {refused}")
     return models
@@ -397,9 +414,13 @@ class Peers:
         fp32, int8 = by_name[PEER_FP32].outputs, by_name[PEER_INT8].outputs
         lines = [peers_ct2.agreement_line(PEER_FP32, fp32[: len(reference)], reference, "generate")]
         lines.append(peers_ct2.agreement_line(PEER_INT8, int8, fp32, PEER_FP32))
-        if PAGEDQ_INT8 in by_name:
-            lines.append(peers_ct2.agreement_line(PAGEDQ_INT8, by_name[PAGEDQ_INT8].outputs,
-                                                  by_name[PAGEDQ_FP32].outputs, PAGEDQ_FP32))  # fmt: skip
+        for name in (PAGEDQ_INT8, PAGEDQ_INT8_KV):
+            if name in by_name:
+                lines.append(peers_ct2.agreement_line(name, by_name[name].outputs,
+                                                      by_name[PAGEDQ_FP32].outputs, PAGEDQ_FP32))  # fmt: skip
+        if PAGEDQ_INT8 in by_name and PAGEDQ_INT8_KV in by_name:
+            lines.append(peers_ct2.agreement_line(PAGEDQ_INT8_KV, by_name[PAGEDQ_INT8_KV].outputs,
+                                                  by_name[PAGEDQ_INT8].outputs, PAGEDQ_INT8))  # fmt: skip
         return "\n".join(lines)
 
 
