@@ -261,8 +261,9 @@ def pagedq_int8(model: Any) -> tuple[Any | None, str]:
 
 
 def precision_of(name: str) -> str:
-    """The precision a row's name ends with ("pagedq bf16" -> "bf16"); fp32 when it names none."""
-    last = name.split()[-1]
+    """The precision a row's name ends with ("pagedq bf16" -> "bf16"), before any comma ("pagedq int8, bf16 KV"
+    computes in int8); fp32 when it names none."""
+    last = name.split(",")[0].split()[-1]
     return last if last in ("fp32", "bf16", "int8") else "fp32"
 
 
