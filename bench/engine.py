@@ -4,8 +4,9 @@ W1: random 56M-param Llama (hidden 512, 8 layers, 8 heads / 4 KV heads, vocab 32
 (seed 1234) with prompts of 16..256 tokens and 16..128 new tokens, greedy, EOS ignored. Systems, all in this
 process: one `generate` per request; static batches of 16 (left padding); transformers' continuous batching
 (`continuous_batching_context_manager` + per-request `max_new_tokens`, `num_blocks`/`max_batch_tokens` set);
-pagedq fp32; pagedq bf16; pagedq int8 (pagedq.worker.engine.cpu.quantization, when present). Greedy outputs of
-pagedq fp32 (and HF CB) are checked against `generate`.
+pagedq fp32; pagedq bf16; pagedq int8 (pagedq.worker.engine.cpu.quantization, when present); pagedq int8 with
+bf16 K/V pages (`kv_cache_dtype="bfloat16"`, pagedq.worker.engine.paged.kv_dtype). Greedy outputs of pagedq fp32
+(and HF CB) are checked against `generate`, the int8 rows against pagedq fp32.
 Peers (bench/peers_ct2.py): CTranslate2 `Generator` fp32 and int8 on the same model converted in the run.
 CT2 has no continuous batching and no per-request length in a batch: it gets the output lengths in advance
 (generous to it): requests sorted by prompt length, cut into chunks (the fastest of a few chunk sizes, tried
@@ -159,15 +160,23 @@ class System:
     key: str = ""  # the results' key ("fp32", "ct2_int8", ...)
 
 
-def pagedq_system(name: str, model: Any, reqs: list, rounds: int, num_blocks: int, caching: bool = True) -> System:
-    config = EngineConfig(max_batch_tokens=4096, max_running_requests=64, enable_prefix_caching=caching)
+def pagedq_system(
+    name: str, model: Any, reqs: list, rounds: int, num_blocks: int, caching: bool = True, key: str = ""
+) -> System:
+    kv = "bfloat16" if name.endswith(KV_BF16_ROW) else "auto"
+    config = EngineConfig(max_batch_tokens=4096, max_running_requests=64, enable_prefix_caching=caching,
+                          kv_cache_dtype=kv)  # fmt: skip
     engine = LLMEngine(model, config=config, namespace=name, num_blocks=num_blocks)
 
     def run() -> list[list[int]]:
         engine.kv.pool.reset_prefix_cache()  # every timed run starts cold
         return run_pagedq(engine, reqs)
 
-    return System(name, run, lambda: run_pagedq(engine, reqs[:4]), rounds, engine, name.removeprefix("pagedq "))
+    return System(name, run, lambda: run_pagedq(engine, reqs[:4]), rounds, engine, key or name.removeprefix("pagedq "))
+
+
+KV_BF16_ROW = ", bf16 KV"  # a row whose engine stores bf16 K/V
+PAGEDQ_ROWS = ("fp32", "bf16", "int8", "int8_kv_bf16")  # the results' keys of pagedq's rows
 
 
 def measure(systems: list[System], tokens: int) -> dict[str, Result]:
@@ -235,6 +244,8 @@ def w1(args: argparse.Namespace, model: Any) -> dict[str, Result]:
     if int8 is not None:
         try:
             systems.append(pagedq_system("pagedq int8", int8, reqs, args.repeats, num_blocks))
+            systems.append(pagedq_system("pagedq int8" + KV_BF16_ROW, copy.deepcopy(int8), reqs, args.repeats,
+                                         num_blocks, key="int8_kv_bf16"))  # fmt: skip
         except ValueError as refused:  # the engine's load-time self-check (UnsupportedModel)
             print(f"pagedq int8 skipped: the engine refused the int8 model: {refused}")
     systems += ct2_systems(args, model, reqs)
@@ -364,11 +375,12 @@ def ct2_checks(model: Any, res: dict[str, Result], reqs: list[tuple[list[int], i
     fp32, int8 = res["ct2_fp32"].outputs or [], res["ct2_int8"].outputs or []
     print("greedy, " + peers_ct2.agreement_line("ctranslate2 fp32", fp32[: len(reference)], reference, against))
     print("greedy, " + peers_ct2.agreement_line("ctranslate2 int8", int8, fp32, "ctranslate2 fp32"))
-    if "int8" in res:
-        ours = res["int8"].outputs or []
-        print("greedy, " + peers_ct2.agreement_line("pagedq int8", ours, res["fp32"].outputs or [], "pagedq fp32"))
+    for key in ("int8", "int8_kv_bf16"):
+        if key in res:
+            ours = res[key].outputs or []
+            print("greedy, " + peers_ct2.agreement_line(res[key].name, ours, res["fp32"].outputs or [], "pagedq fp32"))
     best_peer = max((res[k] for k in ("ct2_fp32", "ct2_int8")), key=lambda r: r.tok_s)
-    ours = max((r for k, r in res.items() if k in ("fp32", "bf16", "int8")), key=lambda r: r.tok_s)
+    ours = max((r for k, r in res.items() if k in PAGEDQ_ROWS), key=lambda r: r.tok_s)
     print(f"best pagedq row: {ours.name}; best peer: {best_peer.name}")
     return {
         "w1_vs_ct2_best": ours.tok_s / best_peer.tok_s,
