@@ -67,8 +67,8 @@ class PagedKVCache(KVPages):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's K/V ([1, KVH, T, D]) into their slots; return them as the pages hold them
-        (unchanged, unless the pages store a narrower dtype: `paged.pages`).
+        """Write this step's K/V ([1, KVH, T, D]) into their slots; return them unchanged (as written: a
+        reader of these rows rounds them as the pages do, `KVPages.stored`).
 
         The slots come from the step metadata in `kwargs`, else from `step_metadata` (layers that call
         `update(k, v, layer_idx)` without kwargs)."""
@@ -77,7 +77,7 @@ class PagedKVCache(KVPages):
             raise RuntimeError(f"cache.update() outside a step: no step metadata; {_UNSUPPORTED}")
         k, v = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)
         self.write(layer_idx, meta.slots(self.block_size), k, v)
-        return self.stored(key_states), self.stored(value_states)
+        return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always given explicitly; nothing may rely on this
@@ -282,7 +282,7 @@ def _prefill_attention(
     q = query[:, :, seg.start : seg.end]
     t = seg.end - seg.start
     if seg.num_cached == 0:  # nothing in the pool before this chunk: use this step's K/V directly
-        k, v = key[:, :, seg.start : seg.end], value[:, :, seg.start : seg.end]
+        k, v = (meta.cache.stored(x[:, :, seg.start : seg.end]) for x in (key, value))  # as the pages hold them
         if rule.plain and (window is None or window >= t):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=rule.scale, enable_gqa=True)
             return o[0].transpose(0, 1)

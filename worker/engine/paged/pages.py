@@ -11,8 +11,10 @@ are masked, but 0 * NaN is NaN.
 Storage dtype (`EngineConfig.kv_cache_dtype`): the pages hold K/V in the model's dtype, or in bfloat16 for an
 fp32 or int8 model (`kv_cache_dtype="bfloat16"`, as vLLM's `kv_cache_dtype` stores fp8). Every attention read then
 sees the stored values: `write` rounds to the storage dtype, `gather` widens back to the model's (`compute_dtype`,
-exact), the native kernel widens in registers, and the caches' `update` returns `stored(k)`, `stored(v)`, so
-attention over this step's own rows (a prefill chunk) sees the rounded values too. The engine's output is then
+exact), the native kernel widens in registers, and attention over this step's own K/V (a prefill chunk that
+reads no pages: decoder-only `_prefill_attention`, seq2seq `_segment_attention`) takes `stored(k)`, `stored(v)`,
+the rounded values too (there, not in the caches' `update`: a decode step reads only pages, and rounding its
+rows twice more cost ~5% of a W4 greedy step). The engine's output is then
 exactly the model run with a cache that rounds what it stores (`paged.kv_dtype.RoundingCache`, the self-checks'
 and the tests' reference), not an approximation of something unstated.
 """

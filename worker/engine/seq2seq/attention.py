@@ -258,7 +258,8 @@ def _segment_attention(
     scaling: float | None,
 ) -> torch.Tensor:
     """A recomputed prefix [start, end): causal over its own new K/V -> [t, H, D]."""
-    q, k, v = (x[:, :, seg.start : seg.end] for x in (query, key, value))
+    q = query[:, :, seg.start : seg.end]
+    k, v = (meta.pool.stored(x[:, :, seg.start : seg.end]) for x in (key, value))  # as the pages hold them
     if meta.decoder_bias is None:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
     else:

@@ -48,7 +48,7 @@ class _PagedWriter:
         slots = getattr(meta, self.slots)
         assert slots is not None and slots[0].shape[0] == key_states.shape[2], f"K/V rows do not match {self.slots}"
         self.pool.write(layer_idx, slots, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
-        return self.pool.stored(key_states), self.pool.stored(value_states)  # what attention reads back
+        return key_states, value_states  # unrounded: `_segment_attention` rounds what it reads (KVPages.stored)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
