@@ -103,7 +103,8 @@ def _model_line(state: str, stats: dict[str, Any]) -> str:
         if stats.get(key):
             parts.append(f"{stats[key]:,.0f} {label}")
     if stats.get("path") == "paged":
-        parts.append(f"KV cache {100 * float(stats['kv_cache_usage_perc']):.0f}% used")
+        kv = f" ({stats['kv_cache_dtype']})" if stats.get("kv_cache_dtype") else ""
+        parts.append(f"KV cache{kv} {100 * float(stats['kv_cache_usage_perc']):.0f}% used")
     return "; ".join(parts)
 
 

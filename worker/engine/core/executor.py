@@ -110,6 +110,7 @@ class ModelStats:
     num_preemptions: int = 0
     path: str = ""  # paged | generate | packed | padded | refused
     path_reason: str = ""
+    kv_cache_dtype: str = ""  # what a paged engine's KV pages store ("float32", "bfloat16", ...); "" without one
     extra: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:

@@ -243,3 +243,12 @@ def test_a_registry_entry_gives_its_engine_a_bf16_pool(demo_models: Path, tmp_pa
     assert executor.config.kv_cache_dtype == "bfloat16"
     assert executor.stats().path == "paged", executor.stats().path_reason
     assert executor.engine.pool.pages.dtype == BF16 and executor.engine.pool.compute_dtype == torch.float32
+    # operators see it: the stats (Flower's raw dict, `celery inspect stats`) and Flower's model line
+    from pagedq.worker.app import _model_line  # the Celery app module: imported where it is used
+
+    stats = executor.stats()
+    assert stats.kv_cache_dtype == "bfloat16" and stats.as_dict()["kv_cache_dtype"] == "bfloat16"
+    assert "KV cache (bfloat16) 0% used" in _model_line("loaded: demo", stats.as_dict())
+    fp32 = load_executors(registry.model_copy(update={"models": {name: registry.models[name]}, "defaults": {}}),
+                          "cpu", EngineConfig(kv_cache_bytes=2**22))[0][name]  # fmt: skip
+    assert fp32.stats().kv_cache_dtype == "float32" and fp32.engine.pool.pages.dtype == torch.float32
