@@ -163,9 +163,8 @@ class System:
 def pagedq_system(
     name: str, model: Any, reqs: list, rounds: int, num_blocks: int, caching: bool = True, key: str = ""
 ) -> System:
-    kv = "bfloat16" if name.endswith(KV_BF16_ROW) else "auto"
     config = EngineConfig(max_batch_tokens=4096, max_running_requests=64, enable_prefix_caching=caching,
-                          kv_cache_dtype=kv)  # fmt: skip
+                          kv_cache_dtype=peers_ct2.kv_cache_dtype_of(name))  # fmt: skip
     engine = LLMEngine(model, config=config, namespace=name, num_blocks=num_blocks)
 
     def run() -> list[list[int]]:
@@ -175,7 +174,6 @@ def pagedq_system(
     return System(name, run, lambda: run_pagedq(engine, reqs[:4]), rounds, engine, key or name.removeprefix("pagedq "))
 
 
-KV_BF16_ROW = ", bf16 KV"  # a row whose engine stores bf16 K/V
 PAGEDQ_ROWS = ("fp32", "bf16", "int8", "int8_kv_bf16")  # the results' keys of pagedq's rows
 
 
@@ -244,7 +242,7 @@ def w1(args: argparse.Namespace, model: Any) -> dict[str, Result]:
     if int8 is not None:
         try:
             systems.append(pagedq_system("pagedq int8", int8, reqs, args.repeats, num_blocks))
-            systems.append(pagedq_system("pagedq int8" + KV_BF16_ROW, copy.deepcopy(int8), reqs, args.repeats,
+            systems.append(pagedq_system("pagedq int8" + peers_ct2.KV_BF16_ROW, copy.deepcopy(int8), reqs, args.repeats,
                                          num_blocks, key="int8_kv_bf16"))  # fmt: skip
         except ValueError as refused:  # the engine's load-time self-check (UnsupportedModel)
             print(f"pagedq int8 skipped: the engine refused the int8 model: {refused}")

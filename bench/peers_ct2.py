@@ -260,6 +260,14 @@ def pagedq_int8(model: Any) -> tuple[Any | None, str]:
     return int8, f"pagedq int8: {summary.describe() if summary else QUANTIZATION}"
 
 
+KV_BF16_ROW = ", bf16 KV"  # the suffix of a pagedq row whose engine stores bf16 K/V (`kv_cache_dtype`)
+
+
+def kv_cache_dtype_of(name: str) -> str:
+    """The `kv_cache_dtype` a pagedq row's engine runs with: "bfloat16" for a "..., bf16 KV" row, else "auto"."""
+    return "bfloat16" if name.endswith(KV_BF16_ROW) else "auto"
+
+
 def precision_of(name: str) -> str:
     """The precision a row's name ends with ("pagedq bf16" -> "bf16"), before any comma ("pagedq int8, bf16 KV"
     computes in int8); fp32 when it names none."""

@@ -290,7 +290,7 @@ def decoding_mode(setup: Setup, beams: int, label: str, repeats: int) -> tuple[d
     head = (setup.sentences[: setup.sequential_count], setup.targets[: setup.sequential_count])
     static_inputs = (setup.sentences[: setup.static_count], setup.targets[: setup.static_count])
     engine_runs = {
-        name: EngineRun(m, setup.args, beams, KV_BF16 if name.endswith(KV_BF16_ROW) else "auto")
+        name: EngineRun(m, setup.args, beams, peers_ct2.kv_cache_dtype_of(name))
         for name, m in setup.models.items()
     }
     systems = [
@@ -329,8 +329,7 @@ def decoding_mode(setup: Setup, beams: int, label: str, repeats: int) -> tuple[d
 
 
 PAGEDQ_FP32, PAGEDQ_BF16, PAGEDQ_INT8 = "pagedq fp32", "pagedq bf16", "pagedq int8"
-KV_BF16, KV_BF16_ROW = "bfloat16", ", bf16 KV"
-PAGEDQ_INT8_KV = PAGEDQ_INT8 + KV_BF16_ROW
+PAGEDQ_INT8_KV = PAGEDQ_INT8 + peers_ct2.KV_BF16_ROW
 PEER_FP32, PEER_INT8 = "ctranslate2 fp32", "ctranslate2 int8"
 
 

@@ -227,6 +227,17 @@ def sharpen(model: Any, target: float = SHARP_SCORE) -> float:
     return max_attention_score(model)
 
 
+def sharp_gqa_llama() -> Any:
+    """A Llama of 8 heads on 4 kv heads (hidden 256, 2 layers, seed 0, EOS unset), sharpened: scores above 15."""
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                            num_key_value_heads=4, max_position_embeddings=512, **COMMON)  # fmt: skip
+    model = tf.LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    assert sharpen(model) > 15
+    return model
+
+
 def build_family(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
     torch.manual_seed(seed)
     model = FAMILY_BUILDERS[name]().eval()

@@ -34,7 +34,7 @@ import torch
 
 from pagedq.worker.engine.cpu.quantization import check_dtype
 from pagedq.worker.engine.decoding.sampling import SamplingParams
-from pagedq.worker.engine.paged.kv_dtype import rounding_cache
+from pagedq.worker.engine.paged.kv_dtype import reference_cache
 
 if TYPE_CHECKING:
     from pagedq.worker.engine.decoder_only.engine import LLMEngine
@@ -187,9 +187,7 @@ def _eager_logits(model: Any, token_ids: list[int], last: int, pages: Any = None
     model.set_attn_implementation("eager")
     try:
         ids = torch.tensor([token_ids], device=model.device)
-        if pages is not None and pages.rounds:
-            cache = rounding_cache(model, pages.pages.dtype)
-            return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=last).logits[0].float()
-        return model(input_ids=ids, use_cache=False, logits_to_keep=last).logits[0].float()
+        cache = reference_cache(model, pages) if pages is not None else None
+        return model(input_ids=ids, cache=cache, use_cache=cache is not None, logits_to_keep=last).logits[0].float()
     finally:
         model.set_attn_implementation(paged)

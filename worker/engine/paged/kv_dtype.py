@@ -57,6 +57,12 @@ class RoundingCache(DynamicCache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
+def reference_cache(model: Any, pages: Any) -> DynamicCache | EncoderDecoderCache | None:
+    """What the model's own forward needs to compute what an engine over `pages` (`paged.pages.KVPages`)
+    computes: a `rounding_cache` where the pages store a narrower dtype than the model's, else None (no cache)."""
+    return rounding_cache(model, pages.pages.dtype) if pages.rounds else None
+
+
 def rounding_cache(model: Any, stored_dtype: torch.dtype) -> DynamicCache | EncoderDecoderCache:
     """A fresh `RoundingCache` for one forward or `generate` of `model` (an encoder-decoder's self- and
     cross-attention caches both round). Pass it as `cache=` (transformers 5's name; `past_key_values` is

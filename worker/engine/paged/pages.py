@@ -14,9 +14,9 @@ sees the stored values: `write` rounds to the storage dtype, `gather` widens bac
 exact), the native kernel widens in registers, and attention over this step's own K/V (a prefill chunk that
 reads no pages: decoder-only `_prefill_attention`, seq2seq `_segment_attention`) takes `stored(k)`, `stored(v)`,
 the rounded values too (there, not in the caches' `update`: a decode step reads only pages, and rounding its
-rows twice more cost ~5% of a W4 greedy step). The engine's output is then
-exactly the model run with a cache that rounds what it stores (`paged.kv_dtype.RoundingCache`, the self-checks'
-and the tests' reference), not an approximation of something unstated.
+rows twice more cost ~5% of a W4 greedy step). The engine's output is then exactly the model run with a cache
+that rounds what it stores (`paged.kv_dtype.RoundingCache`, the self-checks' and the tests' reference), not an
+approximation of something unstated.
 """
 
 from __future__ import annotations
@@ -66,6 +66,11 @@ class KVPages:
         dtype = self.pages.dtype
         self.key_cache[layer].index_put_(slots, key.to(dtype))
         self.value_cache[layer].index_put_(slots, value.to(dtype))
+
+    @property
+    def dtype_name(self) -> str:
+        """What the pages store, as the registry spells dtypes ("float32", "bfloat16"): the stats report it."""
+        return str(self.pages.dtype).removeprefix("torch.")
 
     @property
     def rounds(self) -> bool:

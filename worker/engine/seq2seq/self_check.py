@@ -36,7 +36,7 @@ import torch
 
 from pagedq.worker.engine.cpu.quantization import check_dtype
 from pagedq.worker.engine.decoding.seq2seq_options import DecodeSettings
-from pagedq.worker.engine.paged.kv_dtype import rounding_cache
+from pagedq.worker.engine.paged.kv_dtype import reference_cache
 from pagedq.worker.engine.seq2seq.engine import Seq2SeqEngine
 
 PROBE_LENGTHS = (5, 13, 29)  # source tokens, EOS included; capped by the model's positions
@@ -132,7 +132,7 @@ def _probe(engine: Seq2SeqEngine) -> tuple[str, float]:
             tokens = out.output_token_ids
             decoder_ids = torch.tensor([[start, *tokens[:-1]]], device=engine.pool.device)
             encoder_ids = torch.tensor([ids], device=engine.pool.device)
-            cache = rounding_cache(model, engine.pool.pages.dtype) if engine.pool.rounds else None
+            cache = reference_cache(model, engine.pool)
             reference = model(
                 input_ids=encoder_ids, decoder_input_ids=decoder_ids, cache=cache, use_cache=cache is not None
             ).logits[0].float()

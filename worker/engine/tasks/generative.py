@@ -110,7 +110,7 @@ class GenerativeExecutor(ModelExecutor):
             num_requests_finished=self._finished, steps=s.num_steps, generated_tokens=s.num_generated_tokens,
             kv_cache_usage_perc=s.kv_cache_usage_perc, prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits, num_preemptions=s.num_preemptions, path="paged",
-            kv_cache_dtype=str(self.engine.cache.pages.dtype).removeprefix("torch."),
+            kv_cache_dtype=self.engine.cache.dtype_name,
             extra={"mean_batch_tokens": s.mean_batch_tokens, "kv_waste_slots": s.kv_waste_slots,
                    "num_kv_blocks": s.num_kv_blocks},
         )  # fmt: skip

@@ -147,7 +147,7 @@ class Seq2SeqExecutor(ModelExecutor):
             kv_cache_usage_perc=engine.kv_cache_usage_perc if engine else 0.0,
             num_preemptions=engine.num_preemptions if engine else 0,
             path="paged" if self.engine is not None else "generate", path_reason=self.path_reason,
-            kv_cache_dtype=str(self.engine.pool.pages.dtype).removeprefix("torch.") if self.engine else "",
+            kv_cache_dtype=self.engine.pool.dtype_name if self.engine else "",
             extra={"num_fallback_requests": self._counters["num_fallback_requests"]},
         )
 

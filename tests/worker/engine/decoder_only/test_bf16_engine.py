@@ -22,14 +22,14 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from pagedq.worker.engine.core.executor import EngineConfig
 from pagedq.worker.engine.cpu.native import paged_decode_available
 from pagedq.worker.engine.decoder_only.engine import LLMEngine
 from pagedq.worker.engine.decoding.sampling import SamplingParams
-from worker.engine.families import sharpen
-from worker.engine.helpers import COMMON, TinyModel, one_torch_thread, random_prompts, recorded_logits, reference_logits
+from worker.engine.families import sharp_gqa_llama
+from worker.engine.helpers import TinyModel, one_torch_thread, random_prompts, recorded_logits, reference_logits
 
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
 TIE = 0.05
@@ -44,12 +44,7 @@ LENGTHS = [3, 17, 40, 64, 90, 33, 8, 120, 5, 70, 25, 49, 100, 12, 60, 31]
 @pytest.fixture(scope="module")
 def models() -> tuple[LlamaForCausalLM, TinyModel]:
     """The fp32 model (sharpened: scores reach ~30) and its bf16 cast, with a reference copy for `generate`."""
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
-                         num_key_value_heads=4, max_position_embeddings=512, **COMMON)  # fmt: skip
-    fp32 = LlamaForCausalLM(config).eval()
-    fp32.generation_config.eos_token_id = None
-    assert sharpen(fp32) > 15
+    fp32 = sharp_gqa_llama()
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     return fp32, TinyModel("llama-bf16", bf16, copy.deepcopy(bf16))
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from seq2seq_support import build_pair, random_inputs, teacher_forced_logits
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from pagedq.shared.models import GenerationOptions
 from pagedq.shared.registry import ModelSpec, Registry
@@ -36,8 +36,8 @@ from pagedq.worker.engine.paged.kv_dtype import resolve_kv_dtype, rounding_cache
 from pagedq.worker.engine.seq2seq.engine import Seq2SeqEngine
 from pagedq.worker.engine.seq2seq.self_check import RELATIVE_TOLERANCE, self_check
 from pagedq.worker.runtime import load_executors
-from worker.engine.families import sharpen
-from worker.engine.helpers import COMMON, one_torch_thread, random_prompts, recorded_logits
+from worker.engine.families import sharp_gqa_llama
+from worker.engine.helpers import one_torch_thread, random_prompts, recorded_logits
 
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
 
@@ -90,12 +90,7 @@ def test_a_bf16_pool_holds_twice_the_blocks_in_the_same_bytes() -> None:
 @pytest.fixture(scope="module")
 def llama() -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
     """A sharp-attention Llama (8 heads on 4 kv heads, scores above 15) and an untouched copy."""
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
-                         num_key_value_heads=4, max_position_embeddings=512, **COMMON)  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
-    model.generation_config.eos_token_id = None
-    assert sharpen(model) > 15
+    model = sharp_gqa_llama()
     return model, copy.deepcopy(model)
 
 
