@@ -1,0 +1,83 @@
+"""A worker process whose registry asks for bf16 K/V pages (`kv_cache_dtype = "bfloat16"`) for its translator and
+its causal LM: real Redis, a real worker loading the demo models from disk, the Python client. The translations
+equal the model's own `generate` with a cache that rounds its K/V to bf16 (`paged.kv_dtype.rounding_cache`, what
+the engine is defined to compute: tests/worker/engine/paged/test_kv_cache_dtype.py), and the worker reports what
+each model's pages store (`celery inspect stats`, Flower's model line)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagedq.producer.client import Client
+from pagedq.shared.celery_config import make_celery
+from pagedq.shared.registry import Registry
+from pagedq.shared.settings import Settings
+from pagedq.worker.engine.paged.kv_dtype import rounding_cache
+from pagedq.worker.registry import load_model
+from scripts.stack import Stack
+
+pytestmark = pytest.mark.integration
+
+SOURCES = ["hello world", "the weather is nice today and we go out", "a b c d e f g"]
+BF16_MODELS = ("demo-translator", "demo-llm")
+
+
+@pytest.fixture(scope="module")
+def kv_registry(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo registry, sources absolute, the translator and the causal LM with bf16 K/V pages."""
+    text = demo_models.read_text().replace('source = "./', f'source = "{demo_models.parent}/')
+    for name in BF16_MODELS:
+        header = f"[models.{name}]\n"
+        assert header in text
+        text = text.replace(header, header + 'kv_cache_dtype = "bfloat16"\n')
+    path = tmp_path_factory.mktemp("kv") / "registry.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(kv_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with Stack(registry_path=kv_registry, log_dir=tmp_path_factory.mktemp("logs"), worker_concurrency=4) as s:
+        yield s
+
+
+def test_a_bf16_kv_worker_translates_as_the_rounded_model_does(stack: Stack, kv_registry: Path) -> None:
+    settings = Settings(redis_url=stack.redis_url or "", registry_path=kv_registry)
+    with Client(settings=settings) as client:
+        tasks = [client.translate(text, source_lang="en", target_lang="de", generation={"max_new_tokens": 12})
+                 for text in SOURCES]  # fmt: skip
+        results = [task.result(timeout=120) for task in tasks]
+
+    registry = Registry.load(kv_registry)
+    spec = registry.models[registry.defaults["translate"]]
+    assert spec.kv_cache_dtype == "bfloat16"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
+        reference = load_model(spec, registry, "cpu")  # from disk, as the worker loaded it
+    tok = reference.tokenizer
+    for text, result in zip(SOURCES, results, strict=True):
+        with torch.inference_mode():
+            out = reference.model.generate(**tok(text, return_tensors="pt"), max_new_tokens=12, do_sample=False,
+                                           cache=rounding_cache(reference.model, torch.bfloat16))  # fmt: skip
+        assert result.translation == tok.decode(out[0], skip_special_tokens=True)
+
+
+def test_the_worker_reports_what_each_models_pages_store(stack: Stack) -> None:
+    app = make_celery(stack.settings())
+    try:
+        replies = app.control.inspect(timeout=5).stats() or {}
+    finally:
+        app.close()
+    assert replies, "no worker answered `inspect stats`"
+    (shown,) = replies.values()
+    models = shown["pagedq"]["models"]
+    for name in BF16_MODELS:
+        assert models[name]["path"] == "paged", models[name]["path_reason"]
+        assert models[name]["kv_cache_dtype"] == "bfloat16"
+        assert "KV cache (bfloat16)" in shown[f"pagedq model {name}"]
+    assert models["demo-classifier"]["kv_cache_dtype"] == ""  # no KV cache: an encoder
