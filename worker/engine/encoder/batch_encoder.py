@@ -8,7 +8,10 @@ number of threads at once -- the Celery task threads tokenize a message's texts 
 engine thread (`ModelExecutor.prepare`), and the Rust encoder releases the GIL while it works.
 
 It also skips what `__call__` spends in Python around the Rust call (argument checks, `BatchEncoding`, a dict
-per text): the model inputs are read straight off each `Encoding`.
+per text): the model inputs are read straight off each `Encoding`. And it asks the Rust side for no character
+offsets (`encode_batch_fast`, tokenizers >= 0.21: the same ids, type ids and masks; the offsets are what a
+classifier never reads): measured on the demo classifier's tokenizer, 7 texts of ~31 tokens, one thread,
+0.27 against 0.52 ms.
 
 Exactness: used only where it provably computes what `tokenizer(texts, truncation=False)` computes -- a
 `TokenizersBackend` whose class overrides neither `__call__`, `_encode_plus` nor `_convert_encoding`, has no
@@ -48,6 +51,8 @@ class BatchEncoder:
     def __init__(self, backend: Any, input_names: Sequence[str]) -> None:
         self._backend = backend
         self._columns = [(name, _ATTRIBUTES[name]) for name in input_names]
+        # without offsets where this tokenizers has it (the self-check compares what it returns)
+        self._encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, input_names: Sequence[str]) -> BatchEncoder | None:
@@ -67,7 +72,7 @@ class BatchEncoder:
 
     def encode(self, texts: Sequence[str]) -> list[dict[str, list[int]]]:
         """The model inputs of each text, unpadded and untruncated, in `input_names` order."""
-        encodings = self._backend.encode_batch(list(texts), add_special_tokens=True)
+        encodings = self._encode_batch(list(texts), add_special_tokens=True)
         columns = self._columns
         return [{name: getattr(enc, attribute) for name, attribute in columns} for enc in encodings]
 
