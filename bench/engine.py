@@ -7,7 +7,8 @@ process: one `generate` per request; static batches of 16 (left padding); transf
 pagedq fp32; pagedq bf16; pagedq int8 (pagedq.worker.engine.cpu.quantization, when present); pagedq int8 with
 bf16 K/V pages (`kv_cache_dtype="bfloat16"`, pagedq.worker.engine.paged.kv_dtype). Greedy outputs of pagedq fp32
 (and HF CB) are checked against `generate`, the int8 rows against pagedq fp32.
-Peers (bench/peers_ct2.py): CTranslate2 `Generator` fp32 and int8 on the same model converted in the run.
+Peers (bench/peers_ct2.py): CTranslate2 `Generator` fp32 and int8 on the same model converted in the run,
+each in its own process, as users run it (bench/peer_process.py says why; its CPU time is that process's).
 CT2 has no continuous batching and no per-request length in a batch: it gets the output lengths in advance
 (generous to it): requests sorted by prompt length, cut into chunks (the fastest of a few chunk sizes, tried
 on the int8 model, or `--ct2-batching`), each chunk decoded to its longest target with min_length = max_length
@@ -41,6 +42,7 @@ import _host  # noqa: F401  (first: the worker's allocator settings, before torc
 import peers_ct2
 import plots
 import torch
+from peer_process import PeerProcess
 from transformers import ContinuousBatchingConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from pagedq.worker.engine.core.executor import EngineConfig
@@ -158,6 +160,7 @@ class System:
     rounds: int
     engine: LLMEngine | None = None
     key: str = ""  # the results' key ("fp32", "ct2_int8", ...)
+    child_cpu: Callable[[], float] | None = None  # CPU seconds so far of the process it runs in, if not this one
 
 
 def pagedq_system(
@@ -188,10 +191,11 @@ def measure(systems: list[System], tokens: int) -> dict[str, Result]:
                 continue
             res, engine = results[system.name], system.engine
             before = engine.stats() if engine else None
-            start, cpu = time.perf_counter(), time.process_time()
+            cpu_of = system.child_cpu or time.process_time
+            start, cpu = time.perf_counter(), cpu_of()
             res.outputs = system.run()
             res.seconds.append(time.perf_counter() - start)
-            res.cpu_seconds.append(time.process_time() - cpu)
+            res.cpu_seconds.append(cpu_of() - cpu)
             if engine:
                 res.extra = engine_extra(engine, before)
     return results
@@ -263,12 +267,13 @@ def ct2_systems(args: argparse.Namespace, model: Any, reqs: list[tuple[list[int]
         return []
     with peers_ct2.temp_dir() as tmp:  # a loaded Generator holds its weights: the files can go
         path, tokens = peers_ct2.convert_llama(model, Path(tmp))
-        generators = {
-            p: peers_ct2.load("generator", path, ct, args.threads) for p, ct in peers_ct2.COMPUTE_TYPES.items()
+        generators = {  # each in its own process, as users run it (peers_ct2's docstring)
+            p: peers_ct2.start("generator", path, ct, args.threads, tokens) for p, ct in peers_ct2.COMPUTE_TYPES.items()
         }
 
-    def run(generator: Any, batching: peers_ct2.Batching, subset: list[tuple[list[int], int]]) -> list[list[int]]:
-        return peers_ct2.generate(generator, tokens, subset, batching)
+    def run(generator: PeerProcess, batching: peers_ct2.Batching, subset: list[tuple[list[int], int]]
+            ) -> list[list[int]]:
+        return generator.call("generate", subset, batching)  # type: ignore[no-any-return]
 
     if args.ct2_batching:
         kind, size = args.ct2_batching.split(":")
@@ -280,11 +285,11 @@ def ct2_systems(args: argparse.Namespace, model: Any, reqs: list[tuple[list[int]
     args.ct2_note = (
         f"ctranslate2 rows: {batching} (both precisions), each chunk decoded to its longest target (min_length ="
         f" max_length, EOS never stops it), each request's own tokens kept and counted; intra_threads="
-        f"{args.threads}, inter_threads=1"
+        f"{args.threads}, inter_threads=1; each in its own process"
     )
     return [
         System(f"ctranslate2 {p}", lambda g=g: run(g, batching, reqs), lambda g=g: run(g, batching, reqs[:2]),
-               args.repeats, key=f"ct2_{p}")
+               args.repeats, key=f"ct2_{p}", child_cpu=g.cpu_seconds)
         for p, g in generators.items()
     ]  # fmt: skip
 

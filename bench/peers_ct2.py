@@ -12,6 +12,10 @@ lengths in advance (generous to it): requests are sorted by length and cut into 
 token budget); each chunk is decoded to its longest target (`min_length` = `max_length`, so an end token never
 stops it early) and each request keeps only its own tokens. `intra_threads` = the benchmark's threads,
 `inter_threads` = 1. Without ctranslate2 installed, `available()` is False and the benchmarks print `SKIPPED`.
+
+Each CTranslate2 model runs in its own process (`start`: a `Peer` in a bench/peer_process.PeerProcess), as
+its users run it: its bundled libgomp slows torch's OpenMP threads in any process it has run in (measured
+there), which would charge pagedq for a process no deployment has.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peer_process import PeerProcess
 
 SKIPPED = "ctranslate2 not installed: peers skipped (pip install 'pagedq[bench]')"
 COMPUTE_TYPES = {"fp32": "float32", "int8": "int8"}  # row suffix -> CT2 compute_type
@@ -89,6 +94,26 @@ def load(kind: str, path: Path, compute_type: str, threads: int) -> Any:
 
     cls = {"generator": ctranslate2.Generator, "translator": ctranslate2.Translator}[kind]
     return cls(str(path), device="cpu", compute_type=compute_type, inter_threads=1, intra_threads=threads)
+
+
+class Peer:
+    """What a peer process holds: one loaded `Generator` or `Translator` and the token strings of its ids."""
+
+    def __init__(self, kind: str, path: Path, compute_type: str, threads: int, tokens: list[str]) -> None:
+        self.model, self.tokens = load(kind, path, compute_type, threads), tokens
+
+    def generate(self, reqs: Sequence[tuple[list[int], int]], batching: Batching) -> list[list[int]]:
+        return generate(self.model, self.tokens, reqs, batching)
+
+    def translate(
+        self, sentences: Sequence[list[int]], targets: Sequence[int], beams: int, batching: Batching, eos: int
+    ) -> list[list[int]]:
+        return translate(self.model, self.tokens, sentences, targets, beams, batching, eos)
+
+
+def start(kind: str, path: Path, compute_type: str, threads: int, tokens: list[str]) -> PeerProcess:
+    """A `Peer` loaded in its own process (it has read `path` when this returns: the files may go)."""
+    return PeerProcess(Peer, kind, path, compute_type, threads, tokens)
 
 
 # ---- batching -------------------------------------------------------------------------------------------

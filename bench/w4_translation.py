@@ -8,7 +8,8 @@ so, as W1 does, </s> is suppressed (a -1e4 logit bias) and each sentence gets it
 times uniform 0.8..1.2 (seed 1234), as `max_new_tokens` -- where generate's forced </s> lands. A static batch
 runs to its longest member, then each row is cut to its own length: what real </s> stops cost it.
 
-Systems, in this process, greedy and beam 4, each warmed up once, then timed round-robin:
+Systems (pagedq and the baselines in this process, the peers in their own), greedy and beam 4, each warmed
+up once, then timed round-robin:
   one generate per sentence    `model.generate` on one sentence at a time (on the first `--w4-sequential`
                                sentences only: it is slow; tokens/s is a rate, so it compares)
   generate, static batches     `model.generate` on batches of 16 in arrival order (padded, attention mask)
@@ -18,7 +19,8 @@ Systems, in this process, greedy and beam 4, each warmed up once, then timed rou
   pagedq int8, bf16 KV         the int8 model with `kv_cache_dtype="bfloat16"`: K/V pages in bf16 (half the bytes a
                                decode step reads; pagedq.worker.engine.paged.kv_dtype), compared with int8 and fp32
   ctranslate2 fp32 / int8      the peer (bench/peers_ct2.py): a `Translator` on the model converted in the run,
-                               int8 quantized at load. No continuous batching and no per-sentence length in a
+                               int8 quantized at load, each in its own process as users run it (bench/
+                               peer_process.py says why). No continuous batching and no per-sentence length in a
                                batch, so it is given the lengths (generous to it): sentences sorted by length,
                                cut into chunks (the fastest of a few sizes, tried on int8, or
                                `--w4-ct2-batching`), each chunk decoded to its longest target (min = max length),
@@ -57,6 +59,7 @@ from typing import Any
 import peers_ct2
 import plots
 import torch
+from peer_process import PeerProcess
 from transformers import GenerationConfig, MarianConfig, MarianMTModel
 from transformers.utils import logging as hf_logging
 
@@ -362,24 +365,24 @@ class Peers:
     ctranslate2 is not installed or --w4-skip-peers); their batching picked per decoding mode."""
 
     def __init__(self, args: argparse.Namespace, model: Any) -> None:
-        self.args, self.tokens = args, []
-        self.translators: dict[str, Any] = {}
+        self.args = args
+        self.translators: dict[str, PeerProcess] = {}
         if args.w4_skip_peers:
             return
         if not peers_ct2.available():
             print(peers_ct2.SKIPPED)
             return
         with peers_ct2.temp_dir() as tmp:  # a loaded Translator holds its weights: the files can go
-            path, self.tokens = peers_ct2.convert_marian(model, Path(tmp))
-            self.translators = {
-                f"ctranslate2 {p}": peers_ct2.load("translator", path, compute_type, args.threads)
+            path, tokens = peers_ct2.convert_marian(model, Path(tmp))
+            self.translators = {  # each in its own process, as users run it (peers_ct2's docstring)
+                f"ctranslate2 {p}": peers_ct2.start("translator", path, compute_type, args.threads, tokens)
                 for p, compute_type in peers_ct2.COMPUTE_TYPES.items()
             }
 
     def run(self, name: str, beams: int, batching: peers_ct2.Batching) -> Run:
         def run(sentences: list[list[int]], targets: list[int]) -> list[list[int]]:
             translator = self.translators[name]
-            return peers_ct2.translate(translator, self.tokens, sentences, targets, beams, batching, EOS)
+            return translator.call("translate", sentences, targets, beams, batching, EOS)  # type: ignore[no-any-return]
 
         return run
 
@@ -396,7 +399,7 @@ class Peers:
         print(
             f"ctranslate2 rows: {chosen} (both precisions), each chunk decoded to its longest target (min = max "
             f"length), each sentence's own tokens kept, the forced </s> appended undecoded; "
-            f"intra_threads={self.args.threads}, inter_threads=1"
+            f"intra_threads={self.args.threads}, inter_threads=1; each in its own process"
         )
         return chosen
 

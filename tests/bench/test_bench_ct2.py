@@ -7,6 +7,7 @@ a vocabulary of 512 keeps the top two logits well apart, so fp32 rounding never 
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 import sys
 import warnings
@@ -21,6 +22,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Marian
 sys.path.insert(0, str(BENCH))  # the scripts import their siblings by bare name, as `python bench/x.py` does
 
 import peers_ct2  # noqa: E402
+from peer_process import PeerError  # noqa: E402
 
 pytest.importorskip("ctranslate2")  # in the dev extra: runs wherever `make install` ran
 
@@ -147,6 +149,38 @@ def test_translator_int8_returns_each_sentences_length(marian: tuple[Any, Path, 
     outputs = peers_ct2.translate(translator, tokens, sentences, targets, beams, BATCHINGS[1], EOS)
     assert [len(o) for o in outputs] == targets
     assert all(o[-1] == EOS and PAD not in o for o in outputs)
+
+
+def test_a_translator_in_its_own_process_translates_as_in_process(marian: tuple[Any, Path, list[str]]) -> None:
+    """The benchmarks run each CT2 model in a child process (peers_ct2.start): same outputs as generate, its CPU
+    time counted from the child's /proc entry, and the child gone after close()."""
+    model, path, tokens = marian
+    sentences = [s + [EOS] for s in prompts(4, 3, 20, seed=5)]
+    targets = [7, 5, 11, 6]
+    peer = peers_ct2.start("translator", path, "float32", 1, tokens)
+    try:
+        before = peer.cpu_seconds()
+        outputs = peer.call("translate", sentences, targets, 1, BATCHINGS[0], EOS)
+        assert outputs == translations(model, sentences, targets, 1)
+        assert peer.cpu_seconds() > before  # the child's own CPU, not this process's
+        assert peer.pid != os.getpid()
+    finally:
+        peer.close()
+    assert not peer.alive()
+
+
+def test_a_peer_process_raises_its_errors_here_and_keeps_serving(marian: tuple[Any, Path, list[str]]) -> None:
+    _, path, tokens = marian
+    with pytest.raises(PeerError, match="RuntimeError|ValueError|No such file"):
+        peers_ct2.start("translator", path / "missing", "float32", 1, tokens)
+    peer = peers_ct2.start("translator", path, "int8", 1, tokens)
+    try:
+        with pytest.raises(PeerError, match="AttributeError.*'Peer' object has no attribute 'decode'"):
+            peer.call("decode", [[5, EOS]])
+        [output] = peer.call("translate", [[5, 6, EOS]], [4], 1, BATCHINGS[0], EOS)
+        assert len(output) == 4 and output[-1] == EOS
+    finally:
+        peer.close()
 
 
 def test_chunks_sort_by_length_within_the_budget() -> None:
