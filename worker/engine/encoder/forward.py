@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any, TypeVar
 
 import numpy as np
@@ -49,7 +50,7 @@ from pagedq.worker.engine.encoder.packing import (
     unsupported_reason,
 )
 from pagedq.worker.engine.encoder.packing_check import probe_encodings, relative_error, served_outputs, tolerance
-from pagedq.worker.engine.encoder.varlen_attention import SEGMENTS_KWARG, Segments
+from pagedq.worker.engine.encoder.varlen_attention import SEGMENTS_KWARG, Segments, packed_forward
 from pagedq.worker.engine.tasks.batching import pad_batch, pick_batch, pick_packed, unpadded_columns
 
 log = logging.getLogger(__name__)
@@ -203,5 +204,5 @@ class EncoderForward:
             computed = inputs["input_ids"].numel()
         self.counters["computed_tokens"] += computed
         self.counters["padded_tokens"] += computed - real
-        with torch.inference_mode():
+        with torch.inference_mode(), packed_forward() if segments is not None else nullcontext():
             return model(**inputs), segments

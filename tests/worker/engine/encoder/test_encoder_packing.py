@@ -52,6 +52,7 @@ from pagedq.worker.demo.corpus import ENGLISH_WORDS, printable_characters, synth
 from pagedq.worker.demo.models import ENCODER_INIT_STD, HEAD_INIT_STD
 from pagedq.worker.demo.tokenizers import build_wordpiece
 from pagedq.worker.engine.core.executor import EngineConfig, LoadedModel
+from pagedq.worker.engine.encoder import varlen_attention
 from pagedq.worker.engine.encoder.forward import EncoderForward
 from pagedq.worker.engine.encoder.packing import PositionRule, enable_packing, position_ids, unsupported_reason
 from pagedq.worker.engine.encoder.varlen_attention import GROUP_MIN_SHARE, VARLEN_ATTENTION, Segments
@@ -247,6 +248,31 @@ def test_packed_forward_equals_one_forward_per_input(model_dirs: dict[str, Path]
             torch.testing.assert_close(torch.from_numpy(end), single.end_logits[0], atol=1e-5, rtol=1e-5)
     real = sum(len(enc["input_ids"]) for enc in encodings)
     assert forward.counters == {"computed_tokens": real, "padded_tokens": 0}
+
+
+def test_a_packed_forward_builds_no_attention_mask_and_a_padded_one_still_does(
+    model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The packed forward's attention reads segment bounds, never a mask: transformers' [T, T] packed mask is not
+    built for it (varlen_mask). The same model called padded, outside the engine's packed forward, still gets
+    its padding mask and computes what the plain model computes."""
+    lm, ref = load(model_dirs, "roberta-classifier"), load(model_dirs, "roberta-classifier")
+    forward = EncoderForward(lm, pooled=True)
+    assert forward.packed
+    built: list[Any] = []
+    real_mask = varlen_attention.sdpa_mask
+    monkeypatch.setattr(varlen_attention, "sdpa_mask", lambda *a, **k: built.append(real_mask(*a, **k)) or built[-1])
+    encodings = [dict(lm.tokenizer(text)) for text in CLASSIFY_TEXTS]
+    with torch.inference_mode():
+        singles = torch.cat([ref.model(**{k: torch.tensor([v]) for k, v in enc.items()}).logits for enc in encodings])
+    torch.testing.assert_close(forward.logits(encodings), singles, atol=1e-5, rtol=1e-5)
+    assert built == []
+    batch = lm.tokenizer(CLASSIFY_TEXTS[:3], padding=True, return_tensors="pt")
+    assert not bool(batch["attention_mask"].all())  # the three texts differ in length: padding to mask
+    with torch.inference_mode():
+        padded = lm.model(**batch).logits
+    assert len(built) == 1 and built[0] is not None
+    torch.testing.assert_close(padded, singles[:3], atol=1e-5, rtol=1e-5)
 
 
 def test_packed_bf16_stays_close_to_fp32(model_dirs: dict[str, Path]) -> None:
