@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -177,3 +177,12 @@ def reference_qa(lm: LoadedModel, question: str, context: str, max_answer_len: i
 
 def long_text(words: int) -> str:
     return " ".join(itertools.islice(itertools.cycle(TEXTS[2].split()), words))
+
+
+def demo_registry_copy(demo_models: Path, directory: Path, edit: Callable[[str], str] = lambda text: text) -> Path:
+    """The demo registry (`demo_models`) written to `directory`/registry.toml after `edit`, its model sources made
+    absolute so that the copy loads the same models from its other folder."""
+    text = demo_models.read_text().replace('source = "./', f'source = "{demo_models.parent}/')
+    path = directory / "registry.toml"
+    path.write_text(edit(text))
+    return path

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from executor_support import demo_registry_copy
 
 from pagedq.producer.client import Client
 from pagedq.shared.registry import ModelSpec, Registry
@@ -28,12 +29,13 @@ SOURCES = ["hello world", "the weather is nice today and we go out"]
 @pytest.fixture(scope="module")
 def int8_registry(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo registry with every model int8 (sources made absolute: the file lives elsewhere)."""
-    text = demo_models.read_text().replace('dtype = "float32"', 'dtype = "int8"')
-    text = text.replace('source = "./', f'source = "{demo_models.parent}/')
-    assert text.count('dtype = "int8"') >= 2
-    path = tmp_path_factory.mktemp("int8") / "registry.toml"
-    path.write_text(text)
-    return path
+
+    def int8(text: str) -> str:
+        text = text.replace('dtype = "float32"', 'dtype = "int8"')
+        assert text.count('dtype = "int8"') >= 2
+        return text
+
+    return demo_registry_copy(demo_models, tmp_path_factory.mktemp("int8"), int8)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from executor_support import demo_registry_copy
 
 from pagedq.producer.client import Client
 from pagedq.shared.celery_config import make_celery
@@ -30,14 +31,15 @@ BF16_MODELS = ("demo-translator", "demo-llm")
 @pytest.fixture(scope="module")
 def kv_registry(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo registry, sources absolute, the translator and the causal LM with bf16 K/V pages."""
-    text = demo_models.read_text().replace('source = "./', f'source = "{demo_models.parent}/')
-    for name in BF16_MODELS:
-        header = f"[models.{name}]\n"
-        assert header in text
-        text = text.replace(header, header + 'kv_cache_dtype = "bfloat16"\n')
-    path = tmp_path_factory.mktemp("kv") / "registry.toml"
-    path.write_text(text)
-    return path
+
+    def bf16_kv(text: str) -> str:
+        for name in BF16_MODELS:
+            header = f"[models.{name}]\n"
+            assert header in text
+            text = text.replace(header, header + 'kv_cache_dtype = "bfloat16"\n')
+        return text
+
+    return demo_registry_copy(demo_models, tmp_path_factory.mktemp("kv"), bf16_kv)
 
 
 @pytest.fixture(scope="module")

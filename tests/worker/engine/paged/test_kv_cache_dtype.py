@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from executor_support import demo_registry_copy
 from pydantic import ValidationError
 from seq2seq_support import build_pair, random_inputs, teacher_forced_logits
 from transformers import LlamaForCausalLM
@@ -226,9 +227,7 @@ def test_seq2seq_logits_are_the_rounded_models(arch: str, path: str) -> None:
 def test_a_registry_entry_gives_its_engine_a_bf16_pool(demo_models: Path, tmp_path: Path) -> None:
     """The demo registry's translator with `kv_cache_dtype = "bfloat16"`, loaded from disk as the worker loads it:
     its engine pages bf16, computes fp32, and passed the self-check (it runs paged, not on the fallback)."""
-    path = tmp_path / "registry.toml"
-    path.write_text(demo_models.read_text().replace('source = "./', f'source = "{demo_models.parent}/'))
-    registry = Registry.load(path)
+    registry = Registry.load(demo_registry_copy(demo_models, tmp_path))
     name = registry.defaults["translate"]
     spec = registry.models[name].model_copy(update={"kv_cache_dtype": "bfloat16"})
     only = registry.model_copy(update={"models": {name: spec}, "defaults": {}})
