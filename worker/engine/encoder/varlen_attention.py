@@ -26,6 +26,11 @@ than 0.7 (less padding; the extra SDPA calls are cheap on one thread). SDPA itse
 80-190 GFLOP/s depending on the group's length (the linear layers reach ~1,000): in a whole W3 forward on
 one thread, SDPA is ~28% of the time, the linear layers ~48%.
 
+bf16 on a CPU with AVX512-BF16 (`cpu/varlen_bf16.py`): torch's SDPA runs bf16 no faster than fp32 there
+without AMX, so bf16 q/k/v go to a native kernel that attends each segment at its own length with the CPU's bf16
+dot products (no groups, no padding; 99.9% of its outputs equal SDPA's bit for bit, the rest in the last bits):
+W3's BERT-base bf16 step spent ~20% in attention with SDPA, ~8-10% with the kernel. fp32 keeps SDPA.
+
 No attention mask inside a packed forward: the model's mask builder asks the registered mask function, and
 `varlen_mask` answers None while `packed_forward()` is on (the engine's packed calls), since attention here
 reads each segment's bounds from `Segments` and never the mask. transformers would otherwise build its
@@ -42,6 +47,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -50,6 +56,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from pagedq.worker.engine.cpu import varlen_bf16
 
 VARLEN_ATTENTION = "pagedq_varlen"  # our name in transformers' attention registry (not the paged decoder's)
 SEGMENTS_KWARG = "pagedq_segments"  # the model keyword that carries a step's `Segments`
@@ -109,6 +117,11 @@ class Segments:
             groups = tuple(_to(g, device) for g in groups)
         return cls(tuple(starts), tuple(lengths), groups, gather.to(device), take.to(device))
 
+    @cached_property
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`starts` and `lengths` as int64 CPU tensors (the native bf16 kernel's arguments)."""
+        return torch.tensor(self.starts, dtype=torch.int64), torch.tensor(self.lengths, dtype=torch.int64)
+
     @property
     def num_tokens(self) -> int:
         return sum(self.lengths)
@@ -166,6 +179,8 @@ def varlen_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: q/k/v [1, H, T, D] -> out [1, T, H, D], attention within segments.
 
+    bf16 q/k/v that the native kernel reads (`varlen_bf16.usable`) go there whole; otherwise, as follows.
+
     Runs in the inputs' dtype where the CPU computes it natively (`CPU_NATIVE_HALF`): bf16 on AMX stays
     bf16, as SDPA's CPU kernel keeps scores, softmax and the output's sums in fp32 internally. A layer costs
     one `index_select` per input (every group's slots at once, rows of H * D values), one SDPA call per group
@@ -180,6 +195,10 @@ def varlen_attention(
     assert query.shape[0] == 1 and query.shape[2] == segments.num_tokens, "packed batches are one row"
     assert key.shape[1] == query.shape[1], "encoder attention: as many key/value heads as query heads"
     heads, head_dim = query.shape[1], query.shape[3]
+    if dropout == 0.0 and varlen_bf16.usable(query, key, value):  # bf16 on AVX512-BF16: no groups, no padding
+        starts, lengths = segments.bounds
+        scale = head_dim**-0.5 if scaling is None else scaling
+        return varlen_bf16.varlen_attention_bf16(query, key, value, starts, lengths, scale).unsqueeze(0), None
     upcast = query.device.type == "cpu" and query.dtype not in (torch.float32, *CPU_NATIVE_HALF)
     tokens, width = segments.num_tokens, heads * head_dim
     slotted = [  # [slots, H * D] each; reshape is a view when the projection's output is contiguous

@@ -1,0 +1,232 @@
+/* bf16 attention within the segments of a packed encoder row, on AVX512-BF16 (the packed classifier's
+ * attention in bf16: pagedq.worker.engine.encoder.varlen_attention).
+ *
+ * Why: on a CPU with AVX512-BF16 but no AMX, torch's SDPA in bf16 runs no faster than in fp32 (its CPU flash
+ * kernel's bf16 products take a path without the bf16 dot-product instructions), so a bf16 BERT spent ~20% of
+ * its step in attention against ~11% in fp32. VDPBF16PS multiplies 32 bf16 pairs per instruction into fp32
+ * sums: twice the products of an fp32 FMA.
+ *
+ * Layout: q, k, v are [T, H, D] bf16 addressed by strides (element (t, h, d) at t * ts + h * hs + d, one token
+ * stride and one head stride for the three), out is [T, H, D] bf16 contiguous; segment s holds tokens
+ * [starts[s], starts[s] + lengths[s]) and attends to itself only (no mask, no causality: an encoder). One work item is one (segment, head), handed
+ * out dynamically to torch's OpenMP team (libgomp.so.1 is torch's).
+ *
+ * Arithmetic, per (segment, head):
+ *   scores s[i, j] = (q_i . k_j) * scale         fp32 sums of exact bf16 products (VDPBF16PS, pairs along D)
+ *   p[i, j] = exp(s[i, j] - max_j s) / sum_j      fp32 (a vectorised Cephes expf, within 2 ulp)
+ *   out_i = sum_j p[i, j] v_j                     p split into bf16 hi + lo (16 significant bits, where one
+ *                                                 bf16 has 8), each pair of keys one VDPBF16PS per part: fp32
+ *                                                 sums, rounded to bf16 (nearest even)
+ * Rounding p to one bf16 instead cost ~1.4x the error of torch's bf16 SDPA for 0.75x the time; with the split
+ * the error is torch's (the output's own rounding dominates). K is repacked per item into VNNI order (16 keys
+ * x one pair of dims per vector), V into pairs of keys per dimension; 8 query rows share each loaded K vector
+ * (8 independent sums hide the instruction's latency), 4 each V vector. Not bitwise any other implementation:
+ * agreement with exact attention is stated in tests/worker/engine/cpu/test_varlen_bf16.py.
+ *
+ * Built (-march=native, -ffast-math for the vectorised expf) by pagedq.worker.engine.cpu.native.load_library;
+ * `pagedq_varlen_bf16_supported()` is 0 where the compiler did not target AVX512-BF16 (the caller keeps SDPA).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_BF16DOT 1
+#else
+#define HAVE_BF16DOT 0
+#endif
+
+int pagedq_varlen_bf16_supported(void) { return HAVE_BF16DOT; }
+
+#if HAVE_BF16DOT
+
+#define QB 8 /* query rows per block of scores: 8 independent sums hide VDPBF16PS's latency */
+#define PB 4 /* query rows per block of P V (x 4 chunks of 16 dims: 16 sums in registers) */
+
+/* 16 fp32 lanes -> 16 bf16 (nearest even, NaN quiet), stored. */
+static inline void store_bf16x16(uint16_t *to, __m512 x) {
+    _mm256_storeu_si256((__m256i *)to, (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+typedef struct {
+    const uint16_t *q, *k, *v;
+    uint16_t *out;
+    const int64_t *starts, *lengths;
+    int64_t ts, hs, ots, heads, dim; /* q/k/v token and head strides; out: [T, H, D] contiguous */
+    float scale;
+} Job;
+
+/* K of one (segment, head) in VNNI order: kp[(b * P + p) * 16 + j] = the pair (k[16b + j][2p], k[16b + j][2p+1])
+ * as one 32-bit word, zero for keys past L. P = D / 2 pairs. */
+static void pack_k(const Job *job, const uint16_t *k, int64_t L, uint32_t *kp) {
+    const int64_t P = job->dim / 2, blocks = (L + 15) / 16;
+    for (int64_t b = 0; b < blocks; b++) {
+        for (int64_t j = 0; j < 16; j++) {
+            const int64_t key = b * 16 + j;
+            const uint32_t *row = (const uint32_t *)(k + key * job->ts);
+            for (int64_t p = 0; p < P; p++) kp[(b * P + p) * 16 + j] = key < L ? row[p] : 0u;
+        }
+    }
+}
+
+/* V of one (segment, head) in pairs of keys: vp[jp * D + d] = (v[2jp][d], v[2jp + 1][d]), zero past L. */
+static void pack_v(const Job *job, const uint16_t *v, int64_t L, uint32_t *vp) {
+    const int64_t D = job->dim, pairs = (L + 1) / 2;
+    for (int64_t jp = 0; jp < pairs; jp++) {
+        const uint16_t *a = v + 2 * jp * job->ts;
+        const uint16_t *b = 2 * jp + 1 < L ? a + job->ts : NULL;
+        for (int64_t d = 0; d < D; d++) vp[jp * D + d] = (uint32_t)a[d] | ((uint32_t)(b ? b[d] : 0) << 16);
+    }
+}
+
+/* Scores of `n` (<= QB) query rows against every key: s[r * Lp + key], scaled. */
+static void scores(const Job *job, const uint16_t *q, int n, int64_t L, const uint32_t *kp, float *s, int64_t Lp) {
+    const int64_t P = job->dim / 2, blocks = (L + 15) / 16;
+    const uint32_t *qr[QB];
+    for (int r = 0; r < QB; r++) qr[r] = (const uint32_t *)(q + (r < n ? r : 0) * job->ts);
+    const __m512 scale = _mm512_set1_ps(job->scale);
+    for (int64_t b = 0; b < blocks; b++) {
+        __m512 acc[QB];
+        for (int r = 0; r < QB; r++) acc[r] = _mm512_setzero_ps();
+        const uint32_t *kb = kp + b * P * 16;
+        for (int64_t p = 0; p < P; p++) {
+            const __m512bh kv = (__m512bh)_mm512_loadu_si512(kb + p * 16);
+            for (int r = 0; r < QB; r++)
+                acc[r] = _mm512_dpbf16_ps(acc[r], kv, (__m512bh)_mm512_set1_epi32((int)qr[r][p]));
+        }
+        for (int r = 0; r < n; r++) _mm512_storeu_ps(s + r * Lp + b * 16, _mm512_mul_ps(acc[r], scale));
+    }
+}
+
+/* exp(x) for x <= 0, Cephes' expf as in paged_decode.c (within 2 ulp; ~1e-38 below -87.3). */
+static inline __m512 vexp(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500E-4f), r, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, k);
+}
+
+/* Softmax of one row of L scores (fp32), written as bf16 in key order to p (zero from L up to the next
+ * multiple of 16: a pair never reads past the row). */
+static void softmax_row(float *s, int64_t L, uint16_t *p, uint16_t *lo) {
+    const int64_t blocks = (L + 15) / 16;
+    const __mmask16 tail = (__mmask16)(L % 16 ? (1u << (L % 16)) - 1u : 0xffffu);
+    __m512 vm = _mm512_set1_ps(-INFINITY);
+    for (int64_t b = 0; b < blocks; b++)
+        vm = _mm512_mask_max_ps(vm, b + 1 < blocks ? 0xffff : tail, vm, _mm512_loadu_ps(s + 16 * b));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
+    __m512 vs = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const __m512 e = _mm512_maskz_mov_ps(b + 1 < blocks ? 0xffff : tail,
+                                             vexp(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * b), m)));
+        _mm512_storeu_ps(s + 16 * b, e);
+        vs = _mm512_add_ps(vs, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vs));
+    for (int64_t b = 0; b < blocks; b++) {
+        const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + 16 * b), inv);
+        const __m256bh hi = _mm512_cvtneps_pbh(x);
+        _mm256_storeu_si256((__m256i *)(p + 16 * b), (__m256i)hi);
+        store_bf16x16(lo + 16 * b, _mm512_sub_ps(x, _mm512_cvtpbh_ps(hi)));
+    }
+}
+
+/* out rows of `n` (<= PB) queries = P V, D a multiple of 16 (at most 256). */
+static void weighted_values(const Job *job, int n, int64_t L, const uint16_t *pp, const uint16_t *pl, int64_t pstride,
+                            const uint32_t *vp, uint16_t *out) {
+    const int64_t D = job->dim, chunks = D / 16, pairs = (L + 1) / 2;
+    for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
+        const int64_t cn = chunks - c0 < 4 ? chunks - c0 : 4;
+        __m512 acc[PB][4];
+        for (int r = 0; r < PB; r++)
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+        for (int64_t jp = 0; jp < pairs; jp++) {
+            __m512bh vv[4];
+            for (int c = 0; c < cn; c++) vv[c] = (__m512bh)_mm512_loadu_si512(vp + jp * D + (c0 + c) * 16);
+            for (int r = 0; r < n; r++) {
+                uint32_t pair, low;
+                memcpy(&pair, pp + r * pstride + 2 * jp, sizeof pair);
+                memcpy(&low, pl + r * pstride + 2 * jp, sizeof low);
+                const __m512bh pv = (__m512bh)_mm512_set1_epi32((int)pair);
+                const __m512bh lv = (__m512bh)_mm512_set1_epi32((int)low);
+                for (int c = 0; c < cn; c++) acc[r][c] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][c], vv[c], lv), vv[c], pv);
+            }
+        }
+        for (int r = 0; r < n; r++)
+            for (int c = 0; c < cn; c++) store_bf16x16(out + r * job->ots + (c0 + c) * 16, acc[r][c]);
+    }
+}
+
+static void item(const Job *job, int64_t seg, int64_t h, uint32_t *kp, uint32_t *vp, float *s, uint16_t *pp,
+                 int64_t Lp) {
+    const int64_t L = job->lengths[seg], base = job->starts[seg] * job->ts + h * job->hs;
+    const uint16_t *q = job->q + base, *k = job->k + base, *v = job->v + base;
+    uint16_t *out = job->out + job->starts[seg] * job->ots + h * job->dim;
+    pack_k(job, k, L, kp);
+    pack_v(job, v, L, vp);
+    for (int64_t i = 0; i < L; i += QB) {
+        const int n = L - i < QB ? (int)(L - i) : QB;
+        scores(job, q + i * job->ts, n, L, kp, s, Lp);
+        for (int r = 0; r < n; r++) softmax_row(s + r * Lp, L, pp + r * Lp, pp + (QB + r) * Lp);
+        for (int r = 0; r < n; r += PB)
+            weighted_values(job, n - r < PB ? n - r : PB, L, pp + r * Lp, pp + (QB + r) * Lp, Lp, vp,
+                            out + (i + r) * job->ots);
+    }
+}
+
+#endif /* HAVE_BF16DOT */
+
+/* Returns 0; 1 without AVX512-BF16 in this build; 2 for a head dim that is not a multiple of 16 up to 256;
+ * 3 when scratch memory cannot be allocated. */
+int pagedq_varlen_attention_bf16(const void *q, const void *k, const void *v, void *out, const int64_t *starts,
+                                 const int64_t *lengths, int64_t segments, int64_t heads, int64_t dim, int64_t ts,
+                                 int64_t hs, float scale, int threads) {
+#if HAVE_BF16DOT
+    if (dim % 16 != 0 || dim > 256 || dim <= 0) return 2;
+    int64_t longest = 0;
+    for (int64_t s = 0; s < segments; s++) longest = lengths[s] > longest ? lengths[s] : longest;
+    if (longest == 0) return 0;
+    const int64_t Lp = (longest + 15) / 16 * 16;
+    const Job job = {(const uint16_t *)q, (const uint16_t *)k, (const uint16_t *)v, (uint16_t *)out,
+                     starts, lengths, ts, hs, heads * dim, heads, dim, scale};
+    const int64_t items = segments * heads;
+    int failed = 0;
+    /* torch's own OpenMP team (see paged_decode.c): longest segments first would balance better, but the
+     * packed row is already sorted by nothing in particular and items are small (<= ~0.2 ms). */
+#pragma omp parallel num_threads(threads)
+    {
+        uint32_t *kp = malloc(sizeof(uint32_t) * (size_t)(Lp * dim / 2));
+        uint32_t *vp = malloc(sizeof(uint32_t) * (size_t)(Lp * dim / 2));
+        float *s = malloc(sizeof(float) * (size_t)(QB * Lp));
+        uint16_t *pp = malloc(sizeof(uint16_t) * (size_t)(2 * QB * Lp));
+        if (!kp || !vp || !s || !pp) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            if (!failed) item(&job, it / heads, it % heads, kp, vp, s, pp, Lp);
+        }
+        free(kp);
+        free(vp);
+        free(s);
+        free(pp);
+    }
+    return failed ? 3 : 0;
+#else
+    (void)q, (void)k, (void)v, (void)out, (void)starts, (void)lengths, (void)segments, (void)heads, (void)dim;
+    (void)ts, (void)hs, (void)scale, (void)threads;
+    return 1;
+#endif
+}
