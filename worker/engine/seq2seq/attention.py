@@ -32,6 +32,9 @@ SDPA (its bias); its cross-attention has none and takes the kernel.
 bf16 end to end: the pool, queries and outputs stay bf16 (the kernel widens bf16 in registers and computes in
 fp32; SDPA's bf16 kernels accumulate in fp32); nothing is upcast per step.
 
+Encoder passes in bf16 on an AVX512-BF16 CPU (not T5: its bias) take the packed classifier's native kernel
+(`cpu/varlen_bf16.py`): each sentence attends to itself at its own length, no buckets, no padding.
+
 Otherwise buckets pad only the attention (never the linear layers): rows of similar length are gathered into one
 `[B, H, L, D]` SDPA with a key mask; the padding is masked, never computed into the result.
 
@@ -49,6 +52,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pagedq.worker.engine.cpu import varlen_bf16
 from pagedq.worker.engine.cpu.native import paged_decode
 from pagedq.worker.engine.paged.pages import KVPages
 
@@ -141,6 +145,7 @@ class Seq2SeqMetadata:
 
     pool: KVPool
     encoder: list[EncoderBucket] | None = None  # set for an encoder pass
+    encoder_spans: tuple[torch.Tensor, torch.Tensor] | None = None  # its sentences' (starts, lengths), int64 CPU
     self_slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (block, offset) of each decoder row's new K/V
     cross_slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (page, offset) of each new encoder row's K/V
     decode: list[SelfDecodeBucket] = field(default_factory=list)
@@ -174,6 +179,9 @@ def seq2seq_attention(
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
     if meta.is_encoder_pass:
         position_bias = kwargs.get("position_bias")
+        if position_bias is None and meta.encoder_spans is not None and varlen_bf16.usable(query, key, value):
+            scale = query.shape[3] ** -0.5 if scaling is None else scaling
+            return varlen_bf16.varlen_attention_bf16(query, key, value, *meta.encoder_spans, scale).unsqueeze(0), None
         for bucket in meta.encoder or ():
             _encoder_attention(bucket, query, key, value, scaling, position_bias, out)
     elif getattr(module, "is_causal", False):

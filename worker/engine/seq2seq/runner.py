@@ -198,7 +198,11 @@ class Seq2SeqRunner:
         order = sorted(range(len(items)), key=lambda i: items[i].encoder_len)
         buckets = [self._encoder_bucket([(starts[i], items[i].encoder_len) for i in chunk])
                    for chunk in _chunks(order, BUCKET_ROWS)]  # fmt: skip
-        meta = Seq2SeqMetadata(self.pool, encoder=buckets)
+        spans = None
+        if self.device.type == "cpu":  # the native bf16 kernel's arguments (seq2seq_attention decides)
+            lengths = [item.encoder_len for item in items]
+            spans = (torch.tensor(starts, dtype=torch.int64), torch.tensor(lengths, dtype=torch.int64))
+        meta = Seq2SeqMetadata(self.pool, encoder=buckets, encoder_spans=spans)
         self.positions.rows["encoder"] = self._tensor(rows) if rows else None
         try:
             out = self.model.get_encoder()(input_ids=self._tensor([ids]).view(1, -1), **{METADATA_KWARG: meta})
