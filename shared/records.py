@@ -285,18 +285,24 @@ class TaskRecords:
         reply channel. Returns their `created_at`."""
         created = now()
         head: list[EncodableT] = [self.ttl_s, created.isoformat(), repr(created.timestamp()), notify or ""]
-        with self.redis.pipeline(transaction=False) as pipe:
-            for start in range(0, len(records), CREATE_CHUNK):
-                chunk = records[start : start + CREATE_CHUNK]
-                args: list[EncodableT] = list(head)
-                for r in chunk:
-                    deadline = r.deadline
-                    args += [r.task_id, r.task.value, r.model, r.priority,
-                             "" if deadline is None else deadline.isoformat(),
-                             "" if deadline is None else repr(deadline.timestamp()),
-                             "" if r.message is None else json.dumps(r.message)]
-                self._create(keys=[OPEN_KEY, *(task_key(r.task_id) for r in chunk)], args=args, client=pipe)
-            pipe.execute()
+        calls = []
+        for start in range(0, len(records), CREATE_CHUNK):
+            chunk = records[start : start + CREATE_CHUNK]
+            args: list[EncodableT] = list(head)
+            for r in chunk:
+                deadline = r.deadline
+                args += [r.task_id, r.task.value, r.model, r.priority,
+                         "" if deadline is None else deadline.isoformat(),
+                         "" if deadline is None else repr(deadline.timestamp()),
+                         "" if r.message is None else json.dumps(r.message)]
+            calls.append(([OPEN_KEY, *(task_key(r.task_id) for r in chunk)], args))
+        if len(calls) == 1:  # one EVALSHA: a pipeline would first ask SCRIPT EXISTS, a round trip of its own
+            self._create(keys=calls[0][0], args=calls[0][1])
+        elif calls:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    self._create(keys=keys, args=args, client=pipe)
+                pipe.execute()
         return created
 
     def delete(self, task_ids: Sequence[str]) -> None:
