@@ -7,8 +7,11 @@ similar-length segments. In bf16 on a CPU with AVX512-BF16 but without AMX, that
 padding, no groups) with the CPU's bf16 dot-product instruction, in the arithmetic of torch's bf16 flash
 attention (fp32 scores, softmax and sums; probabilities rounded to bf16 before they weight V).
 
-`varlen_attention_bf16(q, k, v, starts, lengths, scale)` takes q/k/v as transformers hands them to an
-attention function, [1, H, T, D] bf16 views of [T, H * D] projections, and returns out [T, H, D] bf16.
+`varlen_attention_bf16(q, k, v, starts, lengths, scale, causal)` takes q/k/v as transformers hands them to an
+attention function, q [1, H, T, D] and k/v [1, KVH, T, D] bf16 views of their projections (grouped-query heads
+read their kv head), and returns out [T, H, D] bf16. Callers: the packed classifier (`encoder/
+varlen_attention.py`), seq2seq encoder passes (`seq2seq/attention.py`), and, causal, a decoder's fresh prompts
+(`decoder_only/attention.py`: chunks with nothing cached before them).
 `available()` is False without a compiler, with PAGEDQ_NATIVE=0, or on a CPU whose build lacks AVX512-BF16;
 `usable(...)` adds the shape checks; callers keep SDPA otherwise.
 """
@@ -31,7 +34,7 @@ def _configure(lib: ctypes.CDLL) -> None:
     lib.pagedq_varlen_bf16_supported.argtypes = []
     lib.pagedq_varlen_bf16_supported.restype = ctypes.c_int
     fn = lib.pagedq_varlen_attention_bf16
-    fn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
+    fn.argtypes = [p, p, p, p, p, p, *[i64] * 8, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
 
 
@@ -52,34 +55,39 @@ def available() -> bool:
 
 
 def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """The kernel applies: bf16 CPU tensors [1, H, T, D] sharing one layout with unit stride along D, H * D a
-    multiple of 16 up to `MAX_HEAD_DIM` per head, as many key/value heads as query heads, kernel available."""
+    """The kernel applies: bf16 CPU tensors, query [1, H, T, D] and key/value [1, KVH, T, D] with H a multiple
+    of KVH (grouped-query attention), key and value in one layout, unit stride along D and even strides
+    otherwise, D a multiple of 16 up to `MAX_HEAD_DIM`; the kernel available."""
     if query.dtype != torch.bfloat16 or query.device.type != "cpu" or query.dim() != 4 or query.shape[0] != 1:
         return False
-    head_dim = query.shape[3]
+    _, heads, tokens, head_dim = query.shape
     if head_dim % 16 or head_dim > MAX_HEAD_DIM:
         return False
-    layout = query.stride()[1:]
+    kv_shape = key.shape
+    if len(kv_shape) != 4 or kv_shape[0] != 1 or kv_shape[2:] != (tokens, head_dim) or heads % max(kv_shape[1], 1):
+        return False
     for t in (key, value):
-        if t.dtype != query.dtype or t.shape != query.shape or t.stride()[1:] != layout:
+        if t.dtype != query.dtype or t.device.type != "cpu" or t.shape != kv_shape or t.stride() != key.stride():
             return False
-    return layout[2] == 1 and layout[0] % 2 == 0 and layout[1] % 2 == 0 and available()
+    strides = (*query.stride()[1:], *key.stride()[1:])
+    return strides[2] == strides[5] == 1 and all(x % 2 == 0 for x in strides[:2] + strides[3:5]) and available()
 
 
 def varlen_attention_bf16(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
-    scale: float,
+    scale: float, causal: bool = False,
 ) -> torch.Tensor:
     """Each segment's attention to itself (module docstring): out [T, H, D] bf16. `starts`, `lengths`: int64
-    CPU tensors [segments] that tile the row; check `usable` first."""
+    CPU tensors [segments] (each segment's tokens of the row; rows outside every segment are left unwritten);
+    `causal`: each token sees the segment's keys up to its own. Check `usable` first."""
     lib = _load()
     assert lib is not None, "check usable() first"
     _, heads, tokens, dim = query.shape
-    head_stride, token_stride = query.stride(1), query.stride(2)
     out = torch.empty(tokens, heads, dim, dtype=torch.bfloat16)
     status = lib.pagedq_varlen_attention_bf16(
         query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), starts.data_ptr(), lengths.data_ptr(),
-        len(lengths), heads, dim, token_stride, head_stride, scale, torch.get_num_threads(),
+        len(lengths), heads, key.shape[1], dim, query.stride(2), query.stride(1), key.stride(2), key.stride(1),
+        scale, causal, torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
         raise RuntimeError(f"bf16 varlen attention kernel failed (status {status})")

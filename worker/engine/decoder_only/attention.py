@@ -27,6 +27,9 @@ Decode rows are sorted by length into buckets (see `DecodeBucket`): one gather o
 layer, then one SDPA per bucket over `[rows, KVH, L, D]` with a length mask. On CPU with an fp32 or bf16
 pool, decode rows go instead through the native kernel (worker/engine/cpu/native), which reads each row's blocks
 in place: no gather, no padding, no upcast copy (`AttentionMetadata.decode_table_start` is set then).
+Fresh prompts (nothing cached before the chunk) in bf16 on an AVX512-BF16 CPU go through the native
+causal kernel (`cpu/varlen_bf16.py`, consecutive chunks in one call), where torch's SDPA runs bf16 at fp32's
+speed (no AMX): W1's bf16 run +3.7% (64 requests, A/B in one process, 2026-12-04).
 Grouped-query attention is never expanded: SDPA's `enable_gqa` maps query head h to kv head
 h // (H // KVH), as `repeat_kv` does. Sliding windows follow transformers' rule: a query at
 position p sees keys at positions (p - window, p]; blocks that fall out of the window are masked,
@@ -41,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pagedq.worker.engine.cpu import varlen_bf16
 from pagedq.worker.engine.cpu.native import paged_decode
 from pagedq.worker.engine.decoder_only.cascade import CascadeGroup, add_sinks, attend, cascade_attention
 from pagedq.worker.engine.encoder.varlen_attention import CPU_NATIVE_HALF
@@ -213,8 +217,17 @@ def paged_attention(
                 softcap=rule.softcap, sinks=rule.sinks,
             )  # fmt: skip
             parts.append(o)
+    fresh: list[PrefillSegment] = []  # consecutive fresh prompts that go through the native kernel together
     for seg in meta.prefills:
+        if _native_prefill(meta, seg, query, key, value, window, rule):
+            fresh.append(seg)
+            continue
+        if fresh:
+            parts.append(_native_prefills(fresh, query, key, value, rule))
+            fresh = []
         parts.append(_prefill_attention(meta, seg, layer, query, key, value, window, rule))
+    if fresh:
+        parts.append(_native_prefills(fresh, query, key, value, rule))
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.unsqueeze(0), None
 
@@ -266,6 +279,28 @@ def _decode_attention(
     k = k_all[lo:hi].view(rows, -1, kv.num_kv_heads, kv.head_dim).transpose(1, 2)
     v = v_all[lo:hi].view(rows, -1, kv.num_kv_heads, kv.head_dim).transpose(1, 2)
     return _masked_attention(q, k, v, bucket.mask(window, kv.block_size), rule).squeeze(2)
+
+
+def _native_prefill(
+    meta: AttentionMetadata, seg: PrefillSegment, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    window: int | None, rule: ScoreRule,
+) -> bool:
+    """Whether a chunk goes through the native bf16 kernel (cpu/varlen_bf16.py): nothing cached before it, plain
+    scores, no window that cuts it, and bf16 queries and K/V as the pool stores them on an AVX512-BF16 CPU."""
+    t = seg.end - seg.start
+    return (seg.num_cached == 0 and rule.plain and (window is None or window >= t) and not meta.cache.rounds
+            and varlen_bf16.usable(query, key, value))  # fmt: skip
+
+
+def _native_prefills(
+    segs: list[PrefillSegment], query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rule: ScoreRule
+) -> torch.Tensor:
+    """Consecutive fresh chunks, each attending causally to itself, in one kernel call -> [rows, H, D]."""
+    first, end = segs[0].start, segs[-1].end
+    starts = torch.tensor([seg.start - first for seg in segs], dtype=torch.int64)
+    lengths = torch.tensor([seg.end - seg.start for seg in segs], dtype=torch.int64)
+    q, k, v = (x[:, :, first:end] for x in (query, key, value))
+    return varlen_bf16.varlen_attention_bf16(q, k, v, starts, lengths, rule.scale, causal=True)
 
 
 def _prefill_attention(

@@ -53,12 +53,14 @@ def packed(tokens: int, heads: int, head_dim: int, sharp: float = 3.0, seed: int
     return tuple(views)
 
 
-def exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], scale: float) -> torch.Tensor:
-    """fp64 attention of each segment to itself: [T, H, D]."""
+def exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], scale: float,
+          causal: bool = False) -> torch.Tensor:
+    """fp64 attention of each segment to itself (causal: to its keys up to each query's position): [T, H, D]."""
     out, start = [], 0
     for n in lengths:
         qs, ks, vs = (t[0, :, start : start + n].double() for t in (q, k, v))
-        out.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale).transpose(0, 1))
+        o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale, is_causal=causal, enable_gqa=True)
+        out.append(o.transpose(0, 1))
         start += n
     return torch.cat(out)
 
@@ -111,9 +113,17 @@ def test_usable_only_for_what_the_kernel_reads() -> None:
     assert not native.usable(q.float(), k.float(), v.float())  # fp32 stays on SDPA
     q24, k24, v24 = packed(10, 2, 24)
     assert not native.usable(q24, k24, v24)  # head dim not a multiple of 16
-    assert not native.usable(q, k[:, :1], v[:, :1])  # fewer key/value heads than query heads
-    q_copy = q.contiguous()  # [1, H, T, D] contiguous: another layout than k and v
-    assert not native.usable(q_copy, k, v)
+    q3, k3, v3 = packed(10, 3, 64)
+    assert not native.usable(q3, k, v)  # 3 query heads cannot share 2 key/value heads
+    assert not native.usable(q, k, v[:, :, :9])  # keys and values of other lengths than the queries
+    wide = torch.zeros(1, 2, 10, 128, dtype=torch.bfloat16)[..., ::2]  # D not of unit stride
+    assert wide.shape == q.shape and not native.usable(wide, k, v)
+    if native.available():  # q in a layout of its own (contiguous [1, H, T, D]): read through its strides
+        q_copy = q.contiguous()
+        assert native.usable(q_copy, k, v)
+        args = (*bounds([3, 7]), 0.125)
+        own = native.varlen_attention_bf16(q_copy, k, v, *args)
+        assert torch.equal(own, native.varlen_attention_bf16(q, k, v, *args))
     assert native.usable(q, k, v) is native.available()
 
 
@@ -135,3 +145,33 @@ def test_packed_bf16_attention_takes_the_kernel_where_it_exists(monkeypatch: pyt
     varlen_attention(torch.nn.Module(), q32, k32, v32, None, scaling=0.125,
                      pagedq_segments=Segments.from_lengths(lengths))  # fmt: skip
     assert len(calls) == (1 if native.available() else 0)  # fp32 never
+
+
+@needs_kernel
+@pytest.mark.parametrize(("heads", "kv_heads"), [(8, 4), (4, 1), (2, 2)])
+def test_causal_segments_with_grouped_query_heads(heads: int, kv_heads: int) -> None:
+    """A decoder's fresh prompts (`decoder_only/attention.py`): each token sees its segment's keys up to its
+    own position; query head h reads kv head h // (heads / kv_heads). K and V come from their own projection
+    (another token stride than q's)."""
+    lengths, head_dim = [1, 9, 16, 17, 40, 130], 64
+    tokens = sum(lengths)
+    torch.manual_seed(5)
+    q = (torch.randn(1, tokens, heads * head_dim) * 3).to(torch.bfloat16).view(1, tokens, heads, head_dim)
+    k = (torch.randn(1, tokens, kv_heads * head_dim) * 3).to(torch.bfloat16).view(1, tokens, kv_heads, head_dim)
+    v = torch.randn(1, tokens, kv_heads * head_dim).to(torch.bfloat16).view(1, tokens, kv_heads, head_dim)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    assert native.usable(q, k, v)
+    got = native.varlen_attention_bf16(q, k, v, *bounds(lengths), 0.125, causal=True)
+    reference = exact(q, k, v, lengths, 0.125, causal=True)
+    assert float((got.double() - reference).abs().max()) <= TOLERANCE * float(reference.abs().max())
+    first = Segments.from_lengths(lengths).starts  # a segment's first token sees only itself: its value
+    for start in first:
+        assert torch.equal(got[start], reference[start].to(torch.bfloat16))
+    sdpa, start = [], 0
+    for n in lengths:
+        part = (t[0, :, start : start + n] for t in (q, k, v))
+        sdpa.append(F.scaled_dot_product_attention(*part, scale=0.125, is_causal=True, enable_gqa=True).transpose(0, 1))
+        start += n
+    assert float((got == torch.cat(sdpa)).float().mean()) >= 0.99
+    not_causal = native.varlen_attention_bf16(q, k, v, *bounds(lengths), 0.125)
+    assert not torch.equal(not_causal, got)  # the flag matters

@@ -6,9 +6,11 @@
  * its step in attention against ~11% in fp32. VDPBF16PS multiplies 32 bf16 pairs per instruction into fp32
  * sums: twice the products of an fp32 FMA.
  *
- * Layout: q, k, v are [T, H, D] bf16 addressed by strides (element (t, h, d) at t * ts + h * hs + d, one token
- * stride and one head stride for the three), out is [T, H, D] bf16 contiguous; segment s holds tokens
- * [starts[s], starts[s] + lengths[s]) and attends to itself only (no mask, no causality: an encoder). One work item is one (segment, head), handed
+ * Layout: q [T, H, D], k and v [T, KVH, D] bf16 addressed by strides (element (t, h, d) of q at t * ts + h * hs
+ * + d; k and v share theirs), query head h reading kv head h / (H / KVH) (grouped-query attention); out is
+ * [T, H, D] bf16 contiguous. Segment s holds tokens [starts[s], starts[s] + lengths[s]) and attends to itself
+ * only: every key of the segment (an encoder), or with `causal` the keys up to its own position (a decoder's
+ * prompt with nothing cached before it). One work item is one (segment, head), handed
  * out dynamically to torch's OpenMP team (libgomp.so.1 is torch's).
  *
  * Arithmetic, per (segment, head):
@@ -54,8 +56,11 @@ typedef struct {
     const uint16_t *q, *k, *v;
     uint16_t *out;
     const int64_t *starts, *lengths;
-    int64_t ts, hs, ots, heads, dim; /* q/k/v token and head strides; out: [T, H, D] contiguous */
+    int64_t ts, hs;   /* q's token and head strides */
+    int64_t kts, khs; /* k's and v's */
+    int64_t ots, heads, group, dim; /* out: [T, H, D] contiguous; query heads per kv head */
     float scale;
+    int causal;
 } Job;
 
 /* K of one (segment, head) in VNNI order: kp[(b * P + p) * 16 + j] = the pair (k[16b + j][2p], k[16b + j][2p+1])
@@ -65,7 +70,7 @@ static void pack_k(const Job *job, const uint16_t *k, int64_t L, uint32_t *kp) {
     for (int64_t b = 0; b < blocks; b++) {
         for (int64_t j = 0; j < 16; j++) {
             const int64_t key = b * 16 + j;
-            const uint32_t *row = (const uint32_t *)(k + key * job->ts);
+            const uint32_t *row = (const uint32_t *)(k + key * job->kts);
             for (int64_t p = 0; p < P; p++) kp[(b * P + p) * 16 + j] = key < L ? row[p] : 0u;
         }
     }
@@ -75,13 +80,13 @@ static void pack_k(const Job *job, const uint16_t *k, int64_t L, uint32_t *kp) {
 static void pack_v(const Job *job, const uint16_t *v, int64_t L, uint32_t *vp) {
     const int64_t D = job->dim, pairs = (L + 1) / 2;
     for (int64_t jp = 0; jp < pairs; jp++) {
-        const uint16_t *a = v + 2 * jp * job->ts;
-        const uint16_t *b = 2 * jp + 1 < L ? a + job->ts : NULL;
+        const uint16_t *a = v + 2 * jp * job->kts;
+        const uint16_t *b = 2 * jp + 1 < L ? a + job->kts : NULL;
         for (int64_t d = 0; d < D; d++) vp[jp * D + d] = (uint32_t)a[d] | ((uint32_t)(b ? b[d] : 0) << 16);
     }
 }
 
-/* Scores of `n` (<= QB) query rows against every key: s[r * Lp + key], scaled. */
+/* Scores of `n` (<= QB) query rows against the first L keys: s[r * Lp + key], scaled. */
 static void scores(const Job *job, const uint16_t *q, int n, int64_t L, const uint32_t *kp, float *s, int64_t Lp) {
     const int64_t P = job->dim / 2, blocks = (L + 15) / 16;
     const uint32_t *qr[QB];
@@ -116,9 +121,9 @@ static inline __m512 vexp(__m512 x) {
     return _mm512_scalef_ps(y, k);
 }
 
-/* Softmax of one row of L scores (fp32), written as bf16 in key order to p (zero from L up to the next
- * multiple of 16: a pair never reads past the row). */
-static void softmax_row(float *s, int64_t L, uint16_t *p, uint16_t *lo) {
+/* Softmax of one row of L scores (fp32), written as bf16 hi and lo parts in key order to p and lo, zero from L
+ * up to `width` (a multiple of 16: the P V pass of a block of rows reads up to its longest row). */
+static void softmax_row(float *s, int64_t L, int64_t width, uint16_t *p, uint16_t *lo) {
     const int64_t blocks = (L + 15) / 16;
     const __mmask16 tail = (__mmask16)(L % 16 ? (1u << (L % 16)) - 1u : 0xffffu);
     __m512 vm = _mm512_set1_ps(-INFINITY);
@@ -138,6 +143,10 @@ static void softmax_row(float *s, int64_t L, uint16_t *p, uint16_t *lo) {
         const __m256bh hi = _mm512_cvtneps_pbh(x);
         _mm256_storeu_si256((__m256i *)(p + 16 * b), (__m256i)hi);
         store_bf16x16(lo + 16 * b, _mm512_sub_ps(x, _mm512_cvtpbh_ps(hi)));
+    }
+    for (int64_t b = blocks; b < width / 16; b++) {
+        memset(p + 16 * b, 0, 32);
+        memset(lo + 16 * b, 0, 32);
     }
 }
 
@@ -167,38 +176,46 @@ static void weighted_values(const Job *job, int n, int64_t L, const uint16_t *pp
     }
 }
 
+/* One (segment, query head): its kv head's K and V packed once, then blocks of QB query rows. Causal: row i
+ * sees keys 0..i, so a block scores only the keys its last row sees and each row's softmax stops at its own. */
 static void item(const Job *job, int64_t seg, int64_t h, uint32_t *kp, uint32_t *vp, float *s, uint16_t *pp,
                  int64_t Lp) {
-    const int64_t L = job->lengths[seg], base = job->starts[seg] * job->ts + h * job->hs;
-    const uint16_t *q = job->q + base, *k = job->k + base, *v = job->v + base;
-    uint16_t *out = job->out + job->starts[seg] * job->ots + h * job->dim;
+    const int64_t L = job->lengths[seg], start = job->starts[seg], kvh = h / job->group;
+    const uint16_t *q = job->q + start * job->ts + h * job->hs;
+    const uint16_t *k = job->k + start * job->kts + kvh * job->khs, *v = job->v + start * job->kts + kvh * job->khs;
+    uint16_t *out = job->out + start * job->ots + h * job->dim;
     pack_k(job, k, L, kp);
     pack_v(job, v, L, vp);
     for (int64_t i = 0; i < L; i += QB) {
         const int n = L - i < QB ? (int)(L - i) : QB;
-        scores(job, q + i * job->ts, n, L, kp, s, Lp);
-        for (int r = 0; r < n; r++) softmax_row(s + r * Lp, L, pp + r * Lp, pp + (QB + r) * Lp);
+        const int64_t keys = job->causal ? i + n : L, width = (keys + 15) / 16 * 16;
+        scores(job, q + i * job->ts, n, keys, kp, s, Lp);
+        for (int r = 0; r < n; r++)
+            softmax_row(s + r * Lp, job->causal ? i + r + 1 : L, width, pp + r * Lp, pp + (QB + r) * Lp);
         for (int r = 0; r < n; r += PB)
-            weighted_values(job, n - r < PB ? n - r : PB, L, pp + r * Lp, pp + (QB + r) * Lp, Lp, vp,
+            weighted_values(job, n - r < PB ? n - r : PB, keys, pp + r * Lp, pp + (QB + r) * Lp, Lp, vp,
                             out + (i + r) * job->ots);
     }
 }
 
 #endif /* HAVE_BF16DOT */
 
-/* Returns 0; 1 without AVX512-BF16 in this build; 2 for a head dim that is not a multiple of 16 up to 256;
- * 3 when scratch memory cannot be allocated. */
+/* q [T, heads, dim] (strides ts, hs), k and v [T, kv_heads, dim] (strides kts, khs; query head h reads kv head
+ * h / (heads / kv_heads)), out [T, heads, dim] contiguous. Returns 0; 1 without AVX512-BF16 in this build; 2 for
+ * a head dim that is not a multiple of 16 up to 256, or heads not a multiple of kv_heads; 3 when scratch memory
+ * cannot be allocated. */
 int pagedq_varlen_attention_bf16(const void *q, const void *k, const void *v, void *out, const int64_t *starts,
-                                 const int64_t *lengths, int64_t segments, int64_t heads, int64_t dim, int64_t ts,
-                                 int64_t hs, float scale, int threads) {
+                                 const int64_t *lengths, int64_t segments, int64_t heads, int64_t kv_heads,
+                                 int64_t dim, int64_t ts, int64_t hs, int64_t kts, int64_t khs, float scale,
+                                 int causal, int threads) {
 #if HAVE_BF16DOT
-    if (dim % 16 != 0 || dim > 256 || dim <= 0) return 2;
+    if (dim % 16 != 0 || dim > 256 || dim <= 0 || kv_heads <= 0 || heads % kv_heads != 0) return 2;
     int64_t longest = 0;
     for (int64_t s = 0; s < segments; s++) longest = lengths[s] > longest ? lengths[s] : longest;
     if (longest == 0) return 0;
     const int64_t Lp = (longest + 15) / 16 * 16;
     const Job job = {(const uint16_t *)q, (const uint16_t *)k, (const uint16_t *)v, (uint16_t *)out,
-                     starts, lengths, ts, hs, heads * dim, heads, dim, scale};
+                     starts, lengths, ts, hs, kts, khs, heads * dim, heads, heads / kv_heads, dim, scale, causal};
     const int64_t items = segments * heads;
     int failed = 0;
     /* torch's own OpenMP team (see paged_decode.c): longest segments first would balance better, but the
@@ -226,7 +243,7 @@ int pagedq_varlen_attention_bf16(const void *q, const void *k, const void *v, vo
     return failed ? 3 : 0;
 #else
     (void)q, (void)k, (void)v, (void)out, (void)starts, (void)lengths, (void)segments, (void)heads, (void)dim;
-    (void)ts, (void)hs, (void)scale, (void)threads;
+    (void)kv_heads, (void)ts, (void)hs, (void)kts, (void)khs, (void)scale, (void)causal, (void)threads;
     return 1;
 #endif
 }
