@@ -53,16 +53,23 @@ def packed(tokens: int, heads: int, head_dim: int, sharp: float = 3.0, seed: int
     return tuple(views)
 
 
-def exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], scale: float,
-          causal: bool = False) -> torch.Tensor:
-    """fp64 attention of each segment to itself (causal: to its keys up to each query's position): [T, H, D]."""
+def per_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], scale: float,
+                causal: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch's SDPA of each segment to itself (causal: to its keys up to each query's position), computed in
+    `dtype` (default: the inputs'): [T, H, D]."""
     out, start = [], 0
     for n in lengths:
-        qs, ks, vs = (t[0, :, start : start + n].double() for t in (q, k, v))
+        qs, ks, vs = (t[0, :, start : start + n].to(dtype or t.dtype) for t in (q, k, v))
         o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale, is_causal=causal, enable_gqa=True)
         out.append(o.transpose(0, 1))
         start += n
     return torch.cat(out)
+
+
+def exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], scale: float,
+          causal: bool = False) -> torch.Tensor:
+    """fp64 attention of each segment to itself: [T, H, D]."""
+    return per_segment(q, k, v, lengths, scale, causal, torch.float64)
 
 
 def bounds(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,12 +92,7 @@ def test_each_segment_attends_to_itself_within_bf16_rounding(heads: int, head_di
     assert float((got.double() - reference).abs().mean()) < 2e-3
     one = reference[0]  # a segment of one token attends to itself alone: its value, rounded
     assert torch.equal(got[0], one.to(torch.bfloat16))
-    sdpa, start = [], 0
-    for n in lengths:
-        part = (t[0, :, start : start + n] for t in (q, k, v))
-        sdpa.append(F.scaled_dot_product_attention(*part, scale=scale).transpose(0, 1))
-        start += n
-    assert float((got == torch.cat(sdpa)).float().mean()) >= 0.99
+    assert float((got == per_segment(q, k, v, lengths, scale)).float().mean()) >= 0.99
 
 
 @needs_kernel
@@ -167,11 +169,6 @@ def test_causal_segments_with_grouped_query_heads(heads: int, kv_heads: int) -> 
     first = Segments.from_lengths(lengths).starts  # a segment's first token sees only itself: its value
     for start in first:
         assert torch.equal(got[start], reference[start].to(torch.bfloat16))
-    sdpa, start = [], 0
-    for n in lengths:
-        part = (t[0, :, start : start + n] for t in (q, k, v))
-        sdpa.append(F.scaled_dot_product_attention(*part, scale=0.125, is_causal=True, enable_gqa=True).transpose(0, 1))
-        start += n
-    assert float((got == torch.cat(sdpa)).float().mean()) >= 0.99
+    assert float((got == per_segment(q, k, v, lengths, 0.125, causal=True)).float().mean()) >= 0.99
     not_causal = native.varlen_attention_bf16(q, k, v, *bounds(lengths), 0.125)
     assert not torch.equal(not_causal, got)  # the flag matters
