@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pagedq.worker.engine.core.hf_compat import cache_kwargs
 from pagedq.worker.engine.cpu.quantization import check_dtype
 from pagedq.worker.engine.decoding.sampling import SamplingParams
 from pagedq.worker.engine.paged.kv_dtype import reference_cache
@@ -118,7 +119,7 @@ def self_check(engine: LLMEngine) -> ProbeResult:
         got = engine_logits[i]
         scale = max(1.0, float(ref.abs().max()))
         worst = max(worst, float((got - ref).abs().max()) / scale)
-        margin = ref.max(dim=-1).values - ref.gather(1, torch.tensor(tokens[i])[:, None]).squeeze(1)
+        margin = ref.max(dim=-1).values - ref.gather(1, torch.tensor(tokens[i], device=ref.device)[:, None]).squeeze(1)
         if float(margin.max()) > tolerance * scale:
             step = int(margin.argmax())
             raise UnsupportedModel(
@@ -188,6 +189,7 @@ def _eager_logits(model: Any, token_ids: list[int], last: int, pages: Any = None
     try:
         ids = torch.tensor([token_ids], device=model.device)
         cache = reference_cache(model, pages) if pages is not None else None
-        return model(input_ids=ids, cache=cache, use_cache=cache is not None, logits_to_keep=last).logits[0].float()
+        out = model(input_ids=ids, use_cache=cache is not None, logits_to_keep=last, **cache_kwargs(model, cache))
+        return out.logits[0].float()
     finally:
         model.set_attn_implementation(paged)
