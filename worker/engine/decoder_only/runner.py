@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
+from pagedq.worker.engine.core.hf_compat import cache_kwargs
 from pagedq.worker.engine.core.request import TokenSequence
 from pagedq.worker.engine.core.scheduler import SchedulerOutput
 from pagedq.worker.engine.cpu.native import use_native_decode
@@ -106,9 +107,9 @@ class ModelRunner:
             result = self.model(
                 input_ids=input_ids,
                 position_ids=positions,
-                cache=self.cache,
                 use_cache=False,
                 logits_to_keep=keep,
+                **cache_kwargs(self.model, self.cache),
                 **{METADATA_KWARG: meta},
             )
         finally:

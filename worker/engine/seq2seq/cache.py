@@ -13,6 +13,9 @@ Encoder-decoder layers in transformers 5.x branch on `isinstance(cache, EncoderD
   function reads every request's cross K/V from its pages (`seq2seq.attention`).
 
 `get_seq_length()` is 0: positions come from the engine (`seq2seq.model`), never from the cache.
+The writers find the slots in the step's metadata, passed down in the layers' `kwargs` (recent transformers 5.x
+hand them to `update`), else in `step_metadata`, which the runner sets for the length of each pass (earlier 5.x
+releases call `update(k, v, layer)` without them).
 """
 
 from __future__ import annotations
@@ -40,11 +43,13 @@ class _PagedWriter:
     def __init__(self, pool: KVPool, num_layers: int, slots: str) -> None:
         self.pool, self.slots = pool, slots
         self.layers = [_PlaceholderLayer(pool.num_heads, pool.head_dim, pool.compute_dtype, pool.device)] * num_layers
+        self.step_metadata: Seq2SeqMetadata | None = None  # the pass's metadata (`PagedEncoderDecoderCache`)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        meta: Seq2SeqMetadata = (kwargs or {})[METADATA_KWARG]
+        meta: Seq2SeqMetadata | None = (kwargs or {}).get(METADATA_KWARG) or self.step_metadata
+        assert meta is not None, "a paged pass without its metadata (in the layers' kwargs or step_metadata)"
         slots = getattr(meta, self.slots)
         assert slots is not None and slots[0].shape[0] == key_states.shape[2], f"K/V rows do not match {self.slots}"
         self.pool.write(layer_idx, slots, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
@@ -63,6 +68,15 @@ class PagedEncoderDecoderCache(EncoderDecoderCache):
         self.self_attention_cache: Any = _PagedWriter(pool, num_layers, "self_slots")
         self.cross_attention_cache: Any = _PagedWriter(pool, num_layers, "cross_slots")
         self.is_updated = dict.fromkeys(range(num_layers), True)
+
+    @property
+    def step_metadata(self) -> Seq2SeqMetadata | None:
+        return self.self_attention_cache.step_metadata  # type: ignore[no-any-return]
+
+    @step_metadata.setter
+    def step_metadata(self, meta: Seq2SeqMetadata | None) -> None:
+        """Set by the runner for the length of each pass, None between passes (module docstring)."""
+        self.self_attention_cache.step_metadata = self.cross_attention_cache.step_metadata = meta
 
     def project_cross(self, new_requests: bool) -> None:
         """Before a pass: its cross-attention projects `encoder_hidden_states` (the encoder output of the

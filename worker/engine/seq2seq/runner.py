@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
+from pagedq.worker.engine.core.hf_compat import cache_kwargs
 from pagedq.worker.engine.core.request import TokenSequence
 from pagedq.worker.engine.cpu.native import use_native_decode
 from pagedq.worker.engine.cpu.quantization import Int8Linear
@@ -156,18 +157,20 @@ class Seq2SeqRunner:
         if new:
             meta.cross_slots = self._cross_slots(new)
         self.cache.project_cross(bool(new))
+        self.cache.step_metadata = meta  # for layers that call update() without their kwargs (earlier 5.x)
         try:
             out = self.model(
                 encoder_outputs=(states,),
                 decoder_input_ids=input_ids,
-                cache=self.cache,
                 use_cache=False,
+                **cache_kwargs(self.model, self.cache),
                 **{METADATA_KWARG: meta},
             )
             rows = self._head_rows
             assert rows is not None and out.logits.shape[1] == 0, "the LM head's pre-hook did not run"
         finally:  # the hooks are inert between steps
             self._keep = self._head_rows = None
+            self.cache.step_metadata = None
             self.positions.rows["decoder"] = None
         return self._logits(rows)
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from pagedq.worker.engine.core.hf_compat import cache_kwargs
 from pagedq.worker.engine.cpu.quantization import check_dtype
 from pagedq.worker.engine.decoding.seq2seq_options import DecodeSettings
 from pagedq.worker.engine.paged.kv_dtype import reference_cache
@@ -133,9 +134,9 @@ def _probe(engine: Seq2SeqEngine) -> tuple[str, float]:
             decoder_ids = torch.tensor([[start, *tokens[:-1]]], device=engine.pool.device)
             encoder_ids = torch.tensor([ids], device=engine.pool.device)
             cache = reference_cache(model, engine.pool)
-            reference = model(
-                input_ids=encoder_ids, decoder_input_ids=decoder_ids, cache=cache, use_cache=cache is not None
-            ).logits[0].float()
+            kwargs = cache_kwargs(model, cache)
+            forward = model(input_ids=encoder_ids, decoder_input_ids=decoder_ids, use_cache=cache is not None, **kwargs)
+            reference = forward.logits[0].float()
             paged = torch.stack(steps[out.request_id])
             if paged.shape != reference.shape:
                 return f"{paged.shape[0]} paged steps for {reference.shape[0]} decoder tokens", float("inf")

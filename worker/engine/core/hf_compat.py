@@ -1,0 +1,29 @@
+"""What differs between the transformers 5.x releases pagedq supports (pyproject: transformers>=5.0,<6).
+
+The KV cache keyword of a model's forward: recent releases take `cache=` (`past_key_values=` is a deprecated
+alias, warned about on every call); earlier 5.x releases take only `past_key_values=`, and a `cache=` there
+falls through `**kwargs` down to the attention function (the paged attention refuses it as an unknown
+keyword, and no layer writes its K/V). `cache_kwargs` names the cache the way this model's forward takes it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import cache
+from typing import Any
+
+
+@cache
+def _cache_keyword(forward_type: type) -> str:
+    forward = forward_type.forward  # the signature behind transformers' decorators (functools.wraps)
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def cache_keyword(model: Any) -> str:
+    """`cache` where `model`'s forward takes it by that name, else `past_key_values`."""
+    return _cache_keyword(type(model))
+
+
+def cache_kwargs(model: Any, kv_cache: Any) -> dict[str, Any]:
+    """`{keyword: kv_cache}` for `model(...)` (module docstring)."""
+    return {cache_keyword(model): kv_cache}
