@@ -50,6 +50,7 @@ from pagedq.worker.engine.decoder_only.engine import LLMEngine
 from pagedq.worker.engine.decoding.sampling import SamplingParams
 
 VOCAB = 32000
+STATIC_BATCH = 16
 
 
 @dataclass
@@ -95,19 +96,20 @@ def w1_requests(n: int, seed: int = 1234) -> list[tuple[list[int], int]]:
 def run_sequential(model: Any, reqs: list[tuple[list[int], int]]) -> list[list[int]]:
     outs = []
     for prompt, n in reqs:
-        ids = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=0, do_sample=False)
+        ids = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=n, min_new_tokens=0,
+                             do_sample=False)  # fmt: skip
         outs.append(ids[0, len(prompt) :].tolist())
     return outs
 
 
 @torch.inference_mode()
-def run_static(model: Any, reqs: list[tuple[list[int], int]], batch: int = 16) -> list[list[int]]:
+def run_static(model: Any, reqs: list[tuple[list[int], int]], batch: int = STATIC_BATCH) -> list[list[int]]:
     outs = []
     for i in range(0, len(reqs), batch):
         group = reqs[i : i + batch]
         width = max(len(p) for p, _ in group)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in group])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in group])
+        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in group], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in group], device=model.device)
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(n for _, n in group),
                              do_sample=False, pad_token_id=0)  # fmt: skip
         outs.extend(gen[j, width : width + n].tolist() for j, (_, n) in enumerate(group))

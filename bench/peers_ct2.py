@@ -88,19 +88,22 @@ def convert_marian(model: Any, directory: Path) -> tuple[Path, list[str]]:
     return convert(model, tokens, specials, directory), tokens
 
 
-def load(kind: str, path: Path, compute_type: str, threads: int) -> Any:
-    """A `ctranslate2.Generator` or `Translator` on the CPU, one batch at a time on `threads` threads."""
+def load(kind: str, path: Path, compute_type: str, threads: int, device: str = "cpu") -> Any:
+    """A `ctranslate2.Generator` or `Translator` on `device` ("cpu": one batch at a time on `threads` threads;
+    "cuda": the first GPU)."""
     import ctranslate2
 
     cls = {"generator": ctranslate2.Generator, "translator": ctranslate2.Translator}[kind]
-    return cls(str(path), device="cpu", compute_type=compute_type, inter_threads=1, intra_threads=threads)
+    return cls(str(path), device=device, compute_type=compute_type, inter_threads=1, intra_threads=threads)
 
 
 class Peer:
     """What a peer process holds: one loaded `Generator` or `Translator` and the token strings of its ids."""
 
-    def __init__(self, kind: str, path: Path, compute_type: str, threads: int, tokens: list[str]) -> None:
-        self.model, self.tokens = load(kind, path, compute_type, threads), tokens
+    def __init__(
+        self, kind: str, path: Path, compute_type: str, threads: int, tokens: list[str], device: str = "cpu"
+    ) -> None:
+        self.model, self.tokens = load(kind, path, compute_type, threads, device), tokens
 
     def generate(self, reqs: Sequence[tuple[list[int], int]], batching: Batching) -> list[list[int]]:
         return generate(self.model, self.tokens, reqs, batching)
@@ -111,9 +114,11 @@ class Peer:
         return translate(self.model, self.tokens, sentences, targets, beams, batching, eos)
 
 
-def start(kind: str, path: Path, compute_type: str, threads: int, tokens: list[str]) -> PeerProcess:
+def start(
+    kind: str, path: Path, compute_type: str, threads: int, tokens: list[str], device: str = "cpu"
+) -> PeerProcess:
     """A `Peer` loaded in its own process (it has read `path` when this returns: the files may go)."""
-    return PeerProcess(Peer, kind, path, compute_type, threads, tokens)
+    return PeerProcess(Peer, kind, path, compute_type, threads, tokens, device)
 
 
 # ---- batching -------------------------------------------------------------------------------------------

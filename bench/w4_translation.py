@@ -152,8 +152,8 @@ def kv_bytes_per_token(model: Any) -> int:
 def generate(model: Any, batch: list[list[int]], targets: list[int], beams: int) -> list[list[int]]:
     """One padded `generate` call to the batch's longest target; each row cut to its own target."""
     longest = max(len(ids) for ids in batch)
-    input_ids = torch.tensor([ids + [PAD] * (longest - len(ids)) for ids in batch])
-    mask = torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in batch])
+    input_ids = torch.tensor([ids + [PAD] * (longest - len(ids)) for ids in batch], device=model.device)
+    mask = torch.tensor([[1] * len(ids) + [0] * (longest - len(ids)) for ids in batch], device=model.device)
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=mask, num_beams=beams, max_new_tokens=max(targets))
     return [row[:target] for row, target in zip(out[:, 1:].tolist(), targets, strict=True)]

@@ -4,7 +4,8 @@
         celery -A bench.w5_naive_worker worker -P threads -c 64
 
 Models are the registry's defaults (the demo models, or bench/w5_models.py's realistic ones), loaded once when
-the worker starts and shared by every task thread, with no lock and no batching:
+the worker starts on the device pagedq's worker would use (PAGEDQ_DEVICE; `auto`: the first GPU if there is one,
+as a user passes `device=0`), in their saved dtype, and shared by every task thread, with no lock and no batching:
   classify   `pipeline("text-classification")` on the text (its top label, like pagedq's default top_k=1)
   translate  tokenizer + `model.generate` with the model's generation config and the request's
              `generation.max_new_tokens` if it sets one (transformers 5 has no translation pipeline),
@@ -32,6 +33,7 @@ from w5_noop_worker import make_app
 from pagedq.shared.models import TaskType
 from pagedq.shared.registry import Registry
 from pagedq.shared.settings import get_settings
+from pagedq.worker.registry import resolve_device
 
 TASKS = {kind: f"w5.naive.{kind}" for kind in ("classify", "translate", "qa")}
 MAX_ANSWER_LEN = 30  # pagedq's QARequest default
@@ -39,25 +41,29 @@ QA_MAX_SEQ_LEN, QA_STRIDE = 384, 128  # the v4 pipeline's defaults
 
 app = make_app(main="w5-naive")
 models: dict[str, Any] = {}
+device = torch.device("cpu")  # set when the worker starts (load_models)
 
 
 @worker_init.connect
 def load_models(**_: Any) -> None:
     """Load the registry's default model of each task type (only in the worker, before it consumes)."""
-    registry_path = get_settings().registry_path
+    global device
+    settings = get_settings()
+    device = resolve_device(settings.device)
+    registry_path = settings.registry_path
     assert registry_path is not None, "PAGEDQ_REGISTRY_PATH names the demo registry"
     registry = Registry.load(Path(registry_path))
     source = {t: registry.resolve_source(registry.models[registry.defaults[t]]) for t in TaskType}
     warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
     hf_logging.set_verbosity_error()  # generate warns on every call that max_new_tokens overrides max_length
-    models["classify"] = pipeline("text-classification", model=source[TaskType.CLASSIFY])
+    models["classify"] = pipeline("text-classification", model=source[TaskType.CLASSIFY], device=device)
     models["translate"] = (
         AutoTokenizer.from_pretrained(source[TaskType.TRANSLATE]),
-        AutoModelForSeq2SeqLM.from_pretrained(source[TaskType.TRANSLATE]).eval(),
+        AutoModelForSeq2SeqLM.from_pretrained(source[TaskType.TRANSLATE]).eval().to(device),
     )
     models["qa"] = (
         AutoTokenizer.from_pretrained(source[TaskType.QA]),
-        AutoModelForQuestionAnswering.from_pretrained(source[TaskType.QA]).eval(),
+        AutoModelForQuestionAnswering.from_pretrained(source[TaskType.QA]).eval().to(device),
     )
 
 
@@ -75,7 +81,7 @@ def translate(
     tokenizer, model = models["translate"]
     max_new_tokens = (generation or {}).get("max_new_tokens")  # None: the generation config's length
     with torch.inference_mode():
-        output = model.generate(**tokenizer(text, return_tensors="pt"), max_new_tokens=max_new_tokens)
+        output = model.generate(**tokenizer(text, return_tensors="pt").to(device), max_new_tokens=max_new_tokens)
     generated = output[0, 1:]  # after the decoder start token; one sequence, so no padding
     return {
         "translation": tokenizer.decode(generated, skip_special_tokens=True),
@@ -107,14 +113,14 @@ def extractive_answer(tokenizer: Any, model: Any, question: str, context: str) -
     for window in range(len(encoded["input_ids"])):
         p_mask = [token != 1 for token in encoded.sequence_ids(window)]
         p_mask[encoded["input_ids"][window].index(tokenizer.cls_token_id)] = False
-        inputs = {k: torch.tensor([encoded[k][window]]) for k in tokenizer.model_input_names}
+        inputs = {k: torch.tensor([encoded[k][window]], device=model.device) for k in tokenizer.model_input_names}
         with torch.inference_mode():
             out = model(**inputs)
         starts, ends, scores, _ = select_starts_ends(
-            out.start_logits,
-            out.end_logits,
+            out.start_logits.cpu(),
+            out.end_logits.cpu(),
             torch.tensor([p_mask]),
-            inputs["attention_mask"].numpy(),
+            inputs["attention_mask"].cpu().numpy(),
             1000000,
             1,
             False,
