@@ -43,6 +43,12 @@ from worker.engine.helpers import one_torch_thread, random_prompts, recorded_log
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
 
 ROUNDED_TOL = 5e-4  # relative to max(1, max |logit|); measured at most 2.2e-4 (fp32 self-checks allow 1e-3)
+# ... except where a K/V value the engine computes lands on the other side of a bf16 rounding boundary than the
+# reference's (their fp32 K/V differ in the last bits, as any two batch shapes do): then one bf16 ulp moves the
+# logits. transformers moves as much against itself when the same sentences run as one padded batch
+# (`rounded_batch`; measured on an AVX2 CPU: 1.04e-3 and 1.02e-3 for two Marian sentences of 16, engine and
+# padded batch alike, none of that on AVX-512). A row beyond ROUNDED_TOL is held to BOUNDARY_MARGIN x that.
+BOUNDARY_MARGIN = 1.5
 REAL_ROUNDING = 10.0  # the plain fp32 forward is at least this many times farther than the rounded one
 BF16 = torch.bfloat16
 PATHS = {"native": None, "portable": False}
@@ -207,7 +213,8 @@ def test_seq2seq_logits_are_the_rounded_models(arch: str, path: str) -> None:
     with torch.no_grad():
         teacher = [reference.generate(torch.tensor([ids]), max_new_tokens=steps)[0, 1:].tolist() for ids in inputs]
     got = teacher_forced_logits(engine, inputs, teacher)
-    for ids, tokens, rows in zip(inputs, teacher, got, strict=True):
+    batch: torch.Tensor | None = None  # `rounded_batch`, where a row needs it
+    for row, (ids, tokens, rows) in enumerate(zip(inputs, teacher, got, strict=True)):
         decoder = torch.tensor([[start, *tokens[:-1]]])
         with torch.no_grad():
             cache = rounding_cache(reference, BF16)
@@ -217,8 +224,29 @@ def test_seq2seq_logits_are_the_rounded_models(arch: str, path: str) -> None:
         scale = max(1.0, float(rounded.abs().max()))
         near = float((rows - rounded).abs().max()) / scale
         far = float((rows - plain).abs().max()) / scale
-        assert near <= ROUNDED_TOL, f"{arch}: {near:.3g} from the rounded-cache forward"
-        assert far >= REAL_ROUNDING * near, f"{arch}: plain fp32 {far:.3g}, rounded {near:.3g}"
+        if near <= ROUNDED_TOL:
+            assert far >= REAL_ROUNDING * near, f"{arch}: plain fp32 {far:.3g}, rounded {near:.3g}"
+            continue
+        # a rounding boundary (ROUNDED_TOL's comment); an fp32 pool fails here too (its spread is fp32's)
+        if batch is None:
+            batch = rounded_batch(reference, inputs, [[start, *t[:-1]] for t in teacher])
+        spread = float((batch[row, : len(tokens)] - rounded).abs().max()) / scale
+        assert near <= BOUNDARY_MARGIN * spread, f"{arch}: {near:.3g} from the rounded-cache forward, which " \
+            f"moves {spread:.3g} against itself in a padded batch of the {len(inputs)} sentences"
+
+
+def rounded_batch(reference: Any, inputs: list[list[int]], decoders: list[list[int]]) -> torch.Tensor:
+    """transformers' own rounded-cache forward of every sentence in one padded batch (attention mask; decoder
+    rows padded at their end, which causal attention never reads): logits [sentences, steps, vocab]."""
+    pad, width, steps = reference.config.pad_token_id, max(map(len, inputs)), max(map(len, decoders))
+    with torch.no_grad():
+        return reference(
+            input_ids=torch.tensor([x + [pad] * (width - len(x)) for x in inputs]),
+            attention_mask=torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in inputs]),
+            decoder_input_ids=torch.tensor([d + [pad] * (steps - len(d)) for d in decoders]),
+            cache=rounding_cache(reference, BF16),
+            use_cache=True,
+        ).logits
 
 
 # ---- the worker ----------------------------------------------------------------------------------------
