@@ -58,7 +58,12 @@ from pagedq.worker.demo.tokenizers import build_wordpiece
 from pagedq.worker.engine.core.executor import EngineConfig, LoadedModel
 from pagedq.worker.engine.decoder_only.engine import LLMEngine
 
-CT2_COMPUTE_TYPES = {"fp16": "float16", "int8+fp16": "int8_float16"}  # row suffix -> CT2 compute_type on CUDA
+# row suffix -> CT2 compute_type: on CUDA the peer's half-precision types; on the CPU (`--device cpu`, the smoke
+# test) its CPU types, so that the smoke test runs the peer's code too
+CT2_COMPUTE_TYPES = {
+    "cuda": {"fp16": "float16", "int8+fp16": "int8_float16"},
+    "cpu": {"fp32": "float32", "int8": "int8"},
+}
 
 
 @dataclass
@@ -153,25 +158,26 @@ def agreement(name: str, outputs: list[list[int]], reference: list[list[int]], a
 
 
 def ct2_peers(kind: str, model: Any, device: torch.device) -> tuple[dict[str, Any], str]:
-    """CTranslate2 float16 and int8_float16 on CUDA, each in its own process; none (and why) where it cannot."""
-    if device.type != "cuda":
-        return {}, "ctranslate2 rows: only on CUDA in this benchmark (bench/engine.py and tasks.py time its CPU build)"
+    """CTranslate2 float16 and int8_float16 on CUDA (float32 and int8 on the CPU), each in its own process;
+    none (and why) where it cannot."""
     if not peers_ct2.available():
         return {}, peers_ct2.SKIPPED
     import ctranslate2
 
     convert = peers_ct2.convert_llama if kind == "generator" else peers_ct2.convert_marian
     peers: dict[str, Any] = {}
+    compute_types = CT2_COMPUTE_TYPES[device.type]
     try:
-        if ctranslate2.get_cuda_device_count() == 0:
+        if device.type == "cuda" and ctranslate2.get_cuda_device_count() == 0:
             return {}, f"ctranslate2 {ctranslate2.__version__} sees no CUDA device here (its CUDA build or libraries)"
         with peers_ct2.temp_dir() as tmp:
             path, tokens = convert(copy.deepcopy(model).float().cpu(), Path(tmp))
-            for suffix, compute_type in CT2_COMPUTE_TYPES.items():
-                peers[f"ctranslate2 {suffix}"] = peers_ct2.start(kind, path, compute_type, 1, tokens, "cuda")
+            for suffix, compute_type in compute_types.items():
+                threads = torch.get_num_threads()
+                peers[f"ctranslate2 {suffix}"] = peers_ct2.start(kind, path, compute_type, threads, tokens, device.type)
     except Exception as failed:  # noqa: BLE001  (a peer that cannot load on this machine is reported, not fatal)
-        return peers, f"ctranslate2 on CUDA failed to load: {type(failed).__name__}: {failed}"
-    return peers, f"ctranslate2 {ctranslate2.__version__} on CUDA: {', '.join(CT2_COMPUTE_TYPES.values())}"
+        return peers, f"ctranslate2 on {device.type} failed to load: {type(failed).__name__}: {failed}"
+    return peers, f"ctranslate2 {ctranslate2.__version__} on {device.type}: {', '.join(compute_types.values())}"
 
 
 # ---- W1 --------------------------------------------------------------------------------------------------
@@ -210,7 +216,8 @@ def w1(args: argparse.Namespace, device: torch.device, rates: dict[str, float]) 
     batching = peers_ct2.Batching("examples", args.ct2_batch)
     for name, peer in peers.items():
         systems.append(System(name, lambda p=peer: p.call("generate", reqs, batching),
-                              lambda p=peer: p.call("generate", warm, batching), tokens_of, "bf16"))  # fmt: skip
+                              lambda p=peer: p.call("generate", warm, batching), tokens_of,
+                              "fp32" if name.endswith("fp32") else "bf16"))  # fmt: skip
     print(f"W1: {len(reqs)} requests, {tokens} generated tokens, 56M Llama, budget {args.budget} tokens")
     measure(systems, args.repeats, device)
     flops = w1_bench.w1_flops(fp32.config, reqs)
