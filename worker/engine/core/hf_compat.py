@@ -1,9 +1,13 @@
-"""What differs between the transformers 5.x releases pagedq supports (pyproject: transformers>=5.0,<6).
+"""What differs between transformers 5.x releases, for the engine.
 
-The KV cache keyword of a model's forward: recent releases take `cache=` (`past_key_values=` is a deprecated
-alias, warned about on every call); earlier 5.x releases take only `past_key_values=`, and a `cache=` there
-falls through `**kwargs` down to the attention function (the paged attention refuses it as an unknown
-keyword, and no layer writes its K/V). `cache_kwargs` names the cache the way this model's forward takes it.
+pyproject asks for transformers>=5.24 (the oldest release the test suite passes with: on 5.21-5.23 GPT-J
+runs outside the attention interface and the engine refuses it at load, and the tests' references pass
+`cache=`). Older 5.x releases are not supported, but the engine does not depend on the newest spelling where
+that is cheap, so that a machine with an older transformers (a GPU image, say) serves the families it can:
+the KV cache keyword of a model's forward -- recent releases take `cache=` (`past_key_values=` is a
+deprecated alias, warned about on every call); earlier ones take only `past_key_values=`, and a `cache=`
+there falls through `**kwargs` down to the attention function (which refuses it as an unknown keyword: no
+layer would write its K/V). `cache_kwargs` names the cache the way this model's forward takes it.
 """
 
 from __future__ import annotations
