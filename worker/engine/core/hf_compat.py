@@ -13,19 +13,18 @@ layer would write its K/V). `cache_kwargs` names the cache the way this model's 
 from __future__ import annotations
 
 import inspect
-from functools import cache
 from typing import Any
 
-
-@cache
-def _cache_keyword(forward_type: type) -> str:
-    forward = forward_type.forward  # the signature behind transformers' decorators (functools.wraps)
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+_KEYWORDS: dict[type[Any], str] = {}  # model class -> the keyword its forward takes the cache by
 
 
 def cache_keyword(model: Any) -> str:
-    """`cache` where `model`'s forward takes it by that name, else `past_key_values`."""
-    return _cache_keyword(type(model))
+    """`cache` where `model`'s forward takes it by that name, else `past_key_values` (per class, read once:
+    `inspect.signature` sees through transformers' decorators, which keep `__wrapped__`)."""
+    cls: type[Any] = type(model)
+    if cls not in _KEYWORDS:
+        _KEYWORDS[cls] = "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+    return _KEYWORDS[cls]
 
 
 def cache_kwargs(model: Any, kv_cache: Any) -> dict[str, Any]:
