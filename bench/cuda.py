@@ -175,8 +175,16 @@ def ct2_peers(kind: str, model: Any, device: torch.device) -> tuple[dict[str, An
             for suffix, compute_type in compute_types.items():
                 threads = torch.get_num_threads()
                 peers[f"ctranslate2 {suffix}"] = peers_ct2.start(kind, path, compute_type, threads, tokens, device.type)
-    except Exception as failed:  # noqa: BLE001  (a peer that cannot load on this machine is reported, not fatal)
-        return peers, f"ctranslate2 on {device.type} failed to load: {type(failed).__name__}: {failed}"
+        one = peers_ct2.Batching("examples", 1)
+        for peer in peers.values():  # CT2 loads cuBLAS on its first call, not at load: one tiny call each
+            if kind == "generator":
+                peer.call("generate", [([3, 4, 5], 2)], one)
+            else:
+                peer.call("translate", [[5, 6, w4_bench.EOS]], [2], 1, one, w4_bench.EOS)
+    except Exception as failed:  # noqa: BLE001  (a peer that cannot run on this machine is reported, not fatal)
+        for peer in peers.values():
+            peer.close()
+        return {}, f"ctranslate2 on {device.type} failed: {type(failed).__name__}: {failed}"
     return peers, f"ctranslate2 {ctranslate2.__version__} on {device.type}: {', '.join(compute_types.values())}"
 
 
