@@ -49,6 +49,7 @@ import plots
 import tasks as w3_bench
 import torch
 import w4_translation as w4_bench
+from peers_ct2 import agreement_line
 from transformers import BertTokenizer, pipeline
 from transformers.utils import logging as hf_logging
 
@@ -150,10 +151,6 @@ def ratios(systems: list[System], baseline: str, key: str) -> dict[str, float]:
     return out
 
 
-def agreement(name: str, outputs: list[list[int]], reference: list[list[int]], against: str) -> str:
-    return peers_ct2.agreement_line(name, outputs, reference, against)
-
-
 # ---- CTranslate2 on CUDA ---------------------------------------------------------------------------------
 
 
@@ -233,12 +230,12 @@ def w1(args: argparse.Namespace, device: torch.device, rates: dict[str, float]) 
     by_name = {s.name: s for s in systems}
     reference = w1_bench.run_sequential(fp32, reqs[: args.check])
     ours32, ours16 = by_name["pagedq fp32"].outputs, by_name["pagedq bf16"].outputs
-    print(agreement("pagedq fp32", ours32[: args.check], reference, "generate fp32 (one request at a time)"))
-    print(agreement("pagedq bf16", ours16, ours32, "pagedq fp32"))
-    print(agreement("transformers CB bf16", by_name["transformers continuous batching bf16"].outputs, ours32,
-                    "pagedq fp32"))  # fmt: skip
+    print(agreement_line("pagedq fp32", ours32[: args.check], reference, "generate fp32 (one request at a time)"))
+    print(agreement_line("pagedq bf16", ours16, ours32, "pagedq fp32"))
+    print(agreement_line("transformers CB bf16", by_name["transformers continuous batching bf16"].outputs, ours32,
+                         "pagedq fp32"))  # fmt: skip
     for name in peers:
-        print(agreement(name, by_name[name].outputs, ours32, "pagedq fp32"))
+        print(agreement_line(name, by_name[name].outputs, ours32, "pagedq fp32"))
         peers[name].close()
     plot(systems, "transformers continuous batching bf16", "W1: generation, 56M Llama, greedy", "tok/s", args, "w1")
     out = ratios(systems, "transformers continuous batching bf16", "cuda_w1_vs_hf_cb")
@@ -323,7 +320,7 @@ def w4(args: argparse.Namespace, device: torch.device, rates: dict[str, float]) 
     head = (sentences[: args.check], targets[: args.check])
     reference_model = w4_bench.w4_model().to(device)  # generate runs on an untouched copy
     bf16_reference = copy.deepcopy(reference_model).to(torch.bfloat16)
-    models = {"pagedq fp32": w4_bench.w4_model().to(device)}
+    models = {"pagedq fp32": copy.deepcopy(reference_model)}
     models["pagedq bf16"] = copy.deepcopy(models["pagedq fp32"]).to(torch.bfloat16)
     run_args = argparse.Namespace(w4_budget=args.budget, w4_max_requests=4 * len(sentences), w4_kv_gib=args.w4_kv_gib,
                                   quick=False)  # fmt: skip
@@ -339,7 +336,7 @@ def w4(args: argparse.Namespace, device: torch.device, rates: dict[str, float]) 
         for name, peer in peers.items():
             runs[name] = lambda s, t, p=peer, b=beams, c=batching: p.call("translate", s, t, b, c, w4_bench.EOS)
         systems = [
-            System(f"{name}", lambda r=run: r(*inputs), lambda r=run: r(sentences[:2], targets[:2]), tokens_of,
+            System(name, lambda r=run: r(*inputs), lambda r=run: r(sentences[:2], targets[:2]), tokens_of,
                    "fp32" if name.endswith("fp32") else "bf16")
             for name, run in runs.items()
         ]  # fmt: skip
@@ -349,11 +346,11 @@ def w4(args: argparse.Namespace, device: torch.device, rates: dict[str, float]) 
         by_name = {s.name: s for s in systems}
         reference = w4_bench.one_by_one(reference_model, beams)(*head)
         ours32 = by_name["pagedq fp32"].outputs
-        print(agreement("pagedq fp32", ours32[: args.check], reference, f"generate fp32 (one at a time), {label}"))
-        print(agreement("pagedq bf16", by_name["pagedq bf16"].outputs, ours32, "pagedq fp32"))
-        print(agreement("generate bf16", by_name["generate, batches of 16 bf16"].outputs, ours32, "pagedq fp32"))
+        print(agreement_line("pagedq fp32", ours32[: args.check], reference, f"generate fp32 (one at a time), {label}"))
+        print(agreement_line("pagedq bf16", by_name["pagedq bf16"].outputs, ours32, "pagedq fp32"))
+        print(agreement_line("generate bf16", by_name["generate, batches of 16 bf16"].outputs, ours32, "pagedq fp32"))
         for name in peers:
-            print(agreement(name, by_name[name].outputs, ours32, "pagedq fp32"))
+            print(agreement_line(name, by_name[name].outputs, ours32, "pagedq fp32"))
         summary |= ratios(systems, "generate, batches of 16 bf16", f"cuda_w4_{label}_vs_static")
         summary[f"cuda_w4_{label}_fp32_exact"] = sum(
             a == b for a, b in zip(ours32, reference, strict=False)
