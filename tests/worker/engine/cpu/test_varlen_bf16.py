@@ -13,6 +13,7 @@ which the last test checks either way.
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -35,12 +36,21 @@ def _cpu_has_bf16_dot() -> bool:
 
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason="the CPU has no AVX512-BF16 (or no C compiler)")
+#: the kernel's two paths: VDPBF16PS (every AVX512-BF16 CPU) and AMX tiles (where the CPU and Linux allow them)
+PATHS = [
+    pytest.param(False, id="avx512bf16"),
+    pytest.param(True, id="amx", marks=pytest.mark.skipif(not native.amx_available(), reason="no AMX-BF16 here")),
+]
 
 
 def test_the_kernel_is_built_wherever_the_cpu_has_bf16_dot_products() -> None:
-    """Not a silent fallback: on an AVX512-BF16 CPU with a compiler the kernel must load."""
+    """Not a silent fallback: on an AVX512-BF16 CPU with a compiler the kernel must load, and its AMX path on a
+    CPU with AMX-BF16 tiles (Linux grants them to any process that asks)."""
     expected = _cpu_has_bf16_dot() and c_compiler() is not None
     assert native.available() is expected
+    flags = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    amx_cpu = bool(flags.get("amx_bf16")) and expected and os.environ.get("PAGEDQ_AMX") != "0"
+    assert native.amx_available() is amx_cpu
 
 
 def packed(tokens: int, heads: int, head_dim: int, sharp: float = 3.0, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -77,12 +87,18 @@ def bounds(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @needs_kernel
+@pytest.mark.parametrize("amx", PATHS)
 @pytest.mark.parametrize(("heads", "head_dim"), [(12, 64), (2, 16), (3, 32), (1, 128), (2, 256), (4, 48)])
-def test_each_segment_attends_to_itself_within_bf16_rounding(heads: int, head_dim: int) -> None:
+def test_each_segment_attends_to_itself_within_bf16_rounding(heads: int, head_dim: int, amx: bool) -> None:
+    """Both paths (AMX where the head dim is a multiple of 32; `amx=None` picks it there by itself)."""
+    if amx and head_dim % 32:
+        with pytest.raises(RuntimeError, match="status 2"):
+            native.varlen_attention_bf16(*packed(4, heads, head_dim), *bounds([4]), 0.5, amx=True)
+        return
     lengths = LENGTHS if head_dim <= 64 else [1, 17, 200, 33]
     q, k, v = packed(sum(lengths), heads, head_dim)
     scale = head_dim**-0.5
-    got = native.varlen_attention_bf16(q, k, v, *bounds(lengths), scale)
+    got = native.varlen_attention_bf16(q, k, v, *bounds(lengths), scale, amx=amx)
     assert got.dtype == torch.bfloat16 and got.shape == (sum(lengths), heads, head_dim) and got.is_contiguous()
     reference = exact(q, k, v, lengths, scale)
     scores = (q[0, :, -lengths[-1] :].double() @ k[0, :, -lengths[-1] :].double().transpose(-1, -2)) * scale
@@ -93,6 +109,22 @@ def test_each_segment_attends_to_itself_within_bf16_rounding(heads: int, head_di
     one = reference[0]  # a segment of one token attends to itself alone: its value, rounded
     assert torch.equal(got[0], one.to(torch.bfloat16))
     assert float((got == per_segment(q, k, v, lengths, scale)).float().mean()) >= 0.99
+    default = native.varlen_attention_bf16(q, k, v, *bounds(lengths), scale)  # AMX where it applies
+    picked = native.amx_available() and head_dim % 32 == 0
+    assert torch.equal(default, native.varlen_attention_bf16(q, k, v, *bounds(lengths), scale, amx=picked))
+
+
+@needs_kernel
+@pytest.mark.parametrize("amx", PATHS)
+def test_the_paths_agree_to_fp32_rounding(amx: bool) -> None:
+    """The AMX path sums in another order than the VDPBF16PS one: 99% of outputs equal, the rest at most one
+    bf16 step of the largest output apart (values near zero, where fp32 sums cancel)."""
+    lengths = LENGTHS
+    q, k, v = packed(sum(lengths), 4, 64, seed=7)
+    one = native.varlen_attention_bf16(q, k, v, *bounds(lengths), 0.125, amx=False)
+    other = native.varlen_attention_bf16(q, k, v, *bounds(lengths), 0.125, amx=amx)
+    assert float((one.float() - other.float()).abs().max()) <= 2**-7 * float(one.float().abs().max())
+    assert float((one == other).float().mean()) >= 0.99
 
 
 @needs_kernel
@@ -150,8 +182,9 @@ def test_packed_bf16_attention_takes_the_kernel_where_it_exists(monkeypatch: pyt
 
 
 @needs_kernel
+@pytest.mark.parametrize("amx", PATHS)
 @pytest.mark.parametrize(("heads", "kv_heads"), [(8, 4), (4, 1), (2, 2)])
-def test_causal_segments_with_grouped_query_heads(heads: int, kv_heads: int) -> None:
+def test_causal_segments_with_grouped_query_heads(heads: int, kv_heads: int, amx: bool) -> None:
     """A decoder's fresh prompts (`decoder_only/attention.py`): each token sees its segment's keys up to its
     own position; query head h reads kv head h // (heads / kv_heads). K and V come from their own projection
     (another token stride than q's)."""
@@ -163,12 +196,12 @@ def test_causal_segments_with_grouped_query_heads(heads: int, kv_heads: int) -> 
     v = torch.randn(1, tokens, kv_heads * head_dim).to(torch.bfloat16).view(1, tokens, kv_heads, head_dim)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     assert native.usable(q, k, v)
-    got = native.varlen_attention_bf16(q, k, v, *bounds(lengths), 0.125, causal=True)
+    got = native.varlen_attention_bf16(q, k, v, *bounds(lengths), 0.125, causal=True, amx=amx)
     reference = exact(q, k, v, lengths, 0.125, causal=True)
     assert float((got.double() - reference).abs().max()) <= TOLERANCE * float(reference.abs().max())
     first = Segments.from_lengths(lengths).starts  # a segment's first token sees only itself: its value
     for start in first:
         assert torch.equal(got[start], reference[start].to(torch.bfloat16))
     assert float((got == per_segment(q, k, v, lengths, 0.125, causal=True)).float().mean()) >= 0.99
-    not_causal = native.varlen_attention_bf16(q, k, v, *bounds(lengths), 0.125)
+    not_causal = native.varlen_attention_bf16(q, k, v, *bounds(lengths), 0.125, amx=amx)
     assert not torch.equal(not_causal, got)  # the flag matters

@@ -25,9 +25,12 @@
  * (8 independent sums hide the instruction's latency), 4 each V vector. Not bitwise any other implementation:
  * agreement with exact attention is stated in tests/worker/engine/cpu/test_varlen_bf16.py.
  *
+ * On AMX CPUs the scores and P V run on tiles instead (item_amx below; `amx`), with the same packing and softmax.
+ *
  * Built (-march=native, -ffast-math for the vectorised expf) by pagedq.worker.engine.cpu.native.load_library;
  * `pagedq_varlen_bf16_supported()` is 0 where the compiler did not target AVX512-BF16 (the caller keeps SDPA).
  */
+#define _GNU_SOURCE /* syscall() under -std=c11 */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -40,7 +43,27 @@
 #define HAVE_BF16DOT 0
 #endif
 
+#if HAVE_BF16DOT && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define HAVE_AMX 1
+#else
+#define HAVE_AMX 0
+#endif
+
 int pagedq_varlen_bf16_supported(void) { return HAVE_BF16DOT; }
+
+/* 1 where this build has the AMX path and Linux lets the process use AMX tiles (asked for once: a process must
+ * request the tile state, XFEATURE_XTILEDATA = 18, before its first tile instruction); 0 otherwise. */
+int pagedq_varlen_amx_supported(void) {
+#if HAVE_AMX
+    static int granted = -1;
+    if (granted < 0) granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18) == 0;
+    return granted;
+#else
+    return 0;
+#endif
+}
 
 #if HAVE_BF16DOT
 
@@ -76,10 +99,15 @@ static void pack_k(const Job *job, const uint16_t *k, int64_t L, uint32_t *kp) {
     }
 }
 
-/* V of one (segment, head) in pairs of keys: vp[jp * D + d] = (v[2jp][d], v[2jp + 1][d]), zero past L. */
-static void pack_v(const Job *job, const uint16_t *v, int64_t L, uint32_t *vp) {
-    const int64_t D = job->dim, pairs = (L + 1) / 2;
+/* V of one (segment, head) in pairs of keys: vp[jp * D + d] = (v[2jp][d], v[2jp + 1][d]), zero past L up to
+ * `pairs` pairs. */
+static void pack_v(const Job *job, const uint16_t *v, int64_t L, uint32_t *vp, int64_t pairs) {
+    const int64_t D = job->dim;
     for (int64_t jp = 0; jp < pairs; jp++) {
+        if (2 * jp >= L) {
+            memset(vp + jp * D, 0, sizeof(uint32_t) * (size_t)D);
+            continue;
+        }
         const uint16_t *a = v + 2 * jp * job->kts;
         const uint16_t *b = 2 * jp + 1 < L ? a + job->kts : NULL;
         for (int64_t d = 0; d < D; d++) vp[jp * D + d] = (uint32_t)a[d] | ((uint32_t)(b ? b[d] : 0) << 16);
@@ -185,7 +213,7 @@ static void item(const Job *job, int64_t seg, int64_t h, uint32_t *kp, uint32_t 
     const uint16_t *k = job->k + start * job->kts + kvh * job->khs, *v = job->v + start * job->kts + kvh * job->khs;
     uint16_t *out = job->out + start * job->ots + h * job->dim;
     pack_k(job, k, L, kp);
-    pack_v(job, v, L, vp);
+    pack_v(job, v, L, vp, (L + 1) / 2);
     for (int64_t i = 0; i < L; i += QB) {
         const int n = L - i < QB ? (int)(L - i) : QB;
         const int64_t keys = job->causal ? i + n : L, width = (keys + 15) / 16 * 16;
@@ -198,22 +226,130 @@ static void item(const Job *job, int64_t seg, int64_t h, uint32_t *kp, uint32_t 
     }
 }
 
+
+#if HAVE_AMX
+/* The same arithmetic on AMX tiles (Sapphire Rapids and later), where TDPBF16PS multiplies a 16 x 32 bf16 tile
+ * by a 32 x 16 one into 16 x 16 fp32 sums: 16x the products of one VDPBF16PS. Per block of 16 query rows:
+ *   scores   tiles of 16 queries x 16 keys, summed over D in chunks of 32 (A: the rows of q read through their
+ *            stride; B: K packed as above, whose 16 pairs of one key block are exactly a B tile's rows)
+ *   softmax  as above (fp32, the row scaled first), p as bf16 hi + lo, zero up to a multiple of 32 keys
+ *   P V      tiles of 16 queries x 16 dims, summed over keys in chunks of 32 (A: p's hi and lo rows; B: V in
+ *            pairs of keys as above: rows of 16 dims x one pair), lo then hi as above
+ * Sums run in another order than the AVX512-BF16 path (tiles add their pairs in hardware order): the two
+ * paths agree to fp32 rounding, not bit for bit. Tiles: 0-3 accumulators, 4-7 operands. */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+#define QT 16 /* query rows per AMX block */
+
+static void tiles_on(void) {
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+    _tile_loadconfig(&cfg);
+}
+
+static void item_amx(const Job *job, int64_t seg, int64_t h, uint32_t *kp, uint32_t *vp, float *s, uint16_t *pp,
+                     int64_t Lp, uint16_t *qbuf, float *obuf) {
+    const int64_t L = job->lengths[seg], start = job->starts[seg], kvh = h / job->group, D = job->dim, P = D / 2;
+    const uint16_t *q = job->q + start * job->ts + h * job->hs;
+    const uint16_t *k = job->k + start * job->kts + kvh * job->khs, *v = job->v + start * job->kts + kvh * job->khs;
+    uint16_t *out = job->out + start * job->ots + h * job->dim;
+    pack_k(job, k, L, kp);
+    pack_v(job, v, L, vp, (L + 31) / 32 * 16);
+    const __m512 scale = _mm512_set1_ps(job->scale);
+    for (int64_t i = 0; i < L; i += QT) {
+        const int n = L - i < QT ? (int)(L - i) : QT;
+        const int64_t keys = job->causal ? i + n : L, blocks = (keys + 15) / 16, width = (keys + 31) / 32 * 32;
+        const uint16_t *qa = q + i * job->ts;
+        int64_t qstride = job->ts * 2;
+        if (n < QT) { /* a last partial block: its rows copied, the rest zero */
+            memset(qbuf, 0, sizeof(uint16_t) * (size_t)(QT * D));
+            for (int r = 0; r < n; r++) memcpy(qbuf + r * D, qa + r * job->ts, sizeof(uint16_t) * (size_t)D);
+            qa = qbuf, qstride = D * 2;
+        }
+        for (int64_t b = 0; b < blocks; b += 2) {
+            const int two = b + 1 < blocks;
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int64_t c = 0; c < D / 32; c++) {
+                _tile_loadd(4, qa + 32 * c, qstride);
+                _tile_loadd(5, kp + (b * P + 16 * c) * 16, 64);
+                _tile_dpbf16ps(0, 4, 5);
+                if (two) {
+                    _tile_loadd(6, kp + ((b + 1) * P + 16 * c) * 16, 64);
+                    _tile_dpbf16ps(1, 4, 6);
+                }
+            }
+            _tile_stored(0, s + b * 16, Lp * 4);
+            if (two) _tile_stored(1, s + (b + 1) * 16, Lp * 4);
+        }
+        for (int r = 0; r < n; r++) {
+            float *row = s + r * Lp;
+            for (int64_t b = 0; b < blocks; b++) _mm512_storeu_ps(row + 16 * b, _mm512_mul_ps(_mm512_loadu_ps(row + 16 * b), scale));
+            softmax_row(row, job->causal ? i + r + 1 : L, width, pp + r * Lp, pp + (QT + r) * Lp);
+        }
+        for (int r = n; r < QT; r++) {
+            memset(pp + r * Lp, 0, sizeof(uint16_t) * (size_t)width);
+            memset(pp + (QT + r) * Lp, 0, sizeof(uint16_t) * (size_t)width);
+        }
+        for (int64_t d0 = 0; d0 < D / 16; d0 += 4) {
+            const int64_t cn = D / 16 - d0 < 4 ? D / 16 - d0 : 4;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t kc = 0; kc < width / 32; kc++) {
+                _tile_loadd(4, pp + 32 * kc, Lp * 2);
+                _tile_loadd(5, pp + QT * Lp + 32 * kc, Lp * 2);
+                const uint32_t *vb = vp + 16 * kc * D + 16 * d0;
+#define PV_TILE(T)                                  \
+    if (cn > T) {                                   \
+        _tile_loadd(6, vb + 16 * T, D * 4);         \
+        _tile_dpbf16ps(T, 5, 6);                    \
+        _tile_dpbf16ps(T, 4, 6);                    \
+    }
+                PV_TILE(0)
+                PV_TILE(1)
+                PV_TILE(2)
+                PV_TILE(3)
+#undef PV_TILE
+            }
+            _tile_stored(0, obuf, 256);
+            if (cn > 1) _tile_stored(1, obuf + 16, 256);
+            if (cn > 2) _tile_stored(2, obuf + 32, 256);
+            if (cn > 3) _tile_stored(3, obuf + 48, 256);
+            for (int r = 0; r < n; r++)
+                for (int64_t c = 0; c < cn; c++)
+                    store_bf16x16(out + (i + r) * job->ots + (d0 + c) * 16, _mm512_loadu_ps(obuf + r * 64 + c * 16));
+        }
+    }
+}
+#endif /* HAVE_AMX */
+
 #endif /* HAVE_BF16DOT */
 
 /* q [T, heads, dim] (strides ts, hs), k and v [T, kv_heads, dim] (strides kts, khs; query head h reads kv head
- * h / (heads / kv_heads)), out [T, heads, dim] contiguous. Returns 0; 1 without AVX512-BF16 in this build; 2 for
- * a head dim that is not a multiple of 16 up to 256, or heads not a multiple of kv_heads; 3 when scratch memory
- * cannot be allocated. */
+ * h / (heads / kv_heads)), out [T, heads, dim] contiguous. `amx`: run the AMX path (a head dim that is a multiple
+ * of 32; check pagedq_varlen_amx_supported() first). Returns 0; 1 without AVX512-BF16 in this build (or without
+ * AMX when asked for it); 2 for a head dim that is not a multiple of 16 (32 with amx) up to 256, or heads not a
+ * multiple of kv_heads; 3 when scratch memory cannot be allocated. */
 int pagedq_varlen_attention_bf16(const void *q, const void *k, const void *v, void *out, const int64_t *starts,
                                  const int64_t *lengths, int64_t segments, int64_t heads, int64_t kv_heads,
                                  int64_t dim, int64_t ts, int64_t hs, int64_t kts, int64_t khs, float scale,
-                                 int causal, int threads) {
+                                 int causal, int threads, int amx) {
 #if HAVE_BF16DOT
     if (dim % 16 != 0 || dim > 256 || dim <= 0 || kv_heads <= 0 || heads % kv_heads != 0) return 2;
+    if (amx && (!pagedq_varlen_amx_supported())) return 1;
+    if (amx && dim % 32 != 0) return 2;
     int64_t longest = 0;
     for (int64_t s = 0; s < segments; s++) longest = lengths[s] > longest ? lengths[s] : longest;
     if (longest == 0) return 0;
-    const int64_t Lp = (longest + 15) / 16 * 16;
+    const int64_t Lp = (longest + 31) / 32 * 32, rows = 16; /* rows: max(QB, QT) */
     const Job job = {(const uint16_t *)q, (const uint16_t *)k, (const uint16_t *)v, (uint16_t *)out,
                      starts, lengths, ts, hs, kts, khs, heads * dim, heads, heads / kv_heads, dim, scale, causal};
     const int64_t items = segments * heads;
@@ -224,26 +360,43 @@ int pagedq_varlen_attention_bf16(const void *q, const void *k, const void *v, vo
     {
         uint32_t *kp = malloc(sizeof(uint32_t) * (size_t)(Lp * dim / 2));
         uint32_t *vp = malloc(sizeof(uint32_t) * (size_t)(Lp * dim / 2));
-        float *s = malloc(sizeof(float) * (size_t)(QB * Lp));
-        uint16_t *pp = malloc(sizeof(uint16_t) * (size_t)(2 * QB * Lp));
-        if (!kp || !vp || !s || !pp) {
+        float *s = malloc(sizeof(float) * (size_t)(rows * Lp));
+        uint16_t *pp = malloc(sizeof(uint16_t) * (size_t)(2 * rows * Lp));
+        uint16_t *qbuf = malloc(sizeof(uint16_t) * (size_t)(rows * dim));
+        float *obuf = malloc(sizeof(float) * (size_t)(rows * 64));
+        if (!kp || !vp || !s || !pp || !qbuf || !obuf) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp barrier
+#if HAVE_AMX
+        if (amx && !failed) tiles_on();
+#endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; it++) {
-            if (!failed) item(&job, it / heads, it % heads, kp, vp, s, pp, Lp);
+            if (failed) continue;
+#if HAVE_AMX
+            if (amx) {
+                item_amx(&job, it / heads, it % heads, kp, vp, s, pp, Lp, qbuf, obuf);
+                continue;
+            }
+#endif
+            item(&job, it / heads, it % heads, kp, vp, s, pp, Lp);
         }
+#if HAVE_AMX
+        if (amx && !failed) _tile_release();
+#endif
         free(kp);
         free(vp);
         free(s);
         free(pp);
+        free(qbuf);
+        free(obuf);
     }
     return failed ? 3 : 0;
 #else
     (void)q, (void)k, (void)v, (void)out, (void)starts, (void)lengths, (void)segments, (void)heads, (void)dim;
-    (void)kv_heads, (void)ts, (void)hs, (void)kts, (void)khs, (void)scale, (void)causal, (void)threads;
+    (void)kv_heads, (void)ts, (void)hs, (void)kts, (void)khs, (void)scale, (void)causal, (void)threads, (void)amx;
     return 1;
 #endif
 }
