@@ -118,12 +118,26 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._usable(x):
             return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
+
+    def plus(self, x: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+        """`self(x) + add` for a bias-free layer and an `add` [out] of the weight's dtype. In bf16 / fp16 the
+        sum is oneDNN's epilogue: one rounding of the fp32 accumulator plus `add` instead of two (the rounded
+        product, then the rounded sum) and no second pass over [rows, out] (a seq2seq LM head's
+        `final_logits_bias`: ~5% of a bf16 Marian beam step at 1,024 rows x 58,101 words). fp32 keeps the
+        model's two operations (exactness)."""
+        half = self.weight.dtype in (torch.bfloat16, torch.float16)
+        if not half or self.bias is not None or add.dtype is not self.weight.dtype or not self._usable(x):
+            return self(x).add_(add)
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), add, "none", [], "")
+
+    def _packed_weight(self) -> torch.Tensor:
         key = self._key()
         if self._packed is None or self._packed_key != key:
             with torch.no_grad():
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 64)
             self._packed_key = key
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        return self._packed
 
 
 def prepack_linears(model: nn.Module, min_weight: int | None = None) -> int:

@@ -12,7 +12,8 @@ those rows of its input (T5's scaling already applied) and hands the head an emp
 runs the head on the rows it took (the `*ForConditionalGeneration` heads take no `logits_to_keep`). The
 BART family's `final_logits_bias` is then added in place, or by the int8 head's dequantize pass as its
 bias: one pass over [rows, vocab] less than the model's `lm_head(h) + final_logits_bias` (a tenth of a
-beam-search step of Marian at 256 rows x 58k words), the same bits. The load-time self-check compares
+beam-search step of Marian at 256 rows x 58k words), the same bits; a bf16 head adds it in oneDNN's epilogue
+(`PackedLinear.plus`: one rounding instead of two, within bf16's stated tolerance, not the same bits). The load-time self-check compares
 the result with the model's own forward.
 
 Traps this avoids (transformers 5.x): `use_cache=False` with `cache=` given (layers still call
@@ -32,6 +33,7 @@ from transformers import AttentionInterface
 
 from pagedq.worker.engine.core.hf_compat import cache_kwargs
 from pagedq.worker.engine.core.request import TokenSequence
+from pagedq.worker.engine.cpu.linear import PackedLinear
 from pagedq.worker.engine.cpu.native import use_native_decode
 from pagedq.worker.engine.cpu.quantization import Int8Linear
 from pagedq.worker.engine.paged.decode_plan import DecodeRow, flat_tables, padded_tables, sorted_buckets
@@ -136,6 +138,8 @@ class Seq2SeqRunner:
         bias, head = self.logits_bias, self.head
         if bias is not None and isinstance(head, Int8Linear) and head.bias is None and bias.dtype == torch.float32:
             return head(rows, add=bias)
+        if bias is not None and isinstance(head, PackedLinear):
+            return head.plus(rows, bias)
         logits = head(rows)
         if bias is not None:
             logits.add_(bias)

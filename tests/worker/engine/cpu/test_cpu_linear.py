@@ -52,6 +52,36 @@ def test_packed_outputs_equal_linear_within_rounding(dtype: torch.dtype) -> None
     assert model.state_dict().keys() == ref.state_dict().keys()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plus_adds_a_bias_as_the_model_does_or_in_one_rounding(dtype: torch.dtype) -> None:
+    """`plus(x, add)` (a seq2seq head's `final_logits_bias`): fp32 the bits of `layer(x) + add`; bf16 the
+    product and the sum rounded once (oneDNN's epilogue), so within the model's own two roundings of it (half
+    a bf16 step of the product and one of the sum) and no further from the exact sum than they are."""
+    torch.manual_seed(1)
+    layer = nn.Linear(64, 300, bias=False).to(dtype)
+    add = (torch.randn(300) * 4).to(dtype)
+    x = torch.randn(9, 64).to(dtype)
+    with torch.inference_mode():
+        product = layer(x)
+        eager = product + add
+        layer.__class__ = PackedLinear
+        packed = layer(x) + add
+        got = layer.plus(x, add)
+    exact = x.double() @ layer.weight.double().T + add.double()
+    if dtype == torch.float32:
+        assert torch.equal(got, packed)
+        return
+    if dtype not in cpu_linear._PACKABLE:
+        assert torch.equal(got, eager)
+        return
+    def step(t: torch.Tensor) -> torch.Tensor:  # one bf16 step at each value's magnitude
+        return 2.0 ** (torch.floor(torch.log2(t.double().abs().clamp_min(2**-60))) - 7)
+
+    assert bool(((got.double() - eager.double()).abs() <= step(product) / 2 + step(eager)).all())
+    assert float((got.double() - exact).abs().max()) <= float((packed.double() - exact).abs().max())
+    assert not torch.equal(got, packed)  # one rounding, not two: the fused path ran
+
+
 def test_repacks_when_the_weight_changes() -> None:
     model = _mlp()
     prepack_linears(model)
