@@ -13,8 +13,8 @@ runs the head on the rows it took (the `*ForConditionalGeneration` heads take no
 BART family's `final_logits_bias` is then added in place, or by the int8 head's dequantize pass as its
 bias: one pass over [rows, vocab] less than the model's `lm_head(h) + final_logits_bias` (a tenth of a
 beam-search step of Marian at 256 rows x 58k words), the same bits; a bf16 head adds it in oneDNN's epilogue
-(`PackedLinear.plus`: one rounding instead of two, within bf16's stated tolerance, not the same bits). The load-time self-check compares
-the result with the model's own forward.
+(`PackedLinear.plus`: one rounding instead of two, within bf16's stated tolerance, not the same bits). The
+load-time self-check compares the result with the model's own forward.
 
 Traps this avoids (transformers 5.x): `use_cache=False` with `cache=` given (layers still call
 `cache.update`); positions from hooks, not from `cache.get_seq_length()`; `set_attn_implementation`
