@@ -214,6 +214,7 @@ def test_seq2seq_logits_are_the_rounded_models(arch: str, path: str) -> None:
         teacher = [reference.generate(torch.tensor([ids]), max_new_tokens=steps)[0, 1:].tolist() for ids in inputs]
     got = teacher_forced_logits(engine, inputs, teacher)
     batch: torch.Tensor | None = None  # `rounded_batch`, where a row needs it
+    clean = 0  # rows within ROUNDED_TOL of the rounded forward and REAL_ROUNDING times farther from the plain one
     for row, (ids, tokens, rows) in enumerate(zip(inputs, teacher, got, strict=True)):
         decoder = torch.tensor([[start, *tokens[:-1]]])
         with torch.no_grad():
@@ -224,15 +225,19 @@ def test_seq2seq_logits_are_the_rounded_models(arch: str, path: str) -> None:
         scale = max(1.0, float(rounded.abs().max()))
         near = float((rows - rounded).abs().max()) / scale
         far = float((rows - plain).abs().max()) / scale
-        if near <= ROUNDED_TOL:
-            assert far >= REAL_ROUNDING * near, f"{arch}: plain fp32 {far:.3g}, rounded {near:.3g}"
+        if near <= ROUNDED_TOL and far >= REAL_ROUNDING * near:
+            clean += 1
             continue
-        # a rounding boundary (ROUNDED_TOL's comment); an fp32 pool fails here too (its spread is fp32's)
+        # a rounding boundary (ROUNDED_TOL's comment; on the AMX machine one Marian sentence sat 3.1e-4 from
+        # the rounded forward and 2.7e-3 from the plain one): held to transformers' own padded-batch spread;
+        # an fp32 pool fails here too (its spread is fp32's)
+        assert far > near, f"{arch}: plain fp32 {far:.3g}, rounded {near:.3g}"
         if batch is None:
             batch = rounded_batch(reference, inputs, [[start, *t[:-1]] for t in teacher])
         spread = float((batch[row, : len(tokens)] - rounded).abs().max()) / scale
         assert near <= BOUNDARY_MARGIN * spread, f"{arch}: {near:.3g} from the rounded-cache forward, which " \
             f"moves {spread:.3g} against itself in a padded batch of the {len(inputs)} sentences"
+    assert clean >= len(inputs) // 2, f"{arch}: {clean} of {len(inputs)} rows clearly the rounded model's"
 
 
 def rounded_batch(reference: Any, inputs: list[list[int]], decoders: list[list[int]]) -> torch.Tensor:
