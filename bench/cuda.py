@@ -169,8 +169,8 @@ def ct2_peers(kind: str, model: Any, device: torch.device) -> tuple[dict[str, An
             return {}, f"ctranslate2 {ctranslate2.__version__} sees no CUDA device here (its CUDA build or libraries)"
         with peers_ct2.temp_dir() as tmp:
             path, tokens = convert(copy.deepcopy(model).float().cpu(), Path(tmp))
+            threads = torch.get_num_threads()
             for suffix, compute_type in compute_types.items():
-                threads = torch.get_num_threads()
                 peers[f"ctranslate2 {suffix}"] = peers_ct2.start(kind, path, compute_type, threads, tokens, device.type)
         one = peers_ct2.Batching("examples", 1)
         for peer in peers.values():  # CT2 loads cuBLAS on its first call, not at load: one tiny call each

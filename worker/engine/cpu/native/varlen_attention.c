@@ -204,16 +204,31 @@ static void weighted_values(const Job *job, int n, int64_t L, const uint16_t *pp
     }
 }
 
+/* One (segment, query head) of a job: its length, its rows of q and out, its kv head's rows of k and v. */
+typedef struct {
+    int64_t L;
+    const uint16_t *q, *k, *v;
+    uint16_t *out;
+} Item;
+
+/* The item's rows, with its kv head's K and V packed (V zero-padded to `pairs` pairs of keys). */
+static Item item_packed(const Job *job, int64_t seg, int64_t h, uint32_t *kp, uint32_t *vp, int64_t pairs) {
+    const int64_t L = job->lengths[seg], start = job->starts[seg], kvh = h / job->group;
+    const Item it = {L, job->q + start * job->ts + h * job->hs, job->k + start * job->kts + kvh * job->khs,
+                     job->v + start * job->kts + kvh * job->khs, job->out + start * job->ots + h * job->dim};
+    pack_k(job, it.k, L, kp);
+    pack_v(job, it.v, L, vp, pairs);
+    return it;
+}
+
 /* One (segment, query head): its kv head's K and V packed once, then blocks of QB query rows. Causal: row i
  * sees keys 0..i, so a block scores only the keys its last row sees and each row's softmax stops at its own. */
 static void item(const Job *job, int64_t seg, int64_t h, uint32_t *kp, uint32_t *vp, float *s, uint16_t *pp,
                  int64_t Lp) {
-    const int64_t L = job->lengths[seg], start = job->starts[seg], kvh = h / job->group;
-    const uint16_t *q = job->q + start * job->ts + h * job->hs;
-    const uint16_t *k = job->k + start * job->kts + kvh * job->khs, *v = job->v + start * job->kts + kvh * job->khs;
-    uint16_t *out = job->out + start * job->ots + h * job->dim;
-    pack_k(job, k, L, kp);
-    pack_v(job, v, L, vp, (L + 1) / 2);
+    const int64_t L = job->lengths[seg];
+    const Item it = item_packed(job, seg, h, kp, vp, (L + 1) / 2);
+    const uint16_t *q = it.q;
+    uint16_t *out = it.out;
     for (int64_t i = 0; i < L; i += QB) {
         const int n = L - i < QB ? (int)(L - i) : QB;
         const int64_t keys = job->causal ? i + n : L, width = (keys + 15) / 16 * 16;
@@ -225,7 +240,6 @@ static void item(const Job *job, int64_t seg, int64_t h, uint32_t *kp, uint32_t 
                             out + (i + r) * job->ots);
     }
 }
-
 
 #if HAVE_AMX
 /* The same arithmetic on AMX tiles (Sapphire Rapids and later), where TDPBF16PS multiplies a 16 x 32 bf16 tile
@@ -255,12 +269,10 @@ static void tiles_on(void) {
 
 static void item_amx(const Job *job, int64_t seg, int64_t h, uint32_t *kp, uint32_t *vp, float *s, uint16_t *pp,
                      int64_t Lp, uint16_t *qbuf, float *obuf) {
-    const int64_t L = job->lengths[seg], start = job->starts[seg], kvh = h / job->group, D = job->dim, P = D / 2;
-    const uint16_t *q = job->q + start * job->ts + h * job->hs;
-    const uint16_t *k = job->k + start * job->kts + kvh * job->khs, *v = job->v + start * job->kts + kvh * job->khs;
-    uint16_t *out = job->out + start * job->ots + h * job->dim;
-    pack_k(job, k, L, kp);
-    pack_v(job, v, L, vp, (L + 31) / 32 * 16);
+    const int64_t L = job->lengths[seg], D = job->dim, P = D / 2;
+    const Item it = item_packed(job, seg, h, kp, vp, (L + 31) / 32 * 16); /* P V reads whole chunks of 32 keys */
+    const uint16_t *q = it.q;
+    uint16_t *out = it.out;
     const __m512 scale = _mm512_set1_ps(job->scale);
     for (int64_t i = 0; i < L; i += QT) {
         const int n = L - i < QT ? (int)(L - i) : QT;
