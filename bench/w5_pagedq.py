@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from w5_load import Outcome, Sample
 from w5_workload import Job
 
@@ -26,6 +27,7 @@ from pagedq.shared.settings import Settings
 from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, ModelExecutor
 from pagedq.worker.engine.service import make_executor
 from pagedq.worker.registry import load_model
+from pagedq.worker.runtime import model_config
 
 
 @dataclass
@@ -106,26 +108,40 @@ def bulk(settings: Settings, texts: Sequence[str], timeout_s: float) -> Outcome:
 
 
 class InProcess:
-    """The default classifier loaded as the worker loads it, with the worker's engine settings, in this
-    process: `run(texts)` adds every text to its executor at once, then `step()`s until done, and returns the
-    outcome and the run's mean requests per step. Latency: from the first add to each request's result."""
+    """The default classifier loaded as the worker loads it, with the worker's engine settings and its registry
+    entry's (`model_config`: its intra-op threads among them), in this process: `run(texts)` adds every text to
+    its executor at once, then `step()`s until done, and returns the outcome and the run's mean requests per
+    step. Latency: from the first add to each request's result."""
 
     def __init__(self, registry_path: Path, settings: Settings, warmup_texts: Sequence[str]) -> None:
         registry = Registry.load(registry_path)
         spec = registry.models[registry.defaults[TaskType.CLASSIFY]]
-        config = EngineConfig(
+        config = model_config(spec, EngineConfig(
             max_batch_tokens=settings.max_batch_tokens,
             max_running_requests=settings.max_running_requests,
             kv_cache_bytes=settings.kv_cache_bytes,
             cpu_prepack_linear=settings.cpu_prepack_linear,
-        )
+            intra_op_threads=settings.intra_op_threads,
+        ))
         self.model = spec.name
+        self.threads = config.intra_op_threads or torch.get_num_threads()  # as the engine thread steps it
         self.executor = make_executor(load_model(spec, registry, settings.device), config)
-        _drive(self.executor, self.model, warmup_texts)
+        with self._threads():
+            _drive(self.executor, self.model, warmup_texts)
+
+    @contextmanager
+    def _threads(self) -> Iterator[None]:
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def run(self, texts: Sequence[str]) -> tuple[Outcome, float]:
         before = self.executor.stats()
-        outcome = _drive(self.executor, self.model, texts)
+        with self._threads():
+            outcome = _drive(self.executor, self.model, texts)
         after = self.executor.stats()
         finished = after.num_requests_finished - before.num_requests_finished
         return outcome, finished / max(after.steps - before.steps, 1)

@@ -76,6 +76,16 @@ class ModelSpec(BaseModel):
         ),
     )
     device: str | None = Field(None, description="Overrides PAGEDQ_DEVICE for this model.")
+    intra_op_threads: int | None = Field(
+        None,
+        gt=0,
+        description=(
+            "CPU threads that split one engine step's matrix products for this model (torch's intra-op threads). "
+            "Default: PAGEDQ_INTRA_OP_THREADS, else torch's (one per core). A small model on a worker whose cores "
+            "also run the queue steps faster on fewer: its products are too small to gain from splitting, and a "
+            "split product waits for its slowest thread (README, W5)."
+        ),
+    )
     revision: str | None = None
     languages: list[str] = Field(default_factory=list, description="Translation: 'src-tgt' pairs served.")
     prompt_template: str | None = Field(None, description="Causal LMs: prompt with {context}/{question}/{text}...")

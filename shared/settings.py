@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     cpu_prepack_linear: bool = Field(
         True, description="CPU models: pre-pack linear weights for oneDNN (faster, one more weight copy in memory)."
     )
+    intra_op_threads: int | None = Field(
+        None, gt=0, description="CPU threads of one engine step's matrix products, for models whose registry entry "
+        "sets none (`intra_op_threads`); unset: torch's default (one per core, or OMP_NUM_THREADS)."
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

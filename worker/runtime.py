@@ -85,6 +85,7 @@ class WorkerRuntime:
             max_running_requests=settings.max_running_requests,
             kv_cache_bytes=settings.kv_cache_bytes,
             cpu_prepack_linear=settings.cpu_prepack_linear,
+            intra_op_threads=settings.intra_op_threads,
         )
         executors, refused = load_executors(registry, settings.device, config)
         if len(refused) == len(registry.models):
@@ -189,11 +190,12 @@ class RefusedExecutor(ModelExecutor):
 
 def model_config(spec: ModelSpec, config: EngineConfig) -> EngineConfig:
     """The worker's engine knobs with what one registry entry decides for its model (prefix caching, the KV
-    cache's dtype)."""
+    cache's dtype, its steps' intra-op threads)."""
     return replace(
         config,
         enable_prefix_caching=config.enable_prefix_caching and spec.prefix_caching,
         kv_cache_dtype=spec.kv_cache_dtype,
+        intra_op_threads=spec.intra_op_threads or config.intra_op_threads,
     )
 
 

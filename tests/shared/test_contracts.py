@@ -211,6 +211,23 @@ def test_registry_file_errors_are_clear(tmp_path: Path) -> None:
     path.write_text('[models.a]\ntask = "translate"\nsource = "x"\nlanguages = ["english"]\n')
     with pytest.raises(ValidationError, match="must look like 'en-de'"):
         Registry.load(path)
+    path.write_text('[models.a]\ntask = "classify"\nsource = "x"\nintra_op_threads = 0\n')
+    with pytest.raises(ValidationError, match="intra_op_threads"):
+        Registry.load(path)
+
+
+def test_intra_op_threads_are_read_from_the_registry_and_the_environment(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "threads.toml"
+    path.write_text('[models.a]\ntask = "classify"\nsource = "x"\nintra_op_threads = 1\n'
+                    '[models.b]\ntask = "classify"\nsource = "x"\n')
+    registry = Registry.load(path)
+    assert registry.models["a"].intra_op_threads == 1 and registry.models["b"].intra_op_threads is None
+    monkeypatch.setenv("PAGEDQ_INTRA_OP_THREADS", "3")
+    assert Settings().intra_op_threads == 3
+    monkeypatch.setenv("PAGEDQ_INTRA_OP_THREADS", "0")
+    with pytest.raises(ValidationError, match="intra_op_threads"):
+        Settings()
 
 
 def test_celery_configuration_is_safe_for_at_least_once_delivery() -> None:

@@ -2,7 +2,8 @@
 its causal LM: real Redis, a real worker loading the demo models from disk, the Python client. The translations
 equal the model's own `generate` with a cache that rounds its K/V to bf16 (`paged.kv_dtype.rounding_cache`, what
 the engine is defined to compute: tests/worker/engine/paged/test_kv_cache_dtype.py), and the worker reports what
-each model's pages store (`celery inspect stats`, Flower's model line)."""
+each model's pages store (`celery inspect stats`, Flower's model line). The same worker steps its classifier on one
+intra-op thread (`intra_op_threads = 1` in its registry entry) and reports each model's count."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def kv_registry(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             header = f"[models.{name}]\n"
             assert header in text
             text = text.replace(header, header + 'kv_cache_dtype = "bfloat16"\n')
-        return text
+        return text.replace("[models.demo-classifier]\n", "[models.demo-classifier]\nintra_op_threads = 1\n")
 
     return demo_registry_copy(demo_models, tmp_path_factory.mktemp("kv"), bf16_kv)
 
@@ -83,3 +84,7 @@ def test_the_worker_reports_what_each_models_pages_store(stack: Stack) -> None:
         assert models[name]["kv_cache_dtype"] == "bfloat16"
         assert "KV cache (bfloat16)" in shown[f"pagedq model {name}"]
     assert models["demo-classifier"]["kv_cache_dtype"] == ""  # no KV cache: an encoder
+    assert models["demo-classifier"]["intra_op_threads"] == 1
+    assert "intra-op threads 1" in shown["pagedq model demo-classifier"]
+    default = torch.get_num_threads()  # the worker's default: torch's, as here (OMP_NUM_THREADS is not set)
+    assert {models[name]["intra_op_threads"] for name in BF16_MODELS} == {default}

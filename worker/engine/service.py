@@ -22,6 +22,12 @@ Invariants:
   the executor's requests are evicted and bisected (`isolation.py`) until the guilty one fails alone;
 - the loop never dies of an Exception; if a BaseException ends the thread, `ensure_alive` starts a new
   one, which re-runs every in-flight request (those of the model it died in are bisected).
+
+Each model's steps run with its own number of torch intra-op threads (`EngineConfig.intra_op_threads`, from
+its registry entry or PAGEDQ_INTRA_OP_THREADS; unset: the worker's, i.e. torch's default of one per core or
+OMP_NUM_THREADS, read when the engine is built): the engine thread sets them before a step whenever they
+differ from the last step's (0.1 us). They are set in the engine thread itself because OpenMP's thread count
+is per thread: `torch.set_num_threads` in another thread does not reach the engine's matrix products.
 """
 
 from __future__ import annotations
@@ -36,7 +42,10 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any
+
+import torch
 
 from pagedq.shared.errors import DeadlineExceeded, EngineError, ModelNotFound, TaskCancelled, WorkerShuttingDown
 from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
@@ -103,6 +112,11 @@ class Engine:
             ("steps", "requests_submitted", "requests_finished", "step_errors", "isolated_requests", "restarts",
              "loop_errors"), 0)  # fmt: skip
         self._isolator = Isolator(self._flights, self._counters)
+        #: intra-op threads of a model that sets none: the constructing thread's (the worker's main thread: one
+        #: per core, or OMP_NUM_THREADS); read here, as another engine thread's `set_num_threads` moves torch's
+        #: global count that a new thread would read
+        self._default_threads = torch.get_num_threads()
+        self._threads_now = 0  # what the engine thread runs with now (0: not set yet)
 
     # ---- called from any thread -------------------------------------------------------------
     def start(self) -> Engine:
@@ -206,6 +220,7 @@ class Engine:
     def _run(self, recover: bool) -> None:
         try:
             log.info("engine thread started with models %s", sorted(self.executors))
+            self._threads_now = 0  # a new thread: its OpenMP count is set before its first step
             if recover:
                 self._isolator.recover(self.executors.values(), self._death or EngineError("the thread died"))
             while not self._drained():
@@ -227,12 +242,22 @@ class Engine:
             self._drain_inbox(block=not busy)
             self._expire()
             for executor in busy or [ex for ex in self.executors.values() if self._isolator.has_work(ex)]:
+                self._use_threads(executor)
                 self._isolator.step(executor)
             self._reap()
         except Exception:  # noqa: BLE001 - a bug in one iteration must not end the loop
             self._counters["loop_errors"] += 1
             log.exception("an engine loop iteration failed")
             time.sleep(IDLE_WAIT_S)  # never spin on a fault that repeats every iteration
+
+    def _threads_of(self, executor: ModelExecutor) -> int:
+        return executor.config.intra_op_threads or self._default_threads
+
+    def _use_threads(self, executor: ModelExecutor) -> None:
+        wanted = self._threads_of(executor)
+        if wanted != self._threads_now:
+            torch.set_num_threads(wanted)
+            self._threads_now = wanted
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -289,7 +314,7 @@ class Engine:
         if now - self._stats_at >= STATS_INTERVAL_S:  # a snapshot for other threads, not every iteration's work
             self._stats_at = now
             for name, executor in self.executors.items():
-                self._stats[name] = executor.stats()
+                self._stats[name] = replace(executor.stats(), intra_op_threads=self._threads_of(executor))
 
     # ---- engine thread: shutdown ---------------------------------------------------------------------
     def _shut_down(self) -> None:

@@ -32,6 +32,7 @@ from pagedq.shared.registry import ModelSpec, Registry
 from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
 from pagedq.worker.engine.service import Engine, make_executor
 from pagedq.worker.registry import load_model
+from pagedq.worker.runtime import model_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -324,6 +325,65 @@ def test_stop_drains_for_up_to_drain_s() -> None:
     eng.stop(drain_s=5)
     assert [f.result(timeout=0) for f in futures] == ["done:d0", "done:d1", "done:d2"]
     assert time.monotonic() - started < 2 and not eng.alive
+
+
+class ThreadsSeen(BatchingExecutor):
+    """Records the OpenMP thread count its steps run with, in the thread that runs them."""
+
+    def __init__(self, name: str, intra_op_threads: int | None) -> None:
+        super().__init__(name)
+        self.config = EngineConfig(intra_op_threads=intra_op_threads)
+        self.seen: list[int] = []
+
+    def step(self) -> None:
+        self.seen.append(torch.get_num_threads())  # omp_get_max_threads() of the engine thread
+        super().step()
+
+
+def test_each_model_steps_with_its_own_intra_op_threads_in_the_engine_thread() -> None:
+    before = torch.get_num_threads()  # 1 here (one_torch_thread)
+    torch.set_num_threads(3)  # the process default the engine is built with (a worker's main thread)
+    try:
+        executors = {"one": ThreadsSeen("one", 1), "two": ThreadsSeen("two", 2), "default": ThreadsSeen("d", None)}
+        eng = Engine(executors).start()
+    finally:
+        torch.set_num_threads(before)
+    try:
+        for round_ in range(2):  # the models alternate: each step gets its model's count, not the last one's
+            futures = [eng.submit(request(f"{name}{round_}", model=name)) for name in executors]
+            assert [f.result(timeout=5) for f in futures] == [f"done:{n}{round_}" for n in executors]
+        # the thread dies in a step of "default" right after one of "one": the restarted thread steps
+        # "default" with the engine's default again, not with torch's global count the last step left
+        executors["default"].hold = True
+        killed = [eng.submit(request(f"k{i}", model="default")) for i in range(2)]
+        eng.submit(request("o", model="one")).result(timeout=5)
+        executors["default"].kill_next, executors["default"].hold = True, False
+        deadline = time.monotonic() + 5
+        while not all(f.done() for f in killed):
+            assert time.monotonic() < deadline
+            eng.ensure_alive()
+            time.sleep(0.01)
+        assert [f.result(timeout=0) for f in killed] == ["done:k0", "done:k1"]
+        assert eng.stats()["engine"]["restarts"] == 1
+        seen = {name: set(ex.seen) for name, ex in executors.items()}
+        assert seen == {"one": {1}, "two": {2}, "default": {3}}
+        assert torch.get_num_threads() == before  # the caller's own count is untouched
+        time.sleep(0.1)  # past a stats refresh
+        eng.ensure_alive()
+        eng.submit(request("s", model="one")).result(timeout=5)
+        shown = {name: eng.model_stats()[name].intra_op_threads for name in executors}
+        assert shown == {"one": 1, "two": 2, "default": 3}
+    finally:
+        eng.stop()
+
+
+def test_a_registry_entrys_intra_op_threads_override_the_workers() -> None:
+    worker = EngineConfig(intra_op_threads=3)
+    pinned = ModelSpec(name="a", task=TaskType.CLASSIFY, source="x", intra_op_threads=1)
+    unset = ModelSpec(name="b", task=TaskType.CLASSIFY, source="x")
+    assert model_config(pinned, worker).intra_op_threads == 1
+    assert model_config(unset, worker).intra_op_threads == 3
+    assert model_config(unset, EngineConfig()).intra_op_threads is None  # the engine's default then
 
 
 # ---- real executors over the demo models -----------------------------------------------------------------

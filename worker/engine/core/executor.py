@@ -39,6 +39,9 @@ class EngineConfig:
     cpu_prepack_linear: bool = True  # CPU models: linear weights pre-packed for oneDNN (worker/engine/cpu/linear.py)
     #: what the KV pages store: "auto" (the model's dtype) or "bfloat16" (fp32 / int8 models; paged/kv_dtype.py)
     kv_cache_dtype: str = "auto"
+    #: torch intra-op threads of this model's steps (the engine thread sets them before each step); None: the
+    #: engine thread's default (torch's: one per core, or OMP_NUM_THREADS)
+    intra_op_threads: int | None = None
 
 
 @dataclass
@@ -111,6 +114,7 @@ class ModelStats:
     path: str = ""  # paged | generate | packed | padded | refused
     path_reason: str = ""
     kv_cache_dtype: str = ""  # what a paged engine's KV pages store ("float32", "bfloat16", ...); "" without one
+    intra_op_threads: int = 0  # the torch intra-op threads its steps run with (set by the engine; 0: not stepped yet)
     extra: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
