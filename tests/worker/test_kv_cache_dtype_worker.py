@@ -7,6 +7,8 @@ intra-op thread (`intra_op_threads = 1` in its registry entry) and reports each 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,5 +88,13 @@ def test_the_worker_reports_what_each_models_pages_store(stack: Stack) -> None:
     assert models["demo-classifier"]["kv_cache_dtype"] == ""  # no KV cache: an encoder
     assert models["demo-classifier"]["intra_op_threads"] == 1
     assert "intra-op threads 1" in shown["pagedq model demo-classifier"]
-    default = torch.get_num_threads()  # the worker's default: torch's, as here (OMP_NUM_THREADS is not set)
-    assert {models[name]["intra_op_threads"] for name in BF16_MODELS} == {default}
+    assert {models[name]["intra_op_threads"] for name in BF16_MODELS} == {_fresh_torch_threads()}
+
+
+def _fresh_torch_threads() -> int:
+    """torch's default intra-op threads in a new process with this environment: what a worker runs a model
+    with when neither its registry entry nor PAGEDQ_INTRA_OP_THREADS sets any (this process may have changed
+    its own count)."""
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], check=True,
+                         capture_output=True, text=True, timeout=120)
+    return int(out.stdout.strip())
