@@ -13,7 +13,7 @@ the per-round ratios are printed. The mix and its naive baseline run afterwards,
   pagedq single-item, Client       C closed-loop clients (threads, own Client each): classify, wait, repeat
                                    (a 1/rounds share of the tasks per round)
   pagedq bulk                      one `bulk_classify` of every text, then `wait_all` (once per round)
-  pagedq single-item, HTTP API     the same closed loop through `HTTPClient` (it polls: 0.2 s, then x1.5)
+  pagedq single-item, HTTP API     the same closed loop through `HTTPClient` (long polls: `GET /v1/tasks/{id}?wait=`)
   Celery no-op, closed / open      a no-op task with pagedq's Celery settings (results stored), the same pool;
                                    closed loop `send_task(...).get()`, and open loop (submit all, then get)
   pagedq mix / naive Celery mix    60% classify, 25% translate, 15% extractive QA, closed loop, against a plain
