@@ -38,6 +38,7 @@ from pagedq.producer.api_errors import (
     body_responses,
     install_error_handlers,
 )
+from pagedq.producer.api_notices import DoneNotices
 from pagedq.producer.api_wait import stream_events, wait_statuses
 from pagedq.producer.service import TaskService
 from pagedq.shared.models import (
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None, service: TaskService | None = N
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        await app.state.notices.aclose()
         await app.state.aredis.aclose()
         if owned:
             app.state.service.close()
@@ -79,6 +81,7 @@ def create_app(settings: Settings | None = None, service: TaskService | None = N
     app.state.service = service or TaskService(settings)
     # waits and streams are async (a waiting client holds no thread): their own Redis client
     app.state.aredis = aioredis.Redis.from_url(settings.backend_url, decode_responses=True, health_check_interval=10)
+    app.state.notices = DoneNotices(app.state.aredis)  # every waiting request's notices, on one connection
     install_error_handlers(app)
     app.include_router(_health_routes())
     _docs_routes(app)
@@ -120,7 +123,7 @@ def _task_routes(limits: Limits) -> APIRouter:
         """The task's state; its result or error once final. With `wait`, answers as soon as the task is final
         (or after `wait` seconds, with the state then)."""
         wait = min(wait, limits.max_wait_s)
-        [status] = await wait_statuses(service, request.app.state.aredis, [task_id], wait)
+        [status] = await wait_statuses(service, request.app.state.notices, [task_id], wait)
         return status
 
     @router.post(
@@ -135,7 +138,7 @@ def _task_routes(limits: Limits) -> APIRouter:
         """Many statuses in one call, in the order of `ids` (404 names an unknown id). With `wait`, answers
         when all tasks (`until`: "all") or one of them ("any") are final, or after `wait` seconds."""
         wait = min(query.wait, limits.max_wait_s)
-        tasks = await wait_statuses(service, request.app.state.aredis, query.ids, wait, query.until == "any")
+        tasks = await wait_statuses(service, request.app.state.notices, query.ids, wait, query.until == "any")
         return StatusList(tasks=tasks)
 
     @router.get(
@@ -150,7 +153,8 @@ def _task_routes(limits: Limits) -> APIRouter:
         """The task's text as it is generated (`generation.stream`: token by token on causal LMs; otherwise in
         one piece when it finishes), then its final status. `Last-Event-ID` resumes after an event. A stream
         longer than `max_stream_s` ends with the status as it is then."""
-        events = stream_events(service, request.app.state.aredis, task_id, request.headers.get("last-event-id"),
+        state = request.app.state
+        events = stream_events(service, state.aredis, state.notices, task_id, request.headers.get("last-event-id"),
                                request.is_disconnected, limits.max_stream_s)
         async for event in events:
             yield event

@@ -5,9 +5,11 @@
     GET  /v1/tasks/{id}/stream          Server-Sent Events: `token` {"text"} as generated, `reset` (start the
                                         text over), then `status` (the final TaskStatus); `Last-Event-ID` resumes
 
-Waits subscribe to `pagedq:done:<id>` (what `finalize` publishes, with the final fields) and read the records
-once after subscribing, as `pagedq.producer.completion` does for the Python client; a read every `FALLBACK_S`
-persists deadlines. Streams read `pagedq:stream:<id>` (worker/streaming.py) with a blocking XREAD.
+Waits subscribe to `pagedq:done:<id>` (what `finalize` publishes, with the final fields) through the process's
+one shared subscription (`pagedq.producer.api_notices`) and read the records once Redis confirmed it, as
+`pagedq.producer.completion` does for the Python client; a read every `FALLBACK_S` persists deadlines and
+covers a notice lost while the subscription reconnected. Streams read `pagedq:stream:<id>` (worker/streaming.py)
+with a blocking XREAD.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import redis.asyncio as aioredis
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import ServerSentEvent
 
+from pagedq.producer.api_notices import DoneNotices
 from pagedq.producer.completion import parse_notice
 from pagedq.producer.service import TaskService
 from pagedq.producer.status import status_from_notice
 from pagedq.shared.models import TaskStatus
-from pagedq.shared.records import done_channel, stream_key
+from pagedq.shared.records import stream_key
 
 #: A waiting request reads its tasks again this often (deadlines, missed notifications).
 FALLBACK_S = 1.0
@@ -35,7 +38,7 @@ END_TO_FINAL_S = 10.0
 KEEPALIVE_S = 15.0
 
 
-async def wait_statuses(service: TaskService, client: aioredis.Redis, ids: Sequence[str], wait_s: float,
+async def wait_statuses(service: TaskService, notices: DoneNotices, ids: Sequence[str], wait_s: float,
                         until_any: bool = False) -> list[TaskStatus]:
     """Statuses of `ids` (in order), once all (or, `until_any`, one) are final or `wait_s` passed."""
     statuses = {s.id: s for s in await run_in_threadpool(service.statuses, list(ids))}
@@ -43,16 +46,17 @@ async def wait_statuses(service: TaskService, client: aioredis.Redis, ids: Seque
         return [statuses[i] for i in ids]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    try:
-        await pubsub.subscribe(*[done_channel(i) for i in statuses if not statuses[i].state.is_final])
+    async with notices.subscribe([i for i in statuses if not statuses[i].state.is_final]) as queue:
         statuses = {s.id: s for s in await run_in_threadpool(service.statuses, list(ids))}  # since subscribing
         next_read = loop.time() + FALLBACK_S
         pending = {i for i, s in statuses.items() if not s.state.is_final}  # O(1) per notice, not O(ids)
         while (pending if not until_any else len(pending) == len(statuses)) and loop.time() < deadline:
             timeout = max(0.0, min(deadline, next_read) - loop.time())
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
-            if message is not None and message.get("type") == "message":
+            try:
+                message: dict[str, Any] | None = await asyncio.wait_for(queue.get(), timeout)
+            except TimeoutError:
+                message = None
+            if message is not None:
                 task_id = _apply_notice(statuses, message)
                 if task_id is not None and statuses[task_id].state.is_final:
                     pending.discard(task_id)
@@ -60,8 +64,6 @@ async def wait_statuses(service: TaskService, client: aioredis.Redis, ids: Seque
                 statuses.update({s.id: s for s in await run_in_threadpool(service.statuses, list(pending))})
                 pending = {i for i in pending if not statuses[i].state.is_final}
                 next_read = loop.time() + FALLBACK_S
-    finally:
-        await pubsub.aclose()
     return [statuses[i] for i in ids]
 
 
@@ -79,8 +81,9 @@ def _apply_notice(statuses: dict[str, TaskStatus], message: dict[str, Any]) -> s
     return None
 
 
-async def stream_events(service: TaskService, client: aioredis.Redis, task_id: str, last_event_id: str | None,
-                        is_disconnected: object, max_s: float) -> AsyncIterator[ServerSentEvent]:
+async def stream_events(service: TaskService, client: aioredis.Redis, notices: DoneNotices, task_id: str,
+                        last_event_id: str | None, is_disconnected: object, max_s: float,
+                        ) -> AsyncIterator[ServerSentEvent]:
     """The SSE events of one task (see the module docstring). The task must exist (checked by the route)."""
     key, last, streamed = stream_key(task_id), last_event_id or "0-0", False
     loop = asyncio.get_running_loop()
@@ -101,7 +104,7 @@ async def stream_events(service: TaskService, client: aioredis.Redis, task_id: s
                     streamed = True
                     yield ServerSentEvent(event="token", data={"text": fields["text"]}, id=entry_id)
                 if "end" in fields:  # written just before the final state: wait the moment for it
-                    [status] = await wait_statuses(service, client, [task_id], END_TO_FINAL_S)
+                    [status] = await wait_statuses(service, notices, [task_id], END_TO_FINAL_S)
                     yield ServerSentEvent(event="status", data=status.model_dump(mode="json"), id=entry_id)
                     return
         if replies:

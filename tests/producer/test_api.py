@@ -534,6 +534,72 @@ def test_batch_status_waits_for_all_or_any(api: TestClient) -> None:
     assert timed_out.json()["tasks"][0]["state"] == "queued"
 
 
+def pubsub_clients(r: redis.Redis) -> int:
+    return len(r.client_list(_type="pubsub"))
+
+
+def _until(check: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_concurrent_long_polls_share_one_redis_subscription(api: TestClient, r: redis.Redis) -> None:
+    ids = [submit_classify(api, f"t{i}") for i in range(3)]  # max_bulk 3: batch waits of 3 ids
+    singles = [submit_classify(api, f"s{i}") for i in range(12)]
+    before = pubsub_clients(r)
+    answers: dict[str, Any] = {}
+
+    def long_poll(task_id: str) -> None:
+        answers[task_id] = api.get(f"/v1/tasks/{task_id}", params={"wait": 30}, headers=AUTH).json()
+
+    def batch_wait(name: str, until: str) -> None:
+        answers[name] = api.post("/v1/statuses", json={"ids": ids, "wait": 30, "until": until}, headers=AUTH).json()
+
+    threads = [threading.Thread(target=long_poll, args=(t,)) for t in singles + ids[:1]]
+    threads += [threading.Thread(target=batch_wait, args=("all", "all")),
+                threading.Thread(target=batch_wait, args=("any", "any"))]
+    for thread in threads:
+        thread.start()
+    notices = api.app.state.notices  # type: ignore[attr-defined]
+    _until(lambda: notices.channels == len(singles) + len(ids))  # every id waited on, each subscribed once
+    assert pubsub_clients(r) == before + 1  # one connection for all 15 waiting requests (16 channels: 3 shared)
+    for task_id in singles + ids:
+        records(api).finalize(task_id, TaskState.SUCCEEDED, result=SUCCESS)
+    for thread in threads:
+        thread.join(timeout=20)
+    assert all(answers[t]["state"] == "succeeded" for t in singles + ids[:1])
+    assert [t["state"] for t in answers["all"]["tasks"]] == ["succeeded"] * 3
+    assert "succeeded" in [t["state"] for t in answers["any"]["tasks"]]
+    _until(lambda: notices.channels == 0)  # nobody waits: every channel unsubscribed
+    assert not any(n for _, n in r.pubsub_numsub(*[f"pagedq:done:{t}" for t in singles + ids]))
+
+
+def test_a_long_poll_survives_the_loss_of_the_shared_subscription(api: TestClient, r: redis.Redis) -> None:
+    first, second = submit_classify(api, "a"), submit_classify(api, "b")
+    answers: dict[str, Any] = {}
+
+    def long_poll(task_id: str) -> None:
+        answers[task_id] = api.get(f"/v1/tasks/{task_id}", params={"wait": 30}, headers=AUTH).json()
+
+    threads = [threading.Thread(target=long_poll, args=(t,)) for t in (first, second)]
+    for thread in threads:
+        thread.start()
+    notices = api.app.state.notices  # type: ignore[attr-defined]
+    _until(lambda: notices.channels == 2)
+    assert r.client_kill_filter(_type="pubsub") >= 1  # what a Redis restart or a proxy does to the connection
+    started = time.monotonic()
+    records(api).finalize(first, TaskState.SUCCEEDED, result=SUCCESS)  # maybe lost: published while it is down
+    threads[0].join(timeout=20)
+    assert answers[first]["state"] == "succeeded"  # the notice, or the periodic read that covers a lost one
+    _until(lambda: sum(n for _, n in r.pubsub_numsub(f"pagedq:done:{second}")) == 1)  # re-subscribed
+    records(api).finalize(second, TaskState.SUCCEEDED, result=SUCCESS)
+    threads[1].join(timeout=20)
+    assert answers[second]["state"] == "succeeded"
+    assert time.monotonic() - started < 10  # well inside the 30 s wait
+
+
 def test_http_client_waits_by_long_polling(api: TestClient) -> None:
     client = HTTPClient("http://testserver", KEY, http=api)
     ids = [submit_classify(api, f"t{i}") for i in range(3)]
