@@ -68,7 +68,14 @@ class _LoopNotices:
             async with self.commands:
                 for channel in new:
                     self.unconfirmed[channel] = self.unconfirmed.get(channel, 0) + 1
-                await self.pubsub.subscribe(*new)
+                try:
+                    await self.pubsub.subscribe(*new)
+                except BaseException:  # not sent (Redis down): no reply will confirm these
+                    for channel in new:
+                        self.unconfirmed[channel] -= 1
+                        if not self.unconfirmed[channel]:
+                            del self.unconfirmed[channel]
+                    raise
             if self.reader is None or self.reader.done():
                 self.reader = self.loop.create_task(self._read(), name="pagedq-done-notices")
         await self._until_confirmed(channels)
