@@ -94,7 +94,8 @@ class _LoopNotices:
             try:
                 async with self.commands:
                     await self.pubsub.unsubscribe(*idle)
-            except RedisError as exc:  # the connection is down: the reconnect re-subscribes only what is waited on
+            except RedisError as exc:  # the connection is down: a reconnect re-subscribes them too (redis-py keeps
+                # them until Redis confirms the unsubscribe); their notices then reach no queue and are dropped
                 log.warning("unsubscribing %d notice channels failed: %r", len(idle), exc)
 
     async def _until_confirmed(self, channels: Sequence[str]) -> None:
@@ -164,7 +165,7 @@ class DoneNotices:
 
     @property
     def channels(self) -> int:
-        """Channels subscribed now (for tests and metrics)."""
+        """Channels some request waits on now (tests read it)."""
         return len(self._state.waiters) if self._state is not None else 0
 
     async def aclose(self) -> None:

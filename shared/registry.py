@@ -82,8 +82,8 @@ class ModelSpec(BaseModel):
         description=(
             "CPU threads that split one engine step's matrix products for this model (torch's intra-op threads). "
             "Default: PAGEDQ_INTRA_OP_THREADS, else torch's (one per core). A small model on a worker whose cores "
-            "also run the queue steps faster on fewer: its products are too small to gain from splitting, and a "
-            "split product waits for its slowest thread (README, W5)."
+            "also run the queue may serve bulk work faster on fewer (a split product waits for its slowest "
+            "thread) and single tasks slower (README, W5: +20% and -8% for the demo classifier on 2 cores)."
         ),
     )
     revision: str | None = None

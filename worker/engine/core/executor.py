@@ -114,7 +114,7 @@ class ModelStats:
     path: str = ""  # paged | generate | packed | padded | refused
     path_reason: str = ""
     kv_cache_dtype: str = ""  # what a paged engine's KV pages store ("float32", "bfloat16", ...); "" without one
-    intra_op_threads: int = 0  # the torch intra-op threads its steps run with (set by the engine; 0: not stepped yet)
+    intra_op_threads: int = 0  # the torch intra-op threads its steps run with (set by the engine's snapshot; 0: none)
     extra: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
