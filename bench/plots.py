@@ -121,12 +121,16 @@ def rates(path: Path, title: str, unit: str, panels: Sequence[Panel], note: str 
 
 
 class ServiceRow(Protocol):
-    """What bench/w5_report.Row gives: a system's tasks/s and latency percentiles (NaN: not measured)."""
+    """What bench/w5_report.Row gives: a system's tasks/s (whole run; `rate`: a closed loop's steady state)
+    and latency percentiles (NaN: not measured)."""
 
     system: str
 
     @property
     def tasks_per_s(self) -> float: ...
+
+    @property
+    def rate(self) -> float: ...
 
     def latency_ms(self, q: float) -> float: ...
 
@@ -141,8 +145,8 @@ def service(rows: Sequence[ServiceRow], path: Path) -> str:
     shown = list(rows)[::-1]
     names = [r.system for r in shown]
     fig, (rate_ax, latency_ax) = plt.subplots(1, 2, figsize=(13, 0.45 * len(shown) + 1.8), sharey=True)
-    rate_ax.bar_label(rate_ax.barh(names, [r.tasks_per_s for r in shown], color=OURS), fmt="%.0f", padding=2)
-    rate_ax.set_xlabel("tasks/s (log)")
+    rate_ax.bar_label(rate_ax.barh(names, [r.rate for r in shown], color=OURS), fmt="%.0f", padding=2)
+    rate_ax.set_xlabel("tasks/s (log; closed loops: steady state)")
     positions = range(len(shown))
     for offset, q in ((0.2, 50), (-0.2, 99)):
         bars = latency_ax.barh([p + offset for p in positions], [r.latency_ms(q) for r in shown], 0.4, label=f"p{q}")

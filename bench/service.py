@@ -38,6 +38,8 @@ mix 120: under 2 minutes on 2 cores). `--torch-threads N` sets the torch threads
 Plots tasks/s and p50/p99 latency per system (bench/plots.py) to bench/plots/w5.png (`--plot`).
 Ends with one line (ratios of tasks/s; w5_vs_naive from the mix, on the models of `--models`):
 w5_single_vs_noop=.. w5_bulk_vs_inprocess=.. w5_idle_p50_ms=.. w5_vs_naive=..
+A closed loop's tasks/s in a ratio is its steady state (bench/w5_load.py: the completions while all C clients
+were busy, without the start's burst and the end's drain); the line before it gives the whole-run ratios too.
 """
 
 from __future__ import annotations
@@ -286,6 +288,12 @@ def where_time_goes(rows: dict[str, Row]) -> list[str]:
 
 
 def ratio(a: Row, b: Row) -> float:
+    """a's rate over b's: closed loops in their steady state (`Row.rate`)."""
+    return a.rate / b.rate
+
+
+def whole_run_ratio(a: Row, b: Row) -> float:
+    """The same, every task over the whole run (the ratio before the seventeenth session)."""
     return a.tasks_per_s / b.tasks_per_s
 
 
@@ -297,7 +305,9 @@ def report(rows: dict[str, Row], phases: Phases, notes: list[str], args: argpars
     legend = [
         "latency: closed loops per task, in the client (submit to result); bulk and in-process from the first "
         "submission (all submitted at once) to each task's completion; open loop from each submission to the "
-        "worker's date_done. mean batch: classifier requests per engine step (in the mix, of the classify tasks)"
+        "worker's date_done. mean batch: classifier requests per engine step (in the mix, of the classify tasks). "
+        "steady tasks/s: a closed loop's completions while every client was busy (after the first `clients`, "
+        "before the last `clients`); the targets' ratios compare these where both sides have one"
     ]
     for line in legend + where_time_goes(rows) + notes:
         print(f"- {line}")
@@ -318,6 +328,9 @@ def report(rows: dict[str, Row], phases: Phases, notes: list[str], args: argpars
         ("idle p50 <= 25 ms", summary["w5_idle_p50_ms"] <= 25),
         ("mix >= 5x naive", summary["w5_vs_naive"] >= 5),
     ]
+    whole = [("single vs no-op", "single", "noop"), ("mix vs naive", "mix", "naive")]
+    print("- whole-run ratios (every task over the whole run, as before the steady state was measured): "
+          + ", ".join(f"{name} {whole_run_ratio(rows[a], rows[b]):.3f}" for name, a, b in whole))
     print("- targets (issue): " + ", ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in targets))
     print(" ".join(f"{key}={value:.3f}" for key, value in summary.items()))
 

@@ -23,7 +23,17 @@ class Row:
 
     @property
     def tasks_per_s(self) -> float:
+        """All tasks over the whole run."""
         return self.tasks / self.outcome.seconds if self.outcome.seconds > 0 else math.nan
+
+    @property
+    def rate(self) -> float:
+        """Tasks/s as the targets compare them: a closed loop's steady state (`Outcome.steady`), else (open
+        loops, a bulk, the in-process engine, a closed loop too short to have one) the whole run."""
+        if self.outcome.steady is None:
+            return self.tasks_per_s
+        completions, seconds = self.outcome.steady
+        return completions / seconds
 
     def latency_ms(self, q: float) -> float:
         return 1000 * percentile(self.outcome.latencies_s, q)
@@ -35,13 +45,19 @@ class Row:
 
 def merge(rows: list[Row]) -> Row:
     """One row from the rounds of one system: seconds, samples, failures, Redis commands and CPU summed (so
-    tasks/s is all tasks over all the time), the mean batch weighted by tasks."""
+    tasks/s is all tasks over all the time; the steady state's completions and seconds likewise, if every
+    round has one), the mean batch weighted by tasks."""
     first = rows[0]
+    steadies = [r.outcome.steady for r in rows]
+    steady = None
+    if all(s is not None for s in steadies):
+        steady = (sum(s[0] for s in steadies if s), sum(s[1] for s in steadies if s))
     outcome = Outcome(
         sum(r.outcome.seconds for r in rows),
         [s for r in rows for s in r.outcome.samples],
         [f for r in rows for f in r.outcome.failures],
         {key: sum(r.outcome.extra.get(key, 0.0) for r in rows) for key in first.outcome.extra},
+        steady,
     )
     batches = [(r.batch, r.tasks) for r in rows if r.batch is not None]
     batch = sum(b * n for b, n in batches) / max(sum(n for _, n in batches), 1) if batches else None
@@ -63,13 +79,15 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| system | clients | tasks | failed | seconds | tasks/s | p50 ms | p99 ms | mean batch | Redis cmds/task |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| system | clients | tasks | failed | seconds | tasks/s | steady tasks/s | p50 ms | p99 ms | mean batch "
+        "| Redis cmds/task |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r.system} | {r.clients if r.clients is not None else '-'} | {r.tasks} | {len(r.outcome.failures)} "
-            f"| {r.outcome.seconds:.2f} | {_num(r.tasks_per_s)} | {_num(r.latency_ms(50))} | {_num(r.latency_ms(99))} "
+            f"| {r.outcome.seconds:.2f} | {_num(r.tasks_per_s)} | {_num(r.rate if r.outcome.steady else None)} "
+            f"| {_num(r.latency_ms(50))} | {_num(r.latency_ms(99))} "
             f"| {_num(r.batch)} | {_num(r.commands_per_task)} |"
         )
     return "\n".join(lines)
