@@ -166,11 +166,14 @@ class HTTPClient(BaseClient):
         return TaskStatus.model_validate(self._call("DELETE", f"/v1/tasks/{task_id}"))
 
     def _call(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
-        timeout = self.http.timeout.read
-        if params and params.get("wait") and timeout is not None:  # a long poll may take `wait` seconds
-            timeout = timeout + float(params["wait"])
+        limits = self.http.timeout
+        read = limits.read
+        if params and params.get("wait") and read is not None:  # a long poll may take `wait` seconds
+            read = read + float(params["wait"])
+        # a (connect, read, write, pool) tuple, not an httpx.Timeout: an injected client may be another httpx
+        # line (Starlette's TestClient is an httpx2.Client, whose 2.17 refuses httpx's Timeout objects)
         response = self.http.request(method, path, json=json, params=params,
-                                     timeout=httpx.Timeout(self.http.timeout.connect, read=timeout))
+                                     timeout=(limits.connect, read, limits.write, limits.pool))
         if response.is_success:
             return response.json()
         raise _api_error(response)
