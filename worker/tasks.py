@@ -227,13 +227,16 @@ def _wait(rt: WorkerRuntime, task_type: TaskType, items: list[Item]) -> None:
     """Wait for the engine; finalize items as they complete; forward Celery revokes to the engine.
 
     Completions arrive through one queue (a done-callback per future), so a wake-up costs O(what completed),
-    not O(items): a batch message of K items is O(K) in all, not O(K^2)."""
-    completed: queue.SimpleQueue[Item] = queue.SimpleQueue()
+    not O(items): a batch message of K items is O(K) in all, not O(K^2). The callback carries the item's id,
+    not the item: a Future keeps its callbacks after it completes, and future -> callback -> item -> request ->
+    future would be a reference cycle per item, left for the garbage collector (~55,000 objects, 30-50 ms per
+    full collection, in every 2,000-text bulk) instead of freed when the task ends."""
+    completed: queue.SimpleQueue[str] = queue.SimpleQueue()
     pending: dict[str, Item] = {}
     for item in items:
         if item.request is not None:
             pending[item.id] = item
-            item.request.future.add_done_callback(functools.partial(_put_item, completed, item))
+            item.request.future.add_done_callback(functools.partial(_put_id, completed, item.id))
     next_revoke_check = time.monotonic() + POLL_S
     while pending:
         try:
@@ -247,7 +250,7 @@ def _wait(rt: WorkerRuntime, task_type: TaskType, items: list[Item]) -> None:
                     done.append(completed.get_nowait())
                 except queue.Empty:
                     break
-        finished = [pending.pop(item.id) for item in done if item.id in pending]
+        finished = [pending.pop(task_id) for task_id in done if task_id in pending]
         outcomes = [o for item in finished if (o := _outcome(item, item.request.future)) is not None]  # type: ignore[union-attr]
         _finalize(rt, task_type, finished, outcomes)
         if pending and time.monotonic() >= next_revoke_check:
@@ -264,8 +267,8 @@ def _wait(rt: WorkerRuntime, task_type: TaskType, items: list[Item]) -> None:
                     item.cancel_sent = True
 
 
-def _put_item(completed: queue.SimpleQueue[Item], item: Item, _future: Future[Any]) -> None:
-    completed.put(item)
+def _put_id(completed: queue.SimpleQueue[str], task_id: str, _future: Future[Any]) -> None:
+    completed.put(task_id)
 
 
 def _finalize(rt: WorkerRuntime, task_type: TaskType, items: list[Item], outcomes: list[Outcome]) -> None:

@@ -8,6 +8,7 @@ private redis-server; no worker process is needed to see what Flower, the lease 
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
@@ -15,6 +16,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -156,6 +158,30 @@ def test_a_task_for_a_refused_model_fails_with_the_reason(runtime: WorkerRuntime
     error = json.loads(record["error"])
     assert error["type"] == "ModelNotFound"
     assert "refused when the worker loaded it" in error["message"] and "not a valid JSON file" in error["message"]
+
+
+def test_a_finished_task_is_freed_without_the_garbage_collector(runtime: WorkerRuntime) -> None:
+    """Through the task body: once the task is final, its item, request and future hold no reference cycle, so
+    reference counting frees them (a cycle per item left ~55,000 objects per 2,000-text bulk to the collector's
+    full passes, 30-50 ms each with every worker thread stopped)."""
+    task_id = uuid.uuid4().hex
+    runtime.records.create(task_id, TaskType.CLASSIFY, "good", 0, None)
+    task = SimpleNamespace(request=SimpleNamespace(delivery_info={"delivery_tag": "1"}))
+    gc.collect()
+    gc.disable()
+    try:
+        [item] = run_items(task, runtime, TaskType.CLASSIFY,  # type: ignore[arg-type]
+                           [Item(task_id, {"request": {"text": "a fine day"}, "model": "good"})])
+        assert item.error is None and (runtime.records.get(task_id) or {})["state"] == "succeeded"
+        assert item.request is not None
+        future, request = weakref.ref(item.request.future), weakref.ref(item.request)
+        del item
+        deadline = time.monotonic() + 5
+        while (future() is not None or request() is not None) and time.monotonic() < deadline:
+            time.sleep(0.02)  # the engine thread lets go of its flight at its next iteration
+        assert future() is None and request() is None
+    finally:
+        gc.enable()
 
 
 def test_a_task_arriving_while_the_engine_stops_is_handed_back_at_once(runtime: WorkerRuntime) -> None:
