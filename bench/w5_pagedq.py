@@ -24,10 +24,10 @@ from pagedq.producer.handle import result_of
 from pagedq.shared.models import ClassifyRequest, TaskStatus, TaskType
 from pagedq.shared.registry import Registry
 from pagedq.shared.settings import Settings
-from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, ModelExecutor
+from pagedq.worker.engine.core.executor import EngineRequest, ModelExecutor
 from pagedq.worker.engine.service import make_executor
 from pagedq.worker.registry import load_model
-from pagedq.worker.runtime import model_config
+from pagedq.worker.runtime import engine_config, model_config
 
 
 @dataclass
@@ -116,13 +116,7 @@ class InProcess:
     def __init__(self, registry_path: Path, settings: Settings, warmup_texts: Sequence[str]) -> None:
         registry = Registry.load(registry_path)
         spec = registry.models[registry.defaults[TaskType.CLASSIFY]]
-        config = model_config(spec, EngineConfig(
-            max_batch_tokens=settings.max_batch_tokens,
-            max_running_requests=settings.max_running_requests,
-            kv_cache_bytes=settings.kv_cache_bytes,
-            cpu_prepack_linear=settings.cpu_prepack_linear,
-            intra_op_threads=settings.intra_op_threads,
-        ))
+        config = model_config(spec, engine_config(settings))
         self.model = spec.name
         self.threads = config.intra_op_threads or torch.get_num_threads()  # as the engine thread steps it
         self.executor = make_executor(load_model(spec, registry, settings.device), config)

@@ -48,10 +48,10 @@ def merge(rows: list[Row]) -> Row:
     tasks/s is all tasks over all the time; the steady state's completions and seconds likewise, if every
     round has one), the mean batch weighted by tasks."""
     first = rows[0]
-    steadies = [r.outcome.steady for r in rows]
+    steadies = [r.outcome.steady for r in rows if r.outcome.steady is not None]
     steady = None
-    if all(s is not None for s in steadies):
-        steady = (sum(s[0] for s in steadies if s), sum(s[1] for s in steadies if s))
+    if len(steadies) == len(rows):
+        steady = (sum(n for n, _ in steadies), sum(s for _, s in steadies))
     outcome = Outcome(
         sum(r.outcome.seconds for r in rows),
         [s for r in rows for s in r.outcome.samples],

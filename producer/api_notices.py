@@ -72,9 +72,7 @@ class _LoopNotices:
                     await self.pubsub.subscribe(*new)
                 except BaseException:  # not sent (Redis down): no reply will confirm these
                     for channel in new:
-                        self.unconfirmed[channel] -= 1
-                        if not self.unconfirmed[channel]:
-                            del self.unconfirmed[channel]
+                        self._confirm(channel)
                     raise
             if self.reader is None or self.reader.done():
                 self.reader = self.loop.create_task(self._read(), name="pagedq-done-notices")
@@ -97,6 +95,12 @@ class _LoopNotices:
             except RedisError as exc:  # the connection is down: a reconnect re-subscribes them too (redis-py keeps
                 # them until Redis confirms the unsubscribe); their notices then reach no queue and are dropped
                 log.warning("unsubscribing %d notice channels failed: %r", len(idle), exc)
+
+    def _confirm(self, channel: str) -> None:
+        """One SUBSCRIBE of `channel` is settled (confirmed by Redis, or never sent)."""
+        self.unconfirmed[channel] -= 1
+        if not self.unconfirmed[channel]:
+            del self.unconfirmed[channel]
 
     async def _until_confirmed(self, channels: Sequence[str]) -> None:
         async with self.confirmed:
@@ -122,9 +126,7 @@ class _LoopNotices:
                 for queue in self.waiters.get(channel, ()):
                     queue.put_nowait(message)
             elif message.get("type") == "subscribe" and self.unconfirmed.get(channel):
-                self.unconfirmed[channel] -= 1
-                if not self.unconfirmed[channel]:
-                    del self.unconfirmed[channel]
+                self._confirm(channel)
                 async with self.confirmed:
                     self.confirmed.notify_all()
         self.reader = None  # nobody waits: the next `add` starts a reader again

@@ -80,14 +80,7 @@ class WorkerRuntime:
         if settings.registry_path is None:
             raise RuntimeError("PAGEDQ_REGISTRY_PATH is not set: the worker needs a model registry file")
         registry = Registry.load(Path(settings.registry_path))
-        config = EngineConfig(
-            max_batch_tokens=settings.max_batch_tokens,
-            max_running_requests=settings.max_running_requests,
-            kv_cache_bytes=settings.kv_cache_bytes,
-            cpu_prepack_linear=settings.cpu_prepack_linear,
-            intra_op_threads=settings.intra_op_threads,
-        )
-        executors, refused = load_executors(registry, settings.device, config)
+        executors, refused = load_executors(registry, settings.device, engine_config(settings))
         if len(refused) == len(registry.models):
             reasons = "; ".join(f"{name}: {reason}" for name, reason in refused.items())
             raise RuntimeError(f"no model of the registry could be loaded, the worker does not start: {reasons}")
@@ -186,6 +179,17 @@ class RefusedExecutor(ModelExecutor):
 
     def stats(self) -> ModelStats:
         return ModelStats(path="refused", path_reason=self.reason)
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    """The worker-wide engine knobs from its settings (`model_config` adds each registry entry's)."""
+    return EngineConfig(
+        max_batch_tokens=settings.max_batch_tokens,
+        max_running_requests=settings.max_running_requests,
+        kv_cache_bytes=settings.kv_cache_bytes,
+        cpu_prepack_linear=settings.cpu_prepack_linear,
+        intra_op_threads=settings.intra_op_threads,
+    )
 
 
 def model_config(spec: ModelSpec, config: EngineConfig) -> EngineConfig:
