@@ -26,6 +26,7 @@ from pagedq.shared.registry import Registry
 from pagedq.shared.settings import Settings
 from pagedq.worker.engine.core.executor import EngineRequest, ModelExecutor
 from pagedq.worker.engine.service import make_executor
+from pagedq.worker.engine.threads import StepThreads
 from pagedq.worker.registry import load_model
 from pagedq.worker.runtime import engine_config, model_config
 
@@ -109,39 +110,40 @@ def bulk(settings: Settings, texts: Sequence[str], timeout_s: float) -> Outcome:
 
 class InProcess:
     """The default classifier loaded as the worker loads it, with the worker's engine settings and its registry
-    entry's (`model_config`: its intra-op threads among them), in this process: `run(texts)` adds every text to
-    its executor at once, then `step()`s until done, and returns the outcome and the run's mean requests per
-    step. Latency: from the first add to each request's result."""
+    entry's (`model_config`: its intra-op threads among them, chosen per step as the engine thread chooses them:
+    `StepThreads`), in this process: `run(texts)` adds every text to its executor at once, then `step()`s until
+    done, and returns the outcome and the run's mean requests per step. Latency: from the first add to each
+    request's result."""
 
     def __init__(self, registry_path: Path, settings: Settings, warmup_texts: Sequence[str]) -> None:
         registry = Registry.load(registry_path)
         spec = registry.models[registry.defaults[TaskType.CLASSIFY]]
         config = model_config(spec, engine_config(settings))
         self.model = spec.name
-        self.threads = config.intra_op_threads or torch.get_num_threads()  # as the engine thread steps it
+        self.threads = StepThreads(config.intra_op_threads, torch.get_num_threads())  # as the engine's
         self.executor = make_executor(load_model(spec, registry, settings.device), config)
-        with self._threads():
-            _drive(self.executor, self.model, warmup_texts)
+        _drive(self.executor, self.model, warmup_texts, self._step)
 
-    @contextmanager
-    def _threads(self) -> Iterator[None]:
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+    def _step(self) -> None:
+        wanted = self.threads.choose()
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+        work, start = self.executor.work_done(), time.perf_counter()
+        self.executor.step()
+        self.threads.record(wanted, time.perf_counter() - start, self.executor.work_done() - work)
 
     def run(self, texts: Sequence[str]) -> tuple[Outcome, float]:
-        before = self.executor.stats()
-        with self._threads():
-            outcome = _drive(self.executor, self.model, texts)
+        before, threads = self.executor.stats(), torch.get_num_threads()
+        try:
+            outcome = _drive(self.executor, self.model, texts, self._step)
+        finally:
+            torch.set_num_threads(threads)
         after = self.executor.stats()
         finished = after.num_requests_finished - before.num_requests_finished
         return outcome, finished / max(after.steps - before.steps, 1)
 
 
-def _drive(executor: ModelExecutor, model: str, texts: Sequence[str]) -> Outcome:
+def _drive(executor: ModelExecutor, model: str, texts: Sequence[str], step: Callable[[], None]) -> Outcome:
     requests = [
         EngineRequest(id=f"w5-{i}", task=TaskType.CLASSIFY, payload=ClassifyRequest(text=t), model=model)
         for i, t in enumerate(texts)
@@ -153,7 +155,7 @@ def _drive(executor: ModelExecutor, model: str, texts: Sequence[str]) -> Outcome
     for request in requests:
         executor.add(request)
     while executor.has_work():
-        executor.step()
+        step()
     seconds = time.perf_counter() - start
     failures = [repr(r.future.exception()) for r in requests if r.future.exception() is not None]
     samples = [Sample(finished[r.id] - start) for r in requests if r.future.exception() is None]

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pagedq.shared.errors import ModelNotFound, UnsupportedLanguagePair
 from pagedq.shared.models import QARequest, TaskRequest, TaskType, TranslateRequest
+from pagedq.shared.settings import IntraOpThreads
 
 Architecture = Literal["sequence-classification", "question-answering", "seq2seq", "causal-lm"]
 
@@ -76,14 +77,15 @@ class ModelSpec(BaseModel):
         ),
     )
     device: str | None = Field(None, description="Overrides PAGEDQ_DEVICE for this model.")
-    intra_op_threads: int | None = Field(
+    intra_op_threads: IntraOpThreads | None = Field(
         None,
-        gt=0,
         description=(
-            "CPU threads that split one engine step's matrix products for this model (torch's intra-op threads). "
+            "CPU threads that split one engine step's matrix products for this model (torch's intra-op threads), "
+            "or \"auto\": the engine measures 1, 2, 4, .. up to torch's count per step size and runs each step "
+            "with the fewest threads that are within 5% of the fastest (pagedq.worker.engine.threads). "
             "Default: PAGEDQ_INTRA_OP_THREADS, else torch's (one per core). A small model on a worker whose cores "
-            "also run the queue may serve bulk work faster on fewer (a split product waits for its slowest "
-            "thread) and single tasks slower (README, W5: +20% and -8% for the demo classifier on 2 cores)."
+            "also run the queue serves bulk work faster on fewer (a split product waits for its slowest "
+            "thread) and single tasks slower (README, W5: +24% and -12% for the demo classifier on 2 cores)."
         ),
     )
     revision: str | None = None

@@ -14,11 +14,15 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: torch intra-op threads of a model's engine steps: a count, or "auto" (measured per step size by the engine:
+#: pagedq.worker.engine.threads)
+IntraOpThreads = Annotated[int, Field(gt=0)] | Literal["auto"]
 
 
 class Limits(BaseModel):
@@ -109,9 +113,10 @@ class Settings(BaseSettings):
     cpu_prepack_linear: bool = Field(
         True, description="CPU models: pre-pack linear weights for oneDNN (faster, one more weight copy in memory)."
     )
-    intra_op_threads: int | None = Field(
-        None, gt=0, description="CPU threads of one engine step's matrix products, for models whose registry entry "
-        "sets none (`intra_op_threads`); unset: torch's default (one per core, or OMP_NUM_THREADS)."
+    intra_op_threads: IntraOpThreads | None = Field(
+        None, description="CPU threads of one engine step's matrix products, for models whose registry entry "
+        "sets none (`intra_op_threads`), or `auto` (measured per step size); unset: torch's default (one per "
+        "core, or OMP_NUM_THREADS)."
     )
 
     @field_validator("api_keys", mode="before")

@@ -106,7 +106,8 @@ def _model_line(state: str, stats: dict[str, Any]) -> str:
         kv = f" ({stats['kv_cache_dtype']})" if stats.get("kv_cache_dtype") else ""
         parts.append(f"KV cache{kv} {100 * float(stats['kv_cache_usage_perc']):.0f}% used")
     if stats.get("intra_op_threads"):
-        parts.append(f"intra-op threads {stats['intra_op_threads']}")
+        auto = " (auto)" if stats.get("intra_op_auto") is not None else ""
+        parts.append(f"intra-op threads {stats['intra_op_threads']}{auto}")
     return "; ".join(parts)
 
 

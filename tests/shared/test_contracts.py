@@ -220,14 +220,22 @@ def test_intra_op_threads_are_read_from_the_registry_and_the_environment(tmp_pat
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "threads.toml"
     path.write_text('[models.a]\ntask = "classify"\nsource = "x"\nintra_op_threads = 1\n'
-                    '[models.b]\ntask = "classify"\nsource = "x"\n')
+                    '[models.b]\ntask = "classify"\nsource = "x"\n'
+                    '[models.c]\ntask = "classify"\nsource = "x"\nintra_op_threads = "auto"\n')
     registry = Registry.load(path)
     assert registry.models["a"].intra_op_threads == 1 and registry.models["b"].intra_op_threads is None
+    assert registry.models["c"].intra_op_threads == "auto"
     monkeypatch.setenv("PAGEDQ_INTRA_OP_THREADS", "3")
     assert Settings().intra_op_threads == 3
-    monkeypatch.setenv("PAGEDQ_INTRA_OP_THREADS", "0")
+    monkeypatch.setenv("PAGEDQ_INTRA_OP_THREADS", "auto")
+    assert Settings().intra_op_threads == "auto"
+    for bad in ("0", "many"):
+        monkeypatch.setenv("PAGEDQ_INTRA_OP_THREADS", bad)
+        with pytest.raises(ValidationError, match="intra_op_threads"):
+            Settings()
+    path.write_text('[models.a]\ntask = "classify"\nsource = "x"\nintra_op_threads = "fast"\n')
     with pytest.raises(ValidationError, match="intra_op_threads"):
-        Settings()
+        Registry.load(path)
 
 
 def test_celery_configuration_is_safe_for_at_least_once_delivery() -> None:

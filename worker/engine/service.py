@@ -25,9 +25,10 @@ Invariants:
 
 Each model's steps run with its own number of torch intra-op threads (`EngineConfig.intra_op_threads`, from
 its registry entry or PAGEDQ_INTRA_OP_THREADS; unset: the worker's, i.e. torch's default of one per core or
-OMP_NUM_THREADS, read when the engine is built): the engine thread sets them before a step whenever they
-differ from the last step's (0.1 us). They are set in the engine thread itself because OpenMP's thread count
-is per thread: `torch.set_num_threads` in another thread does not reach the engine's matrix products.
+OMP_NUM_THREADS, read when the engine is built; "auto": measured per step size, `threads.StepThreads`): the
+engine thread sets them before a step whenever they differ from the last step's (0.1 us). They are set in the
+engine thread itself because OpenMP's thread count is per thread: `torch.set_num_threads` in another thread
+does not reach the engine's matrix products.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import torch
 from pagedq.shared.errors import DeadlineExceeded, EngineError, ModelNotFound, TaskCancelled, WorkerShuttingDown
 from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
 from pagedq.worker.engine.isolation import Flight, Isolator
+from pagedq.worker.engine.threads import StepThreads
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,8 @@ class Engine:
         #: global count that a new thread would read
         self._default_threads = torch.get_num_threads()
         self._threads_now = 0  # what the engine thread runs with now (0: not set yet)
+        self._step_threads = {name: StepThreads(ex.config.intra_op_threads, self._default_threads)
+                              for name, ex in executors.items()}
 
     # ---- called from any thread -------------------------------------------------------------
     def start(self) -> Engine:
@@ -238,26 +242,30 @@ class Engine:
 
     def _iteration(self) -> None:
         try:
-            busy = [ex for ex in self.executors.values() if self._isolator.has_work(ex)]
+            busy = [name for name, ex in self.executors.items() if self._isolator.has_work(ex)]
             self._drain_inbox(block=not busy)
             self._expire()
-            for executor in busy or [ex for ex in self.executors.values() if self._isolator.has_work(ex)]:
-                self._use_threads(executor)
-                self._isolator.step(executor)
+            for name in busy or [name for name, ex in self.executors.items() if self._isolator.has_work(ex)]:
+                self._step(name)
             self._reap()
         except Exception:  # noqa: BLE001 - a bug in one iteration must not end the loop
             self._counters["loop_errors"] += 1
             log.exception("an engine loop iteration failed")
             time.sleep(IDLE_WAIT_S)  # never spin on a fault that repeats every iteration
 
-    def _threads_of(self, executor: ModelExecutor) -> int:
-        return executor.config.intra_op_threads or self._default_threads
-
-    def _use_threads(self, executor: ModelExecutor) -> None:
-        wanted = self._threads_of(executor)
+    def _step(self, name: str) -> None:
+        """One step of a model, with the intra-op threads its `StepThreads` chooses (and tells how it went)."""
+        executor, threads = self.executors[name], self._step_threads[name]
+        wanted = threads.choose()
         if wanted != self._threads_now:
             torch.set_num_threads(wanted)
             self._threads_now = wanted
+        if not threads.auto:
+            self._isolator.step(executor)
+            return
+        work, start = executor.work_done(), time.perf_counter()
+        self._isolator.step(executor)
+        threads.record(wanted, time.perf_counter() - start, executor.work_done() - work)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -314,7 +322,9 @@ class Engine:
         if now - self._stats_at >= STATS_INTERVAL_S:  # a snapshot for other threads, not every iteration's work
             self._stats_at = now
             for name, executor in self.executors.items():
-                self._stats[name] = replace(executor.stats(), intra_op_threads=self._threads_of(executor))
+                threads = self._step_threads[name]
+                self._stats[name] = replace(executor.stats(), intra_op_threads=threads.last or threads.options[-1],
+                                            intra_op_auto=threads.table() if threads.auto else None)
 
     # ---- engine thread: shutdown ---------------------------------------------------------------------
     def _shut_down(self) -> None:

@@ -377,6 +377,47 @@ def test_each_model_steps_with_its_own_intra_op_threads_in_the_engine_thread() -
         eng.stop()
 
 
+class LoadDependent(ThreadsSeen):
+    """An "auto" model whose steps compute 300 tokens and are faster on one thread than on more (as the demo
+    classifier's on two busy vCPUs)."""
+
+    def __init__(self) -> None:
+        super().__init__("auto", "auto")
+        self.tokens = 0
+
+    def step(self) -> None:
+        time.sleep(0.001 if torch.get_num_threads() == 1 else 0.004)
+        self.tokens += 300
+        super().step()
+
+    def work_done(self) -> int:
+        return self.tokens
+
+
+def test_an_auto_model_steps_with_the_count_its_steps_measured_fastest() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the engine's default: options 1 and 2
+    try:
+        executor = LoadDependent()
+        eng = Engine({"auto": executor}).start()
+    finally:
+        torch.set_num_threads(before)
+    try:
+        for i in range(60):  # one request per step
+            eng.submit(request(f"a{i}", model="auto")).result(timeout=5)
+        assert set(executor.seen) == {1, 2}  # both measured
+        assert executor.seen[-20:].count(1) >= 20 - 3  # then one thread, but for a re-measuring run
+        time.sleep(0.1)  # past a stats refresh
+        eng.submit(request("last", model="auto")).result(timeout=5)
+        stats = eng.model_stats()["auto"]
+        assert stats.intra_op_threads in (1, 2)
+        table = stats.intra_op_auto
+        assert table is not None and set(table) == {"511"}  # 300 tokens a step: the bucket up to 511 tokens
+        assert table["511"]["1"] < table["511"]["2"]  # microseconds per token
+    finally:
+        eng.stop()
+
+
 def test_a_registry_entrys_intra_op_threads_override_the_workers() -> None:
     worker = EngineConfig(intra_op_threads=3)
     pinned = ModelSpec(name="a", task=TaskType.CLASSIFY, source="x", intra_op_threads=1)
@@ -501,6 +542,23 @@ def demo_engine(demo_executors: dict[str, ModelExecutor]) -> Iterator[Engine]:
     eng = Engine({"gate": GateExecutor(), **demo_executors}).start()
     yield eng
     eng.stop()
+
+
+def test_every_real_executor_counts_the_tokens_its_steps_compute(demo_executors: dict[str, ModelExecutor]) -> None:
+    """What "auto" intra-op threads divide a step's time by (a model without it keeps the default count)."""
+    jobs = {"demo-classifier": engine_request("demo-classifier", ClassifyRequest(text=TEXTS[2])),
+            "demo-qa": engine_request("demo-qa", QARequest(question=QUESTIONS[0], context=CONTEXT)),
+            "demo-translator": translate(TEXTS[4]), "demo-llm": generative(QUESTIONS[1])}
+    for name, job in jobs.items():
+        executor = demo_executors[name]
+        before = executor.work_done()
+        executor.add(job)
+        steps = 0
+        while executor.has_work():
+            executor.step()
+            steps += 1
+        job.future.result(timeout=0)
+        assert executor.work_done() - before >= steps, name  # at least a token a step
 
 
 def assert_only_the_poison_fails(engine: Engine, innocents: list[EngineRequest], poisons: list[EngineRequest],

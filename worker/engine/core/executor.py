@@ -40,8 +40,9 @@ class EngineConfig:
     #: what the KV pages store: "auto" (the model's dtype) or "bfloat16" (fp32 / int8 models; paged/kv_dtype.py)
     kv_cache_dtype: str = "auto"
     #: torch intra-op threads of this model's steps (the engine thread sets them before each step); None: the
-    #: engine thread's default (torch's: one per core, or OMP_NUM_THREADS)
-    intra_op_threads: int | None = None
+    #: engine thread's default (torch's: one per core, or OMP_NUM_THREADS); "auto": measured per step size
+    #: (worker/engine/threads.py)
+    intra_op_threads: int | str | None = None
 
 
 @dataclass
@@ -114,7 +115,10 @@ class ModelStats:
     path: str = ""  # paged | generate | packed | padded | refused
     path_reason: str = ""
     kv_cache_dtype: str = ""  # what a paged engine's KV pages store ("float32", "bfloat16", ...); "" without one
-    intra_op_threads: int = 0  # the torch intra-op threads its steps run with (set by the engine's snapshot; 0: none)
+    intra_op_threads: int = 0  # the torch intra-op threads its latest step ran with (the engine's snapshot; 0: none)
+    #: with `intra_op_threads = "auto"`: the engine's estimates, step size (tokens, up to) -> threads -> us per
+    #: token (worker/engine/threads.py); None otherwise
+    intra_op_auto: dict[str, dict[str, float]] | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -159,3 +163,8 @@ class ModelExecutor(ABC):
     def stats(self) -> ModelStats:
         """What this executor reports (see `ModelStats`)."""
         return ModelStats()
+
+    def work_done(self) -> int:
+        """Tokens its steps have computed so far (cumulative; the engine divides a step's wall time by the
+        difference to choose its intra-op threads: worker/engine/threads.py). 0: not counted."""
+        return 0

@@ -166,6 +166,9 @@ class ClassificationExecutor(ModelExecutor):
             request.finish(self._result(_payload(request), scores[row], encoded))
             self._counters["num_requests_finished"] += 1
 
+    def work_done(self) -> int:
+        return self.forward.counters["computed_tokens"]
+
     def stats(self) -> ModelStats:
         """Counters, `path` ("packed" | "padded") and `path_reason` (why not packed); extra: computed and
         padded tokens."""

@@ -141,6 +141,9 @@ class ExtractiveQAExecutor(ModelExecutor):
             if pending.windows_left == 0:
                 self._finish(self._pending.pop(window.request_id))
 
+    def work_done(self) -> int:
+        return self.forward.counters["computed_tokens"]
+
     def stats(self) -> ModelStats:
         """Counters, `path` ("packed" | "padded") and `path_reason` (why not packed); extra: windows, computed
         and padded tokens."""

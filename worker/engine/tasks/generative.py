@@ -101,6 +101,9 @@ class GenerativeExecutor(ModelExecutor):
             self._finished += 1
             request.finish(self._result(request, prompt, out))
 
+    def work_done(self) -> int:
+        return self.engine.counters.batched_tokens
+
     def stats(self) -> ModelStats:
         """The paged engine's gauges and counters; `path` is always "paged" (a causal LM the engine cannot run
         exactly is refused at load: there is no fallback); extra: mean batch tokens, KV waste, blocks."""

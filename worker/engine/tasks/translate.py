@@ -134,6 +134,10 @@ class Seq2SeqExecutor(ModelExecutor):
                 tokens, reason = split_output(row, self.loaded.model, encoded.key.max_new_tokens)
                 self._finish(request, encoded, tokens, reason)
 
+    def work_done(self) -> int:
+        """The paged engine's batched tokens; the `generate` fallback's are not counted."""
+        return self.engine.counters.batched_tokens if self.engine is not None else 0
+
     def stats(self) -> ModelStats:
         """The paged engine's gauges and both paths' counters, `path` ("paged" | "generate") and `path_reason`;
         extra: requests that went to the `generate` fallback."""

@@ -1,0 +1,103 @@
+"""`StepThreads`: the intra-op threads of a model's next step, fixed or measured per step size ("auto")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from pagedq.worker.engine.threads import AUTO, EXPLORE_EVERY, EXPLORE_RUN, WARMUP, StepThreads, options
+
+
+def run(threads: StepThreads, steps: int, tokens: Callable[[int], int],
+        cost: Callable[[int, int], float]) -> list[int]:
+    """Drive `steps` steps: step i computes `tokens(i)` tokens in `cost(threads, tokens)` seconds per token.
+    Returns the count each step ran with."""
+    chosen = []
+    for i in range(steps):
+        n = threads.choose()
+        chosen.append(n)
+        t = tokens(i)
+        threads.record(n, cost(n, t) * t, t)
+    return chosen
+
+
+def test_options_are_powers_of_two_up_to_the_default() -> None:
+    assert options(1) == (1,)
+    assert options(2) == (1, 2)
+    assert options(6) == (1, 2, 4, 6)
+    assert options(8) == (1, 2, 4, 8)
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, 4), (3, 3), (1, 1)])
+def test_a_fixed_setting_or_none_never_changes_the_count(setting: int | None, expected: int) -> None:
+    threads = StepThreads(setting, default=4)
+    assert not threads.auto
+    chosen = run(threads, 300, lambda i: 100, lambda n, t: 1e-6 if n == 1 else 1e-3)  # 1 would be faster
+    assert set(chosen) == {expected}
+    assert threads.table() == {}
+
+
+def test_auto_on_one_core_is_one_thread() -> None:
+    threads = StepThreads(AUTO, default=1)
+    assert not threads.auto and set(run(threads, 10, lambda i: 100, lambda n, t: 1e-6)) == {1}
+
+
+def test_auto_settles_on_the_fastest_count_and_keeps_measuring_the_others() -> None:
+    threads = StepThreads(AUTO, default=4)
+    cost = {1: 40e-6, 2: 20e-6, 4: 10e-6}  # seconds per token: 4 threads are the fastest
+    chosen = run(threads, 20 * EXPLORE_EVERY, lambda i: 500, lambda n, t: cost[n])
+    settled = chosen[-EXPLORE_EVERY * 10:]
+    assert settled.count(4) > 0.85 * len(settled)
+    assert {1, 2} <= set(settled)  # re-measured now and then, in runs
+    starts = [i for i in range(1, len(settled) - EXPLORE_RUN) if settled[i] != 4 and settled[i - 1] == 4]
+    assert starts and all(settled[i:i + EXPLORE_RUN] == [settled[i]] * EXPLORE_RUN for i in starts)
+    table = threads.table()["511"]  # 500 tokens: the bucket up to 511
+    assert table == {"1": pytest.approx(40.0), "2": pytest.approx(20.0), "4": pytest.approx(10.0)}
+
+
+def test_more_threads_must_be_faster_by_the_margin() -> None:
+    threads = StepThreads(AUTO, default=2)
+    chosen = run(threads, 10 * EXPLORE_EVERY, lambda i: 300, lambda n, t: 10e-6 if n == 1 else 9.8e-6)
+    assert chosen[-EXPLORE_EVERY:].count(1) >= EXPLORE_EVERY - EXPLORE_RUN  # 2% faster does not pay for a thread
+
+
+def test_the_count_follows_the_step_size_and_a_change_of_load() -> None:
+    threads = StepThreads(AUTO, default=2)
+
+    def small_fast_on_two(n: int, t: int) -> float:  # small steps: 2 threads faster; large ones: 1
+        return (5e-6 if n == 2 else 10e-6) if t < 256 else (5e-6 if n == 1 else 10e-6)
+
+    tokens = lambda i: 100 if (i // 50) % 2 == 0 else 2000  # noqa: E731 - runs of small and large steps
+    chosen = run(threads, 40 * 50, tokens, small_fast_on_two)
+    late = range(30 * 50, 40 * 50)
+    # the first step of a run is chosen from the previous run's size; the rest from their own
+    small = [chosen[i] for i in late if tokens(i) == 100 and tokens(i - 1) == 100]
+    large = [chosen[i] for i in late if tokens(i) == 2000 and tokens(i - 1) == 2000]
+    assert small.count(2) > 0.9 * len(small) and large.count(1) > 0.9 * len(large)
+    # the load changes: now one thread is the faster at every size; the estimates follow within a few runs
+    chosen = run(threads, 12 * EXPLORE_EVERY, lambda i: 100, lambda n, t: 5e-6 if n == 1 else 20e-6)
+    assert chosen[-EXPLORE_EVERY:].count(1) >= EXPLORE_EVERY - EXPLORE_RUN
+
+
+def test_a_step_after_a_switch_is_not_measured() -> None:
+    """A switch's step pays for waking OpenMP's threads: were it measured, two threads here would look slow."""
+    threads = StepThreads(AUTO, default=2)
+    previous = [0]
+
+    def cost(n: int, t: int) -> float:
+        woke = n != previous[0]
+        previous[0] = n
+        return 100e-6 if woke else (5e-6 if n == 2 else 10e-6)
+
+    chosen = run(threads, 8 * EXPLORE_EVERY, lambda i: 300, cost)
+    assert chosen[-EXPLORE_EVERY:].count(2) >= EXPLORE_EVERY - EXPLORE_RUN
+    assert threads.table()["511"] == {"1": pytest.approx(10.0), "2": pytest.approx(5.0)}
+
+
+def test_steps_that_compute_nothing_teach_nothing() -> None:
+    threads = StepThreads(AUTO, default=2)
+    for _ in range(10):
+        threads.record(threads.choose(), 1.0, 0)
+    assert threads.table() == {}
+    assert WARMUP >= 1

@@ -1,0 +1,122 @@
+"""How many torch intra-op threads a model's next step runs with: a fixed count, or measured (`AUTO`).
+
+A step's matrix products are split over the intra-op threads (OpenMP), and every split waits for its slowest
+thread. On a worker whose cores also run the queue (Celery's consumer, the task threads, Redis, clients), a
+thread that another process has descheduled makes the whole step wait: measured on 2 shared vCPUs with the
+demo classifier, one thread served a 2,000-text bulk 24% faster than torch's two, while the single-item loop's
+small steps ran 12% slower on one (README, W5). Which count wins depends on the model, the step's size and the
+machine's load, so `AUTO` measures it, per model, per step size:
+
+    bucket     a step's size class: the bit length of the tokens the model's previous step computed
+               (steps come in runs -- a bulk's full steps, a closed loop's small ones -- so the last step
+               predicts the next)
+    options    1, 2, 4, .. up to the engine's default (one per core, or OMP_NUM_THREADS)
+    estimate   per (bucket, option): a moving average of wall seconds per computed token
+    choice     each option is measured `WARMUP` times in a bucket first; then the fewest threads whose
+               estimate is within `MARGIN` of the best (a thread must pay for itself: the cores it would
+               spin on serve the queue); every `EXPLORE_EVERY`-th step of a bucket starts a run of
+               `EXPLORE_RUN` steps on the option measured longest ago, so that the estimates follow the
+               machine's load
+    switches   a step that runs with another count than the step before it is not measured: OpenMP's
+               threads that were asleep wake up in it (measured: such a step cost 2-3x the next ones)
+
+Results do not depend on the count beyond floating-point order (a split of a product sums in another order),
+which the engine's tolerance against transformers already covers. A model whose executor reports no computed
+tokens (`ModelExecutor.work_done` stays 0) keeps the default count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+AUTO = "auto"
+WARMUP = 2  # measurements of each option in a bucket before the estimates decide
+EXPLORE_EVERY = 64  # every this-many steps of a bucket, a run of steps re-measures another option
+EXPLORE_RUN = 3  # steps in such a run (the first is not measured: see "switches")
+MARGIN = 0.05  # more threads only where they are at least this much faster per token
+ALPHA = 0.25  # weight of a new measurement in an estimate
+MAX_BUCKET = 24  # steps of 2**23 tokens and more share a bucket
+
+
+def options(most: int) -> tuple[int, ...]:
+    """1, 2, 4, .. below `most`, then `most`."""
+    counts, n = [], 1
+    while n < most:
+        counts.append(n)
+        n *= 2
+    return (*counts, max(most, 1))
+
+
+@dataclass
+class _Estimate:
+    seconds_per_token: float = 0.0
+    samples: int = 0
+    measured_at: int = -1  # the bucket's step count at its last measurement
+
+
+@dataclass
+class StepThreads:
+    """One model's intra-op threads: `choose()` before a step, `record(...)` after it."""
+
+    setting: int | str | None  # a count, AUTO, or None (the default count)
+    default: int  # the engine's default count
+    #: bucket -> option -> estimate
+    _table: dict[int, dict[int, _Estimate]] = field(default_factory=dict)
+    _steps: dict[int, int] = field(default_factory=dict)  # bucket -> steps recorded
+    _bucket: int = 0  # the previous step's bucket
+    _run_left: int = 0  # steps left in an exploring run
+    _previous: int = 0  # the count of the step before the latest one
+    last: int = 0  # the count of the latest step (0: none yet)
+
+    def __post_init__(self) -> None:
+        fixed = self.setting if isinstance(self.setting, int) else self.default
+        self.options = options(self.default) if self.auto else (fixed,)
+
+    @property
+    def auto(self) -> bool:
+        return self.setting == AUTO and self.default > 1
+
+    def choose(self) -> int:
+        """The count for the next step."""
+        if not self.auto:
+            self.last = self.options[0]
+            return self.last
+        self._previous = self.last
+        if self._run_left > 0:
+            self._run_left -= 1
+            return self.last
+        estimates = self._table.setdefault(self._bucket, {n: _Estimate() for n in self.options})
+        steps = self._steps.get(self._bucket, 0)
+        untried = [n for n in self.options if estimates[n].samples < WARMUP]
+        if untried:
+            self.last = untried[0]
+        elif steps % EXPLORE_EVERY == EXPLORE_EVERY - 1:
+            self.last = min(self.options, key=lambda n: estimates[n].measured_at)
+            self._run_left = EXPLORE_RUN - 1
+        else:
+            best = min(estimates[n].seconds_per_token for n in self.options)
+            self.last = next(n for n in self.options if estimates[n].seconds_per_token <= best * (1 + MARGIN))
+        return self.last
+
+    def record(self, threads: int, seconds: float, tokens: int) -> None:
+        """What a step run with `threads` took for `tokens` computed tokens (nothing is learned from a step that
+        computed none)."""
+        if not self.auto or tokens <= 0 or threads not in self.options:
+            return
+        bucket = min(tokens.bit_length(), MAX_BUCKET)
+        estimates = self._table.setdefault(bucket, {n: _Estimate() for n in self.options})
+        steps = self._steps[bucket] = self._steps.get(bucket, 0) + 1
+        self._bucket = bucket
+        if threads != self._previous:  # OpenMP's threads woke up in this step: not what the count costs
+            return
+        estimate, value = estimates[threads], seconds / tokens
+        estimate.seconds_per_token = value if estimate.samples == 0 else \
+            (1 - ALPHA) * estimate.seconds_per_token + ALPHA * value
+        estimate.samples += 1
+        estimate.measured_at = steps
+
+    def table(self) -> dict[str, dict[str, float]]:
+        """The estimates, for stats: bucket's upper bound in tokens -> threads -> microseconds per token."""
+        return {str(2**bucket - 1): {str(n): round(e.seconds_per_token * 1e6, 3) for n, e in estimates.items()
+                                     if e.samples}
+                for bucket, estimates in sorted(self._table.items()) if any(e.samples for e in estimates.values())}
