@@ -121,13 +121,12 @@ class Claim(StrEnum):
 # KEYS[1] open set, KEYS[2] claimed hash of this worker, KEYS[3..] the tasks
 # ARGV: worker, lease prefix, now (epoch s), started_at (iso), delivery tag, ttl s, key prefix, done prefix
 _CLAIM = """
-local function finalize(key, id, state, etype, message)
+local function finalize(key, id, state, etype, message, notify)
   local err = cjson.encode({type=etype, message=message})
   redis.call('HSET', key, 'state', state, 'finished_at', ARGV[4], 'error', err)
   redis.call('ZREM', KEYS[1], id)
   redis.call('PUBLISH', ARGV[8] .. id,
              cjson.encode({state=state, result='', error=err, finished_at=ARGV[4], started_at=''}))
-  local notify = redis.call('HGET', key, 'notify')
   if notify then
     redis.call('PUBLISH', notify, cjson.encode({{id=id, state=state, result='', error=err, finished_at=ARGV[4],
                                                  started_at=''}}))
@@ -136,20 +135,23 @@ local function finalize(key, id, state, etype, message)
 end
 local function claim(key)
   local id = string.sub(key, #ARGV[7] + 1)
-  if redis.call('EXISTS', key) == 0 then return 'missing' end
-  if redis.call('HEXISTS', key, 'state') == 1 then return 'final' end
-  if redis.call('HEXISTS', key, 'cancel_requested') == 1 then
-    return finalize(key, id, 'cancelled', 'TaskCancelled', 'cancelled before it started')
+  local kind, state, cancel, deadline, owner, deliveries, notify = unpack(redis.call('HMGET', key,
+    'type', 'state', 'cancel_requested', 'deadline_ts', 'worker', 'deliveries', 'notify'))
+  -- every record has a type; EXISTS only for a key with none of these fields
+  if not (kind or state or cancel or deadline or owner or deliveries or notify)
+     and redis.call('EXISTS', key) == 0 then return 'missing' end
+  if state then return 'final' end
+  if cancel then
+    return finalize(key, id, 'cancelled', 'TaskCancelled', 'cancelled before it started', notify)
   end
-  local deadline = tonumber(redis.call('HGET', key, 'deadline_ts') or '')
+  deadline = tonumber(deadline or '')
   if deadline and tonumber(ARGV[3]) >= deadline then
-    return finalize(key, id, 'expired', 'DeadlineExceeded', 'the deadline passed while the task was queued')
+    return finalize(key, id, 'expired', 'DeadlineExceeded', 'the deadline passed while the task was queued', notify)
   end
-  local owner = redis.call('HGET', key, 'worker')
   if owner == ARGV[1] then return 'mine' end
   if owner and redis.call('EXISTS', ARGV[2] .. owner) == 1 then return 'owned' end
-  redis.call('HSET', key, 'worker', ARGV[1], 'started_at', ARGV[4])
-  redis.call('HINCRBY', key, 'deliveries', 1)
+  redis.call('HSET', key, 'worker', ARGV[1], 'started_at', ARGV[4],
+             'deliveries', (tonumber(deliveries) or 0) + 1)
   redis.call('HSET', KEYS[2], id, ARGV[5])
   return 'run'
 end
@@ -162,36 +164,34 @@ return out
 # Write the final states of many tasks, each only if it has none. KEYS[1] open set, KEYS[2..] the tasks;
 # ARGV: finished_at, claimed prefix, done prefix, key prefix, then per task: state, result json, error json.
 # Returns per task the final state that holds afterwards (this one, or the one written first; '' no record).
+# Per task one read (HMGET) and one write of the record (EXISTS only for a key with none of the fields read).
 _FINALIZE = """
 local out, replies = {}, {}
 for i = 2, #KEYS do
   local key, a = KEYS[i], 5 + 3 * (i - 2)
   local state, result, err = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local id = string.sub(key, #ARGV[4] + 1)
-  if redis.call('EXISTS', key) == 0 then
+  local kind, existing, owner, started, notify = unpack(redis.call('HMGET', key,
+    'type', 'state', 'worker', 'started_at', 'notify'))
+  if not (kind or existing or owner or started or notify) and redis.call('EXISTS', key) == 0 then
     out[i - 1] = ''
+  elseif existing then
+    out[i - 1] = existing
   else
-    local existing = redis.call('HGET', key, 'state')
-    if existing then
-      out[i - 1] = existing
-    else
-      redis.call('HSET', key, 'state', state, 'finished_at', ARGV[1])
-      if result ~= '' then redis.call('HSET', key, 'result', result) end
-      if err ~= '' then redis.call('HSET', key, 'error', err) end
-      redis.call('ZREM', KEYS[1], id)
-      local owner = redis.call('HGET', key, 'worker')
-      if owner then redis.call('HDEL', ARGV[2] .. owner, id) end
-      local notice = {state=state, result=result, error=err, finished_at=ARGV[1],
-                      started_at=redis.call('HGET', key, 'started_at') or ''}
-      redis.call('PUBLISH', ARGV[3] .. id, cjson.encode(notice))
-      local notify = redis.call('HGET', key, 'notify')
-      if notify then
-        notice.id = id
-        replies[notify] = replies[notify] or {}
-        table.insert(replies[notify], notice)
-      end
-      out[i - 1] = state
+    local fields = {'state', state, 'finished_at', ARGV[1]}
+    if result ~= '' then table.insert(fields, 'result'); table.insert(fields, result) end
+    if err ~= '' then table.insert(fields, 'error'); table.insert(fields, err) end
+    redis.call('HSET', key, unpack(fields))
+    redis.call('ZREM', KEYS[1], id)
+    if owner then redis.call('HDEL', ARGV[2] .. owner, id) end
+    local notice = {state=state, result=result, error=err, finished_at=ARGV[1], started_at=started or ''}
+    redis.call('PUBLISH', ARGV[3] .. id, cjson.encode(notice))
+    if notify then
+      notice.id = id
+      replies[notify] = replies[notify] or {}
+      table.insert(replies[notify], notice)
     end
+    out[i - 1] = state
   end
 end
 for channel, notices in pairs(replies) do redis.call('PUBLISH', channel, cjson.encode(notices)) end

@@ -397,6 +397,28 @@ def test_claim_decides_each_delivery_once(service: TaskService, r: redis.Redis) 
     assert service.records.claim("never-submitted", "w3", "t6", LEASES) is Claim.MISSING
 
 
+def test_claim_and_finalize_read_a_record_once_and_tell_a_missing_one(service: TaskService, r: redis.Redis) -> None:
+    """One HMGET per task decides a claim or a final write; EXISTS only for a key without any field they read
+    (such a key is a record all the same), and a key that does not exist is missing for both."""
+    task_id = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
+    before = {k: v["calls"] for k, v in r.info("commandstats").items()}
+    assert service.records.claim(task_id, "w1", "t1", LEASES) is Claim.RUN
+    assert service.records.finalize(task_id, TaskState.SUCCEEDED, result=SUCCESS) is TaskState.SUCCEEDED
+    after = {k: v["calls"] for k, v in r.info("commandstats").items()}
+    used = {k.removeprefix("cmdstat_"): after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    assert used.get("hmget") == 2 and "exists" not in used and "hget" not in used and "hexists" not in used
+    assert r.hget(KEY_PREFIX + task_id, "deliveries") == "1"
+    odd = "odd-record"  # a key holding none of the fields read: it exists, so it is claimed and finalized
+    r.hset(KEY_PREFIX + odd, "something", "else")
+    assert service.records.claim(odd, "w1", "t2", LEASES) is Claim.RUN
+    assert service.records.finalize(odd, TaskState.SUCCEEDED, result=SUCCESS) is TaskState.SUCCEEDED
+    assert r.hget(KEY_PREFIX + odd, "state") == "succeeded"
+    r.delete(KEY_PREFIX + odd)
+    assert service.records.claim("never-submitted", "w1", "t3", LEASES) is Claim.MISSING
+    assert service.records.finalize("never-submitted", TaskState.SUCCEEDED, result=SUCCESS) is None
+    assert not r.exists(KEY_PREFIX + "never-submitted")
+
+
 def test_claim_finalizes_a_cancelled_or_expired_task_instead_of_running_it(service: TaskService) -> None:
     cancelled = service.submit(TaskType.CLASSIFY, {"text": "hi"}).id
     service.records.request_cancel(cancelled)
