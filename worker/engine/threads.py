@@ -15,8 +15,8 @@ machine's load, so `AUTO` measures it, per model, per step size:
     choice     each option is measured `WARMUP` times in a bucket first; then the fewest threads whose
                estimate is within `MARGIN` of the best (a thread must pay for itself: the cores it would
                spin on serve the queue); every `EXPLORE_EVERY`-th step of a bucket starts a run of
-               `EXPLORE_RUN` steps on the option measured longest ago, so that the estimates follow the
-               machine's load
+               `EXPLORE_RUN` steps on the option measured longest ago (every `FAR_FACTOR` times that while
+               the others are `FAR` or more slower), so that the estimates follow the machine's load
     switches   a step that runs with another count than the step before it is not measured: OpenMP's
                threads that were asleep wake up in it (measured: such a step cost 2-3x the next ones)
 
@@ -33,9 +33,18 @@ AUTO = "auto"
 WARMUP = 2  # measurements of each option in a bucket before the estimates decide
 EXPLORE_EVERY = 64  # every this-many steps of a bucket, a run of steps re-measures another option
 EXPLORE_RUN = 3  # steps in such a run (the first is not measured: see "switches")
+FAR, FAR_FACTOR = 1.5, 4  # options this much slower than the best are re-measured this many times less often
 MARGIN = 0.05  # more threads only where they are at least this much faster per token
 ALPHA = 0.25  # weight of a new measurement in an estimate
 MAX_BUCKET = 24  # steps of 2**23 tokens and more share a bucket
+
+
+def _explore_every(estimates: dict[int, _Estimate]) -> int:
+    """`EXPLORE_EVERY`, times `FAR_FACTOR` while every other option is `FAR` or more slower than the best:
+    re-measuring an option twice as slow costs a run of slow steps, and the load rarely moves it that far."""
+    values = sorted(e.seconds_per_token for e in estimates.values())
+    far = len(values) > 1 and values[1] >= FAR * values[0]
+    return EXPLORE_EVERY * FAR_FACTOR if far else EXPLORE_EVERY
 
 
 def options(most: int) -> tuple[int, ...]:
@@ -90,7 +99,7 @@ class StepThreads:
         untried = [n for n in self.options if estimates[n].samples < WARMUP]
         if untried:
             self.last = untried[0]
-        elif steps % EXPLORE_EVERY == EXPLORE_EVERY - 1:
+        elif steps % (every := _explore_every(estimates)) == every - 1:
             self.last = min(self.options, key=lambda n: estimates[n].measured_at)
             self._run_left = EXPLORE_RUN - 1
         else:

@@ -6,7 +6,15 @@ from collections.abc import Callable
 
 import pytest
 
-from pagedq.worker.engine.threads import AUTO, EXPLORE_EVERY, EXPLORE_RUN, WARMUP, StepThreads, options
+from pagedq.worker.engine.threads import (
+    AUTO,
+    EXPLORE_EVERY,
+    EXPLORE_RUN,
+    FAR_FACTOR,
+    WARMUP,
+    StepThreads,
+    options,
+)
 
 
 def run(threads: StepThreads, steps: int, tokens: Callable[[int], int],
@@ -101,3 +109,13 @@ def test_steps_that_compute_nothing_teach_nothing() -> None:
         threads.record(threads.choose(), 1.0, 0)
     assert threads.table() == {}
     assert WARMUP >= 1
+
+
+@pytest.mark.parametrize(("slower", "every"), [(1.2, EXPLORE_EVERY), (2.0, EXPLORE_EVERY * FAR_FACTOR)])
+def test_a_far_slower_option_is_re_measured_less_often(slower: float, every: int) -> None:
+    threads = StepThreads(AUTO, default=2)
+    steps = 40 * EXPLORE_EVERY * FAR_FACTOR
+    chosen = run(threads, steps, lambda i: 300, lambda n, t: 10e-6 * (slower if n == 2 else 1.0))
+    late = chosen[steps // 2:]
+    runs = sum(1 for i in range(1, len(late)) if late[i] == 2 and late[i - 1] == 1)
+    assert runs == pytest.approx(len(late) / every, rel=0.2)
