@@ -40,6 +40,7 @@ def kv_registry(demo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             header = f"[models.{name}]\n"
             assert header in text
             text = text.replace(header, header + 'kv_cache_dtype = "bfloat16"\n')
+        text = text.replace("[models.demo-qa]\n", '[models.demo-qa]\nintra_op_threads = "auto"\n')
         return text.replace("[models.demo-classifier]\n", "[models.demo-classifier]\nintra_op_threads = 1\n")
 
     return demo_registry_copy(demo_models, tmp_path_factory.mktemp("kv"), bf16_kv)
@@ -89,6 +90,31 @@ def test_the_worker_reports_what_each_models_pages_store(stack: Stack) -> None:
     assert models["demo-classifier"]["intra_op_threads"] == 1
     assert "intra-op threads 1" in shown["pagedq model demo-classifier"]
     assert {models[name]["intra_op_threads"] for name in BF16_MODELS} == {_fresh_torch_threads()}
+
+
+def test_an_auto_model_reports_its_measured_threads(stack: Stack, kv_registry: Path) -> None:
+    """`intra_op_threads = "auto"` (demo-qa here): the worker serves it and shows, per step size, the
+    microseconds per token each thread count measured -- on one core there is nothing to choose."""
+    settings = Settings(redis_url=stack.redis_url or "", registry_path=kv_registry)
+    with Client(settings=settings) as client:
+        for question in ("Who wrote it?", "When?", "Where was it written?", "What was written?") * 3:
+            answer = client.qa(question=question, context=SOURCES[1], mode="extractive").result(timeout=120)
+            assert answer.answer in SOURCES[1]
+    app = make_celery(stack.settings())
+    try:
+        replies = app.control.inspect(timeout=5).stats() or {}
+    finally:
+        app.close()
+    (shown,) = replies.values()
+    qa = shown["pagedq"]["models"]["demo-qa"]
+    if _fresh_torch_threads() == 1:
+        assert qa["intra_op_threads"] == 1 and qa["intra_op_auto"] is None
+        return
+    assert qa["intra_op_threads"] in range(1, _fresh_torch_threads() + 1)
+    table = qa["intra_op_auto"]
+    assert table and all(int(bound) > 0 and counts for bound, counts in table.items())
+    assert all(us > 0 for counts in table.values() for us in counts.values())
+    assert f"intra-op threads {qa['intra_op_threads']} (auto)" in shown["pagedq model demo-qa"]
 
 
 def _fresh_torch_threads() -> int:
