@@ -70,12 +70,12 @@ class StepThreads:
     setting: int | str | None  # a count, AUTO, or None (the default count)
     default: int  # the engine's default count
     #: bucket -> option -> estimate
-    _table: dict[int, dict[int, _Estimate]] = field(default_factory=dict)
-    _steps: dict[int, int] = field(default_factory=dict)  # bucket -> steps recorded
-    _bucket: int = 0  # the previous step's bucket
-    _run_left: int = 0  # steps left in an exploring run
-    _previous: int = 0  # the count of the step before the latest one
-    last: int = 0  # the count of the latest step (0: none yet)
+    _table: dict[int, dict[int, _Estimate]] = field(default_factory=dict, init=False)
+    _steps: dict[int, int] = field(default_factory=dict, init=False)  # bucket -> steps recorded
+    _bucket: int = field(default=0, init=False)  # the previous step's bucket
+    _run_left: int = field(default=0, init=False)  # steps left in an exploring run
+    _previous: int = field(default=0, init=False)  # the count of the step before the latest one
+    last: int = field(default=0, init=False)  # the count of the latest step (0: none yet)
 
     def __post_init__(self) -> None:
         fixed = self.setting if isinstance(self.setting, int) else self.default
