@@ -386,7 +386,7 @@ class LoadDependent(ThreadsSeen):
         self.tokens = 0
 
     def step(self) -> None:
-        time.sleep(0.001 if torch.get_num_threads() == 1 else 0.004)
+        time.sleep(0.002 if torch.get_num_threads() == 1 else 0.010)  # far apart: a late wake-up cannot swap them
         self.tokens += 300
         super().step()
 
