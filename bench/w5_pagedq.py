@@ -125,12 +125,7 @@ class InProcess:
         _drive(self.executor, self.model, warmup_texts, self._step)
 
     def _step(self) -> None:
-        wanted = self.threads.choose()
-        if torch.get_num_threads() != wanted:
-            torch.set_num_threads(wanted)
-        work, start = self.executor.work_done(), time.perf_counter()
-        self.executor.step()
-        self.threads.record(wanted, time.perf_counter() - start, self.executor.work_done() - work)
+        self.threads.step(self.executor.step, self.executor.work_done)
 
     def run(self, texts: Sequence[str]) -> tuple[Outcome, float]:
         before, threads = self.executor.stats(), torch.get_num_threads()

@@ -26,7 +26,7 @@ Invariants:
 Each model's steps run with its own number of torch intra-op threads (`EngineConfig.intra_op_threads`, from
 its registry entry or PAGEDQ_INTRA_OP_THREADS; unset: the worker's, i.e. torch's default of one per core or
 OMP_NUM_THREADS, read when the engine is built; "auto": measured per step size, `threads.StepThreads`): the
-engine thread sets them before a step whenever they differ from the last step's (0.1 us). They are set in the
+engine thread sets them before a step whenever it runs with another count (0.1 us). They are set in the
 engine thread itself because OpenMP's thread count is per thread: `torch.set_num_threads` in another thread
 does not reach the engine's matrix products.
 """
@@ -118,7 +118,6 @@ class Engine:
         #: per core, or OMP_NUM_THREADS); read here, as another engine thread's `set_num_threads` moves torch's
         #: global count that a new thread would read
         self._default_threads = torch.get_num_threads()
-        self._threads_now = 0  # what the engine thread runs with now (0: not set yet)
         self._step_threads = {name: StepThreads(ex.config.intra_op_threads, self._default_threads)
                               for name, ex in executors.items()}
 
@@ -224,7 +223,6 @@ class Engine:
     def _run(self, recover: bool) -> None:
         try:
             log.info("engine thread started with models %s", sorted(self.executors))
-            self._threads_now = 0  # a new thread: its OpenMP count is set before its first step
             if recover:
                 self._isolator.recover(self.executors.values(), self._death or EngineError("the thread died"))
             while not self._drained():
@@ -255,17 +253,8 @@ class Engine:
 
     def _step(self, name: str) -> None:
         """One step of a model, with the intra-op threads its `StepThreads` chooses (and tells how it went)."""
-        executor, threads = self.executors[name], self._step_threads[name]
-        wanted = threads.choose()
-        if wanted != self._threads_now:
-            torch.set_num_threads(wanted)
-            self._threads_now = wanted
-        if not threads.auto:
-            self._isolator.step(executor)
-            return
-        work, start = executor.work_done(), time.perf_counter()
-        self._isolator.step(executor)
-        threads.record(wanted, time.perf_counter() - start, executor.work_done() - work)
+        executor = self.executors[name]
+        self._step_threads[name].step(lambda: self._isolator.step(executor), executor.work_done)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
