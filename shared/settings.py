@@ -114,9 +114,10 @@ class Settings(BaseSettings):
         True, description="CPU models: pre-pack linear weights for oneDNN (faster, one more weight copy in memory)."
     )
     intra_op_threads: IntraOpThreads | None = Field(
-        None, description="CPU threads of one engine step's matrix products, for models whose registry entry "
-        "sets none (`intra_op_threads`), or `auto` (measured per step size); unset: torch's default (one per "
-        "core, or OMP_NUM_THREADS)."
+        "auto", description="CPU threads of one engine step's matrix products, for models whose registry entry "
+        "sets none (`intra_op_threads`): a count, or `auto` (the default: torch's count -- one per core, or "
+        "OMP_NUM_THREADS -- below the engine's request cap; at the cap, the fewest threads measured within 5% "
+        "of the fastest per token, per step size)."
     )
 
     @field_validator("api_keys", mode="before")

@@ -24,8 +24,9 @@ Invariants:
   one, which re-runs every in-flight request (those of the model it died in are bisected).
 
 Each model's steps run with its own number of torch intra-op threads (`EngineConfig.intra_op_threads`, from
-its registry entry or PAGEDQ_INTRA_OP_THREADS; unset: the worker's, i.e. torch's default of one per core or
-OMP_NUM_THREADS, read when the engine is built; "auto": measured per step size, `threads.StepThreads`): the
+its registry entry or PAGEDQ_INTRA_OP_THREADS, "auto" by default: torch's count -- one per core or
+OMP_NUM_THREADS, read when the engine is built -- unless the model's steps run at their cap, then measured
+per step size, `threads.StepThreads`; None: torch's count always): the
 engine thread sets them before a step whenever it runs with another count (0.1 us). They are set in the
 engine thread itself because OpenMP's thread count is per thread: `torch.set_num_threads` in another thread
 does not reach the engine's matrix products.
@@ -254,7 +255,7 @@ class Engine:
     def _step(self, name: str) -> None:
         """One step of a model, with the intra-op threads its `StepThreads` chooses (and tells how it went)."""
         executor = self.executors[name]
-        self._step_threads[name].step(lambda: self._isolator.step(executor), executor.work_done)
+        self._step_threads[name].step(lambda: self._isolator.step(executor), executor.work_done, executor.saturated)
 
     def _drain_inbox(self, block: bool) -> None:
         try:

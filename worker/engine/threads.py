@@ -5,7 +5,16 @@ thread. On a worker whose cores also run the queue (Celery's consumer, the task 
 thread that another process has descheduled makes the whole step wait: measured on 2 shared vCPUs with the
 demo classifier, one thread served a 2,000-text bulk 24% faster than torch's two, while the single-item loop's
 small steps ran 12% slower on one (README, W5). Which count wins depends on the model, the step's size and the
-machine's load, so `AUTO` measures it, per model, per step size:
+machine's load, so `AUTO` measures it, per model, per step size -- but only where a step's wall time per token
+is what the count should minimise:
+
+    saturated  after a step that could not have taken more -- it ran at the request cap or left requests
+               waiting (`ModelExecutor.saturated`) -- the next step is chosen by the estimates below; after
+               any other step, the next runs with the default count. Below the cap the batch is the queue's
+               response to the step time (a closed loop of clients: a faster step finds fewer arrivals and
+               pays its fixed cost more often), which a per-step measure cannot see: on the demo classifier
+               one thread was faster per token at every step size, yet served the single-item loop 12%
+               slower; at the cap the batch is full either way, and the faster count serves more
 
     bucket     a step's size class: the bit length of the tokens the model's previous step computed
                (steps come in runs -- a bulk's full steps, a closed loop's small ones -- so the last step
@@ -80,6 +89,7 @@ class StepThreads:
     _run_left: int = field(default=0, init=False)  # steps left in an exploring run
     _previous: int = field(default=0, init=False)  # the count of the step before the latest one
     last: int = field(default=0, init=False)  # the count of the latest step (0: none yet)
+    saturated: bool = field(default=False, init=False)  # the latest step ran at its cap or left requests waiting
 
     def __post_init__(self) -> None:
         fixed = self.setting if isinstance(self.setting, int) else self.default
@@ -89,10 +99,10 @@ class StepThreads:
     def auto(self) -> bool:
         return self.setting == AUTO and self.default > 1
 
-    def step(self, run: Callable[[], None], work_done: Callable[[], int]) -> None:
+    def step(self, run: Callable[[], None], work_done: Callable[[], int], saturated: Callable[[], bool]) -> None:
         """Run one step (`run`) in the calling thread with the count `choose()` gives (set only where the
-        thread runs with another: OpenMP's count is per thread, and reading it costs 0.03 us), and `record`
-        it with the tokens `work_done()` advanced by."""
+        thread runs with another: OpenMP's count is per thread, and reading it costs 0.03 us), and `record` it
+        with the tokens `work_done()` advanced by and whether it was `saturated()`."""
         wanted = self.choose()
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
@@ -101,7 +111,7 @@ class StepThreads:
             return
         work, start = work_done(), time.perf_counter()
         run()
-        self.record(wanted, time.perf_counter() - start, work_done() - work)
+        self.record(wanted, time.perf_counter() - start, work_done() - work, saturated())
 
     def choose(self) -> int:
         """The count for the next step."""
@@ -109,6 +119,9 @@ class StepThreads:
             self.last = self.options[0]
             return self.last
         self._previous = self.last
+        if not self.saturated:
+            self.last = self.default
+            return self.last
         if self._run_left > 0:
             self._run_left -= 1
             return self.last
@@ -125,9 +138,10 @@ class StepThreads:
             self.last = next(n for n in self.options if estimates[n].seconds_per_token <= best * (1 + MARGIN))
         return self.last
 
-    def record(self, threads: int, seconds: float, tokens: int) -> None:
-        """What a step run with `threads` took for `tokens` computed tokens (nothing is learned from a step that
-        computed none)."""
+    def record(self, threads: int, seconds: float, tokens: int, saturated: bool) -> None:
+        """What a step run with `threads` took for `tokens` computed tokens, and whether it was `saturated`
+        (nothing is learned from a step that computed none)."""
+        self.saturated = saturated
         if not self.auto or tokens <= 0 or threads not in self.options:
             return
         bucket = min(tokens.bit_length(), MAX_BUCKET)

@@ -384,6 +384,10 @@ class LoadDependent(ThreadsSeen):
     def __init__(self) -> None:
         super().__init__("auto", "auto")
         self.tokens = 0
+        self.full = False  # what `saturated()` reports after a step
+
+    def saturated(self) -> bool:
+        return self.full
 
     def step(self) -> None:
         time.sleep(0.002 if torch.get_num_threads() == 1 else 0.010)  # far apart: a late wake-up cannot swap them
@@ -403,10 +407,16 @@ def test_an_auto_model_steps_with_the_count_its_steps_measured_fastest() -> None
     finally:
         torch.set_num_threads(before)
     try:
+        executor.full = True  # every step at its cap: the estimates choose
         for i in range(60):  # one request per step
             eng.submit(request(f"a{i}", model="auto")).result(timeout=5)
         assert set(executor.seen) == {1, 2}  # both measured
         assert executor.seen[-20:].count(1) >= 20 - 3  # then one thread, but for a re-measuring run
+        executor.full = False  # steps below the cap: the default count, whatever the estimates say
+        for i in range(6):
+            eng.submit(request(f"b{i}", model="auto")).result(timeout=5)
+        assert executor.seen[-5:] == [2] * 5
+        executor.full = True
         time.sleep(0.1)  # past a stats refresh
         eng.submit(request("last", model="auto")).result(timeout=5)
         stats = eng.model_stats()["auto"]
@@ -559,6 +569,29 @@ def test_every_real_executor_counts_the_tokens_its_steps_compute(demo_executors:
             steps += 1
         job.future.result(timeout=0)
         assert executor.work_done() - before >= steps, name  # at least a token a step
+        assert not executor.saturated(), name
+
+
+def test_every_real_executor_reports_a_step_at_its_cap_as_saturated(
+        demo_executors: dict[str, ModelExecutor]) -> None:
+    """When "auto" intra-op threads measure: after a step at the request cap (more requests than one step takes
+    here), not after the last steps, which take what is left."""
+    for name, make in {"demo-classifier": lambda i: engine_request("demo-classifier", ClassifyRequest(text=TEXTS[i])),
+                       "demo-qa": lambda i: engine_request("demo-qa", QARequest(question=QUESTIONS[0],
+                                                                                context=CONTEXT)),
+                       "demo-translator": lambda i: translate(TEXTS[i]),
+                       "demo-llm": lambda i: generative(QUESTIONS[1])}.items():
+        executor = demo_executors[name]
+        cap = executor.config.max_running_requests
+        jobs = [make(i % len(TEXTS)) for i in range(cap + 3)]
+        for job in jobs:
+            executor.add(job)
+        executor.step()
+        assert executor.saturated(), name
+        while executor.has_work():
+            executor.step()
+        assert not executor.saturated(), name  # the last step took the rest, below the cap
+        assert all(job.future.done() for job in jobs), name
 
 
 def assert_only_the_poison_fails(engine: Engine, innocents: list[EngineRequest], poisons: list[EngineRequest],

@@ -18,15 +18,16 @@ from pagedq.worker.engine.threads import (
 
 
 def run(threads: StepThreads, steps: int, tokens: Callable[[int], int],
-        cost: Callable[[int, int], float]) -> list[int]:
-    """Drive `steps` steps: step i computes `tokens(i)` tokens in `cost(threads, tokens)` seconds per token.
-    Returns the count each step ran with."""
+        cost: Callable[[int, int], float], saturated: Callable[[int], bool] = lambda i: True) -> list[int]:
+    """Drive `steps` steps: step i computes `tokens(i)` tokens in `cost(threads, tokens)` seconds per token and
+    is `saturated(i)` (by default always: at its cap, or leaving requests for later). Returns the count each
+    step ran with."""
     chosen = []
     for i in range(steps):
         n = threads.choose()
         chosen.append(n)
         t = tokens(i)
-        threads.record(n, cost(n, t) * t, t)
+        threads.record(n, cost(n, t) * t, t, saturated(i))
     return chosen
 
 
@@ -106,7 +107,7 @@ def test_a_step_after_a_switch_is_not_measured() -> None:
 def test_steps_that_compute_nothing_teach_nothing() -> None:
     threads = StepThreads(AUTO, default=2)
     for _ in range(10):
-        threads.record(threads.choose(), 1.0, 0)
+        threads.record(threads.choose(), 1.0, 0, True)
     assert threads.table() == {}
     assert WARMUP >= 1
 
@@ -119,3 +120,27 @@ def test_a_far_slower_option_is_re_measured_less_often(slower: float, every: int
     late = chosen[steps // 2:]
     runs = sum(1 for i in range(1, len(late)) if late[i] == 2 and late[i - 1] == 1)
     assert runs == pytest.approx(len(late) / every, rel=0.2)
+
+
+def test_after_a_step_below_its_cap_the_default_count_runs() -> None:
+    """A step below its cap that took every request waiting leaves the next to the default count, however the
+    estimates stand: the batch is then the clients' response to the step time (a closed loop), not the
+    count's choice."""
+    threads = StepThreads(AUTO, default=2)
+    one_faster = lambda n, t: 5e-6 if n == 1 else 10e-6  # noqa: E731
+    full = run(threads, 4 * EXPLORE_EVERY, lambda i: 300, one_faster)
+    assert full[-EXPLORE_EVERY:].count(1) >= EXPLORE_EVERY - EXPLORE_RUN  # saturated steps: the faster count
+    drained = run(threads, 2 * EXPLORE_EVERY, lambda i: 300, one_faster, saturated=lambda i: False)
+    assert drained[1:] == [2] * (len(drained) - 1)  # the first follows the last saturated step
+    # a closed loop's small steps and a bulk's full ones alternate: only the bulk's use the estimates
+    mixed = run(threads, 40 * 20, lambda i: 300, one_faster, saturated=lambda i: (i // 20) % 2 == 1)
+    bulk = [n for i, n in enumerate(mixed) if (i // 20) % 2 and i % 20 > 0]
+    loop = [n for i, n in enumerate(mixed) if not (i // 20) % 2 and i % 20 > 0]
+    assert set(loop) == {2}
+    assert bulk.count(1) >= 0.85 * len(bulk)
+    assert threads.saturated
+
+
+def test_a_fixed_setting_ignores_saturation() -> None:
+    threads = StepThreads(1, default=2)
+    assert set(run(threads, 20, lambda i: 300, lambda n, t: 1e-6, saturated=lambda i: i % 2 == 0)) == {1}

@@ -168,3 +168,10 @@ class ModelExecutor(ABC):
         """Tokens its steps have computed so far (cumulative; the engine divides a step's wall time by the
         difference to choose its intra-op threads: worker/engine/threads.py). 0: not counted."""
         return 0
+
+    def saturated(self) -> bool:
+        """Whether its latest step could not have taken more: it ran at its request cap, or left requests
+        waiting for a later step. The engine asks after each step, and chooses intra-op threads by measurement
+        only after a saturated one (worker/engine/threads.py). The default reads `stats()` (requests waiting);
+        executors override it with a cheap check."""
+        return self.stats().num_requests_waiting > 0

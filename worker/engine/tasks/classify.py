@@ -115,6 +115,7 @@ class ClassificationExecutor(ModelExecutor):
         self._new = Arrivals()  # added, not yet tokenized
         self._waiting: WaitingQueue[_Encoded] = WaitingQueue()
         self._counters = {"steps": 0, "num_requests_finished": 0}
+        self._last_batch = 0  # requests in the latest step
         self._id2label = dict(loaded.model.config.id2label)  # once: a transformers config read is slow
 
     # ---- the ModelExecutor interface ------------------------------------------------------------
@@ -154,6 +155,7 @@ class ClassificationExecutor(ModelExecutor):
         window = lookahead(self.config.max_running_requests)
         drop_finished(self._waiting, head=window)
         batch = self.forward.pick(self._waiting.head(window), lambda enc: enc.num_tokens, self.config)
+        self._last_batch = len(batch)
         if not batch:
             return
         self._waiting.remove_items([enc for _, enc in batch])
@@ -168,6 +170,9 @@ class ClassificationExecutor(ModelExecutor):
 
     def work_done(self) -> int:
         return self.forward.counters["computed_tokens"]
+
+    def saturated(self) -> bool:
+        return self._last_batch >= self.config.max_running_requests or bool(self._new) or len(self._waiting) > 0
 
     def stats(self) -> ModelStats:
         """Counters, `path` ("packed" | "padded") and `path_reason` (why not packed); extra: computed and

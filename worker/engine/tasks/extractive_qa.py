@@ -99,6 +99,7 @@ class ExtractiveQAExecutor(ModelExecutor):
         self._pending: dict[str, _Pending] = {}
         self._waiting: WaitingQueue[_Window] = WaitingQueue()
         self._counters = {"steps": 0, "num_windows": 0, "num_requests_finished": 0}
+        self._last_batch = 0  # windows in the latest step
 
     # ---- the ModelExecutor interface ------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -127,6 +128,7 @@ class ExtractiveQAExecutor(ModelExecutor):
         for request in drop_finished(self._waiting, head=head):
             self._pending.pop(request.id, None)
         batch = self.forward.pick(self._waiting.head(head), lambda window: window.num_tokens, self.config)
+        self._last_batch = len(batch)
         if not batch:
             return
         windows = [window for _, window in batch]
@@ -143,6 +145,9 @@ class ExtractiveQAExecutor(ModelExecutor):
 
     def work_done(self) -> int:
         return self.forward.counters["computed_tokens"]
+
+    def saturated(self) -> bool:
+        return self._last_batch >= self.config.max_running_requests or bool(self._new) or bool(self._pending)
 
     def stats(self) -> ModelStats:
         """Counters, `path` ("packed" | "padded") and `path_reason` (why not packed); extra: windows, computed

@@ -104,6 +104,10 @@ class GenerativeExecutor(ModelExecutor):
     def work_done(self) -> int:
         return self.engine.counters.batched_tokens
 
+    def saturated(self) -> bool:
+        scheduler = self.engine.scheduler
+        return scheduler.num_waiting > 0 or len(scheduler.running) >= self.config.max_running_requests
+
     def stats(self) -> ModelStats:
         """The paged engine's gauges and counters; `path` is always "paged" (a causal LM the engine cannot run
         exactly is refused at load: there is no fallback); extra: mean batch tokens, KV waste, blocks."""

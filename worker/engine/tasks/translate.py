@@ -138,6 +138,13 @@ class Seq2SeqExecutor(ModelExecutor):
         """The paged engine's batched tokens; the `generate` fallback's are not counted."""
         return self.engine.counters.batched_tokens if self.engine is not None else 0
 
+    def saturated(self) -> bool:
+        if self._new or len(self.fallback) > 0:
+            return True
+        scheduler = self.engine.scheduler if self.engine is not None else None
+        return scheduler is not None and (scheduler.num_waiting > 0
+                                          or len(scheduler.running) >= self.config.max_running_requests)
+
     def stats(self) -> ModelStats:
         """The paged engine's gauges and both paths' counters, `path` ("paged" | "generate") and `path_reason`;
         extra: requests that went to the `generate` fallback."""
