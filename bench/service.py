@@ -385,7 +385,8 @@ def main() -> None:
     print(
         f"W5: {count} tasks per system on the demo models, the mix {len(mix.jobs)} tasks per system on the "
         f"{mix.models} models ({mix.registry_path}); {args.clients} closed-loop clients, one worker of "
-        f"{args.worker_threads} threads per stack; {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+        f"{args.worker_threads} threads per stack; {os.cpu_count()} CPUs ({torch.backends.cpu.get_cpu_capability()}), "
+        f"torch threads {torch.get_num_threads()}, intra-op threads {settings.intra_op_threads or 'torch'}, "
         f"load average {_load_average()}; "
         f"logs in {args.log_dir}",
         flush=True,
