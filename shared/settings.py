@@ -97,7 +97,8 @@ class Settings(BaseSettings):
     )
     limits: Limits = Field(default_factory=Limits)
     bulk_message_items: int = Field(
-        64, gt=0, description="A bulk submission travels as messages of this many items (each keeps its own id)."
+        128, gt=0, description="A bulk submission travels as messages of this many items (each keeps its own id); "
+        "two engine steps' worth at the default request cap (README, W5)."
     )
 
     registry_path: Path | None = Field(None, description="Model registry file (TOML); see README.")
