@@ -20,7 +20,10 @@ is what the count should minimise:
                (steps come in runs -- a bulk's full steps, a closed loop's small ones -- so the last step
                predicts the next)
     options    1, 2, 4, .. up to the engine's default (one per core, or OMP_NUM_THREADS)
-    estimate   per (bucket, option): a moving average of wall seconds per computed token
+    estimate   per (bucket, option): wall seconds per computed token, the lowest of its first `WARMUP`
+               measurements (a model's first steps at new sizes pay one-time costs -- oneDNN primitives
+               built for new shapes, memory first touched: seen as a two-thread estimate of 40 us per token
+               against 5 once warm, which a moving average kept for hundreds of steps), then a moving average
     choice     each option is measured `WARMUP` times in a bucket first; then the fewest threads whose
                estimate is within `MARGIN` of the best (a thread must pay for itself: the cores it would
                spin on serve the queue); every `EXPLORE_EVERY`-th step of a bucket starts a run of
@@ -151,8 +154,12 @@ class StepThreads:
         if threads != self._previous:  # OpenMP's threads woke up in this step: not what the count costs
             return
         estimate, value = estimates[threads], seconds / tokens
-        estimate.seconds_per_token = value if estimate.samples == 0 else \
-            (1 - ALPHA) * estimate.seconds_per_token + ALPHA * value
+        if estimate.samples == 0:
+            estimate.seconds_per_token = value
+        elif estimate.samples < WARMUP:  # the faster: a first step may pay one-time costs (see the module)
+            estimate.seconds_per_token = min(estimate.seconds_per_token, value)
+        else:
+            estimate.seconds_per_token = (1 - ALPHA) * estimate.seconds_per_token + ALPHA * value
         estimate.samples += 1
         estimate.measured_at = steps
 

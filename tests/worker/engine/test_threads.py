@@ -144,3 +144,21 @@ def test_after_a_step_below_its_cap_the_default_count_runs() -> None:
 def test_a_fixed_setting_ignores_saturation() -> None:
     threads = StepThreads(1, default=2)
     assert set(run(threads, 20, lambda i: 300, lambda n, t: 1e-6, saturated=lambda i: i % 2 == 0)) == {1}
+
+
+def test_a_cold_first_measurement_does_not_stick() -> None:
+    """A model's first step at a size pays one-time costs: the warm-up keeps each count's faster measurement, so
+    a cold first step does not make the faster count look slow (and, far slower, re-measured rarely)."""
+    threads = StepThreads(AUTO, default=2)
+    seen = {1: 0, 2: 0}
+
+    def cost(n: int, t: int) -> float:
+        seen[n] += 1
+        # each count's first two steps cost 10-20x: the first after a switch is not measured, the second is
+        return 100e-6 if seen[n] <= 2 else (5e-6 if n == 2 else 10e-6)
+
+    threads.record(2, 0.0, 0, True)  # a saturated step that computed nothing: the estimates choose from now on
+    chosen = run(threads, 2 * EXPLORE_EVERY, lambda i: 300, cost)
+    assert chosen[:6] == [1, 1, 1, 2, 2, 2]  # the warm-up: each count's first step after a switch is not measured
+    assert chosen[-EXPLORE_EVERY:].count(2) >= EXPLORE_EVERY - EXPLORE_RUN
+    assert threads.table()["511"] == {"1": pytest.approx(10.0), "2": pytest.approx(5.0)}
