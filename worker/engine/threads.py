@@ -21,9 +21,11 @@ is what the count should minimise:
                predicts the next)
     options    1, 2, 4, .. up to the engine's default (one per core, or OMP_NUM_THREADS)
     estimate   per (bucket, option): wall seconds per computed token, the lowest of its first `WARMUP`
-               measurements (a model's first steps at new sizes pay one-time costs -- oneDNN primitives
-               built for new shapes, memory first touched: seen as a two-thread estimate of 40 us per token
-               against 5 once warm, which a moving average kept for hundreds of steps), then a moving average
+               measurements (a first measurement can be a cold outlier, which a moving average would keep for
+               hundreds of steps of an option measured only in exploring runs), then a moving average.
+               Known bias (README, W5, nineteenth session): in-process on the demo classifier, the count
+               explored measured ~2x slower per token than its steady steps, even 2-4 steps after the switch,
+               so the incumbent count keeps winning whichever it is (end to end both counts ran alike there)
     choice     each option is measured `WARMUP` times in a bucket first; then the fewest threads whose
                estimate is within `MARGIN` of the best (a thread must pay for itself: the cores it would
                spin on serve the queue); every `EXPLORE_EVERY`-th step of a bucket starts a run of
