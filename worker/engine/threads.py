@@ -23,9 +23,10 @@ is what the count should minimise:
     estimate   per (bucket, option): wall seconds per computed token, the lowest of its first `WARMUP`
                measurements (a first measurement can be a cold outlier, which a moving average would keep for
                hundreds of steps of an option measured only in exploring runs), then a moving average.
-               Known bias (README, W5, nineteenth session): in-process on the demo classifier, the count
-               explored measured ~2x slower per token than its steady steps, even 2-4 steps after the switch,
-               so the incumbent count keeps winning whichever it is (end to end both counts ran alike there)
+               Known bias (README, W5, nineteenth session): a step's cost per token also holds work that
+               varies within a run (in-process, a run's first steps tokenize the next texts: 2-3x per token),
+               and a count measured mostly there looks slower than it runs: in-process on the demo classifier
+               the incumbent count kept winning whichever it was (end to end both counts ran alike there)
     choice     each option is measured `WARMUP` times in a bucket first; then the fewest threads whose
                estimate is within `MARGIN` of the best (a thread must pay for itself: the cores it would
                spin on serve the queue); every `EXPLORE_EVERY`-th step of a bucket starts a run of
