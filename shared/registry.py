@@ -81,9 +81,10 @@ class ModelSpec(BaseModel):
         None,
         description=(
             "CPU threads that split one engine step's matrix products for this model (torch's intra-op threads), "
-            "or \"auto\": the engine measures 1, 2, 4, .. up to torch's count per step size and runs each step "
-            "with the fewest threads that are within 5% of the fastest (pagedq.worker.engine.threads). "
-            "Default: PAGEDQ_INTRA_OP_THREADS, else torch's (one per core). A small model on a worker whose cores "
+            "or \"auto\": torch's count after a step below the engine's request cap; after a saturated one the "
+            "engine measures 1, 2, 4, .. up to torch's count per step size and runs the next with the fewest "
+            "threads within 5% of the fastest (pagedq.worker.engine.threads). Default: PAGEDQ_INTRA_OP_THREADS "
+            "(itself \"auto\" by default). A small model on a worker whose cores "
             "also run the queue serves bulk work faster on fewer (a split product waits for its slowest "
             "thread) and single tasks slower (README, W5: +24% and -12% for the demo classifier on 2 cores)."
         ),

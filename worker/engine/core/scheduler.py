@@ -86,6 +86,11 @@ class Scheduler:
         self.num_seats = 0  # seats of running requests
         self.num_preemptions = 0
 
+    @property
+    def saturated(self) -> bool:
+        """Whether the latest schedule could not have taken more: requests wait, or every seat is taken."""
+        return self.num_waiting > 0 or self.num_seats >= self.config.max_num_seqs
+
     # ---- requests in and out ------------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:

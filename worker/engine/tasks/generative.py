@@ -105,8 +105,7 @@ class GenerativeExecutor(ModelExecutor):
         return self.engine.counters.batched_tokens
 
     def saturated(self) -> bool:
-        scheduler = self.engine.scheduler
-        return scheduler.num_waiting > 0 or len(scheduler.running) >= self.config.max_running_requests
+        return self.engine.scheduler.saturated
 
     def stats(self) -> ModelStats:
         """The paged engine's gauges and counters; `path` is always "paged" (a causal LM the engine cannot run

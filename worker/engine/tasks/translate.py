@@ -139,11 +139,8 @@ class Seq2SeqExecutor(ModelExecutor):
         return self.engine.counters.batched_tokens if self.engine is not None else 0
 
     def saturated(self) -> bool:
-        if self._new or len(self.fallback) > 0:
-            return True
-        scheduler = self.engine.scheduler if self.engine is not None else None
-        return scheduler is not None and (scheduler.num_waiting > 0
-                                          or len(scheduler.running) >= self.config.max_running_requests)
+        engine = self.engine
+        return bool(self._new) or len(self.fallback) > 0 or (engine is not None and engine.scheduler.saturated)
 
     def stats(self) -> ModelStats:
         """The paged engine's gauges and both paths' counters, `path` ("paged" | "generate") and `path_reason`;
