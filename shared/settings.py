@@ -121,6 +121,12 @@ class Settings(BaseSettings):
         "of the fastest per token, per step size)."
     )
 
+    engine_threads: Literal["per-model", "shared"] = Field(
+        "per-model", description="`per-model`: each model's steps run in an engine thread of its own, side by "
+        "side with the other models' (the cores split between the models with work); `shared`: one engine "
+        "thread steps every model in turn."
+    )
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:

@@ -1,7 +1,7 @@
 """Prometheus metrics of a worker, in the vocabulary operators already alert on (vLLM's names).
 
 Histograms and outcome counters are observed by the task threads; engine gauges and counters are read
-from `Engine.stats()` at scrape time by a collector, so the engine's hot loop does no metrics work.
+from `EngineLanes.stats()` at scrape time by a collector, so the engine's hot loop does no metrics work.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from pagedq.worker.engine.service import Engine
+    from pagedq.worker.engine.lanes import EngineLanes
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -102,7 +102,7 @@ def _observe_token_times(task: str, model: str, result: dict[str, Any], arrival:
 
 
 class EngineCollector(Collector):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: EngineLanes) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
@@ -115,7 +115,7 @@ class EngineCollector(Collector):
             yield family
 
 
-def start_metrics(engine: Engine, port: int) -> EngineCollector:
+def start_metrics(engine: EngineLanes, port: int) -> EngineCollector:
     """Register the engine collector and serve /metrics on `port` (0: register only)."""
     collector = EngineCollector(engine)
     REGISTRY.register(collector)

@@ -34,7 +34,8 @@ from pagedq.shared.records import LEASE_PREFIX, WORKER_RETRIES, Outcome, TaskRec
 from pagedq.shared.registry import ModelSpec, Registry
 from pagedq.shared.settings import Settings
 from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
-from pagedq.worker.engine.service import Engine, make_executor
+from pagedq.worker.engine.lanes import EngineLanes
+from pagedq.worker.engine.service import make_executor
 from pagedq.worker.group_commit import GroupCommit
 from pagedq.worker.lease import WorkerLease, new_worker_id
 from pagedq.worker.reconciler import Reconciler
@@ -52,7 +53,7 @@ class WorkerRuntime:
     settings: Settings
     registry: Registry
     records: TaskRecords
-    engine: Engine
+    engine: EngineLanes
     worker_id: str = ""
     lease: WorkerLease | None = None
     reconciler: Reconciler | None = None
@@ -86,7 +87,7 @@ class WorkerRuntime:
             raise RuntimeError(f"no model of the registry could be loaded, the worker does not start: {reasons}")
         stand_ins = {name: RefusedExecutor(registry.models[name], reason) for name, reason in refused.items()}
         served = {**executors, **stand_ins}
-        engine = Engine(served).start()
+        engine = EngineLanes(served, per_model=settings.engine_threads == "per-model").start()
         records = TaskRecords.from_url(settings.backend_url, settings.result_ttl_s, retries=WORKER_RETRIES)
         streamer = TokenStreamer(records.redis, settings.result_ttl_s).start()
         return cls(settings=settings, registry=registry, records=records, engine=engine, streamer=streamer,

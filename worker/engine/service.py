@@ -1,4 +1,5 @@
-"""The worker's engine: one thread that micro-batches every in-flight request through its model's executor.
+"""An engine thread that micro-batches every in-flight request of its models through each model's executor
+(the worker runs one per model, side by side: `lanes.EngineLanes`).
 
 ```
  Celery task threads                      engine thread (this module)
@@ -56,7 +57,10 @@ from pagedq.worker.engine.threads import StepThreads
 
 log = logging.getLogger(__name__)
 
-IDLE_WAIT_S = 0.05  # how long the loop blocks on the inbox when no executor has work
+IDLE_WAIT_S = 0.05  # how long the loop pauses after an iteration failed
+#: how long the loop blocks on the inbox when no executor has work (anything for it -- requests, cancels,
+#: `stop` -- wakes it at once; idle threads of `EngineLanes` should not wake the busy worker's GIL 20x a second)
+IDLE_BLOCK_S = 1.0
 STATS_INTERVAL_S = 0.05  # how often the loop refreshes the executors' stats snapshot (`stats()` reads it)
 STOP_GRACE_S = 10.0  # how long `stop` waits past the drain for a step in progress to return
 
@@ -91,12 +95,50 @@ def _shutting_down() -> WorkerShuttingDown:
     return WorkerShuttingDown("the worker stopped before this request finished; it goes back to its queue")
 
 
-class Engine:
-    """One per worker process. Thread-safe `submit`/`cancel`/`stats`/`ensure_alive`/`stop`; everything else
-    runs on the engine thread."""
+def submit_one(engine: Engine | Any, request: EngineRequest) -> Future[Any]:
+    """`engine.submit(request)` (an `Engine` or `EngineLanes`): ModelNotFound is raised, not set on the future."""
+    if request.model not in engine.executors:
+        raise ModelNotFound(f"model {request.model!r} is not loaded on this worker")
+    engine.submit_many([request])
+    return request.future
 
-    def __init__(self, executors: dict[str, ModelExecutor]) -> None:
+
+class CoreShare:
+    """The cores that engine threads stepping side by side split (`EngineLanes`): a thread runs its steps on
+    at most `cores // (threads busy lately)` intra-op threads (one at least) -- busy lately: with work within
+    the last `BUSY_WINDOW_S`, so that a model between two bursts of requests still counts, and a busy model's
+    count does not flip at each of their gaps (a step that changes the count wakes OpenMP threads: slow) --
+    so that models stepping side by side do not oversubscribe the cores with OpenMP threads waiting for
+    each other."""
+
+    BUSY_WINDOW_S = 0.2
+
+    def __init__(self, cores: int) -> None:
+        self.cores = max(cores, 1)
+        self._busy_at: dict[int, float] = {}  # id() of an engine -> time.monotonic() it last had work
+
+    def busy(self, engine: object) -> None:
+        """`engine` has work now."""
+        self._busy_at[id(engine)] = time.monotonic()
+
+    def leave(self, engine: object) -> None:
+        """`engine` stopped: it no longer counts."""
+        self._busy_at.pop(id(engine), None)
+
+    def cap(self) -> int:
+        since = time.monotonic() - self.BUSY_WINDOW_S
+        busy = sum(1 for at in list(self._busy_at.values()) if at >= since)
+        return max(1, self.cores // max(busy, 1))
+
+
+class Engine:
+    """One engine thread and the models it steps (`EngineLanes` runs one per model). Thread-safe
+    `submit`/`cancel`/`stats`/`ensure_alive`/`stop`; everything else runs on the engine thread."""
+
+    def __init__(self, executors: dict[str, ModelExecutor], share: CoreShare | None = None,
+                 thread_name: str = "pagedq-engine") -> None:
         self.executors = executors
+        self._share, self._thread_name = share, thread_name
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._flights: dict[str, Flight] = {}  # by request id, in arrival order
         # What each iteration looks at, so that it costs O(what changed), not O(flights): a bulk of thousands
@@ -111,6 +153,7 @@ class Engine:
         self._thread = self._new_thread(recover=False)
         self._stats: dict[str, ModelStats] = {}
         self._stats_at = -math.inf  # time.monotonic() of the last snapshot
+        self._stepped_at = -math.inf  # time.monotonic() of the latest step
         self._counters = dict.fromkeys(
             ("steps", "requests_submitted", "requests_finished", "step_errors", "isolated_requests", "restarts",
              "loop_errors"), 0)  # fmt: skip
@@ -133,14 +176,23 @@ class Engine:
         """Refuse new requests (`submit` raises WorkerShuttingDown); let the in-flight ones run for up to
         `drain_s` seconds; fail what is left with WorkerShuttingDown; return when the thread has ended (or
         `STOP_GRACE_S` after the drain if a step hangs: its requests then fail when it returns)."""
+        self.begin_stop(drain_s)
+        self.finish_stop(time.monotonic() + max(drain_s, 0.0) + STOP_GRACE_S)
+
+    def begin_stop(self, drain_s: float = 0.0) -> None:
+        """`stop`'s first half: refuse new requests, and give the in-flight ones `drain_s` seconds."""
         with self._lock:
             if not self._stopping:
                 self._stopping = True
                 self._drain_until = time.monotonic() + max(drain_s, 0.0)
-            thread = self._thread if self._started else None
         self._inbox.put(("wake", None))
+
+    def finish_stop(self, deadline: float) -> None:
+        """`stop`'s second half: wait for the thread until `deadline` (time.monotonic()), then fail what is left."""
+        with self._lock:
+            thread = self._thread if self._started else None
         if thread is not None:
-            thread.join(max(drain_s, 0.0) + STOP_GRACE_S)
+            thread.join(max(deadline - time.monotonic(), 0.0))
         if thread is None or not thread.is_alive():
             self._shut_down()  # nothing left unless the thread had died, or never started
         else:
@@ -167,10 +219,7 @@ class Engine:
             return True
 
     def submit(self, request: EngineRequest) -> Future[Any]:
-        if request.model not in self.executors:
-            raise ModelNotFound(f"model {request.model!r} is not loaded on this worker")
-        self.submit_many([request])
-        return request.future
+        return submit_one(self, request)
 
     def submit_many(self, requests: Sequence[EngineRequest]) -> None:
         """Submit requests in one hand-off to the engine thread, after each model's executor prepared its
@@ -178,11 +227,20 @@ class Engine:
         tokenizer runs outside the GIL). A request for a model not loaded here fails alone (ModelNotFound, on
         its future); WorkerShuttingDown or EngineError (the engine does not run) concern them all and are
         raised, with nothing submitted."""
+        self.check_open()
+        self.enqueue(self.prepare(requests))
+
+    def check_open(self) -> None:
+        """Raise WorkerShuttingDown once stopping, EngineError before `start`."""
         with self._lock:
             if self._stopping:
                 raise WorkerShuttingDown("the worker is shutting down; the task goes back to its queue")
             if not self._started:
                 raise EngineError("the engine thread is not running")
+
+    def prepare(self, requests: Sequence[EngineRequest]) -> list[EngineRequest]:
+        """`submit_many`'s work in the caller's thread: each executor prepares its requests; a request for a
+        model not loaded here fails (ModelNotFound). Returns the others, for `enqueue`."""
         by_model: dict[str, list[EngineRequest]] = {}
         for request in requests:
             if request.model in self.executors:
@@ -197,10 +255,14 @@ class Engine:
                 log.warning("preparing %d requests of %s failed (%r); the engine thread will", len(group), model, exc)
                 for request in group:
                     request.prepared = None
+        return [r for group in by_model.values() for r in group]
+
+    def enqueue(self, requests: list[EngineRequest]) -> None:
+        """Hand prepared requests to the engine thread (raises WorkerShuttingDown once stopping)."""
         with self._lock:
             if self._stopping:
                 raise WorkerShuttingDown("the worker is shutting down; the task goes back to its queue")
-            self._inbox.put(("add", [r for group in by_model.values() for r in group]))
+            self._inbox.put(("add", requests))
         self.ensure_alive()
 
     def cancel(self, request_id: str, error: BaseException | None = None) -> None:
@@ -219,13 +281,14 @@ class Engine:
 
     # ---- engine thread: the loop -----------------------------------------------------------------
     def _new_thread(self, recover: bool) -> threading.Thread:
-        return threading.Thread(target=self._run, args=(recover,), name="pagedq-engine", daemon=True)
+        return threading.Thread(target=self._run, args=(recover,), name=self._thread_name, daemon=True)
 
     def _run(self, recover: bool) -> None:
         try:
             log.info("engine thread started with models %s", sorted(self.executors))
             if recover:
                 self._isolator.recover(self.executors.values(), self._death or EngineError("the thread died"))
+            self._snapshot()
             while not self._drained():
                 self._iteration()
             self._shut_down()
@@ -242,9 +305,14 @@ class Engine:
     def _iteration(self) -> None:
         try:
             busy = [name for name, ex in self.executors.items() if self._isolator.has_work(ex)]
+            if not busy and self._stats_at < self._stepped_at:
+                self._snapshot()  # the last steps' stats, before the loop blocks (a snapshot is never older)
             self._drain_inbox(block=not busy)
             self._expire()
-            for name in busy or [name for name, ex in self.executors.items() if self._isolator.has_work(ex)]:
+            busy = busy or [name for name, ex in self.executors.items() if self._isolator.has_work(ex)]
+            if busy and self._share is not None:
+                self._share.busy(self)
+            for name in busy:
                 self._step(name)
             self._reap()
         except Exception:  # noqa: BLE001 - a bug in one iteration must not end the loop
@@ -255,11 +323,14 @@ class Engine:
     def _step(self, name: str) -> None:
         """One step of a model, with the intra-op threads its `StepThreads` chooses (and tells how it went)."""
         executor = self.executors[name]
-        self._step_threads[name].step(lambda: self._isolator.step(executor), executor.work_done, executor.saturated)
+        self._stepped_at = time.monotonic()
+        cap = self._share.cap() if self._share is not None else None
+        self._step_threads[name].step(lambda: self._isolator.step(executor), executor.work_done, executor.saturated,
+                                      cap)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
-            item = self._inbox.get(timeout=IDLE_WAIT_S) if block else self._inbox.get_nowait()
+            item = self._inbox.get(timeout=IDLE_BLOCK_S) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:
@@ -308,13 +379,15 @@ class Engine:
         if len(self._deadlines) > 2 * len(self._flights) + 1024:  # finished flights' entries: drop them
             self._deadlines = [entry for entry in self._deadlines if not entry[2].done]
             heapq.heapify(self._deadlines)
-        now = time.monotonic()
-        if now - self._stats_at >= STATS_INTERVAL_S:  # a snapshot for other threads, not every iteration's work
-            self._stats_at = now
-            for name, executor in self.executors.items():
-                threads = self._step_threads[name]
-                self._stats[name] = replace(executor.stats(), intra_op_threads=threads.last or threads.options[-1],
-                                            intra_op_auto=threads.table() if threads.auto else None)
+        if time.monotonic() - self._stats_at >= STATS_INTERVAL_S:  # for other threads, not every iteration's work
+            self._snapshot()
+
+    def _snapshot(self) -> None:
+        self._stats_at = time.monotonic()
+        for name, executor in self.executors.items():
+            threads = self._step_threads[name]
+            self._stats[name] = replace(executor.stats(), intra_op_threads=threads.last or threads.options[-1],
+                                        intra_op_auto=threads.table() if threads.auto else None)
 
     # ---- engine thread: shutdown ---------------------------------------------------------------------
     def _shut_down(self) -> None:
@@ -331,3 +404,5 @@ class Engine:
         for request_id in list(self._flights):
             self._abort(request_id, _shutting_down())
         self._isolator.quarantines.clear()
+        if self._share is not None:
+            self._share.leave(self)

@@ -105,11 +105,12 @@ class StepThreads:
     def auto(self) -> bool:
         return self.setting == AUTO and self.default > 1
 
-    def step(self, run: Callable[[], None], work_done: Callable[[], int], saturated: Callable[[], bool]) -> None:
-        """Run one step (`run`) in the calling thread with the count `choose()` gives (set only where the
+    def step(self, run: Callable[[], None], work_done: Callable[[], int], saturated: Callable[[], bool],
+             cap: int | None = None) -> None:
+        """Run one step (`run`) in the calling thread with the count `choose(cap)` gives (set only where the
         thread runs with another: OpenMP's count is per thread, and reading it costs 0.03 us), and `record` it
         with the tokens `work_done()` advanced by and whether it was `saturated()`."""
-        wanted = self.choose()
+        wanted = self.choose(cap)
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
         if not self.auto:
@@ -119,15 +120,21 @@ class StepThreads:
         run()
         self.record(wanted, time.perf_counter() - start, work_done() - work, saturated())
 
-    def choose(self) -> int:
-        """The count for the next step."""
+    def choose(self, cap: int | None = None) -> int:
+        """The count for the next step; at most `cap` (the engine's share of the cores while other models'
+        steps run at the same time: `service.CoreShare`) unless the setting is a fixed count."""
+        if cap is not None and not isinstance(self.setting, int):
+            self.last = min(self._choose(), max(cap, 1))
+        else:
+            self.last = self._choose()
+        return self.last
+
+    def _choose(self) -> int:
         if not self.auto:
-            self.last = self.options[0]
-            return self.last
+            return self.options[0]
         self._previous = self.last
         if not self.saturated:
-            self.last = self.default
-            return self.last
+            return self.default
         if self._run_left > 0:
             self._run_left -= 1
             return self.last
@@ -135,14 +142,12 @@ class StepThreads:
         steps = self._steps.get(self._bucket, 0)
         untried = [n for n in self.options if estimates[n].samples < WARMUP]
         if untried:
-            self.last = untried[0]
-        elif steps % (every := _explore_every(estimates)) == every - 1:
-            self.last = min(self.options, key=lambda n: estimates[n].measured_at)
+            return untried[0]
+        if steps % (every := _explore_every(estimates)) == every - 1:
             self._run_left = EXPLORE_RUN - 1
-        else:
-            best = min(estimates[n].seconds_per_token for n in self.options)
-            self.last = next(n for n in self.options if estimates[n].seconds_per_token <= best * (1 + MARGIN))
-        return self.last
+            return min(self.options, key=lambda n: estimates[n].measured_at)
+        best = min(estimates[n].seconds_per_token for n in self.options)
+        return next(n for n in self.options if estimates[n].seconds_per_token <= best * (1 + MARGIN))
 
     def record(self, threads: int, seconds: float, tokens: int, saturated: bool) -> None:
         """What a step run with `threads` took for `tokens` computed tokens, and whether it was `saturated`
