@@ -83,7 +83,9 @@ def _freeze_startup_heap() -> None:
 def _engine_line(raw: dict[str, Any]) -> str:
     engine = raw.get("engine", {})
     state = "running" if raw["ready"] else "NOT running"
-    return (f"{state}; {engine.get('requests_submitted', 0):,} requests submitted, "
+    threads = engine.get("lanes", 1)
+    return (f"{state} ({threads} engine thread{'s' if threads != 1 else ''}); "
+            f"{engine.get('requests_submitted', 0):,} requests submitted, "
             f"{engine.get('requests_finished', 0):,} finished, {engine.get('steps', 0):,} steps, "
             f"{engine.get('step_errors', 0)} step errors, {engine.get('isolated_requests', 0)} requests isolated, "
             f"{engine.get('restarts', 0)} thread restarts; worker id {raw['worker_id']}")

@@ -331,10 +331,11 @@ def test_flower_lists_the_worker(stack: Stack) -> None:
             stats = info.get("stats", {})
             assert "pagedq" in stats, info.keys()  # the raw engine stats, for tools
             # and readable lines on the worker page's "Other" tab
-            assert stats["pagedq engine"].startswith("running; "), stats["pagedq engine"]
+            assert stats["pagedq engine"].startswith("running (5 engine threads); "), stats["pagedq engine"]
+            assert stats["pagedq"]["engine"]["lanes"] == 5  # one per demo model
             assert stats["pagedq model demo-classifier"].startswith("loaded: "), stats
             page = httpx.get(f"{stack.flower_url}/worker/{name}", auth=(user, password), timeout=15).text
-            assert "pagedq model demo-classifier" in page and "running; " in page
+            assert "pagedq model demo-classifier" in page and "running (5 engine threads); " in page
             return
         time.sleep(1)
     raise AssertionError(f"Flower does not list the worker: {workers}")

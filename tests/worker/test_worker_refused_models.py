@@ -121,7 +121,7 @@ def test_the_worker_serves_the_good_model_and_says_why_the_others_are_refused(
     shown = EngineStep.info(None, SimpleNamespace(app=SimpleNamespace(pagedq_runtime=runtime)))
     info = shown["pagedq"]
     # Flower's "Other" tab: a readable line for the engine and each model, beside the raw dict
-    assert shown["pagedq engine"].startswith("running; ")
+    assert shown["pagedq engine"].startswith("running (3 engine threads); ")  # one per model, refused ones too
     assert shown["pagedq model corrupt"].startswith("refused: OSError: ")
     assert shown["pagedq model good"].startswith("loaded: ") and "path packed" in shown["pagedq model good"]
     assert "0 running, 0 waiting" in shown["pagedq model good"]
