@@ -113,6 +113,15 @@ class EngineCollector(Collector):
                 if stats.path != "refused":  # a refused model has nothing to report
                     family.add_metric([model], float(getattr(stats, key)))
             yield family
+        alive = GaugeMetricFamily("pagedq_engine_thread_alive", "1 while the engine thread stepping the model runs "
+                                  "(a dead one is restarted by the watchdog at the next heartbeat).", labels=["model"])
+        restarts = CounterMetricFamily("pagedq_engine_thread_restarts", "Times the watchdog restarted the engine "
+                                       "thread stepping the model.", labels=["model"])
+        for model, (running, count) in self.engine.threads().items():
+            alive.add_metric([model], float(running))
+            restarts.add_metric([model], float(count))
+        yield alive
+        yield restarts
 
 
 def start_metrics(engine: EngineLanes, port: int) -> EngineCollector:

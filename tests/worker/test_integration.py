@@ -298,6 +298,9 @@ def test_metrics_cover_every_executor_kind_by_model(stack: Stack, registry: Regi
         assert samples.get(("pagedq_prompt_tokens_total", model), 0) > 0, model
         assert samples.get(("pagedq_engine_steps_total", model), 0) > 0, model
         assert (samples.get(("pagedq_generation_tokens_total", model), 0) > 0) is generates, model
+    for model in registry.models:  # each model's own engine thread, running, never restarted here
+        assert samples.get(("pagedq_engine_thread_alive", model)) == 1.0, model
+        assert samples.get(("pagedq_engine_thread_restarts_total", model)) == 0.0, model
     for model in (registry.defaults[TaskType.TRANSLATE], generative):  # both paged engines note first tokens
         assert samples.get(("pagedq_time_to_first_token_seconds_count", model), 0) > 0, model
         assert samples.get(("pagedq_time_per_output_token_seconds_count", model), 0) > 0, model

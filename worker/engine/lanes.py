@@ -120,5 +120,10 @@ class EngineLanes:
             models.update(stats["models"])
         return {"engine": engine, "models": models}
 
+    def threads(self) -> dict[str, tuple[bool, int]]:
+        """Each model's engine thread: (alive, restarts so far)."""
+        return {name: (lane.alive, lane.stats()["engine"]["restarts"])
+                for lane in self.lanes for name in lane.executors}
+
     def model_stats(self) -> dict[str, ModelStats]:
         return {name: stats for lane in self.lanes for name, stats in lane.model_stats().items()}

@@ -95,7 +95,9 @@ def test_a_dead_lane_does_not_stop_the_others_and_the_watchdog_restarts_it() -> 
             time.sleep(0.01)
         assert engine.submit(request("o", model="other")).result(timeout=5) == "done:o"  # no restart needed
         assert not any(f.done() for f in killed)
+        assert engine.threads() == {"doomed": (False, 0), "other": (True, 0)}  # which model's thread is down
         assert engine.ensure_alive() and engine.alive
+        assert engine.threads() == {"doomed": (True, 1), "other": (True, 0)}
         assert [f.result(timeout=5) for f in killed] == ["done:k0", "done:k1"]  # re-run by the restarted lane
         stats = engine.stats()["engine"]
         assert stats["restarts"] == 1 and stats["lanes"] == 2 and stats["alive"] is True
