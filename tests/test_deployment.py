@@ -210,6 +210,7 @@ def test_the_grafana_dashboard_charts_only_metrics_the_workers_export() -> None:
 
     exported = {m._name for m in vars(metrics).values() if isinstance(m, Counter | Histogram)}
     exported |= {name for name, _, _ in metrics.ENGINE_METRICS.values()}
+    exported |= {name for name, _ in metrics.THREAD_METRICS.values()}
     monitoring = ROOT / "docker" / "monitoring"
     dashboard = json.loads((monitoring / "grafana" / "dashboards" / "pagedq.json").read_text())
     queries = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]

@@ -54,6 +54,12 @@ ENGINE_METRICS = {
     "steps": ("pagedq_engine_steps", "Batched model steps run.", "counter"),
 }
 
+#: each model's engine thread (`EngineLanes.threads()`): metric name and help
+THREAD_METRICS = {
+    "alive": ("pagedq_engine_thread_alive", "1 while the engine thread stepping the model runs (a dead one is "
+              "restarted by the watchdog at the next heartbeat)."),
+    "restarts": ("pagedq_engine_thread_restarts", "Times the watchdog restarted the engine thread stepping the model."),
+}
 
 
 @functools.cache
@@ -113,10 +119,8 @@ class EngineCollector(Collector):
                 if stats.path != "refused":  # a refused model has nothing to report
                     family.add_metric([model], float(getattr(stats, key)))
             yield family
-        alive = GaugeMetricFamily("pagedq_engine_thread_alive", "1 while the engine thread stepping the model runs "
-                                  "(a dead one is restarted by the watchdog at the next heartbeat).", labels=["model"])
-        restarts = CounterMetricFamily("pagedq_engine_thread_restarts", "Times the watchdog restarted the engine "
-                                       "thread stepping the model.", labels=["model"])
+        alive = GaugeMetricFamily(*THREAD_METRICS["alive"], labels=["model"])
+        restarts = CounterMetricFamily(*THREAD_METRICS["restarts"], labels=["model"])
         for model, (running, count) in self.engine.threads().items():
             alive.add_metric([model], float(running))
             restarts.add_metric([model], float(count))
