@@ -16,6 +16,7 @@ A temperature below `GREEDY_BELOW_TEMPERATURE` is greedy outright (vLLM's `_SAMP
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,13 @@ from transformers.generation.logits_process import (
 from pagedq.worker.engine.core.request import RequestStatus, TokenSequence
 from pagedq.worker.engine.cpu.native import argmax_rows
 from pagedq.worker.engine.decoding.logits_processors import NO_PROCESSORS, ProcessorSettings, Row, process_rows
+
+#: Held by every draw from torch's default (process-wide) generators in the engine: an unseeded request's
+#: draw here, and a seeded or sampling `generate` of the seq2seq fallback (which reseeds them in a forked
+#: state). The worker steps each model in a thread of its own (`lanes.EngineLanes`), so without it another
+#: model's unseeded draw could land between a seeded `generate`'s `manual_seed` and its own draws, and the
+#: seeded request would not get the tokens its seed gives.
+DEFAULT_GENERATOR_LOCK = threading.Lock()
 
 #: Temperatures below this sample greedily: `exp(-gap / T)` for any logit gap the model can tell apart is 0.
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -116,7 +124,10 @@ class Sampler:
         probs = sampling_probs(row, params)
         if params.seed is not None and request.generator is None:
             request.generator = torch.Generator(device=row.device).manual_seed(params.seed)
-        return torch.multinomial(probs, 1, generator=request.generator)[0]
+        if request.generator is not None:
+            return torch.multinomial(probs, 1, generator=request.generator)[0]
+        with DEFAULT_GENERATOR_LOCK:
+            return torch.multinomial(probs, 1)[0]
 
 
 def apply_processors(logits: torch.Tensor, requests: Sequence[TokenSequence]) -> torch.Tensor:

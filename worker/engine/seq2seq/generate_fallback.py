@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel
+from pagedq.worker.engine.decoding.sampling import DEFAULT_GENERATOR_LOCK
 from pagedq.worker.engine.decoding.seq2seq_options import GenerationKey, generate_kwargs
 from pagedq.worker.engine.tasks.batching import WaitingQueue, drop_finished, lookahead, pad_batch, pick_batch
 
@@ -94,6 +95,8 @@ class GenerateBatcher:
         device = torch.device(self.loaded.device)
         rng_devices = [device.index or 0] if device.type == "cuda" else []
         with (
+            # draws from (or reseeds) torch's process-wide generators: one engine thread at a time
+            DEFAULT_GENERATOR_LOCK if key.do_sample or key.seeded else nullcontext(),
             self.model_as_loaded(),
             torch.inference_mode(),
             torch.random.fork_rng(devices=rng_devices, enabled=key.seeded),

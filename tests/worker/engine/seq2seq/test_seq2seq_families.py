@@ -99,3 +99,43 @@ def test_unpaged_family_on_the_fallback_matches_generate_alone(arch: str, beams:
 def _until_eos(tokens: list[int]) -> list[int]:
     """Generated tokens through the first EOS (a padded batch pads finished rows after it)."""
     return tokens[: tokens.index(EOS) + 1] if EOS in tokens else tokens
+
+
+def test_a_seeded_fallback_generate_keeps_its_tokens_while_another_thread_samples_unseeded() -> None:
+    """The worker steps each model in a thread of its own: another model's unseeded draws (the paged sampler's,
+    from torch's process-wide generator) must not land inside a seeded `generate` of the fallback, which seeds
+    that generator. Without `DEFAULT_GENERATOR_LOCK` the seeded tokens change from run to run here."""
+    import threading
+    from types import SimpleNamespace
+
+    from pagedq.worker.engine.decoding.sampling import Sampler, SamplingParams
+
+    pair = build_pair("umt5", sharp=True)
+    batcher = _fallback(pair)
+    ids = random_inputs(1, lengths=(12, 12))[0]
+    options = GenerationOptions(do_sample=True, temperature=1.0, seed=1234, max_new_tokens=24)
+
+    def seeded_run() -> list[int]:
+        key = generation_key(options, "seeded", pair.model)
+        encoded = EncodedText({"input_ids": ids, "attention_mask": [1] * len(ids)}, False, key)
+        batcher.push(request(TaskType.TRANSLATE, TranslateRequest(text="x"), "m"), encoded, (0, 0.0, 0))
+        [(_, _, row)] = batcher.step()
+        return row
+
+    expected = seeded_run()
+    stop = threading.Event()
+    sampler, probs = Sampler(), torch.full((1, 4096), 0.0)
+    other = SimpleNamespace(sampling_params=SamplingParams(temperature=1.0), generator=None)
+
+    def unseeded_draws() -> None:
+        while not stop.is_set():
+            sampler._sample_row(probs[0], other)  # type: ignore[arg-type]
+
+    drawer = threading.Thread(target=unseeded_draws, daemon=True)
+    drawer.start()
+    try:
+        runs = [seeded_run() for _ in range(40)]
+    finally:
+        stop.set()
+        drawer.join(5)
+    assert all(run == expected for run in runs)
