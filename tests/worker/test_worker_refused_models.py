@@ -243,3 +243,21 @@ def test_a_producer_without_a_registry_file_validates_against_what_the_workers_s
         assert runtime.records.get(accepted.id)["model"] == "good"  # type: ignore[index]
     finally:
         service.close()
+
+
+def test_engine_threads_shared_runs_every_model_in_one_engine_thread(model_root: Path, redis_url: str) -> None:
+    """`PAGEDQ_ENGINE_THREADS=shared`: the worker's models (refused stand-ins included) step in one thread."""
+    from pagedq.shared.models import ClassifyRequest, TaskType
+    from pagedq.worker.engine.core.executor import EngineRequest
+
+    settings = Settings(redis_url=redis_url, registry_path=model_root / "registry.toml", device="cpu",
+                        metrics_port=0, engine_threads="shared")
+    rt = WorkerRuntime.start(settings)
+    try:
+        assert len(rt.engine.lanes) == 1 and rt.engine.stats()["engine"]["lanes"] == 1
+        assert sorted(rt.engine.lanes[0].executors) == ["buggy", "corrupt", "good"]
+        request = EngineRequest(id="s1", task=TaskType.CLASSIFY, payload=ClassifyRequest(text="fine"), model="good")
+        assert rt.engine.submit(request).result(timeout=30).label
+        assert rt.engine.lanes[0]._thread.name == "pagedq-engine"
+    finally:
+        rt.stop()
