@@ -65,8 +65,7 @@ def test_a_long_step_of_one_model_does_not_hold_back_another_models_requests() -
         assert not held.done()
         slow.gate.set()
         assert held.result(timeout=5) == "done:s"
-        assert [t.name for t in threading.enumerate() if t.name.startswith("pagedq-engine")].count(
-            "pagedq-engine:fast") == 1
+        assert sorted(lane._thread.name for lane in engine.lanes) == ["pagedq-engine:fast", "pagedq-engine:slow"]
 
 
 def test_shared_runs_every_model_in_one_thread_in_turn() -> None:
