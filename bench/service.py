@@ -387,6 +387,7 @@ def main() -> None:
         f"{mix.models} models ({mix.registry_path}); {args.clients} closed-loop clients, one worker of "
         f"{args.worker_threads} threads per stack; {os.cpu_count()} CPUs ({torch.backends.cpu.get_cpu_capability()}), "
         f"torch threads {torch.get_num_threads()}, intra-op threads {settings.intra_op_threads or 'torch'}, "
+        f"engine threads {settings.engine_threads}, "
         f"load average {_load_average()}; "
         f"logs in {args.log_dir}",
         flush=True,
