@@ -111,6 +111,14 @@ def outcome(future: Any, timeout: float = 10) -> Any:
         return exc
 
 
+def wait_until_dead(engine: Any, timeout_s: float = 5) -> None:
+    """Until `engine.alive` is False (a thread killed by the test has ended)."""
+    deadline = time.monotonic() + timeout_s
+    while engine.alive:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
 @pytest.fixture()
 def engine() -> Any:
     executors = {"m": BatchingExecutor("m"), "other": BatchingExecutor("other")}
@@ -273,10 +281,7 @@ def test_watchdog_restarts_a_dead_thread_and_in_flight_requests_complete(engine:
     futures = [engine.submit(request(f"k{i}")) for i in range(4)]
     time.sleep(0.05)
     ex.kill_next, ex.hold = True, False
-    deadline = time.monotonic() + 5
-    while engine.alive:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    wait_until_dead(engine)
     assert not any(f.done() for f in futures)
     assert engine.ensure_alive() and engine.alive
     assert [f.result(timeout=5) for f in futures] == [f"done:k{i}" for i in range(4)]

@@ -19,7 +19,7 @@ from pagedq.shared.errors import ModelNotFound, TaskCancelled, WorkerShuttingDow
 from pagedq.shared.settings import Settings
 from pagedq.worker.engine.lanes import EngineLanes
 from pagedq.worker.engine.service import CoreShare
-from worker.engine.test_engine_loop import BatchingExecutor, ThreadsSeen, outcome, request
+from worker.engine.test_engine_loop import BatchingExecutor, ThreadsSeen, outcome, request, wait_until_dead
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -88,10 +88,7 @@ def test_a_dead_lane_does_not_stop_the_others_and_the_watchdog_restarts_it() -> 
         killed = [engine.submit(request(f"k{i}", model="doomed")) for i in range(2)]
         time.sleep(0.05)
         doomed.kill_next, doomed.hold = True, False
-        deadline = time.monotonic() + 5
-        while engine.alive:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until_dead(engine)
         assert engine.submit(request("o", model="other")).result(timeout=5) == "done:o"  # no restart needed
         assert not any(f.done() for f in killed)
         assert engine.threads() == {"doomed": (False, 0), "other": (True, 0)}  # which model's thread is down
