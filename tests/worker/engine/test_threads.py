@@ -162,3 +162,20 @@ def test_a_cold_first_measurement_does_not_stick() -> None:
     assert chosen[:6] == [1, 1, 1, 2, 2, 2]  # the warm-up: each count's first step after a switch is not measured
     assert chosen[-EXPLORE_EVERY:].count(2) >= EXPLORE_EVERY - EXPLORE_RUN
     assert threads.table()["511"] == {"1": pytest.approx(10.0), "2": pytest.approx(5.0)}
+
+
+def test_a_cap_bounds_the_count_and_the_estimates_resume_once_it_lifts() -> None:
+    """While other models step side by side (`CoreShare`), a cap bounds the count -- "auto" or the default
+    alike, a fixed count not -- and what capped steps measured stays valid once the cap lifts."""
+    threads = StepThreads(AUTO, 4)
+    two_faster = lambda n, t: {1: 4e-6, 2: 1e-6, 4: 2e-6}[n]  # noqa: E731
+    capped = []
+    for _ in range(20):
+        n = threads.choose(cap=1)
+        capped.append(n)
+        threads.record(n, two_faster(n, 300) * 300, 300, True)
+    assert capped == [1] * 20  # untried options are not tried above the cap
+    assert run(threads, 60, lambda i: 300, two_faster)[-10:].count(2) >= 10 - EXPLORE_RUN  # then measured, chosen
+    assert threads.choose(cap=3) <= 3
+    assert StepThreads(None, 4).choose(cap=2) == 2  # the default count is capped too
+    assert StepThreads(3, 4).choose(cap=1) == 3  # a count the registry fixes is kept as set
