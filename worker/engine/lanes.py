@@ -5,9 +5,10 @@ once: while a step runs Python (transformers' modules, the executor's bookkeepin
 the other cores wait, and every model waits for the others' steps. With a thread per model, one model's
 Python runs while another's matrix products run (torch releases the GIL in its kernels), and a slow step of
 one model (a long translation batch) no longer delays the next step of another (a classifier's). Measured on
-W5's realistic mix (2 vCPUs; classifier, extractive QA and translator busy at once): +10% tasks/s with each
-thread on torch's two intra-op threads, +20% with the threads sharing the cores (`CoreShare`, below), the
-worker's CPU use 1.37 -> 1.55-1.60 cores (README, W5).
+W5's realistic mix (2 vCPUs; classifier, extractive QA and translator busy at once), against one thread for
+all: +10% tasks/s with each thread on torch's two intra-op threads, +12-15% with the threads sharing the
+cores (`CoreShare`, below), the worker's CPU use 1.37 -> 1.55-1.63 cores; the whole W5 mix 4.96x -> 6.14x the
+naive worker (README, W5).
 
 Each lane is an `Engine` with a single model, so every per-engine guarantee holds per model (each request's
 future completed once, one request cannot fail another, a dead thread restarted by `ensure_alive`); and one
