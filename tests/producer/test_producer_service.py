@@ -151,6 +151,43 @@ def test_submit_writes_a_record_and_one_message_with_the_contract_body(service: 
     assert queued(r, "pagedq.translate") == [] and queued(r, "pagedq.qa") == []
 
 
+def test_a_submission_does_not_wait_for_another_threads_task_sent_event(
+    service: TaskService, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each submission publishes a `task-sent` event (Flower's "sent" state), a Redis round trip. Celery's one
+    dispatcher per app publishes under a lock, so one slow publish held every other thread's submission (the
+    HTTP API's threads, an app's threads sharing a client): here one thread's publish is stuck, and another
+    thread's submission must still go through -- and both events are published."""
+    from celery.events.dispatcher import EventDispatcher
+
+    real = EventDispatcher._publish
+    stuck, release, published = threading.Event(), threading.Event(), []
+
+    def publish(self: EventDispatcher, event: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        published.append(dict(event))
+        if threading.current_thread().name == "slow":
+            stuck.set()
+            release.wait(10)  # a Redis round trip that takes its time
+        return real(self, event, *args, **kwargs)
+
+    monkeypatch.setattr(EventDispatcher, "_publish", publish)
+    slow = threading.Thread(target=service.submit, args=(TaskType.CLASSIFY, {"text": "slow"}), name="slow")
+    slow.start()
+    assert stuck.wait(10)
+    done = threading.Event()
+    fast = threading.Thread(target=lambda: (service.submit(TaskType.CLASSIFY, {"text": "fast"}), done.set()))
+    fast.start()
+    try:
+        assert done.wait(5), "a submission waited for another thread's task-sent event"
+    finally:
+        release.set()
+        slow.join(10)
+        fast.join(10)
+    sent = [e for e in published if e["type"] == "task-sent"]
+    assert len(sent) == 2 and {e["name"] for e in sent} == {"pagedq.classify"}
+    assert len(queued(r, "pagedq.classify")) == 2
+
+
 @pytest.mark.parametrize(
     ("priority", "key"), list(zip((-100, -40, 40, 100), redis_queue_keys("pagedq.qa"), strict=True))
 )
