@@ -57,6 +57,7 @@ from pathlib import Path
 import plots
 import torch
 from celery import Celery
+from redis_delay import DelayedRedis
 from w5_agreement import Answer, agreement, recording, time_by_kind
 from w5_baselines import BaselineWorker, naive_client, noop_client, noop_open_loop
 from w5_load import (
@@ -78,6 +79,7 @@ from w5_workload import Job, classify_texts, mixed_jobs
 
 from pagedq.shared.celery_config import make_celery
 from pagedq.shared.models import TaskType
+from pagedq.shared.redis_server import LocalRedis
 from pagedq.shared.registry import Registry
 from pagedq.shared.settings import Settings
 from pagedq.worker.demo.models import build_demo_models
@@ -129,9 +131,15 @@ def run_queue(
     c, timeout = args.clients, args.task_timeout
     singles = [Job("classify", {"text": t}) for t in texts]
     classifier = Registry.load(registry_path).defaults[TaskType.CLASSIFY]
+    redis, proxy = None, None  # with --redis-delay-ms: pagedq's Redis, and the proxy every process reaches it by
+    if args.redis_delay_ms > 0:
+        redis = LocalRedis(appendonly=True, new_session=True).start()
+        proxy = DelayedRedis(redis.port, args.redis_delay_ms).start()
+        notes.append(f"every process of the queue rows (workers, API, clients) reached its Redis through a proxy "
+                     f"holding each chunk {args.redis_delay_ms:g} ms in each direction (bench/redis_delay.py)")
     stack = Stack(registry_path=registry_path, log_dir=args.log_dir, worker_concurrency=args.worker_threads,
-                  worker_loglevel=WORKER_LOGLEVEL)
-    noop = BaselineWorker("w5_noop_worker", args.worker_threads, registry_path, args.log_dir)
+                  worker_loglevel=WORKER_LOGLEVEL, redis_url=proxy.url if proxy is not None else None)
+    noop = BaselineWorker("w5_noop_worker", args.worker_threads, registry_path, args.log_dir, args.redis_delay_ms)
     with phases("engine in-process: load"):
         engine = InProcess(registry_path, Settings(registry_path=registry_path), texts[:WARMUP])
     _freeze_clients_heap()
@@ -190,6 +198,10 @@ def run_queue(
         with phases("stacks: stop"):
             stack.stop()
             noop.stop()
+            if proxy is not None:
+                proxy.stop()
+            if redis is not None:
+                redis.stop()
     return rows
 
 
@@ -355,6 +367,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the systems a target compares")
     p.add_argument("--worker-threads", type=int, default=None, help="Celery threads per worker (default: settings)")
     p.add_argument("--idle-tasks", type=int, default=50)
+    p.add_argument(
+        "--redis-delay-ms",
+        type=float,
+        default=0.0,
+        help="the demo-classifier rows' processes (pagedq's and the no-op's workers, API and clients) reach "
+        "Redis through a proxy that holds each chunk this long in each direction: a Redis across a network "
+        "(bench/redis_delay.py; the proxy's CPU shares the machine). Default 0: no proxy",
+    )
     p.add_argument("--task-timeout", type=float, default=300.0, help="seconds a client waits for one result")
     plots.add_plot_argument(p, "w5")
     p.add_argument(

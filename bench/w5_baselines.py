@@ -18,6 +18,7 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
+from redis_delay import DelayedRedis
 from w5_load import Outcome, Sample
 from w5_naive_worker import TASKS as NAIVE_TASKS
 from w5_noop_worker import NOOP_TASK, make_app
@@ -36,15 +37,18 @@ STOP_TIMEOUT_S = 30.0
 class BaselineWorker:
     """A private Redis and one Celery worker process running `module` (a module in bench/)."""
 
-    def __init__(self, module: str, concurrency: int, registry_path: Path, log_dir: Path) -> None:
+    def __init__(self, module: str, concurrency: int, registry_path: Path, log_dir: Path,
+                 redis_delay_ms: float = 0.0) -> None:
         self.module, self.concurrency, self.registry_path, self.log_dir = module, concurrency, registry_path, log_dir
+        self.redis_delay_ms = redis_delay_ms  # > 0: everything reaches the Redis through a `DelayedRedis`
         self.redis: LocalRedis | None = None
+        self.proxy: DelayedRedis | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         assert self.redis is not None, "not started"
-        return self.redis.url
+        return self.proxy.url if self.proxy is not None else self.redis.url
 
     def pids(self) -> dict[str, int]:
         assert self.proc is not None, "not started"
@@ -55,6 +59,8 @@ class BaselineWorker:
 
     def start(self, timeout_s: float = 180.0) -> BaselineWorker:
         self.redis = LocalRedis(appendonly=True).start()
+        if self.redis_delay_ms > 0:
+            self.proxy = DelayedRedis(self.redis.port, self.redis_delay_ms).start()
         env = {
             **os.environ,
             "PAGEDQ_REDIS_URL": self.url,
@@ -99,6 +105,9 @@ class BaselineWorker:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        if self.proxy is not None:
+            self.proxy.stop()
+            self.proxy = None
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
