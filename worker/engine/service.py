@@ -153,7 +153,7 @@ class Engine:
         self._thread = self._new_thread(recover=False)
         self._stats: dict[str, ModelStats] = {}
         self._stats_at = -math.inf  # time.monotonic() of the last snapshot
-        self._stepped_at = -math.inf  # time.monotonic() of the latest step
+        self._stepped_at = 0.0  # time.monotonic() of the latest step (after the first snapshot's -inf: one is due)
         self._counters = dict.fromkeys(
             ("steps", "requests_submitted", "requests_finished", "step_errors", "isolated_requests", "restarts",
              "loop_errors"), 0)  # fmt: skip
@@ -288,7 +288,6 @@ class Engine:
             log.info("engine thread started with models %s", sorted(self.executors))
             if recover:
                 self._isolator.recover(self.executors.values(), self._death or EngineError("the thread died"))
-            self._snapshot()
             while not self._drained():
                 self._iteration()
             self._shut_down()
