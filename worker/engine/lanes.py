@@ -82,23 +82,22 @@ class EngineLanes:
     def submit_many(self, requests: Sequence[EngineRequest]) -> None:
         """`Engine.submit_many` over the lanes: each lane's executors prepare their requests in the caller's
         thread, then every lane gets its share, or (WorkerShuttingDown, EngineError) none does."""
-        by_lane: dict[int, list[EngineRequest]] = {}
+        by_lane: dict[Engine, list[EngineRequest]] = {}
         unknown = []
         for request in requests:
             lane = self._lane_of.get(request.model)
             if lane is None:
                 unknown.append(request)
             else:
-                by_lane.setdefault(id(lane), []).append(request)
-        lanes = [lane for lane in self.lanes if id(lane) in by_lane]
+                by_lane.setdefault(lane, []).append(request)
         with self._lock:
             if self._stopping:
                 raise WorkerShuttingDown("the worker is shutting down; the task goes back to its queue")
-        for lane in lanes:
+        for lane in by_lane:
             lane.check_open()
         for request in unknown:
             request.fail(ModelNotFound(f"model {request.model!r} is not loaded on this worker"))
-        prepared = [(lane, lane.prepare(by_lane[id(lane)])) for lane in lanes]
+        prepared = [(lane, lane.prepare(group)) for lane, group in by_lane.items()]
         with self._lock:  # `stop` refuses on every lane at once: all of them take their share, or none does
             if self._stopping:
                 raise WorkerShuttingDown("the worker is shutting down; the task goes back to its queue")
@@ -123,8 +122,7 @@ class EngineLanes:
 
     def threads(self) -> dict[str, tuple[bool, int]]:
         """Each model's engine thread: (alive, restarts so far)."""
-        return {name: (lane.alive, lane.stats()["engine"]["restarts"])
-                for lane in self.lanes for name in lane.executors}
+        return {name: (lane.alive, lane.restarts) for lane in self.lanes for name in lane.executors}
 
     def model_stats(self) -> dict[str, ModelStats]:
         return {name: stats for lane in self.lanes for name, stats in lane.model_stats().items()}

@@ -202,6 +202,11 @@ class Engine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def restarts(self) -> int:
+        """How often `ensure_alive` restarted the thread."""
+        return self._counters["restarts"]
+
     def ensure_alive(self) -> bool:
         """Watchdog: restart the engine thread if it died while the engine was not stopping.
 
