@@ -16,7 +16,8 @@ from pagedq.shared.settings import Settings, get_settings
 TASK_NAMES: dict[TaskType, str] = {t: f"pagedq.{t.value}" for t in TaskType}
 QUEUES: dict[TaskType, str] = dict(TASK_NAMES)
 #: Tasks that carry many items of a bulk submission in one message, on the task type's queue.
-BATCH_TASK_NAMES: dict[TaskType, str] = {t: f"pagedq.{t.value}.batch" for t in TaskType}
+BATCH_TASK_SUFFIX = ".batch"
+BATCH_TASK_NAMES: dict[TaskType, str] = {t: f"pagedq.{t.value}{BATCH_TASK_SUFFIX}" for t in TaskType}
 #: Redis priority steps: kombu maps priorities 0..9 onto these sub-queues per queue.
 PRIORITY_STEPS = [0, 3, 6, 9]
 #: kombu's separator between a queue's name and its priority step. Keep the default: Flower and the

@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     auth_enabled: bool = Field(True, description="Require `X-API-Key` on the HTTP API.")
 
     worker_concurrency: int = Field(64, gt=0, description="Celery threads per worker (>= 2x the largest batch).")
+    consumer_read_max: int = Field(
+        16, gt=0, description="Most messages the worker's consumer takes per Redis read, within its prefetch credit "
+        "(1: one per BRPOP, as kombu does); a read takes at most one bulk batch message (worker/consumer_io.py)."
+    )
     metrics_port: int = Field(9464, ge=0, description="Worker Prometheus port; 0 disables.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (models may override).")
     max_batch_tokens: int = Field(4096, gt=0, description="Engine token budget per step.")

@@ -22,6 +22,7 @@ from celery import bootsteps
 from pagedq.shared import kombu_compat
 from pagedq.shared.celery_config import make_celery
 from pagedq.shared.settings import get_settings
+from pagedq.worker import consumer_io
 from pagedq.worker.metrics import start_metrics
 from pagedq.worker.runtime import WorkerRuntime
 from pagedq.worker.tasks import register_tasks
@@ -131,6 +132,7 @@ def _held_tags(worker: Any) -> Iterator[str]:
 
 
 kombu_compat.install()  # a Redis restart must not stop the worker (see the module)
+consumer_io.install(get_settings().consumer_read_max)  # fewer Redis round trips per message (see the module)
 app = make_celery(main="pagedq-worker")
 app.conf.worker_pool = "threads"
 app.conf.worker_concurrency = get_settings().worker_concurrency
