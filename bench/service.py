@@ -15,7 +15,10 @@ the per-round ratios are printed. The mix and its naive baseline run afterwards,
   pagedq bulk                      one `bulk_classify` of every text, then `wait_all` (once per round)
   pagedq single-item, HTTP API     the same closed loop through `HTTPClient` (long polls: `GET /v1/tasks/{id}?wait=`)
   Celery no-op, closed / open      a no-op task with pagedq's Celery settings (results stored), the same pool;
-                                   closed loop `send_task(...).get()`, and open loop (submit all, then get)
+                                   closed loop `send_task(...).get()`, and open loop (submit all, then get);
+                                   Celery's consumer as it ships (the targets' baseline)
+  Celery no-op on pagedq's consumer  the closed loop once more, its worker reading Redis as pagedq's does
+                                   (worker/consumer_io.py): a reference row, what that change gives Celery
   pagedq mix / naive Celery mix    60% classify, 25% translate, 15% extractive QA, closed loop, against a plain
                                    Celery worker running transformers one request at a time (w5_naive_worker),
                                    the same jobs on both, each on its own stack loaded with the mix's models
@@ -193,6 +196,8 @@ def run_queue(
             rows["noop_open"] = noop_probe.measure(
                 "Celery no-op, open loop", None, lambda: noop_open_loop(noop.settings(), texts, timeout)
             )
+        with phases("no-op on pagedq's consumer"):
+            rows["noop_io"] = run_noop_on_pagedq_consumer(args, registry_path, texts)
         app.close()
     finally:
         with phases("stacks: stop"):
@@ -309,8 +314,23 @@ def whole_run_ratio(a: Row, b: Row) -> float:
     return a.tasks_per_s / b.tasks_per_s
 
 
+def run_noop_on_pagedq_consumer(args: argparse.Namespace, registry_path: Path, texts: list[str]) -> Row:
+    """Celery's no-op closed loop again, its worker reading Redis with pagedq worker's consumer I/O
+    (worker/consumer_io.py): what that change gives Celery itself. Not a target's baseline (the targets compare
+    with Celery as it ships); a reference row, measured once, with its own Redis."""
+    read_max = Settings(registry_path=registry_path).consumer_read_max
+    worker = BaselineWorker("w5_noop_worker", args.worker_threads, registry_path, args.log_dir, args.redis_delay_ms,
+                            extra_env={"W5_NOOP_CONSUMER_READ_MAX": str(read_max)}, name="w5_noop_consumer_io")
+    with worker:
+        connect = partial(noop_client, worker.settings(), args.task_timeout)
+        closed_loop(connect, texts[:WARMUP], args.clients)
+        return Probe(worker.url, worker.pids()).measure(
+            f"Celery no-op, closed loop, on pagedq's consumer I/O (read max {read_max})", args.clients,
+            lambda: closed_loop(connect, texts, args.clients))
+
+
 def report(rows: dict[str, Row], phases: Phases, notes: list[str], args: argparse.Namespace) -> None:
-    order = ["inprocess", "idle", "single", "bulk", "http", "noop", "noop_open", "mix", "naive"]
+    order = ["inprocess", "idle", "single", "bulk", "http", "noop", "noop_open", "noop_io", "mix", "naive"]
     print()
     print(table([rows[k] for k in order]))
     print()
@@ -340,6 +360,8 @@ def report(rows: dict[str, Row], phases: Phases, notes: list[str], args: argpars
         ("idle p50 <= 25 ms", summary["w5_idle_p50_ms"] <= 25),
         ("mix >= 5x naive", summary["w5_vs_naive"] >= 5),
     ]
+    print(f"- single vs the no-op on pagedq's consumer I/O (a reference, not a target): "
+          f"{ratio(rows['single'], rows['noop_io']):.3f}")
     whole = [("single vs no-op", "single", "noop"), ("mix vs naive", "mix", "naive")]
     print("- whole-run ratios (every task over the whole run, as before the steady state was measured): "
           + ", ".join(f"{name} {whole_run_ratio(rows[a], rows[b]):.3f}" for name, a, b in whole))

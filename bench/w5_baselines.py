@@ -38,9 +38,11 @@ class BaselineWorker:
     """A private Redis and one Celery worker process running `module` (a module in bench/)."""
 
     def __init__(self, module: str, concurrency: int, registry_path: Path, log_dir: Path,
-                 redis_delay_ms: float = 0.0) -> None:
+                 redis_delay_ms: float = 0.0, extra_env: dict[str, str] | None = None, name: str = "") -> None:
         self.module, self.concurrency, self.registry_path, self.log_dir = module, concurrency, registry_path, log_dir
         self.redis_delay_ms = redis_delay_ms  # > 0: everything reaches the Redis through a `DelayedRedis`
+        self.extra_env = extra_env or {}
+        self.name = name or module  # its log file and Celery node name
         self.redis: LocalRedis | None = None
         self.proxy: DelayedRedis | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -68,12 +70,13 @@ class BaselineWorker:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH), os.environ.get("PYTHONPATH")])),
             "PYTHONUNBUFFERED": "1",
             "TOKENIZERS_PARALLELISM": "false",
+            **self.extra_env,
         }
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.log_dir / f"{self.module}.log").open("ab")
+        log = (self.log_dir / f"{self.name}.log").open("ab")
         self.proc = subprocess.Popen(
             [str(CELERY), "-A", self.module, "worker", "-P", "threads", "-c", str(self.concurrency),
-             "-n", f"{self.module}@%h", "--loglevel", "WARNING", "--without-mingle"],
+             "-n", f"{self.name}@%h", "--loglevel", "WARNING", "--without-mingle"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         try:
             self._wait_ready(timeout_s)
@@ -89,10 +92,10 @@ class BaselineWorker:
             while time.monotonic() < deadline:
                 assert self.proc is not None
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.module} exited; see {self.log_dir / (self.module + '.log')}")
+                    raise RuntimeError(f"{self.name} exited; see {self.log_dir / (self.name + '.log')}")
                 if app.control.ping(timeout=1.0):
                     return
-            raise RuntimeError(f"{self.module} did not answer a ping within {timeout_s} s")
+            raise RuntimeError(f"{self.name} did not answer a ping within {timeout_s} s")
         finally:
             app.close()
 

@@ -4,10 +4,15 @@
 
 Same settings as pagedq (`pagedq.shared.celery_config.celery_config`: JSON, late acks, prefetch 1, events on, the
 same queues) except `task_ignore_result=False`: a plain Celery client needs the result backend to wait.
+
+Celery's consumer as it ships, unless `W5_NOOP_CONSUMER_READ_MAX` is set: then with pagedq worker's consumer I/O
+(`pagedq.worker.consumer_io`: several messages per Redis read, acks written once per loop turn), a second
+no-op row that shows what that change gives Celery itself.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import Celery
@@ -26,6 +31,10 @@ def make_app(settings: Settings | None = None, main: str = "w5-noop") -> Celery:
     return app
 
 
+if os.environ.get("W5_NOOP_CONSUMER_READ_MAX"):
+    from pagedq.worker import consumer_io
+
+    consumer_io.install(int(os.environ["W5_NOOP_CONSUMER_READ_MAX"]))
 app = make_app()
 
 
