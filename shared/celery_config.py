@@ -70,6 +70,10 @@ def celery_config(settings: Settings) -> dict[str, object]:
                         **{BATCH_TASK_NAMES[t]: {"queue": QUEUES[t]} for t in TaskType}},
         "task_default_queue": QUEUES[TaskType.CLASSIFY],
         "broker_connection_retry_on_startup": True,
+        # Producers (with their connections) a process keeps for publishing; kombu shares them between every
+        # app of the process on the same broker: with Celery's default of 10, an eleventh thread submitting at
+        # once waits for one (W5: 32 client threads, 20% of their samples waiting in the producer pool).
+        "broker_pool_limit": settings.broker_pool_limit,
         "worker_hijack_root_logger": False,
         "enable_utc": True,
     }

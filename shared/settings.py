@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     auth_enabled: bool = Field(True, description="Require `X-API-Key` on the HTTP API.")
 
     worker_concurrency: int = Field(64, gt=0, description="Celery threads per worker (>= 2x the largest batch).")
+    broker_pool_limit: int = Field(
+        64, gt=0, description="Broker connections a process keeps for sending (Celery's `broker_pool_limit`, "
+        "shared by every client of the process): at least the threads that submit at once (Celery's default: 10)."
+    )
     consumer_read_max: int = Field(
         16, gt=0, description="Most messages the worker's consumer takes per Redis read, within its prefetch credit "
         "(1: one per BRPOP, as kombu does); a read takes at most one bulk batch message (worker/consumer_io.py)."

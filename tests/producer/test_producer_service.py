@@ -741,3 +741,26 @@ def test_a_listening_producer_survives_losing_its_subscription(listening: TaskSe
     start = time.monotonic()
     assert listening.wait(second, timeout_s=10, poll_interval=60).state is TaskState.SUCCEEDED
     assert time.monotonic() - start < 3  # pushed again (a full read comes at 5 s): the subscription is back
+
+
+def test_many_threads_of_one_process_can_send_at_once(settings: Settings) -> None:
+    """Every app of a process shares kombu's producer pool on a broker; with Celery's default limit (10) an
+    eleventh thread submitting at the same time waits for a producer. pagedq's limit (`broker_pool_limit`,
+    64) lets a web server's threadpool send side by side."""
+    held: list[Any] = []
+    service = TaskService(settings)
+    pool = service.celery.producer_pool
+
+    def grab() -> None:
+        for _ in range(32):
+            held.append(pool.acquire(block=True))  # blocks once the pool is exhausted
+
+    grabber = threading.Thread(target=grab, daemon=True)
+    grabber.start()
+    grabber.join(10)
+    try:
+        assert len(held) == 32, f"only {len(held)} threads could hold a producer at once"
+    finally:
+        for producer in list(held):
+            producer.release()
+        service.close()

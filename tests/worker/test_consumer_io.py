@@ -184,3 +184,17 @@ def test_closing_the_channel_writes_the_queued_acks(connection: Connection, clie
 def _calls(client: redis.Redis, command: str) -> int:
     stats: dict[str, Any] = client.info("commandstats")  # type: ignore[assignment]
     return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_the_worker_reads_as_many_messages_as_its_setting_allows(tmp_path: Any) -> None:
+    """`PAGEDQ_CONSUMER_READ_MAX` reaches the worker's consumer (importing the worker app installs it)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from kombu.transport import redis as r; import pagedq.worker.app; "
+            "print(r.Channel._pagedq_extra, r.Channel._brpop_read.__module__)")
+    env = {**os.environ, "PAGEDQ_CONSUMER_READ_MAX": "3"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         check=True).stdout.split()
+    assert out == ["2", "pagedq.worker.consumer_io"]  # the BRPOP's message and up to 2 more
