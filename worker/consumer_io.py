@@ -87,7 +87,12 @@ def install(read_max: int = 16) -> None:
             original_append(self, message, delivery_tag)
             return
         delivery = message.delivery_info
-        pending.append((delivery_tag, dumps([message._raw, delivery["exchange"], delivery["routing_key"]])))
+        exchange_key = dumps([delivery["exchange"], delivery["routing_key"]])[1:]  # '"ex", "rk"]'
+        # kombu's entry is dumps([message._raw, ex, rk]); the message as popped is that raw message (the
+        # producer gave it its delivery tag), so its JSON goes in as it came instead of being encoded again
+        raw = self.__dict__.get("_pagedq_raw")
+        pending.append((delivery_tag, f"[{raw}, {exchange_key}" if raw is not None
+                        else dumps([message._raw, delivery["exchange"], delivery["routing_key"]])))
         virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self: Any, delivery_tag: Any) -> None:
@@ -114,21 +119,23 @@ def install(read_max: int = 16) -> None:
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
-        first = loads(bytes_to_str(item))
-        messages = [(dest, first)]
-        if not _is_batch(first):  # a read takes at most one batch message (see _POP)
-            messages += [(queue, loads(bytes_to_str(raw))) for queue, raw in _pop_more(self)]
+        first = bytes_to_str(item)
+        messages = [(dest, first, loads(first))]
+        if not _is_batch(messages[0][2]):  # a read takes at most one batch message (see _POP)
+            messages += [(queue, text, loads(text)) for queue, text in
+                         ((queue, bytes_to_str(raw)) for queue, raw in _pop_more(self))]
         qos = self.qos
         qos._pagedq_appends = []
         failure: BaseException | None = None
         try:
-            for queue, message in messages:
+            for queue, text, message in messages:
+                qos._pagedq_raw = text  # the unacked entry's JSON (`append`)
                 try:
                     self.connection._deliver(message, queue)
                 except Exception as exc:  # noqa: BLE001 -- deliver the others, then raise the first
                     failure = failure or exc
         finally:
-            appends, qos._pagedq_appends = qos._pagedq_appends, None
+            appends, qos._pagedq_appends, qos._pagedq_raw = qos._pagedq_appends, None, None
             _write_appends(qos, appends)
         if failure is not None:
             raise failure

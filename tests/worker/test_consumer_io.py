@@ -198,3 +198,30 @@ def test_the_worker_reads_as_many_messages_as_its_setting_allows(tmp_path: Any) 
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          check=True).stdout.split()
     assert out == ["2", "pagedq.worker.consumer_io"]  # the BRPOP's message and up to 2 more
+
+
+def test_an_unacked_entry_is_kombus_and_restores_the_message(connection: Connection, client: redis.Redis,
+                                                              queue_name: str) -> None:
+    """The unacked entry holds the message as popped (not encoded again): what kombu writes, so that kombu's
+    restore (a worker stopping with messages it did not ack) and pagedq's reconciler read it as before."""
+    import json
+
+    queue = make_queue(queue_name)
+    publish(connection, queue, ["m0", "m1"])
+    got: list[Any] = []
+    consume(connection, queue, prefetch=16, got=got)
+    connection.drain_events(timeout=2)
+    assert len(got) == 2
+    for _, message in got:
+        entry = json.loads(client.hget(UNACKED, message.delivery_tag) or "null")
+        delivery = message.delivery_info
+        assert entry == [message._raw, delivery["exchange"], delivery["routing_key"]]
+    connection.default_channel.close()  # not acked: kombu restores both to the queue
+    assert client.llen(queue_name) == 2 and not client.hlen(UNACKED)
+    again: list[Any] = []
+    with Connection(connection.as_uri(include_password=True),
+                    transport_options=connection.transport_options) as other:
+        consume(other, queue, prefetch=16, got=again)
+        other.drain_events(timeout=2)
+        assert sorted(body for body, _ in again) == ["m0", "m1"]
+        assert all(m.delivery_info.get("redelivered") for _, m in again)
