@@ -204,7 +204,7 @@ def _write_appends(qos: Any, appends: list[tuple[Any, str]]) -> None:
 def flush_acks(channel: Any) -> None:
     """Write the acks queued on `channel` (one MULTI); a connection error is logged, the entries stay behind
     (restored later, and found final)."""
-    qos = getattr(channel, "_qos", None)
+    qos: Any = getattr(channel, "_qos", None)
     tags = qos.__dict__.get("_pagedq_acks") if qos is not None else None
     if not tags:
         return
