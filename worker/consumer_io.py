@@ -122,8 +122,13 @@ def install(read_max: int = 16) -> None:
         first = bytes_to_str(item)
         messages = [(dest, first, loads(first))]
         if not _is_batch(messages[0][2]):  # a read takes at most one batch message (see _POP)
+            try:
+                more = _pop_more(self)
+            except self.connection_errors as exc:  # the BRPOP's message is delivered all the same
+                log.warning("could not pop more messages after BRPOP's: %r", exc)
+                more = []
             messages += [(queue, text, loads(text)) for queue, text in
-                         ((queue, bytes_to_str(raw)) for queue, raw in _pop_more(self))]
+                         ((queue, bytes_to_str(raw)) for queue, raw in more)]
         qos = self.qos
         qos._pagedq_appends = []
         failure: BaseException | None = None

@@ -225,3 +225,21 @@ def test_an_unacked_entry_is_kombus_and_restores_the_message(connection: Connect
         other.drain_events(timeout=2)
         assert sorted(body for body, _ in again) == ["m0", "m1"]
         assert all(m.delivery_info.get("redelivered") for _, m in again)
+
+
+def test_a_failed_extra_pop_still_delivers_the_brpop_message(connection: Connection, client: redis.Redis,
+                                                             queue_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BRPOP took the message off the queue: if popping more fails (Redis going away), that one is still
+    delivered and recorded as unacked, not dropped."""
+    def broken(_channel: Any) -> list[Any]:
+        raise redis.ConnectionError("Redis went away")
+
+    monkeypatch.setattr(consumer_io, "_pop_more", broken)
+    queue = make_queue(queue_name)
+    publish(connection, queue, ["m0", "m1"])
+    got: list[Any] = []
+    consume(connection, queue, prefetch=16, got=got)
+    connection.drain_events(timeout=2)
+    assert [body for body, _ in got] == ["m0"]
+    assert got[0][1].delivery_tag in client.hkeys(UNACKED)
+    assert client.llen(queue_name) == 1
