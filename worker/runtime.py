@@ -58,10 +58,11 @@ class WorkerRuntime:
     lease: WorkerLease | None = None
     reconciler: Reconciler | None = None
     streamer: TokenStreamer | None = None
-    #: ids this process's task threads are running now (claimed and not yet final or handed back)
+    #: ids this process's task threads are running now (claimed and not yet final or handed back); `take` adds
     inflight: set[str] = field(default_factory=set)
     #: registry models this worker does not serve -> why (see the module docstring)
     refused: dict[str, str] = field(default_factory=dict)
+    _inflight_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     #: writes the final states of every task thread that finishes at about the same time in one call
     finalizer: GroupCommit[Outcome, TaskState | None] = field(init=False)
     #: held while a batch message's items are validated and prepared (tokenized) for the engine: messages that
@@ -92,6 +93,17 @@ class WorkerRuntime:
         streamer = TokenStreamer(records.redis, settings.result_ttl_s).start()
         return cls(settings=settings, registry=registry, records=records, engine=engine, streamer=streamer,
                    refused=refused)
+
+    def take(self, task_id: str) -> bool:
+        """Mark `task_id` as running in this process; False if a task thread here runs it already. Two
+        deliveries of one task can reach this worker at once (a message the reconciler restored and one it
+        re-sent, taken in one read): their claims answer `run` and `mine`, and only one may run it -- the
+        other would fail it on the engine's duplicate id."""
+        with self._inflight_lock:
+            if task_id in self.inflight:
+                return False
+            self.inflight.add(task_id)
+            return True
 
     def model_states(self) -> dict[str, str]:
         """Each registry model's state: `loaded: <source>` or `refused: <reason>`."""

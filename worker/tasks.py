@@ -107,15 +107,15 @@ def run_items(task: Task, rt: WorkerRuntime, task_type: TaskType, items: list[It
     claims = rt.records.claim_many([i.id for i in items], rt.worker_id, tag, rt.lease_prefix)
     runnable = []
     for item, claim in zip(items, claims, strict=True):
-        if claim is Claim.RUN or (claim is Claim.MINE and item.id not in rt.inflight):
+        if claim in (Claim.RUN, Claim.MINE) and rt.take(item.id):  # `take`: not running here already
             metrics.task_started(task_type.value, _model_label(item), item.message)
-            rt.inflight.add(item.id)
             runnable.append(item)
         elif claim in _CLAIM_OUTCOMES:
             state, error_type = _CLAIM_OUTCOMES[claim]
             metrics.task_finished(task_type.value, _model_label(item), item.message, state.value, error_type)
         else:
-            log.info("task %s: %s, not run by this delivery", item.id, claim.value)
+            log.info("task %s: %s%s, not run by this delivery", item.id, claim.value,
+                     " and running here already" if claim in (Claim.RUN, Claim.MINE) else "")
     try:
         if len(runnable) > 1:
             with rt.preparing:

@@ -160,6 +160,42 @@ def test_a_task_for_a_refused_model_fails_with_the_reason(runtime: WorkerRuntime
     assert "refused when the worker loaded it" in error["message"] and "not a valid JSON file" in error["message"]
 
 
+def test_two_deliveries_of_one_task_at_once_run_it_once(runtime: WorkerRuntime,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message the reconciler restored and one it re-sent can reach one worker together (one consumer read):
+    the claims answer `run` and `mine`; one delivery runs the task, the other does not, and the task succeeds
+    (before `WorkerRuntime.take`, both ran and the engine's duplicate-id refusal failed the task: bench/faults.py
+    kills-in-a-row, "request ... already exists")."""
+    task_id = uuid.uuid4().hex
+    runtime.records.create(task_id, TaskType.CLASSIFY, "good", 0, None)
+    real = runtime.records.claim_many
+    both_claimed = threading.Barrier(2)
+
+    def claim_many(*args: Any, **kwargs: Any) -> Any:
+        answer = real(*args, **kwargs)
+        both_claimed.wait(10)  # both deliveries hold their claim's answer before either goes on
+        return answer
+
+    monkeypatch.setattr(runtime.records, "claim_many", claim_many)
+    items: list[Item] = []
+
+    def deliver(tag: str) -> None:
+        task = SimpleNamespace(request=SimpleNamespace(delivery_info={"delivery_tag": tag}))
+        items.extend(run_items(task, runtime, TaskType.CLASSIFY,  # type: ignore[arg-type]
+                               [Item(task_id, {"request": {"text": "a fine day"}, "model": "good"})]))
+
+    threads = [threading.Thread(target=deliver, args=(tag,)) for tag in ("1", "2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    record = runtime.records.get(task_id) or {}
+    assert record.get("state") == "succeeded", record
+    assert [i.error for i in items] == [None, None]
+    assert sorted(i.request is not None for i in items) == [False, True]  # one delivery ran it
+    assert task_id not in runtime.inflight
+
+
 def test_a_finished_task_is_freed_without_the_garbage_collector(runtime: WorkerRuntime) -> None:
     """Through the task body: once the task is final, its item, request and future hold no reference cycle, so
     reference counting frees them (a cycle per item left ~55,000 objects per 2,000-text bulk to the collector's
