@@ -92,7 +92,8 @@ def create_app(settings: Settings | None = None, service: TaskService | None = N
     return app
 
 
-def get_service(request: Request) -> TaskService:
+async def get_service(request: Request) -> TaskService:
+    """async: FastAPI runs a plain `def` dependency in its threadpool, a hop per request for an attribute read."""
     return request.app.state.service  # type: ignore[no-any-return]
 
 

@@ -19,7 +19,7 @@ API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="O
 BEARER = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`, same keys as X-API-Key.")
 
 
-def require_api_key(
+async def require_api_key(  # async: a plain `def` dependency costs a hop to the threadpool per request
     request: Request,
     api_key: Annotated[str | None, Security(API_KEY_HEADER)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],

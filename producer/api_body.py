@@ -46,6 +46,11 @@ EXTRA_BODY_MODELS: list[type[BaseModel]] = [StatusQuery]
 M = TypeVar("M", bound=BaseModel)
 
 
+#: Bodies up to this size are parsed and validated on the event loop (tens of microseconds, less than the hop
+#: to the threadpool and back); larger ones in the threadpool, so that a big bulk does not hold up other requests.
+INLINE_BODY_BYTES = 16 * 1024
+
+
 def request_body(task_type: TaskType) -> Callable[[Request], Awaitable[TaskRequest]]:
     """Dependency: the body as the task type's request model, validated with the app's limits."""
     model = REQUEST_MODELS[task_type]
@@ -53,6 +58,8 @@ def request_body(task_type: TaskType) -> Callable[[Request], Awaitable[TaskReque
     async def parse(request: Request) -> TaskRequest:
         limits = _limits(request)
         raw = await read_body(request, limits)
+        if len(raw) <= INLINE_BODY_BYTES:
+            return _validate_request(model, raw, limits)
         return await run_in_threadpool(_validate_request, model, raw, limits)
 
     return parse
@@ -65,6 +72,8 @@ def bulk_body(task_type: TaskType) -> Callable[[Request], Awaitable[list[TaskReq
     async def parse(request: Request) -> list[TaskRequest]:
         limits = _limits(request)
         raw = await read_body(request, limits)
+        if len(raw) <= INLINE_BODY_BYTES:
+            return _validate_bulk(model, raw, limits)
         return await run_in_threadpool(_validate_bulk, model, raw, limits)
 
     return parse
@@ -76,6 +85,8 @@ def model_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
     async def parse(request: Request) -> M:
         limits = _limits(request)
         raw = await read_body(request, limits)
+        if len(raw) <= INLINE_BODY_BYTES:
+            return cast(M, _validate(model, parse_json(raw, limits), limits))
         return cast(M, await run_in_threadpool(lambda: _validate(model, parse_json(raw, limits), limits)))
 
     return parse

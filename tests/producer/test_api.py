@@ -296,6 +296,21 @@ def test_bulk_with_a_bad_item_enqueues_nothing(
     assert r.dbsize() == 0
 
 
+def test_bodies_validated_in_the_threadpool_answer_alike(api: TestClient, r: redis.Redis,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bodies over `INLINE_BODY_BYTES` are parsed in the threadpool (small ones on the event loop): the same
+    answers either way."""
+    from pagedq.producer import api_body
+
+    monkeypatch.setattr(api_body, "INLINE_BODY_BYTES", 0)
+    bad = api.post("/v1/classify/bulk", json={"requests": [{"text": "a"}, {"text": ""}]}, headers=AUTH)
+    assert bad.status_code == 422 and "requests.1.text: text must not be empty" in bad.json()["error"]["message"]
+    assert api.post("/v1/classify", json={"text": ""}, headers=AUTH).status_code == 422
+    assert r.dbsize() == 0
+    assert api.post("/v1/classify", json={"text": "fine"}, headers=AUTH).status_code == 202
+    assert api.post("/v1/classify/bulk", json={"requests": [{"text": "a"}]}, headers=AUTH).status_code == 202
+
+
 # -- status and cancel ----------------------------------------------------------------------------------
 
 
