@@ -44,11 +44,19 @@ BULK_MODELS: dict[TaskType, type[BaseModel]] = {t: _bulk_model(m) for t, m in RE
 #: Other JSON bodies the API takes (documented and validated the same way).
 EXTRA_BODY_MODELS: list[type[BaseModel]] = [StatusQuery]
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 #: Bodies up to this size are parsed and validated on the event loop (tens of microseconds, less than the hop
 #: to the threadpool and back); larger ones in the threadpool, so that a big bulk does not hold up other requests.
 INLINE_BODY_BYTES = 16 * 1024
+
+
+async def _parsed(raw: bytes, parse: Callable[..., T], *args: Any) -> T:
+    """`parse(*args)` for the body `raw`: on the event loop up to `INLINE_BODY_BYTES`, else in the threadpool."""
+    if len(raw) <= INLINE_BODY_BYTES:
+        return parse(*args)
+    return await run_in_threadpool(parse, *args)
 
 
 def request_body(task_type: TaskType) -> Callable[[Request], Awaitable[TaskRequest]]:
@@ -58,9 +66,7 @@ def request_body(task_type: TaskType) -> Callable[[Request], Awaitable[TaskReque
     async def parse(request: Request) -> TaskRequest:
         limits = _limits(request)
         raw = await read_body(request, limits)
-        if len(raw) <= INLINE_BODY_BYTES:
-            return _validate_request(model, raw, limits)
-        return await run_in_threadpool(_validate_request, model, raw, limits)
+        return await _parsed(raw, _validate_request, model, raw, limits)
 
     return parse
 
@@ -72,9 +78,7 @@ def bulk_body(task_type: TaskType) -> Callable[[Request], Awaitable[list[TaskReq
     async def parse(request: Request) -> list[TaskRequest]:
         limits = _limits(request)
         raw = await read_body(request, limits)
-        if len(raw) <= INLINE_BODY_BYTES:
-            return _validate_bulk(model, raw, limits)
-        return await run_in_threadpool(_validate_bulk, model, raw, limits)
+        return await _parsed(raw, _validate_bulk, model, raw, limits)
 
     return parse
 
@@ -85,9 +89,7 @@ def model_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
     async def parse(request: Request) -> M:
         limits = _limits(request)
         raw = await read_body(request, limits)
-        if len(raw) <= INLINE_BODY_BYTES:
-            return cast(M, _validate(model, parse_json(raw, limits), limits))
-        return cast(M, await run_in_threadpool(lambda: _validate(model, parse_json(raw, limits), limits)))
+        return cast(M, await _parsed(raw, lambda: _validate(model, parse_json(raw, limits), limits)))
 
     return parse
 

@@ -91,12 +91,11 @@ def install(read_max: int = 16) -> None:
             original_append(self, message, delivery_tag)
             return
         delivery = message.delivery_info
-        exchange_key = dumps([delivery["exchange"], delivery["routing_key"]])[1:]  # '"ex", "rk"]'
+        where = [delivery["exchange"], delivery["routing_key"]]
         # kombu's entry is dumps([message._raw, ex, rk]); the message as popped is that raw message (the
         # producer gave it its delivery tag), so its JSON goes in as it came instead of being encoded again
         raw = self.__dict__.get("_pagedq_raw")
-        pending.append((delivery_tag, f"[{raw}, {exchange_key}" if raw is not None
-                        else dumps([message._raw, delivery["exchange"], delivery["routing_key"]])))
+        pending.append((delivery_tag, dumps([message._raw, *where]) if raw is None else f"[{raw}, {dumps(where)[1:]}"))
         virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self: Any, delivery_tag: Any) -> None:
@@ -131,8 +130,7 @@ def install(read_max: int = 16) -> None:
             except self.connection_errors as exc:  # the BRPOP's message is delivered all the same
                 log.warning("could not pop more messages after BRPOP's: %r", exc)
                 more = []
-            messages += [(queue, text, loads(text)) for queue, text in
-                         ((queue, bytes_to_str(raw)) for queue, raw in more)]
+            messages += [(queue, text, loads(text)) for queue, text in more]
         qos = self.qos
         qos._pagedq_appends = []
         failure: BaseException | None = None
@@ -176,8 +174,8 @@ def install(read_max: int = 16) -> None:
     setattr(channel_cls, _INSTALLED, True)
 
 
-def _pop_more(channel: Any) -> list[tuple[str, Any]]:
-    """Up to `extra` more messages from the queues BRPOP read, within the prefetch credit left."""
+def _pop_more(channel: Any) -> list[tuple[str, str]]:
+    """Up to `extra` more messages (queue, JSON) from the queues BRPOP read, within the prefetch credit left."""
     room = channel.qos.can_consume_max_estimate()
     count = channel._pagedq_extra if room is None else min(channel._pagedq_extra, room - 1)
     if count <= 0 or channel.global_keyprefix or getattr(channel, "_closing", False):
@@ -191,7 +189,8 @@ def _pop_more(channel: Any) -> list[tuple[str, Any]]:
         if script is None or script.registered_client is not client:
             script = channel.__dict__["_pagedq_pop"] = client.register_script(_POP)
         flat = script(keys=keys, args=[count, BATCH_TASK_SUFFIX])
-    return [(bytes_to_str(flat[i]).rsplit(channel.sep, 1)[0], flat[i + 1]) for i in range(0, len(flat), 2)]
+    return [(bytes_to_str(flat[i]).rsplit(channel.sep, 1)[0], bytes_to_str(flat[i + 1]))
+            for i in range(0, len(flat), 2)]
 
 
 def _is_batch(message: Any) -> bool:
