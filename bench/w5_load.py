@@ -131,13 +131,23 @@ def redis_cpu_s(url: str) -> float:
 
 
 def process_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, all threads) of process `pid` so far, from /proc (Linux); NaN elsewhere."""
+    """CPU seconds (user + system, all threads) of process `pid` and its live child processes (a worker's
+    engine-core process) so far, from /proc (Linux); NaN elsewhere."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(  # utime, stime (fields 14, 15)
+        process_cpu_s(child) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
 
 
 def engine_model_stats(app: Celery, workers: int = 1) -> dict[str, dict[str, float]]:

@@ -129,6 +129,10 @@ class Settings(BaseSettings):
         "of the fastest per token, per step size)."
     )
 
+    engine_process: bool = Field(
+        False, description="Step the models in an engine-core process of the worker's own, apart from the "
+        "Celery process that serves the queue (each with its own GIL: worker/engine/process.py)."
+    )
     engine_threads: Literal["per-model", "shared"] = Field(
         "per-model", description="`per-model`: each model's steps run in an engine thread of its own, side by "
         "side with the other models' (the cores split between the models with work); `shared`: one engine "

@@ -35,6 +35,7 @@ from pagedq.shared.registry import ModelSpec, Registry
 from pagedq.shared.settings import Settings
 from pagedq.worker.engine.core.executor import EngineConfig, EngineRequest, LoadedModel, ModelExecutor, ModelStats
 from pagedq.worker.engine.lanes import EngineLanes
+from pagedq.worker.engine.process import EngineProcess
 from pagedq.worker.engine.service import make_executor
 from pagedq.worker.group_commit import GroupCommit
 from pagedq.worker.lease import WorkerLease, new_worker_id
@@ -53,7 +54,7 @@ class WorkerRuntime:
     settings: Settings
     registry: Registry
     records: TaskRecords
-    engine: EngineLanes
+    engine: EngineLanes | EngineProcess
     worker_id: str = ""
     lease: WorkerLease | None = None
     reconciler: Reconciler | None = None
@@ -82,6 +83,12 @@ class WorkerRuntime:
         if settings.registry_path is None:
             raise RuntimeError("PAGEDQ_REGISTRY_PATH is not set: the worker needs a model registry file")
         registry = Registry.load(Path(settings.registry_path))
+        records = TaskRecords.from_url(settings.backend_url, settings.result_ttl_s, retries=WORKER_RETRIES)
+        streamer = TokenStreamer(records.redis, settings.result_ttl_s).start()
+        if settings.engine_process:  # the models load and step in a process of their own
+            process = EngineProcess(settings, registry).start()
+            return cls(settings=settings, registry=registry, records=records, engine=process, streamer=streamer,
+                       refused=process.refused)
         executors, refused = load_executors(registry, settings.device, engine_config(settings))
         if len(refused) == len(registry.models):
             reasons = "; ".join(f"{name}: {reason}" for name, reason in refused.items())
@@ -89,8 +96,6 @@ class WorkerRuntime:
         stand_ins = {name: RefusedExecutor(registry.models[name], reason) for name, reason in refused.items()}
         served = {**executors, **stand_ins}
         engine = EngineLanes(served, per_model=settings.engine_threads == "per-model").start()
-        records = TaskRecords.from_url(settings.backend_url, settings.result_ttl_s, retries=WORKER_RETRIES)
-        streamer = TokenStreamer(records.redis, settings.result_ttl_s).start()
         return cls(settings=settings, registry=registry, records=records, engine=engine, streamer=streamer,
                    refused=refused)
 

@@ -80,11 +80,14 @@ class EngineRequest:
     #: that find None compute it themselves
     prepared: Any = None
 
-    def finish(self, result: Any) -> bool:
-        """Complete with a result; False if the future was already completed (e.g. cancelled)."""
+    def finish(self, result: Any, finished_at: float | None = None) -> bool:
+        """Complete with a result (`finished_at`: when, time.monotonic(); default now), noted before the
+        future's callbacks run; False if the future was already completed (e.g. cancelled)."""
+        if self.future.done():
+            return False
+        self.finished_at = time.monotonic() if finished_at is None else finished_at
         try:
             self.future.set_result(result)
-            self.finished_at = time.monotonic()
             return True
         except InvalidStateError:
             return False
