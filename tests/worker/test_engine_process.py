@@ -40,7 +40,8 @@ def core(demo_models: Path) -> Iterator[EngineProcess]:
 
 
 def classify(i: int, text: str) -> EngineRequest:
-    return EngineRequest(id=f"c{i}", task=TaskType.CLASSIFY, payload=ClassifyRequest(text=text), model="demo-classifier")
+    return EngineRequest(id=f"c{i}", task=TaskType.CLASSIFY, payload=ClassifyRequest(text=text),
+                         model="demo-classifier")
 
 
 def translate(i: int, tokens: int) -> EngineRequest:
