@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from pagedq.worker.engine.lanes import EngineLanes
+    from pagedq.worker.engine.process import EngineProcess
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -108,7 +109,7 @@ def _observe_token_times(task: str, model: str, result: dict[str, Any], arrival:
 
 
 class EngineCollector(Collector):
-    def __init__(self, engine: EngineLanes) -> None:
+    def __init__(self, engine: EngineLanes | EngineProcess) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
@@ -128,7 +129,7 @@ class EngineCollector(Collector):
         yield restarts
 
 
-def start_metrics(engine: EngineLanes, port: int) -> EngineCollector:
+def start_metrics(engine: EngineLanes | EngineProcess, port: int) -> EngineCollector:
     """Register the engine collector and serve /metrics on `port` (0: register only)."""
     collector = EngineCollector(engine)
     REGISTRY.register(collector)

@@ -34,6 +34,7 @@ started with `spawn`, so CUDA is initialised in it alone. Its log lines go to th
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import logging
@@ -440,7 +441,7 @@ def _add(lanes: Any, outbox: queue.SimpleQueue[tuple[Any, ...] | None], specs: l
                                 deadline=deadline, arrival=arrival)
         if stream:
             request.stream = _RemoteStream(outbox, key)
-        request.future.add_done_callback(lambda f, k=key, r=request: _completed(outbox, k, r, f))
+        request.future.add_done_callback(functools.partial(_completed, outbox, key, request))
         requests.append(request)
     try:
         lanes.submit_many(requests)
