@@ -12,7 +12,6 @@ back to their queues (never stored as failed); then the pool joins the task thre
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -24,7 +23,7 @@ from pagedq.shared.celery_config import make_celery
 from pagedq.shared.settings import get_settings
 from pagedq.worker import consumer_io
 from pagedq.worker.metrics import start_metrics
-from pagedq.worker.runtime import WorkerRuntime
+from pagedq.worker.runtime import WorkerRuntime, freeze_startup_heap
 from pagedq.worker.tasks import register_tasks
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,7 @@ class EngineStep(bootsteps.StartStopStep):
         runtime.start_lease(worker.app, worker.hostname, lambda: _held_tags(worker))
         worker.app.pagedq_runtime = runtime
         start_metrics(runtime.engine, settings.metrics_port)
-        _freeze_startup_heap()
+        freeze_startup_heap()
         log.info("pagedq engine ready: models %s, metrics on :%s", sorted(runtime.registry.models),
                  settings.metrics_port)
 
@@ -69,16 +68,6 @@ class EngineStep(bootsteps.StartStopStep):
             f"pagedq model {name}": _model_line(state, stats["models"].get(name, {}))
             for name, state in raw["model_states"].items()}}
         return {"pagedq": raw, **rows}
-
-
-def _freeze_startup_heap() -> None:
-    """Move everything built so far (the models, transformers, torch and Celery's own objects: millions of
-    them) out of the cyclic garbage collector's reach (`gc.freeze`). Without it, every full collection walks
-    them all: the allocations of one 2,000-text bulk triggered one that stopped every thread of the worker for
-    ~0.3 s. They live as long as the process, so nothing is lost by never collecting them."""
-    gc.collect()
-    gc.freeze()
-    log.info("pagedq: %d startup objects frozen out of the garbage collector", gc.get_freeze_count())
 
 
 def _engine_line(raw: dict[str, Any]) -> str:

@@ -35,7 +35,6 @@ started with `spawn`, so CUDA is initialised in it alone. Its log lines go to th
 from __future__ import annotations
 
 import functools
-import gc
 import itertools
 import logging
 import multiprocessing
@@ -70,8 +69,6 @@ class _Core:
 
     process: Any  # multiprocessing's SpawnProcess
     conn: Connection
-    models: list[str]
-    refused: dict[str, str]
     stats: dict[str, Any] = field(default_factory=dict)
     model_stats: dict[str, ModelStats] = field(default_factory=dict)
     threads: dict[str, tuple[bool, int]] = field(default_factory=dict)
@@ -127,7 +124,7 @@ class EngineProcess:
             process.join(5)
             raise RuntimeError(rest[0])
         models, refused = rest
-        core = _Core(process, here, models, refused)
+        core = _Core(process, here)
         self.executors = dict.fromkeys(models)
         self.refused = refused
         for name in models:  # loaded now, not when a stream opens: the receiver thread must not stall on it
@@ -355,7 +352,7 @@ def _completed(outbox: queue.SimpleQueue[tuple[Any, ...] | None], key: int, requ
         outbox.put(("fail", key, _picklable(error)))
 
 
-def _sender(conn: Connection, outbox: queue.SimpleQueue[tuple[Any, ...] | None], lock: threading.Lock) -> None:
+def _sender(conn: Connection, outbox: queue.SimpleQueue[tuple[Any, ...] | None]) -> None:
     """Send every event in order, as many per message as are waiting."""
     while True:
         event = outbox.get()
@@ -367,8 +364,7 @@ def _sender(conn: Connection, outbox: queue.SimpleQueue[tuple[Any, ...] | None],
             except queue.Empty:
                 break
         if events:
-            with lock:
-                conn.send(("out", events))
+            conn.send(("out", events))
         if event is None:
             return
 
@@ -383,23 +379,17 @@ def _core_main(conn: Connection, settings: Settings, log_level: int) -> None:
                         format="[%(asctime)s: %(levelname)s/engine-core %(process)d] %(name)s: %(message)s")
     from pathlib import Path
 
-    from pagedq.worker.engine.lanes import EngineLanes
-    from pagedq.worker.runtime import RefusedExecutor, engine_config, load_executors
+    from pagedq.worker.runtime import freeze_startup_heap, start_engine
 
-    registry = Registry.load(Path(str(settings.registry_path)))
-    executors, refused = load_executors(registry, settings.device, engine_config(settings))
-    if len(refused) == len(registry.models):
-        reasons = "; ".join(f"{name}: {reason}" for name, reason in refused.items())
-        conn.send(("error", f"no model of the registry could be loaded, the worker does not start: {reasons}"))
+    try:
+        lanes, refused = start_engine(Registry.load(Path(str(settings.registry_path))), settings)
+    except RuntimeError as exc:  # every model refused
+        conn.send(("error", str(exc)))
         return
-    served = {**executors, **{name: RefusedExecutor(registry.models[name], why) for name, why in refused.items()}}
-    lanes = EngineLanes(served, per_model=settings.engine_threads == "per-model").start()
-    gc.collect()
-    gc.freeze()  # the models and libraries: out of the collector's reach (as the worker does: worker/app.py)
+    freeze_startup_heap()
     outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-    send_lock = threading.Lock()
-    conn.send(("ready", sorted(served), refused))
-    sender = threading.Thread(target=_sender, args=(conn, outbox, send_lock), name="pagedq-core-sender", daemon=True)
+    conn.send(("ready", sorted(lanes.executors), refused))
+    sender = threading.Thread(target=_sender, args=(conn, outbox), name="pagedq-core-sender", daemon=True)
     sender.start()
     stopped = threading.Event()
     threading.Thread(target=_watchdog, args=(lanes, stopped), name="pagedq-core-watchdog", daemon=True).start()
@@ -409,8 +399,7 @@ def _core_main(conn: Connection, settings: Settings, log_level: int) -> None:
         stopped.set()
         outbox.put(None)  # the sender sends what is left, then ends
         sender.join()
-        with send_lock:
-            conn.send(("stopped",))
+        conn.send(("stopped",))  # the sender has ended: the pipe is this thread's
 
     stopper: threading.Thread | None = None
     while True:
