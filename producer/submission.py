@@ -50,7 +50,7 @@ class Submission:
 
     @property
     def response(self) -> SubmitResponse:
-        return SubmitResponse(id=self.id, type=self.task_type, location=task_location(self.id))
+        return SubmitResponse.model_construct(id=self.id, type=self.task_type, location=task_location(self.id))
 
 
 @dataclass(frozen=True)
