@@ -202,8 +202,8 @@ return out
 
 # KEYS[1]: the open set, KEYS[2..]: new task records. ARGV[1]: ttl (s), ARGV[2]: created_at (ISO), ARGV[3]: its
 # epoch s, ARGV[4]: notify channel ('' for none); ARGV[5]: one JSON array of 7 strings per record: id, type,
-# model, priority, deadline (ISO, '' for none) and its epoch s, message (JSON, '' for none). Writes each record, its expiry and its entry
-# in the open set: what a pipeline of three commands per record did, in one command the client packs in C.
+# model, priority, deadline (ISO, '' for none) and its epoch s, message (JSON, '' for none). Writes each record,
+# its expiry and its entry in the open set: what a pipeline of three commands per record did, in one command.
 _CREATE = """
 local ttl, created, score, notify = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local records = cjson.decode(ARGV[5])
