@@ -130,7 +130,7 @@ class Settings(BaseSettings):
     )
 
     engine_process: bool = Field(
-        False, description="Step the models in an engine-core process of the worker's own, apart from the "
+        True, description="Step the models in an engine-core process of the worker's own, apart from the "
         "Celery process that serves the queue (each with its own GIL: worker/engine/process.py)."
     )
     engine_threads: Literal["per-model", "shared"] = Field(

@@ -89,8 +89,10 @@ def runtime(model_root: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch,
         return real(loaded, config)
 
     monkeypatch.setattr(runtime_module, "make_executor", make_executor)
+    # the engine in this process (the patched make_executor and the log capture reach no other process; the
+    # engine-core process's refusals: test_the_engine_process_refuses_what_it_cannot_load)
     settings = Settings(redis_url=redis_url, registry_path=model_root / "registry.toml", device="cpu",
-                        metrics_port=0)
+                        metrics_port=0, engine_process=False)
     with caplog.at_level(logging.ERROR, logger="pagedq.worker.runtime"):
         rt = WorkerRuntime.start(settings)
     rt.start_lease(make_celery(main="pagedq-test-worker"), "test-host", lambda: ())
@@ -246,10 +248,13 @@ def test_a_task_arriving_while_the_engine_stops_is_handed_back_at_once(runtime: 
     assert "state" not in record and not record.get("worker"), record  # released: not final, owned by nobody
 
 
-def test_a_worker_with_no_loadable_model_refuses_to_start(model_root: Path, redis_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine_process", [True, False], ids=["engine-process", "engine-thread"])
+def test_a_worker_with_no_loadable_model_refuses_to_start(model_root: Path, redis_url: str, tmp_path: Path,
+                                                          engine_process: bool) -> None:
     registry = tmp_path / "registry.toml"
     registry.write_text(f'[models.corrupt]\ntask = "classify"\nsource = "{model_root / "corrupt"}"\n')
-    settings = Settings(redis_url=redis_url, registry_path=registry, device="cpu", metrics_port=0)
+    settings = Settings(redis_url=redis_url, registry_path=registry, device="cpu", metrics_port=0,
+                        engine_process=engine_process)
     with pytest.raises(RuntimeError, match="no model of the registry could be loaded.*corrupt: OSError"):
         WorkerRuntime.start(settings)
 
@@ -287,7 +292,7 @@ def test_engine_threads_shared_runs_every_model_in_one_engine_thread(model_root:
     from pagedq.worker.engine.core.executor import EngineRequest
 
     settings = Settings(redis_url=redis_url, registry_path=model_root / "registry.toml", device="cpu",
-                        metrics_port=0, engine_threads="shared")
+                        metrics_port=0, engine_threads="shared", engine_process=False)
     rt = WorkerRuntime.start(settings)
     try:
         assert len(rt.engine.lanes) == 1 and rt.engine.stats()["engine"]["lanes"] == 1
@@ -295,5 +300,28 @@ def test_engine_threads_shared_runs_every_model_in_one_engine_thread(model_root:
         request = EngineRequest(id="s1", task=TaskType.CLASSIFY, payload=ClassifyRequest(text="fine"), model="good")
         assert rt.engine.submit(request).result(timeout=30).label
         assert rt.engine.lanes[0]._thread.name == "pagedq-engine"
+    finally:
+        rt.stop()
+
+
+def test_the_engine_process_refuses_what_it_cannot_load(model_root: Path, redis_url: str) -> None:
+    """The default worker (models in its engine-core process): a model that cannot load is refused with the
+    reason, published in the lease for producers, and a task for it fails with that reason; the good model
+    serves."""
+    from pagedq.shared.models import ClassifyRequest, TaskType
+    from pagedq.worker.engine.core.executor import EngineRequest
+
+    settings = Settings(redis_url=redis_url, registry_path=model_root / "registry.toml", device="cpu",
+                        metrics_port=0)
+    assert settings.engine_process
+    rt = WorkerRuntime.start(settings)
+    try:
+        refused = rt.engine.refused
+        assert set(refused) == {"corrupt"} and "OSError" in refused["corrupt"], refused
+        request = EngineRequest(id="p1", task=TaskType.CLASSIFY, payload=ClassifyRequest(text="fine"), model="good")
+        assert rt.engine.submit(request).result(timeout=60).label in {"negative", "positive"}
+        rt.start_lease(make_celery(main="pagedq-test-worker"), "test-host", lambda: ())
+        published = json.loads(rt.records.redis.get(LEASE_PREFIX + rt.worker_id))["registry"]  # type: ignore[arg-type]
+        assert set(published["models"]) == {"good", "buggy"} and set(published["refused"]) == {"corrupt"}
     finally:
         rt.stop()
