@@ -764,3 +764,26 @@ def test_many_threads_of_one_process_can_send_at_once(settings: Settings) -> Non
         for producer in list(held):
             producer.release()
         service.close()
+
+
+def test_records_keep_any_text_exactly(listening: TaskService, service: TaskService, r: redis.Redis) -> None:
+    """Records and final states travel to Redis as one JSON argument per call: text with quotes, backslashes,
+    newlines and non-ASCII comes back as sent (the stored message re-sends the same request), and so does an
+    error message holding a lone surrogate (which only a worker's exception can carry)."""
+    texts = ['say "hi" \\ back\nslash', "naïve café — 東京 🙂", "tab\there"]
+    ids = [s.id for s in listening.submit_bulk(TaskType.CLASSIFY, [{"text": t} for t in texts])]
+    for task_id, text in zip(ids, texts, strict=True):
+        record = r.hgetall(KEY_PREFIX + task_id)
+        assert json.loads(record["message"])["request"] == {"text": text}
+        assert record["type"] == "classify" and record["priority"] == "0" and float(record["deadline_ts"]) > time.time()
+    label = 'POSITIVE "très" \\ 東京'
+    result = {**SUCCESS, "label": label, "scores": [{"label": label, "score": 0.9}]}
+    error = {"type": "ModelError", "message": "bad token \ud800 in 'x'"}
+    states = service.records.finalize_many([Outcome(ids[0], TaskState.SUCCEEDED, result),
+                                            Outcome(ids[1], TaskState.FAILED, None, error),
+                                            Outcome(ids[2], TaskState.SUCCEEDED, result)])
+    assert states == [TaskState.SUCCEEDED, TaskState.FAILED, TaskState.SUCCEEDED]
+    statuses = listening.wait_all(ids, timeout_s=5, poll_interval=60)  # from the reply channel's notices
+    assert statuses == service.statuses(ids)  # equal to what a read of the records says
+    assert statuses[0].result is not None and statuses[0].result.label == label  # type: ignore[union-attr]
+    assert statuses[1].error is not None and statuses[1].error.message == error["message"]
