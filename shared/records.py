@@ -225,6 +225,8 @@ return #KEYS - 1
 
 #: records per `_CREATE` call: a script blocks Redis while it runs (~1 ms per 1,000 records here)
 CREATE_CHUNK = 2048
+#: characters of messages per `_CREATE` call, at most (a single longer message travels alone)
+CREATE_CHUNK_CHARS = 16_000_000
 
 # KEYS: tasks; ARGV[1]: now (epoch s). The positions (1-based) of the tasks whose status can no longer be
 # queued or running: final, past their deadline, or without a record. A waiter's fallback (one command for
@@ -288,16 +290,27 @@ class TaskRecords:
         reply channel. Returns their `created_at`."""
         created = now()
         head: list[EncodableT] = [self.ttl_s, created.isoformat(), repr(created.timestamp()), notify or ""]
-        calls = []
-        for start in range(0, len(records), CREATE_CHUNK):
-            chunk = records[start : start + CREATE_CHUNK]
-            # every record's fields in ONE argument (JSON, decoded by the script): an argument each cost
-            # redis-py ~2.5 us of Python to encode, 18 us a record; pydantic-core's encoder is ~8x json's
-            fields = [[r.task_id, r.task.value, r.model, str(r.priority),
-                       "" if r.deadline is None else r.deadline.isoformat(),
-                       "" if r.deadline is None else repr(r.deadline.timestamp()),
-                       "" if r.message is None else _json(r.message)] for r in chunk]
-            calls.append(([OPEN_KEY, *(task_key(r.task_id) for r in chunk)], [*head, _json(fields)]))
+        # every record's fields in ONE argument per call (JSON, decoded by the script): an argument each cost
+        # redis-py ~2.5 us of Python to encode, 18 us a record; pydantic-core's encoder is ~8x json's. A call
+        # holds at most CREATE_CHUNK records and CREATE_CHUNK_CHARS characters of messages (long QA contexts:
+        # Redis refuses a string over 512 MB, and a script blocks it while it runs)
+        chunks: list[tuple[list[str], list[list[str]]]] = []
+        keys: list[str] = []
+        rows: list[list[str]] = []
+        size = 0
+        for r in records:
+            message = "" if r.message is None else _json(r.message)
+            if rows and (len(rows) >= CREATE_CHUNK or size + len(message) > CREATE_CHUNK_CHARS):
+                chunks.append((keys, rows))
+                keys, rows, size = [], [], 0
+            keys.append(task_key(r.task_id))
+            rows.append([r.task_id, r.task.value, r.model, str(r.priority),
+                         "" if r.deadline is None else r.deadline.isoformat(),
+                         "" if r.deadline is None else repr(r.deadline.timestamp()), message])
+            size += len(message)
+        if rows:
+            chunks.append((keys, rows))
+        calls = [([OPEN_KEY, *keys], [*head, _json(rows)]) for keys, rows in chunks]
         if len(calls) == 1:  # one EVALSHA: a pipeline would first ask SCRIPT EXISTS, a round trip of its own
             self._create(keys=calls[0][0], args=calls[0][1])
         elif calls:

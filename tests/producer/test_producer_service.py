@@ -787,3 +787,25 @@ def test_records_keep_any_text_exactly(listening: TaskService, service: TaskServ
     assert statuses == service.statuses(ids)  # equal to what a read of the records says
     assert statuses[0].result is not None and statuses[0].result.label == label  # type: ignore[union-attr]
     assert statuses[1].error is not None and statuses[1].error.message == error["message"]
+
+
+def test_a_bulk_of_long_inputs_is_recorded_in_several_calls(service: TaskService, r: redis.Redis,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records travel in calls of bounded size (Redis refuses one string over 512 MB; a bulk of long QA
+    contexts could reach that): every record arrives whole, whatever the split."""
+    from pagedq.shared import records as records_module
+
+    monkeypatch.setattr(records_module, "CREATE_CHUNK_CHARS", 150)  # each message is ~140 characters: one a call
+    calls: list[int] = []
+    real = service.records._create
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(len(kwargs["keys"]) - 1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service.records, "_create", counting)
+    texts = [f"text number {i} " + "x" * 40 for i in range(5)]
+    ids = [s.id for s in service.submit_bulk(TaskType.CLASSIFY, [{"text": t} for t in texts])]
+    assert calls == [1] * 5  # without the size bound: one call per send group (2 and 3 records)
+    for task_id, text in zip(ids, texts, strict=True):
+        assert json.loads(r.hget(KEY_PREFIX + task_id, "message"))["request"] == {"text": text}  # type: ignore[arg-type]
