@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -76,7 +75,7 @@ def _apply_notice(statuses: dict[str, TaskStatus], message: dict[str, Any]) -> s
     """Apply a notice to `statuses`; the id it completed, if any."""
     task_id, notice = parse_notice(message)
     if task_id in statuses and notice is not None:
-        statuses[task_id] = status_from_notice(statuses[task_id], notice, datetime.now(UTC))
+        statuses[task_id] = status_from_notice(statuses[task_id], notice)
         return task_id
     return None
 

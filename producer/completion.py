@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -115,7 +114,7 @@ def _wait(
             if task_id not in pending:
                 continue
             if task_id in known and notice is not None:
-                final[task_id] = status_from_notice(known[task_id], notice, datetime.now(UTC))
+                final[task_id] = status_from_notice(known[task_id], notice)
                 pending.discard(task_id)
             else:
                 unread.add(task_id)  # a notice we cannot read: read the record

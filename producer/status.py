@@ -44,20 +44,11 @@ def task_status(task_id: str, record: Mapping[str, str], now: datetime) -> TaskS
     )
 
 
-def status_from_notice(known: TaskStatus, notice: Mapping[str, str], now: datetime) -> TaskStatus:
-    """The final status announced on `pagedq:done:<id>` (the fields `finalize` writes), completed with what
-    an earlier read of the task said: the same status a fresh read would give, without that read.
-
-    A copy of `known` with the final fields (no second validation: `known` is a validated status, the result
-    is validated here from its JSON); a notice without a final state is read as a record would be."""
-    if not notice.get("state"):
-        record = {"type": known.type.value, "model": known.model or "", "priority": str(known.priority),
-                  "created_at": known.created_at.isoformat(), **{k: v for k, v in notice.items() if v}}
-        if known.deadline is not None:
-            record["deadline"] = known.deadline.isoformat()
-        if known.started_at is not None and not notice.get("started_at"):
-            record["started_at"] = known.started_at.isoformat()
-        return task_status(known.id, record, now)
+def status_from_notice(known: TaskStatus, notice: Mapping[str, str]) -> TaskStatus:
+    """The final status announced on `pagedq:done:<id>` (the fields `finalize` writes, `state` among them:
+    readers drop notices without one), completed with what an earlier read of the task said: the same status a
+    fresh read would give, without that read -- a copy of `known` with the final fields (`known` is a valid
+    status; the result is validated here from its JSON)."""
     state, result, error = _outcome(notice, past_deadline=False)
     return known.model_copy(update={
         "state": state, "result": result, "error": error, "finished_at": _datetime(notice.get("finished_at")),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import torch
 from transformers import (
@@ -76,13 +77,19 @@ def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
+def load_tokenizer(spec: ModelSpec, registry: Registry) -> Any:
+    """The model's tokenizer, as the engine loads it with the model (and the engine-core process's front end
+    loads it alone, to decode token streams)."""
+    return AutoTokenizer.from_pretrained(registry.resolve_source(spec), revision=spec.revision)
+
+
 def load_model(spec: ModelSpec, registry: Registry, device: str | None = None) -> LoadedModel:
     source = registry.resolve_source(spec)
     target = resolve_device(spec.device or device)
     dtype = resolve_dtype(spec, target)
     assert spec.architecture is not None  # filled by ModelSpec's validator
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision)
+    tokenizer = load_tokenizer(spec, registry)
     model = AUTO_CLASSES[spec.architecture].from_pretrained(source, revision=spec.revision, dtype=dtype)
     model.to(target).eval()
     if spec.dtype == "int8":

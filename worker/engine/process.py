@@ -313,11 +313,9 @@ class EngineProcess:
         """The model's tokenizer, for the token streams (decoded here: the TokenStreamer runs in this process)."""
         tokenizer = self._tokenizers.get(model)
         if tokenizer is None:
-            from transformers import AutoTokenizer
+            from pagedq.worker.registry import load_tokenizer
 
-            spec = self.registry.models[model]
-            tokenizer = AutoTokenizer.from_pretrained(self.registry.resolve_source(spec), revision=spec.revision)
-            self._tokenizers[model] = tokenizer
+            tokenizer = self._tokenizers[model] = load_tokenizer(self.registry.models[model], self.registry)
         return tokenizer
 
 
