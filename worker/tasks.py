@@ -212,8 +212,10 @@ def _failed(item: Item, error: PagedqError) -> Outcome:
 def _outcome(item: Item, future: Future[Any]) -> Outcome | None:
     """The final outcome of a completed engine future; None if the engine handed the item back."""
     error = future.exception()
-    if error is None:
-        return Outcome(item.id, TaskState.SUCCEEDED, result=future.result().model_dump(mode="json"))
+    if error is None:  # a result model, or its JSON form already (the engine-core process's futures)
+        result = future.result()
+        return Outcome(item.id, TaskState.SUCCEEDED,
+                       result=result if isinstance(result, dict) else result.model_dump(mode="json"))
     if isinstance(error, WorkerShuttingDown):
         item.error = error
         return None

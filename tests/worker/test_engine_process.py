@@ -57,7 +57,8 @@ def generate(i: int, tokens: int) -> EngineRequest:
 
 def test_the_core_answers_as_the_engine_in_this_process_does(core: EngineProcess, demo_models: Path) -> None:
     """Classification and translation through the core equal the same engine run here (scores within 1e-5:
-    another intra-op thread count sums in another order; translations token for token)."""
+    another intra-op thread count sums in another order; translations token for token). The core's futures
+    complete with the results' JSON form, which is what a task stores."""
     requests = [classify(i, t) for i, t in enumerate(TEXTS)] + [translate(i, 12) for i in range(3)]
     core.submit_many(requests)
     remote = [r.future.result(timeout=60) for r in requests]
@@ -68,14 +69,17 @@ def test_the_core_answers_as_the_engine_in_this_process_does(core: EngineProcess
     try:
         local = [classify(i, t) for i, t in enumerate(TEXTS)] + [translate(i, 12) for i in range(3)]
         lanes.submit_many(local)
-        here = [r.future.result(timeout=60) for r in local]
+        here = [r.future.result(timeout=60).model_dump(mode="json") for r in local]
     finally:
         lanes.stop()
+    assert all(type(r) is dict for r in remote)
     for got, want in zip(remote[: len(TEXTS)], here[: len(TEXTS)], strict=True):
-        assert got.label == want.label
-        assert [x.score for x in got.scores] == pytest.approx([x.score for x in want.scores], abs=1e-5)
+        assert got["label"] == want["label"]
+        assert [x["score"] for x in got["scores"]] == pytest.approx([x["score"] for x in want["scores"]], abs=1e-5)
+        assert {k: v for k, v in got.items() if k != "scores"} == pytest.approx(
+            {k: v for k, v in want.items() if k != "scores"}, abs=1e-5)
     for got, want in zip(remote[len(TEXTS):], here[len(TEXTS):], strict=True):
-        assert got.translation == want.translation and got.output_tokens == want.output_tokens
+        assert got == want
     assert all(r.finished_at is not None and r.finished_at >= r.arrival for r in requests)
 
     stats = core.stats()
@@ -89,7 +93,7 @@ def test_a_request_for_a_model_the_core_does_not_serve_fails_alone(core: EngineP
     good, bad = classify(0, "fine"), EngineRequest(id="x", task=TaskType.CLASSIFY,
                                                    payload=ClassifyRequest(text="hi"), model="no-such-model")
     core.submit_many([good, bad])
-    assert good.future.result(timeout=60).label
+    assert good.future.result(timeout=60)["label"]
     with pytest.raises(ModelNotFound, match="no-such-model"):
         bad.future.result(timeout=1)
 
@@ -111,7 +115,7 @@ def test_generated_tokens_reach_the_front_end_in_order_before_the_result(core: E
     result = request.future.result(timeout=60)
     assert seen[0][0] == "open" and "Tokenizer" in seen[0][1]
     tokens = [done for kind, done in seen if kind == "token"]
-    assert len(tokens) == result.output_tokens and not any(tokens)  # all before the future completed
+    assert len(tokens) == result["output_tokens"] and not any(tokens)  # all before the future completed
 
 
 def test_a_core_that_dies_hands_its_requests_back_and_is_started_again(core: EngineProcess) -> None:
@@ -130,7 +134,7 @@ def test_a_core_that_dies_hands_its_requests_back_and_is_started_again(core: Eng
     assert core.stats()["engine"]["pid"] != first_pid
     again = classify(0, "after the restart")
     core.submit_many([again])
-    assert again.future.result(timeout=60).label
+    assert again.future.result(timeout=60)["label"]
 
 
 def test_stop_drains_what_is_in_flight_then_refuses(demo_models: Path) -> None:
@@ -139,7 +143,7 @@ def test_stop_drains_what_is_in_flight_then_refuses(demo_models: Path) -> None:
     requests = [translate(i, 24) for i in range(6)]
     engine.submit_many(requests)
     engine.stop(drain_s=60)
-    assert all(r.future.result(timeout=0).output_tokens > 0 for r in requests)  # drained, not handed back
+    assert all(r.future.result(timeout=0)["output_tokens"] > 0 for r in requests)  # drained, not handed back
     with pytest.raises(WorkerShuttingDown):
         engine.submit_many([classify(0, "too late")])
     assert not _exists(pid)
