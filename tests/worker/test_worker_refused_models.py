@@ -319,7 +319,7 @@ def test_the_engine_process_refuses_what_it_cannot_load(model_root: Path, redis_
         refused = rt.engine.refused
         assert set(refused) == {"corrupt"} and "OSError" in refused["corrupt"], refused
         request = EngineRequest(id="p1", task=TaskType.CLASSIFY, payload=ClassifyRequest(text="fine"), model="good")
-        assert rt.engine.submit(request).result(timeout=60).label in {"negative", "positive"}
+        assert rt.engine.submit(request).result(timeout=60)["label"] in {"negative", "positive"}
         rt.start_lease(make_celery(main="pagedq-test-worker"), "test-host", lambda: ())
         published = json.loads(rt.records.redis.get(LEASE_PREFIX + rt.worker_id))["registry"]  # type: ignore[arg-type]
         assert set(published["models"]) == {"good", "buggy"} and set(published["refused"]) == {"corrupt"}
