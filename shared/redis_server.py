@@ -16,11 +16,20 @@ from pathlib import Path
 
 import redis
 
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free on 127.0.0.1 now, and never one this process was handed before: callers pick several
+    ports before any of their servers binds (make up's API, Flower, metrics), and the kernel may offer a port
+    again as soon as the probing socket closes."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def redis_server_binary() -> str:

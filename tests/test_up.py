@@ -265,3 +265,11 @@ def test_an_unknown_choice_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PAGEDQ_DEMO_MODELS", "real")
     with pytest.raises(SystemExit, match="auto, hub, demo"):
         models.choose_registry(lambda _: None)
+
+
+def test_ports_picked_before_any_server_binds_are_all_different() -> None:
+    """`make up` picks the API, Flower and metrics ports before its children bind them; the kernel may offer a
+    just-probed port again, so free_port must never hand the same port out twice (CI once gave the API and
+    Flower one port)."""
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
