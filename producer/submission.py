@@ -6,6 +6,13 @@ request without the fields at their defaults (the worker's validation fills them
 Many tasks of a bulk submission, task name `pagedq.<type>.batch`, K items per message:
 `{"items": [{"id": <task id>, "request": ..., "model": ..., "deadline": ..., "submitted_at": ...}, ...]}`.
 Every item keeps its own id, record, status, deadline, priority and cancel; only the transport is shared.
+
+A bulk's messages grow: the first holds `FIRST_MESSAGE_ITEMS` (one engine step's worth at the default request
+cap, so a worker's engine starts on it while the rest is recorded), each next one twice the last, up to
+`bulk_message_items`; and a message holds at most `MESSAGE_TEXT_CHARS` characters of request text (an item
+longer than that travels alone). Few large messages cost the worker less per item (a claim, a hand-off to the
+engine, Celery's consumer and events are per message); small first ones start the engine sooner and spread a
+small bulk over several workers as before.
 """
 
 from __future__ import annotations
@@ -17,6 +24,12 @@ from functools import cached_property
 from typing import Any
 
 from pagedq.shared.models import SubmitResponse, TaskRequest, TaskType
+
+#: items in a bulk's first message (see the module docstring)
+FIRST_MESSAGE_ITEMS = 64
+#: characters of request text in one message, at most: 512 QA items with 100,000-character contexts would
+#: make a message of ~50 MB
+MESSAGE_TEXT_CHARS = 1_000_000
 
 
 def task_location(task_id: str) -> str:
@@ -43,6 +56,11 @@ class Submission:
             "deadline": self.deadline,
             "submitted_at": self.submitted_at,
         }
+
+    @property
+    def text_chars(self) -> int:
+        """Characters of the request's text fields (text, question, context, prompt): its size in a message."""
+        return sum(len(value) for value in self.request.__dict__.values() if isinstance(value, str))
 
     @property
     def summary(self) -> str:
@@ -75,14 +93,24 @@ class BatchMessage:
 
 
 def batch_messages(submissions: Sequence[Submission], items_per_message: int) -> list[BatchMessage]:
-    """Group a bulk into messages of at most `items_per_message` items of one priority, in submission order
-    within each priority (the queue orders messages by priority, so items never jump their priority)."""
+    """Group a bulk into messages of one priority, in submission order within each priority (the queue orders
+    messages by priority, so items never jump their priority): `FIRST_MESSAGE_ITEMS` items first, each next
+    message twice the last, up to `items_per_message`, and at most `MESSAGE_TEXT_CHARS` characters of text."""
     by_priority: dict[int, list[Submission]] = {}
     for submission in submissions:
         by_priority.setdefault(submission.request.priority, []).append(submission)
     messages = []
     for priority, items in by_priority.items():
-        for start in range(0, len(items), items_per_message):
-            chunk = items[start : start + items_per_message]
+        size = min(items_per_message, FIRST_MESSAGE_ITEMS)
+        chunk: list[Submission] = []
+        chars = 0
+        for submission in items:
+            length = submission.text_chars
+            if chunk and (len(chunk) >= size or chars + length > MESSAGE_TEXT_CHARS):
+                messages.append(BatchMessage(f"batch-{uuid.uuid4()}", chunk[0].task_type, priority, chunk))
+                chunk, chars, size = [], 0, min(size * 2, items_per_message)
+            chunk.append(submission)
+            chars += length
+        if chunk:
             messages.append(BatchMessage(f"batch-{uuid.uuid4()}", chunk[0].task_type, priority, chunk))
     return messages

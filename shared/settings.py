@@ -97,8 +97,9 @@ class Settings(BaseSettings):
     )
     limits: Limits = Field(default_factory=Limits)
     bulk_message_items: int = Field(
-        128, gt=0, description="A bulk submission travels as messages of this many items (each keeps its own id); "
-        "two engine steps' worth at the default request cap (README, W5)."
+        512, gt=0, description="A bulk submission travels as messages of up to this many items (each keeps its own "
+        "id): the first of 64 (one engine step's worth at the default request cap), each next one twice the last, "
+        "and at most 1,000,000 characters of text each (README, W5)."
     )
 
     registry_path: Path | None = Field(None, description="Model registry file (TOML); see README.")

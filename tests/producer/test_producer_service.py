@@ -21,6 +21,7 @@ import redis
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
+from pagedq.producer import submission
 from pagedq.producer.client import Client, TaskFailed
 from pagedq.producer.errors import TaskAlreadyFinished
 from pagedq.producer.service import TaskService
@@ -314,6 +315,32 @@ def test_bulk_send_groups_double_so_workers_start_at_once(settings: Settings, r:
     assert progress == [(2, 30), (6, 30), (14, 30), (30, 30)]
     items = [item for _, m in reversed(queued(r, "pagedq.classify")) for item in body_of(m)[0][0]["items"]]
     assert [i["id"] for i in items] == [s.id for s in submitted]
+
+
+def test_bulk_messages_grow_from_one_engine_step(settings: Settings, r: redis.Redis) -> None:
+    # the first message one engine step's worth (64: the worker's engine starts on it while the rest is
+    # recorded), each next one twice the last, up to `bulk_message_items`
+    service = TaskService(settings.model_copy(update={"bulk_message_items": 256,
+                                                      "limits": Limits(max_text_chars=100, max_bulk=1000)}))
+    submitted = service.submit_bulk(TaskType.CLASSIFY, [{"text": f"t{i}"} for i in range(1000)])
+    messages = [body_of(m)[0][0]["items"] for _, m in reversed(queued(r, "pagedq.classify"))]
+    assert [len(items) for items in messages] == [64, 128, 256, 256, 256, 40]
+    assert [i["id"] for items in messages for i in items] == [s.id for s in submitted]
+
+
+def test_a_bulk_message_holds_at_most_a_million_characters_of_text(
+    settings: Settings, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # long QA contexts must not make messages of tens of MB: a message is cut at MESSAGE_TEXT_CHARS characters
+    # of request text (here 25), and an item longer than that travels alone
+    assert submission.MESSAGE_TEXT_CHARS == 1_000_000
+    monkeypatch.setattr(submission, "MESSAGE_TEXT_CHARS", 25)
+    service = TaskService(settings.model_copy(update={"bulk_message_items": 64}))
+    texts = ["a" * 10, "b" * 10, "c" * 10, "d" * 40, "e" * 5]
+    submitted = service.submit_bulk(TaskType.CLASSIFY, [{"text": t} for t in texts])
+    messages = [body_of(m)[0][0]["items"] for _, m in reversed(queued(r, "pagedq.classify"))]
+    assert [[i["request"]["text"][0] for i in items] for items in messages] == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert [i["id"] for items in messages for i in items] == [s.id for s in submitted]
 
 
 def test_bulk_items_of_different_priorities_travel_apart(service: TaskService, r: redis.Redis) -> None:
