@@ -9,12 +9,15 @@ machine's load, so `AUTO` measures it, per model, per step size -- but only wher
 is what the count should minimise:
 
     saturated  after a step that could not have taken more -- it ran at the request cap or left requests
-               waiting (`ModelExecutor.saturated`) -- the next step is chosen by the estimates below; after
-               any other step, the next runs with the default count. Below the cap the batch is the queue's
-               response to the step time (a closed loop of clients: a faster step finds fewer arrivals and
-               pays its fixed cost more often), which a per-step measure cannot see: on the demo classifier
-               one thread was faster per token at every step size, yet served the single-item loop 12%
-               slower; at the cap the batch is full either way, and the faster count serves more
+               waiting (`ModelExecutor.saturated`) -- the engine is what limits the service: the next step
+               takes the fewest threads within `MARGIN` of the fastest. After any other step the engine is
+               not: the queue's work around it (consumer, claims, writes, Redis, clients) is, on the same
+               cores, and a thread that spins in a step takes a core from it -- more threads only where
+               they are `BELOW_CAP_MARGIN` faster per token. Measured with the engine-core process (W5's
+               single-item loop, demo classifier, 2 vCPUs, paired A/B of 8 x 667 tasks): 1.09x tasks/s (8 of
+               8 faster), the worker's CPU per task 1,859 -> 1,657 us, against the default count below the
+               cap (what this did before, when the engine shared the Celery process's GIL and the default
+               had served that loop 12% better)
 
     bucket     a step's size class: the bit length of the tokens the model's previous step computed
                (steps come in runs -- a bulk's full steps, a closed loop's small ones -- so the last step
@@ -27,9 +30,10 @@ is what the count should minimise:
                varies within a run (in-process, a run's first steps tokenize the next texts: 2-3x per token),
                and a count measured mostly there looks slower than it runs: in-process on the demo classifier
                the incumbent count kept winning whichever it was (end to end both counts ran alike there)
-    choice     each option is measured `WARMUP` times in a bucket first; then the fewest threads whose
-               estimate is within `MARGIN` of the best (a thread must pay for itself: the cores it would
-               spin on serve the queue); every `EXPLORE_EVERY`-th step of a bucket starts a run of
+    choice     the default count until a step has computed tokens; then each option is measured `WARMUP`
+               times in a bucket first; then the fewest threads whose estimate is within the margin
+               (`MARGIN`, or `BELOW_CAP_MARGIN`) of the best (a thread must pay for itself: the cores it
+               would spin on serve the queue); every `EXPLORE_EVERY`-th step of a bucket starts a run of
                `EXPLORE_RUN` steps on the option measured longest ago (every `FAR_FACTOR` times that while
                the others are `FAR` or more slower), so that the estimates follow the machine's load
     switches   a step that runs with another count than the step before it is not measured: OpenMP's
@@ -53,7 +57,8 @@ WARMUP = 2  # measurements of each option in a bucket before the estimates decid
 EXPLORE_EVERY = 64  # every this-many steps of a bucket, a run of steps re-measures another option
 EXPLORE_RUN = 3  # steps in such a run (the first is not measured: see "switches")
 FAR, FAR_FACTOR = 1.5, 4  # options this much slower than the best are re-measured this many times less often
-MARGIN = 0.05  # more threads only where they are at least this much faster per token
+MARGIN = 0.05  # more threads only where they are at least this much faster per token (saturated steps)
+BELOW_CAP_MARGIN = 0.5  # the same after a step below the request cap (see the module docstring)
 ALPHA = 0.25  # weight of a new measurement in an estimate
 MAX_BUCKET = 24  # steps of 2**23 tokens and more share a bucket
 
@@ -133,7 +138,7 @@ class StepThreads:
         if not self.auto:
             return self.options[0]
         self._previous = self.last
-        if not self.saturated:
+        if not self._steps:  # nothing measured yet (no step computed a token): the default count
             return self.default
         if self._run_left > 0:
             self._run_left -= 1
@@ -147,7 +152,8 @@ class StepThreads:
             self._run_left = EXPLORE_RUN - 1
             return min(self.options, key=lambda n: estimates[n].measured_at)
         best = min(estimates[n].seconds_per_token for n in self.options)
-        return next(n for n in self.options if estimates[n].seconds_per_token <= best * (1 + MARGIN))
+        margin = MARGIN if self.saturated else BELOW_CAP_MARGIN
+        return next(n for n in self.options if estimates[n].seconds_per_token <= best * (1 + margin))
 
     def record(self, threads: int, seconds: float, tokens: int, saturated: bool) -> None:
         """What a step run with `threads` took for `tokens` computed tokens, and whether it was `saturated`

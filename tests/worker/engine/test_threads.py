@@ -122,23 +122,39 @@ def test_a_far_slower_option_is_re_measured_less_often(slower: float, every: int
     assert runs == pytest.approx(len(late) / every, rel=0.2)
 
 
-def test_after_a_step_below_its_cap_the_default_count_runs() -> None:
-    """A step below its cap that took every request waiting leaves the next to the default count, however the
-    estimates stand: the batch is then the clients' response to the step time (a closed loop), not the
-    count's choice."""
-    threads = StepThreads(AUTO, default=2)
+def test_below_its_cap_a_step_takes_more_threads_only_where_they_are_much_faster() -> None:
+    """At the cap (saturated) the engine limits the service: the fewest threads within 5% of the fastest. Below
+    it the queue's work on the same cores does: more threads only where at least 1.5x faster per token."""
     one_faster = lambda n, t: 5e-6 if n == 1 else 10e-6  # noqa: E731
-    full = run(threads, 4 * EXPLORE_EVERY, lambda i: 300, one_faster)
-    assert full[-EXPLORE_EVERY:].count(1) >= EXPLORE_EVERY - EXPLORE_RUN  # saturated steps: the faster count
-    drained = run(threads, 2 * EXPLORE_EVERY, lambda i: 300, one_faster, saturated=lambda i: False)
-    assert drained[1:] == [2] * (len(drained) - 1)  # the first follows the last saturated step
-    # a closed loop's small steps and a bulk's full ones alternate: only the bulk's use the estimates
-    mixed = run(threads, 40 * 20, lambda i: 300, one_faster, saturated=lambda i: (i // 20) % 2 == 1)
-    bulk = [n for i, n in enumerate(mixed) if (i // 20) % 2 and i % 20 > 0]
-    loop = [n for i, n in enumerate(mixed) if not (i // 20) % 2 and i % 20 > 0]
-    assert set(loop) == {2}
-    assert bulk.count(1) >= 0.85 * len(bulk)
+    two_a_bit_faster = lambda n, t: 10e-6 if n == 1 else 7.7e-6  # noqa: E731  (1.3x)
+    two_much_faster = lambda n, t: 10e-6 if n == 1 else 5e-6  # noqa: E731  (2x)
+    late = slice(-EXPLORE_EVERY, None)
+    for saturated in (True, False):
+        full = lambda i, s=saturated: s  # noqa: E731
+        chosen = run(StepThreads(AUTO, default=2), 4 * EXPLORE_EVERY, lambda i: 300, one_faster, full)
+        assert chosen[late].count(1) >= EXPLORE_EVERY - EXPLORE_RUN, saturated
+        chosen = run(StepThreads(AUTO, default=2), 4 * EXPLORE_EVERY, lambda i: 300, two_much_faster, full)
+        assert chosen[late].count(2) >= EXPLORE_EVERY - EXPLORE_RUN, saturated
+    at_cap = run(StepThreads(AUTO, default=2), 4 * EXPLORE_EVERY, lambda i: 300, two_a_bit_faster)
+    assert at_cap[late].count(2) >= EXPLORE_EVERY - EXPLORE_RUN
+    below = run(StepThreads(AUTO, default=2), 4 * EXPLORE_EVERY, lambda i: 300, two_a_bit_faster, lambda i: False)
+    assert below[late].count(1) >= EXPLORE_EVERY - EXPLORE_RUN
+    # a closed loop's small steps and a bulk's full ones alternate: each by its own margin
+    threads = StepThreads(AUTO, default=2)
+    mixed = run(threads, 40 * 20, lambda i: 300, two_a_bit_faster, saturated=lambda i: (i // 20) % 2 == 1)
+    bulk = [n for i, n in enumerate(mixed[400:], 400) if (i // 20) % 2 and i % 20 > 0]
+    loop = [n for i, n in enumerate(mixed[400:], 400) if not (i // 20) % 2 and i % 20 > 0]
+    assert bulk.count(2) >= 0.85 * len(bulk)
+    assert loop.count(1) >= 0.85 * len(loop)
     assert threads.saturated
+
+
+def test_the_first_step_runs_with_the_default_count() -> None:
+    """Nothing measured yet (no step computed a token): the default count, at the cap or below it."""
+    for saturated in (True, False):
+        threads = StepThreads(AUTO, default=2)
+        threads.record(1, 0.0, 0, saturated)  # a step that computed nothing teaches nothing
+        assert threads.choose() == 2
 
 
 def test_a_fixed_setting_ignores_saturation() -> None:
@@ -157,9 +173,10 @@ def test_a_cold_first_measurement_does_not_stick() -> None:
         # each count's first two steps cost 10-20x: the first after a switch is not measured, the second is
         return 100e-6 if seen[n] <= 2 else (5e-6 if n == 2 else 10e-6)
 
-    threads.record(2, 0.0, 0, True)  # a saturated step that computed nothing: the estimates choose from now on
     chosen = run(threads, 2 * EXPLORE_EVERY, lambda i: 300, cost)
-    assert chosen[:6] == [1, 1, 1, 2, 2, 2]  # the warm-up: each count's first step after a switch is not measured
+    # the first step on the default count (nothing measured yet), then the warm-up: each count's first step
+    # after a switch is not measured
+    assert chosen[:7] == [2, 1, 1, 1, 2, 2, 2]
     assert chosen[-EXPLORE_EVERY:].count(2) >= EXPLORE_EVERY - EXPLORE_RUN
     assert threads.table()["511"] == {"1": pytest.approx(10.0), "2": pytest.approx(5.0)}
 
