@@ -13,11 +13,13 @@ is what the count should minimise:
                takes the fewest threads within `MARGIN` of the fastest. After any other step the engine is
                not: the queue's work around it (consumer, claims, writes, Redis, clients) is, on the same
                cores, and a thread that spins in a step takes a core from it -- more threads only where
-               they are `BELOW_CAP_MARGIN` faster per token. Measured with the engine-core process (W5's
-               single-item loop, demo classifier, 2 vCPUs, paired A/B of 8 x 667 tasks): 1.09x tasks/s (8 of
-               8 faster), the worker's CPU per task 1,859 -> 1,657 us, against the default count below the
-               cap (what this did before, when the engine shared the Celery process's GIL and the default
-               had served that loop 12% better)
+               they are `BELOW_CAP_MARGIN` (1.3x) faster per token. Measured with the engine-core process
+               (W5's single-item loop, demo classifier, 2 vCPUs, paired A/B of 8 x 667 tasks): with 1.5x
+               1.09x tasks/s (8 of 8 faster), the worker's CPU per task 1,859 -> 1,657 us, against the
+               default count below the cap (what this did before, when the engine shared the Celery
+               process's GIL and the default had served that loop 12% better); 1.3x ran as 1.5x (0.99x, 10
+               pairs) and keeps two threads for a DistilBERT-sized classifier's single requests on an idle
+               machine (measured there 1.36-1.62x faster per token than one; 5%: 1.04x slower than 1.3x)
 
     bucket     a step's size class: the bit length of the tokens the model's previous step computed
                (steps come in runs -- a bulk's full steps, a closed loop's small ones -- so the last step
@@ -58,7 +60,7 @@ EXPLORE_EVERY = 64  # every this-many steps of a bucket, a run of steps re-measu
 EXPLORE_RUN = 3  # steps in such a run (the first is not measured: see "switches")
 FAR, FAR_FACTOR = 1.5, 4  # options this much slower than the best are re-measured this many times less often
 MARGIN = 0.05  # more threads only where they are at least this much faster per token (saturated steps)
-BELOW_CAP_MARGIN = 0.5  # the same after a step below the request cap (see the module docstring)
+BELOW_CAP_MARGIN = 0.3  # the same after a step below the request cap (see the module docstring)
 ALPHA = 0.25  # weight of a new measurement in an estimate
 MAX_BUCKET = 24  # steps of 2**23 tokens and more share a bucket
 

@@ -417,7 +417,7 @@ def test_an_auto_model_steps_with_the_count_its_steps_measured_fastest() -> None
             eng.submit(request(f"a{i}", model="auto")).result(timeout=5)
         assert set(executor.seen) == {1, 2}  # both measured
         assert executor.seen[-20:].count(1) >= 20 - 3  # then one thread, but for a re-measuring run
-        executor.full = False  # steps below the cap: the estimates too (more threads only where 1.5x faster)
+        executor.full = False  # steps below the cap: the estimates too (more threads only where 1.3x faster)
         for i in range(6):
             eng.submit(request(f"b{i}", model="auto")).result(timeout=5)
         assert executor.seen[-5:] == [1] * 5
