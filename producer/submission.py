@@ -18,7 +18,7 @@ small bulk over several workers as before.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -99,18 +99,22 @@ def batch_messages(submissions: Sequence[Submission], items_per_message: int) ->
     by_priority: dict[int, list[Submission]] = {}
     for submission in submissions:
         by_priority.setdefault(submission.request.priority, []).append(submission)
-    messages = []
-    for priority, items in by_priority.items():
-        size = min(items_per_message, FIRST_MESSAGE_ITEMS)
-        chunk: list[Submission] = []
-        chars = 0
-        for submission in items:
-            length = submission.text_chars
-            if chunk and (len(chunk) >= size or chars + length > MESSAGE_TEXT_CHARS):
-                messages.append(BatchMessage(f"batch-{uuid.uuid4()}", chunk[0].task_type, priority, chunk))
-                chunk, chars, size = [], 0, min(size * 2, items_per_message)
-            chunk.append(submission)
-            chars += length
-        if chunk:
-            messages.append(BatchMessage(f"batch-{uuid.uuid4()}", chunk[0].task_type, priority, chunk))
-    return messages
+    return [BatchMessage(f"batch-{uuid.uuid4()}", chunk[0].task_type, priority, chunk)
+            for priority, items in by_priority.items() for chunk in _growing_chunks(items, items_per_message)]
+
+
+def _growing_chunks(items: Sequence[Submission], most: int) -> Iterator[list[Submission]]:
+    """`items` in order, in chunks of `FIRST_MESSAGE_ITEMS`, then twice the last, up to `most` items and at most
+    `MESSAGE_TEXT_CHARS` characters of text (an item longer than that alone)."""
+    size = min(most, FIRST_MESSAGE_ITEMS)
+    chunk: list[Submission] = []
+    chars = 0
+    for submission in items:
+        length = submission.text_chars
+        if chunk and (len(chunk) >= size or chars + length > MESSAGE_TEXT_CHARS):
+            yield chunk
+            chunk, chars, size = [], 0, min(size * 2, most)
+        chunk.append(submission)
+        chars += length
+    if chunk:
+        yield chunk
