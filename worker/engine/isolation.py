@@ -23,7 +23,6 @@ Other models keep stepping meanwhile. A poison costs about 2 * log2(suspects) fa
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -133,8 +132,13 @@ class Flight:
         n, rid = self.attempts, self.request.id
         rid = RETRY_ID_FORMAT.format(id=rid, attempt=n) if n else rid
         self.attempts += 1
-        attempt = dataclasses.replace(self.request, id=rid, future=cast("Future[Any]", AttemptFuture()))
-        attempt.future.add_done_callback(self._forward)
+        # `dataclasses.replace(request, id=rid, future=...)` without its per-field Python: 1 us, not 3
+        attempt = object.__new__(EngineRequest)
+        attempt.__dict__.update(self.request.__dict__)
+        attempt.id = rid
+        future = AttemptFuture()
+        future._callbacks.append(self._forward)
+        attempt.future = cast("Future[Any]", future)
         self.attempt = attempt
         return attempt
 
@@ -268,13 +272,16 @@ class Isolator:
 
     def _admit(self, flight: Flight) -> None:
         """Hand a fresh attempt to the executor; an exception from `add` fails this request alone."""
-        attempt = flight.new_attempt()
+        attempt, executor = flight.new_attempt(), flight.executor
+        self.calling = executor  # `_inside(executor)`, inline: a context manager per request cost ~1.5 us
         try:
-            with self._inside(flight.executor):
-                flight.executor.add(attempt)
+            executor.add(attempt)
         except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer that cannot encode this text
+            self.calling = None
             flight.evict()
             self._fail_alone(flight, exc)
+            return
+        self.calling = None
 
     def _held_by(self, executor: ModelExecutor) -> list[Flight]:
         """The flights whose attempts `executor` holds, in arrival order."""
