@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections import Counter as Counter_
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -70,32 +71,50 @@ def _child(metric: Any, *labels: str) -> Any:
     return metric.labels(*labels)
 
 
-def task_started(task: str, model: str, message: dict[str, Any]) -> None:
-    """Observe a task's queue time (submission to start on this worker)."""
-    submitted = message.get("submitted_at") if isinstance(message, dict) else None
-    if isinstance(submitted, int | float):
-        _child(QUEUE_TIME, task, model).observe(max(0.0, time.time() - submitted))
+class Finished(NamedTuple):
+    """One task's end, as `tasks_finished` counts it: its final `state` (a failure the request caused counts
+    as user_error), its error's type, a succeeded task's `result` (its tokens) and `timing` (monotonic
+    seconds: taken by the engine, first token, finished: TTFT and TPOT)."""
+
+    model: str
+    message: dict[str, Any]
+    state: str
+    error_type: str | None = None
+    result: dict[str, Any] | None = None
+    timing: tuple[float, float | None, float | None] | None = None
 
 
-def task_finished(task: str, model: str, message: dict[str, Any], state: str, error_type: str | None = None,
-                  result: dict[str, Any] | None = None, timing: tuple[float, float | None, float | None] | None = None,
-                  ) -> None:
-    """Count a task's final `state` (a failure the request caused as user_error) and its error's type, its
-    tokens (a succeeded task's `result`), and observe its end-to-end latency; `timing` (monotonic seconds:
-    taken by the engine, first token, finished) gives TTFT and TPOT."""
-    if result and timing is not None:
-        _observe_token_times(task, model, result, *timing)
-    _child(TASKS, task, model, "user_error" if error_type in USER_ERRORS else state).inc()
-    if result:
-        if isinstance(tokens := result.get("input_tokens"), int) and tokens > 0:
-            _child(PROMPT_TOKENS, task, model).inc(tokens)
-        if isinstance(tokens := result.get("output_tokens"), int) and tokens > 0:
-            _child(GENERATION_TOKENS, task, model).inc(tokens)
-    if error_type is not None:
-        _child(TASK_ERRORS, task, model, error_type).inc()
-    submitted = message.get("submitted_at") if isinstance(message, dict) else None
-    if isinstance(submitted, int | float):
-        _child(E2E_LATENCY, task, model).observe(max(0.0, time.time() - submitted))
+def tasks_started(task: str, started: Iterable[tuple[str, dict[str, Any]]]) -> None:
+    """Observe each task's queue time (submission to start on this worker): (model, message) pairs."""
+    now = time.time()
+    for model, message in started:
+        submitted = message.get("submitted_at") if isinstance(message, dict) else None
+        if isinstance(submitted, int | float):
+            _child(QUEUE_TIME, task, model).observe(max(0.0, now - submitted))
+
+
+def tasks_finished(task: str, finished: Iterable[Finished]) -> None:
+    """Count the tasks' outcomes, errors and tokens -- one increment per series for all of them (a bulk's
+    finalize ends tens of tasks at once: an increment takes a lock, ~0.5 us) -- and observe each one's
+    end-to-end latency (and TTFT, TPOT)."""
+    now = time.time()
+    counts: Counter_[tuple[Any, ...]] = Counter_()
+    for f in finished:
+        if f.result and f.timing is not None:
+            _observe_token_times(task, f.model, f.result, *f.timing)
+        counts[(TASKS, task, f.model, "user_error" if f.error_type in USER_ERRORS else f.state)] += 1
+        if f.result:
+            if isinstance(tokens := f.result.get("input_tokens"), int) and tokens > 0:
+                counts[(PROMPT_TOKENS, task, f.model)] += tokens
+            if isinstance(tokens := f.result.get("output_tokens"), int) and tokens > 0:
+                counts[(GENERATION_TOKENS, task, f.model)] += tokens
+        if f.error_type is not None:
+            counts[(TASK_ERRORS, task, f.model, f.error_type)] += 1
+        submitted = f.message.get("submitted_at") if isinstance(f.message, dict) else None
+        if isinstance(submitted, int | float):
+            _child(E2E_LATENCY, task, f.model).observe(max(0.0, now - submitted))
+    for (metric, *labels), amount in counts.items():
+        _child(metric, *labels).inc(amount)
 
 
 def _observe_token_times(task: str, model: str, result: dict[str, Any], arrival: float, first: float | None,
