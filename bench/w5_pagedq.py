@@ -125,7 +125,8 @@ class InProcess:
         _drive(self.executor, self.model, warmup_texts, self._step)
 
     def _step(self) -> None:
-        self.threads.step(self.executor.step, self.executor.work_done, self.executor.saturated)
+        self.threads.step(self.executor.step, self.executor.work_done, self.executor.saturated,
+                          planned=self.executor.planned_tokens())
 
     def run(self, texts: Sequence[str]) -> tuple[Outcome, float]:
         before, threads = self.executor.stats(), torch.get_num_threads()

@@ -330,7 +330,7 @@ class Engine:
         self._stepped_at = time.monotonic()
         cap = self._share.cap() if self._share is not None else None
         self._step_threads[name].step(lambda: self._isolator.step(executor), executor.work_done, executor.saturated,
-                                      cap)
+                                      cap, executor.planned_tokens())
 
     def _drain_inbox(self, block: bool) -> None:
         try:

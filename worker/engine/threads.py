@@ -21,9 +21,12 @@ is what the count should minimise:
                pairs) and keeps two threads for a DistilBERT-sized classifier's single requests on an idle
                machine (measured there 1.36-1.62x faster per token than one; 5%: 1.04x slower than 1.3x)
 
-    bucket     a step's size class: the bit length of the tokens the model's previous step computed
-               (steps come in runs -- a bulk's full steps, a closed loop's small ones -- so the last step
-               predicts the next)
+    bucket     a step's size class: the bit length of the tokens it will compute where its executor knows
+               them before the step (`ModelExecutor.planned_tokens`: the classifier's requests are tokenized
+               before they are stepped), else of the tokens the model's previous step computed (steps come in
+               runs -- a bulk's full steps, a closed loop's small ones -- so the last step predicts the next;
+               but not a run's first: a bulk's first step after a closed loop's small ones ran with the count
+               the small ones wanted, two threads, 28-44 ms where one ran it in ~25 on W5's 2 vCPUs)
     options    1, 2, 4, .. up to the engine's default (one per core, or OMP_NUM_THREADS)
     estimate   per (bucket, option): wall seconds per computed token, the lowest of its first `WARMUP`
                measurements (a first measurement can be a cold outlier, which a moving average would keep for
@@ -113,11 +116,11 @@ class StepThreads:
         return self.setting == AUTO and self.default > 1
 
     def step(self, run: Callable[[], None], work_done: Callable[[], int], saturated: Callable[[], bool],
-             cap: int | None = None) -> None:
-        """Run one step (`run`) in the calling thread with the count `choose(cap)` gives (set only where the
-        thread runs with another: OpenMP's count is per thread, and reading it costs 0.03 us), and `record` it
-        with the tokens `work_done()` advanced by and whether it was `saturated()`."""
-        wanted = self.choose(cap)
+             cap: int | None = None, planned: int | None = None) -> None:
+        """Run one step (`run`) in the calling thread with the count `choose(cap, planned)` gives (set only where
+        the thread runs with another: OpenMP's count is per thread, and reading it costs 0.03 us), and `record`
+        it with the tokens `work_done()` advanced by and whether it was `saturated()`."""
+        wanted = self.choose(cap, planned)
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
         if not self.auto:
@@ -127,16 +130,17 @@ class StepThreads:
         run()
         self.record(wanted, time.perf_counter() - start, work_done() - work, saturated())
 
-    def choose(self, cap: int | None = None) -> int:
-        """The count for the next step; at most `cap` (the engine's share of the cores while other models'
-        steps run at the same time: `service.CoreShare`) unless the setting is a fixed count."""
+    def choose(self, cap: int | None = None, planned: int | None = None) -> int:
+        """The count for the next step, which will compute `planned` tokens (None: unknown, as many as the
+        previous step); at most `cap` (the engine's share of the cores while other models' steps run at the
+        same time: `service.CoreShare`) unless the setting is a fixed count."""
         if cap is not None and not isinstance(self.setting, int):
-            self.last = min(self._choose(), max(cap, 1))
+            self.last = min(self._choose(planned), max(cap, 1))
         else:
-            self.last = self._choose()
+            self.last = self._choose(planned)
         return self.last
 
-    def _choose(self) -> int:
+    def _choose(self, planned: int | None = None) -> int:
         if not self.auto:
             return self.options[0]
         self._previous = self.last
@@ -145,8 +149,9 @@ class StepThreads:
         if self._run_left > 0:
             self._run_left -= 1
             return self.last
-        estimates = self._table.setdefault(self._bucket, {n: _Estimate() for n in self.options})
-        steps = self._steps.get(self._bucket, 0)
+        bucket = self._bucket if not planned or planned <= 0 else min(planned.bit_length(), MAX_BUCKET)
+        estimates = self._table.setdefault(bucket, {n: _Estimate() for n in self.options})
+        steps = self._steps.get(bucket, 0)
         untried = [n for n in self.options if estimates[n].samples < WARMUP]
         if untried:
             return untried[0]

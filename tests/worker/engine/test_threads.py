@@ -196,3 +196,17 @@ def test_a_cap_bounds_the_count_and_the_estimates_resume_once_it_lifts() -> None
     assert threads.choose(cap=3) <= 3
     assert StepThreads(None, 4).choose(cap=2) == 2  # the default count is capped too
     assert StepThreads(3, 4).choose(cap=1) == 3  # a count the registry fixes is kept as set
+
+
+def test_a_step_whose_size_is_known_is_chosen_by_it_not_by_the_step_before() -> None:
+    threads = StepThreads(AUTO, default=2)
+
+    def small_fast_on_two(n: int, t: int) -> float:
+        return (5e-6 if n == 2 else 10e-6) if t < 256 else (5e-6 if n == 1 else 10e-6)
+
+    tokens = lambda i: 100 if (i // 20) % 2 == 0 else 2000  # noqa: E731 - runs of small and large steps
+    run(threads, 400, tokens, small_fast_on_two)  # both sizes measured with both counts
+    run(threads, 20, lambda i: 100, small_fast_on_two)  # a run of small steps: they take two threads
+    assert threads.choose() == 2  # by the previous step's size, a large step would get two as well
+    assert threads.choose(planned=2000) == 1  # told its size, it gets the large steps' count
+    assert threads.choose(planned=100) == 2 and threads.choose(planned=0) == 2  # 0: unknown

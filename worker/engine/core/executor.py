@@ -172,6 +172,12 @@ class ModelExecutor(ABC):
         difference to choose its intra-op threads: worker/engine/threads.py). 0: not counted."""
         return 0
 
+    def planned_tokens(self) -> int | None:
+        """Tokens its next step will compute, where it knows them before the step (the engine chooses the
+        step's intra-op threads by its size: worker/engine/threads.py). None: not known (the default); the
+        engine then goes by the size of its latest step."""
+        return None
+
     def saturated(self) -> bool:
         """Whether its latest step could not have taken more: it ran at its request cap, or left requests
         waiting for a later step. The engine asks after each step, and chooses intra-op threads by measurement

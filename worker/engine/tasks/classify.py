@@ -171,6 +171,18 @@ class ClassificationExecutor(ModelExecutor):
     def work_done(self) -> int:
         return self.forward.counters["computed_tokens"]
 
+    def planned_tokens(self) -> int | None:
+        """What the next step's batch would hold if it took the head of the waiting queue up to the request cap
+        and the token budget (`forward.pick` may take less); None while texts wait to be tokenized in it."""
+        if self._new or not self._waiting:
+            return None
+        total, budget = 0, self.config.max_batch_tokens
+        for _, encoded in self._waiting.head(self.config.max_running_requests):
+            total += encoded.num_tokens
+            if total >= budget:
+                return budget
+        return total
+
     def saturated(self) -> bool:
         return self._last_batch >= self.config.max_running_requests or bool(self._new) or len(self._waiting) > 0
 

@@ -228,6 +228,25 @@ def test_prepared_requests_give_what_the_engine_thread_computes(loaded: dict[str
     assert prepared[-1].future.result(timeout=0).truncated
 
 
+def test_a_step_of_prepared_requests_tells_its_size_before_it_runs(loaded: dict[str, LoadedModel]) -> None:
+    """`planned_tokens`: what the next step computes, known before it (the engine picks its threads by it)."""
+    executor = ClassificationExecutor(loaded["demo-classifier"], EngineConfig(max_running_requests=4))
+    assert executor.planned_tokens() is None  # nothing waits
+    unprepared = [classify(t) for t in TEXTS[:2]]
+    for waiting in unprepared:
+        executor.add(waiting)
+    assert executor.planned_tokens() is None  # its texts are tokenized in the step: not known yet
+    run(executor, [])
+    prepared = [classify(t) for t in TEXTS * 2]
+    executor.prepare(prepared)
+    for waiting in prepared:
+        executor.add(waiting)
+    planned = executor.planned_tokens()
+    before = executor.work_done()
+    executor.step()
+    assert planned == executor.work_done() - before == sum(r.prepared.num_tokens for r in prepared[:4])
+
+
 def test_a_deep_queue_costs_a_step_its_window_and_still_expires_everything(monkeypatch: pytest.MonkeyPatch) -> None:
     """With thousands waiting, a step looks at the head window only; requests deep in the queue that were
     completed elsewhere (cancelled, or failed by the engine loop's deadline) are still dropped by the periodic
