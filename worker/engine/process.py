@@ -43,7 +43,7 @@ import queue
 import signal
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, cast
@@ -51,7 +51,7 @@ from typing import Any, cast
 from pagedq.shared.errors import EngineError, ModelNotFound, PagedqError, WorkerShuttingDown
 from pagedq.shared.registry import Registry
 from pagedq.shared.settings import Settings
-from pagedq.worker.engine.core.executor import EngineRequest, ModelStats
+from pagedq.worker.engine.core.executor import CallbackFuture, EngineRequest, ModelStats
 from pagedq.worker.engine.service import STOP_GRACE_S, submit_one
 
 log = logging.getLogger(__name__)
@@ -367,66 +367,6 @@ def _wire(event: tuple[Any, ...]) -> tuple[Any, ...]:
         return ("fail", event[1], EngineError(f"the result cannot be sent: {type(exc).__name__}: {exc}"))
 
 
-class _CoreFuture:
-    """The future of a request inside the engine-core process: what the engine uses of
-    `concurrent.futures.Future` (set_result, set_exception, done, result, exception, add_done_callback). The
-    first completion wins (a lock: the engine thread, the core's main thread and a stopping thread may each
-    complete one), and nobody waits on it -- its callback forwards it to the front end -- so it has no
-    Condition, which costs a Future ~3 us to build, a bulk's every request in the core's main thread."""
-
-    __slots__ = ("_lock", "_done", "_result", "_error", "_callbacks")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._done = False
-        self._result: Any = None
-        self._error: BaseException | None = None
-        self._callbacks: list[Callable[[Any], None]] = []
-
-    def done(self) -> bool:
-        return self._done
-
-    def cancelled(self) -> bool:
-        return False
-
-    def result(self, timeout: float | None = None) -> Any:
-        if not self._done:
-            raise InvalidStateError("nobody waits on a request in the engine core")
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        if not self._done:
-            raise InvalidStateError("nobody waits on a request in the engine core")
-        return self._error
-
-    def set_result(self, result: Any) -> None:
-        self._complete(result, None)
-
-    def set_exception(self, error: BaseException) -> None:
-        self._complete(None, error)
-
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        with self._lock:
-            if not self._done:
-                self._callbacks.append(fn)
-                return
-        fn(self)
-
-    def _complete(self, result: Any, error: BaseException | None) -> None:
-        with self._lock:
-            if self._done:
-                raise InvalidStateError("the request is already complete")
-            self._done, self._result, self._error = True, result, error
-            callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
-            try:
-                fn(self)
-            except Exception:  # noqa: BLE001 - as Future does: a callback's error never fails the completion
-                log.exception("a callback of request future %r raised", self)
-
-
 def _sender(conn: Connection, outbox: queue.SimpleQueue[tuple[Any, ...] | None]) -> None:
     """Send every event in order, as many per message as are waiting."""
     while True:
@@ -502,7 +442,7 @@ def _add(lanes: Any, outbox: queue.SimpleQueue[tuple[Any, ...] | None], specs: l
     requests = []
     for key, request_id, task, payload, model, priority, deadline, arrival, stream in specs:
         request = EngineRequest(id=request_id, task=task, payload=payload, model=model, priority=priority,
-                                deadline=deadline, arrival=arrival, future=cast("Future[Any]", _CoreFuture()))
+                                deadline=deadline, arrival=arrival, future=cast("Future[Any]", CallbackFuture()))
         if stream:
             request.stream = _RemoteStream(outbox, key)
         request.future.add_done_callback(functools.partial(_completed, outbox, key, request))
