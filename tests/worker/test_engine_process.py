@@ -200,3 +200,21 @@ def _exists(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
     except OSError:
         return False
+
+
+def test_a_result_that_cannot_cross_the_pipe_fails_its_request_alone() -> None:
+    """The core's sender dumps each result to JSON (`_wire`, off the engine thread); a result that cannot be
+    dumped becomes that request's failure, and the sender goes on with the next event."""
+    from pagedq.shared.errors import EngineError
+    from pagedq.shared.models import ClassifyResult
+    from pagedq.worker.engine.process import _wire
+
+    class Broken:
+        def model_dump(self, mode: str = "python") -> Any:
+            raise ValueError("not serializable")
+
+    good = ClassifyResult(model="m", label="a", score=1.0, scores=[])
+    assert _wire(("done", 1, good, None, 2.5)) == ("done", 1, good.model_dump(mode="json"), None, 2.5)
+    kind, key, error = _wire(("done", 2, Broken(), None, None))
+    assert (kind, key) == ("fail", 2) and isinstance(error, EngineError) and "not serializable" in str(error)
+    assert _wire(("token", 3, "a", 7)) == ("token", 3, "a", 7)  # other events pass as they are
