@@ -65,8 +65,9 @@ class CallbackFuture:
     `concurrent.futures.Future` (set_result, set_exception, done, result, exception, add_done_callback), where
     `result` and `exception` do not block. The first completion wins (a lock: the engine thread, a receiver or
     a stopping thread may each complete one); no Condition, which costs a Future ~3 us to build: a bulk
-    builds one per item in the engine core (worker/engine/process.py: a callback forwards it to the front end).
-    The Celery process keeps Futures (measured: no faster with these there, 0.98x, 7 of 14 pairs)."""
+    builds two per item in the engine core -- its request's (worker/engine/process.py: a callback forwards it to
+    the front end) and its attempt's (worker/engine/isolation.py: forwarded to the request's). The Celery
+    process keeps Futures (measured: no faster with these there, 0.98x, 7 of 14 pairs)."""
 
     __slots__ = ("_lock", "_done", "_result", "_error", "_callbacks")
 
