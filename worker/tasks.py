@@ -85,8 +85,10 @@ class DecodedRequest(Request):
 
     def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(message, *args, **kwargs)
-        decoded = getattr(message, "_decoded_cache", None)
-        if not self._decoded and isinstance(decoded, list | tuple) and len(decoded) == 3:  # type: ignore[has-type]
+        if self._decoded:  # type: ignore[has-type]  # given decoded (Celery's protocol 1 conversion): kept
+            return
+        decoded = message.payload  # what Celery's Request read above: decoded once, cached on the message
+        if isinstance(decoded, list | tuple) and len(decoded) == 3:
             self._body, self._decoded = decoded, True
             self._content_type = self._content_encoding = None
 
