@@ -76,6 +76,11 @@ def _explore_every(estimates: dict[int, _Estimate]) -> int:
     return EXPLORE_EVERY * FAR_FACTOR if far else EXPLORE_EVERY
 
 
+def size_class(tokens: int) -> int:
+    """A step's bucket (module docstring): the bit length of its computed tokens, capped at `MAX_BUCKET`."""
+    return min(tokens.bit_length(), MAX_BUCKET)
+
+
 def options(most: int) -> tuple[int, ...]:
     """1, 2, 4, .. below `most`, then `most`."""
     counts, n = [], 1
@@ -149,7 +154,7 @@ class StepThreads:
         if self._run_left > 0:
             self._run_left -= 1
             return self.last
-        bucket = self._bucket if not planned or planned <= 0 else min(planned.bit_length(), MAX_BUCKET)
+        bucket = self._bucket if not planned or planned <= 0 else size_class(planned)
         estimates = self._table.setdefault(bucket, {n: _Estimate() for n in self.options})
         steps = self._steps.get(bucket, 0)
         untried = [n for n in self.options if estimates[n].samples < WARMUP]
@@ -168,7 +173,7 @@ class StepThreads:
         self.saturated = saturated
         if not self.auto or tokens <= 0 or threads not in self.options:
             return
-        bucket = min(tokens.bit_length(), MAX_BUCKET)
+        bucket = size_class(tokens)
         estimates = self._table.setdefault(bucket, {n: _Estimate() for n in self.options})
         steps = self._steps[bucket] = self._steps.get(bucket, 0) + 1
         self._bucket = bucket
